@@ -1,0 +1,151 @@
+"""``cardagent``: the validator, the records tools, provisioning and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from agent.errors import AgentError
+from agent.logs import configure_logging
+from agent.offline_store import OfflineStore, export_records
+from agent.profile import load_profile
+from agent.runner import print_summary, run_agent
+from agent.wiring import DataDir
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_DATA_DIR = Path(os.environ.get("CARDAGENT_HOME", "/var/lib/cardagent"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args))
+    except AgentError as exc:
+        print(f"cardagent: {exc.party} error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cardagent", description=__doc__)
+    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("provision", help="create the device key and terminal identity")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--terminal-id", required=True)
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("run", help="run the validator loop")
+    p.add_argument("--profile", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--reader-url", help="override the profile's reader URL")
+    p.add_argument("--max-taps", type=int)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("records", help="list, export or verify the signed records")
+    rsub = p.add_subparsers(required=True, metavar="ACTION")
+    for name, func, text in (
+        ("list", cmd_records_list, "print records"),
+        ("export", cmd_records_export, "write records as JSON Lines"),
+        ("verify", cmd_records_verify, "verify the hash chain and signatures"),
+    ):
+        rp = rsub.add_parser(name, help=text)
+        rp.add_argument("--db", type=Path, help="store file (default: DATA_DIR/agent.db)")
+        rp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+        rp.set_defaults(func=func)
+        if name == "list":
+            rp.add_argument("--limit", type=int, default=50)
+            rp.add_argument("--since", type=int, default=0, help="records after this seq")
+        if name == "export":
+            rp.add_argument("--out", type=Path, help="file (default: standard output)")
+
+    p = sub.add_parser("profile", help="validate a firmware profile")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=cmd_profile_check)
+
+    p = sub.add_parser("demo", help="simulated bus validator against a stream of simulated cards")
+    p.add_argument("--data-dir", type=Path, default=Path("run/demo"))
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    key = DataDir(args.data_dir).provision(args.terminal_id)
+    print(f"provisioned {args.terminal_id} in {args.data_dir}: device key {key.key_id}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    stats = run_agent(
+        load_profile(args.profile), DataDir(args.data_dir), args.reader_url, args.max_taps
+    )
+    print_summary(stats)
+    return 0
+
+
+def _open_records(args: argparse.Namespace) -> OfflineStore:
+    path = args.db or DataDir(args.data_dir).store_path
+    return OfflineStore.open_for_reading(path)
+
+
+def cmd_records_list(args: argparse.Namespace) -> int:
+    with _open_records(args) as store:
+        for rec in store.records(since_seq=args.since, limit=args.limit):
+            extra = " ".join(
+                f"{k}={v}" for k, v in rec.fields.items() if k in ("tac", "counter", "reason")
+            )
+            print(
+                f"{rec.seq:>6} {rec.created_at} {rec.kind:<10} {rec.card_id:<20} "
+                f"{rec.amount / 100:8.2f} {extra}"
+            )
+    return 0
+
+
+def cmd_records_export(args: argparse.Namespace) -> int:
+    with _open_records(args) as store:
+        if args.out:
+            with args.out.open("w", encoding="utf-8") as out:
+                count = export_records(store, out)
+            print(f"exported {count} records to {args.out}", file=sys.stderr)
+        else:
+            export_records(store, sys.stdout)
+    return 0
+
+
+def cmd_records_verify(args: argparse.Namespace) -> int:
+    with _open_records(args) as store:
+        report = store.verify()
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    if report.ok:
+        print(f"OK: {report.checked} records, chain and signatures verified")
+        return 0
+    print(f"{len(report.problems)} problem(s) in {report.checked} records")
+    return 1
+
+
+def cmd_profile_check(args: argparse.Namespace) -> int:
+    profile = load_profile(args.path)
+    apps = ", ".join(f"{a.family.value}/{a.flow.value}" for a in profile.applications)
+    print(f"{args.path}: OK ({profile.kind.value} profile '{profile.name}': {apps})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo  # the demo pulls in the simulators; keep them off run's path
+
+    return run_demo(args.data_dir, seed=args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

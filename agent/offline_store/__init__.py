@@ -1,0 +1,21 @@
+"""The offline store: intent journal and signed, hash-chained transaction records (SQLite)."""
+
+from agent.offline_store.device_key import DeviceKey, verify_signature
+from agent.offline_store.records import GENESIS_HASH, Record, RecordBody
+from agent.offline_store.store import Intent, IntentNotFoundError, OfflineStore
+from agent.offline_store.verify import VerifyReport, export_records, load_exported, verify_chain
+
+__all__ = [
+    "GENESIS_HASH",
+    "DeviceKey",
+    "Intent",
+    "IntentNotFoundError",
+    "OfflineStore",
+    "Record",
+    "RecordBody",
+    "VerifyReport",
+    "export_records",
+    "load_exported",
+    "verify_chain",
+    "verify_signature",
+]

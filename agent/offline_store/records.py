@@ -1,0 +1,289 @@
+"""Signed, hash-chained transaction records and their canonical encoding.
+
+Pure functions only: the clearing host verifies records with this same module.
+
+Canonical encoding of a record: the JSON object of ``seq, created_at, terminal_id, kind,
+card_id, amount, fields, prev_hash`` (not ``hash``/``signature``), keys sorted by code point at
+every level, no whitespace, non-ASCII left as is, UTF-8. ``hash`` is the hex SHA-256 of that;
+``signature`` is the hex Ed25519 signature of the 32-byte digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+
+FieldValue = str | int | bool | None
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_PATTERN = re.compile(r"[0-9a-f]{128}")
+_TIMESTAMP_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+RECORD_KEYS = frozenset(
+    {
+        "seq",
+        "created_at",
+        "terminal_id",
+        "kind",
+        "card_id",
+        "amount",
+        "fields",
+        "prev_hash",
+        "hash",
+        "signature",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RecordBody:
+    """What the caller decides about a record; the store adds sequence, time, chain and seal."""
+
+    kind: str
+    card_id: str
+    amount: int
+    fields: Mapping[str, FieldValue] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        require_text("kind", self.kind)
+        require_text("card_id", self.card_id)
+        _check_int("amount", self.amount, minimum=0)
+        object.__setattr__(self, "fields", _frozen_fields(self.fields))
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    created_at: str
+    terminal_id: str
+    kind: str
+    card_id: str
+    amount: int
+    fields: Mapping[str, FieldValue] = field(hash=False)
+    prev_hash: str
+    hash: str
+    signature: str
+
+    def __post_init__(self) -> None:
+        _check_int("seq", self.seq, minimum=1)
+        _check_timestamp(self.created_at)
+        require_text("terminal_id", self.terminal_id)
+        require_text("kind", self.kind)
+        require_text("card_id", self.card_id)
+        _check_int("amount", self.amount, minimum=0)
+        object.__setattr__(self, "fields", _frozen_fields(self.fields))
+        _check_hex("prev_hash", self.prev_hash, _HASH_PATTERN)
+        _check_hex("hash", self.hash, _HASH_PATTERN)
+        _check_hex("signature", self.signature, _SIGNATURE_PATTERN)
+
+    @property
+    def body(self) -> RecordBody:
+        return RecordBody(self.kind, self.card_id, self.amount, self.fields)
+
+    def canonical_bytes(self) -> bytes:
+        return _encode_canonical(
+            seq=self.seq,
+            created_at=self.created_at,
+            terminal_id=self.terminal_id,
+            kind=self.kind,
+            card_id=self.card_id,
+            amount=self.amount,
+            fields=self.fields,
+            prev_hash=self.prev_hash,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, including ``hash`` and ``signature``, as plain JSON-ready values."""
+        return {
+            "seq": self.seq,
+            "created_at": self.created_at,
+            "terminal_id": self.terminal_id,
+            "kind": self.kind,
+            "card_id": self.card_id,
+            "amount": self.amount,
+            "fields": dict(self.fields),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+            "signature": self.signature,
+        }
+
+
+def canonical_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(
+        dict(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def canonical_bytes(
+    seq: int, created_at: str, terminal_id: str, body: RecordBody, prev_hash: str
+) -> bytes:
+    """The bytes that are hashed: every record field except ``hash`` and ``signature``."""
+    return _encode_canonical(
+        seq=seq,
+        created_at=created_at,
+        terminal_id=terminal_id,
+        kind=body.kind,
+        card_id=body.card_id,
+        amount=body.amount,
+        fields=body.fields,
+        prev_hash=prev_hash,
+    )
+
+
+def _encode_canonical(
+    *,
+    seq: int,
+    created_at: str,
+    terminal_id: str,
+    kind: str,
+    card_id: str,
+    amount: int,
+    fields: Mapping[str, FieldValue],
+    prev_hash: str,
+) -> bytes:
+    return canonical_json(
+        {
+            "seq": seq,
+            "created_at": created_at,
+            "terminal_id": terminal_id,
+            "kind": kind,
+            "card_id": card_id,
+            "amount": amount,
+            "fields": dict(fields),
+            "prev_hash": prev_hash,
+        }
+    ).encode("utf-8")
+
+
+def hash_hex(canonical: bytes) -> str:
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def seal_record(
+    *,
+    seq: int,
+    created_at: str,
+    terminal_id: str,
+    body: RecordBody,
+    prev_hash: str,
+    sign: Callable[[bytes], bytes],
+) -> Record:
+    """Hash the canonical encoding, sign the 32-byte digest, and build the :class:`Record`."""
+    digest = hashlib.sha256(canonical_bytes(seq, created_at, terminal_id, body, prev_hash))
+    return Record(
+        seq=seq,
+        created_at=created_at,
+        terminal_id=terminal_id,
+        kind=body.kind,
+        card_id=body.card_id,
+        amount=body.amount,
+        fields=body.fields,
+        prev_hash=prev_hash,
+        hash=digest.hexdigest(),
+        signature=sign(digest.digest()).hex(),
+    )
+
+
+def format_timestamp(moment: datetime) -> str:
+    """UTC ISO-8601 with milliseconds and ``Z``: ``2024-05-01T08:30:00.123Z``."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("timestamps must be timezone-aware")
+    utc = moment.astimezone(UTC)
+    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Inverse of :func:`format_timestamp`; an aware UTC datetime."""
+    _check_timestamp(text)
+    return datetime.fromisoformat(text)
+
+
+def record_to_json(record: Record) -> str:
+    """One canonical JSON line (without newline), including ``hash`` and ``signature``."""
+    return canonical_json(record.to_dict())
+
+
+def record_from_json(text: str) -> Record:
+    """Parse :func:`record_to_json` output. Raises ``ValueError`` or ``TypeError`` if malformed."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ValueError("record JSON is nested too deeply") from exc
+    if not isinstance(value, dict):
+        raise TypeError(f"a record is a JSON object, not {type(value).__name__}")
+    keys = set(value)
+    if keys != RECORD_KEYS:
+        missing = ", ".join(sorted(RECORD_KEYS - keys)) or "none"
+        unexpected = ", ".join(sorted(keys - RECORD_KEYS)) or "none"
+        raise ValueError(f"wrong record keys (missing: {missing}; unexpected: {unexpected})")
+    if not isinstance(value["fields"], dict):
+        raise TypeError("record fields must be a JSON object")
+    return Record(**value)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a record")
+
+
+def _frozen_fields(fields: Mapping[str, FieldValue]) -> Mapping[str, FieldValue]:
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"fields must be a mapping, not {type(fields).__name__}")
+    for key, value in fields.items():
+        require_text("field name", key)
+        if isinstance(value, str):
+            require_text(f"field {key!r}", value, allow_empty=True)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            _check_int(f"field {key!r}", value, minimum=INT64_MIN)
+        elif value is not None and not isinstance(value, bool):
+            raise TypeError(
+                f"field {key!r} must be str, int, bool or None, not {type(value).__name__}"
+            )
+    return MappingProxyType(dict(fields))
+
+
+def require_text(name: str, value: object, *, allow_empty: bool = False) -> None:
+    """``TypeError``/``ValueError`` unless ``value`` is (non-empty) UTF-8-encodable text."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text") from exc
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not minimum <= value <= INT64_MAX:
+        raise ValueError(f"{name} {value} is outside {minimum}..{INT64_MAX}")
+
+
+def _check_hex(name: str, value: object, pattern: re.Pattern[str]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}")
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{name} must be lowercase hex of the right length")
+
+
+def _check_timestamp(value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"created_at must be str, not {type(value).__name__}")
+    if not _TIMESTAMP_PATTERN.fullmatch(value):
+        raise ValueError(f"created_at {value!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    try:
+        datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"created_at {value!r} is not a valid time") from exc

@@ -1,0 +1,655 @@
+"""The offline store: the intent journal and the signed record chain in one SQLite file.
+
+Every write method is exactly one ``BEGIN IMMEDIATE`` transaction and is durable when it
+returns (WAL, ``synchronous=FULL``). The agent is the only writer of intents and records; the
+sync daemon may read the same file concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+from sqlite_utils import Database
+
+from agent.errors import StoreError
+from agent.offline_store.device_key import DeviceKey, key_id_for
+from agent.offline_store.records import (
+    GENESIS_HASH,
+    Record,
+    RecordBody,
+    canonical_json,
+    format_timestamp,
+    parse_timestamp,
+    require_text,
+    seal_record,
+)
+from agent.offline_store.verify import ChainChecker, VerifyReport
+
+log = structlog.get_logger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+_PAGE_SIZE = 500
+
+_INSERT_RECORD = (
+    "INSERT INTO records (seq, created_at, terminal_id, kind, card_id, amount, fields, "
+    "prev_hash, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_RECORDS_AFTER = (
+    "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
+    "signature FROM records WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+_SELECT_RECORDS_BETWEEN = (
+    "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
+    "signature FROM records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
+)
+_SELECT_LAST_RECORD_FOR_CARD = (
+    "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
+    "signature FROM records WHERE card_id = ? AND kind IN ({kind_placeholders}) "
+    "ORDER BY seq DESC LIMIT 1"
+)
+_SELECT_INTENTS = "SELECT id, card_id, product, created_at, payload FROM intents ORDER BY id"
+_SELECT_INTENTS_FOR_CARD = (
+    "SELECT id, card_id, product, created_at, payload FROM intents WHERE card_id = ? ORDER BY id"
+)
+_SELECT_INTENTS_CREATED_BEFORE = (
+    "SELECT id, card_id, product, created_at, payload FROM intents WHERE created_at < ? ORDER BY id"
+)
+
+RecordRow = tuple[int, str, str, str, str, int, str, str, str, str]
+
+
+class IntentNotFoundError(StoreError):
+    """The intent is gone: already finalized, voided or expired (or never existed)."""
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    card_id: str
+    product: str
+    created_at: datetime
+    payload: dict[str, Any] = field(hash=False)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an autocommit connection: BEGIN IMMEDIATE … COMMIT/ROLLBACK."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_error:
+                log.error("rollback failed", error=str(rollback_error))
+        raise
+
+
+def _create_schema_v1(db: Database) -> None:
+    db.create_table(
+        "meta", {"key": str, "value": str}, pk="key", not_null=["key", "value"], strict=True
+    )
+    # AUTOINCREMENT: ids are never reused, so a stale finalize_intent(id) cannot hit a newer intent
+    db.execute(
+        """
+        CREATE TABLE intents (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            card_id TEXT NOT NULL,
+            product TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            payload TEXT NOT NULL
+        )"""
+        + (" STRICT" if db.supports_strict else "")
+    )
+    record_columns: dict[str, Any] = {
+        "seq": int,
+        "created_at": str,
+        "terminal_id": str,
+        "kind": str,
+        "card_id": str,
+        "amount": int,
+        "fields": str,
+        "prev_hash": str,
+        "hash": str,
+        "signature": str,
+    }
+    db.create_table("records", record_columns, pk="seq", not_null=record_columns, strict=True)
+    db.table("records").create_index(["card_id", "seq"])
+    db.table("meta").insert_all(
+        [
+            {"key": "last_seq", "value": "0"},
+            {"key": "last_hash", "value": GENESIS_HASH},
+            {"key": "chain_anchor_seq", "value": "0"},
+            {"key": "chain_anchor_hash", "value": GENESIS_HASH},
+        ]
+    )
+
+
+_MIGRATIONS: tuple[Callable[[Database], None], ...] = (_create_schema_v1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class OfflineStore:
+    """Intents and records of one terminal. Safe to share between threads of one process."""
+
+    def __init__(
+        self,
+        db: Database,
+        path: Path,
+        device_key: DeviceKey | None,
+        terminal_id: str,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._db = db
+        self._conn: sqlite3.Connection = db.conn
+        self._path = path
+        self._key = device_key
+        self._terminal_id = terminal_id
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        device_key: DeviceKey,
+        terminal_id: str,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> OfflineStore:
+        """Open (creating or migrating if needed) the store at ``path``.
+
+        Refuses a store created with another device key or for another terminal.
+        """
+        require_text("terminal_id", terminal_id)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"store: could not open {path}: {exc}") from exc
+        try:
+            with _translated(f"open {path}"):
+                db = Database(conn, execute_plugins=False)
+                store = cls(db, path, device_key, terminal_id, clock)
+                store._configure()
+                found_version, meta = store._prepare_schema()
+        except BaseException:
+            conn.close()
+            raise
+        if found_version != SCHEMA_VERSION:
+            log.info(
+                "offline store schema created" if found_version == 0 else "offline store migrated",
+                path=str(path),
+                from_version=found_version,
+                to_version=SCHEMA_VERSION,
+            )
+        log.info(
+            "offline store opened",
+            path=str(path),
+            terminal_id=terminal_id,
+            key_id=device_key.key_id,
+            last_seq=meta["last_seq"],
+        )
+        return store
+
+    @classmethod
+    def open_for_reading(cls, path: Path) -> OfflineStore:
+        """Open an existing store without its device key: list, export and verify only.
+
+        Verification uses the public key recorded in the store; writing raises StoreError.
+        """
+        if not path.is_file():
+            raise StoreError(f"store: {path} does not exist")
+        try:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"store: could not open {path}: {exc}") from exc
+        try:
+            with _translated(f"open {path} for reading"):
+                db = Database(conn, execute_plugins=False)
+                meta = _read_meta(conn)
+                terminal_id = _meta_text(meta, "terminal_id")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(db, path, None, terminal_id, _utc_now)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def terminal_id(self) -> str:
+        return self._terminal_id
+
+    def add_intent(self, card_id: str, product: str, payload: Mapping[str, Any]) -> int:
+        """Journal what is about to be debited; returns the intent id (never reused)."""
+        require_text("card_id", card_id)
+        require_text("product", product)
+        payload_json = canonical_json(dict(payload))
+        created_at = format_timestamp(self._clock())
+        with self._write("add intent") as conn:
+            cursor = conn.execute(
+                "INSERT INTO intents (card_id, product, created_at, payload) VALUES (?, ?, ?, ?)",
+                (card_id, product, created_at, payload_json),
+            )
+        intent_id = cursor.lastrowid
+        if intent_id is None:
+            raise StoreError("store: could not add intent: no id was assigned")
+        log.debug("intent added", intent_id=intent_id, card_id=card_id, product=product)
+        return intent_id
+
+    def pending_intents(self, card_id: str | None = None) -> list[Intent]:
+        """Intents not yet finalized, voided or expired, oldest first."""
+        with self._read("list pending intents") as conn:
+            if card_id is None:
+                rows = conn.execute(_SELECT_INTENTS).fetchall()
+            else:
+                rows = conn.execute(_SELECT_INTENTS_FOR_CARD, (card_id,)).fetchall()
+        return [_intent_from_row(row) for row in rows]
+
+    def finalize_intent(self, intent_id: int, body: RecordBody) -> Record:
+        """Delete the intent and append its record in one transaction.
+
+        Raises :class:`IntentNotFoundError` if the intent is gone, so one intent can never
+        yield two records.
+        """
+        with self._write(f"finalize intent {intent_id}") as conn:
+            self._take_intent(conn, intent_id, body.card_id)
+            record = self._append_in_transaction(conn, body)
+        log.debug("intent finalized", intent_id=intent_id, seq=record.seq, kind=record.kind)
+        return record
+
+    def void_intent(self, intent_id: int, reason: str) -> None:
+        """Forget an intent whose debit provably did not happen; no record is written."""
+        require_text("reason", reason)
+        with self._write(f"void intent {intent_id}") as conn:
+            card_id = self._take_intent(conn, intent_id, None)
+        log.info("intent voided", intent_id=intent_id, card_id=card_id, reason=reason)
+
+    def append_record(self, body: RecordBody) -> Record:
+        with self._write("append record") as conn:
+            record = self._append_in_transaction(conn, body)
+        log.debug("record appended", seq=record.seq, kind=record.kind, card_id=record.card_id)
+        return record
+
+    def expire_intents(
+        self, older_than: datetime, make_body: Callable[[Intent], RecordBody]
+    ) -> list[Record]:
+        """Turn every intent created before ``older_than`` into a record (one transaction each).
+
+        ``make_body`` runs outside any transaction. An intent resolved meanwhile is skipped.
+        """
+        cutoff = format_timestamp(older_than)
+        with self._read("list expired intents") as conn:
+            rows = conn.execute(_SELECT_INTENTS_CREATED_BEFORE, (cutoff,)).fetchall()
+        records: list[Record] = []
+        for intent in (_intent_from_row(row) for row in rows):
+            body = make_body(intent)
+            try:
+                with self._write(f"expire intent {intent.id}") as conn:
+                    self._take_intent(conn, intent.id, body.card_id)
+                    record = self._append_in_transaction(conn, body)
+            except IntentNotFoundError:
+                log.info("intent resolved before it expired", intent_id=intent.id)
+                continue
+            records.append(record)
+            log.warning(
+                "intent expired",
+                intent_id=intent.id,
+                card_id=intent.card_id,
+                seq=record.seq,
+                kind=record.kind,
+            )
+        return records
+
+    def records(self, since_seq: int = 0, limit: int | None = None) -> Iterator[Record]:
+        """Records with ``seq > since_seq`` in sequence order, read lazily in pages."""
+        remaining = limit
+        after = since_seq
+        while remaining is None or remaining > 0:
+            page_size = _PAGE_SIZE if remaining is None else min(_PAGE_SIZE, remaining)
+            with self._read("read records") as conn:
+                rows: list[RecordRow] = conn.execute(
+                    _SELECT_RECORDS_AFTER, (after, page_size)
+                ).fetchall()
+            for row in rows:
+                yield _record_from_row_or_raise(row)
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def last_record_for_card(
+        self, card_id: str, kinds: Collection[str] = ("purchase",)
+    ) -> Record | None:
+        """The newest record of one of ``kinds`` for the card (a single ``str`` is one kind)."""
+        wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if not wanted:
+            return None
+        query = _SELECT_LAST_RECORD_FOR_CARD.format(kind_placeholders=", ".join("?" * len(wanted)))
+        with self._read("find the card's last record") as conn:
+            row: RecordRow | None = conn.execute(query, (card_id, *wanted)).fetchone()
+        return None if row is None else _record_from_row_or_raise(row)
+
+    def count_records(self) -> int:
+        with self._read("count records") as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM records").fetchone()
+        return int(count)
+
+    def last_seq(self) -> int:
+        with self._read("read the last sequence number") as conn:
+            return _meta_int(_read_meta(conn), "last_seq")
+
+    def verify(self) -> VerifyReport:
+        """Verify the stored chain against the meta anchor, last sequence and last hash.
+
+        Records appended while verifying are left for the next run.
+        """
+        with self._read("read the chain state") as conn:
+            meta = _read_meta(conn)
+        last_seq = _meta_int(meta, "last_seq")
+        try:
+            public_key = bytes.fromhex(_meta_text(meta, "public_key"))
+            checker = ChainChecker(
+                public_key,
+                anchor_seq=_meta_int(meta, "chain_anchor_seq"),
+                anchor_hash=_meta_text(meta, "chain_anchor_hash"),
+            )
+        except ValueError as exc:
+            raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
+        after = -1
+        while True:
+            with self._read("read records for verification") as conn:
+                rows: list[RecordRow] = conn.execute(
+                    _SELECT_RECORDS_BETWEEN, (after, last_seq, _PAGE_SIZE)
+                ).fetchall()
+            for row in rows:
+                try:
+                    record = _record_from_row(row)
+                except (ValueError, TypeError) as exc:
+                    checker.unreadable(row[0], str(exc))
+                else:
+                    checker.check(record)
+            if len(rows) < _PAGE_SIZE:
+                break
+            after = rows[-1][0]
+        with self._read("look for records beyond the last sequence") as conn:
+            beyond_first, beyond_last, current_last = conn.execute(
+                "SELECT MIN(seq), MAX(seq), (SELECT value FROM meta WHERE key = 'last_seq') "
+                "FROM records WHERE seq > (SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key = 'last_seq')"
+            ).fetchone()
+        if beyond_first is not None:
+            span = (
+                f"record {beyond_first}"
+                if beyond_first == beyond_last
+                else f"records {beyond_first}..{beyond_last}"
+            )
+            checker.problem(f"{span} beyond the store's last sequence {current_last}")
+        return checker.finish(
+            expected_last_seq=last_seq, expected_last_hash=_meta_text(meta, "last_hash")
+        )
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` or the problems, one per line."""
+        with self._read("check database integrity") as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(row[0]) for row in rows)
+
+    def durability_settings(self) -> dict[str, str | int]:
+        """The connection's journal mode, synchronous level, busy timeout and foreign keys."""
+        with self._read("read connection settings") as conn:
+            return {
+                "journal_mode": str(conn.execute("PRAGMA journal_mode").fetchone()[0]),
+                "synchronous": int(conn.execute("PRAGMA synchronous").fetchone()[0]),
+                "busy_timeout": int(conn.execute("PRAGMA busy_timeout").fetchone()[0]),
+                "foreign_keys": int(conn.execute("PRAGMA foreign_keys").fetchone()[0]),
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"OfflineStore({str(self._path)!r}, terminal_id={self._terminal_id!r}, "
+            f"key_id={self._key.key_id if self._key else None!r})"
+        )
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, _translated(action), atomic(self._conn) as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, _translated(action):
+            yield self._conn
+
+    def _configure(self) -> None:
+        conn = self._conn
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._db.enable_wal()
+        if self._db.journal_mode != "wal":
+            raise StoreError(f"store: {self._path} cannot use WAL journaling")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+
+    def _prepare_schema(self) -> tuple[int, dict[str, str]]:
+        """Create or migrate the schema and claim the store; returns the version found and meta."""
+        with atomic(self._conn):
+            found_version = self._schema_version()
+            if found_version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store: {self._path} has schema version {found_version}, newer than "
+                    f"this agent understands ({SCHEMA_VERSION})"
+                )
+            for migrate in _MIGRATIONS[found_version:]:
+                migrate(self._db)
+            if found_version != SCHEMA_VERSION:
+                self._db.table("meta").upsert(
+                    {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
+                )
+            meta = _read_meta(self._conn)
+            assert self._key is not None, "only open() prepares the schema"
+            self._claim_or_check("public_key", self._key.public_key_bytes.hex(), meta)
+            self._claim_or_check("terminal_id", self._terminal_id, meta)
+        return found_version, meta
+
+    def _schema_version(self) -> int:
+        if not self._db.table("meta").exists():
+            return 0
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise StoreError(f"store: {self._path} has a meta table but no schema version")
+        try:
+            return int(row[0])
+        except ValueError as exc:
+            raise StoreError(f"store: {self._path} has a corrupt schema version") from exc
+
+    def _claim_or_check(self, key: str, value: str, meta: dict[str, str]) -> None:
+        stored = meta.get(key)
+        if stored is None:
+            self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+            meta[key] = value
+        elif stored != value:
+            if key == "public_key":
+                mine = self._key.key_id if self._key else "?"
+                raise StoreError(
+                    f"store: {self._path} belongs to device key {_stored_key_id(stored)}, "
+                    f"not {mine}; refusing to open it"
+                )
+            raise StoreError(
+                f"store: {self._path} belongs to {key} {stored!r}, not {value!r}; "
+                "refusing to open it"
+            )
+
+    def _take_intent(
+        self, conn: sqlite3.Connection, intent_id: int, expected_card_id: str | None
+    ) -> str:
+        row = conn.execute("SELECT card_id FROM intents WHERE id = ?", (intent_id,)).fetchone()
+        if row is None:
+            raise IntentNotFoundError(
+                f"store: intent {intent_id} does not exist (already finalized, voided or expired)"
+            )
+        card_id = str(row[0])
+        if expected_card_id is not None and card_id != expected_card_id:
+            raise ValueError(
+                f"intent {intent_id} is for card {card_id!r}, the record for card "
+                f"{expected_card_id!r}"
+            )
+        conn.execute("DELETE FROM intents WHERE id = ?", (intent_id,))
+        return card_id
+
+    def _append_in_transaction(self, conn: sqlite3.Connection, body: RecordBody) -> Record:
+        if self._key is None:
+            raise StoreError(f"store: {self._path} is open for reading only")
+        chain = dict(
+            conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('last_seq', 'last_hash')"
+            ).fetchall()
+        )
+        record = seal_record(
+            seq=_meta_int(chain, "last_seq") + 1,
+            created_at=format_timestamp(self._clock()),
+            terminal_id=self._terminal_id,
+            body=body,
+            prev_hash=_meta_text(chain, "last_hash"),
+            sign=self._key.sign,
+        )
+        conn.execute(
+            _INSERT_RECORD,
+            (
+                record.seq,
+                record.created_at,
+                record.terminal_id,
+                record.kind,
+                record.card_id,
+                record.amount,
+                canonical_json(record.fields),
+                record.prev_hash,
+                record.hash,
+                record.signature,
+            ),
+        )
+        conn.executemany(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            ((str(record.seq), "last_seq"), (record.hash, "last_hash")),
+        )
+        return record
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"store: could not {action}: {exc}") from exc
+
+
+def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+
+def _meta_int(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return int(meta[key])
+    except (KeyError, ValueError) as exc:
+        raise StoreError(f"store: meta {key} is missing or corrupt") from exc
+
+
+def _meta_text(meta: Mapping[str, str], key: str) -> str:
+    value = meta.get(key)
+    if value is None:
+        raise StoreError(f"store: meta {key} is missing")
+    return value
+
+
+def _stored_key_id(public_key_hex: str) -> str:
+    try:
+        return key_id_for(bytes.fromhex(public_key_hex))
+    except ValueError:
+        return "(unreadable)"
+
+
+def _intent_from_row(row: tuple[int, str, str, str, str]) -> Intent:
+    intent_id, card_id, product, created_at, payload = row
+    try:
+        decoded = json.loads(payload)
+        if not isinstance(decoded, dict):
+            raise TypeError("payload is not a JSON object")
+        return Intent(intent_id, card_id, product, parse_timestamp(created_at), decoded)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise StoreError(f"store: intent {intent_id} is unreadable: {exc}") from exc
+
+
+def _record_from_row(row: RecordRow) -> Record:
+    (
+        seq,
+        created_at,
+        terminal_id,
+        kind,
+        card_id,
+        amount,
+        fields_json,
+        prev_hash,
+        hash_,
+        signature,
+    ) = row
+    try:
+        fields = json.loads(fields_json)
+    except RecursionError as exc:
+        raise ValueError("fields are nested too deeply") from exc
+    if not isinstance(fields, dict):
+        raise TypeError("fields are not a JSON object")
+    return Record(
+        seq=seq,
+        created_at=created_at,
+        terminal_id=terminal_id,
+        kind=kind,
+        card_id=card_id,
+        amount=amount,
+        fields=fields,
+        prev_hash=prev_hash,
+        hash=hash_,
+        signature=signature,
+    )
+
+
+def _record_from_row_or_raise(row: RecordRow) -> Record:
+    try:
+        return _record_from_row(row)
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"store: record {row[0]} is unreadable: {exc}") from exc

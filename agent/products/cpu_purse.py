@@ -1,0 +1,446 @@
+"""Sans-I/O CPU-card e-purse machine: PBOC e-purse, JT/T 978 (T-Union), CJ/T 166, ADF 1001 cards.
+
+Each card operation is a *step*: a generator that yields command APDUs and receives the card's
+responses (``response = yield command``), and finally returns a parsed, validated result. A step
+never touches a reader, a clock or a database; :func:`drive` is the only glue, and the
+transaction engine supplies the exchange function. Every answer is untrusted: a wrong length,
+an unknown status word, malformed TLV or an impossible value raises a :class:`CardError`
+subclass that names the command.
+
+Command references are to ``shared/spec/cpu-purse.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from agent import tlv
+from agent.apdu import LOCKED_SELECT_SW, Command, Party, Response, describe_sw, require
+from agent.errors import CardProtocolError, ConfigurationError, TapRefused
+from agent.profile import ApplicationProfile, Family, Flow, Profile, Selection
+
+T = TypeVar("T")
+Step = Generator[Command, Response, T]
+
+PPSE_NAME = b"2PAY.SYS.DDF01"
+SW_FILE_NOT_FOUND = frozenset({0x6A82, 0x6A81, 0x6D00, 0x6E00, 0x6A86})
+
+
+def drive(step: Step[T], exchange: Callable[[Command], Response]) -> T:
+    """Run a step to completion, sending each command through ``exchange``."""
+    try:
+        command = next(step)
+        while True:
+            command = step.send(exchange(command))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _card(response: Response, command: Command, **kwargs: int) -> bytes:
+    return require(response, command, Party.CARD, **kwargs)  # type: ignore[arg-type]
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CpuCard:
+    """What the terminal learnt from reading a purse application."""
+
+    family: Family
+    aid: bytes
+    issuer_id: bytes  # EF15[0..7]: first-level diversification factor (T-Union)
+    application_type: int  # EF15[8]
+    enable_flag: int  # EF15[9]
+    serial: bytes  # EF15[10..19] application serial number; [12..19] is the ASN
+    start: dt.date
+    expiry: dt.date
+    city_code: str  # T-Union EF17[6..7]; CJ/T 166 EF15[2..3]; ADF 1001 EF15[2..3]
+    interop_flag: int | None  # T-Union EF17[8..9]
+    card_type: int | None  # T-Union EF17[10]
+    balance: int
+
+    @property
+    def asn(self) -> bytes:
+        return self.serial[2:]
+
+    @property
+    def card_id(self) -> str:
+        return self.serial.hex().upper()
+
+    @property
+    def factors(self) -> tuple[bytes, ...]:
+        """Diversification factors as listed in PSAM 80 70 (card level first), §4.2."""
+        if self.family is Family.CJT166:
+            return (self.asn, bytes.fromhex(self.city_code) + bytes.fromhex("FF0000000000"))
+        return (self.asn, self.issuer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseInit:
+    """Response of INITIALIZE FOR (CAPP) PURCHASE, §3.1."""
+
+    balance: int
+    counter: int  # offline transaction sequence used by this transaction
+    overdraft: int
+    key_version: int
+    algorithm: int
+    random: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """Response of DEBIT FOR (CAPP) PURCHASE, §3.3."""
+
+    tac: bytes
+    mac2: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """Response of GET TRANSACTION PROVE, §3.6: MAC first, then TAC."""
+
+    mac: bytes
+    tac: bytes
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def select_by_name(name: bytes, label: str) -> Command:
+    return Command(0x00, 0xA4, 0x04, 0x00, name, le=0x00, name=f"SELECT {label}")
+
+
+def select_by_fid(fid: bytes, label: str) -> Command:
+    return Command(0x00, 0xA4, 0x00, 0x00, fid, le=0x00, name=f"SELECT {label}")
+
+
+def read_binary_sfi(sfi: int, length: int) -> Command:
+    return Command(0x00, 0xB0, 0x80 | sfi, 0x00, le=length, name=f"READ BINARY EF{sfi:02X}")
+
+
+def get_balance_command() -> Command:
+    return Command(0x80, 0x5C, 0x00, 0x02, le=0x04, name="GET BALANCE")
+
+
+def initialize_purchase_command(
+    flow: Flow, key_index: int, amount: int, terminal: bytes
+) -> Command:
+    p1 = 0x03 if flow is Flow.COMPOUND else 0x01
+    data = bytes((key_index,)) + amount.to_bytes(4, "big") + terminal
+    name = "INITIALIZE FOR CAPP PURCHASE" if flow is Flow.COMPOUND else "INITIALIZE FOR PURCHASE"
+    return Command(0x80, 0x50, p1, 0x02, data, le=0x0F, name=name)
+
+
+def update_capp_command(p1: int, p2: int, record: bytes) -> Command:
+    return Command(0x80, 0xDC, p1, p2, record, name="UPDATE CAPP DATA CACHE")
+
+
+def debit_command(ttc: int, datetime7: bytes, mac1: bytes) -> Command:
+    data = ttc.to_bytes(4, "big") + datetime7 + mac1
+    return Command(0x80, 0x54, 0x01, 0x00, data, le=0x08, name="DEBIT FOR PURCHASE")
+
+
+def prove_command(transaction_type: int, counter: int) -> Command:
+    return Command(
+        0x80,
+        0x5A,
+        0x00,
+        transaction_type,
+        counter.to_bytes(2, "big"),
+        le=0x08,
+        name="GET TRANSACTION PROVE",
+    )
+
+
+# --- steps --------------------------------------------------------------------------------
+
+
+class ApplicationNotFound(CardProtocolError):
+    """The card does not carry this application (try the next one in the profile)."""
+
+
+def select_application(app: ApplicationProfile) -> Step[bytes]:
+    """Select the purse ADF the profile names; return the FCI (§2.1, §6.1 step 1).
+
+    A locked application (SELECT answering 6283/6284/9303) raises ``TapRefused('card_locked')``.
+    """
+    if app.select is Selection.PPSE:
+        command = select_by_name(PPSE_NAME, "PPSE")
+        response = yield command
+        if response.sw in SW_FILE_NOT_FOUND:
+            raise ApplicationNotFound(f"{command.label}: no PPSE ({describe_sw(response.sw)})")
+        fci = _card(response, command)
+        aids = _ppse_aids(fci, command)
+        if app.aid not in aids:
+            raise ApplicationNotFound(f"{command.label}: AID {app.aid.hex().upper()} not listed")
+        command = select_by_name(app.aid, f"AID {app.aid.hex().upper()}")
+    elif app.select is Selection.AID:
+        if app.family is Family.CJT166:
+            mf = select_by_fid(b"\x3f\x00", "MF 3F00")
+            response = yield mf
+            if response.sw in LOCKED_SELECT_SW:
+                raise TapRefused("card_locked", f"{mf.label}: SW {response.sw:04X}")
+        command = select_by_name(app.aid, f"AID {app.aid.hex().upper()}")
+    else:
+        command = select_by_fid(b"\x10\x01", "ADF 1001")
+    response = yield command
+    if response.sw in LOCKED_SELECT_SW:
+        raise TapRefused("card_locked", f"{command.label}: SW {response.sw:04X}")
+    if response.sw in SW_FILE_NOT_FOUND:
+        raise ApplicationNotFound(f"{command.label}: {describe_sw(response.sw)}")
+    return _card(response, command)
+
+
+def _ppse_aids(fci: bytes, command: Command) -> dict[bytes, str]:
+    """AIDs (tag 4F) and labels (tag 50) of the PPSE directory entries (tag 61)."""
+    try:
+        nodes = tlv.parse(fci)
+    except tlv.TlvError as exc:
+        raise CardProtocolError(f"{command.label}: malformed FCI: {exc}") from exc
+    entries: dict[bytes, str] = {}
+    for node in nodes:
+        for entry in node.find_all(0x61):
+            aid = entry.find(0x4F)
+            label = entry.find(0x50)
+            if aid is not None:
+                entries[aid.value] = label.value.decode("ascii", "replace") if label else ""
+    return entries
+
+
+def read_card(app: ApplicationProfile, fci: bytes) -> Step[CpuCard]:
+    """Read EF15 (from FCI tag 9F0C when present), EF17 for T-Union, and the balance (§6.1)."""
+    ef15 = _ef15_from_fci(fci)
+    if ef15 is None:
+        command = read_binary_sfi(0x15, 0x1E)
+        ef15 = _card((yield command), command, min_length=30)[:30]
+    ef17: bytes | None = None
+    if app.family is Family.TUNION:
+        command = read_binary_sfi(0x17, app.ef17_length)
+        ef17 = _card((yield command), command, min_length=11)
+    command = get_balance_command()
+    raw_balance = _card((yield command), command, length=4)
+    # Readers mask the top bit of GET BALANCE (§1: S1, S9).
+    balance = int.from_bytes(raw_balance, "big") & 0x7FFFFFFF
+    return parse_card(app, ef15, ef17, balance)
+
+
+def _ef15_from_fci(fci: bytes) -> bytes | None:
+    try:
+        node = tlv.find(fci, 0x9F0C)
+    except tlv.TlvError as exc:
+        raise CardProtocolError(f"SELECT: malformed FCI: {exc}") from exc
+    if node is None:
+        return None
+    if len(node.value) < 30:
+        raise CardProtocolError(f"SELECT: FCI tag 9F0C holds {len(node.value)} bytes, not 30")
+    return node.value[:30]
+
+
+def parse_card(app: ApplicationProfile, ef15: bytes, ef17: bytes | None, balance: int) -> CpuCard:
+    """Interpret EF15 (§2.3, 30 bytes) and the T-Union EF17 (60 bytes, first 11 used)."""
+    if len(ef15) != 30:
+        raise CardProtocolError(f"EF15 is {len(ef15)} bytes, expected 30")
+    interop: int | None = None
+    card_type: int | None = None
+    if app.family is Family.TUNION:
+        if ef17 is None or len(ef17) < 11:
+            raise CardProtocolError("EF17 (T-Union management information) shorter than 11 bytes")
+        city = ef17[6:8].hex().upper()
+        interop = int.from_bytes(ef17[8:10], "big")
+        card_type = ef17[10]
+    else:
+        city = ef15[2:4].hex().upper()
+    return CpuCard(
+        family=app.family,
+        aid=app.aid,
+        issuer_id=ef15[0:8],
+        application_type=ef15[8],
+        enable_flag=ef15[9],
+        serial=ef15[10:20],
+        start=bcd_date(ef15[20:24], "EF15 start date"),
+        expiry=bcd_date(ef15[24:28], "EF15 expiry date"),
+        city_code=city,
+        interop_flag=interop,
+        card_type=card_type,
+        balance=balance,
+    )
+
+
+def bcd_date(raw: bytes, what: str) -> dt.date:
+    """A 4-byte BCD YYYYMMDD date; impossible or non-BCD dates are a card protocol error."""
+    text = raw.hex()
+    if not text.isdigit():
+        raise CardProtocolError(f"{what} {raw.hex().upper()} is not BCD")
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError as exc:
+        raise CardProtocolError(f"{what} {text} is not a date") from exc
+
+
+def initialize_purchase(
+    flow: Flow, key_index: int, amount: int, terminal: bytes, max_balance: int
+) -> Step[PurchaseInit]:
+    """INITIALIZE FOR (CAPP) PURCHASE, §3.1. 9401 becomes ``TapRefused('insufficient_balance')``."""
+    command = initialize_purchase_command(flow, key_index, amount, terminal)
+    response = yield command
+    if response.sw == 0x9401:
+        raise TapRefused("insufficient_balance", "card answered 9401")
+    data = _card(response, command, length=15)
+    init = PurchaseInit(
+        balance=int.from_bytes(data[0:4], "big"),
+        counter=int.from_bytes(data[4:6], "big"),
+        overdraft=int.from_bytes(data[6:9], "big"),
+        key_version=data[9],
+        algorithm=data[10],
+        random=data[11:15],
+    )
+    if init.algorithm not in (0x00, 0x04):
+        raise CardProtocolError(f"{command.label}: unknown algorithm id {init.algorithm:02X}")
+    if init.balance > max_balance:
+        raise CardProtocolError(
+            f"{command.label}: balance {init.balance} above the plausible maximum {max_balance}"
+        )
+    return init
+
+
+def update_capp_cache(p1: int, p2: int, record: bytes) -> Step[None]:
+    """UPDATE CAPP DATA CACHE (80 DC), §2.4 / §3.2."""
+    command = update_capp_command(p1, p2, record)
+    _card((yield command), command, length=0)
+
+
+def debit_for_purchase(ttc: int, datetime7: bytes, mac1: bytes) -> Step[Debit]:
+    """DEBIT FOR (CAPP) PURCHASE, §3.3: answer TAC ‖ MAC2."""
+    command = debit_command(ttc, datetime7, mac1)
+    data = _card((yield command), command, length=8)
+    return Debit(tac=data[0:4], mac2=data[4:8])
+
+
+def get_transaction_prove(transaction_type: int, counter: int) -> Step[Proof]:
+    """GET TRANSACTION PROVE, §3.6: data = the card's current counter; answer MAC ‖ TAC."""
+    command = prove_command(transaction_type, counter)
+    data = _card((yield command), command, length=8)
+    return Proof(mac=data[0:4], tac=data[4:8])
+
+
+def get_security_code() -> Step[bytes]:
+    """GET MESSAGE (80 CA 00 00 09): the CJ/T 166 security identification code, §3.8."""
+    command = Command(0x80, 0xCA, 0x00, 0x00, le=0x09, name="GET MESSAGE")
+    return _card((yield command), command, length=9)
+
+
+# --- qualification ------------------------------------------------------------------------
+
+
+def qualify(card: CpuCard, profile: Profile, today: dt.date) -> None:
+    """Terminal checks of §6.1 / §9; raises :class:`TapRefused` with a stable reason."""
+    if card.family is Family.TUNION:
+        if card.application_type != 0x02:
+            raise TapRefused("not_a_purse", f"EF15 application type {card.application_type:02X}")
+        if card.enable_flag != 0x01:
+            raise TapRefused("not_enabled", f"EF15 enable flag {card.enable_flag:02X}")
+    local = card.city_code == profile.operator_city
+    if card.family is Family.CJT166 and card.application_type == 0x00 and not local:
+        raise TapRefused("not_interoperable", f"city {card.city_code}, EF15[8] = 00")
+    if not card.start <= today <= card.expiry:
+        reason = "not_yet_valid" if today < card.start else "expired"
+        raise TapRefused(reason, f"valid {card.start}..{card.expiry}")
+    if card.family is Family.TUNION and not local and card.interop_flag != 0x0001:
+        raise TapRefused("not_interoperable", f"EF17 interop flag {card.interop_flag:04X}")
+    if card.card_type is not None and card.card_type not in profile.accepted_card_types:
+        raise TapRefused("card_type_refused", f"card catalogue {card.card_type}")
+    issuer = card.issuer_id.hex().upper()
+    if not any(
+        issuer.startswith(entry) or card.city_code == entry for entry in profile.issuer_allow_list
+    ):
+        raise TapRefused("issuer_not_accepted", f"issuer {issuer}, city {card.city_code}")
+
+
+# --- CAPP records -------------------------------------------------------------------------
+
+
+def tunion_trip_record(
+    *,
+    terminal: bytes,
+    industry: int,
+    line: str,
+    amount: int,
+    balance_after: int,
+    datetime7: bytes,
+    acceptor_city: str,
+    acceptor_institution: bytes,
+) -> bytes:
+    """EF1E trip record (48 bytes, §2.3), record type 06 = EP single-trip purchase."""
+    record = (
+        b"\x06"
+        + b"\x00\x00"
+        + terminal
+        + bytes((industry,))
+        + bytes.fromhex(line.rjust(8, "0"))
+        + bytes(3)
+        + amount.to_bytes(4, "big")
+        + balance_after.to_bytes(4, "big")
+        + datetime7
+        + bytes.fromhex(acceptor_city)
+        + acceptor_institution
+        + bytes(6)
+    )
+    assert len(record) == 48, len(record)
+    return record
+
+
+def cjt166_capp_record(
+    *, terminal: bytes, line: str, amount: int, balance_after: int, datetime7: bytes
+) -> bytes:
+    """CJ/T 166 CAPP EF17 record: identifier 01, length 2E, lock flag 00, then data (§2.3)."""
+    body = (
+        terminal
+        + bytes.fromhex(line.rjust(8, "0"))
+        + amount.to_bytes(4, "big")
+        + balance_after.to_bytes(4, "big")
+        + datetime7
+    )
+    record = b"\x01\x2e\x00" + body.ljust(45, b"\x00")
+    assert len(record) == 48, len(record)
+    return record
+
+
+def capp_update_for(
+    card: CpuCard,
+    profile: Profile,
+    *,
+    terminal: bytes,
+    amount: int,
+    balance_after: int,
+    datetime7: bytes,
+    industry: int,
+) -> tuple[int, int, bytes]:
+    """P1, P2 and record of the UPDATE CAPP DATA CACHE a compound purchase sends (§2.4)."""
+    if card.family is Family.TUNION:
+        record = tunion_trip_record(
+            terminal=terminal,
+            industry=industry,
+            line=profile.line,
+            amount=amount,
+            balance_after=balance_after,
+            datetime7=datetime7,
+            acceptor_city=profile.operator_city,
+            acceptor_institution=bytes.fromhex(profile.operator_city) + b"\xff" * 6,
+        )
+        return 0x00, 0xF0, record  # EF1E cyclic: P1=00, P2=F0 (S2, S3)
+    if card.family is Family.CJT166:
+        record = cjt166_capp_record(
+            terminal=terminal,
+            line=profile.line,
+            amount=amount,
+            balance_after=balance_after,
+            datetime7=datetime7,
+        )
+        return 0x01, 0xB8, record  # EF17-CAPP, record identifier 01 (S2 ZJB)
+    raise ConfigurationError(
+        f"{profile.source}: compound flow needs a CAPP file; {card.family.value} has none"
+    )

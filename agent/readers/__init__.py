@@ -1,0 +1,1 @@
+"""Reader drivers: the I/O seam between the agent and contactless readers / SAM slots."""

@@ -1,0 +1,78 @@
+"""Running the validator: open the store and the hardware, loop, print live lines."""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+from types import FrameType
+
+import structlog
+
+from agent.profile import Profile
+from agent.transaction import TapOutcome, TransactionEngine
+from agent.validator import LoopStats, run_validator
+from agent.wiring import DataDir, open_hardware
+
+log = structlog.get_logger(__name__)
+
+
+def run_agent(
+    profile: Profile,
+    data_dir: DataDir,
+    reader_url: str | None,
+    max_taps: int | None,
+    stop: threading.Event | None = None,
+) -> LoopStats:
+    """Open store and hardware, run the validator loop until stopped, close everything."""
+    stop = stop or threading.Event()
+    _stop_on_signals(stop)
+    store = data_dir.open_store()
+    try:
+        hardware = open_hardware(profile, data_dir, reader_url)
+        try:
+            engine = TransactionEngine(profile, store, hardware.sam)
+            log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
+            return run_validator(
+                hardware.reader, engine, stop=stop, max_taps=max_taps, on_outcome=print_tap
+            )
+        finally:
+            hardware.close()
+    finally:
+        store.close()
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def print_tap(outcome: TapOutcome) -> None:
+    """One live line per tap on standard output."""
+    balance = "" if outcome.balance_after is None else f"{outcome.balance_after / 100:9.2f}"
+    seq = "" if outcome.record_seq is None else f"#{outcome.record_seq}"
+    detail = outcome.reason if outcome.status not in ("paid", "recovered") else ""
+    print(
+        f"{outcome.status:<9} {outcome.card_id or '-':<20} {outcome.family:<10} "
+        f"fare {outcome.fare / 100:5.2f} balance {balance:>9} {seq:>6} "
+        f"{outcome.total_ms:7.1f} ms  {detail}",
+        flush=True,
+    )
+
+
+def print_summary(stats: LoopStats) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_status.items()))
+    print(f"\n{stats.taps} taps: {counts or 'none'}; fares taken {stats.fares / 100:.2f}")
+    if stats.tap_ms:
+        ms = sorted(stats.tap_ms)
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        print(f"tap time p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms (incl. card I/O)")
+    if stats.reader_faults or stats.bugs:
+        print(f"reader faults {stats.reader_faults}, bugs {stats.bugs}")

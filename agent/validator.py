@@ -1,0 +1,90 @@
+"""The bus-validator loop: wait for a card, run the tap, wait for it to leave, repeat.
+
+Nothing that goes wrong in one tap stops the loop: reader faults are logged and retried with a
+bounded back-off (drivers reconnect on their next call), and an unexpected exception is logged
+as a bug with its traceback before the loop carries on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from agent.errors import AgentError, ReaderError
+from agent.readers.base import CardReader
+from agent.transaction import TapOutcome, TransactionEngine
+
+log = structlog.get_logger(__name__)
+
+REMOVAL_WAIT_S = 5.0
+EXPIRE_EVERY_S = 5.0
+
+
+@dataclass(slots=True)
+class LoopStats:
+    taps: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    fares: int = 0
+    reader_faults: int = 0
+    bugs: int = 0
+    tap_ms: list[float] = field(default_factory=list)
+
+    def add(self, outcome: TapOutcome) -> None:
+        self.taps += 1
+        self.by_status[outcome.status] = self.by_status.get(outcome.status, 0) + 1
+        if outcome.status in ("paid", "recovered"):
+            self.fares += outcome.fare
+        self.tap_ms.append(outcome.total_ms)
+
+
+def run_validator(
+    reader: CardReader,
+    engine: TransactionEngine,
+    *,
+    stop: threading.Event,
+    max_taps: int | None = None,
+    on_outcome: Callable[[TapOutcome], None] | None = None,
+    poll_timeout_s: float = 0.5,
+) -> LoopStats:
+    """Take cards until ``stop`` is set or ``max_taps`` taps have been handled."""
+    stats = LoopStats()
+    backoff = 0.05
+    last_expire = 0.0
+    _expire(engine)
+    while not stop.is_set() and (max_taps is None or stats.taps < max_taps):
+        try:
+            if time.monotonic() - last_expire > EXPIRE_EVERY_S:
+                _expire(engine)
+                last_expire = time.monotonic()
+            presence = reader.wait_for_card(poll_timeout_s)
+            if presence is None:
+                continue
+            outcome = engine.process_tap(reader, presence)
+            stats.add(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            reader.wait_for_removal(REMOVAL_WAIT_S)
+            backoff = 0.05
+        except ReaderError as exc:
+            stats.reader_faults += 1
+            log.warning("reader_fault", error=str(exc), retry_in_s=backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+        except AgentError as exc:
+            log.warning("loop_error", party=exc.party, error=str(exc))
+        except Exception:  # the loop must survive a bug in one tap; it is logged as such
+            stats.bugs += 1
+            log.exception("bug_in_tap_loop")
+            stop.wait(backoff)
+    return stats
+
+
+def _expire(engine: TransactionEngine) -> None:
+    try:
+        engine.expire_stale_intents()
+    except AgentError as exc:
+        log.warning("expire_failed", party=exc.party, error=str(exc))

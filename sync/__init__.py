@@ -1,0 +1,1 @@
+"""The edge sync daemon and the reference clearing host (see architecture.md "Sync")."""
