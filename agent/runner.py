@@ -9,10 +9,11 @@ from types import FrameType
 
 import structlog
 
+from agent.errors import ReaderError, SamError
 from agent.profile import Profile
 from agent.transaction import TapOutcome, TransactionEngine
 from agent.validator import LoopStats, run_validator
-from agent.wiring import DataDir, open_hardware
+from agent.wiring import DataDir, Hardware, open_hardware
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +30,9 @@ def run_agent(
     _stop_on_signals(stop)
     store = data_dir.open_store()
     try:
-        hardware = open_hardware(profile, data_dir, reader_url)
+        hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop)
+        if hardware is None:
+            return LoopStats()
         try:
             engine = TransactionEngine(profile, store, hardware.sam)
             log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
@@ -40,6 +43,21 @@ def run_agent(
             hardware.close()
     finally:
         store.close()
+
+
+def _open_hardware_until_ready(
+    profile: Profile, data_dir: DataDir, reader_url: str | None, stop: threading.Event
+) -> Hardware | None:
+    """A validator boots before its reader module sometimes: retry with back-off until stopped."""
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            return open_hardware(profile, data_dir, reader_url)
+        except (ReaderError, SamError) as exc:
+            log.warning("hardware_unavailable", party=exc.party, error=str(exc), retry_in_s=backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+    return None
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -17,7 +17,13 @@ import structlog
 
 from agent import crypto
 from agent.apdu import Command, Party, Response, parse_response, require
-from agent.errors import ConfigurationError, SamError, SamProtocolError
+from agent.errors import (
+    ConfigurationError,
+    ReaderError,
+    SamError,
+    SamMuteError,
+    SamProtocolError,
+)
 from agent.readers.base import SamSlot
 from agent.sam.base import PurchaseMac, PurchaseMacRequest
 
@@ -160,6 +166,7 @@ class PsamDriver:
         self._terminal_number: bytes | None = None
         self._serial: bytes | None = None
         self._ef17: bytes | None = None
+        self._lost = False
         self.atr = b""
 
     # -- opening ------------------------------------------------------------------------------
@@ -255,7 +262,23 @@ class PsamDriver:
     def _exchange(
         self, command: Command, *, length: int | None = None, min_length: int | None = None
     ) -> bytes:
-        """Send, follow T=0 ``61xx`` / ``6Cxx`` answers, check SW and length."""
+        """Send, follow T=0 ``61xx`` / ``6Cxx`` answers, check SW and length.
+
+        A SAM that went mute (or a slot that failed) is reset and re-opened before the next
+        command: its session state is gone by then, which 80 72 callers tolerate.
+        """
+        if self._lost:
+            self._lost = False
+            self.open()
+        try:
+            return self._exchange_once(command, length=length, min_length=min_length)
+        except (SamMuteError, ReaderError):
+            self._lost = True
+            raise
+
+    def _exchange_once(
+        self, command: Command, *, length: int | None, min_length: int | None
+    ) -> bytes:
         response = parse_response(self.slot.transmit(command.to_bytes()), command, Party.SAM)
         if response.sw >> 8 == 0x6C:
             retry = Command(

@@ -21,7 +21,7 @@ from agent.logs import configure_logging
 from tests.fake_reader.faults import CardTorn
 from tests.fake_reader.inprocess import CardField
 from tests.fake_reader.module_server import ModuleEmulator
-from tests.fake_reader.scenario import TearOnDebit, make_card, make_psam, test_keyset
+from tests.fake_reader.scenario import TearOnDebit, demo_keyset, make_card, make_psam
 
 FEEDBACK_TIMEOUT_S = 5.0
 
@@ -35,7 +35,7 @@ class Presentation:
 
 def demo_stream(seed: int) -> list[Presentation]:
     """About twenty taps covering every outcome the demo should show."""
-    keys = test_keyset()
+    keys = demo_keyset()
     rng = random.Random(seed)
     t1 = make_card("tunion", 1, keys, balance=5000)
     c2 = make_card("cjt166", 2, keys, balance=2000)
@@ -78,7 +78,7 @@ class FieldRunner:
         self.feedback = threading.Event()
         self.emulator = ModuleEmulator(
             self.field,
-            {1: make_psam(test_keyset())},
+            {1: make_psam(demo_keyset())},
             torn_exc=CardTorn,
             on_feedback=lambda _ok, _text: self.feedback.set(),
         )

@@ -32,7 +32,7 @@ def demo_profile() -> Profile:
     return load_profile(DEMO_PROFILE)
 
 
-def test_keyset(profile: Profile | None = None) -> KeySet:
+def demo_keyset(profile: Profile | None = None) -> KeySet:
     return KeySet.from_mapping((profile or demo_profile()).test_keys)
 
 
