@@ -34,7 +34,6 @@ from agent.errors import (
     AgentError,
     CardError,
     CardProtocolError,
-    CardRemovedError,
     CardStatusError,
     ReaderError,
     SamError,
@@ -43,7 +42,7 @@ from agent.errors import (
 from agent.offline_store import Intent, OfflineStore, Record, RecordBody
 from agent.products import cpu_purse
 from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
-from agent.profile import Family, Flow, Profile
+from agent.profile import ApplicationProfile, Family, Flow, Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import PurchaseMacRequest, Sam
 
@@ -125,10 +124,8 @@ class TransactionEngine:
         except TapRefused as refused:
             outcome.status = "refused"
             outcome.reason = str(refused)
-        except (CardRemovedError, ReaderError) as exc:
-            outcome.status = "torn" if outcome.status == "in_flight" else "failed"
-            outcome.reason = f"{exc.party}: {exc}"
         except AgentError as exc:
+            # After the intent is durable any failure leaves it for recovery: the tap is torn.
             outcome.status = "torn" if outcome.status == "in_flight" else "failed"
             outcome.reason = f"{exc.party}: {exc}"
         outcome.phases_ms = tap.phases_ms
@@ -165,7 +162,7 @@ class TransactionEngine:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
         return self._purchase(tap, card, app.flow, fare, now, outcome, recovered_init)
 
-    def _read(self, tap: _Tap) -> tuple[CpuCard, Any]:
+    def _read(self, tap: _Tap) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
         for app in self.profile.applications:
             try:
@@ -415,7 +412,9 @@ class TransactionEngine:
 
     def expire_stale_intents(self) -> list[Record]:
         """Turn intents older than the recovery window into ``unresolved`` records."""
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.profile.recovery_window_s)
+        cutoff = self.clock().astimezone(dt.UTC) - dt.timedelta(
+            seconds=self.profile.recovery_window_s
+        )
         reason = f"card did not return within {self.profile.recovery_window_s:.0f} s"
         records = self.store.expire_intents(cutoff, lambda i: unresolved_body(i, reason))
         for rec in records:
