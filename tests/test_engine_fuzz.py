@@ -33,7 +33,7 @@ class GarbleReader:
 
     def transmit(self, apdu: bytes) -> bytes:
         self.count += 1
-        real = self.card.process(apdu)
+        real: bytes = self.card.process(apdu)
         return self.replacements.get(self.count, real)
 
     def wait_for_removal(self, timeout: float) -> bool:
