@@ -13,7 +13,7 @@ import structlog
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
-from agent.profile import load_profile
+from agent.profile import ReaderProfile, load_profile
 from agent.runner import print_summary, run_agent
 from agent.wiring import DataDir
 
@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
             rp.add_argument("--since", type=int, default=0, help="records after this seq")
         if name == "export":
             rp.add_argument("--out", type=Path, help="file (default: standard output)")
+
+    p = sub.add_parser("readers", help="list the readers this agent can see")
+    p.add_argument("--profile", type=Path, help="also probe the profile's own reader")
+    p.set_defaults(func=cmd_readers)
 
     p = sub.add_parser("profile", help="validate a firmware profile")
     p.add_argument("path", type=Path)
@@ -139,6 +143,79 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     apps = ", ".join(f"{a.family.value}/{a.flow.value}" for a in profile.applications)
     print(f"{args.path}: OK ({profile.kind.value} profile '{profile.name}': {apps})")
     return 0
+
+
+def cmd_readers(args: argparse.Namespace) -> int:
+    """Every PC/SC reader, and the profile's serial module or nfcpy frontend, with what is in
+    it. Exit status 1 when the profile's own reader cannot be reached."""
+    profile = load_profile(args.profile) if args.profile else None
+    rp = profile.reader if profile else None
+    print(f"{'driver':<7} {'reader':<40} {'type':<28} contents")
+    for line in _pcsc_lines(rp):
+        print(line)
+    if rp is None or rp.driver == "pcsc":
+        return 0
+    try:
+        line = _serial_line(rp) if rp.driver == "serial" else _nfc_line(rp)
+    except AgentError as exc:
+        print(f"{rp.driver:<7} {rp.url:<40} {'unreachable':<28} {exc.party} error: {exc}")
+        return 1
+    print(line)
+    return 0
+
+
+def _pcsc_lines(rp: ReaderProfile | None) -> list[str]:
+    from fnmatch import fnmatchcase
+
+    from agent.readers.pcsc import survey
+
+    try:
+        infos = survey()
+    except AgentError as exc:
+        return [f"{'pcsc':<7} {'-':<40} {'pcscd not available':<28} {exc}"]
+    lines = []
+    for info in infos:
+        kind = "PC/SC reader"
+        if rp is not None and rp.card_reader and fnmatchcase(info.name, rp.card_reader):
+            kind = "contactless (card reader)"
+        elif rp is not None and rp.sam_reader and fnmatchcase(info.name, rp.sam_reader):
+            kind = "contact (PSAM reader)"
+        what = "PSAM" if kind.startswith("contact (") else "card"
+        contents = f"{what} present, ATR {info.atr.hex().upper()}" if info.card_present else "empty"
+        lines.append(f"{'pcsc':<7} {info.name:<40} {kind:<28} {contents}")
+    return lines or [f"{'pcsc':<7} {'-':<40} {'no PC/SC readers':<28}"]
+
+
+def _serial_line(rp: ReaderProfile) -> str:
+    from agent.readers import serial_module as sm
+
+    link = sm.SerialModuleLink(
+        rp.url,
+        framing=sm.Framing.from_mapping(rp.framing) if rp.framing else sm.Framing(),
+        baudrate=rp.baudrate,
+        timeout=rp.timeout_s,
+    )
+    try:
+        version = link.request(sm.GET_VERSION).data.decode("ascii", "replace")
+        card = link.request(sm.FIND_CARD)
+        sam = link.request(sm.SAM_RESET, bytes((rp.sam_slot,)))
+    finally:
+        link.close()
+    card_text = "card present" if card.status == sm.STATUS_OK else "no card"
+    sam_text = f"PSAM in slot {rp.sam_slot}" if sam.status == sm.STATUS_OK else "no PSAM"
+    return f"{'serial':<7} {rp.url:<40} {'module ' + version:<28} {card_text}; {sam_text}"
+
+
+def _nfc_line(rp: ReaderProfile) -> str:
+    from agent.readers.nfc import NfcReader
+
+    reader = NfcReader(rp.url, timeout=rp.timeout_s)
+    try:
+        presence = reader.wait_for_card(0)
+    finally:
+        reader.close()
+    contents = "empty" if presence is None else f"card present, UID {presence.uid.hex().upper()}"
+    return f"{'nfcpy':<7} {rp.url:<40} {'contactless (nfcpy)':<28} {contents}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -67,6 +67,10 @@ class ApplicationProfile:
 
 @dataclass(frozen=True, slots=True)
 class ReaderProfile:
+    """``url``: serial port / ``socket://`` URL (serial) or nfcpy device path (nfcpy).
+    ``card_reader`` / ``sam_reader``: PC/SC reader-name patterns (fnmatch style) of the
+    contactless reader (pcsc) and of the contact reader holding the PSAM (pcsc, nfcpy)."""
+
     driver: str
     url: str
     baudrate: int = 115200
@@ -74,6 +78,8 @@ class ReaderProfile:
     poll_interval_s: float = 0.02
     sam_slot: int = 1
     framing: Mapping[str, Any] = field(default_factory=dict)
+    card_reader: str = ""
+    sam_reader: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,8 @@ class Profile:
     factor_order_card_first: bool
     sm4_session_key: str
     test_keys: tuple[Mapping[str, Any], ...] = ()
+    # Raw [m1_purse] table; validated by agent.products.m1_layout.M1Layout.from_mapping.
+    m1_purse: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_production(self) -> bool:
@@ -143,15 +151,7 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
         recovery_window_s=r.number("terminal.recovery_window_s", minimum=1.0),
         max_balance=r.integer("terminal.max_balance", minimum=1, maximum=0x7FFFFFFF),
         flat_fare=r.integer("fare.flat_fare", minimum=0, maximum=0xFFFFFFFF),
-        reader=ReaderProfile(
-            driver=r.choice("reader.driver", ("serial", "pcsc", "nfcpy")),
-            url=r.string("reader.url"),
-            baudrate=r.integer("reader.baudrate", minimum=1200, default=115200),
-            timeout_s=r.number("reader.timeout_s", minimum=0.01, default=1.0),
-            poll_interval_s=r.number("reader.poll_interval_s", minimum=0.001, default=0.02),
-            sam_slot=r.integer("reader.sam_slot", minimum=0, maximum=15, default=1),
-            framing=r.table("reader.framing", required=False),
-        ),
+        reader=_reader_profile(r, sam_kind),
         sam_kind=sam_kind,
         sam_application=r.choice("sam.application", ("tunion", "cjt166"), default="tunion"),
         issuer_allow_list=tuple(
@@ -166,7 +166,34 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
         factor_order_card_first=factor_order == "card-first-reversed",
         sm4_session_key=r.choice("crypto.sm4_session_key", ("pad80",), default="pad80"),
         test_keys=test_keys,
+        m1_purse=r.table("m1_purse", required=False),
     )
+
+
+def _reader_profile(r: _Reader, sam_kind: str) -> ReaderProfile:
+    driver = r.choice("reader.driver", ("serial", "pcsc", "nfcpy"))
+    reader = ReaderProfile(
+        driver=driver,
+        url=r.string("reader.url", default=""),
+        baudrate=r.integer("reader.baudrate", minimum=1200, default=115200),
+        timeout_s=r.number("reader.timeout_s", minimum=0.01, default=1.0),
+        poll_interval_s=r.number("reader.poll_interval_s", minimum=0.001, default=0.02),
+        sam_slot=r.integer("reader.sam_slot", minimum=0, maximum=15, default=1),
+        framing=r.table("reader.framing", required=False),
+        card_reader=r.string("reader.card_reader", default=""),
+        sam_reader=r.string("reader.sam_reader", default=""),
+    )
+    if driver in ("serial", "nfcpy") and not reader.url:
+        raise r.fail("reader.url", f"is required by driver '{driver}'", reader.url)
+    if driver == "pcsc" and not reader.card_reader:
+        raise r.fail("reader.card_reader", "is required by driver 'pcsc'", reader.card_reader)
+    if driver != "serial" and sam_kind == "psam" and not reader.sam_reader:
+        raise r.fail(
+            "reader.sam_reader",
+            f"is required for a PSAM with driver '{driver}' (a PC/SC contact reader)",
+            reader.sam_reader,
+        )
+    return reader
 
 
 def _application(r: _Reader) -> ApplicationProfile:

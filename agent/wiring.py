@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigurationError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
-from agent.profile import Profile
-from agent.readers.base import CardReader
+from agent.profile import Profile, ReaderProfile
+from agent.readers.base import CardReader, SamSlot
+from agent.readers.nfc import NfcReader
+from agent.readers.pcsc import PcscCardReader, PcscSamSlot
 from agent.readers.serial_module import (
     Framing,
     SerialModuleLink,
@@ -89,28 +92,59 @@ class Hardware:
 def open_hardware(profile: Profile, data_dir: DataDir, reader_url: str | None = None) -> Hardware:
     """Open the reader driver and the SAM the profile names."""
     rp = profile.reader
-    if rp.driver != "serial":
-        raise ConfigurationError(
-            f"{profile.source}: reader driver {rp.driver!r} is not available in this build "
-            "(serial only)"
-        )
-    link = SerialModuleLink(
-        reader_url or rp.url,
-        framing=Framing.from_mapping(rp.framing) if rp.framing else Framing(),
-        baudrate=rp.baudrate,
-        timeout=rp.timeout_s,
-    )
-    reader = SerialModuleReader(link, poll_interval=rp.poll_interval_s)
+    opener = _DRIVERS.get(rp.driver)
+    if opener is None:
+        raise ConfigurationError(f"{profile.source}: unknown reader driver {rp.driver!r}")
+    reader, slot = opener(rp, reader_url, profile.sam_kind == "psam")
     try:
-        sam = open_sam(profile, data_dir, SerialModuleSamSlot(link, rp.sam_slot))
+        sam = open_sam(profile, data_dir, slot)
     except BaseException:
+        if slot is not None:
+            slot.close()
         reader.close()
         raise
     return Hardware(reader, sam)
 
 
-def open_sam(profile: Profile, data_dir: DataDir, slot: SerialModuleSamSlot) -> Sam:
+ReaderAndSlot = tuple[CardReader, SamSlot | None]
+
+
+def _serial(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+    link = SerialModuleLink(
+        url or rp.url,
+        framing=Framing.from_mapping(rp.framing) if rp.framing else Framing(),
+        baudrate=rp.baudrate,
+        timeout=rp.timeout_s,
+    )
+    reader = SerialModuleReader(link, poll_interval=rp.poll_interval_s)
+    return reader, SerialModuleSamSlot(link, rp.sam_slot) if want_sam else None
+
+
+def _pcsc(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+    reader = PcscCardReader(url or rp.card_reader, timeout=rp.timeout_s)
+    return reader, _pcsc_sam_slot(rp) if want_sam else None
+
+
+def _nfcpy(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+    reader = NfcReader(url or rp.url, timeout=rp.timeout_s, poll_interval=rp.poll_interval_s)
+    return reader, _pcsc_sam_slot(rp) if want_sam else None
+
+
+def _pcsc_sam_slot(rp: ReaderProfile) -> SamSlot:
+    return PcscSamSlot(rp.sam_reader, timeout=rp.timeout_s)
+
+
+_DRIVERS: dict[str, Callable[[ReaderProfile, str | None, bool], ReaderAndSlot]] = {
+    "serial": _serial,
+    "pcsc": _pcsc,
+    "nfcpy": _nfcpy,
+}
+
+
+def open_sam(profile: Profile, data_dir: DataDir, slot: SamSlot | None) -> Sam:
     if profile.sam_kind == "psam":
+        if slot is None:
+            raise ConfigurationError(f"{profile.source}: sam.kind 'psam' needs a SAM slot")
         driver = PsamDriver(slot, PsamConfig.for_application(profile.sam_application))
         driver.open()
         return driver

@@ -142,6 +142,13 @@ def cipher_data_mac(data: bytes) -> Command:
     return Command(0x80, 0xFA, 0x05, 0x00, bytes(data), name="CIPHER DATA (MAC)")
 
 
+def calculate_m1_keys(data: bytes, p1: int = 0x01, p2: int = 0x01) -> Command:
+    """``80 FC P1 P2 Lc data``: 取M1卡密钥 (m1-purse-and-readers.md §3.3; input layout varies)."""
+    if not data:
+        raise ValueError("80 FC needs diversification data")
+    return Command(0x80, 0xFC, p1, p2, bytes(data), name="CALCULATE M1 KEYS")
+
+
 def verify_security_code(code: bytes) -> Command:
     """``80 CA 00 00 09 code``: CJ/T 166 安全认证识别码 from the card's 80 CA (§4.5)."""
     if len(code) != 9:
@@ -205,6 +212,8 @@ class PsamDriver:
 
     @property
     def terminal_number(self) -> bytes:
+        if self._terminal_number is None and self._lost:
+            self._reopen()
         if self._terminal_number is None:
             raise SamError("PSAM not opened: terminal number (EF16) unknown")
         return self._terminal_number
@@ -218,6 +227,8 @@ class PsamDriver:
 
     @property
     def purchase_key_index(self) -> int:
+        if self._ef17 is None and self._lost:
+            self._reopen()
         if self._ef17 is None:
             raise SamError("PSAM not opened: EF17 (purchase key index) unknown")
         return self._ef17[0]
@@ -247,6 +258,14 @@ class PsamDriver:
         """80 FA 05 00: returns the first 4 bytes of the PSAM's MAC answer."""
         return self._exchange(cipher_data_mac(data), min_length=4)[:4]
 
+    def calculate_m1_keys(self, data: bytes, *, p1: int = 0x01, p2: int = 0x01) -> bytes:
+        """80 FC: 6 bytes per requested sector; the caller checks the count."""
+        try:
+            command = calculate_m1_keys(data, p1, p2)
+        except ValueError as exc:
+            raise SamProtocolError(f"CALCULATE M1 KEYS: {exc}") from exc
+        return self._exchange(command, min_length=6)
+
     def verify_security_code(self, code: bytes) -> None:
         try:
             command = verify_security_code(code)
@@ -268,10 +287,18 @@ class PsamDriver:
         command: its session state is gone by then, which 80 72 callers tolerate.
         """
         if self._lost:
-            self._lost = False
-            self.open()
+            self._reopen()
         try:
             return self._exchange_once(command, length=length, min_length=min_length)
+        except (SamMuteError, ReaderError):
+            self._lost = True
+            raise
+
+    def _reopen(self) -> None:
+        """Re-open a lost SAM; if that fails as well, it stays lost for the next attempt."""
+        self._lost = False
+        try:
+            self.open()
         except (SamMuteError, ReaderError):
             self._lost = True
             raise

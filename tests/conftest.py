@@ -1,0 +1,29 @@
+"""Shared fixtures for the real reader stacks (see :mod:`tests.stacks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stacks import PcscStack
+
+
+@pytest.fixture(scope="session")
+def pcsc_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscStack]:
+    """pcscd + vpcd for the whole session (libpcsclite reads its socket path once per process)."""
+    stack = PcscStack(tmp_path_factory.mktemp("pcscd"))
+    try:
+        stack.start_pcscd()
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def pcsc(pcsc_stack: PcscStack) -> Iterator[PcscStack]:
+    """The session's pcscd, running, with both vpcd slots empty before and after the test."""
+    pcsc_stack.start_pcscd()
+    pcsc_stack.clear_slots()
+    yield pcsc_stack
+    pcsc_stack.clear_slots()
