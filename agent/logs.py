@@ -11,6 +11,16 @@ import structlog
 LogFormat = Literal["auto", "console", "json"]
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time of writing (it may be replaced)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     """Configure structlog once per process. Logs go to stderr; stdout is for the operator."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -32,6 +42,6 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

@@ -102,6 +102,8 @@ class Profile:
     factor_order_card_first: bool
     sm4_session_key: str
     test_keys: tuple[Mapping[str, Any], ...] = ()
+    lock_key_index: int = 1  # PSAM maintenance-key index for 80 1A 45 kid: 01 in S3, 02 in S2
+    lock_permanent: bool = False  # APPLICATION BLOCK P2 01 (permanent) vs 00; meaning is L
     # Raw [m1_purse] table; validated by agent.products.m1_layout.M1Layout.from_mapping.
     m1_purse: Mapping[str, Any] = field(default_factory=dict)
 
@@ -166,6 +168,8 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
         factor_order_card_first=factor_order == "card-first-reversed",
         sm4_session_key=r.choice("crypto.sm4_session_key", ("pad80",), default="pad80"),
         test_keys=test_keys,
+        lock_key_index=r.integer("blacklist.lock_key_index", minimum=0, maximum=255, default=1),
+        lock_permanent=r.boolean("blacklist.lock_permanent", default=False),
         m1_purse=r.table("m1_purse", required=False),
     )
 
@@ -285,6 +289,12 @@ class _Reader:
         if value < minimum:
             raise self.fail(dotted, f"must be >= {minimum}", value)
         return float(value)
+
+    def boolean(self, dotted: str, default: Any = _MISSING) -> bool:
+        value = self.get(dotted, default)
+        if not isinstance(value, bool):
+            raise self.fail(dotted, "must be true or false", value)
+        return value
 
     def choice(self, dotted: str, options: tuple[str, ...], default: Any = _MISSING) -> str:
         value = self.string(dotted, default)

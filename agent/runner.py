@@ -9,7 +9,9 @@ from types import FrameType
 
 import structlog
 
+from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
 from agent.errors import ReaderError, SamError
+from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile
 from agent.transaction import TapOutcome, TransactionEngine
 from agent.validator import LoopStats, run_validator
@@ -34,7 +36,13 @@ def run_agent(
         if hardware is None:
             return LoopStats()
         try:
-            engine = TransactionEngine(profile, store, hardware.sam)
+            engine = TransactionEngine(
+                profile,
+                store,
+                hardware.sam,
+                blacklist=_open_blacklist(data_dir),
+                params=ActiveParams(data_dir.path / PARAMS_FILE),
+            )
             log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
             return run_validator(
                 hardware.reader, engine, stop=stop, max_taps=max_taps, on_outcome=print_tap
@@ -43,6 +51,16 @@ def run_agent(
             hardware.close()
     finally:
         store.close()
+
+
+def _open_blacklist(data_dir: DataDir) -> Blacklist:
+    """The blacklist the sync daemon maintains; a corrupt file is replaced by its next pull."""
+    path = data_dir.path / BLACKLIST_FILE
+    try:
+        return Blacklist.open(path)
+    except BlacklistFileError as exc:
+        log.error("blacklist_unusable", path=str(path), error=str(exc))
+        return Blacklist(path)
 
 
 def _open_hardware_until_ready(

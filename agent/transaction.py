@@ -19,12 +19,13 @@ This module is the I/O glue: card-product logic lives in :mod:`agent.products.cp
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -40,14 +41,25 @@ from agent.errors import (
     TapRefused,
 )
 from agent.offline_store import Intent, OfflineStore, Record, RecordBody
-from agent.products import cpu_purse
+from agent.params import ActiveParams
+from agent.products import cpu_lock, cpu_purse
 from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
 from agent.profile import ApplicationProfile, Family, Flow, Profile
-from agent.readers.base import CardPresence, CardReader
+from agent.readers.base import CardPresence, CardReader, CardTechnology
 from agent.sam.base import PurchaseMacRequest, Sam
+
+if TYPE_CHECKING:
+    from agent.transaction_m1 import M1TapHandler
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
+
+
+class BlacklistLookup(Protocol):
+    """What the engine needs of the blacklist (:class:`agent.blacklist.Blacklist`)."""
+
+    def contains(self, card_id: str) -> bool: ...
+
 
 PRODUCT_CPU = "cpu"
 
@@ -107,16 +119,27 @@ class TransactionEngine:
         sam: Sam,
         *,
         clock: Callable[[], dt.datetime] | None = None,
+        blacklist: BlacklistLookup | None = None,
+        params: ActiveParams | None = None,
     ) -> None:
         self.profile = profile
         self.store = store
         self.sam = sam
         self.clock = clock or (lambda: dt.datetime.now().astimezone())
+        self.blacklist = blacklist
+        self.params = params
+        self.m1: M1TapHandler | None = None
+        if profile.m1_purse:
+            from agent.transaction_m1 import M1TapHandler  # noqa: PLC0415 - circular
+
+            self.m1 = M1TapHandler(profile, store, sam, blacklist=blacklist)
 
     # --- the tap ------------------------------------------------------------------------
 
     def process_tap(self, reader: CardReader, presence: CardPresence) -> TapOutcome:
         """Handle one card in the field. Never raises an :class:`AgentError`."""
+        if presence.technology is CardTechnology.MIFARE_CLASSIC and self.m1 is not None:
+            return self.m1.process(reader, presence)
         tap = _Tap(reader)
         outcome = TapOutcome(status="failed")
         try:
@@ -153,14 +176,44 @@ class TransactionEngine:
                 result.card_id, result.family = card.card_id, card.family.value
                 return result
             recovered_init = result
+        if self.blacklist is not None and self.blacklist.contains(card.card_id):
+            with tap.phase("lock"):
+                self._lock(tap, card)
+        profile = self._profile_in_force()
         with tap.phase("qualify"):
-            cpu_purse.qualify(card, self.profile, now.date())
+            cpu_purse.qualify(card, profile, now.date())
             self._check_double_tap(card.card_id, now)
-        fare = self.profile.flat_fare
+        fare = profile.flat_fare
         outcome.fare = fare
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
         return self._purchase(tap, card, app.flow, fare, now, outcome, recovered_init)
+
+    def _profile_in_force(self) -> Profile:
+        """The firmware profile, with the fare and allow-list of a parameter set in force."""
+        params = self.params.current() if self.params is not None else None
+        if params is None:
+            return self.profile
+        changes: dict[str, Any] = {}
+        if params.flat_fare is not None:
+            changes["flat_fare"] = params.flat_fare
+        if params.issuer_allow_list is not None:
+            changes["issuer_allow_list"] = params.issuer_allow_list
+        return dataclasses.replace(self.profile, **changes) if changes else self.profile
+
+    def _lock(self, tap: _Tap, card: CpuCard) -> None:
+        """APPLICATION BLOCK through the PSAM (cpu-purse.md §6.6), a lock record, refusal."""
+        outcome = tap.run(
+            cpu_lock.block_application(
+                self.sam,
+                card,
+                key_index=self.profile.lock_key_index,
+                permanent=self.profile.lock_permanent,
+            )
+        )
+        rec = self.store.append_record(cpu_lock.lock_record_body(card, outcome))
+        log.warning("card_locked", card=card.card_id, seq=rec.seq, permanent=outcome.permanent)
+        raise TapRefused("blacklisted", f"application blocked, record #{rec.seq}")
 
     def _read(self, tap: _Tap) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
@@ -246,6 +299,7 @@ class TransactionEngine:
             "datetime": datetime7.hex(),
             "terminal": terminal.hex().upper(),
             "sam": self.sam.serial,
+            "factors": "".join(f.hex().upper() for f in card.factors),
         }
         with tap.phase("intent_commit"):
             intent_id = self.store.add_intent(card.card_id, PRODUCT_CPU, payload)
@@ -323,6 +377,7 @@ class TransactionEngine:
             "terminal": payload["terminal"],
             "sam": payload["sam"],
             "datetime": payload["datetime"],
+            "factors": payload.get("factors"),
             "key_version": payload["key_version"],
             "algorithm": payload["algorithm"],
             "tac": tac.hex().upper(),
@@ -353,7 +408,7 @@ class TransactionEngine:
             self._to_unresolved(stale, "superseded by a later attempt on the same card")
         p = intent.payload
         intent_flow = Flow(p["flow"])
-        fare = self.profile.flat_fare
+        fare = self._profile_in_force().flat_fare
         probe_amount = fare if intent_flow is flow and card.balance >= fare else 0
         init = tap.run(
             cpu_purse.initialize_purchase(

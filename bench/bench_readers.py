@@ -93,7 +93,7 @@ def bench_serial(n: int, rounds: int) -> Result:
     field = CardField()
     emulator = ModuleEmulator(field, {}, torn_exc=CardTorn)
     _thread, port = emulator.serve_tcp("127.0.0.1", 0)
-    field.insert(EchoCard())  # type: ignore[arg-type]
+    field.insert(EchoCard())
     url = f"socket://127.0.0.1:{port}"
     reader = sm.SerialModuleReader(sm.SerialModuleLink(url, timeout=2.0))
     reader.transmit(APDU)  # the driver's port is open; the bare one replaces it below

@@ -1,12 +1,21 @@
-"""Shared fixtures for the real reader stacks (see :mod:`tests.stacks`)."""
+"""Shared fixtures: structlog isolation, and the real reader stacks (see :mod:`tests.stacks`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from tests.stacks import PcscStack
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """A test that configures structlog (a CLI's main) must not leak that into later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

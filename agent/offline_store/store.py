@@ -361,6 +361,112 @@ class OfflineStore:
         with self._read("read the last sequence number") as conn:
             return _meta_int(_read_meta(conn), "last_seq")
 
+    # --- sync cursor and compaction (used by the sync daemon, ``cardsync run``) -----------------
+    #
+    # meta ``sync_ack_seq``: the host's cumulative acknowledgement — every record with
+    # ``seq <= sync_ack_seq`` is stored at the clearing host. Absent means 0. It only moves
+    # forward, never past ``last_seq``. ``compact`` deletes only records at or below it.
+
+    def acknowledged_seq(self) -> int:
+        """The highest seq the clearing host has acknowledged (0 if none)."""
+        with self._read("read the sync acknowledgement") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'sync_ack_seq'").fetchone()
+        return _ack_value(row)
+
+    def unsent_records(self, limit: int, after_seq: int | None = None) -> list[Record]:
+        """At most ``limit`` records after ``after_seq`` (default: the acknowledged seq), in order.
+
+        One short read; the caller streams a long backlog batch by batch.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        after = self.acknowledged_seq() if after_seq is None else after_seq
+        return list(self.records(since_seq=after, limit=limit))
+
+    def count_unsent(self) -> int:
+        with self._read("count unsent records") as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM records WHERE seq > COALESCE((SELECT CAST(value AS INTEGER) "
+                "FROM meta WHERE key = 'sync_ack_seq'), 0)"
+            ).fetchone()
+        return int(count)
+
+    def oldest_unsent_created_at(self) -> datetime | None:
+        """Creation time of the oldest record the host has not acknowledged, if any."""
+        with self._read("find the oldest unsent record") as conn:
+            row = conn.execute(
+                "SELECT created_at FROM records WHERE seq > COALESCE((SELECT CAST(value AS "
+                "INTEGER) FROM meta WHERE key = 'sync_ack_seq'), 0) ORDER BY seq LIMIT 1"
+            ).fetchone()
+        return None if row is None else parse_timestamp(str(row[0]))
+
+    def mark_acknowledged(self, through_seq: int) -> int:
+        """Record the host's cumulative acknowledgement; returns the stored value.
+
+        An acknowledgement below the stored one is ignored (it never moves back); one beyond
+        ``last_seq`` is refused: the host claims records this terminal never wrote.
+        """
+        if through_seq < 0:
+            raise ValueError("acknowledged seq must not be negative")
+        with self._write(f"mark records through {through_seq} acknowledged") as conn:
+            last_seq = _meta_int(_read_meta(conn), "last_seq")
+            if through_seq > last_seq:
+                raise StoreError(
+                    f"store: acknowledgement {through_seq} is beyond the last record {last_seq}"
+                )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'sync_ack_seq'").fetchone()
+            current = _ack_value(row)
+            if through_seq > current:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('sync_ack_seq', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(through_seq),),
+                )
+                current = through_seq
+        return current
+
+    def compact(self, through_seq: int, *, created_before: datetime | None = None) -> int:
+        """Delete acknowledged records with ``seq <= through_seq`` (a prefix of the chain).
+
+        With ``created_before``, the prefix stops at the first record created at or after it, so
+        recent records stay for the double-tap check. The chain anchor moves to the last deleted
+        record in the same transaction, so :meth:`verify` still passes. Returns the new anchor
+        seq (unchanged if nothing was deleted).
+        """
+        with self._write(f"compact records through {through_seq}") as conn:
+            meta = _read_meta(conn)
+            anchor = _meta_int(meta, "chain_anchor_seq")
+            limit = min(through_seq, _ack_value((meta.get("sync_ack_seq", "0"),)))
+            if created_before is not None:
+                row = conn.execute(
+                    "SELECT MIN(seq) FROM records WHERE seq > ? AND created_at >= ?",
+                    (anchor, format_timestamp(created_before)),
+                ).fetchone()
+                if row[0] is not None:
+                    limit = min(limit, int(row[0]) - 1)
+            if limit <= anchor:
+                return anchor
+            row = conn.execute("SELECT hash FROM records WHERE seq = ?", (limit,)).fetchone()
+            if row is None:
+                raise StoreError(f"store: cannot compact through {limit}: record is missing")
+            conn.execute("DELETE FROM records WHERE seq <= ?", (limit,))
+            conn.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?",
+                ((str(limit), "chain_anchor_seq"), (str(row[0]), "chain_anchor_hash")),
+            )
+        log.info("records compacted", through_seq=limit, previous_anchor=anchor)
+        return limit
+
+    def file_size(self) -> int:
+        """Bytes on disk of the store file plus its WAL (for health reports)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(f"{self._path}{suffix}").stat().st_size
+            except OSError:
+                continue
+        return total
+
     def verify(self) -> VerifyReport:
         """Verify the stored chain against the meta anchor, last sequence and last hash.
 
@@ -595,6 +701,15 @@ def _meta_text(meta: Mapping[str, str], key: str) -> str:
     if value is None:
         raise StoreError(f"store: meta {key} is missing")
     return value
+
+
+def _ack_value(row: tuple[Any, ...] | None) -> int:
+    if row is None:
+        return 0
+    try:
+        return int(row[0])
+    except (TypeError, ValueError) as exc:
+        raise StoreError("store: meta sync_ack_seq is corrupt") from exc
 
 
 def _stored_key_id(public_key_hex: str) -> str:

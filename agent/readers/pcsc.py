@@ -42,6 +42,7 @@ from agent.errors import (
     SamMuteError,
 )
 from agent.readers.base import CardPresence, CardTechnology
+from agent.readers.storage import PseudoApduStorage
 
 T = TypeVar("T")
 _log = structlog.get_logger(__name__)
@@ -332,7 +333,9 @@ class PcscCardReader(_PcscDevice):
     """A PC/SC contactless reader as a :class:`agent.readers.base.CardReader`.
 
     Presence comes from ``SCardGetStatusChange`` events (pcscd polls readers that do not report
-    events themselves, about every 0.4 s). ``timeout`` bounds every APDU.
+    events themselves, about every 0.4 s). ``timeout`` bounds every APDU. MIFARE Classic
+    operations (:class:`agent.readers.storage.StorageCardReader`) go through the reader
+    firmware's PC/SC Part 3 / ACS pseudo-APDUs over the same ``transmit``.
     """
 
     role = "card"
@@ -340,6 +343,16 @@ class PcscCardReader(_PcscDevice):
     def __init__(self, pattern: str, *, timeout: float = 1.0) -> None:
         super().__init__(pattern, timeout=timeout, label="card reader")
         self._state = scard.SCARD_STATE_UNAWARE
+        storage = PseudoApduStorage(self.transmit)
+        self.load_key = storage.load_key
+        self.authenticate = storage.authenticate
+        self.read_block = storage.read_block
+        self.write_block = storage.write_block
+        self.increment = storage.increment
+        self.decrement = storage.decrement
+        self.restore = storage.restore
+        self.transfer = storage.transfer
+        self.value_transfer = storage.value_transfer
 
     def wait_for_card(self, timeout: float) -> CardPresence | None:
         deadline = time.monotonic() + timeout

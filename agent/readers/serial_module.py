@@ -38,6 +38,7 @@ from agent.errors import (
     SamMuteError,
 )
 from agent.readers.base import CardPresence, CardTechnology
+from agent.readers.storage import AuthenticationFailed, KeyType, StorageOperationRefused, ValueOp
 
 _log = structlog.get_logger(__name__)
 
@@ -53,11 +54,25 @@ CARD_HALT = 0x13
 SAM_RESET = 0x20  # slot(1) -> ATR; status 0xE1 = SAM error / absent
 SAM_APDU = 0x21  # slot(1) ‖ APDU -> response APDU; status 0xE1 = SAM mute
 FEEDBACK = 0x30  # ok(1) ‖ UTF-8 text: beep / LED / display
-# 0x40..0x4F: reserved for the M1 storage-card commands (auth, read, write, value ops).
+# 0x40..0x4F: MIFARE Classic storage-card commands (m1-purse-and-readers.md §1.4, §4c). Block
+# numbers are one byte, value operands 4 bytes LSB first as on the air.
+M1_AUTH = 0x40  # block(1) ‖ key type(1: 60 = A, 61 = B) ‖ key(6); status 0x83 = refused
+M1_READ = 0x41  # block(1) -> 16 bytes; status 0x84 = refused
+M1_WRITE = 0x42  # block(1) ‖ data(16); status 0x85 = refused, 0x86 = interrupted
+M1_INCREMENT = 0x43  # block(1) ‖ value(4) -> transfer buffer
+M1_DECREMENT = 0x44  # block(1) ‖ value(4) -> transfer buffer
+M1_RESTORE = 0x45  # block(1) -> transfer buffer
+M1_TRANSFER = 0x46  # block(1): program the transfer buffer
+M1_VALUE_TRANSFER = 0x47  # op(1: 01 inc, 02 dec, 03 restore) ‖ block(1) ‖ value(4) ‖ dest(1)
+M1_FIRST, M1_LAST = 0x40, 0x4F
 
 STATUS_OK = 0x00
 STATUS_NO_CARD = 0x80
 STATUS_CARD_TIMEOUT = 0xAF
+STATUS_AUTH_ERROR = 0x83
+STATUS_READ_ERROR = 0x84
+STATUS_WRITE_ERROR = 0x85
+STATUS_WRITE_INTERRUPTED = 0x86
 STATUS_SAM_ERROR = 0xE1
 STATUS_COMMAND_ERROR = 0xE2
 STATUS_PARAMETER_ERROR = 0xE3
@@ -128,6 +143,14 @@ COMMANDS: dict[int, CommandSpec] = {
         CommandSpec(SAM_RESET, "SAM_RESET", secret=True),
         CommandSpec(SAM_APDU, "SAM_APDU", secret=True),
         CommandSpec(FEEDBACK, "FEEDBACK"),
+        CommandSpec(M1_AUTH, "M1_AUTH", secret=True),
+        CommandSpec(M1_READ, "M1_READ", idempotent=True),
+        CommandSpec(M1_WRITE, "M1_WRITE"),
+        CommandSpec(M1_INCREMENT, "M1_INCREMENT"),
+        CommandSpec(M1_DECREMENT, "M1_DECREMENT"),
+        CommandSpec(M1_RESTORE, "M1_RESTORE"),
+        CommandSpec(M1_TRANSFER, "M1_TRANSFER"),
+        CommandSpec(M1_VALUE_TRANSFER, "M1_VALUE_TRANSFER"),
     )
 }
 
@@ -650,8 +673,13 @@ class SerialModuleLink:
 _TECHNOLOGIES = {0x01: CardTechnology.ISO_DEP, 0x02: CardTechnology.MIFARE_CLASSIC}
 
 
+_VALUE_OPS: dict[str, int] = {"increment": 0x01, "decrement": 0x02, "restore": 0x03}
+
+
 class SerialModuleReader:
-    """The module's contactless field, as a :class:`agent.readers.base.CardReader`."""
+    """The module's contactless field, as a :class:`agent.readers.base.CardReader` and, for
+    MIFARE Classic cards, a :class:`agent.readers.storage.StorageCardReader` (commands
+    0x40..0x47). Loaded keys stay in host memory and travel only inside M1_AUTH."""
 
     def __init__(self, link: SerialModuleLink, *, poll_interval: float = 0.1) -> None:
         if not poll_interval > 0:
@@ -660,6 +688,7 @@ class SerialModuleReader:
         self.poll_interval = poll_interval
         self.name = f"serial-module {link.url}"
         self._closed = False
+        self._m1_keys: dict[int, bytes] = {}
         link.acquire()
 
     def wait_for_card(self, timeout: float) -> CardPresence | None:
@@ -707,7 +736,66 @@ class SerialModuleReader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._m1_keys.clear()
             self.link.release()
+
+    # -- StorageCardReader (MIFARE Classic) --------------------------------------------------
+
+    def load_key(self, slot: int, key: bytes) -> None:
+        if len(key) != 6:
+            raise ReaderError(f"{self.name}: a MIFARE key is 6 bytes")
+        self._m1_keys[slot] = bytes(key)
+
+    def authenticate(self, block: int, key_type: KeyType, slot: int) -> None:
+        key = self._m1_keys.get(slot)
+        if key is None:
+            raise ReaderError(f"{self.name}: key slot {slot} is empty")
+        self._m1(M1_AUTH, "authenticate", block, bytes((block, key_type.value)) + key)
+
+    def read_block(self, block: int) -> bytes:
+        data = self._m1(M1_READ, "read", block, bytes((block,)))
+        if len(data) != 16:
+            raise ReaderError(f"{self.name}: M1_READ answered {len(data)} bytes, not 16")
+        return data
+
+    def write_block(self, block: int, data: bytes) -> None:
+        if len(data) != 16:
+            raise ReaderError(f"{self.name}: M1_WRITE takes 16 bytes")
+        self._m1(M1_WRITE, "write", block, bytes((block,)) + bytes(data))
+
+    def increment(self, block: int, value: int) -> None:
+        self._m1(M1_INCREMENT, "increment", block, bytes((block,)) + _operand(value))
+
+    def decrement(self, block: int, value: int) -> None:
+        self._m1(M1_DECREMENT, "decrement", block, bytes((block,)) + _operand(value))
+
+    def restore(self, block: int) -> None:
+        self._m1(M1_RESTORE, "restore", block, bytes((block,)))
+
+    def transfer(self, block: int) -> None:
+        self._m1(M1_TRANSFER, "transfer", block, bytes((block,)))
+
+    def value_transfer(self, op: ValueOp, block: int, value: int, dest: int) -> None:
+        data = bytes((_VALUE_OPS[op], block)) + _operand(value) + bytes((dest,))
+        self._m1(M1_VALUE_TRANSFER, op, block, data)
+
+    def _m1(self, cmd: int, operation: str, block: int, data: bytes) -> bytes:
+        if not 0 <= block <= 0xFF:
+            raise ReaderError(f"{self.name}: block {block} out of range")
+        reply = self.link.request(cmd, data)
+        status = cast(int, reply.status)
+        if status == STATUS_OK:
+            return reply.data
+        if status in (STATUS_CARD_TIMEOUT, STATUS_NO_CARD, STATUS_WRITE_INTERRUPTED):
+            raise CardRemovedError(
+                f"{self.name}: card left or went silent during {operation} of block {block} "
+                f"({describe_status(status)})"
+            )
+        if status == STATUS_AUTH_ERROR:
+            raise AuthenticationFailed(operation, block, describe_status(status), status)
+        if status in (STATUS_READ_ERROR, STATUS_WRITE_ERROR):
+            raise StorageOperationRefused(operation, block, describe_status(status), status)
+        raise self._unexpected(reply)
 
     def _presence(self, data: bytes) -> CardPresence:
         if len(data) < 3 or data[2] == 0 or len(data) < 3 + data[2]:
@@ -725,6 +813,12 @@ class SerialModuleReader:
         return ReaderError(
             f"{self.name}: unexpected {describe_status(cast(int, reply.status))} to {name}"
         )
+
+
+def _operand(value: int) -> bytes:
+    if not 0 <= value <= 0x7FFFFFFF:
+        raise ReaderError(f"value operand {value} out of range")
+    return value.to_bytes(4, "little")
 
 
 class SerialModuleSamSlot:

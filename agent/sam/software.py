@@ -35,6 +35,23 @@ CIPHER_DATA = "CIPHER DATA"
 _MAX_TTC = 0xFFFF_FFFF
 
 
+CALCULATE_M1_KEYS = "CALCULATE M1 KEYS"
+M1_KEY_PREFIX = 12  # city (2) || UID (4) || serial low (2) || card authentication code (4)
+
+
+def m1_sector_key(master16: bytes, prefix: bytes, sector_id: int) -> bytes:
+    """The simulated PSAM's 80 FC algorithm (test only: the real one is not public, M1 §3.3).
+
+    ``3DES_MK(fold8(pad80(prefix || sector id)))[:6]``, fold8 = XOR of the 8-byte blocks.
+    """
+    padded = crypto.pad80(bytes(prefix) + bytes((sector_id,)), 8)
+    folded = bytearray(8)
+    for i in range(0, len(padded), 8):
+        for j in range(8):
+            folded[j] ^= padded[i + j]
+    return crypto.tdes_encrypt(master16, bytes(folded))[:6]
+
+
 def _refuse(command: str, sw: int) -> SamStatusError:
     return SamStatusError(command, sw, describe_sw(sw))
 
@@ -67,6 +84,7 @@ class SamCore:
         key_types: Mapping[int, str] = S4_KEY_TYPES,
         apdu_order_card_first: bool = True,
         sm4_session_key: str = "pad80",
+        m1_master: bytes | None = None,
     ) -> None:
         if len(terminal_number) != 6:
             raise ConfigurationError(
@@ -85,6 +103,9 @@ class SamCore:
                 f"unknown SM4 session-key variant {sm4_session_key!r}; "
                 f"known: {', '.join(sorted(crypto.SM4_SESSION_KEY_VARIANTS))}"
             )
+        if m1_master is not None and len(m1_master) != 16:
+            raise ConfigurationError("the M1 key master must be 16 bytes")
+        self._m1_master = None if m1_master is None else bytes(m1_master)
         self.keyset = keyset
         self.terminal_number = bytes(terminal_number)
         self.serial = bytes(serial)
@@ -227,6 +248,25 @@ class SamCore:
             raise _refuse(CIPHER_DATA, 0x6700)
         return b"".join(encrypt(temp.key, data[i : i + block]) for i in range(0, len(data), block))
 
+    # -- 80 FC (M1 spec §3.3) ------------------------------------------------------------------
+
+    def calculate_m1_keys(self, data: bytes, p1: int = 0x01, p2: int = 0x01) -> bytes:
+        """Sector keys for the ids after the 12-byte prefix (an optional city || FF*6 suffix
+        is ignored); 6A88 without an M1 master, 6700 on a short input."""
+        if self._m1_master is None:
+            raise _refuse(CALCULATE_M1_KEYS, 0x6A88)
+        if (p1, p2) != (0x01, 0x01):
+            raise _refuse(CALCULATE_M1_KEYS, 0x6A86)
+        raw = bytes(data)
+        ids = raw[M1_KEY_PREFIX:]
+        if len(ids) > 8 and ids[-6:] == b"\xff" * 6:
+            ids = ids[:-8]
+        if len(raw) <= M1_KEY_PREFIX or not ids:
+            raise _refuse(CALCULATE_M1_KEYS, 0x6700)
+        prefix = raw[:M1_KEY_PREFIX]
+        log.debug("sam.calculate_m1_keys", sectors=len(ids))
+        return b"".join(m1_sector_key(self._m1_master, prefix, sid) for sid in ids)
+
     # -- internals ------------------------------------------------------------------------------
 
     def _session_key(self, algorithm: Algorithm) -> crypto.SessionKeyFn:
@@ -286,6 +326,9 @@ class SoftwareSam:
 
     def cipher_mac(self, data: bytes) -> bytes:
         return self._core.cipher_mac(data)
+
+    def calculate_m1_keys(self, data: bytes, *, p1: int = 0x01, p2: int = 0x01) -> bytes:
+        return self._core.calculate_m1_keys(data, p1, p2)
 
     def verify_security_code(self, code: bytes) -> None:
         """80 CA (CJ/T 166): the card's algorithm is not public, so any 9 bytes pass."""

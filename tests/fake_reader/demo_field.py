@@ -21,14 +21,25 @@ from agent.logs import configure_logging
 from tests.fake_reader.faults import CardTorn
 from tests.fake_reader.inprocess import CardField
 from tests.fake_reader.module_server import ModuleEmulator
-from tests.fake_reader.scenario import TearOnDebit, demo_keyset, make_card, make_psam
+from tests.fake_reader.scenario import (
+    M1Presentation,
+    TearOnDebit,
+    demo_keyset,
+    m1_demo_cards,
+    make_card,
+    make_psam,
+)
 
 FEEDBACK_TIMEOUT_S = 5.0
 
 
+BLACKLISTED_CARD = 9
+BLACKLISTED_CARD_ID = "0310" + f"51700701{BLACKLISTED_CARD:08d}"  # T-Union serial of card 9
+
+
 @dataclass
 class Presentation:
-    card: Any  # a SimulatedCpuCard or a TearOnDebit wrapper
+    card: Any  # a SimulatedCpuCard, a TearOnDebit wrapper or an M1Presentation
     note: str
     linger_s: float = 0.25
 
@@ -60,6 +71,10 @@ def demo_stream(seed: int) -> list[Presentation]:
         Presentation(make_card("tunion", 12, keys, algorithm=Algorithm.SM4), "SM4 keys"),
         Presentation(TearOnDebit(never, "tear_after"), "torn, never comes back"),
     ]
+    stream.append(
+        Presentation(make_card("tunion", BLACKLISTED_CARD, keys), "blacklisted at the host")
+    )
+    stream.extend(Presentation(m1, "M1") for m1 in m1_demo_cards())
     families = ("tunion", "cjt166", "legacy1001")
     for number in range(20, 26):
         family = families[rng.randrange(3)]
@@ -91,7 +106,8 @@ class FieldRunner:
         time.sleep(start_delay_s)
         for item in self.stream:
             self.feedback.clear()
-            self.field.insert(item.card)
+            card = item.card.arm() if isinstance(item.card, M1Presentation) else item.card
+            self.field.insert(card)
             self.feedback.wait(FEEDBACK_TIMEOUT_S)
             time.sleep(item.linger_s)
             self.field.remove()

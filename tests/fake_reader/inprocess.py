@@ -4,10 +4,10 @@ without any hardware (architecture.md "Simulators")."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from agent.errors import CardRemovedError, ReaderError, SamMuteError
 from agent.readers.base import CardPresence, CardTechnology
-from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.faults import CardTorn
 from tests.fake_reader.psam import SimulatedPsam
 
@@ -18,18 +18,19 @@ class CardField:
     """The RF field of one reader: at most one card."""
 
     def __init__(self) -> None:
-        self._card: SimulatedCpuCard | None = None
+        self._card: Any = None
 
     @property
-    def card(self) -> SimulatedCpuCard | None:
+    def card(self) -> Any:
+        """A SimulatedCpuCard, an M1Card, or a wrapper of one (anything with ``process``)."""
         return self._card
 
-    def insert(self, card: SimulatedCpuCard) -> None:
+    def insert(self, card: Any) -> None:
         """The card enters the field (power-on: its RAM state is reset)."""
         card.power_on()
         self._card = card
 
-    def remove(self) -> SimulatedCpuCard | None:
+    def remove(self) -> Any:
         card, self._card = self._card, None
         return card
 
@@ -66,10 +67,11 @@ class InProcessReader:
             raise CardRemovedError("no card in the field")
         self.transmitted.append(bytes(apdu))
         try:
-            return card.process(apdu)
+            response: bytes = card.process(apdu)
         except CardTorn as exc:
             self.field.remove()
             raise CardRemovedError(f"card left the field: {exc}") from exc
+        return response
 
     def wait_for_removal(self, timeout: float) -> bool:
         self._check_open()

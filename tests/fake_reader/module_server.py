@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import serial
 
 from agent.readers import serial_module as sm
+from agent.readers.storage import KeyType
+from tests.fake_reader.m1_card import M1AuthFailed, M1Card, M1Nak
 
 
 class Card(Protocol):
@@ -143,7 +145,69 @@ class ModuleEmulator:
             if self.on_feedback is not None:
                 self.on_feedback(bool(data[0]), data[1:].decode("utf-8", "replace"))
             return sm.STATUS_OK, b""
+        if sm.M1_FIRST <= cmd <= sm.M1_LAST:
+            return self._m1(cmd, data, card)
         return sm.STATUS_COMMAND_ERROR, b""
+
+    def _m1(self, cmd: int, data: bytes, card: Any) -> tuple[int, bytes]:
+        """MIFARE Classic commands 0x40..0x47 on an :class:`M1Card` in the field."""
+        if card is None:
+            return sm.STATUS_NO_CARD, b""
+        if not isinstance(card, M1Card):
+            return sm.STATUS_COMMAND_ERROR, b""
+        lengths = {
+            sm.M1_AUTH: 8,
+            sm.M1_READ: 1,
+            sm.M1_WRITE: 17,
+            sm.M1_INCREMENT: 5,
+            sm.M1_DECREMENT: 5,
+            sm.M1_RESTORE: 1,
+            sm.M1_TRANSFER: 1,
+            sm.M1_VALUE_TRANSFER: 7,
+        }
+        if cmd not in lengths:
+            return sm.STATUS_COMMAND_ERROR, b""
+        if len(data) != lengths[cmd]:
+            return sm.STATUS_PARAMETER_ERROR, b""
+        block = data[0]
+        try:
+            if cmd == sm.M1_AUTH:
+                if data[1] not in (0x60, 0x61):
+                    return sm.STATUS_PARAMETER_ERROR, b""
+                if card.state == "idle":
+                    card.select()
+                card.authenticate(block, KeyType(data[1]), data[2:8])
+            elif cmd == sm.M1_READ:
+                return sm.STATUS_OK, card.read(block)
+            elif cmd == sm.M1_WRITE:
+                card.write(block, data[1:17])
+            elif cmd in (sm.M1_INCREMENT, sm.M1_DECREMENT):
+                value = int.from_bytes(data[1:5], "little")
+                (card.increment if cmd == sm.M1_INCREMENT else card.decrement)(block, value)
+            elif cmd == sm.M1_RESTORE:
+                card.restore(block)
+            elif cmd == sm.M1_TRANSFER:
+                card.transfer(block)
+            else:
+                op, block, dest = data[0], data[1], data[6]
+                operand = int.from_bytes(data[2:6], "little")
+                if op == 0x01:
+                    card.increment(block, operand)
+                elif op == 0x02:
+                    card.decrement(block, operand)
+                elif op == 0x03:
+                    card.restore(block)
+                else:
+                    return sm.STATUS_PARAMETER_ERROR, b""
+                card.transfer(dest)
+        except self.torn_exc:
+            self.field.remove()
+            return sm.STATUS_CARD_TIMEOUT, b""
+        except M1AuthFailed:
+            return sm.STATUS_AUTH_ERROR, b""
+        except M1Nak:
+            return (sm.STATUS_READ_ERROR if cmd == sm.M1_READ else sm.STATUS_WRITE_ERROR), b""
+        return sm.STATUS_OK, b""
 
     def handle(self, decoder: sm.FrameDecoder, data: bytes, write: Callable[[bytes], None]) -> None:
         """Feed received bytes; write the answers (with any queued fault applied)."""

@@ -151,6 +151,7 @@ class SimulatedPsam:
             (0x80, 0x1A): self._init_for_descrypt,
             (0x80, 0xFA): self._cipher_data,
             (0x80, 0xCA): self._security_code,
+            (0x80, 0xFC): self._calculate_m1_keys,
         }
         handler = handlers.get(key)
         if handler is None:
@@ -277,6 +278,12 @@ class SimulatedPsam:
         if cmd.p1 == 0x00:
             return self.core.cipher_encrypt(cmd.data) + SW_OK
         return _sw(0x6A86)  # multi-block modes (07/03/01, 02) are not modelled
+
+    def _calculate_m1_keys(self, cmd: Command) -> bytes:
+        """80 FC (M1 spec §3.3): needs the application selected, like the purchase commands."""
+        if self._current != "app":
+            return _sw(0x6985)
+        return self.core.calculate_m1_keys(cmd.data, cmd.p1, cmd.p2) + SW_OK
 
     def _security_code(self, cmd: Command) -> bytes:
         if cmd.p1 or cmd.p2:

@@ -1,0 +1,463 @@
+"""``cardsync run``: the sync daemon beside the agent (apscheduler jobs, one process).
+
+Jobs
+    upload     every ``check_interval_s``: uploads when ``upload_threshold`` records are queued,
+               when ``upload_interval_s`` has passed since the last upload, or on a flush request
+               (SIGUSR1, or the flag file ``sync.flush`` in the data directory). Streams the
+               backlog ``batch_size`` records at a time (memory stays bounded), marks only what
+               the host acknowledged, then compacts acknowledged records older than
+               ``compact_after_s``.
+    blacklist  pulls a delta (or snapshot) and applies it atomically (``agent.blacklist``).
+    params     pulls the signed parameter set.
+    heartbeat  posts health figures: unsent records and the age of the oldest, blacklist
+               version and age, parameter version, store size, last error.
+
+Failures
+    Link and transient host failures (timeouts, resets, 5xx, 507 disk full) are retried with
+    exponential backoff and full jitter, within a call (``retries``) and across runs of the
+    job. Uploads are always safe to retry: the batch has an idempotency key and the host keeps
+    ``(terminal_id, seq)`` unique. A refused list (forged, rolled back, expired) is logged and
+    never applied. SIGTERM stops the jobs between batches; an in-flight request finishes or
+    times out, and either way nothing is lost (unacknowledged records are sent again).
+
+The daemon shares the agent's SQLite file (WAL); each of its writes is one short transaction
+(the ack cursor, a compaction), so taps never wait on it for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent.blacklist import (
+    BLACKLIST_FILE,
+    ApplyResult,
+    Blacklist,
+    BlacklistBaseMismatch,
+    BlacklistFileError,
+    BlacklistRejected,
+)
+from agent.errors import AgentError, StoreError
+from agent.offline_store import DeviceKey, OfflineStore
+from agent.wiring import DEVICE_KEY_FILE, DataDir
+from sync.client import ClientTls, SyncClient
+from sync.errors import HostBusy, HostError, HostUnreachable, ListRejected, ProtocolError
+from sync.params import PARAMS_FILE, ParamSet, ParamsFile
+from sync.protocol import Ack, UploadBatch, encode_batch
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+FLUSH_FLAG_FILE = "sync.flush"
+_RETRYABLE = (HostUnreachable, HostBusy)
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    host_url: str
+    host_public_key: bytes
+    upload_interval_s: float = 30.0
+    upload_threshold: int = 200
+    batch_size: int = 500
+    check_interval_s: float = 1.0
+    blacklist_interval_s: float = 60.0
+    params_interval_s: float = 300.0
+    heartbeat_interval_s: float = 60.0
+    compact_after_s: float | None = 86400.0
+    timeout_s: float = 10.0
+    retries: int = 3
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    tls: ClientTls | None = None
+
+
+@dataclass
+class UploadReport:
+    batches: int = 0
+    records: int = 0
+    ack_seq: int = 0
+
+
+@dataclass
+class _JobState:
+    failures: int = 0
+    not_before: float = 0.0
+    last_ok: float | None = None
+    last_error: str | None = None
+
+
+class Stopping(Exception):
+    """The daemon is shutting down; the current job ends early (nothing is lost)."""
+
+
+@dataclass
+class SyncDaemon:
+    """The jobs of one terminal; :meth:`run_forever` is ``cardsync run``."""
+
+    settings: SyncSettings
+    store: OfflineStore
+    client: SyncClient
+    blacklist: Blacklist
+    params: ParamsFile
+    device_public_key: bytes
+    flush_flag: Path | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    after_send_hook: Callable[[int], None] | None = None  # tests: "crash" between send and ack
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _flush: threading.Event = field(default_factory=threading.Event)
+    _jobs: dict[str, _JobState] = field(default_factory=dict)
+    _registered: bool = False
+    _last_upload: float = field(default_factory=time.monotonic)
+    _scheduler: BackgroundScheduler | None = None
+    _started_at: float = field(default_factory=time.time)
+
+    # --- the upload --------------------------------------------------------------------------
+
+    def upload_pending(self, max_batches: int | None = None) -> UploadReport:
+        """Send unacknowledged records batch by batch until none is left (or stopping).
+
+        Raises a :class:`sync.errors.SyncError` when the host stays unreachable or refuses.
+        """
+        report = UploadReport(ack_seq=self.store.acknowledged_seq())
+        self._ensure_registered()
+        after = report.ack_seq
+        stalls = 0
+        while max_batches is None or report.batches < max_batches:
+            if self._stop.is_set():
+                raise Stopping("upload stopped between batches")
+            records = self.store.unsent_records(self.settings.batch_size, after_seq=after)
+            if not records:
+                break
+            if records[0].seq != after + 1:
+                log.error(
+                    "records the host needs were compacted away",
+                    host_ack=after,
+                    first_available=records[0].seq,
+                )
+            batch = encode_batch(self.store.terminal_id, records)
+            last_seq = self.store.last_seq()
+            ack = self._retrying("upload", functools.partial(self._upload, batch, last_seq))
+            if self.after_send_hook is not None:
+                self.after_send_hook(ack.ack_seq)
+            stored = self.store.mark_acknowledged(ack.ack_seq)
+            report.batches += 1
+            report.records += batch.count
+            report.ack_seq = stored
+            log.info(
+                "batch acknowledged",
+                first_seq=batch.first_seq,
+                last_seq=batch.last_seq,
+                records=batch.count,
+                ack_seq=ack.ack_seq,
+                stored=ack.stored,
+                duplicates=ack.duplicates,
+                anomalies=ack.anomalies,
+            )
+            if ack.ack_seq >= batch.last_seq:
+                after, stalls = ack.ack_seq, 0
+                continue
+            # The host holds less than this batch: resend from its acknowledgement.
+            stalls += 1
+            log.warning(
+                "host acknowledged less than it was sent",
+                ack_seq=ack.ack_seq,
+                sent_through=batch.last_seq,
+                stalls=stalls,
+            )
+            if stalls >= 3:
+                raise ProtocolError(
+                    f"host: acknowledgement stuck at {ack.ack_seq} after sending "
+                    f"records {batch.first_seq}..{batch.last_seq} three times"
+                )
+            after = ack.ack_seq
+        self._last_upload = time.monotonic()
+        self._compact()
+        return report
+
+    def _upload(self, batch: UploadBatch, last_seq: int) -> Ack:
+        try:
+            return self.client.upload(batch, last_seq)
+        except HostError as exc:
+            if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
+                self._registered = False
+                self._ensure_registered()
+                return self.client.upload(batch, last_seq)
+            raise
+
+    def _ensure_registered(self) -> None:
+        if not self._registered:
+            self._retrying("register", lambda: self.client.register(self.device_public_key))
+            self._registered = True
+
+    def _compact(self) -> None:
+        keep = self.settings.compact_after_s
+        if keep is None:
+            return
+        cutoff = time.time() - keep
+        self.store.compact(
+            self.store.acknowledged_seq(), created_before=datetime.fromtimestamp(cutoff, UTC)
+        )
+
+    # --- lists -------------------------------------------------------------------------------
+
+    def pull_blacklist(self) -> ApplyResult | None:
+        """Fetch and apply; ``None`` if the list is unchanged. Raises ListRejected."""
+        since = self.blacklist.version
+        document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(since))
+        try:
+            try:
+                result = self.blacklist.apply(document, self.settings.host_public_key)
+            except BlacklistBaseMismatch:
+                log.warning("blacklist delta does not apply; asking for a snapshot", since=since)
+                document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(0))
+                result = self.blacklist.apply(document, self.settings.host_public_key)
+        except BlacklistRejected as exc:
+            log.error("blacklist refused", reason=str(exc), loaded_version=self.blacklist.version)
+            raise ListRejected(str(exc)) from exc
+        return result
+
+    def pull_params(self) -> ParamSet | None:
+        since = self.params.version
+        document = self._retrying("params", lambda: self.client.fetch_params(since))
+        if document is None:
+            return None
+        try:
+            return self.params.apply(document)
+        except ListRejected as exc:
+            log.error("parameter set refused", reason=str(exc), loaded_version=since)
+            raise
+
+    def health(self) -> dict[str, Any]:
+        oldest = self.store.oldest_unsent_created_at()
+        figures: dict[str, Any] = {
+            "terminal_id": self.store.terminal_id,
+            "last_seq": self.store.last_seq(),
+            "acknowledged_seq": self.store.acknowledged_seq(),
+            "unsent_records": self.store.count_unsent(),
+            "oldest_unsent_age_s": None
+            if oldest is None
+            else round(time.time() - oldest.timestamp(), 1),
+            "store_bytes": self.store.file_size(),
+            "params_version": self.params.version,
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "errors": {n: s.last_error for n, s in self._jobs.items() if s.last_error},
+        }
+        figures.update(self.blacklist.health())
+        return figures
+
+    def send_heartbeat(self) -> dict[str, Any]:
+        self._ensure_registered()
+        figures = self.health()
+        try:
+            return self._retrying("heartbeat", lambda: self.client.heartbeat(figures))
+        except HostError as exc:
+            if exc.code != "unknown_terminal":
+                raise
+            self._registered = False  # the host forgot us: register again, next run reports
+            raise
+
+    # --- scheduling --------------------------------------------------------------------------
+
+    def request_flush(self) -> None:
+        """Upload everything now (what SIGUSR1 and the flag file do)."""
+        self._flush.set()
+
+    def upload_due(self) -> bool:
+        if self._flush.is_set():
+            return True
+        if self.flush_flag is not None and self.flush_flag.exists():
+            return True
+        unsent = self.store.count_unsent()
+        if unsent == 0:
+            return False
+        if unsent >= self.settings.upload_threshold:
+            return True
+        return time.monotonic() - self._last_upload >= self.settings.upload_interval_s
+
+    def _upload_job(self) -> None:
+        if not self.upload_due():
+            return
+        flushing = self._flush.is_set() or bool(self.flush_flag and self.flush_flag.exists())
+        if self._job("upload", self.upload_pending, ignore_backoff=flushing) is not None:
+            self._flush.clear()
+            if self.flush_flag is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.flush_flag.unlink()
+
+    def _job(self, name: str, work: Callable[[], T], *, ignore_backoff: bool = False) -> T | None:
+        """Run one job unless it is backing off; log and schedule the backoff on failure."""
+        state = self._jobs.setdefault(name, _JobState())
+        if not ignore_backoff and time.monotonic() < state.not_before:
+            return None
+        try:
+            result = work()
+        except Stopping:
+            log.info("job stopped for shutdown", job=name)
+            return None
+        except (AgentError, OSError) as exc:
+            state.failures += 1
+            delay = self._backoff(state.failures)
+            state.not_before = time.monotonic() + delay
+            state.last_error = f"{getattr(exc, 'party', 'os')}: {exc}"
+            log.warning(
+                "job failed; backing off",
+                job=name,
+                party=getattr(exc, "party", "os"),
+                error=str(exc),
+                failures=state.failures,
+                retry_in_s=round(delay, 2),
+            )
+            return None
+        state.failures, state.not_before, state.last_error = 0, 0.0, None
+        state.last_ok = time.time()
+        return result
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with full jitter: uniform(0, min(max, base * 2^(n-1)))."""
+        ceiling = min(
+            self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (failures - 1)
+        )
+        return self.rng.uniform(0, ceiling)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Repeat a call the protocol makes safe to repeat, on link or transient host errors."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except _RETRYABLE as exc:
+                attempt += 1
+                if attempt > self.settings.retries or self._stop.is_set():
+                    raise
+                delay = self._backoff(attempt)
+                log.warning(
+                    "call failed; retrying",
+                    call=what,
+                    party=exc.party,
+                    error=str(exc),
+                    attempt=attempt,
+                    retry_in_s=round(delay, 3),
+                )
+                if self._stop.wait(delay):
+                    raise
+
+    def start(self) -> None:
+        """Start the jobs in background threads (the demo helper; tests)."""
+        s = self.settings
+        # apscheduler warns on every tick that finds the upload still running (a long backlog);
+        # that is expected here. Job errors (ERROR) still reach the log.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        logging.getLogger("apscheduler.executors").setLevel(logging.ERROR)
+        scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
+        scheduler.add_job(self._upload_job, "interval", seconds=s.check_interval_s, id="upload")
+        for name, interval, work in (
+            ("blacklist", s.blacklist_interval_s, self.pull_blacklist),
+            ("params", s.params_interval_s, self.pull_params),
+            ("heartbeat", s.heartbeat_interval_s, self.send_heartbeat),
+        ):
+            scheduler.add_job(
+                self._job,
+                "interval",
+                seconds=interval,
+                args=(name, work),
+                id=name,
+                next_run_time=_now_for_scheduler(),
+            )
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info(
+            "sync daemon started",
+            host=s.host_url,
+            terminal_id=self.store.terminal_id,
+            blacklist_version=self.blacklist.version,
+            acknowledged_seq=self.store.acknowledged_seq(),
+        )
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the jobs: the upload ends after its in-flight batch; backoff sleeps end now."""
+        self._stop.set()
+        if self._scheduler is not None:
+            with contextlib.suppress(Exception):
+                self._scheduler.shutdown(wait=wait)
+            self._scheduler = None
+        log.info("sync daemon stopped", acknowledged_seq=self.store.acknowledged_seq())
+
+    def run_forever(self) -> None:
+        """``cardsync run``: jobs until SIGTERM/SIGINT; SIGUSR1 asks for a flush."""
+        done = threading.Event()
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            log.info("signal received; shutting down", signal=signal.Signals(signum).name)
+            self._stop.set()
+            done.set()
+
+        def on_usr1(signum: int, frame: FrameType | None) -> None:
+            log.info("flush requested", signal="SIGUSR1")
+            self.request_flush()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        self.start()
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop(wait=True)
+            self.close()
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
+
+def _now_for_scheduler() -> datetime:
+    return datetime.now().astimezone()
+
+
+def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncDaemon:
+    """Open the agent's store, blacklist and parameters in ``data_dir`` and build the daemon."""
+    data = DataDir(data_dir)
+    store = data.open_store()
+    try:
+        device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
+        try:
+            blacklist = Blacklist.open(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
+        except BlacklistFileError as exc:
+            log.error("local blacklist unusable; a fresh snapshot will replace it", error=str(exc))
+            blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
+        params = ParamsFile(data_dir / PARAMS_FILE, settings.host_public_key)
+        client = SyncClient(
+            settings.host_url, store.terminal_id, tls=settings.tls, timeout_s=settings.timeout_s
+        )
+    except (AgentError, OSError) as exc:
+        store.close()
+        if isinstance(exc, AgentError):
+            raise
+        raise StoreError(f"store: cannot open the sync daemon's files: {exc}") from exc
+    return SyncDaemon(
+        settings=settings,
+        store=store,
+        client=client,
+        blacklist=blacklist,
+        params=params,
+        device_public_key=device_key.public_key_bytes,
+        flush_flag=data_dir / FLUSH_FLAG_FILE,
+        **options,
+    )

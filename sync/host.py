@@ -1,0 +1,497 @@
+"""The reference clearing host: an ASGI app (Starlette) served by uvicorn (``cardsync host``).
+
+It implements the server side of :mod:`sync.protocol` (documented in ``sync/openapi.json``,
+served at ``/openapi.json``): idempotent record uploads with a cumulative acknowledgement,
+record verification (device signatures, hash chain, TACs), signed blacklists and parameter sets,
+a small read API and an operator page at ``/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import html
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
+from agent.offline_store.device_key import PUBLIC_KEY_SIZE
+from agent.offline_store.records import Record
+from sync import protocol
+from sync.clearing import Finding, TacVerifier, review, seal_checker
+from sync.keys import HostKey
+from sync.params import sign_params
+from sync.protocol import BadBatch, error_body
+from sync.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
+
+log = structlog.get_logger(__name__)
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # compressed body
+DEFAULT_LIST_TTL_S = 7 * 24 * 3600
+
+
+@dataclass
+class ClearingHost:
+    """The host's behaviour, independent of HTTP (the endpoints are thin wrappers)."""
+
+    storage: Storage
+    key: HostKey
+    tac: TacVerifier | None = None
+    list_ttl_s: int = DEFAULT_LIST_TTL_S
+    open_registration: bool = True
+    admin_token: str | None = None
+    clock: Callable[[], float] = time.time
+    _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
+
+    # --- terminals -------------------------------------------------------------------------
+
+    def register(self, terminal_id: str, public_key_hex: str) -> tuple[int, dict[str, Any]]:
+        try:
+            raw = bytes.fromhex(public_key_hex)
+        except ValueError:
+            raw = b""
+        if len(raw) != PUBLIC_KEY_SIZE:
+            return 400, error_body("bad_key", "public_key must be 64 hex digits (Ed25519)")
+        if not self.open_registration and self.storage.terminal(terminal_id) is None:
+            return 403, error_body("registration_closed", f"terminal {terminal_id!r} is unknown")
+        try:
+            created = self.storage.register_terminal(terminal_id, raw.hex())
+        except TerminalKeyConflict as exc:
+            log.error("registration refused", terminal_id=terminal_id, reason=str(exc))
+            return 409, error_body("key_conflict", str(exc))
+        terminal = self.storage.terminal(terminal_id)
+        ack = terminal.ack_seq if terminal else 0
+        return (201 if created else 200), {"terminal_id": terminal_id, "ack_seq": ack}
+
+    def upload(
+        self, terminal_id: str, body: bytes, encoding: str | None, key: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        terminal = self.storage.terminal(terminal_id)
+        if terminal is None:
+            return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
+        try:
+            records, digest = protocol.decode_batch(body, encoding, terminal_id)
+            protocol.check_idempotency_key(key, records, digest)
+        except BadBatch as exc:
+            log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
+            return 400, error_body("bad_batch", str(exc))
+        seal = self._seal_checkers.get(terminal.public_key)
+        if seal is None:
+            seal = seal_checker(bytes.fromhex(terminal.public_key))
+            self._seal_checkers[terminal.public_key] = seal
+        findings: dict[int, list[Finding]] = {}
+        for record in records:
+            found = review(record, seal, self.tac)
+            if found:
+                findings[record.seq] = found
+        assert key is not None
+        try:
+            result = self.storage.ingest(terminal_id, key, records, findings)
+        except StorageFull as exc:
+            log.error("storage full; batch not stored", terminal_id=terminal_id, error=str(exc))
+            return 507, error_body("storage_full", "the host's storage is full; retry later")
+        except StorageFailure as exc:
+            log.error("storage failed; batch not stored", terminal_id=terminal_id, error=str(exc))
+            return 503, error_body("storage_failure", "the host's storage failed; retry later")
+        log.info(
+            "batch stored",
+            terminal_id=terminal_id,
+            first_seq=records[0].seq,
+            last_seq=records[-1].seq,
+            stored=result.stored,
+            duplicates=result.duplicates,
+            conflicts=result.conflicts,
+            anomalies=result.anomalies,
+            ack_seq=result.ack_seq,
+            replay=result.replay,
+        )
+        return 200, {
+            "terminal_id": terminal_id,
+            "ack_seq": result.ack_seq,
+            "stored": result.stored,
+            "duplicates": result.duplicates,
+            "conflicts": result.conflicts,
+            "anomalies": result.anomalies,
+        }
+
+    def heartbeat(self, terminal_id: str, figures: Any) -> tuple[int, dict[str, Any]]:
+        if not isinstance(figures, dict):
+            return 400, error_body("bad_heartbeat", "heartbeat must be a JSON object")
+        terminal = self.storage.terminal(terminal_id)
+        if terminal is None:
+            return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
+        self.storage.heartbeat(terminal_id, figures)
+        return 200, {
+            "terminal_id": terminal_id,
+            "ack_seq": terminal.ack_seq,
+            "blacklist_version": self.storage.blacklist_version(),
+            "server_time": int(self.clock()),
+        }
+
+    # --- signed lists ---------------------------------------------------------------------
+
+    def blacklist_document(self, since: int) -> bytes:
+        """A signed delta from ``since`` (empty re-issue when current), else a snapshot."""
+        now = int(self.clock())
+        common = {
+            "issued_at": now,
+            "expires_at": now + self.list_ttl_s,
+            "sign": self.key.sign,
+            "public_key_raw": self.key.public_key_bytes,
+        }
+        current = self.storage.blacklist_version()
+        if 0 < since <= current:
+            version, add, remove = self.storage.blacklist_delta(since)
+            return encode_list(
+                kind=KIND_DELTA,
+                version=version,
+                base_version=since,
+                add=add,
+                remove=remove,
+                **common,  # type: ignore[arg-type]
+            )
+        version, entries = self.storage.blacklist_snapshot()
+        return encode_list(
+            kind=KIND_SNAPSHOT,
+            version=version,
+            base_version=0,
+            add=entries,
+            **common,  # type: ignore[arg-type]
+        )
+
+    def params_document(self, since: int) -> bytes | None:
+        """The latest parameter set, signed now (a re-issue extends the terminal's expiry;
+        ``since`` is accepted for symmetry and logging). ``None`` if none was published."""
+        latest = self.storage.latest_params()
+        if latest is None:
+            return None
+        if since > int(latest["version"]):
+            log.warning(
+                "terminal ahead of the host's parameters", since=since, host=latest["version"]
+            )
+        return self._sign(latest)
+
+    def _sign(self, stored: dict[str, Any]) -> bytes:
+        now = int(self.clock())
+        payload = dict(stored, issued_at=now, expires_at=now + self.list_ttl_s)
+        payload.setdefault("effective_from", now)
+        return sign_params(payload, self.key)
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+def _json(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(host: ClearingHost) -> Starlette:
+    """The ASGI application."""
+
+    def admin(handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        async def wrapped(request: Request) -> Response:
+            if host.admin_token is not None:
+                given = request.headers.get("authorization", "")
+                if given != f"Bearer {host.admin_token}":
+                    return _json(401, error_body("unauthorised", "admin token required"))
+            return await handler(request)
+
+        return wrapped
+
+    async def register(request: Request) -> Response:
+        try:
+            payload = await request.json()
+            key = payload["public_key"]
+        except (ValueError, KeyError, TypeError):
+            return _json(400, error_body("bad_request", 'body must be {"public_key": hex}'))
+        status, body = await run_in_threadpool(
+            host.register, request.path_params["terminal_id"], str(key)
+        )
+        return _json(status, body)
+
+    async def upload(request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+            return _json(413, error_body("too_large", f"body above {MAX_UPLOAD_BYTES} bytes"))
+        body = await request.body()
+        status, answer = await run_in_threadpool(
+            host.upload,
+            request.path_params["terminal_id"],
+            body,
+            request.headers.get("content-encoding"),
+            request.headers.get(protocol.IDEMPOTENCY_HEADER),
+        )
+        return _json(status, answer)
+
+    async def heartbeat(request: Request) -> Response:
+        try:
+            figures = await request.json()
+        except ValueError:
+            return _json(400, error_body("bad_request", "body must be JSON"))
+        status, body = await run_in_threadpool(
+            host.heartbeat, request.path_params["terminal_id"], figures
+        )
+        return _json(status, body)
+
+    def since_of(request: Request) -> int | None:
+        text = request.query_params.get("since", "0")
+        return int(text) if text.isdigit() else None
+
+    async def blacklist(request: Request) -> Response:
+        since = since_of(request)
+        if since is None:
+            return _json(400, error_body("bad_request", "since must be a version number"))
+        document = await run_in_threadpool(host.blacklist_document, since)
+        headers = {"Cache-Control": "no-store"}
+        if len(document) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
+            document = gzip.compress(document, compresslevel=5, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        return Response(document, media_type=protocol.BLACKLIST_MEDIA_TYPE, headers=headers)
+
+    async def params(request: Request) -> Response:
+        since = since_of(request)
+        if since is None:
+            return _json(400, error_body("bad_request", "since must be a version number"))
+        document = await run_in_threadpool(host.params_document, since)
+        if document is None:
+            return _json(404, error_body("no_params", "no parameter set has been published"))
+        return Response(document, media_type="application/json")
+
+    async def publish_blacklist(request: Request) -> Response:
+        try:
+            payload = await request.json()
+            add = [int(str(x), 16) for x in payload.get("add", [])]
+            remove = [int(str(x), 16) for x in payload.get("remove", [])]
+        except (ValueError, TypeError, AttributeError):
+            return _json(400, error_body("bad_request", "add/remove must be lists of hex ASNs"))
+        version = await run_in_threadpool(host.storage.publish_blacklist, add, remove)
+        return _json(200, {"version": version})
+
+    async def publish_params(request: Request) -> Response:
+        try:
+            payload = await request.json()
+        except ValueError:
+            return _json(400, error_body("bad_request", "body must be JSON"))
+        if not isinstance(payload, dict):
+            return _json(400, error_body("bad_request", "body must be a JSON object"))
+        version = await run_in_threadpool(host.storage.publish_params, payload)
+        return _json(200, {"version": version})
+
+    async def terminals(request: Request) -> Response:
+        rows = await run_in_threadpool(host.storage.terminals)
+        return _json(
+            200,
+            {
+                "terminals": [
+                    {
+                        "terminal_id": t.terminal_id,
+                        "ack_seq": t.ack_seq,
+                        "last_seen": t.last_seen,
+                        "heartbeat": t.heartbeat,
+                    }
+                    for t in rows
+                ]
+            },
+        )
+
+    async def terminal_records(request: Request) -> Response:
+        after = request.query_params.get("after", "0")
+        limit = request.query_params.get("limit", "100")
+        if not (after.isdigit() and limit.isdigit()):
+            return _json(400, error_body("bad_request", "after and limit must be numbers"))
+        rows = await run_in_threadpool(
+            host.storage.records,
+            request.path_params["terminal_id"],
+            int(after),
+            min(int(limit), 1000),
+        )
+        return _json(200, {"records": rows})
+
+    async def anomalies(request: Request) -> Response:
+        rows = await run_in_threadpool(
+            host.storage.anomalies, request.query_params.get("terminal_id")
+        )
+        return _json(200, {"anomalies": rows})
+
+    async def openapi(request: Request) -> Response:
+        return Response(OPENAPI_PATH.read_bytes(), media_type="application/json")
+
+    async def healthz(request: Request) -> Response:
+        return _json(200, {"status": "ok", "protocol": protocol.PROTOCOL_VERSION})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(await run_in_threadpool(operator_page, host))
+
+    v1 = protocol.API_PREFIX
+    routes = [
+        Route("/", page),
+        Route("/openapi.json", openapi),
+        Route("/healthz", healthz),
+        Route(f"{v1}/terminals", terminals),
+        Route(f"{v1}/terminals/{{terminal_id}}/register", register, methods=["POST"]),
+        Route(f"{v1}/terminals/{{terminal_id}}/records", upload, methods=["POST"]),
+        Route(f"{v1}/terminals/{{terminal_id}}/records", terminal_records, methods=["GET"]),
+        Route(f"{v1}/terminals/{{terminal_id}}/heartbeat", heartbeat, methods=["POST"]),
+        Route(f"{v1}/blacklist", blacklist),
+        Route(f"{v1}/params", params),
+        Route(f"{v1}/anomalies", anomalies),
+        Route(f"{v1}/admin/blacklist", admin(publish_blacklist), methods=["POST"]),
+        Route(f"{v1}/admin/params", admin(publish_params), methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def operator_page(host: ClearingHost) -> str:
+    """The operator's HTML page: terminals, anomalies, latest records (refreshes itself)."""
+    storage = host.storage
+    esc = html.escape
+    rows = []
+    for t in storage.terminals():
+        beat = t.heartbeat or {}
+        seen = (
+            "-" if t.last_seen is None else time.strftime("%H:%M:%S", time.localtime(t.last_seen))
+        )
+        rows.append(
+            f"<tr><td>{esc(t.terminal_id)}</td><td>{t.ack_seq}</td>"
+            f"<td>{storage.count_records(t.terminal_id)}</td><td>{seen}</td>"
+            f"<td>{esc(str(beat.get('unsent_records', '-')))}</td>"
+            f"<td>{esc(str(beat.get('oldest_unsent_age_s', '-')))}</td>"
+            f"<td>{esc(str(beat.get('blacklist_version', '-')))}</td></tr>"
+        )
+    anomalies = [
+        f"<tr><td>{esc(a['terminal_id'])}</td><td>{a['seq']}</td><td>{esc(a['kind'])}</td>"
+        f"<td>{esc(a['detail'])}</td></tr>"
+        for a in storage.anomalies(limit=50)
+    ]
+    recent = []
+    for t in storage.terminals():
+        for r in storage.records(t.terminal_id, max(0, t.ack_seq - 10), 10):
+            recent.append(
+                f"<tr><td>{esc(r['terminal_id'])}</td><td>{r['seq']}</td><td>{esc(r['kind'])}</td>"
+                f"<td>{esc(r['card_id'])}</td><td>{r['amount']}</td>"
+                f"<td>{esc(r['created_at'])}</td></tr>"
+            )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<title>cardsync clearing host</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+<h1>Clearing host</h1>
+<p>Blacklist version {storage.blacklist_version()} · host key {esc(host.key.key_id)} ·
+ storage {esc(storage.backend)} · <a href="/openapi.json">API</a></p>
+<h2>Terminals</h2><table><tr><th>terminal</th><th>acknowledged seq</th><th>records</th>
+<th>last seen</th><th>unsent</th><th>oldest unsent (s)</th><th>blacklist</th></tr>
+{"".join(rows)}</table>
+<h2>Anomalies</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>detail</th></tr>
+{"".join(anomalies)}</table>
+<h2>Latest records</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>card</th>
+<th>amount</th><th>created</th></tr>{"".join(recent)}</table>
+</body></html>"""
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for the host; with ``client_ca_file`` it requires client certificates (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+def uvicorn_config(app: Any, *, tls: ServerTls | None = None, log_level: str = "warning") -> Any:
+    kwargs: dict[str, Any] = {}
+    if tls is not None:
+        kwargs.update(ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file))
+        if tls.client_ca_file is not None:
+            kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="off", timeout_keep_alive=5, **kwargs
+    )
+
+
+class HostServer:
+    """Serve an ASGI app with uvicorn on ``127.0.0.1`` in a background thread (tests, demo)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTls | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        self._app = app
+        self._tls = tls
+        self._log_level = log_level
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted connections inherit TCP_NODELAY (Linux): no Nagle delay on small answers
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(128)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def start(self) -> HostServer:
+        self._server = uvicorn.Server(
+            uvicorn_config(self._app, tls=self._tls, log_level=self._log_level)
+        )
+        server = self._server
+
+        def serve() -> None:
+            asyncio.run(server.serve(sockets=[self._sock]))
+
+        self._thread = threading.Thread(target=serve, name="clearing-host", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the clearing host did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> HostServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def blacklist_publish_body(add: list[str], remove: list[str]) -> bytes:
+    """Body of ``POST /v1/admin/blacklist`` (used by the CLI)."""
+    return json.dumps({"add": add, "remove": remove}).encode()

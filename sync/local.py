@@ -1,0 +1,112 @@
+"""The demo's helper: a local clearing host and the sync daemon beside the agent, in-process.
+
+::
+
+    sync = start_local_sync(data_dir, profile=demo_profile)   # host on 127.0.0.1, daemon jobs
+    sync.blacklist_card(card_id)     # published at the host; the daemon pulls it
+    ...                              # agent: Blacklist.open(data_dir / "blacklist.bin")
+    sync.stop()
+
+The host keeps its database and signing key (generated here: a demo key, never a real one)
+in ``host_dir`` (default ``data_dir / "clearing-host"``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.blacklist import asn_of
+from agent.profile import Profile
+from agent.sam.keys import KeySet
+from sync.clearing import DEMO_FACTOR2, TacVerifier
+from sync.daemon import SyncDaemon, SyncSettings, open_daemon
+from sync.host import ClearingHost, HostServer, create_app
+from sync.keys import HostKey
+from sync.storage import SqliteStorage
+
+
+@dataclass
+class LocalSync:
+    host: ClearingHost
+    server: HostServer
+    daemon: SyncDaemon
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def blacklist_card(self, card_id: str) -> int:
+        """Publish the card at the host; returns the new blacklist version."""
+        return self.host.storage.publish_blacklist([asn_of(card_id)], [])
+
+    def unblacklist_card(self, card_id: str) -> int:
+        return self.host.storage.publish_blacklist([], [asn_of(card_id)])
+
+    def records_at_host(self) -> int:
+        return self.host.storage.count_records(self.daemon.store.terminal_id)
+
+    def wait_for_blacklist(self, version: int, timeout_s: float = 10.0) -> bool:
+        """Wait until the daemon has applied ``version`` (demo pacing, tests)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.daemon.blacklist.version >= version:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.daemon.close()
+        self.server.stop()
+        self.host.storage.close()
+
+
+def start_local_sync(
+    data_dir: Path,
+    *,
+    host_dir: Path | None = None,
+    profile: Profile | None = None,
+    upload_interval_s: float = 2.0,
+    blacklist_interval_s: float = 2.0,
+    params_interval_s: float = 30.0,
+    heartbeat_interval_s: float = 5.0,
+    **settings: Any,
+) -> LocalSync:
+    """Start the host (SQLite, 127.0.0.1, a free port) and the daemon for ``data_dir``.
+
+    With a test ``profile``, the host recomputes TACs from its test keys (demo cards' factors).
+    """
+    host_dir = host_dir or data_dir / "clearing-host"
+    host_dir.mkdir(parents=True, exist_ok=True)
+    key = HostKey.load_or_create(host_dir / "demo-host.key")
+    tac = None
+    if profile is not None and profile.test_keys:
+        tac = TacVerifier(
+            KeySet.from_mapping(profile.test_keys),
+            DEMO_FACTOR2,
+            apdu_order_card_first=profile.factor_order_card_first,
+        )
+    host = ClearingHost(SqliteStorage(host_dir / "host.db"), key, tac=tac)
+    server = HostServer(create_app(host), log_level="critical").start()
+    try:
+        options: dict[str, Any] = {
+            "upload_interval_s": upload_interval_s,
+            "upload_threshold": 50,
+            "check_interval_s": 0.5,
+            "blacklist_interval_s": blacklist_interval_s,
+            "params_interval_s": params_interval_s,
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "compact_after_s": None,
+            "timeout_s": 5.0,
+        }
+        options.update(settings)
+        daemon = open_daemon(data_dir, SyncSettings(server.url, key.public_key_bytes, **options))
+        daemon.start()
+    except BaseException:
+        server.stop()
+        host.storage.close()
+        raise
+    return LocalSync(host, server, daemon)

@@ -1,0 +1,148 @@
+"""Signed parameter sets: fare tables, issuer allow-lists, effective-from times.
+
+The host signs ``protocol.params_signed_bytes(payload)``; the terminal keeps the last accepted
+envelope in ``params.json`` next to the store (atomic replace) and refuses unsigned, older,
+replayed or expired sets. Payload fields (all times are Unix seconds)::
+
+    version          int, >= 1, strictly increasing
+    issued_at        int
+    expires_at       int, > issued_at
+    effective_from   int: the terminal applies the set from this moment on
+    fare_table       object, e.g. {"flat_fare": 200, "currency": "CNY"}
+    issuer_allow_list  list of strings (EF15[0..3] issuers / CJ/T 166 city codes)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.blacklist import BlacklistFileError, key_id_of, write_atomically
+from sync.errors import ListRejected
+from sync.keys import HostKey
+from sync.protocol import params_signed_bytes
+
+log = structlog.get_logger(__name__)
+
+PARAMS_FILE = "params.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSet:
+    version: int
+    issued_at: int
+    expires_at: int
+    effective_from: int
+    fare_table: Mapping[str, Any] = field(hash=False)
+    issuer_allow_list: tuple[str, ...]
+    payload: Mapping[str, Any] = field(hash=False, repr=False)
+
+
+def sign_params(payload: Mapping[str, Any], key: HostKey) -> bytes:
+    """The envelope the host serves (JSON bytes)."""
+    _check_payload(payload)
+    envelope = {
+        "payload": dict(payload),
+        "key_id": key.key_id,
+        "signature": key.sign(params_signed_bytes(payload)).hex(),
+    }
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
+    """Parse and verify an envelope. Raises :class:`ListRejected`."""
+    try:
+        envelope = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ListRejected(f"params: not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or set(envelope) != {"payload", "key_id", "signature"}:
+        raise ListRejected("params: not a signed envelope (payload, key_id, signature)")
+    payload, key_id, signature = envelope["payload"], envelope["key_id"], envelope["signature"]
+    if not isinstance(payload, dict) or not isinstance(signature, str):
+        raise ListRejected("params: unsigned or malformed envelope")
+    if key_id != key_id_of(host_public_key).hex():
+        raise ListRejected(f"params: signed by key {key_id!r}, not the configured host key")
+    try:
+        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
+            bytes.fromhex(signature), params_signed_bytes(payload)
+        )
+    except (InvalidSignature, ValueError):
+        raise ListRejected("params: bad signature (forged or corrupted set)") from None
+    try:
+        _check_payload(payload)
+    except ValueError as exc:
+        raise ListRejected(f"params: {exc}") from exc
+    return ParamSet(
+        version=payload["version"],
+        issued_at=payload["issued_at"],
+        expires_at=payload["expires_at"],
+        effective_from=payload["effective_from"],
+        fare_table=payload.get("fare_table", {}),
+        issuer_allow_list=tuple(payload.get("issuer_allow_list", ())),
+        payload=payload,
+    )
+
+
+def _check_payload(payload: Mapping[str, Any]) -> None:
+    for name in ("version", "issued_at", "expires_at", "effective_from"):
+        value = payload.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"field {name!r} must be a non-negative integer, got {value!r}")
+    if payload["version"] < 1:
+        raise ValueError("version must be at least 1")
+    if payload["expires_at"] <= payload["issued_at"]:
+        raise ValueError("expires_at must be after issued_at")
+    if not isinstance(payload.get("fare_table", {}), dict):
+        raise ValueError("fare_table must be an object")
+    allow = payload.get("issuer_allow_list", [])
+    if not isinstance(allow, list) or not all(isinstance(x, str) for x in allow):
+        raise ValueError("issuer_allow_list must be a list of strings")
+
+
+class ParamsFile:
+    """The terminal's accepted parameter set, ``params.json`` next to the store."""
+
+    def __init__(self, path: Path, host_public_key: bytes) -> None:
+        self.path = path
+        self._host_key = host_public_key
+        self.current: ParamSet | None = None
+        if path.exists():
+            try:
+                self.current = verify_params(path.read_bytes(), host_public_key)
+            except (ListRejected, OSError) as exc:
+                log.error("params file unusable; waiting for a fresh set", error=str(exc))
+
+    @property
+    def version(self) -> int:
+        return self.current.version if self.current else 0
+
+    def apply(self, data: bytes, *, now: float | None = None) -> ParamSet:
+        """Verify and store a set. Raises :class:`ListRejected` or ``BlacklistFileError``."""
+        new = verify_params(data, self._host_key)
+        moment = time.time() if now is None else now
+        if new.expires_at <= moment:
+            raise ListRejected(f"params: version {new.version} has expired")
+        current = self.current
+        if current is not None:
+            if new.version < current.version:
+                raise ListRejected(
+                    f"params: version {new.version} is older than the loaded version "
+                    f"{current.version} (rollback refused)"
+                )
+            if new.version == current.version and new.issued_at <= current.issued_at:
+                raise ListRejected(f"params: version {new.version} replayed")
+        try:
+            write_atomically(self.path, data)
+        except BlacklistFileError as exc:
+            raise BlacklistFileError(f"params: could not write {self.path}: {exc}") from exc
+        self.current = new
+        log.info("params applied", version=new.version, effective_from=new.effective_from)
+        return new

@@ -1,0 +1,235 @@
+"""The cardsync wire protocol, version 1 — sans-I/O: encoding, decoding and checks only.
+
+Both sides use this module; ``sync/openapi.json`` documents the same thing for other
+implementers. All paths are under ``/v1``.
+
+Upload (``POST /v1/terminals/{terminal_id}/records``)
+    Body: JSON Lines, one record per line exactly as ``agent.offline_store.records.record_to_json``
+    writes it (canonical JSON with ``hash`` and ``signature``), in ascending ``seq``, gzip
+    compressed (``Content-Encoding: gzip``, ``Content-Type: application/x-ndjson``).
+    ``Idempotency-Key: {first_seq}-{last_seq}-{sha256(uncompressed body)[:32]}`` — the same
+    batch always gets the same key, even after a daemon restart, so a replay is recognised.
+    The host keeps ``(terminal_id, seq)`` unique: a record it already holds with the same hash is
+    a duplicate (harmless); with another hash, a conflict (kept out, flagged as an anomaly).
+    Answer ``200 {"ack_seq": N, ...}``: the *cumulative acknowledgement*, the highest seq such
+    that every record of this terminal with ``seq <= N`` is stored. The terminal marks and may
+    compact only through N. Retrying any upload is safe.
+
+Blacklist (``GET /v1/blacklist?since=V``)
+    A signed binary list (``agent.blacklist`` documents the bytes): a delta from V when the host
+    can compute one, else a snapshot; when V is current, an empty delta V -> V re-issued with a
+    fresh expiry. ``since=0`` asks for a snapshot.
+
+Parameters (``GET /v1/params?since=V``)
+    A signed JSON envelope ``{"payload": {...}, "key_id": hex, "signature": hex}``. The signed
+    bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical_json(payload)`` (keys sorted, no
+    whitespace, UTF-8 — the same canonical JSON as the records). 304 when V is current.
+
+Registration and health: ``POST /v1/terminals/{id}/register`` ``{"public_key": hex}`` (the
+device key that signs the records); ``POST /v1/terminals/{id}/heartbeat`` with health figures.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
+from sync.errors import ProtocolError
+
+API_PREFIX = "/v1"
+PROTOCOL_VERSION = 1
+NDJSON = "application/x-ndjson"
+BLACKLIST_MEDIA_TYPE = "application/vnd.cardsync.blacklist"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+MAX_BATCH_RECORDS = 5000
+MAX_BATCH_BYTES = 32 * 1024 * 1024  # uncompressed
+_KEY_PATTERN = re.compile(r"[0-9]{1,19}-[0-9]{1,19}-[0-9a-f]{32}")
+
+
+def records_path(terminal_id: str) -> str:
+    return f"{API_PREFIX}/terminals/{quote(terminal_id, safe='')}/records"
+
+
+def register_path(terminal_id: str) -> str:
+    return f"{API_PREFIX}/terminals/{quote(terminal_id, safe='')}/register"
+
+
+def heartbeat_path(terminal_id: str) -> str:
+    return f"{API_PREFIX}/terminals/{quote(terminal_id, safe='')}/heartbeat"
+
+
+BLACKLIST_PATH = f"{API_PREFIX}/blacklist"
+PARAMS_PATH = f"{API_PREFIX}/params"
+
+
+# --- upload ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UploadBatch:
+    """One upload request: the gzip body and its idempotency key."""
+
+    terminal_id: str
+    first_seq: int
+    last_seq: int
+    count: int
+    body: bytes  # gzip-compressed JSON Lines
+    raw_size: int
+    idempotency_key: str
+
+
+def encode_batch(terminal_id: str, records: Sequence[Record]) -> UploadBatch:
+    """Encode consecutive records of one terminal (ascending seq) as one upload."""
+    if not records:
+        raise ValueError("an upload batch needs at least one record")
+    for previous, record in itertools.pairwise(records):
+        if record.seq <= previous.seq:
+            raise ValueError("records of a batch must be in ascending seq order")
+    if any(r.terminal_id != terminal_id for r in records):
+        raise ValueError(f"every record of the batch must belong to terminal {terminal_id!r}")
+    raw = "".join(record_to_json(r) + "\n" for r in records).encode("utf-8")
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    first, last = records[0].seq, records[-1].seq
+    return UploadBatch(
+        terminal_id=terminal_id,
+        first_seq=first,
+        last_seq=last,
+        count=len(records),
+        body=gzip.compress(raw, compresslevel=5, mtime=0),
+        raw_size=len(raw),
+        idempotency_key=f"{first}-{last}-{digest}",
+    )
+
+
+class BadBatch(ValueError):
+    """An upload the host refuses as a whole (malformed, too big, wrong terminal)."""
+
+
+def decode_batch(
+    body: bytes,
+    content_encoding: str | None,
+    terminal_id: str,
+    *,
+    max_bytes: int = MAX_BATCH_BYTES,
+    max_records: int = MAX_BATCH_RECORDS,
+) -> tuple[list[Record], str]:
+    """Host side: decompress (bounded) and parse an upload; returns records and the body's
+    SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(body, max_bytes + 1)
+        except zlib.error as exc:
+            raise BadBatch(f"body is not valid gzip: {exc}") from exc
+        if len(raw) > max_bytes or inflater.unconsumed_tail:
+            raise BadBatch(f"uncompressed body exceeds {max_bytes} bytes")
+        if not inflater.eof:
+            raise BadBatch("gzip body is truncated")
+    elif encoding == "identity":
+        raw = body
+        if len(raw) > max_bytes:
+            raise BadBatch(f"body exceeds {max_bytes} bytes")
+    else:
+        raise BadBatch(f"unsupported Content-Encoding {content_encoding!r}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBatch("body is not UTF-8") from exc
+    records: list[Record] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(records) >= max_records:
+            raise BadBatch(f"more than {max_records} records in one batch")
+        try:
+            record = record_from_json(line)
+        except (ValueError, TypeError) as exc:
+            raise BadBatch(f"line {number} is not a record: {exc}") from exc
+        if record.terminal_id != terminal_id:
+            raise BadBatch(
+                f"line {number}: record of terminal {record.terminal_id!r} uploaded for "
+                f"{terminal_id!r}"
+            )
+        records.append(record)
+    if not records:
+        raise BadBatch("the batch holds no records")
+    return records, hashlib.sha256(raw).hexdigest()[:32]
+
+
+def check_idempotency_key(key: str | None, records: Sequence[Record], digest: str) -> str:
+    """Host side: the key must name this batch (first and last seq, body digest)."""
+    if key is None:
+        raise BadBatch(f"missing {IDEMPOTENCY_HEADER} header")
+    if not _KEY_PATTERN.fullmatch(key):
+        raise BadBatch(f"malformed {IDEMPOTENCY_HEADER} {key[:80]!r}")
+    expected = f"{records[0].seq}-{records[-1].seq}-{digest}"
+    if key != expected:
+        raise BadBatch(f"{IDEMPOTENCY_HEADER} does not match the body (expected {expected})")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The host's answer to an upload."""
+
+    ack_seq: int
+    stored: int
+    duplicates: int
+    conflicts: int
+    anomalies: int
+
+
+def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int) -> Ack:
+    """Terminal side: validate the host's answer. An acknowledgement beyond the records this
+    terminal has ever written is impossible: :class:`ProtocolError`."""
+    if not isinstance(payload, Mapping):
+        raise ProtocolError("host: upload answer is not a JSON object")
+    values: dict[str, int] = {}
+    for name in ("ack_seq", "stored", "duplicates", "conflicts", "anomalies"):
+        value = payload.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProtocolError(f"host: upload answer field {name!r} is not a count: {value!r}")
+        values[name] = value
+    if "ack_seq" not in payload:
+        raise ProtocolError("host: upload answer has no ack_seq")
+    if payload.get("terminal_id") not in (None, batch.terminal_id):
+        raise ProtocolError(
+            f"host: answer is for terminal {payload.get('terminal_id')!r}, "
+            f"not {batch.terminal_id!r}"
+        )
+    if values["ack_seq"] > local_last_seq:
+        raise ProtocolError(
+            f"host: acknowledged seq {values['ack_seq']} but this terminal's last record is "
+            f"{local_last_seq}"
+        )
+    return Ack(**values)
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    """The JSON body of every host error: a stable code and a message for the operator."""
+    return {"error": code, "detail": detail}
+
+
+def json_bytes(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --- signed parameter sets ----------------------------------------------------------------------
+
+PARAMS_DOMAIN = b"CARDSYNC-PARAMS-V1\n"
+
+
+def params_signed_bytes(payload: Mapping[str, Any]) -> bytes:
+    """The bytes the host signs for a parameter set (domain prefix + canonical JSON)."""
+    return PARAMS_DOMAIN + canonical_json(payload).encode("utf-8")

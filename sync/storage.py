@@ -1,0 +1,631 @@
+"""The clearing host's storage: SQLite (default) or PostgreSQL (psycopg 3), same SQL.
+
+Tables::
+
+    terminals        terminal_id PK, public_key, registered_at, ack_seq, ack_hash, last_seen,
+                     heartbeat (JSON)
+    records          (terminal_id, seq) PK — the uniqueness that makes uploads idempotent —
+                     hash, created_at, kind, card_id, amount, body (the record's JSON line)
+    batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
+    anomalies        bad signature/hash/TAC, chain breaks, conflicts, unresolved records
+    blacklist_current  asn PK (16 hex digits), added_version
+    blacklist_changes  (version, asn) PK, op 'add' | 'remove'
+    params           version PK, payload (JSON)
+    host_meta        key PK, value
+
+``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: every record with
+``seq <= ack_seq`` is stored and ``ack_hash`` is the hash of record ``ack_seq`` (the chain is
+checked as the cursor advances, so reordered batches are linked once the gap closes).
+Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
+``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+
+from agent.offline_store.records import GENESIS_HASH, Record, record_to_json
+from sync.clearing import Finding
+
+log = structlog.get_logger(__name__)
+
+Row = tuple[Any, ...]
+
+
+class StorageFull(Exception):
+    """The host's database or disk is full (SQLITE_FULL, PostgreSQL disk full)."""
+
+
+class StorageFailure(Exception):
+    """Any other database failure, with the backend's message."""
+
+
+class TerminalKeyConflict(Exception):
+    """A terminal id registered again with a different device key."""
+
+
+class _Tx(Protocol):
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS terminals (
+    terminal_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    registered_at DOUBLE PRECISION NOT NULL,
+    ack_seq BIGINT NOT NULL DEFAULT 0,
+    ack_hash TEXT NOT NULL,
+    last_seen DOUBLE PRECISION,
+    heartbeat TEXT
+);
+CREATE TABLE IF NOT EXISTS records (
+    terminal_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    card_id TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (terminal_id, seq)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    terminal_id TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    replays BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (terminal_id, idem_key)
+);
+CREATE TABLE IF NOT EXISTS anomalies (
+    id {autoid},
+    terminal_id TEXT NOT NULL,
+    seq BIGINT,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    found_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blacklist_current (
+    asn TEXT PRIMARY KEY,
+    added_version BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blacklist_changes (
+    version BIGINT NOT NULL,
+    asn TEXT NOT NULL,
+    op TEXT NOT NULL,
+    PRIMARY KEY (version, asn)
+);
+CREATE INDEX IF NOT EXISTS blacklist_changes_asn ON blacklist_changes (asn, version);
+CREATE TABLE IF NOT EXISTS params (
+    version BIGINT PRIMARY KEY,
+    payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS host_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Terminal:
+    terminal_id: str
+    public_key: str
+    ack_seq: int
+    ack_hash: str
+    last_seen: float | None = None
+    heartbeat: dict[str, Any] | None = None
+    registered_at: float = 0.0
+
+
+@dataclass(slots=True)
+class IngestResult:
+    ack_seq: int
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    anomalies: int = 0
+    replay: bool = False
+    findings: list[Finding] = field(default_factory=list)
+
+
+class Storage:
+    """Host storage over one connection (serialised by a lock); see the module docstring."""
+
+    backend = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # --- backend hooks --------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Tx]:  # pragma: no cover - overridden
+        raise NotImplementedError
+        yield
+
+    # The row lock that serialises two host processes ingesting for one terminal (PostgreSQL).
+    _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ?"
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # --- terminals ------------------------------------------------------------------------
+
+    def register_terminal(self, terminal_id: str, public_key_hex: str) -> bool:
+        """Register a terminal's device key. True if new; the same key again is fine;
+        another key raises :class:`TerminalKeyConflict`."""
+        with self._transaction() as tx:
+            row = tx.one("SELECT public_key FROM terminals WHERE terminal_id = ?", (terminal_id,))
+            if row is not None:
+                if row[0] != public_key_hex:
+                    raise TerminalKeyConflict(
+                        f"terminal {terminal_id!r} is registered with another device key"
+                    )
+                return False
+            tx.run(
+                "INSERT INTO terminals (terminal_id, public_key, registered_at, ack_seq, ack_hash)"
+                " VALUES (?, ?, ?, 0, ?)",
+                (terminal_id, public_key_hex, time.time(), GENESIS_HASH),
+            )
+        log.info("terminal registered", terminal_id=terminal_id, public_key=public_key_hex[:16])
+        return True
+
+    def terminal(self, terminal_id: str) -> Terminal | None:
+        with self._transaction() as tx:
+            row = tx.one(
+                "SELECT terminal_id, public_key, ack_seq, ack_hash, last_seen, heartbeat, "
+                "registered_at FROM terminals WHERE terminal_id = ?",
+                (terminal_id,),
+            )
+        return None if row is None else _terminal(row)
+
+    def terminals(self) -> list[Terminal]:
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT terminal_id, public_key, ack_seq, ack_hash, last_seen, heartbeat, "
+                "registered_at FROM terminals ORDER BY terminal_id"
+            )
+        return [_terminal(r) for r in rows]
+
+    def heartbeat(self, terminal_id: str, figures: dict[str, Any]) -> None:
+        with self._transaction() as tx:
+            tx.run(
+                "UPDATE terminals SET heartbeat = ?, last_seen = ? WHERE terminal_id = ?",
+                (json.dumps(figures, ensure_ascii=False), time.time(), terminal_id),
+            )
+
+    # --- records ---------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        terminal_id: str,
+        idem_key: str,
+        records: Sequence[Record],
+        findings: dict[int, list[Finding]],
+    ) -> IngestResult:
+        """Store a batch in one transaction and advance the terminal's acknowledgement.
+
+        ``findings``: anomalies per seq, computed by the caller outside the transaction;
+        recorded only for records stored now (not for duplicates).
+        """
+        now = time.time()
+        with self._lock, self._transaction() as tx:
+            row = tx.one(self._select_cursor, (terminal_id,))
+            if row is None:
+                raise KeyError(terminal_id)
+            ack_seq, ack_hash = int(row[0]), str(row[1])
+            result = IngestResult(ack_seq=ack_seq)
+            new_batch = tx.run(
+                "INSERT INTO batches (terminal_id, idem_key, first_seq, last_seq, received_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (terminal_id, idem_key) DO NOTHING",
+                (terminal_id, idem_key, records[0].seq, records[-1].seq, now),
+            )
+            if not new_batch:
+                result.replay = True
+                tx.run(
+                    "UPDATE batches SET replays = replays + 1 WHERE terminal_id = ? AND "
+                    "idem_key = ?",
+                    (terminal_id, idem_key),
+                )
+            for record in records:
+                inserted = tx.run(
+                    "INSERT INTO records (terminal_id, seq, hash, prev_hash, created_at, kind, "
+                    "card_id, amount, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (terminal_id, seq) DO NOTHING",
+                    (
+                        terminal_id,
+                        record.seq,
+                        record.hash,
+                        record.prev_hash,
+                        record.created_at,
+                        record.kind,
+                        record.card_id,
+                        record.amount,
+                        record_to_json(record),
+                        now,
+                    ),
+                )
+                if inserted:
+                    result.stored += 1
+                    for finding in findings.get(record.seq, ()):
+                        self._anomaly(tx, terminal_id, record.seq, finding, now)
+                        result.findings.append(finding)
+                    continue
+                held = tx.one(
+                    "SELECT hash FROM records WHERE terminal_id = ? AND seq = ?",
+                    (terminal_id, record.seq),
+                )
+                if held is not None and held[0] == record.hash:
+                    result.duplicates += 1
+                else:
+                    result.conflicts += 1
+                    finding = Finding(
+                        "conflict",
+                        f"record {record.seq} uploaded again with another hash "
+                        f"({record.hash[:16]}…, stored {str(held[0] if held else '?')[:16]}…)",
+                    )
+                    self._anomaly(tx, terminal_id, record.seq, finding, now)
+                    result.findings.append(finding)
+            result.ack_seq, new_hash = self._advance(tx, terminal_id, ack_seq, ack_hash, result)
+            tx.run(
+                "UPDATE terminals SET ack_seq = ?, ack_hash = ?, last_seen = ? "
+                "WHERE terminal_id = ?",
+                (result.ack_seq, new_hash, now, terminal_id),
+            )
+        result.anomalies = len(result.findings)
+        return result
+
+    def _advance(
+        self, tx: _Tx, terminal_id: str, ack_seq: int, ack_hash: str, result: IngestResult
+    ) -> tuple[int, str]:
+        """Move the cumulative acknowledgement over consecutive stored records, checking links."""
+        while True:
+            rows = tx.all(
+                "SELECT seq, hash, prev_hash FROM records WHERE terminal_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT 500",
+                (terminal_id, ack_seq),
+            )
+            for seq, hash_, prev_hash in rows:
+                if int(seq) != ack_seq + 1:
+                    return ack_seq, ack_hash
+                if prev_hash != ack_hash:
+                    # Record 1 links to the genesis hash; after that each to its predecessor.
+                    finding = Finding(
+                        "chain_break",
+                        f"record {seq} does not link to record {ack_seq} (prev_hash mismatch)",
+                    )
+                    self._anomaly(tx, terminal_id, int(seq), finding, time.time())
+                    result.findings.append(finding)
+                ack_seq, ack_hash = int(seq), str(hash_)
+            if len(rows) < 500:
+                return ack_seq, ack_hash
+
+    @staticmethod
+    def _anomaly(tx: _Tx, terminal_id: str, seq: int | None, finding: Finding, now: float) -> None:
+        tx.run(
+            "INSERT INTO anomalies (terminal_id, seq, kind, detail, found_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (terminal_id, seq, finding.kind, finding.detail, now),
+        )
+        log.warning(
+            "anomaly", terminal_id=terminal_id, seq=seq, kind=finding.kind, detail=finding.detail
+        )
+
+    def records(self, terminal_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT body FROM records WHERE terminal_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (terminal_id, after, limit),
+            )
+        return [json.loads(r[0]) for r in rows]
+
+    def record_keys(self, terminal_id: str) -> list[tuple[int, str]]:
+        """Every ``(seq, hash)`` stored for a terminal (tests, reconciliation)."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT seq, hash FROM records WHERE terminal_id = ? ORDER BY seq", (terminal_id,)
+            )
+        return [(int(s), str(h)) for s, h in rows]
+
+    def count_records(self, terminal_id: str | None = None) -> int:
+        with self._transaction() as tx:
+            if terminal_id is None:
+                row = tx.one("SELECT COUNT(*) FROM records")
+            else:
+                row = tx.one("SELECT COUNT(*) FROM records WHERE terminal_id = ?", (terminal_id,))
+        return int(row[0]) if row else 0
+
+    def anomalies(self, terminal_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        with self._transaction() as tx:
+            if terminal_id is None:
+                rows = tx.all(
+                    "SELECT terminal_id, seq, kind, detail, found_at FROM anomalies "
+                    "ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                )
+            else:
+                rows = tx.all(
+                    "SELECT terminal_id, seq, kind, detail, found_at FROM anomalies "
+                    "WHERE terminal_id = ? ORDER BY id DESC LIMIT ?",
+                    (terminal_id, limit),
+                )
+        return [
+            {"terminal_id": t, "seq": s, "kind": k, "detail": d, "found_at": f}
+            for t, s, k, d, f in rows
+        ]
+
+    # --- blacklist -------------------------------------------------------------------------
+
+    def blacklist_version(self) -> int:
+        with self._transaction() as tx:
+            return self._meta_int(tx, "blacklist_version")
+
+    def publish_blacklist(self, add: Sequence[int], remove: Sequence[int]) -> int:
+        """One new version with these changes (no-op entries are dropped); returns it."""
+        with self._lock, self._transaction() as tx:
+            version = self._meta_int(tx, "blacklist_version") + 1
+            for asn in sorted(set(remove)):
+                key = _asn_text(asn)
+                if tx.run("DELETE FROM blacklist_current WHERE asn = ?", (key,)):
+                    tx.run(
+                        "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'remove')",
+                        (version, key),
+                    )
+            for asn in sorted(set(add) - set(remove)):
+                key = _asn_text(asn)
+                if tx.run(
+                    "INSERT INTO blacklist_current (asn, added_version) VALUES (?, ?) "
+                    "ON CONFLICT (asn) DO NOTHING",
+                    (key, version),
+                ):
+                    tx.run(
+                        "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'add')",
+                        (version, key),
+                    )
+            self._set_meta(tx, "blacklist_version", str(version))
+        log.info("blacklist published", version=version, add=len(add), remove=len(remove))
+        return version
+
+    def blacklist_snapshot(self) -> tuple[int, list[int]]:
+        with self._transaction() as tx:
+            version = self._meta_int(tx, "blacklist_version")
+            rows = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
+        return version, [int(r[0], 16) for r in rows]
+
+    def blacklist_delta(self, since: int) -> tuple[int, list[int], list[int]]:
+        """Net changes from version ``since`` to the current one: (version, add, remove).
+
+        The first change of an ASN after ``since`` tells its state at ``since`` (changes of one
+        ASN alternate add/remove), the current table its state now.
+        """
+        with self._transaction() as tx:
+            version = self._meta_int(tx, "blacklist_version")
+            rows = tx.all(
+                "SELECT c.asn, c.op, (SELECT 1 FROM blacklist_current b WHERE b.asn = c.asn) "
+                "FROM blacklist_changes c WHERE c.version > ? AND c.version = "
+                "(SELECT MIN(c2.version) FROM blacklist_changes c2 "
+                "WHERE c2.asn = c.asn AND c2.version > ?)",
+                (since, since),
+            )
+        add: list[int] = []
+        remove: list[int] = []
+        for asn, first_op, now_listed in rows:
+            was_listed = first_op == "remove"
+            if now_listed and not was_listed:
+                add.append(int(asn, 16))
+            elif not now_listed and was_listed:
+                remove.append(int(asn, 16))
+        return version, add, remove
+
+    # --- parameters ------------------------------------------------------------------------
+
+    def publish_params(self, payload: dict[str, Any]) -> int:
+        with self._lock, self._transaction() as tx:
+            row = tx.one("SELECT MAX(version) FROM params")
+            version = int(row[0] or 0) + 1 if row else 1
+            stored = dict(payload, version=version)
+            tx.run(
+                "INSERT INTO params (version, payload) VALUES (?, ?)",
+                (version, json.dumps(stored, ensure_ascii=False)),
+            )
+        return version
+
+    def latest_params(self) -> dict[str, Any] | None:
+        with self._transaction() as tx:
+            row = tx.one("SELECT payload FROM params ORDER BY version DESC LIMIT 1")
+        return None if row is None else dict(json.loads(row[0]))
+
+    # --- meta ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _meta_int(tx: _Tx, key: str) -> int:
+        row = tx.one("SELECT value FROM host_meta WHERE key = ?", (key,))
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _set_meta(tx: _Tx, key: str, value: str) -> None:
+        tx.run(
+            "INSERT INTO host_meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+def _asn_text(asn: int) -> str:
+    if not 0 <= asn < 1 << 64:
+        raise ValueError(f"ASN {asn} is outside 0..2^64-1")
+    return f"{asn:016X}"
+
+
+def _terminal(row: Row) -> Terminal:
+    tid, key, ack, ack_hash, last_seen, heartbeat, registered = row
+    return Terminal(
+        terminal_id=str(tid),
+        public_key=str(key),
+        ack_seq=int(ack),
+        ack_hash=str(ack_hash),
+        last_seen=None if last_seen is None else float(last_seen),
+        heartbeat=None if heartbeat is None else json.loads(heartbeat),
+        registered_at=float(registered),
+    )
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, tuple(params)).rowcount
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, tuple(params)).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+
+class SqliteStorage(Storage):
+    """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        try:
+            self._conn = sqlite3.connect(
+                path, isolation_level=None, timeout=10, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            with self._transaction() as tx:
+                for statement in _SCHEMA.format(autoid="INTEGER PRIMARY KEY AUTOINCREMENT").split(
+                    ";"
+                ):
+                    if statement.strip():
+                        tx.run(statement)
+        except (sqlite3.Error, StorageFailure) as exc:
+            raise StorageFailure(f"host storage: cannot open {path}: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Tx]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _SqliteTx(self._conn)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc).lower():
+                    raise StorageFull(f"host storage: {self.path}: {exc}") from exc
+                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+
+    def set_max_pages(self, pages: int | None) -> None:
+        """Cap the database size (``PRAGMA max_page_count``): a disk that fills up, for tests."""
+        with self._lock:
+            value = pages if pages is not None else 4294967294
+            self._conn.execute(f"PRAGMA max_page_count = {int(value)}")
+
+    def page_count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA page_count").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+class _PgTx:
+    def __init__(self, cursor: Any) -> None:
+        self._cur = cursor
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cur.execute(self._sql(sql), tuple(params))
+        return int(self._cur.rowcount)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        self._cur.execute(self._sql(sql), tuple(params))
+        row: Row | None = self._cur.fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        self._cur.execute(self._sql(sql), tuple(params))
+        return list(self._cur.fetchall())
+
+
+class PostgresStorage(Storage):
+    """PostgreSQL through psycopg 3 (``dsn`` as libpq understands it)."""
+
+    backend = "postgresql"
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self.dsn = dsn
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=False)
+            with self._transaction() as tx:
+                tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
+                for statement in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
+                    if statement.strip():
+                        tx.run(statement)
+        except psycopg.Error as exc:
+            raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
+
+    _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ? FOR UPDATE"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Tx]:
+        with self._lock:
+            try:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    yield _PgTx(cur)
+            except psycopg.errors.DiskFull as exc:
+                raise StorageFull(f"host storage: PostgreSQL: {exc}") from exc
+            except psycopg.Error as exc:
+                raise StorageFailure(f"host storage: PostgreSQL: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_storage(url: str) -> Storage:
+    """``sqlite:///path/to/host.db``, a bare path, or ``postgresql://...``."""
+    if url.startswith(("postgresql://", "postgres://")) or url.startswith("host="):
+        return PostgresStorage(url)
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    return SqliteStorage(Path(path))

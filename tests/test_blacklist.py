@@ -1,0 +1,245 @@
+"""The agent's blacklist: signed lists (forged, tampered, rolled back, expired, replayed), the
+packed set against a Python set, atomic file replacement, corrupt files, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent import blacklist as bl
+from agent.blacklist import (
+    KIND_DELTA,
+    KIND_SNAPSHOT,
+    Blacklist,
+    BlacklistBaseMismatch,
+    BlacklistFileError,
+    BlacklistRejected,
+    asn_of,
+    decode_list,
+    encode_list,
+)
+
+NOW = 1_800_000_000
+
+
+class Signer:
+    """A host signing key generated for the test (TEST KEY)."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def snapshot(self, version: int, entries: list[int], *, issued: int = NOW, ttl: int = 3600):
+        return encode_list(
+            kind=KIND_SNAPSHOT,
+            version=version,
+            base_version=0,
+            issued_at=issued,
+            expires_at=issued + ttl,
+            add=entries,
+            sign=self.key.sign,
+            public_key_raw=self.public,
+        )
+
+    def delta(self, base: int, version: int, add=(), remove=(), *, issued: int = NOW, ttl=3600):
+        return encode_list(
+            kind=KIND_DELTA,
+            version=version,
+            base_version=base,
+            issued_at=issued,
+            expires_at=issued + ttl,
+            add=add,
+            remove=remove,
+            sign=self.key.sign,
+            public_key_raw=self.public,
+        )
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / bl.BLACKLIST_FILE
+
+
+def card(asn: int) -> str:
+    return f"0310{asn:016X}"
+
+
+def test_asn_of_card_ids() -> None:
+    assert asn_of("03105170070100000042") == 0x5170070100000042
+    assert asn_of("5170070100000042") == 0x5170070100000042
+    assert asn_of("42") == 0x42
+    with pytest.raises(ValueError, match="hexadecimal"):
+        asn_of("not a card")
+
+
+def test_absent_file_is_an_empty_list(path: Path) -> None:
+    empty = Blacklist.open(path)
+    assert empty.version == 0 and len(empty) == 0
+    assert not empty.contains(card(1))
+    assert empty.health()["blacklist_age_s"] is None
+
+
+def test_snapshot_then_deltas_match_a_python_set(signer: Signer, path: Path) -> None:
+    rng = random.Random(5)
+    # clustered (one bucket), spread (many buckets) and edge values
+    entries = {rng.randrange(1 << 64) for _ in range(3000)}
+    entries |= {0x5170070100000000 + rng.randrange(5000) for _ in range(2000)}
+    entries |= {0, (1 << 64) - 1, 1 << 48, (1 << 48) - 1}
+    listed = Blacklist.open(path)
+    result = listed.apply(signer.snapshot(1, sorted(entries)), signer.public, now=NOW)
+    assert (result.kind, result.count) == ("snapshot", len(entries))
+    expected = set(entries)
+    version = 1
+    for _round in range(15):
+        pool = list(expected)
+        remove = set(rng.sample(pool, 50)) | {rng.randrange(1 << 64) for _ in range(5)}
+        add = {rng.randrange(1 << 64) for _ in range(40)}
+        add |= {0x5170070100000000 + rng.randrange(8000) for _ in range(40)}
+        add |= set(rng.sample(pool, 5))  # already listed
+        listed.apply(signer.delta(version, version + 1, add, remove), signer.public, now=NOW)
+        version += 1
+        # a delta's removals apply before its additions (an ASN in both stays listed)
+        expected = (expected - remove) | add
+        assert len(listed) == len(expected)
+    for asn in list(expected)[:3000]:
+        assert listed.contains(card(asn))
+    for _ in range(3000):
+        probe = rng.randrange(1 << 64)
+        assert listed.contains_asn(probe) == (probe in expected)
+    reopened = Blacklist.open(path)
+    assert reopened.version == version and len(reopened) == len(expected)
+    assert all(reopened.contains_asn(a) for a in list(expected)[:500])
+
+
+def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
+    signer: Signer, path: Path
+) -> None:
+    listed = Blacklist.open(path)
+    good = signer.snapshot(1, [1, 2, 3])
+    forger = Signer()
+    with pytest.raises(BlacklistRejected, match="not the configured host key"):
+        listed.apply(forger.snapshot(1, [1, 2, 3]), signer.public, now=NOW)
+    # a forger who also copies the real key id: the signature does not verify
+    forged = bytearray(forger.snapshot(1, [9]))
+    forged[-72:-64] = bl.key_id_of(signer.public)
+    with pytest.raises(BlacklistRejected, match="bad signature"):
+        listed.apply(bytes(forged), signer.public, now=NOW)
+    tampered = bytearray(good)
+    tampered[bl._LIST_HEADER.size + 7] ^= 1  # one listed ASN changed
+    with pytest.raises(BlacklistRejected, match="bad signature"):
+        listed.apply(bytes(tampered), signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="truncated"):
+        listed.apply(good[:-1], signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="truncated"):
+        listed.apply(good[:20], signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="bad magic"):
+        listed.apply(b"X" + good[1:], signer.public, now=NOW)
+    unsigned = good[:-64] + bytes(64)
+    with pytest.raises(BlacklistRejected, match="bad signature"):
+        listed.apply(unsigned, signer.public, now=NOW)
+    assert listed.version == 0 and not path.exists()
+
+
+def test_unsorted_list_is_refused_even_when_signed(signer: Signer) -> None:
+    header = struct.pack(">8sBQQQQII", b"CBLIST01", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, 2, 0)
+    body = header + (5).to_bytes(8, "big") + (3).to_bytes(8, "big")
+    document = body + bl.key_id_of(signer.public) + signer.key.sign(body)
+    with pytest.raises(BlacklistRejected, match="ascending"):
+        decode_list(document, signer.public)
+
+
+def test_rollback_expired_replay_and_wrong_base(signer: Signer, path: Path) -> None:
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(5, [10, 20]), signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="rollback"):
+        listed.apply(signer.snapshot(4, [10]), signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="expired"):
+        listed.apply(signer.snapshot(6, [10], issued=NOW - 7200), signer.public, now=NOW)
+    with pytest.raises(BlacklistBaseMismatch, match="snapshot is needed"):
+        listed.apply(signer.delta(3, 6, add=[30]), signer.public, now=NOW)
+    with pytest.raises(BlacklistRejected, match="carries changes"):
+        listed.apply(signer.delta(5, 5, add=[30]), signer.public, now=NOW)
+    # the same document again, or an older re-issue: nothing to do
+    again = listed.apply(signer.snapshot(5, [10, 20]), signer.public, now=NOW)
+    assert again.kind == "unchanged"
+    # a fresh re-issue late in the list's life extends its expiry
+    late = NOW + 3000
+    extended = listed.apply(signer.delta(5, 5, issued=late), signer.public, now=late)
+    assert extended.kind == "delta" and listed.expires_at == late + 3600
+    assert listed.version == 5 and listed.contains_asn(10) and not listed.contains_asn(30)
+    assert Blacklist.open(path).expires_at == late + 3600
+
+
+def test_corrupt_or_truncated_file_is_detected(signer: Signer, path: Path) -> None:
+    Blacklist.open(path).apply(signer.snapshot(1, list(range(100))), signer.public, now=NOW)
+    image = path.read_bytes()
+    path.write_bytes(image[:-3])
+    with pytest.raises(BlacklistFileError, match="truncated"):
+        Blacklist.open(path)
+    flipped = bytearray(image)
+    flipped[-5] ^= 0x40
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(BlacklistFileError, match="checksum"):
+        Blacklist.open(path)
+    path.write_bytes(b"garbage" * 100)
+    with pytest.raises(BlacklistFileError):
+        Blacklist.open(path)
+
+
+def test_reader_keeps_its_list_when_the_file_goes_bad(signer: Signer, path: Path) -> None:
+    writer = Blacklist.open(path, auto_refresh_s=None)
+    writer.apply(signer.snapshot(1, [7]), signer.public, now=NOW)
+    reader = Blacklist.open(path, auto_refresh_s=0.0)
+    assert reader.contains_asn(7)
+    writer.apply(signer.delta(1, 2, add=[8]), signer.public, now=NOW)
+    assert reader.contains_asn(8) and reader.version == 2  # picked up on the next lookup
+    path.write_bytes(path.read_bytes()[:-1])
+    assert reader.contains_asn(8)  # the bad file is logged and ignored
+
+
+def test_full_disk_leaves_the_old_list(
+    signer: Signer, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(1, [1, 2]), signer.public, now=NOW)
+    before = path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(BlacklistFileError, match="No space left"):
+        listed.apply(signer.delta(1, 2, add=[3]), signer.public, now=NOW)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert listed.version == 1 and not listed.contains_asn(3)
+    assert not list(path.parent.glob("*.tmp-*"))
+    listed.apply(signer.delta(1, 2, add=[3]), signer.public, now=NOW)
+    assert listed.contains_asn(3)
+
+
+def test_million_entries_fit_and_answer_fast(signer: Signer, path: Path) -> None:
+    rng = random.Random(1)
+    entries = sorted({rng.randrange(1 << 64) for _ in range(1_000_000)})
+    listed = Blacklist.open(path, auto_refresh_s=None)
+    listed.apply(signer.snapshot(1, entries), signer.public, now=time.time())
+    assert len(listed) == len(entries)
+    assert listed.memory_bytes() < 6.4 * len(entries) + 300_000  # 6 bytes per entry
+    probes = [entries[i] for i in range(0, len(entries), 997)]
+    started = time.perf_counter()
+    assert all(listed.contains_asn(a) for a in probes)
+    per_lookup_us = (time.perf_counter() - started) / len(probes) * 1e6
+    assert per_lookup_us < 200, f"{per_lookup_us:.1f} µs per lookup"

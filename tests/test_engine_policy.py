@@ -1,0 +1,101 @@
+"""The engine applies the sync daemon's outputs: blacklist (lock + record) and parameter sets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.params import ActiveParams
+from tests.fake_reader.scenario import make_card
+from tests.rig import Rig
+
+
+class ListedCards:
+    def __init__(self, *card_ids: str) -> None:
+        self.card_ids = set(card_ids)
+
+    def contains(self, card_id: str) -> bool:
+        return card_id in self.card_ids
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path / "rig")
+    yield rig
+    rig.close()
+
+
+@pytest.mark.parametrize("family", ["tunion", "cjt166", "legacy1001"])
+def test_blacklisted_cpu_card_is_locked_recorded_and_refused(rig: Rig, family: str) -> None:
+    """APPLICATION BLOCK through the PSAM, a lock record, no debit; then SELECT says locked."""
+    card = make_card(family, 1, rig.keyset, balance=5000)  # type: ignore[arg-type]
+    card_id = rig.tap(card).card_id  # learn the id with a normal paid tap
+    rig.engine.blacklist = ListedCards(card_id)
+    outcome = rig.tap(card)
+    assert outcome.status == "refused"
+    assert outcome.reason.startswith("blacklisted")
+    locks = rig.records(kind="lock")
+    assert [r.card_id for r in locks] == [card_id]
+    assert locks[0].fields["lock"] == "temporary"
+    assert len(card.debits) == 1  # only the first, paid tap
+    again = rig.tap(card)
+    assert again.status == "refused"
+    assert "card_locked" in again.reason
+    assert len(rig.records(kind="lock")) == 1
+    assert rig.store.verify().ok
+
+
+def test_pending_debit_is_settled_before_the_lock(rig: Rig) -> None:
+    """A card torn after its debit and then blacklisted: the debit is recorded, then the lock."""
+    card = make_card("tunion", 2, rig.keyset, balance=5000)
+    card.reset_command_count()
+    card.faults.add(7, "tear_after")
+    assert rig.tap(card).status == "torn"
+    rig.engine.blacklist = ListedCards(rig.store.pending_intents()[0].card_id)
+    outcome = rig.tap(card)
+    assert outcome.status == "recovered"
+    assert [r.kind for r in rig.records()] == ["purchase"]
+    assert rig.tap(card).reason.startswith("blacklisted")
+    assert [r.kind for r in rig.records()] == ["purchase", "lock"]
+
+
+def write_params(path: Path, **payload: object) -> None:
+    now = int(time.time())
+    body: dict[str, object] = {
+        "version": 1,
+        "issued_at": now - 10,
+        "expires_at": now + 3600,
+        "effective_from": now,
+    }
+    body.update(payload)
+    path.write_text(json.dumps({"payload": body, "key_id": "x", "signature": "00"}))
+
+
+def test_parameter_set_in_force_sets_the_fare(rig: Rig, tmp_path: Path) -> None:
+    """A fare table in force replaces the profile's flat fare; outside its window it does not."""
+    path = tmp_path / "params.json"
+    rig.engine.params = ActiveParams(path)
+    card = make_card("cjt166", 3, rig.keyset, balance=5000)
+    write_params(path, fare_table={"flat_fare": 150})
+    assert rig.tap(card).fare == 150
+    write_params(
+        path, version=2, fare_table={"flat_fare": 175}, effective_from=int(time.time()) + 600
+    )
+    assert rig.tap(card).fare == rig.profile.flat_fare
+    path.write_text("{corrupt")
+    assert rig.tap(card).fare == rig.profile.flat_fare
+    assert card.balance == 5000 - 150 - 2 * rig.profile.flat_fare
+
+
+def test_parameter_set_allow_list_refuses_other_issuers(rig: Rig, tmp_path: Path) -> None:
+    """An issuer allow-list in force that leaves out the card's issuer refuses it."""
+    path = tmp_path / "params.json"
+    rig.engine.params = ActiveParams(path)
+    write_params(path, issuer_allow_list=["02012000"])
+    outcome = rig.tap(make_card("tunion", 4, rig.keyset, balance=5000))
+    assert outcome.status == "refused"
+    assert outcome.reason.startswith("issuer_not_accepted")

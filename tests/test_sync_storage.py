@@ -1,0 +1,305 @@
+"""The clearing host's storage and its HTTP API, on SQLite and on a real PostgreSQL server.
+
+The PostgreSQL server is the Debian package's (``scripts/bootstrap`` installs ``postgresql``):
+a throw-away cluster is created with initdb in a temporary directory and started with pg_ctl
+(as the ``postgres`` user when the tests run as root), listening on 127.0.0.1 and a unix socket
+in that directory only. Missing binaries fail the tests with a clear message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from glob import glob
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from agent.offline_store import DeviceKey, RecordBody
+from agent.offline_store.records import Record, record_to_json, seal_record
+from sync import protocol
+from sync.clearing import Finding
+from sync.host import HostServer, create_app
+from sync.keys import HostKey
+from sync.params import verify_params
+from sync.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
+from tests.test_sync_support import make_host
+
+BACKENDS = ["sqlite", "postgresql"]
+_database_numbers = itertools.count()
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or ""]
+    if not found[-1]:
+        pytest.fail(
+            f"PostgreSQL's {name} is not installed: scripts/bootstrap installs the Debian "
+            "package 'postgresql' (apt-get install postgresql)"
+        )
+    return found[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PgServer:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cardsync-pg-"))
+        self.port = _free_port()
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+
+    def _run(self, *argv: str) -> None:
+        command = list(argv)
+        if self.as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(argv[:2])} failed: {done.stdout}\n{done.stderr}")
+
+    def start(self) -> PgServer:
+        self._run(
+            _pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+        )
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} "
+            "-c fsync=off -c max_connections=40"
+        )
+        self._run(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+        return self
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"host={self.dir} port={self.port} user=postgres dbname={database}"
+
+    def new_database(self) -> str:
+        name = f"host_{next(_database_numbers)}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def stop(self) -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "sqlite":
+        store: Storage = SqliteStorage(tmp_path / "host.db")
+    else:
+        store = PostgresStorage(request.getfixturevalue("pg").new_database())
+    yield store
+    store.close()
+
+
+def chain(key: DeviceKey, terminal: str, count: int, start: int = 1, prev: str = "0" * 64):
+    records: list[Record] = []
+    for seq in range(start, start + count):
+        record = seal_record(
+            seq=seq,
+            created_at=f"2024-05-01T08:{seq // 60 % 60:02d}:{seq % 60:02d}.000Z",
+            terminal_id=terminal,
+            body=RecordBody("purchase", f"0310{seq:016X}", 200, {"n": seq}),
+            prev_hash=prev,
+            sign=key.sign,
+        )
+        records.append(record)
+        prev = record.hash
+    return records
+
+
+# --- storage ------------------------------------------------------------------------------------
+
+
+def test_ingest_is_idempotent_and_acknowledges_cumulatively(storage: Storage) -> None:
+    key = DeviceKey.generate()
+    assert storage.register_terminal("T1", key.public_key_bytes.hex())
+    assert not storage.register_terminal("T1", key.public_key_bytes.hex())
+    with pytest.raises(TerminalKeyConflict):
+        storage.register_terminal("T1", DeviceKey.generate().public_key_bytes.hex())
+    records = chain(key, "T1", 10)
+    first = storage.ingest("T1", "k1", records[:4], {})
+    assert (first.ack_seq, first.stored, first.duplicates) == (4, 4, 0)
+    # a later batch arrives first (reordered): stored, but the ack waits for the gap
+    later = storage.ingest("T1", "k3", records[7:], {})
+    assert (later.ack_seq, later.stored) == (4, 3)
+    replay = storage.ingest("T1", "k1", records[:4], {})
+    assert replay.replay and replay.duplicates == 4 and replay.stored == 0
+    gap = storage.ingest("T1", "k2", records[3:7], {})
+    assert (gap.ack_seq, gap.stored, gap.duplicates) == (10, 3, 1)
+    assert storage.record_keys("T1") == [(r.seq, r.hash) for r in records]
+    assert storage.terminal("T1").ack_hash == records[-1].hash  # type: ignore[union-attr]
+    assert storage.anomalies() == []
+
+
+def test_conflicts_and_chain_breaks_are_flagged(storage: Storage) -> None:
+    key = DeviceKey.generate()
+    storage.register_terminal("T2", key.public_key_bytes.hex())
+    records = chain(key, "T2", 3)
+    other = chain(key, "T2", 1, start=2)  # seq 2 with another body, linking to genesis
+    storage.ingest("T2", "a", records[:1], {})
+    result = storage.ingest("T2", "b", other, {2: [Finding("bad_tac", "record 2: test")]})
+    assert result.ack_seq == 2 and result.stored == 1
+    kinds = sorted(a["kind"] for a in storage.anomalies("T2"))
+    assert kinds == ["bad_tac", "chain_break"]
+    clash = storage.ingest("T2", "c", records[1:], {})
+    assert clash.conflicts == 1 and clash.stored == 1 and clash.ack_seq == 3
+    assert sorted(a["kind"] for a in storage.anomalies("T2")).count("conflict") == 1
+
+
+def test_blacklist_versions_and_net_deltas(storage: Storage) -> None:
+    assert storage.blacklist_version() == 0
+    v1 = storage.publish_blacklist([1, 2, 3], [])
+    v2 = storage.publish_blacklist([4], [2])
+    v3 = storage.publish_blacklist([2], [4, 99])  # 99 was never listed: no change
+    assert (v1, v2, v3) == (1, 2, 3)
+    assert storage.blacklist_snapshot() == (3, [1, 2, 3])
+    assert storage.blacklist_delta(1) == (3, [], [])  # 2 removed then re-added, 4 added+removed
+    version, add, remove = storage.blacklist_delta(2)
+    assert (version, sorted(add), sorted(remove)) == (3, [2], [4])
+    assert storage.blacklist_delta(3) == (3, [], [])
+    big = [(1 << 63) + n for n in range(5)]  # ASNs above the signed 64-bit range
+    storage.publish_blacklist(big, [])
+    assert storage.blacklist_snapshot()[1][-5:] == big
+
+
+def test_params_and_heartbeats(storage: Storage) -> None:
+    assert storage.latest_params() is None
+    assert storage.publish_params({"fare_table": {"flat_fare": 200}}) == 1
+    assert storage.publish_params({"fare_table": {"flat_fare": 300}}) == 2
+    assert storage.latest_params() == {"fare_table": {"flat_fare": 300}, "version": 2}
+    storage.register_terminal("T3", "ab" * 32)
+    storage.heartbeat("T3", {"unsent_records": 5})
+    assert storage.terminal("T3").heartbeat == {"unsent_records": 5}  # type: ignore[union-attr]
+
+
+# --- the HTTP API against both backends ----------------------------------------------------------
+
+
+def upload(client: httpx.Client, terminal: str, records: list[Record], **headers: str):
+    batch = protocol.encode_batch(terminal, records)
+    sent = {
+        "Content-Encoding": "gzip",
+        "Content-Type": protocol.NDJSON,
+        protocol.IDEMPOTENCY_HEADER: batch.idempotency_key,
+    }
+    sent.update(headers)
+    return client.post(protocol.records_path(terminal), content=batch.body, headers=sent)
+
+
+def test_http_api(storage: Storage) -> None:
+    host_key = HostKey.generate()
+    host = make_host(storage, host_key)
+    key = DeviceKey.generate()
+    records = chain(key, "BUS 7", 6)
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        assert upload(client, "BUS 7", records[:2]).status_code == 404  # not registered
+        path = protocol.register_path("BUS 7")
+        assert client.post(path, json={"public_key": "zz"}).status_code == 400
+        assert client.post(path, json={"public_key": key.public_key_bytes.hex()}).status_code == 201
+        other = DeviceKey.generate().public_key_bytes.hex()
+        assert client.post(path, json={"public_key": other}).status_code == 409
+        answer = upload(client, "BUS 7", records[:3])
+        assert answer.status_code == 200 and answer.json()["ack_seq"] == 3
+        bad = upload(
+            client, "BUS 7", records[3:], **{protocol.IDEMPOTENCY_HEADER: "1-2-" + "0" * 32}
+        )
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_batch"
+        plain = "".join(record_to_json(r) + "\n" for r in records[3:]).encode()
+        wrong = client.post(
+            protocol.records_path("OTHER"),
+            content=gzip.compress(plain),
+            headers={"Content-Encoding": "gzip"},
+        )
+        assert wrong.status_code == 404
+        garbage = client.post(
+            protocol.records_path("BUS 7"),
+            content=b"\x1f\x8b not gzip",
+            headers={"Content-Encoding": "gzip", protocol.IDEMPOTENCY_HEADER: "1-1-" + "0" * 32},
+        )
+        assert garbage.status_code == 400
+        forged = list(records[3:])
+        forged[0] = seal_record(
+            seq=4,
+            created_at=forged[0].created_at,
+            terminal_id="BUS 7",
+            body=forged[0].body,
+            prev_hash=forged[0].prev_hash,
+            sign=DeviceKey.generate().sign,
+        )
+        answer = upload(client, "BUS 7", forged)
+        assert answer.json()["ack_seq"] == 6 and answer.json()["anomalies"] == 1
+        anomalies = client.get("/v1/anomalies").json()["anomalies"]
+        assert [a["kind"] for a in anomalies] == ["bad_signature"]
+        listed = client.get("/v1/terminals/BUS%207/records", params={"after": 4}).json()
+        assert [r["seq"] for r in listed["records"]] == [5, 6]
+        assert client.get("/v1/terminals").json()["terminals"][0]["ack_seq"] == 6
+        page = client.get("/")
+        assert page.status_code == 200 and "BUS 7" in page.text and "bad_signature" in page.text
+        spec = client.get("/openapi.json").json()
+        assert spec["openapi"].startswith("3.") and "/v1/blacklist" in spec["paths"]
+        assert client.get("/v1/params").status_code == 404
+        client.post("/v1/admin/params", json={"fare_table": {"flat_fare": 250}})
+        params = verify_params(client.get("/v1/params").content, host_key.public_key_bytes)
+        assert params.version == 1 and params.fare_table == {"flat_fare": 250}
+        beat = client.post("/v1/terminals/BUS%207/heartbeat", json={"unsent_records": 0})
+        assert beat.status_code == 200 and beat.json()["ack_seq"] == 6
+
+
+def test_admin_token_is_required_when_configured(tmp_path: Path) -> None:
+    host = make_host(SqliteStorage(tmp_path / "h.db"), admin_token="s3cret-test-token")
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        assert client.post("/v1/admin/blacklist", json={"add": ["01"]}).status_code == 401
+        ok = client.post(
+            "/v1/admin/blacklist",
+            json={"add": ["01"]},
+            headers={"Authorization": "Bearer s3cret-test-token"},
+        )
+        assert ok.status_code == 200 and ok.json() == {"version": 1}
+    host.storage.close()
+
+
+def test_full_disk_answers_507_and_stores_nothing(tmp_path: Path) -> None:
+    storage = SqliteStorage(tmp_path / "h.db")
+    host = make_host(storage)
+    key = DeviceKey.generate()
+    storage.register_terminal("T", key.public_key_bytes.hex())
+    records = chain(key, "T", 400)
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        storage.set_max_pages(storage.page_count())
+        full = upload(client, "T", records)
+        assert full.status_code == 507 and full.json()["error"] == "storage_full"
+        assert storage.count_records("T") == 0
+        storage.set_max_pages(None)
+        assert upload(client, "T", records).json()["ack_seq"] == 400
+    storage.close()
