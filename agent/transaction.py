@@ -83,13 +83,11 @@ class TapOutcome:
         return sum(self.phases_ms.values())
 
 
-class _Tap:
-    """Per-tap bookkeeping: phase timings and the card exchange with APDU timing."""
+class PhaseTimer:
+    """Latency per phase of one tap, in milliseconds, for the tap log line."""
 
-    def __init__(self, reader: CardReader) -> None:
-        self.reader = reader
+    def __init__(self) -> None:
         self.phases_ms: dict[str, float] = {}
-        self.apdus = 0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -99,6 +97,15 @@ class _Tap:
         finally:
             elapsed = (time.perf_counter() - start) * 1000.0
             self.phases_ms[name] = self.phases_ms.get(name, 0.0) + elapsed
+
+
+class _Tap(PhaseTimer):
+    """Per-tap bookkeeping: phase timings and the card exchange."""
+
+    def __init__(self, reader: CardReader) -> None:
+        super().__init__()
+        self.reader = reader
+        self.apdus = 0
 
     def exchange(self, command: Command) -> Response:
         self.apdus += 1
@@ -182,7 +189,7 @@ class TransactionEngine:
         profile = self._profile_in_force()
         with tap.phase("qualify"):
             cpu_purse.qualify(card, profile, now.date())
-            self._check_double_tap(card.card_id, now)
+            check_double_tap(self.store, self.profile, card.card_id, now)
         fare = profile.flat_fare
         outcome.fare = fare
         if card.balance < fare:
@@ -231,17 +238,6 @@ class TransactionEngine:
                 )
             return card, app
         raise TapRefused("unknown_card", str(last_error) if last_error else "no application")
-
-    def _check_double_tap(self, card_id: str, now: dt.datetime) -> None:
-        window = self.profile.double_tap_window_s
-        if window <= 0:
-            return
-        last = self.store.last_record_for_card(card_id, kinds=("purchase",))
-        if last is None:
-            return
-        paid_at = dt.datetime.fromisoformat(last.created_at.replace("Z", "+00:00"))
-        if (now - paid_at).total_seconds() < window:
-            raise TapRefused("double_tap", f"paid {(now - paid_at).total_seconds():.1f} s ago")
 
     # --- purchase -----------------------------------------------------------------------
 
@@ -510,6 +506,19 @@ class TransactionEngine:
             reader.feedback(ok, text)
         except (ReaderError, CardError) as exc:
             log.warning("feedback_failed", error=str(exc))
+
+
+def check_double_tap(store: OfflineStore, profile: Profile, card_id: str, now: dt.datetime) -> None:
+    """Refuse a card that paid within the profile's double-tap window (any product)."""
+    window = profile.double_tap_window_s
+    if window <= 0:
+        return
+    last = store.last_record_for_card(card_id, kinds=("purchase",))
+    if last is None:
+        return
+    paid_at = dt.datetime.fromisoformat(last.created_at.replace("Z", "+00:00"))
+    if (now - paid_at).total_seconds() < window:
+        raise TapRefused("double_tap", f"paid {(now - paid_at).total_seconds():.1f} s ago")
 
 
 def unresolved_body(intent: Intent, reason: str) -> RecordBody:

@@ -22,9 +22,7 @@ same way: the flag found set on the next tap proves it, clear disproves it. Refe
 from __future__ import annotations
 
 import datetime as dt
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -95,22 +93,13 @@ def execute(reader: StorageCardReader, op: Operation) -> bytes | None:
     return None
 
 
-class _Tap:
+class _Tap(engine.PhaseTimer):
     """Per-tap bookkeeping: phase timings and the operations sent to the card."""
 
     def __init__(self, reader: StorageCardReader) -> None:
+        super().__init__()
         self.reader = reader
-        self.phases_ms: dict[str, float] = {}
         self.ops = 0
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - start) * 1000.0
-            self.phases_ms[name] = self.phases_ms.get(name, 0.0) + elapsed
 
     def execute(self, op: Operation) -> bytes | None:
         self.ops += 1
@@ -216,7 +205,7 @@ class M1TapHandler:
                 self._lock(tap, session, presence.uid, uid4, issuance, state, now, outcome)
         with tap.phase("qualify"):
             self._qualify(issuance, state)
-            self._check_double_tap(card_id, now)
+            engine.check_double_tap(self.store, self.profile, card_id, now)
         fare = self.profile.flat_fare
         outcome.fare = fare
         balance = state.purse_p
@@ -251,17 +240,6 @@ class M1TapHandler:
             raise CardProtocolError(
                 f"M1 purse: balance {state.purse_p} outside 0..{self.profile.max_balance}"
             )
-
-    def _check_double_tap(self, card_id: str, now: dt.datetime) -> None:
-        window = self.profile.double_tap_window_s
-        if window <= 0:
-            return
-        last = self.store.last_record_for_card(card_id, kinds=("purchase",))
-        if last is None:
-            return
-        paid_at = dt.datetime.fromisoformat(last.created_at.replace("Z", "+00:00"))
-        if (now - paid_at).total_seconds() < window:
-            raise TapRefused("double_tap", f"paid {(now - paid_at).total_seconds():.1f} s ago")
 
     # --- blacklist lock (§3.1 public-info byte 6) -------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from agent.errors import CardProtocolError, CardRemovedError, ReaderError
 from agent.products.m1_codec import encode_value_block
@@ -39,28 +39,14 @@ from tests.fake_reader.crypto1 import (
     prng_successor,
 )
 from tests.fake_reader.faults import CardTorn
+from tests.fake_reader.inprocess import CardField
 from tests.fake_reader.m1_card import M1AuthFailed, M1Card, M1Nak
 
 T = TypeVar("T")
 
 
-class M1Field:
-    """The RF field of one reader: at most one card (M1 or any card with ``power_on``)."""
-
-    def __init__(self) -> None:
-        self._card: Any = None
-
-    @property
-    def card(self) -> Any:
-        return self._card
-
-    def insert(self, card: Any) -> None:
-        card.power_on()
-        self._card = card
-
-    def remove(self) -> Any:
-        card, self._card = self._card, None
-        return card
+# The RF field of one reader holds M1 cards as well as CPU cards.
+M1Field = CardField
 
 
 def presence_of(card: M1Card) -> CardPresence:
