@@ -14,6 +14,7 @@ from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
 from agent.profile import ReaderProfile, load_profile
+from agent.progress import ProgressBar
 from agent.runner import print_summary, run_agent
 from agent.wiring import DataDir
 
@@ -118,8 +119,10 @@ def cmd_records_list(args: argparse.Namespace) -> int:
 def cmd_records_export(args: argparse.Namespace) -> int:
     with _open_records(args) as store:
         if args.out:
+            bar = ProgressBar("exporting")
             with args.out.open("w", encoding="utf-8") as out:
-                count = export_records(store, out)
+                count = export_records(store, out, progress=bar)
+            bar.close()
             print(f"exported {count} records to {args.out}", file=sys.stderr)
         else:
             export_records(store, sys.stdout)
@@ -127,8 +130,10 @@ def cmd_records_export(args: argparse.Namespace) -> int:
 
 
 def cmd_records_verify(args: argparse.Namespace) -> int:
+    bar = ProgressBar("verifying")
     with _open_records(args) as store:
-        report = store.verify()
+        report = store.verify(progress=bar)
+    bar.close()
     for problem in report.problems:
         print(f"FAIL {problem}")
     if report.ok:

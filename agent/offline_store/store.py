@@ -467,10 +467,11 @@ class OfflineStore:
                 continue
         return total
 
-    def verify(self) -> VerifyReport:
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Verify the stored chain against the meta anchor, last sequence and last hash.
 
-        Records appended while verifying are left for the next run.
+        Records appended while verifying are left for the next run. ``progress(done, total)``
+        is called after each page of records.
         """
         with self._read("read the chain state") as conn:
             meta = _read_meta(conn)
@@ -485,6 +486,7 @@ class OfflineStore:
         except ValueError as exc:
             raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
         after = -1
+        after_anchor = _meta_int(meta, "chain_anchor_seq")
         while True:
             with self._read("read records for verification") as conn:
                 rows: list[RecordRow] = conn.execute(
@@ -497,6 +499,8 @@ class OfflineStore:
                     checker.unreadable(row[0], str(exc))
                 else:
                     checker.check(record)
+            if progress is not None and rows:
+                progress(rows[-1][0] - after_anchor, last_seq - after_anchor)
             if len(rows) < _PAGE_SIZE:
                 break
             after = rows[-1][0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -140,13 +140,27 @@ class ChainChecker:
         return f"record {self._last_seq}"
 
 
-def export_records(store: OfflineStore, out: IO[str], *, since_seq: int = 0) -> int:
-    """Write the records after ``since_seq`` as JSON Lines; returns how many were written."""
+def export_records(
+    store: OfflineStore,
+    out: IO[str],
+    *,
+    since_seq: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write the records after ``since_seq`` as JSON Lines; returns how many were written.
+
+    ``progress(done, total)`` is called every 500 records and at the end.
+    """
+    total = max(store.last_seq() - since_seq, 0)
     written = 0
     for record in store.records(since_seq=since_seq):
         out.write(record_to_json(record))
         out.write("\n")
         written += 1
+        if progress is not None and written % 500 == 0:
+            progress(written, total)
+    if progress is not None:
+        progress(written, max(total, written))
     return written
 
 
