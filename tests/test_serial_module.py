@@ -642,3 +642,25 @@ def test_find_and_transmit_over_a_socat_pty(pty_pair):
         reader.close()
         slot.close()
         emulator.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.sampled_from(sorted(FRAMINGS)),
+    data=st.binary(max_size=200),
+    noise=st.binary(max_size=20).filter(lambda b: 0x02 not in b and 0x7D not in b),
+)
+def test_read_size_hint_never_reads_past_a_frame(name: str, data: bytes, noise: bytes) -> None:
+    """Reading exactly ``wanted()`` bytes at a time yields the frame and ends on its last byte."""
+    framing = FRAMINGS[name]
+    stream = noise + encode_response(sm.CARD_APDU, 7, 0, data, framing=framing)
+    decoder = FrameDecoder(framing)
+    position = 0
+    frames: list[sm.Frame] = []
+    while position < len(stream) and not frames:
+        take = decoder.wanted()
+        chunk = stream[position : position + take]
+        position += len(chunk)
+        frames = [item for item in decoder.feed(chunk) if isinstance(item, sm.Frame)]
+    assert frames and frames[0].data == data
+    assert position == len(stream)

@@ -353,6 +353,22 @@ class FrameDecoder:
         self._buf.clear()
         self._fresh = 0
 
+    def wanted(self) -> int:
+        """How many more bytes would complete the frame at the head of the buffer (>= 1).
+
+        A read-size hint, so that a link can read a frame in one or two calls instead of one
+        byte at a time; reading fewer or more bytes than this is always safe.
+        """
+        f, buf = self.framing, self._buf
+        head = len(f.start) + f.length_bytes
+        minimum = head + self._min_payload + 1 + len(f.end)
+        if len(buf) < head or not buf.startswith(f.start):
+            return max(1, minimum - len(buf))
+        length = int.from_bytes(buf[len(f.start) : head], f.length_order)
+        if not self._min_payload <= length <= f.payload_limit:
+            return 1
+        return max(1, head + length + 1 + len(f.end) - len(buf))
+
     def feed(self, data: bytes) -> list[Decoded]:
         self._buf += data
         out: list[Decoded] = []
@@ -598,16 +614,21 @@ class SerialModuleLink:
         self, port: Any, spec: CommandSpec, seq: int, budget: float, deadline: float
     ) -> Frame:
         damaged: str | None = None
+        clean = True  # no noise or bad frame seen yet: the header's length can be trusted
         while (remaining := deadline - time.monotonic()) > 0:
             # Once a damaged frame was seen, wait only for the line to go quiet.
             port.timeout = min(remaining, self.quiet_gap) if damaged else remaining
-            chunk = port.read(max(1, port.in_waiting))
+            # On a clean line, read the frame in one or two calls; after noise, read what is
+            # there (a false start's length must not make us wait for bytes that never come).
+            size = self._decoder.wanted() if clean else max(1, port.in_waiting)
+            chunk = port.read(size)
             if not chunk:
                 if damaged:
                     break
                 continue
             for item in self._decoder.feed(chunk):
                 if isinstance(item, FrameError):
+                    clean = False
                     if item.kind in _CORRUPT_KINDS:
                         damaged = damaged or item.detail
                     _log.debug("module_frame_error", port=self.url, kind=item.kind.value)
