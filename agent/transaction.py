@@ -139,7 +139,13 @@ class TransactionEngine:
         if profile.m1_purse:
             from agent.transaction_m1 import M1TapHandler  # noqa: PLC0415 - circular
 
-            self.m1 = M1TapHandler(profile, store, sam, blacklist=blacklist)
+            self.m1 = M1TapHandler(
+                profile,
+                store,
+                sam,
+                blacklist=blacklist,
+                fare=lambda: self._profile_in_force().flat_fare,
+            )
 
     # --- the tap ------------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ class M1TapHandler:
         layout: M1Layout | None = None,
         clock: Callable[[], dt.datetime] | None = None,
         blacklist: engine.BlacklistLookup | None = None,
+        fare: Callable[[], int] | None = None,
     ) -> None:
         if layout is None:
             if not profile.m1_purse:
@@ -136,6 +137,7 @@ class M1TapHandler:
         )
         self.clock = clock or (lambda: dt.datetime.now().astimezone())
         self.blacklist = blacklist  # keyed by the UID hex (``CardPresence.uid``), as card_id
+        self.fare = fare or (lambda: profile.flat_fare)  # the engine's fare in force
 
     # --- the tap ------------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class M1TapHandler:
         with tap.phase("qualify"):
             self._qualify(issuance, state)
             engine.check_double_tap(self.store, self.profile, card_id, now)
-        fare = self.profile.flat_fare
+        fare = self.fare()
         outcome.fare = fare
         balance = state.purse_p
         assert balance is not None and state.pub_p is not None

@@ -99,3 +99,20 @@ def test_parameter_set_allow_list_refuses_other_issuers(rig: Rig, tmp_path: Path
     outcome = rig.tap(make_card("tunion", 4, rig.keyset, balance=5000))
     assert outcome.status == "refused"
     assert outcome.reason.startswith("issuer_not_accepted")
+
+
+def test_parameter_set_fare_applies_to_m1_cards(rig: Rig, tmp_path: Path) -> None:
+    """The engine hands the fare in force to the M1 handler too."""
+    from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field, presence_of
+    from tests.fake_reader.scenario import make_m1_card
+
+    path = tmp_path / "params.json"
+    rig.engine.params = ActiveParams(path)
+    write_params(path, fare_table={"flat_fare": 120})
+    card = make_m1_card(401, balance=1000)
+    field = M1Field()
+    field.insert(card)
+    outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(card))
+    assert outcome.status == "paid", outcome
+    assert outcome.fare == 120
+    assert outcome.balance_after == 880
