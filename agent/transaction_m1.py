@@ -160,7 +160,7 @@ class M1TapHandler:
         if tap is not None:
             outcome.phases_ms = tap.phases_ms
             outcome.apdus = tap.ops
-        self._log(outcome)
+        engine.log_tap(outcome, outcome.card_id, commands="ops")
         engine.TransactionEngine._feedback(reader, outcome)
         return outcome
 
@@ -517,22 +517,3 @@ class M1TapHandler:
         rec = self.store.finalize_intent(intent.id, engine.unresolved_body(intent, reason))
         log.warning("intent_unresolved", card=intent.card_id, intent=intent.id, reason=reason)
         return rec
-
-    # --- output -------------------------------------------------------------------------
-
-    def _log(self, outcome: engine.TapOutcome) -> None:
-        fields: dict[str, Any] = {
-            "status": outcome.status,
-            "card": outcome.card_id,
-            "family": outcome.family,
-            "fare": outcome.fare,
-            "balance_after": outcome.balance_after,
-            "seq": outcome.record_seq,
-            "ops": outcome.apdus,
-            "total_ms": round(outcome.total_ms, 2),
-            **{f"{k}_ms": round(v, 2) for k, v in outcome.phases_ms.items()},
-        }
-        if outcome.status in ("paid", "recovered"):
-            log.info("tap", **fields)
-        else:
-            log.warning("tap", reason=outcome.reason, **fields)
