@@ -12,7 +12,8 @@
     ├── SamError                    the PSAM / secure access module
     │   ├── SamMuteError            the SAM did not answer
     │   ├── SamStatusError          the SAM refused a command with a status word
-    │   └── SamProtocolError        the SAM answered something malformed
+    │   ├── SamProtocolError        the SAM answered something malformed
+    │   └── SamUnavailable          the SAM a card family is routed to is missing or mute
     ├── StoreError                  the offline store (SQLite, device key)
     ├── ConfigurationError          a firmware profile or parameter set is unusable
     └── TapRefused                  a business decision, not a fault: expired, low balance, ...
@@ -87,6 +88,17 @@ class SamStatusError(SamError):
 
 class SamProtocolError(SamError):
     """The SAM's answer breaks the protocol."""
+
+
+class SamUnavailable(SamError):
+    """The SAM slot a route (card family or ``m1``) needs is missing, mute or lacks the PSAM
+    application: that route is refused while the other routes keep working."""
+
+    def __init__(self, slot: str, route: str, detail: str) -> None:
+        super().__init__(f"SAM slot {slot!r} for route {route!r} unavailable: {detail}")
+        self.slot = slot
+        self.route = route
+        self.detail = detail
 
 
 class StoreError(AgentError):

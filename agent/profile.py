@@ -8,15 +8,24 @@ profile options, never constants. Loading validates every field and raises
 from __future__ import annotations
 
 import enum
+import math
+import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigurationError
+from agent.products.m1_layout import M1Layout
+from agent.readers.serial_module import Framing
+from agent.sam.keys import KeySet
 
 E = TypeVar("E", bound=enum.Enum)
+
+MAX_DOUBLE_TAP_WINDOW_S = 3600.0  # an hour; the window is a few seconds in practice
+MAX_RECOVERY_WINDOW_S = 30 * 86400.0  # a torn debit waits at most 30 days for its card
+MAX_BAUDRATE = 4_000_000  # the fastest USB-UART reader modules
 
 
 class ProfileKind(enum.Enum):
@@ -82,6 +91,43 @@ class ReaderProfile:
     sam_reader: str = ""
 
 
+SAM_ROUTES = ("tunion", "cjt166", "legacy1001", "m1")  # Family values and "m1"
+PSAM_APPLICATION_PRESETS = ("tunion", "cjt166")  # agent.sam.psam.application_path
+
+
+@dataclass(frozen=True, slots=True)
+class SamSlotProfile:
+    """One ``[[sam.slots]]`` entry: where a PSAM sits. ``slot``: the serial module's SAM slot
+    number (driver serial); ``reader``: the PC/SC contact reader's name pattern (pcsc, nfcpy)."""
+
+    name: str
+    slot: int | None = None
+    reader: str = ""
+
+    @property
+    def location(self) -> str:
+        return f"module SAM slot {self.slot}" if self.slot is not None else f"reader {self.reader}"
+
+
+@dataclass(frozen=True, slots=True)
+class SamRouteProfile:
+    """One ``[[sam.routes]]`` entry: the routes (card families, ``m1``) served by a slot's PSAM
+    application, named by a preset (``tunion`` | ``cjt166``) or by ``fid`` and/or ``aid``."""
+
+    families: tuple[str, ...]
+    slot: str
+    application: str = ""
+    aid: bytes = b""
+    fid: bytes = b""
+
+    @property
+    def label(self) -> str:
+        if self.application:
+            return self.application
+        parts = [f"fid {self.fid.hex().upper()}"] if self.fid else []
+        return " / ".join(parts + ([f"aid {self.aid.hex().upper()}"] if self.aid else []))
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     name: str
@@ -104,8 +150,16 @@ class Profile:
     test_keys: tuple[Mapping[str, Any], ...] = ()
     lock_key_index: int = 1  # PSAM maintenance-key index for 80 1A 45 kid: 01 in S3, 02 in S2
     lock_permanent: bool = False  # APPLICATION BLOCK P2 01 (permanent) vs 00; meaning is L
+    # MAC block of the lock: "card" asks INITIALIZE FOR PURCHASE for the card's algorithm (§3.1
+    # byte 10: 00 3DES, 04 SM4); "3des" / "sm4" fix it for cards whose maintenance key differs.
+    lock_algorithm: str = "card"
     # Raw [m1_purse] table; validated by agent.products.m1_layout.M1Layout.from_mapping.
     m1_purse: Mapping[str, Any] = field(default_factory=dict)
+    # [[sam.slots]] / [[sam.routes]]; an old profile (sam.application) maps to one slot "psam"
+    # with one route for every family. Empty: build that mapping from reader + sam_application.
+    sam_slots: tuple[SamSlotProfile, ...] = ()
+    sam_routes: tuple[SamRouteProfile, ...] = ()
+    sam_retry_interval_s: float = 2.0  # a missing / mute PSAM slot is re-opened at most this often
 
     @property
     def is_production(self) -> bool:
@@ -131,6 +185,7 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
     test_keys = tuple(r.list_of_tables("test_keys.keys", required=False))
     if kind is ProfileKind.PRODUCTION and test_keys:
         raise ConfigurationError(f"{source}: a production profile must not carry test_keys")
+    r.validated("", KeySet.from_mapping, test_keys)
     sam_kind = r.choice("sam.kind", ("psam", "software"))
     if kind is ProfileKind.PRODUCTION and sam_kind == "software":
         raise ConfigurationError(f"{source}: sam.kind 'software' is refused by production profiles")
@@ -143,19 +198,29 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
     factor_order = r.choice(
         "crypto.factor_order", ("card-first-reversed", "as-listed"), default="card-first-reversed"
     )
+    sam_application, sam_slots, sam_routes = _sam_routing(r, sam_kind, applications)
     return Profile(
         name=r.string("profile.name"),
         kind=kind,
         source=source,
         line=r.digits("terminal.line", 4),
         operator_city=r.digits("terminal.operator_city", 4),
-        double_tap_window_s=r.number("terminal.double_tap_window_s", minimum=0.0),
-        recovery_window_s=r.number("terminal.recovery_window_s", minimum=1.0),
+        double_tap_window_s=r.number(
+            "terminal.double_tap_window_s", minimum=0.0, maximum=MAX_DOUBLE_TAP_WINDOW_S
+        ),
+        recovery_window_s=r.number(
+            "terminal.recovery_window_s", minimum=1.0, maximum=MAX_RECOVERY_WINDOW_S
+        ),
         max_balance=r.integer("terminal.max_balance", minimum=1, maximum=0x7FFFFFFF),
         flat_fare=r.integer("fare.flat_fare", minimum=0, maximum=0xFFFFFFFF),
         reader=_reader_profile(r, sam_kind),
         sam_kind=sam_kind,
-        sam_application=r.choice("sam.application", ("tunion", "cjt166"), default="tunion"),
+        sam_application=sam_application,
+        sam_slots=sam_slots,
+        sam_routes=sam_routes,
+        sam_retry_interval_s=r.number(
+            "sam.retry_interval_s", minimum=0.01, maximum=3600.0, default=2.0
+        ),
         issuer_allow_list=tuple(
             r.hex_string(f"qualification.issuer_allow_list[{i}]", s)
             for i, s in enumerate(r.list_("qualification.issuer_allow_list"))
@@ -170,7 +235,10 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
         test_keys=test_keys,
         lock_key_index=r.integer("blacklist.lock_key_index", minimum=0, maximum=255, default=1),
         lock_permanent=r.boolean("blacklist.lock_permanent", default=False),
-        m1_purse=r.table("m1_purse", required=False),
+        lock_algorithm=r.choice(
+            "blacklist.lock_algorithm", ("card", "3des", "sm4"), default="card"
+        ),
+        m1_purse=_m1_purse(r),
     )
 
 
@@ -179,11 +247,13 @@ def _reader_profile(r: _Reader, sam_kind: str) -> ReaderProfile:
     reader = ReaderProfile(
         driver=driver,
         url=r.string("reader.url", default=""),
-        baudrate=r.integer("reader.baudrate", minimum=1200, default=115200),
-        timeout_s=r.number("reader.timeout_s", minimum=0.01, default=1.0),
-        poll_interval_s=r.number("reader.poll_interval_s", minimum=0.001, default=0.02),
+        baudrate=r.integer("reader.baudrate", minimum=1200, maximum=MAX_BAUDRATE, default=115200),
+        timeout_s=r.number("reader.timeout_s", minimum=0.01, maximum=60.0, default=1.0),
+        poll_interval_s=r.number(
+            "reader.poll_interval_s", minimum=0.001, maximum=5.0, default=0.02
+        ),
         sam_slot=r.integer("reader.sam_slot", minimum=0, maximum=15, default=1),
-        framing=r.table("reader.framing", required=False),
+        framing=_framing(r),
         card_reader=r.string("reader.card_reader", default=""),
         sam_reader=r.string("reader.sam_reader", default=""),
     )
@@ -191,13 +261,207 @@ def _reader_profile(r: _Reader, sam_kind: str) -> ReaderProfile:
         raise r.fail("reader.url", f"is required by driver '{driver}'", reader.url)
     if driver == "pcsc" and not reader.card_reader:
         raise r.fail("reader.card_reader", "is required by driver 'pcsc'", reader.card_reader)
-    if driver != "serial" and sam_kind == "psam" and not reader.sam_reader:
+    if driver != "serial" and sam_kind == "psam" and not reader.sam_reader and _default_sam(r):
         raise r.fail(
             "reader.sam_reader",
             f"is required for a PSAM with driver '{driver}' (a PC/SC contact reader)",
             reader.sam_reader,
         )
     return reader
+
+
+def _default_sam(r: _Reader) -> bool:
+    """Whether some PSAM sits where ``[reader]`` says (an old profile, or a slot without a
+    location of its own)."""
+    slots = r.get("sam.slots", [])
+    if not isinstance(slots, list) or not slots:
+        return True
+    return any(not isinstance(s, Mapping) or ("reader" not in s and "slot" not in s) for s in slots)
+
+
+_SAM_KEYS = frozenset({"kind", "application", "slots", "routes", "retry_interval_s"})
+_SLOT_KEYS = frozenset({"name", "slot", "reader"})
+_ROUTE_KEYS = frozenset({"families", "slot", "application", "aid", "fid"})
+
+
+def _sam_routing(
+    r: _Reader, sam_kind: str, applications: tuple[ApplicationProfile, ...]
+) -> tuple[str, tuple[SamSlotProfile, ...], tuple[SamRouteProfile, ...]]:
+    """``[sam]``: (legacy application name, slots, routes), validated whole.
+
+    Without ``[[sam.slots]]`` / ``[[sam.routes]]`` the old shape (``sam.application``,
+    ``reader.sam_slot`` / ``reader.sam_reader``) is one slot ``psam`` whose application serves
+    every route. Otherwise every slot name is unique and used, every route's slot exists, no
+    route (family or ``m1``) is served twice, and every family of ``cpu_purse.applications``
+    (and ``m1`` with ``[m1_purse]``) has a route.
+    """
+    sam = r.table("sam")
+    for key in sam:
+        if key not in _SAM_KEYS:
+            raise r.fail(f"sam.{key}", f"is unknown (known: {', '.join(sorted(_SAM_KEYS))})", key)
+    driver = r.choice("reader.driver", ("serial", "pcsc", "nfcpy"))
+    default_slot = r.integer("reader.sam_slot", minimum=0, maximum=15, default=1)
+    default_reader = r.string("reader.sam_reader", default="")
+    psam = sam_kind == "psam"
+
+    def default_location(name: str) -> SamSlotProfile:
+        if driver == "serial":
+            return SamSlotProfile(name, slot=default_slot)
+        if psam and not default_reader:
+            raise r.fail(
+                "reader.sam_reader",
+                f"is required for a PSAM with driver '{driver}' (a PC/SC contact reader) unless "
+                "every [[sam.slots]] entry names its reader",
+                default_reader,
+            )
+        return SamSlotProfile(name, reader=default_reader)
+
+    if "slots" not in sam and "routes" not in sam:
+        application = r.choice("sam.application", PSAM_APPLICATION_PRESETS, default="tunion")
+        route = SamRouteProfile(SAM_ROUTES, "psam", application=application)
+        return application, (default_location("psam"),), (route,)
+    if "application" in sam:
+        raise r.fail(
+            "sam.application", "cannot be combined with [[sam.routes]]", sam["application"]
+        )
+    if "slots" not in sam or "routes" not in sam:
+        missing = "sam.routes" if "slots" in sam else "sam.slots"
+        raise r.fail(missing, "is required with [[sam.slots]] / [[sam.routes]]", None)
+
+    slots: list[SamSlotProfile] = []
+    for i, raw in enumerate(r.list_of_tables("sam.slots")):
+        at = f"sam.slots[{i}]"
+        for key in raw:
+            if key not in _SLOT_KEYS:
+                raise r.fail(
+                    f"{at}.{key}", f"is unknown (known: {', '.join(sorted(_SLOT_KEYS))})", key
+                )
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise r.fail(f"{at}.name", "must be a non-empty string", name)
+        if any(s.name == name for s in slots):
+            raise r.fail(f"{at}.name", "names a slot already defined", name)
+        if "slot" in raw:
+            if driver != "serial":
+                raise r.fail(
+                    f"{at}.slot",
+                    f"is for driver 'serial'; driver '{driver}' needs reader",
+                    raw["slot"],
+                )
+            entry = SamSlotProfile(name, slot=r.int_value(f"{at}.slot", raw["slot"], 0, 15))
+        elif "reader" in raw:
+            if driver == "serial":
+                raise r.fail(
+                    f"{at}.reader",
+                    "is for drivers pcsc / nfcpy; driver 'serial' needs slot",
+                    raw["reader"],
+                )
+            pattern = raw["reader"]
+            if not isinstance(pattern, str) or not pattern:
+                raise r.fail(f"{at}.reader", "must be a non-empty reader-name pattern", pattern)
+            entry = SamSlotProfile(name, reader=pattern)
+        else:
+            entry = default_location(name)
+        if entry.location in (s.location for s in slots):
+            field_name = "slot" if entry.slot is not None else "reader"
+            raise r.fail(f"{at}.{field_name}", "is the location of another slot", entry.location)
+        slots.append(entry)
+
+    routes: list[SamRouteProfile] = []
+    served: dict[str, int] = {}
+    for i, raw in enumerate(r.list_of_tables("sam.routes")):
+        at = f"sam.routes[{i}]"
+        for key in raw:
+            if key not in _ROUTE_KEYS:
+                raise r.fail(
+                    f"{at}.{key}", f"is unknown (known: {', '.join(sorted(_ROUTE_KEYS))})", key
+                )
+        families = raw.get("families")
+        if not isinstance(families, list) or not families:
+            raise r.fail(
+                f"{at}.families", f"must be a non-empty list of {', '.join(SAM_ROUTES)}", families
+            )
+        for family in families:
+            if family not in SAM_ROUTES:
+                raise r.fail(f"{at}.families", f"must hold only {', '.join(SAM_ROUTES)}", family)
+            if family in served:
+                raise r.fail(
+                    f"{at}.families",
+                    f"routes {family!r} already routed by sam.routes[{served[family]}]",
+                    family,
+                )
+            served[family] = i
+        slot = raw.get("slot")
+        if not isinstance(slot, str) or not any(s.name == slot for s in slots):
+            names = ", ".join(s.name for s in slots)
+            raise r.fail(f"{at}.slot", f"must name a [[sam.slots]] entry ({names})", slot)
+        application = raw.get("application", "")
+        aid = _hex_field(r, f"{at}.aid", raw.get("aid", ""), 5, 16)
+        fid = _hex_field(r, f"{at}.fid", raw.get("fid", ""), 2, 2)
+        if application:
+            if application not in PSAM_APPLICATION_PRESETS:
+                raise r.fail(
+                    f"{at}.application",
+                    f"must be one of {', '.join(PSAM_APPLICATION_PRESETS)}",
+                    application,
+                )
+            if aid or fid:
+                raise r.fail(
+                    f"{at}.application", "is a preset: give it or aid / fid, not both", application
+                )
+        elif not (aid or fid):
+            raise r.fail(
+                f"{at}.application",
+                "is required (a preset) unless aid / fid name the PSAM application",
+                application,
+            )
+        routes.append(
+            SamRouteProfile(tuple(families), slot, application=application, aid=aid, fid=fid)
+        )
+
+    needed = [(app.family.value, "cpu_purse.applications") for app in applications]
+    if r.get("m1_purse", {}):
+        needed.append(("m1", "[m1_purse]"))
+    for family, why in needed:
+        if family not in served:
+            raise r.fail(
+                "sam.routes", f"routes no SAM for {family!r} (used by {why})", sorted(served)
+            )
+    for i, entry in enumerate(slots):
+        if not any(route.slot == entry.name for route in routes):
+            raise r.fail(f"sam.slots[{i}].name", "is used by no [[sam.routes]] entry", entry.name)
+    first = routes[0].application or "tunion"
+    return first, tuple(slots), tuple(routes)
+
+
+def _hex_field(r: _Reader, dotted: str, value: Any, low: int, high: int) -> bytes:
+    if value == "":
+        return b""
+    if not isinstance(value, str):
+        raise r.fail(dotted, "must be a hex string", value)
+    data = r.hex_bytes(dotted, value)
+    if not low <= len(data) <= high:
+        size = f"{low}" if low == high else f"{low}..{high}"
+        raise r.fail(dotted, f"must be {size} bytes", value)
+    return data
+
+
+def _framing(r: _Reader) -> Mapping[str, Any]:
+    """``[reader.framing]``, checked by the serial driver's own validator (kept raw)."""
+    framing = r.table("reader.framing", required=False)
+    for name, low, high in (("length_bytes", 1, 2), ("max_payload", 1, 0xFFFF)):
+        if name in framing:
+            r.integer(f"reader.framing.{name}", minimum=low, maximum=high)
+    r.validated("reader.", Framing.from_mapping, framing)
+    return framing
+
+
+def _m1_purse(r: _Reader) -> Mapping[str, Any]:
+    """``[m1_purse]``, checked by :meth:`M1Layout.from_mapping` at load (kept raw)."""
+    m1_purse = r.table("m1_purse", required=False)
+    if m1_purse:
+        M1Layout.from_mapping(m1_purse, f"{r.source} m1_purse")
+    return m1_purse
 
 
 def _application(r: _Reader) -> ApplicationProfile:
@@ -279,16 +543,38 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(dotted, "must be an integer", value)
         if value < minimum or (maximum is not None and value > maximum):
-            raise self.fail(dotted, f"must be in {minimum}..{maximum}", value)
+            bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise self.fail(dotted, f"must be {bounds}", value)
         return value
 
-    def number(self, dotted: str, *, minimum: float, default: Any = _MISSING) -> float:
+    def number(
+        self,
+        dotted: str,
+        *,
+        minimum: float,
+        maximum: float | None = None,
+        default: Any = _MISSING,
+    ) -> float:
+        """A finite number in ``minimum..maximum``: NaN and infinities are always refused (TOML
+        has ``nan`` and ``inf`` literals, and NaN compares false with every bound)."""
         value = self.get(dotted, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(dotted, "must be a number", value)
-        if value < minimum:
-            raise self.fail(dotted, f"must be >= {minimum}", value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(dotted, "must be a finite number", value)
+        top = sys.float_info.max if maximum is None else maximum
+        if not minimum <= value <= top:
+            bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise self.fail(dotted, f"must be {bounds}", value)
         return float(value)
+
+    def validated(self, prefix: str, check: Callable[[Any], object], value: Any) -> None:
+        """Run another module's validator at load; its messages name fields from ``prefix``
+        on (``framing.start`` under ``reader.``): add the file and the prefix."""
+        try:
+            check(value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.source}: {prefix}{exc}") from exc
 
     def boolean(self, dotted: str, default: Any = _MISSING) -> bool:
         value = self.get(dotted, default)

@@ -1,5 +1,13 @@
 """The bus-validator loop: wait for a card, run the tap, wait for it to leave, repeat.
 
+After a tap the loop waits until the reader has seen the field empty, however long the card lies
+there, and only then looks for the next card: a card left on the validator is processed once
+(issue 8, item 1). The wait is polled in ``poll_timeout_s`` steps so that ``stop`` ends it. The
+removal it observes is passed to the engine's :class:`agent.presence.PresenceGuard`
+(``engine.presence.left()``); when the wait ends in a reader fault instead, the loop recovers as
+for any fault and takes cards again, and the guard refuses the card that was never seen leaving
+if the reader reports it again (reconnect, pcscd restart).
+
 Nothing that goes wrong in one tap stops the loop: reader faults are logged and retried with a
 bounded back-off (drivers reconnect on their next call), and an unexpected exception is logged
 as a bug with its traceback before the loop carries on.
@@ -15,12 +23,13 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.errors import AgentError, ReaderError
+from agent.presence import PresenceGuard
 from agent.readers.base import CardReader
 from agent.transaction import TapOutcome, TransactionEngine
 
 log = structlog.get_logger(__name__)
 
-REMOVAL_WAIT_S = 5.0
+REMOVAL_WAIT_S = 5.0  # removal is logged as overdue after this long, then awaited further
 EXPIRE_EVERY_S = 5.0
 
 
@@ -55,11 +64,16 @@ def run_validator(
     backoff = 0.05
     last_expire = 0.0
     _expire(engine)
+
+    def expire_when_due() -> None:
+        nonlocal last_expire
+        if time.monotonic() - last_expire > EXPIRE_EVERY_S:
+            _expire(engine)
+            last_expire = time.monotonic()
+
     while not stop.is_set() and (max_taps is None or stats.taps < max_taps):
         try:
-            if time.monotonic() - last_expire > EXPIRE_EVERY_S:
-                _expire(engine)
-                last_expire = time.monotonic()
+            expire_when_due()
             presence = reader.wait_for_card(poll_timeout_s)
             if presence is None:
                 continue
@@ -67,7 +81,9 @@ def run_validator(
             stats.add(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
-            reader.wait_for_removal(REMOVAL_WAIT_S)
+            if max_taps is not None and stats.taps >= max_taps:
+                break
+            await_removal(reader, engine, stop=stop, poll_s=poll_timeout_s, idle=expire_when_due)
             backoff = 0.05
         except ReaderError as exc:
             stats.reader_faults += 1
@@ -81,6 +97,35 @@ def run_validator(
             log.exception("bug_in_tap_loop")
             stop.wait(backoff)
     return stats
+
+
+def await_removal(
+    reader: CardReader,
+    engine: TransactionEngine,
+    *,
+    stop: threading.Event,
+    poll_s: float,
+    idle: Callable[[], None] | None = None,
+) -> bool:
+    """Wait until the reader sees the field empty (then tell the engine's presence guard and
+    return ``True``) or ``stop`` is set (``False``). Never looks for a new card meanwhile; a
+    reader fault propagates (the card was not seen leaving, so the guard keeps refusing it)."""
+    started = time.monotonic()
+    overdue = False
+    while not stop.is_set():
+        if reader.wait_for_removal(poll_s):
+            guard: PresenceGuard | None = getattr(engine, "presence", None)
+            if guard is not None:
+                guard.left()
+            if overdue:
+                log.info("card_left", after_s=round(time.monotonic() - started, 1))
+            return True
+        if not overdue and time.monotonic() - started > REMOVAL_WAIT_S:
+            overdue = True
+            log.info("card_still_in_field", waited_s=REMOVAL_WAIT_S)
+        if idle is not None:
+            idle()
+    return False
 
 
 def _expire(engine: TransactionEngine) -> None:

@@ -1,4 +1,4 @@
-"""Build the pieces a profile names: the reader driver, the SAM, the store, the engine."""
+"""Build the pieces a profile names: the reader driver, the SAMs (a router), the store."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigurationError, StoreError
+from agent.errors import ConfigurationError, SamError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
-from agent.profile import Profile, ReaderProfile
+from agent.profile import (
+    SAM_ROUTES,
+    Profile,
+    ReaderProfile,
+    SamRouteProfile,
+    SamSlotProfile,
+)
 from agent.readers.base import CardReader, SamSlot
 from agent.readers.nfc import NfcReader
 from agent.readers.pcsc import PcscCardReader, PcscSamSlot
@@ -22,7 +28,8 @@ from agent.readers.serial_module import (
 )
 from agent.sam.base import Sam
 from agent.sam.keys import KeySet
-from agent.sam.psam import PsamConfig, PsamDriver
+from agent.sam.psam import ApplicationPath, PsamConfig, PsamDriver, application_path
+from agent.sam.router import PsamRoute, PsamRouter, SamRouter, SingleSamRouter
 from agent.sam.software import SamCore, SoftwareSam
 
 DEVICE_KEY_FILE = "device.key"
@@ -79,37 +86,48 @@ class DataDir:
 
 @dataclass
 class Hardware:
-    """The reader and the SAM a profile names, ready for taps."""
+    """The reader and the SAMs a profile names, ready for taps."""
 
     reader: CardReader
-    sam: Sam
+    sams: SamRouter
+
+    @property
+    def sam(self) -> Sam:
+        """The first (or only) SAM: the PSAM driver of the first route's slot, or the software
+        SAM, for callers that know only one SAM (the engine takes :attr:`sams`, per tap)."""
+        return self.sams.primary()
 
     def close(self) -> None:
-        self.sam.close()
+        self.sams.close()
         self.reader.close()
 
 
+SlotFactory = Callable[[SamSlotProfile], SamSlot]
+
+
 def open_hardware(profile: Profile, data_dir: DataDir, reader_url: str | None = None) -> Hardware:
-    """Open the reader driver and the SAM the profile names."""
+    """Open the reader driver and every SAM slot the profile names.
+
+    A PSAM slot that cannot be opened is left to its router, which refuses its routes
+    (:class:`agent.errors.SamUnavailable`) and re-opens it later; only when no slot opens at all
+    does this raise (the runner then retries the whole hardware)."""
     rp = profile.reader
     opener = _DRIVERS.get(rp.driver)
     if opener is None:
         raise ConfigurationError(f"{profile.source}: unknown reader driver {rp.driver!r}")
-    reader, slot = opener(rp, reader_url, profile.sam_kind == "psam")
+    reader, make_slot = opener(rp, reader_url)
     try:
-        sam = open_sam(profile, data_dir, slot)
+        sams = open_sams(profile, data_dir, make_slot)
     except BaseException:
-        if slot is not None:
-            slot.close()
         reader.close()
         raise
-    return Hardware(reader, sam)
+    return Hardware(reader, sams)
 
 
-ReaderAndSlot = tuple[CardReader, SamSlot | None]
+ReaderAndSlots = tuple[CardReader, SlotFactory]
 
 
-def _serial(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+def _serial(rp: ReaderProfile, url: str | None) -> ReaderAndSlots:
     link = SerialModuleLink(
         url or rp.url,
         framing=Framing.from_mapping(rp.framing) if rp.framing else Framing(),
@@ -117,38 +135,87 @@ def _serial(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot
         timeout=rp.timeout_s,
     )
     reader = SerialModuleReader(link, poll_interval=rp.poll_interval_s)
-    return reader, SerialModuleSamSlot(link, rp.sam_slot) if want_sam else None
+
+    def make_slot(slot: SamSlotProfile) -> SamSlot:
+        return SerialModuleSamSlot(link, rp.sam_slot if slot.slot is None else slot.slot)
+
+    return reader, make_slot
 
 
-def _pcsc(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+def _pcsc(rp: ReaderProfile, url: str | None) -> ReaderAndSlots:
     reader = PcscCardReader(url or rp.card_reader, timeout=rp.timeout_s)
-    return reader, _pcsc_sam_slot(rp) if want_sam else None
+    return reader, _pcsc_sam_slots(rp)
 
 
-def _nfcpy(rp: ReaderProfile, url: str | None, want_sam: bool) -> ReaderAndSlot:
+def _nfcpy(rp: ReaderProfile, url: str | None) -> ReaderAndSlots:
     reader = NfcReader(url or rp.url, timeout=rp.timeout_s, poll_interval=rp.poll_interval_s)
-    return reader, _pcsc_sam_slot(rp) if want_sam else None
+    return reader, _pcsc_sam_slots(rp)
 
 
-def _pcsc_sam_slot(rp: ReaderProfile) -> SamSlot:
-    return PcscSamSlot(rp.sam_reader, timeout=rp.timeout_s)
+def _pcsc_sam_slots(rp: ReaderProfile) -> SlotFactory:
+    def make_slot(slot: SamSlotProfile) -> SamSlot:
+        return PcscSamSlot(slot.reader or rp.sam_reader, timeout=rp.timeout_s)
+
+    return make_slot
 
 
-_DRIVERS: dict[str, Callable[[ReaderProfile, str | None, bool], ReaderAndSlot]] = {
+_DRIVERS: dict[str, Callable[[ReaderProfile, str | None], ReaderAndSlots]] = {
     "serial": _serial,
     "pcsc": _pcsc,
     "nfcpy": _nfcpy,
 }
 
 
-def open_sam(profile: Profile, data_dir: DataDir, slot: SamSlot | None) -> Sam:
-    if profile.sam_kind == "psam":
-        if slot is None:
-            raise ConfigurationError(f"{profile.source}: sam.kind 'psam' needs a SAM slot")
-        driver = PsamDriver(slot, PsamConfig.for_application(profile.sam_application))
-        driver.open()
-        return driver
-    return software_sam(profile, data_dir.path / SOFTWARE_SAM_TTC_FILE)
+def sam_layout(profile: Profile) -> tuple[tuple[SamSlotProfile, ...], tuple[SamRouteProfile, ...]]:
+    """The profile's SAM slots and routes; a profile built without them (by hand) gets the old
+    shape: one slot where ``[reader]`` says, its ``sam_application`` serving every route."""
+    if profile.sam_routes:
+        return profile.sam_slots, profile.sam_routes
+    rp = profile.reader
+    slot = SamSlotProfile(
+        "psam",
+        slot=rp.sam_slot if rp.driver == "serial" else None,
+        reader=rp.sam_reader if rp.driver != "serial" else "",
+    )
+    return (slot,), (SamRouteProfile(SAM_ROUTES, "psam", application=profile.sam_application),)
+
+
+def route_path(route: SamRouteProfile) -> ApplicationPath:
+    return application_path(route.application, aid=route.aid, fid=route.fid)
+
+
+def open_sams(profile: Profile, data_dir: DataDir, make_slot: SlotFactory | None) -> SamRouter:
+    """A router over the profile's PSAM slots (each opened if it can be), or the software SAM."""
+    if profile.sam_kind != "psam":
+        return SingleSamRouter(
+            software_sam(profile, data_dir.path / SOFTWARE_SAM_TTC_FILE), name="software"
+        )
+    if make_slot is None:
+        raise ConfigurationError(f"{profile.source}: sam.kind 'psam' needs a SAM slot")
+    slots, routes = sam_layout(profile)
+    drivers: dict[str, PsamDriver] = {}
+    try:
+        for slot in slots:
+            first = next(r for r in routes if r.slot == slot.name)
+            config = PsamConfig(application=route_path(first))
+            drivers[slot.name] = PsamDriver(make_slot(slot), config)
+        router = PsamRouter(
+            drivers,
+            {
+                family: PsamRoute(route.slot, route_path(route), route.label)
+                for route in routes
+                for family in route.families
+            },
+            retry_interval_s=profile.sam_retry_interval_s,
+        )
+        if not router.open():
+            errors = "; ".join(f"{s.name}: {s.error}" for s in router.describe())
+            raise SamError(f"no PSAM could be opened ({errors})")
+    except BaseException:
+        for driver in drivers.values():
+            driver.close()
+        raise
+    return router
 
 
 def software_sam(profile: Profile, ttc_file: Path) -> SoftwareSam:

@@ -1,7 +1,7 @@
 """M1 tap benchmark: the agent's own time per MIFARE Classic tap next to the modelled card time.
 
 ``python -m bench.bench_m1 [--taps N]`` runs N purchase taps of fresh M1 cards (1K, 4-byte UID,
-the demo profile's layout, keys by 80 FC) through :class:`agent.transaction_m1.M1TapHandler` with
+the demo profile's layout, keys by 80 FC) through :class:`agent.tap.m1.M1Handler` with
 the in-process storage-card reader, the real :class:`agent.sam.psam.PsamDriver` over a simulated
 PSAM and a real :class:`agent.offline_store.OfflineStore` file, on the real disk and on tmpfs
 when ``/dev/shm`` exists; then N/4 interrupted debits (torn at the debit's TRANSFER, answer
@@ -34,9 +34,9 @@ from pathlib import Path
 import structlog
 
 from agent.offline_store import DeviceKey, OfflineStore
-from agent.products.m1_keys import M1KeyProvider
 from agent.sam.psam import PsamDriver
-from agent.transaction_m1 import M1TapHandler
+from agent.tap.m1 import M1Handler
+from agent.transaction import TransactionEngine
 from tests.fake_reader.inprocess import InProcessSamSlot
 from tests.fake_reader.m1_card import M1Card
 from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field
@@ -98,7 +98,9 @@ def _run(label: str, directory: Path, taps: int) -> Run:
     def clock() -> dt.datetime:
         return clock_now[0]
 
-    handler = M1TapHandler(profile, store, driver, layout=layout, clock=clock)
+    m1 = M1Handler(profile, layout=layout)
+    engine = TransactionEngine(profile, store, driver, clock=clock, handlers=[m1])
+    provider = m1.key_provider(driver)
     field_ = M1Field()
     reader = InProcessM1Reader(field_)
     run = Run(label, directory)
@@ -111,9 +113,10 @@ def _run(label: str, directory: Path, taps: int) -> Run:
         start = time.perf_counter()
         presence = reader.wait_for_card(0.0)
         assert presence is not None
-        outcome = handler.process(reader, presence)
+        outcome = engine.process_tap(reader, presence)
         wall = time.perf_counter() - start
         field_.remove()
+        engine.presence.left()
         sim = (card.sim_seconds - card_sim0) + (slot.sim_seconds - psam_sim0)
         modelled = (card.modelled_seconds - card_model0) + (psam.modelled_seconds - psam_model0)
         return Sample(
@@ -126,18 +129,14 @@ def _run(label: str, directory: Path, taps: int) -> Run:
         )
 
     for i in range(taps):
-        run.paid.append(tap(make_m1_card(10_000 + i, layout, driver_provider(handler), clock=True)))
+        run.paid.append(tap(make_m1_card(10_000 + i, layout, provider, clock=True)))
     for i in range(max(1, taps // 4)):
-        card = make_m1_card(20_000 + i, layout, driver_provider(handler), clock=True)
+        card = make_m1_card(20_000 + i, layout, provider, clock=True)
         card.arm_tear(2, "lost")
         tap(card)
         run.recovered.append(tap(card))
     store.verify()
     return run
-
-
-def driver_provider(handler: M1TapHandler) -> M1KeyProvider:
-    return handler.key_provider
 
 
 def _fs_type(path: Path) -> str:

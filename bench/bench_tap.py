@@ -322,6 +322,7 @@ def _taps(
         outcome = variant.engine.process_tap(reader, presence)
         wall = time.perf_counter() - start
         field_.remove()
+        variant.engine.presence.left()
         sim = card_watch.seconds + psam_watch.seconds - psam_before
         modelled = card.modelled_seconds + psam.modelled_seconds - psam_modelled_before
         yield TapSample(

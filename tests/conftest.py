@@ -6,8 +6,21 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 
 from tests.stacks import PcscStack
+
+# CI machines are loaded (2 cores, other jobs): timing must never fail a test. No deadlines and
+# no too_slow health check, on top of whatever profile is active (Hypothesis' own "ci" profile
+# when CI is set). Loaded before any test module builds its @settings, which inherit from it.
+# An explicit suppress_health_check=[...] in a test replaces this list: keep too_slow in it.
+settings.register_profile(
+    "cardagent",
+    parent=settings(),
+    deadline=None,
+    suppress_health_check=[*settings().suppress_health_check, HealthCheck.too_slow],
+)
+settings.load_profile("cardagent")
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,9 @@ from agent.products.m1_layout import M1Layout
 from agent.products.m1_purse import Classification, PurseState, classify
 from agent.profile import Profile
 from agent.readers.base import CardPresence
-from agent.transaction import TapOutcome, unresolved_body
-from agent.transaction_m1 import M1TapHandler
+from agent.sam.base import Sam
+from agent.tap.m1 import M1Handler
+from agent.transaction import TapOutcome, TransactionEngine, unresolved_body
 from tests.fake_reader.m1_card import M1Card
 from tests.fake_reader.m1_readers import (
     InProcessM1Reader,
@@ -84,10 +85,8 @@ class M1Rig:
     def _open_store(self) -> OfflineStore:
         return OfflineStore.open(self.path, self.key, TERMINAL, clock=self.clock)
 
-    def _handler(self) -> M1TapHandler:
-        return M1TapHandler(
-            self.profile, self.store, self.sam, layout=self.layout, clock=self.clock
-        )
+    def _handler(self) -> TransactionEngine:
+        return m1_engine(self.profile, self.store, self.sam, self.layout, clock=self.clock)
 
     def kill9(self) -> None:
         """Abandon the agent's objects (no close, no cleanup) and start a new agent."""
@@ -104,8 +103,9 @@ class M1Rig:
             self.field.insert(card)
         presence = self.reader.wait_for_card(0.0)
         assert isinstance(presence, CardPresence)
-        outcome = self.handler.process(self.reader, presence)
+        outcome = self.handler.process_tap(self.reader, presence)
         self.field.remove()
+        self.handler.presence.left()
         return outcome
 
     def records(self, kind: str | None = None, card: M1Card | None = None) -> list[Record]:
@@ -148,3 +148,12 @@ def card_state(card: M1Card, layout: M1Layout) -> PurseState:
 
 def card_classification(card: M1Card, layout: M1Layout) -> Classification:
     return classify(card_state(card, layout), layout)
+
+
+def m1_engine(
+    profile: Profile, store: OfflineStore, sam: Sam, layout: M1Layout, **kwargs: Any
+) -> TransactionEngine:
+    """An engine that takes M1 cards only, with ``layout`` (a test may vary it)."""
+    return TransactionEngine(
+        profile, store, sam, handlers=[M1Handler(profile, layout=layout)], **kwargs
+    )

@@ -58,6 +58,7 @@ class Rig:
             return self.engine.process_tap(self.reader, presence)
         finally:
             self.field.remove()
+            self.engine.presence.left()
 
     def expire(self) -> list[Record]:
         engine = TransactionEngine(

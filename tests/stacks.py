@@ -28,6 +28,11 @@ from tests.fake_reader.vpcd_card import VpcdSlot
 VPCD_LIB = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 CARD_READER = "Virtual PCD 00 00"
 SAM_READER = "Virtual PCD 00 01"
+# A second vpcd instance (its own friendly name, so "Virtual PCD *" patterns never reach it) gives
+# a second PSAM slot: vpcd slot 2 (slot 3 exists too, unused).
+SAM2_READER = "Virtual SAM 00 00"
+READER_NAMES = (CARD_READER, SAM_READER, SAM2_READER, "Virtual SAM 00 01")
+VPCD_SLOTS = len(READER_NAMES)
 
 # Runs inside the new namespaces: /run becomes the session's directory, loopback comes up, then it
 # holds the namespaces open until its stdin closes.
@@ -73,24 +78,32 @@ def unshare_works() -> bool:
     return probe.returncode == 0
 
 
-def _free_port_pair() -> int:
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (one per vpcd slot)."""
     for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
             if port > 65000:
                 continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return int(port)
-    raise StackError("no free port pair for vpcd")
+            try:
+                for offset in range(1, count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+            return port
+    raise StackError(f"no {count} consecutive free ports for vpcd")
+
+
+def reader_name(index: int) -> str:
+    """The PC/SC name of vpcd slot ``index``."""
+    return READER_NAMES[index]
 
 
 class PcscStack:
-    """pcscd with vpcd's two slots; :meth:`slot` gives the virtual ICC side of each."""
+    """pcscd with two vpcd readers of two slots each (card, PSAM, second PSAM, spare);
+    :meth:`slot` gives the virtual ICC side of each."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -98,12 +111,23 @@ class PcscStack:
         if not VPCD_LIB.exists():
             raise StackError(f"{VPCD_LIB} missing: install the Debian package vsmartcard-vpcd")
         self.isolated = unshare_works()
-        self.port = 35963 if self.isolated else _free_port_pair()
+        self.port = 35963 if self.isolated else _free_ports(VPCD_SLOTS)
         self.conf = root / "reader.conf.d"
         self.conf.mkdir(parents=True, exist_ok=True)
+        # One file, so pcscd lists "Virtual PCD" first: vpcd slot i listens on port + i. The
+        # second reader loads its own copy of the driver: ifd-vpcd keeps its slots in static
+        # variables indexed by slot number, which two readers of one loaded library would share.
+        second_lib = root / "libifdvpcd-2.so"
+        shutil.copyfile(VPCD_LIB, second_lib)
         (self.conf / "vpcd").write_text(
-            f'FRIENDLYNAME "Virtual PCD"\nDEVICENAME /dev/null:{self.port}\n'
-            f"LIBPATH {VPCD_LIB}\nCHANNELID {self.port}\n",
+            "".join(
+                f'FRIENDLYNAME "{friendly}"\nDEVICENAME /dev/null:{self.port + offset}\n'
+                f"LIBPATH {lib}\nCHANNELID {self.port + offset}\n\n"
+                for friendly, offset, lib in (
+                    ("Virtual PCD", 0, VPCD_LIB),
+                    ("Virtual SAM", 2, second_lib),
+                )
+            ),
             encoding="ascii",
         )
         self.run_dir = root / "run"
@@ -155,7 +179,7 @@ class PcscStack:
         self.pcscd = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        self.wait_for_readers([CARD_READER, SAM_READER], timeout)
+        self.wait_for_readers(list(READER_NAMES), timeout)
 
     def stop_pcscd(self, sig: int = signal.SIGTERM) -> None:
         """Stop pcscd (SIGKILL for a crash) and wait for it to exit."""
@@ -212,7 +236,10 @@ class PcscStack:
     # -- virtual ICCs --------------------------------------------------------------------------
 
     def slot(self, index: int) -> VpcdSlot:
-        """The virtual ICC side of vpcd slot ``index`` (0 = card reader, 1 = SAM reader)."""
+        """The virtual ICC side of vpcd slot ``index`` (0 = card reader, 1 = SAM reader,
+        2 = second SAM reader; PC/SC names in :data:`READER_NAMES`)."""
+        if not 0 <= index < VPCD_SLOTS:
+            raise ValueError(f"vpcd slot {index} out of range 0..{VPCD_SLOTS - 1}")
         if index not in self._slots:
             self._slots[index] = VpcdSlot(
                 self.port + index, netns_pid=self.netns_pid, name=f"vpcd slot {index}"
@@ -225,7 +252,7 @@ class PcscStack:
             slot.remove()
         if self.pcscd is not None and self.pcscd.poll() is None:
             for index in self._slots:
-                self.wait_card(f"Virtual PCD 00 {index:02d}", present=False)
+                self.wait_card(reader_name(index), present=False)
 
     def close(self) -> None:
         for slot in self._slots.values():

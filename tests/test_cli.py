@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import main
 from agent.errors import StoreError
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
 from agent.wiring import DataDir
 from tests.fake_reader.scenario import DEMO_PROFILE, REPO
+from tests.test_profile import BAD_FIELD_CASES, DEMO_TEXT, bad_literal, names_field
 
 
 def cardagent(*args: str) -> subprocess.CompletedProcess[str]:
@@ -143,3 +145,44 @@ def test_store_refuses_foreign_device_key(tmp_path: Path) -> None:
     other = DeviceKey.create(tmp_path / "other.key")
     with pytest.raises(StoreError, match="refusing to open"):
         OfflineStore.open(db, other, "CLI-0001")
+
+
+@pytest.mark.parametrize(("field", "kind", "literal"), BAD_FIELD_CASES)
+def test_profile_check_refuses_bad_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field, kind, literal
+) -> None:
+    """`cardagent profile` (its main) refuses NaN, +inf, -inf and an out-of-range value in
+    every numeric field of the demo profile ([m1_purse], [reader], test keys...) by name."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(field.with_value(DEMO_TEXT, bad_literal(field, kind, literal)))
+    assert main(["--log-format", "json", "profile", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err
+    assert str(bad) in err
+    assert names_field(err, field.name), err
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("double_tap_window_s = 5.0", "double_tap_window_s = nan", "terminal.double_tap_window_s"),
+        ("recovery_window_s = 300.0", "recovery_window_s = inf", "terminal.recovery_window_s"),
+        ("purse_backup = 2", "purse_backup = 1", "purse_backup"),  # same block as the primary
+        ("record_sectors = [3, 4, 5]", "record_sectors = [3, 2]", "record_sectors"),
+        ("[reader]", "[reader.framing]\nlength_bytes = 3\n[reader]", "reader.framing.length_bytes"),
+    ],
+    ids=["double-tap-nan", "recovery-inf", "m1-backup-is-primary", "m1-records-overlap", "framing"],
+)
+def test_profile_check_subprocess_refuses_what_the_agent_would(
+    tmp_path: Path, old: str, new: str, name: str
+) -> None:
+    """The real command: NaN/inf windows, a broken M1 layout and a broken reader framing (both
+    validated only at first use before) are refused at load, naming the field."""
+    bad = tmp_path / "bad.toml"
+    text = DEMO_PROFILE.read_text()
+    assert old in text
+    bad.write_text(text.replace(old, new, 1))
+    result = cardagent("profile", str(bad))
+    assert result.returncode == 2, result.stdout
+    assert name in result.stderr
+    assert "OK" not in result.stdout

@@ -5,6 +5,10 @@ project's own errors."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import math
+import tomllib
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,7 +16,14 @@ from hypothesis import strategies as st
 
 from agent.errors import AgentError, CardProtocolError, ConfigurationError
 from agent.products import m1_codec as c
-from agent.products.m1_codec import AccessConditions, M1FormatError, PublicInfo, TripRecord
+from agent.products.m1_codec import (
+    AccessConditions,
+    DatesFormat,
+    IssuanceDates,
+    M1FormatError,
+    PublicInfo,
+    TripRecord,
+)
 from agent.products.m1_layout import M1Layout, block_number, sector_of
 from agent.readers import storage as s
 from agent.readers.storage import KeyType
@@ -213,6 +224,82 @@ def test_record_garbage_only_project_errors(data, layout):
         c.decode_record(data, layout, "little")
 
 
+# --- issuance dates (§3.1 block 1; offsets and encoding are profile settings) -----------------
+
+
+def test_bcd_dates_round_trip_and_unset():
+    day = dt.date(2029, 2, 28)
+    assert c.encode_date(day, "bcd_yyyymmdd") == bytes.fromhex("20290228")
+    assert c.encode_date(day, "bcd_yymmdd") == bytes.fromhex("290228")
+    for encoding in c.DATE_ENCODINGS:
+        assert c.decode_date(c.encode_date(day, encoding), encoding) == day
+        size = c.DATE_SIZES[encoding]
+        assert c.decode_date(b"\x00" * size, encoding) is None  # unset
+        assert c.decode_date(b"\xff" * size, encoding) is None
+        assert c.encode_date(None, encoding) == b"\xff" * size
+
+
+@pytest.mark.parametrize(
+    ("raw", "what"),
+    [
+        ("2029022A", "not BCD"),
+        ("20290229", "not a calendar date"),  # 2029 is no leap year
+        ("20291301", "not a calendar date"),
+        ("00000101", "not a calendar date"),  # year 0
+        ("202902", "bytes"),  # too short
+    ],
+)
+def test_bad_dates_are_format_errors(raw, what):
+    with pytest.raises(M1FormatError, match=what):
+        c.decode_date(bytes.fromhex(raw), "bcd_yyyymmdd", "expiry date")
+
+
+def test_dates_block_round_trip_offsets_and_check():
+    fmt = DatesFormat(issue=0, start=8, expiry=4)
+    dates = IssuanceDates(dt.date(2020, 1, 1), dt.date(2020, 2, 1), dt.date(2030, 12, 31))
+    block = c.encode_dates_block(dates, fmt)
+    assert block[0:4] == bytes.fromhex("20200101") and block[4:8] == bytes.fromhex("20301231")
+    assert block[8:12] == bytes.fromhex("20200201") and block[15] == c.xor8(block[:15])
+    assert c.decode_dates_block(block, fmt) == dates
+    with pytest.raises(M1FormatError, match="XOR"):
+        c.decode_dates_block(block[:15] + bytes((block[15] ^ 1,)), fmt)
+    unchecked = DatesFormat(check="none", issue=None, expiry=12)  # 00 00 00 <xor>: no date
+    with pytest.raises(M1FormatError, match="calendar"):
+        c.decode_dates_block(block, unchecked)
+    only_expiry = DatesFormat(check="none", issue=None, expiry=4)
+    assert c.decode_dates_block(block, only_expiry) == IssuanceDates(expiry=dt.date(2030, 12, 31))
+
+
+def test_issuance_carries_dates():
+    issuance = c.Issuance(bytes(2), bytes(2), bytes(4), bytes(4), 2, 1)
+    assert issuance.expiry_date is None
+    dated = issuance.with_dates(IssuanceDates(dt.date(2020, 1, 1), None, dt.date(2030, 1, 1)))
+    assert (dated.issue_date, dated.start_date, dated.expiry_date) == (
+        dt.date(2020, 1, 1),
+        None,
+        dt.date(2030, 1, 1),
+    )
+    assert c.encode_issuance(dated) == c.encode_issuance(issuance)  # dates live in block 1
+
+
+@given(
+    st.binary(min_size=0, max_size=20),
+    st.sampled_from(c.DATE_ENCODINGS),
+    st.sampled_from(["xor", "none"]),
+    st.sampled_from([(0, None, 4), (0, 8, 4), (None, None, 11), (3, None, 7)]),
+)
+def test_dates_garbage_only_project_errors(data, encoding, check, offsets):
+    issue, start, expiry = offsets
+    fmt = DatesFormat(encoding=encoding, check=check, issue=issue, start=start, expiry=expiry)
+    size = c.DATE_SIZES[encoding]
+    with contextlib.suppress(M1FormatError):
+        c.decode_date(data[:size], encoding)
+    with contextlib.suppress(M1FormatError):
+        dates = c.decode_dates_block(data, fmt)
+        for value in (dates.issue, dates.start, dates.expiry):
+            assert value is None or isinstance(value, dt.date)
+
+
 # --- layout validation ---------------------------------------------------------------------------
 
 
@@ -234,11 +321,136 @@ def test_record_garbage_only_project_errors(data, layout):
         ({"tac": {"fields": ["amount3", "nonsense"]}}, "fields[1]"),
         ({"colour": "red"}, "colour"),
         ({"keys": {"issuance_key": "nothex"}}, "issuance_key"),
+        ({"keys": {"sector_ids": {"9": 1}}}, "sector_ids.9"),  # not a sector of the layout
+        ({"keys": {"sector_ids": {"40": 1}}}, "sector_ids.40"),
+        ({"keys": {"sector_ids": {"04": 1}}}, "sector_ids.04"),
+        ({"keys": {"sector_ids": {"4": 256}}}, "sector_ids.4"),
+        ({"keys": {"sector_input": "uid"}}, "sector_input"),
+        ({"keys": {"sector_input": "id_and_sector"}}, "sector_input"),  # 80 FC: 1 byte a key
+        ({"keys": {"static": {"7": "111111111111"}}}, "static.7"),
+        (
+            {"keys": {"provider": "static", "static": {"purse": "111111111111"}}},
+            "static.6",  # public info and records have no key
+        ),
+        ({"validity": {"expiry_date": 14}}, "validity"),  # 4 bytes do not fit before the check
+        (
+            {"validity": {"issue_date": 0, "expiry_date": 2}},
+            "validity",
+        ),  # overlaps the issue date at 0
+        ({"validity": {"block": 0}}, "block"),  # the identity block
+        ({"validity": {"block": 3}}, "block"),  # the trailer
+        ({"validity": {"issue_date": -1}}, "issue_date"),
+        ({"validity": {"date_encoding": "unix"}}, "date_encoding"),
+        ({"validity": {"unset_dates": "maybe"}}, "unset_dates"),
+        ({"validity": {"colour": 1}}, "colour"),
+        ({"validity": "yes"}, "validity"),
     ],
 )
 def test_layout_errors_name_the_field(raw, field):
     with pytest.raises(ConfigurationError, match=field.replace("[", r"\[").replace("]", r"\]")):
         M1Layout.from_mapping(raw)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        (("purse_sector",), "purse_sector"),
+        (("flag_done",), "flag_done"),
+        (("record_blocks_per_sector",), "record_blocks_per_sector"),
+        (("record_sectors",), "record_sectors[0]"),
+        (("accepted_card_types",), "accepted_card_types[0]"),
+        (("keys", "fc_p1"), "fc_p1"),
+        (("keys", "sector_ids", "records"), "sector_ids.records"),
+        (("keys", "sector_ids", "4"), "sector_ids.4"),
+        (("tac", "p1"), "p1"),
+        (("validity", "expiry_date"), "expiry_date"),
+        (("validity", "block"), "block"),
+    ],
+)
+def test_layout_refuses_nan_and_infinity_naming_the_field(path, field, bad):
+    raw: dict[str, Any] = {}
+    *tables, name = path
+    table = raw
+    for part in tables:
+        table = table.setdefault(part, {})
+    table[name] = [bad] if name in ("record_sectors", "accepted_card_types") else bad
+    pattern = "'" + field.replace("[", r"\[").replace("]", r"\]") + "' must be a finite"
+    with pytest.raises(ConfigurationError, match=pattern):
+        M1Layout.from_mapping(raw)
+
+
+def test_toml_nan_in_the_layout_is_refused():
+    raw = tomllib.loads("purse_sector = nan\n")
+    with pytest.raises(ConfigurationError, match="purse_sector"):
+        M1Layout.from_mapping(raw)
+
+
+def test_role_key_ids_expand_to_every_sector():
+    layout = M1Layout.from_mapping({})
+    assert layout.sectors_in_use() == (2, 6, 3, 4, 5)
+    assert {s: layout.key_id(s) for s in layout.sectors_in_use()} == {
+        2: 0x02,
+        6: 0x06,
+        3: 0x03,
+        4: 0x03,
+        5: 0x03,
+    }
+
+
+def test_per_sector_key_ids_override_their_role():
+    text = """
+    [keys.sector_ids]
+    purse = 0x10
+    records = 0x03
+    4 = 0x04
+    "5" = 0x05
+    """
+    layout = M1Layout.from_mapping(tomllib.loads(text))
+    assert {s: layout.key_id(s) for s in layout.sectors_in_use()} == {
+        2: 0x10,
+        6: 0x06,  # the default of its role
+        3: 0x03,
+        4: 0x04,
+        5: 0x05,
+    }
+    four_k = M1Layout.from_mapping(
+        {"record_sectors": [33, 34], "keys": {"sector_ids": {"34": 0x22}}}
+    )
+    assert (four_k.key_id(33), four_k.key_id(34)) == (0x03, 0x22)
+
+
+def test_static_keys_per_sector_or_role():
+    layout = M1Layout.from_mapping(
+        {
+            "keys": {
+                "provider": "static",
+                "static": {
+                    "purse": "111111111111",
+                    "public": "222222222222",
+                    "records": "333333333333",
+                    "4": "444444444444",
+                },
+            }
+        }
+    )
+    assert layout.static_key(3) == layout.static_key(5) == bytes.fromhex("333333333333")
+    assert layout.static_key(4) == bytes.fromhex("444444444444")
+    assert "4444" not in repr(layout)
+    per_sector = {str(s): f"{s:02d}" * 6 for s in (2, 3, 4, 5, 6)}
+    only_sectors = M1Layout.from_mapping({"keys": {"provider": "static", "static": per_sector}})
+    assert only_sectors.static_key(6) == bytes.fromhex("06" * 6)
+
+
+def test_validity_table():
+    assert M1Layout.from_mapping({}).validity is None  # absent: dates are not read
+    layout = M1Layout.from_mapping(
+        {"validity": {"expiry_date": 0, "issue_date": None, "date_encoding": "bcd_yymmdd"}}
+    )
+    assert layout.validity is not None and layout.validity_block == 5
+    assert layout.validity.dates.offsets() == {"expiry": 0}
+    with pytest.raises(ConfigurationError, match="at least one"):
+        M1Layout.from_mapping({"validity": {"issue_date": None, "expiry_date": None}})
 
 
 def test_layout_never_echoes_keys():

@@ -31,10 +31,10 @@ from agent.products import m1_lock
 from agent.products.m1_codec import PublicInfo, decode_backup, decode_public_info
 from agent.products.m1_layout import M1Layout
 from agent.products.m1_purse import PurseState, Recovery, WritePublic, classify, encode_public
-from agent.transaction_m1 import M1TapHandler
+from agent.transaction import TransactionEngine
 from tests.fake_reader.m1_card import TEAR_MODES, M1Card
 from tests.fake_reader.scenario import m1_layout, m1_purse_of, make_m1_card
-from tests.m1_rig import M1Rig, card_classification, card_state
+from tests.m1_rig import M1Rig, card_classification, card_state, m1_engine
 
 OLD = 1000
 FARE = 200  # the demo profile's flat fare
@@ -98,12 +98,12 @@ class LockRig(M1Rig):
         self.host = HostList(self.dir)
         self.handler = self._handler()
 
-    def _handler(self) -> M1TapHandler:
-        return M1TapHandler(
+    def _handler(self) -> TransactionEngine:
+        return m1_engine(
             self.profile,
             self.store,
             self.sam,
-            layout=self.layout,
+            self.layout,
             clock=self.clock,
             blacklist=None if self.host is None else self.host.list,
         )

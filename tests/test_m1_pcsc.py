@@ -73,6 +73,7 @@ class M1World:
         finally:
             self.stack.slot(0).remove()
             self.stack.wait_card(CARD_READER, present=False)
+            self.engine.presence.left()
 
 
 @pytest.fixture

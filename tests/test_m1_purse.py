@@ -5,35 +5,42 @@ recovery — never a wrong balance, never an exception out of the handler."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import itertools
 from typing import Any
 
 import pytest
 
-from agent.errors import ConfigurationError, SamMuteError
+from agent.errors import CardProtocolError, ConfigurationError, SamMuteError, TapRefused
+from agent.products import m1_keys as m1_keys_inputs
 from agent.products import m1_purse
 from agent.products.m1_codec import (
     AccessConditions,
+    Issuance,
     PublicInfo,
     decode_backup,
     decode_issuance,
     decode_public_info,
     decode_record,
     encode_public_info,
+    xor8,
 )
-from agent.products.m1_keys import (
+from agent.products.m1_layout import M1Layout
+from agent.products.m1_purse import CopyPurse, PurseState, Recovery, WritePublic, classify
+from agent.products.m1_recovery import M1PurchaseIntent
+from agent.readers.base import CardPresence, CardTechnology
+from agent.readers.storage import KeyType
+from agent.sam.m1_keys import (
     PsamDesKeyProvider,
     PsamFcKeyProvider,
     Software3DesKeyProvider,
     StaticKeyProvider,
     key_provider_for,
 )
-from agent.products.m1_layout import M1Layout
-from agent.products.m1_purse import CopyPurse, PurseState, Recovery, WritePublic, classify
-from agent.readers.base import CardPresence, CardTechnology
-from agent.readers.storage import KeyType
 from agent.sam.psam import PsamDriver
-from agent.transaction_m1 import M1TapHandler
+from agent.tap.m1 import M1Handler
+from agent.transaction import TransactionEngine
 from tests.fake_reader.inprocess import InProcessSamSlot
 from tests.fake_reader.m1_card import M1Card
 from tests.fake_reader.scenario import (
@@ -46,7 +53,7 @@ from tests.fake_reader.scenario import (
     make_m1_card,
     make_psam,
 )
-from tests.m1_rig import M1Rig, card_classification
+from tests.m1_rig import M1Rig, card_classification, m1_engine
 
 FARE = 200
 _numbers = itertools.count(1)
@@ -199,12 +206,13 @@ def test_80fc_over_apdus_matches_the_software_sam(psam_driver):
     card = make_m1_card(next(_numbers), layout)
     issuance_block = card.get_block(4)
     issuance = decode_issuance(issuance_block)
-    via_apdu = PsamFcKeyProvider(psam_driver, layout.keys).sector_keys(card.auth_uid, issuance)
-    via_core = PsamFcKeyProvider(m1_software_sam(), layout.keys).sector_keys(
-        card.auth_uid, issuance
+    sectors = layout.sectors_in_use()
+    via_apdu = PsamFcKeyProvider(psam_driver, layout).sector_keys(card.auth_uid, issuance, sectors)
+    via_core = PsamFcKeyProvider(m1_software_sam(), layout).sector_keys(
+        card.auth_uid, issuance, sectors
     )
     assert via_apdu == via_core
-    assert via_apdu["purse"] == card.keys_of(layout.purse_sector)[0]
+    assert via_apdu[layout.purse_sector] == card.keys_of(layout.purse_sector)[0]
     sent = psam_driver.slot.psam.commands
     fc = [c for c in sent if c[:2] == b"\x80\xfc"]
     assert fc and fc[-1][4] == 0x0F  # Lc = city 2 + UID 4 + serial 2 + auth 4 + 3 ids (AFC)
@@ -212,24 +220,25 @@ def test_80fc_over_apdus_matches_the_software_sam(psam_driver):
 
 def test_handler_with_a_psam_driver_end_to_end(psam_driver, tmp_path):
     rig = M1Rig(directory=tmp_path)
-    rig.handler = M1TapHandler(
-        rig.profile, rig.store, psam_driver, layout=rig.layout, clock=rig.clock
-    )
+    rig.handler = m1_engine(rig.profile, rig.store, psam_driver, rig.layout, clock=rig.clock)
     card = make_m1_card(next(_numbers), rig.layout, balance=1000)
     outcome = rig.tap(card)
     assert outcome.status == "paid", outcome.reason
     rec = rig.records("purchase")[0]
     # The TAC the PSAM computed over APDUs equals the software SAM's.
-    twin = M1TapHandler(rig.profile, rig.store, m1_software_sam(), layout=rig.layout)
-    assert twin._tac(dict(rec.fields) | {"amount": rec.amount})[0] == rec.fields["tac"]
+    twin = M1Handler(rig.profile, layout=rig.layout)
+    intent = M1PurchaseIntent.from_payload(
+        dict(rec.fields) | {"amount": rec.amount, "counter_before": 0, "family": "m1"}
+    )
+    assert twin._tac(m1_software_sam(), intent)[0] == rec.fields["tac"]
 
 
 def test_psam_des_provider_uses_80_1a_and_80_fa(psam_driver):
     layout = _layout(VARIANTS["psam-des"])
-    card = make_m1_card(next(_numbers), layout, PsamDesKeyProvider(m1_software_sam(), layout.keys))
+    card = make_m1_card(next(_numbers), layout, PsamDesKeyProvider(m1_software_sam(), layout))
     issuance = decode_issuance(card.get_block(4))
-    keys = PsamDesKeyProvider(psam_driver, layout.keys).sector_keys(card.auth_uid, issuance)
-    assert keys["records"] == card.keys_of(3)[0]
+    keys = PsamDesKeyProvider(psam_driver, layout).sector_keys(card.auth_uid, issuance, [3, 4])
+    assert keys[3] == keys[4] == card.keys_of(3)[0]
     sent = psam_driver.slot.psam.commands
     assert any(c[:2] == b"\x80\x1a" for c in sent) and any(c[:2] == b"\x80\xfa" for c in sent)
 
@@ -490,7 +499,7 @@ def test_reader_without_storage_operations_fails_cleanly():
             pass
 
     presence = CardPresence(bytes(4), CardTechnology.MIFARE_CLASSIC, 0x08)
-    outcome = rig.handler.process(ApduOnly(), presence)  # type: ignore[arg-type]
+    outcome = rig.handler.process_tap(ApduOnly(), presence)  # type: ignore[arg-type]
     assert outcome.status == "failed" and outcome.reason.startswith("reader")
 
 
@@ -513,13 +522,13 @@ class _FlakySam:
 
 def test_sam_failure_in_tac_still_records_the_debit():
     rig = M1Rig()
-    rig.handler = M1TapHandler(
+    provider = key_provider_for(rig.layout, rig.sam, production=False)
+    rig.handler = TransactionEngine(
         rig.profile,
         rig.store,
         _FlakySam("cipher_mac"),
-        key_provider_for(rig.layout, rig.sam, production=False),
-        layout=rig.layout,
         clock=rig.clock,
+        handlers=[M1Handler(rig.profile, layout=rig.layout, key_provider=lambda _sam: provider)],
     )
     card = make_m1_card(next(_numbers), rig.layout, balance=1000)
     outcome = rig.tap(card)
@@ -531,13 +540,7 @@ def test_sam_failure_in_tac_still_records_the_debit():
 def test_sam_failure_in_key_derivation_fails_before_any_write():
     rig = M1Rig()
     sam = _FlakySam("calculate_m1_keys")
-    rig.handler = M1TapHandler(
-        rig.profile,
-        rig.store,
-        sam,
-        layout=rig.layout,
-        clock=rig.clock,
-    )
+    rig.handler = m1_engine(rig.profile, rig.store, sam, rig.layout, clock=rig.clock)
     card = make_m1_card(next(_numbers), rig.layout)
     before = _memory(card)
     outcome = rig.tap(card)
@@ -629,3 +632,247 @@ def test_serial_module_m1_refusals(module_rig):
     reader.value_transfer("decrement", 9, 100, 9)
     assert card.value_of(9) == 4900
     assert reader.read_block(9)[:4] == (4900).to_bytes(4, "little")
+
+
+# --- per-sector keys (issue 8: record sectors with keys of their own) ---------------------------
+
+PER_SECTOR_IDS = {"purse": 0x10, "public": 0x16, "3": 0x23, "4": 0x24, "5": 0x25}
+
+
+def test_per_sector_ids_give_distinct_record_keys_with_every_provider():
+    sam = m1_software_sam()
+    for extra in (
+        {},
+        {"provider": "psam_des", "des_p1": 0x45, "des_p2": 0x01},
+        {"provider": "software_3des", "software_master": SOFTWARE_MASTER},
+    ):
+        layout = _layout({"keys": {**extra, "sector_ids": PER_SECTOR_IDS}})
+        card = make_m1_card(next(_numbers), layout)
+        keys = key_provider_for(layout, sam, production=False).sector_keys(
+            card.auth_uid, decode_issuance(card.get_block(4)), layout.sectors_in_use()
+        )
+        assert sorted(keys) == [2, 3, 4, 5, 6]
+        assert len(set(keys.values())) == 5, extra
+        for sector, key in keys.items():
+            assert card.keys_of(sector)[0] == key  # the card holds one key per sector
+
+
+def test_role_ids_share_one_derivation_for_all_record_sectors(psam_driver):
+    layout = m1_layout()
+    card = make_m1_card(next(_numbers), layout)
+    keys = PsamFcKeyProvider(psam_driver, layout).sector_keys(
+        card.auth_uid, decode_issuance(card.get_block(4)), layout.sectors_in_use()
+    )
+    assert keys[3] == keys[4] == keys[5] != keys[2]
+    fc = [c for c in psam_driver.slot.psam.commands if c[:2] == b"\x80\xfc"]
+    assert len(fc) == 1 and fc[0][-3:] == bytes((0x02, 0x06, 0x03))  # one id per key
+
+
+@pytest.mark.parametrize(
+    ("sector_input", "ids"),
+    [
+        ("id", bytes((0x10, 0x16, 0x23, 0x24, 0x25))),  # key ids (CARDOP, AFC)
+        ("sector", bytes((2, 6, 3, 4, 5))),  # sector numbers instead [L]
+    ],
+)
+def test_80fc_input_names_each_sector_by_id_or_by_number(psam_driver, sector_input, ids):
+    layout = _layout({"keys": {"sector_ids": PER_SECTOR_IDS, "sector_input": sector_input}})
+    card = make_m1_card(next(_numbers), layout)
+    issuance = decode_issuance(card.get_block(4))
+    keys = PsamFcKeyProvider(psam_driver, layout).sector_keys(
+        card.auth_uid, issuance, layout.sectors_in_use()
+    )
+    fc = [c for c in psam_driver.slot.psam.commands if c[:2] == b"\x80\xfc"][-1]
+    prefix = issuance.city_code + card.auth_uid + issuance.serial[-2:] + issuance.auth_code
+    assert fc[4] == 12 + 5 and fc[5 : 5 + 17] == prefix + ids  # Lc, data
+    assert (
+        m1_keys_inputs.fc_data(layout.keys, card.auth_uid, issuance, [bytes((i,)) for i in ids])[
+            12:
+        ]
+        == ids
+    )
+    assert len(set(keys.values())) == 5
+    assert all(card.keys_of(s)[0] == k for s, k in keys.items())
+
+
+def test_one_80fc_per_sector_when_not_batched(psam_driver):
+    layout = _layout({"keys": {"sector_ids": PER_SECTOR_IDS, "fc_batch": False}})
+    card = make_m1_card(next(_numbers), layout)
+    PsamFcKeyProvider(psam_driver, layout).sector_keys(
+        card.auth_uid, decode_issuance(card.get_block(4)), [3, 4, 5]
+    )
+    fc = [c for c in psam_driver.slot.psam.commands if c[:2] == b"\x80\xfc"]
+    assert [c[4] for c in fc] == [13, 13, 13] and [c[-1] for c in fc] == [0x23, 0x24, 0x25]
+
+
+def test_sector_input_bytes_per_option():
+    for option, expected in (("id", b"\x24"), ("sector", b"\x04"), ("id_and_sector", b"\x24\x04")):
+        raw: dict[str, Any] = {"provider": "software_3des", "software_master": SOFTWARE_MASTER}
+        layout = _layout({"keys": {**raw, "sector_ids": PER_SECTOR_IDS, "sector_input": option}})
+        assert m1_keys_inputs.sector_inputs(layout, [4]) == {4: expected}
+    uid = bytes.fromhex("C1000001")
+    master = bytes.fromhex(SOFTWARE_MASTER)
+    # "id" keeps the historic factor UID ‖ id ‖ key type ‖ 00 00.
+    assert m1_keys_inputs.software_3des_key(master, uid, 0x24) == m1_keys_inputs.software_3des_key(
+        master, uid, b"\x24"
+    )
+    both = {
+        m1_keys_inputs.software_3des_key(master, uid, one)
+        for one in (b"\x24", b"\x04", b"\x24\x04")
+    }
+    assert len(both) == 3
+    factors = m1_keys_inputs.des_factors(
+        _layout(
+            {"keys": {"provider": "psam_des", "des_p1": 0x45, "sector_input": "id_and_sector"}}
+        ).keys,
+        uid,
+        decode_issuance(make_m1_card(next(_numbers)).get_block(4)),
+        b"\x03\x04",
+    )
+    assert factors[0] == uid + b"\x03\x04\x00\x00"  # 0x45 >> 5 = 2 levels: then city ‖ FF×6
+    assert len(factors) == 2 and factors[1][2:] == b"\xff" * 6
+
+
+def test_static_provider_per_sector():
+    static = dict(STATIC) | {"4": "444444444444"}
+    layout = _layout({"keys": {"provider": "static", "static": static}})
+    keys = StaticKeyProvider(layout).sector_keys(bytes(4), None, layout.sectors_in_use())  # type: ignore[arg-type]
+    assert keys[3] == keys[5] == bytes.fromhex(STATIC["records"])
+    assert keys[4] == bytes.fromhex("444444444444")
+
+
+def test_sector_key_override_on_the_simulated_card():
+    layout = m1_layout()
+    other = bytes.fromhex("0A0B0C0D0E0F")
+    card = make_m1_card(next(_numbers), layout, sector_keys={4: other})
+    assert card.keys_of(4)[0] == other and card.keys_of(3)[0] != other
+
+
+# --- qualification (pure) -------------------------------------------------------------------------
+
+TODAY = dt.date(2024, 5, 1)
+Q_LAYOUT = m1_layout()  # the demo profile: issue date at 0, expiry at 4 of block 1
+GOOD = PurseState(1000, 1000, OLD, OLD)
+
+
+def _issuance(**changes: Any) -> Issuance:
+    base = Issuance(
+        city_code=bytes.fromhex("1000"),
+        trade_code=bytes.fromhex("0001"),
+        serial=bytes.fromhex("00000001"),
+        auth_code=bytes.fromhex("A1B2C3D4"),
+        enable_flag=0x02,
+        card_type=0x01,
+        issue_date=dt.date(2020, 1, 1),
+        expiry_date=dt.date(2026, 12, 31),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("layout_changes", "issuance_changes", "today", "reason"),
+    [
+        ({}, {}, TODAY, None),
+        ({}, {"expiry_date": TODAY}, TODAY, None),  # the last valid day is accepted
+        ({}, {"issue_date": TODAY}, TODAY, None),  # valid from the issue day
+        ({}, {"expiry_date": TODAY - dt.timedelta(days=1)}, TODAY, "expired"),
+        ({}, {}, dt.date(2027, 1, 1), "expired"),
+        ({}, {"issue_date": TODAY + dt.timedelta(days=1)}, TODAY, "not_yet_valid"),
+        (
+            {"validity": {"issue_date": 0, "start_date": 8, "expiry_date": 4}},
+            {"start_date": dt.date(2024, 6, 1)},
+            TODAY,
+            "not_yet_valid",
+        ),
+        ({}, {"expiry_date": None}, TODAY, "card_damaged"),  # unset, unset_dates = "refuse"
+        (
+            {"validity": {"issue_date": 0, "expiry_date": 4, "unset_dates": "unlimited"}},
+            {"expiry_date": None},
+            TODAY,
+            None,
+        ),
+        ({}, {"issue_date": dt.date(2027, 1, 1)}, dt.date(2027, 6, 1), "card_damaged"),
+        ({"validity": None}, {"expiry_date": dt.date(2000, 1, 1)}, TODAY, None),  # not read
+        ({}, {"enable_flag": 0x01}, TODAY, "not_enabled"),
+        ({}, {"enable_flag": 0x03}, TODAY, "stopped"),
+        ({}, {"enable_flag": 0x04}, TODAY, "blacklisted"),
+        ({}, {"enable_flag": 0x09}, TODAY, "card_disabled"),
+        ({"accepted_card_types": [5]}, {}, TODAY, "card_type"),
+        ({"accepted_card_types": [1, 5]}, {}, TODAY, None),
+        ({"city_codes": ["2000"]}, {}, TODAY, "not_accepted_city"),
+    ],
+)
+def test_qualify_table(layout_changes, issuance_changes, today, reason):
+    raw = dict(demo_profile().m1_purse)
+    for key, value in layout_changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    layout = M1Layout.from_mapping(raw)
+    issuance = _issuance(**issuance_changes)
+    if reason is None:
+        m1_purse.qualify(layout, issuance, GOOD, today, 100_000)
+        return
+    with pytest.raises(TapRefused) as refused:
+        m1_purse.qualify(layout, issuance, GOOD, today, 100_000)
+    assert refused.value.reason == reason
+
+
+def test_qualify_blacklist_flag_and_balance():
+    flagged = PurseState(1000, 1000, OLD.with_(blacklist=0x04), OLD.with_(blacklist=0x04))
+    with pytest.raises(TapRefused, match="blacklisted"):
+        m1_purse.qualify(Q_LAYOUT, _issuance(), flagged, TODAY, 100_000)
+    with pytest.raises(CardProtocolError, match="balance"):
+        m1_purse.qualify(Q_LAYOUT, _issuance(), GOOD, TODAY, 999)
+    with pytest.raises(CardProtocolError):
+        m1_purse.qualify(Q_LAYOUT, _issuance(), PurseState(None, 1000, OLD, OLD), TODAY, 100_000)
+
+
+def _read_issuance_from(card: M1Card, layout: M1Layout) -> Issuance:
+    card.power_on()
+    card.select()
+
+    def execute(op: m1_purse.Operation) -> bytes | None:
+        if isinstance(op, m1_purse.Authenticate):
+            card.authenticate(op.block, op.key_type, op.key)
+            return None
+        assert isinstance(op, m1_purse.Read)
+        return card.read(op.block)
+
+    return m1_purse.drive(m1_purse.read_issuance(layout, card.auth_uid), execute)
+
+
+def test_read_issuance_reads_the_dates_block():
+    layout = m1_layout()
+    card = make_m1_card(
+        next(_numbers), layout, issue_date=dt.date(2021, 3, 4), expiry_date=dt.date(2023, 12, 31)
+    )
+    issuance = _read_issuance_from(card, layout)
+    assert (issuance.issue_date, issuance.expiry_date) == (
+        dt.date(2021, 3, 4),
+        dt.date(2023, 12, 31),
+    )
+    assert issuance.serial == card.get_block(4)[4:8]
+    plain = M1Layout.from_mapping(
+        {k: v for k, v in demo_profile().m1_purse.items() if k != "validity"}
+    )
+    assert _read_issuance_from(card, plain).expiry_date is None  # no table: not read
+
+
+@pytest.mark.parametrize(
+    "dates",
+    [
+        "2021030A20231231",  # issue date not BCD
+        "2021030420230229",  # 29 February 2023
+        "20210304FFFF0000",  # half unset
+    ],
+)
+def test_bad_dates_on_the_card_refuse_as_damaged(dates):
+    layout = m1_layout()
+    card = make_m1_card(next(_numbers), layout)
+    block = bytes.fromhex(dates) + bytes(7)
+    card.set_block(5, block + bytes((xor8(block),)))
+    with pytest.raises(TapRefused) as refused:
+        _read_issuance_from(card, layout)
+    assert refused.value.reason == "card_damaged"

@@ -22,6 +22,7 @@ from agent.sam.keys import KeySet
 from agent.sam.psam import (
     PsamConfig,
     PsamDriver,
+    application_path,
     cipher_data_mac,
     credit_sam_for_purchase,
     init_for_descrypt,
@@ -30,7 +31,7 @@ from agent.sam.psam import (
 )
 from agent.sam.software import SamCore, SoftwareSam
 from tests.fake_reader.inprocess import InProcessSamSlot
-from tests.fake_reader.psam import SimulatedPsam
+from tests.fake_reader.psam import SimulatedPsam, multi_application_psam
 
 TERMINAL = bytes.fromhex("000000000024")
 SERIAL = bytes.fromhex("23010101000000212241")
@@ -419,3 +420,114 @@ def test_random_psam_commands_never_raise(commands: list[tuple[bytes, bytes]]) -
         assert len(_FUZZ_PSAM.process(apdu)) >= 2
     assert len(_FUZZ_PSAM.process(bytes(commands[0][1]) if commands else b"")) >= 2
     assert not _FUZZ_PSAM.internal_errors
+
+
+# -- several applications in one PSAM (issue 8, item 2) ----------------------------------------
+
+CJT_KEYS: list[dict[str, Any]] = [
+    {"usage": "purchase", "index": 2, "version": 2, "algorithm": 0, "levels": 2,
+     "key": "808182838485868788898A8B8C8D8E8F"},
+]  # fmt: skip
+
+
+def two_application_psam(keyset: KeySet) -> SimulatedPsam:
+    cjt_core = SamCore(KeySet.from_mapping(CJT_KEYS), TERMINAL, SERIAL, purchase_key_index=2)
+    return multi_application_psam(make_core(keyset), cjt_core)
+
+
+def test_application_switch_selects_only_when_needed_and_reads_ef17_per_application(
+    keyset: KeySet,
+) -> None:
+    psam = two_application_psam(keyset)
+    driver = driver_for(psam)
+    opened = len(psam.commands)
+    driver.select_application(application_path("tunion"))
+    assert len(psam.commands) == opened, "already selected: no APDU"
+
+    driver.select_application(application_path("cjt166"))
+    assert psam.commands[opened:] == [
+        h("00A40000023F00"),
+        h("00A40000021001"),
+        h("00A4040006BDA8C9E8B2BF"),
+        h("00B0970019"),
+    ]
+    assert driver.purchase_key_index == 2
+    assert driver.terminal_number == TERMINAL  # EF16 is the MF's: not read again
+    assert driver.current_application == application_path("cjt166")
+
+    switched = len(psam.commands)
+    driver.select_application(application_path("tunion"))
+    assert psam.commands[switched:] == [
+        h("00A40000023F00"),
+        h("00A4040010A0000006324D4F542E435053414D3031"),
+    ], "EF17 of an application already read is not read again"
+    assert driver.purchase_key_index == 1
+
+
+def test_wrong_application_fails_80ca_and_8070(keyset: KeySet) -> None:
+    psam = two_application_psam(keyset)
+    driver = driver_for(psam)  # the T-Union application
+    with pytest.raises(SamStatusError) as info:
+        driver.verify_security_code(bytes(9))
+    assert info.value.sw == 0x6985
+    cjt_request = PurchaseMacRequest(**{**_fields(REQUEST), "key_version": 2})
+    with pytest.raises(SamStatusError) as info:
+        driver.init_for_purchase(cjt_request)
+    assert info.value.sw == 0x6A88
+
+    driver.select_application(application_path("cjt166"))
+    driver.verify_security_code(bytes(9))
+    assert driver.init_for_purchase(cjt_request).ttc == 0
+    with pytest.raises(SamStatusError) as info:
+        driver.init_for_purchase(REQUEST)  # a T-Union key version in the CJ/T 166 application
+    assert info.value.sw == 0x6A88
+    assert psam.application("tunion").core.ttc == 0x10  # each application its own TTC (EF19)
+
+
+def test_lenient_default_psam_answers_every_name(keyset: KeySet) -> None:
+    """The default simulated PSAM keeps the old model: one application under every name."""
+    psam = SimulatedPsam(make_core(keyset))
+    driver = driver_for(psam, PsamConfig.cjt166())
+    driver.verify_security_code(bytes(9))
+    driver.select_application(application_path("tunion"))
+    assert driver.init_for_purchase(REQUEST).ttc == 0x10
+
+
+def test_application_by_fid_aid_paths() -> None:
+    assert application_path("tunion") == PsamConfig.tunion().application
+    assert application_path("cjt166") == PsamConfig.cjt166().application
+    assert application_path(fid=h("8011")) == (("fid", h("8011")),)
+    assert application_path(aid=h("A000000632"), fid=h("1001")) == (
+        ("fid", h("1001")),
+        ("aid", h("A000000632")),
+    )
+    for bad in ({"preset": "mot"}, {"fid": h("10")}, {"aid": h("A000")}, {}):
+        with pytest.raises(ConfigurationError):
+            application_path(**bad)
+    with pytest.raises(ConfigurationError):
+        application_path("tunion", fid=h("8011"))
+
+
+def test_ids_read_per_application_when_not_in_the_mf(keyset: KeySet) -> None:
+    psam = two_application_psam(keyset)
+    psam.mf_files_visible_in_application = True
+    config = PsamConfig(read_ids_before_application=False)
+    driver = driver_for(psam, config)
+    assert driver.terminal_number == TERMINAL
+    driver.select_application(application_path("cjt166"))
+    reads = [c for c in psam.commands if c[1] == 0xB0]
+    assert [c[2] for c in reads] == [0x95, 0x96, 0x97, 0x95, 0x96, 0x97]
+
+
+def test_reopen_after_a_mute_psam_forgets_the_selection(keyset: KeySet) -> None:
+    psam = two_application_psam(keyset)
+    driver = driver_for(psam)
+    driver.select_application(application_path("cjt166"))
+    psam.faults.add(psam._command_count + 1, "mute")
+    with pytest.raises(SamMuteError):
+        driver.verify_security_code(bytes(9))
+    assert not driver.is_open
+    # The next use re-opens (reset: the default application) and re-selects CJ/T 166.
+    driver.select_application(application_path("cjt166"))
+    assert driver.is_open and psam.selected_application == "cjt166"
+    driver.verify_security_code(bytes(9))

@@ -370,7 +370,7 @@ def test_wait_for_card_polls_until_timeout(bench):
     started = time.monotonic()
 
     assert bench.reader.wait_for_card(0.2) is None
-    assert 0.2 <= time.monotonic() - started < 1.0
+    assert time.monotonic() - started >= 0.2
     assert bench.emulator.count(sm.FIND_CARD) >= 3
 
 
@@ -510,7 +510,7 @@ def test_silent_module_times_out(bench):
         bench.reader.transmit(b"\x00\xb0\x00\x00")
     elapsed = time.monotonic() - started
 
-    assert bench.timeout <= elapsed < bench.timeout + 1.0
+    assert elapsed >= bench.timeout
     assert bench.emulator.count(sm.CARD_APDU) == 1
     assert bench.reader.transmit(b"\x00\xb0\x00\x00") == b"\x00\xb0\x00\x00\x90\x00"
 
@@ -518,12 +518,10 @@ def test_silent_module_times_out(bench):
 def test_silent_find_card_is_not_retried(bench):
     """Silence is not line damage: even FIND_CARD times out once, without retries."""
     bench.emulator.inject(Fault(command=sm.FIND_CARD, drop=True))
-    started = time.monotonic()
 
     with pytest.raises(ReaderTimeout):
         bench.reader.wait_for_card(1.0)
 
-    assert time.monotonic() - started < bench.timeout + 1.0
     assert bench.emulator.count(sm.FIND_CARD) == 1
 
 

@@ -224,7 +224,7 @@ def test_mutual_tls(tmp_path: Path, host_key: HostKey, pki: dict[str, Path]) -> 
 # --- the scheduler ------------------------------------------------------------------------------
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "") -> None:
+def wait_until(predicate, timeout: float = 60.0, what: str = "") -> None:  # a hang bound
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

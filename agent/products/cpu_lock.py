@@ -7,19 +7,16 @@
     T→S  80 FA 05 00 10  rnd(4) 00000000  84 1E 00 P2 04 80 00 00      S: MAC (first 4 used)
     T→C  84 1E 00 P2 04  MAC(4)                       C: 9000
 
-A step in the style of :mod:`agent.products.cpu_purse`: it yields card commands and receives
-the card's answers; the PSAM is reached through the :class:`agent.sam.base.Sam` seam (80 1A,
-80 FA). It runs after the purse ADF was selected and read (the card answers 6985 otherwise).
+Steps in the style of :mod:`agent.products.cpu_purse`: they yield card commands and receive
+the card's answers; no I/O here. They run after the purse ADF was selected and read (the card
+answers 6985 otherwise).
 ``P2`` 00 blocks temporarily (a later SELECT answers 6283), 01 permanently (9303) — the meaning
 of P2 is L in the spec, so it is the caller's (profile's) choice. S2 sends the 84 1E without its
 MAC (a bug); we always append it, as S3 does.
 
-Usage from the engine (the lead wires it)::
-
-    if blacklist.contains(card.card_id):
-        outcome = tap.run(cpu_lock.block_application(self.sam, card, key_index=kid))
-        self.store.append_record(cpu_lock.lock_record_body(card, outcome))
-        raise TapRefused("blacklisted", ...)
+The MAC is the PSAM's (80 1A 45 kid, 80 FA 05 00 over :func:`block_mac_input`): the engine
+(:mod:`agent.tap.cpu`) asks for it between the two steps, inside a journaled intent. The MAC
+block is the card's cipher block: 8 bytes for 3DES, 16 for SM4 (§5.3).
 """
 
 from __future__ import annotations
@@ -27,10 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.apdu import Command, Party, require
-from agent.crypto import Algorithm
-from agent.offline_store.records import RecordBody
-from agent.products.cpu_purse import CpuCard, Step
-from agent.sam.base import Sam
+from agent.products.cpu_purse import Step
 
 # 80 1A P1: high 3 bits = diversification levels (2), low 5 bits = key type 05 (application
 # maintenance, S4 numbering), §4.4 — "45 xx 10" in S2/S3. Vendor numbering differs: configurable.
@@ -76,46 +70,16 @@ def block_mac_input(challenge: bytes, p2: int = P2_TEMPORARY, *, block: int = 8)
     return iv + message
 
 
-def block_application(
-    sam: Sam,
-    card: CpuCard,
-    *,
-    key_index: int,
-    key_usage: int = MAINTENANCE_KEY_USAGE,
-    permanent: bool = False,
-    algorithm: Algorithm = Algorithm.TDES,
-) -> Step[LockOutcome]:
-    """Lock the selected purse application of ``card``. Card refusals raise CardStatusError
-    (e.g. 6988 MAC incorrect, 6984 no challenge); SAM refusals raise SamError."""
-    p2 = P2_PERMANENT if permanent else P2_TEMPORARY
+def get_challenge() -> Step[bytes]:
+    """GET CHALLENGE: 4 random bytes of the card, the IV of the APPLICATION BLOCK MAC."""
     command = get_challenge_command()
     response = yield command
-    challenge = require(response, command, Party.CARD, length=4)
-    sam.cipher_init(key_usage, key_index, card.factors)
-    block = 16 if algorithm == Algorithm.SM4 else 8
-    mac = sam.cipher_mac(block_mac_input(challenge, p2, block=block))[:4]
+    return bytes(require(response, command, Party.CARD, length=4))
+
+
+def application_block(mac: bytes, p2: int = P2_TEMPORARY) -> Step[None]:
+    """APPLICATION BLOCK with the PSAM's MAC. Card refusals raise CardStatusError (e.g. 6988
+    MAC incorrect, 6984 no challenge)."""
     command = application_block_command(mac, p2)
     response = yield command
     require(response, command, Party.CARD, length=0)
-    return LockOutcome(card.card_id, bytes(challenge), bytes(mac), p2)
-
-
-def lock_record_body(
-    card: CpuCard, outcome: LockOutcome, reason: str = "blacklisted"
-) -> RecordBody:
-    """The record a lock leaves (S3 ``ID_REC_BLKLIST``): kind ``lock``, amount 0."""
-    return RecordBody(
-        kind="lock",
-        card_id=card.card_id,
-        amount=0,
-        fields={
-            "product": "cpu",
-            "family": card.family.value,
-            "asn": card.asn.hex().upper(),
-            "aid": card.aid.hex().upper(),
-            "lock": "permanent" if outcome.permanent else "temporary",
-            "challenge": outcome.challenge.hex().upper(),
-            "mac": outcome.mac.hex().upper(),
-            "reason": reason,
-        },
-    )

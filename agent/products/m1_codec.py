@@ -11,6 +11,7 @@ Every decoder takes untrusted bytes and raises :class:`M1FormatError` (a
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -339,7 +340,9 @@ def decode_backup(block: bytes, encoding: BackupEncoding) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Issuance:
-    """Sector 1 block 0 (§3.1): the card's identity and enable flag."""
+    """Sector 1 block 0 (§3.1): the card's identity and enable flag; with the validity dates of
+    the issuance sector's dates block (§3.1 "block 1: issue date, expiry, start date, ...") when
+    the layout says where they are (``None``: not read, or unset on the card)."""
 
     city_code: bytes  # 2 bytes, BCD
     trade_code: bytes  # 2 bytes
@@ -348,10 +351,18 @@ class Issuance:
     enable_flag: int  # 01 not enabled, 02 normal, 03 stopped, 04 blacklisted
     card_type: int
     subtype: int = 0
+    issue_date: dt.date | None = None  # 发行日期
+    start_date: dt.date | None = None  # 启用日期 (valid from), where a city keeps one
+    expiry_date: dt.date | None = None  # 有效期: the last day the card is valid
 
     @property
     def card_number(self) -> str:
         return (self.city_code + self.serial).hex().upper()
+
+    def with_dates(self, dates: IssuanceDates) -> Issuance:
+        return replace(
+            self, issue_date=dates.issue, start_date=dates.start, expiry_date=dates.expiry
+        )
 
 
 IssuanceCheck = Literal["xor", "none"]
@@ -383,6 +394,124 @@ def decode_issuance(data: bytes, check: IssuanceCheck = "xor") -> Issuance:
         card_type=raw[13],
         subtype=raw[14],
     )
+
+
+# --- issuance dates (sector 1, the dates block) --------------------------------------------------
+#
+# §3.1 names the fields of the issuance sector's block 1 (issue date, expiry, start date, deposit,
+# ..., XOR checksum) but neither their offsets nor their encoding [L]: both are profile settings.
+# BCD YYYYMMDD is what the CPU cards and the M1 TAC input (CARDOP ``date4``, §3.3) use.
+
+DateEncoding = Literal["bcd_yyyymmdd", "bcd_yymmdd"]
+DATE_ENCODINGS: tuple[DateEncoding, ...] = ("bcd_yyyymmdd", "bcd_yymmdd")
+DATE_SIZES: dict[DateEncoding, int] = {"bcd_yyyymmdd": 4, "bcd_yymmdd": 3}
+DATE_FIELDS = ("issue", "start", "expiry")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuanceDates:
+    """The dates of the issuance sector; ``None`` = not in this layout, or unset on the card."""
+
+    issue: dt.date | None = None
+    start: dt.date | None = None
+    expiry: dt.date | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DatesFormat:
+    """Where the dates sit in their 16-byte block (byte offsets; ``None``: not on the card)."""
+
+    encoding: DateEncoding = "bcd_yyyymmdd"
+    check: IssuanceCheck = "xor"  # byte 15 = XOR of bytes 0..14, like block 0
+    issue: int | None = 0
+    start: int | None = None
+    expiry: int | None = 4
+
+    def offsets(self) -> dict[str, int]:
+        found = {"issue": self.issue, "start": self.start, "expiry": self.expiry}
+        return {name: offset for name, offset in found.items() if offset is not None}
+
+    def problem(self) -> str | None:
+        """Why this format cannot work (overlaps, out of the block), or ``None``."""
+        size = DATE_SIZES.get(self.encoding)
+        if size is None:
+            return f"unknown date encoding {self.encoding!r}"
+        end = BLOCK_SIZE - (1 if self.check == "xor" else 0)
+        taken: dict[int, str] = {}
+        for name, offset in self.offsets().items():
+            if not 0 <= offset <= end - size:
+                return f"{name} date at byte {offset} does not fit bytes 0..{end - 1}"
+            for byte in range(offset, offset + size):
+                if byte in taken:
+                    return f"{name} date overlaps the {taken[byte]} date"
+                taken[byte] = name
+        return None
+
+
+def encode_date(value: dt.date | None, encoding: DateEncoding) -> bytes:
+    """BCD ``YYYYMMDD`` (4 bytes) or ``YYMMDD`` (3 bytes, 2000..2099); ``None`` = unset (FF..)."""
+    size = DATE_SIZES[encoding]
+    if value is None:
+        return b"\xff" * size
+    if encoding == "bcd_yymmdd":
+        if not 2000 <= value.year <= 2099:
+            raise ValueError(f"{value} does not fit a YYMMDD date")
+        text = f"{value.year - 2000:02d}{value.month:02d}{value.day:02d}"
+    else:
+        text = f"{value.year:04d}{value.month:02d}{value.day:02d}"
+    return bytes.fromhex(text)
+
+
+def decode_date(data: bytes, encoding: DateEncoding, what: str = "date") -> dt.date | None:
+    """A BCD date; all ``00`` or all ``FF`` is unset (``None``); anything else that is not BCD or
+    not a calendar date raises :class:`M1FormatError`."""
+    raw = bytes(data)
+    size = DATE_SIZES.get(encoding)
+    if size is None or len(raw) != size:
+        raise M1FormatError(f"{what}: {len(raw)} bytes is not a {encoding} date")
+    if raw in (b"\x00" * size, b"\xff" * size):
+        return None
+    text = raw.hex()
+    if not text.isdigit():
+        raise M1FormatError(f"{what} {text.upper()} is not BCD")
+    year = int(text[:4]) if size == 4 else 2000 + int(text[:2])
+    month, day = int(text[-4:-2]), int(text[-2:])
+    try:
+        return dt.date(year, month, day)
+    except ValueError:
+        raise M1FormatError(f"{what} {text} is not a calendar date") from None
+
+
+def encode_dates_block(
+    dates: IssuanceDates, fmt: DatesFormat, base: bytes = bytes(BLOCK_SIZE)
+) -> bytes:
+    """``base`` with the dates written at their offsets (and the XOR check recomputed)."""
+    problem = fmt.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    block = bytearray(_block("dates block", base))
+    for name, offset in fmt.offsets().items():
+        value = encode_date(getattr(dates, name), fmt.encoding)
+        block[offset : offset + len(value)] = value
+    if fmt.check == "xor":
+        block[15] = xor8(bytes(block[:15]))
+    return bytes(block)
+
+
+def decode_dates_block(data: bytes, fmt: DatesFormat) -> IssuanceDates:
+    """The dates of the issuance sector's dates block; malformed bytes raise M1FormatError."""
+    raw = _block("dates block", data)
+    problem = fmt.problem()
+    if problem is not None:
+        raise M1FormatError(f"dates block: {problem}")
+    if fmt.check == "xor" and xor8(raw[:15]) != raw[15]:
+        raise M1FormatError(f"dates block: XOR check failed ({raw.hex()})")
+    size = DATE_SIZES[fmt.encoding]
+    found = {
+        name: decode_date(raw[offset : offset + size], fmt.encoding, f"{name} date")
+        for name, offset in fmt.offsets().items()
+    }
+    return IssuanceDates(found.get("issue"), found.get("start"), found.get("expiry"))
 
 
 # --- trip records (§3.2) -------------------------------------------------------------------------

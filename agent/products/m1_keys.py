@@ -1,172 +1,104 @@
-"""Per-card M1 sector keys (m1-purse-and-readers.md §3.3). Keys are never logged.
+"""Pure inputs of M1 sector-key derivation (m1-purse-and-readers.md §3.3). No I/O: the key
+providers that send these to a PSAM live in :mod:`agent.sam.m1_keys`.
 
-Back-ends, chosen by the profile's ``[m1_purse.keys] provider``:
+What identifies a sector in the diversification input is the profile's
+``[m1_purse.keys] sector_input``:
 
-* ``psam_fc``       the PSAM's 80 FC (取M1卡密钥): city ‖ UID ‖ serial low 2 ‖ card
-                    authentication code ‖ sector ids [‖ city ‖ FF×6], 6 key bytes per sector id
-                    (CARDOP one id per call, AFC several).
-* ``psam_des``      the PSAM's general DES: 80 1A (key usage P1, index P2, factors UID ‖ sector
-                    id ‖ 00×3 [, city ‖ FF×6]) then 80 FA 05 00 twice; the key is the first six
-                    bytes of the two MACs. The real P1/P2 codes and input are UNCONFIRMED [L]:
-                    the Sam seam exposes only the MAC mode of 80 FA.
-* ``software_3des`` ``Div3DES(master, UID ‖ sector id ‖ key type ‖ 00 00)[:6]``, for tests and
-                    cities without PSAM derivation (test profiles only: the master is in the file).
-* ``static``        one fixed key per role (test profiles only: no security at all).
+* ``id``            the sector's key id (``sector_ids``: an application id such as 02/03/06, not
+                    the raw sector number) — CARDOP and AFC do this [H];
+* ``sector``        the sector number instead of the id [L: not in the spec; for issuers whose
+                    derivation takes the sector number];
+* ``id_and_sector`` both, id first [L]; only where the input has room for two bytes
+                    (``psam_des``, ``software_3des``): 80 FC takes one byte per key.
+
+Per provider (the ``id`` forms are the ones of §3.3; the others replace the id byte by the
+sector input bytes):
+
+* ``psam_fc``       80 FC data = city ‖ UID ‖ serial low 2 ‖ card authentication code ‖ one input
+                    byte per key [‖ city ‖ FF×6] (CARDOP / AFC) [H];
+* ``psam_des``      80 1A factors (UID ‖ input ‖ 00.. to 8 bytes [, city ‖ FF×6]) then
+                    80 FA 05 00 over UID ‖ input ‖ 01 and UID ‖ input ‖ 02; the key is the first
+                    6 bytes of the two MACs [L: the real key-usage codes and input are
+                    UNCONFIRMED];
+* ``software_3des`` ``Div3DES(master, UID ‖ input ‖ key type ‖ 00..)[:6]`` (test profiles).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
 
 from agent import crypto
-from agent.errors import ConfigurationError, SamProtocolError
 from agent.products.m1_codec import Issuance
-from agent.products.m1_layout import KEY_ROLES, KeyConfig, KeyRole, M1Layout
-from agent.sam.base import Sam
+from agent.products.m1_layout import KeyConfig, M1Layout
 
 KEY_SIZE = 6
 
 
-@runtime_checkable
-class M1KeyProvider(Protocol):
-    """Sector keys of one card, by role (purse, public, records)."""
-
-    def sector_keys(
-        self, uid4: bytes, issuance: Issuance, roles: Sequence[KeyRole] = KEY_ROLES
-    ) -> dict[KeyRole, bytes]: ...
-
-
-class PsamFcKeyProvider:
-    """80 FC through the PSAM."""
-
-    def __init__(self, sam: Sam, config: KeyConfig) -> None:
-        self.sam = sam
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"PsamFcKeyProvider(p1={self.config.fc_p1:02X}, p2={self.config.fc_p2:02X})"
-
-    def _input(self, uid4: bytes, issuance: Issuance, ids: bytes) -> bytes:
-        data = (
-            bytes(issuance.city_code)
-            + bytes(uid4)
-            + bytes(issuance.serial[-2:])
-            + bytes(issuance.auth_code)
-            + ids
-        )
-        if self.config.fc_suffix == "city_ff":
-            data += bytes(issuance.city_code) + b"\xff" * 6
-        return data
-
-    def sector_keys(
-        self, uid4: bytes, issuance: Issuance, roles: Sequence[KeyRole] = KEY_ROLES
-    ) -> dict[KeyRole, bytes]:
-        ids = [self.config.sector_ids[role] for role in roles]
-        unique = list(dict.fromkeys(ids))
-        keys_by_id: dict[int, bytes] = {}
-        batches = [unique] if self.config.fc_batch else [[sid] for sid in unique]
-        for batch in batches:
-            answer = self.sam.calculate_m1_keys(
-                self._input(uid4, issuance, bytes(batch)),
-                p1=self.config.fc_p1,
-                p2=self.config.fc_p2,
-            )
-            if len(answer) != KEY_SIZE * len(batch):
-                raise SamProtocolError(
-                    f"CALCULATE M1 KEYS: {len(answer)} bytes for {len(batch)} sector(s)"
-                )
-            for i, sid in enumerate(batch):
-                keys_by_id[sid] = answer[KEY_SIZE * i : KEY_SIZE * (i + 1)]
-        return {role: keys_by_id[self.config.sector_ids[role]] for role in roles}
+def sector_input(config: KeyConfig, sector: int, key_id: int) -> bytes:
+    """The bytes that identify ``sector`` in the diversification input (module docstring)."""
+    if not 0 <= sector <= 0xFF or not 0 <= key_id <= 0xFF:
+        raise ValueError(f"sector {sector} / key id {key_id} is not one byte")
+    if config.sector_input == "sector":
+        return bytes((sector,))
+    if config.sector_input == "id_and_sector":
+        return bytes((key_id, sector))
+    return bytes((key_id,))
 
 
-class PsamDesKeyProvider:
-    """80 1A + 80 FA through the PSAM (UNCONFIRMED input layout, see module docstring)."""
-
-    def __init__(self, sam: Sam, config: KeyConfig) -> None:
-        self.sam = sam
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"PsamDesKeyProvider(p1={self.config.des_p1:02X}, p2={self.config.des_p2:02X})"
-
-    def sector_keys(
-        self, uid4: bytes, issuance: Issuance, roles: Sequence[KeyRole] = KEY_ROLES
-    ) -> dict[KeyRole, bytes]:
-        levels = self.config.des_p1 >> 5
-        keys: dict[KeyRole, bytes] = {}
-        for role in roles:
-            sid = self.config.sector_ids[role]
-            factors = [bytes(uid4) + bytes((sid, 0, 0, 0)), bytes(issuance.city_code) + b"\xff" * 6]
-            self.sam.cipher_init(self.config.des_p1, self.config.des_p2, factors[:levels])
-            first = self.sam.cipher_mac(bytes(8) + crypto.pad80(bytes(uid4) + bytes((sid, 1)), 8))
-            second = self.sam.cipher_mac(bytes(8) + crypto.pad80(bytes(uid4) + bytes((sid, 2)), 8))
-            keys[role] = (first + second)[:KEY_SIZE]
-        return keys
+def sector_inputs(layout: M1Layout, sectors: Iterable[int]) -> dict[int, bytes]:
+    """Sector number → its input bytes, for the sectors asked for (in their order)."""
+    return {sector: sector_input(layout.keys, sector, layout.key_id(sector)) for sector in sectors}
 
 
-def software_3des_key(master16: bytes, uid4: bytes, sector_id: int, key_type: int = 0x60) -> bytes:
-    """``Div3DES(master, UID ‖ sector id ‖ key type ‖ 00 00)[:6]``."""
-    factor = bytes(uid4) + bytes((sector_id, key_type, 0, 0))
+def fc_data(config: KeyConfig, uid4: bytes, issuance: Issuance, inputs: Sequence[bytes]) -> bytes:
+    """The data field of one 80 FC: the 12-byte prefix, one input byte per key, the suffix."""
+    for one in inputs:
+        if len(one) != 1:
+            raise ValueError("80 FC takes one input byte per sector key")
+    data = (
+        bytes(issuance.city_code)
+        + bytes(uid4)
+        + bytes(issuance.serial[-2:])
+        + bytes(issuance.auth_code)
+        + b"".join(inputs)
+    )
+    if config.fc_suffix == "city_ff":
+        data += bytes(issuance.city_code) + b"\xff" * 6
+    return data
+
+
+def fc_batches(config: KeyConfig, inputs: Iterable[bytes]) -> list[list[bytes]]:
+    """The distinct inputs grouped into 80 FC calls: all in one (AFC) or one each (CARDOP)."""
+    unique = list(dict.fromkeys(inputs))
+    return [unique] if config.fc_batch else [[one] for one in unique]
+
+
+def split_fc_answer(answer: bytes, batch: Sequence[bytes]) -> dict[bytes, bytes]:
+    """Input → 6-byte key from one 80 FC answer; ``ValueError`` if the length is wrong."""
+    if len(answer) != KEY_SIZE * len(batch):
+        raise ValueError(f"{len(answer)} bytes for {len(batch)} sector key(s)")
+    return {one: answer[KEY_SIZE * i : KEY_SIZE * (i + 1)] for i, one in enumerate(batch)}
+
+
+def des_factors(config: KeyConfig, uid4: bytes, issuance: Issuance, one: bytes) -> list[bytes]:
+    """The 80 1A diversification factors of one sector key (``des_p1 >> 5`` levels)."""
+    levels = config.des_p1 >> 5
+    factors = [
+        (bytes(uid4) + one).ljust(8, b"\x00")[:8],
+        bytes(issuance.city_code) + b"\xff" * 6,
+    ]
+    return factors[:levels]
+
+
+def des_mac_data(uid4: bytes, one: bytes, half: int) -> bytes:
+    """The data of the ``half``-th (1, 2) 80 FA 05 00 of one key: zero IV ‖ padded input."""
+    return bytes(8) + crypto.pad80(bytes(uid4) + one + bytes((half,)), 8)
+
+
+def software_3des_key(
+    master16: bytes, uid4: bytes, one: bytes | int, key_type: int = 0x60
+) -> bytes:
+    """``Div3DES(master, UID ‖ input ‖ key type ‖ 00..)[:6]`` (an int input is one key id)."""
+    raw = bytes((one,)) if isinstance(one, int) else bytes(one)
+    factor = (bytes(uid4) + raw + bytes((key_type,))).ljust(8, b"\x00")
     return crypto.diversify_3des(master16, factor)[:KEY_SIZE]
-
-
-class Software3DesKeyProvider:
-    """3DES diversification of the UID in software (test profiles / cities without a PSAM)."""
-
-    def __init__(self, config: KeyConfig) -> None:
-        if len(config.software_master) != 16:
-            raise ConfigurationError("software_3des needs a 16-byte master")
-        self.config = config
-
-    def __repr__(self) -> str:
-        return "Software3DesKeyProvider(master=<redacted>)"
-
-    def sector_keys(
-        self, uid4: bytes, issuance: Issuance, roles: Sequence[KeyRole] = KEY_ROLES
-    ) -> dict[KeyRole, bytes]:
-        return {
-            role: software_3des_key(
-                self.config.software_master,
-                uid4,
-                self.config.sector_ids[role],
-                self.config.key_type.value,
-            )
-            for role in roles
-        }
-
-
-class StaticKeyProvider:
-    """One fixed key per role (no security: test profiles only)."""
-
-    def __init__(self, keys: Mapping[KeyRole, bytes]) -> None:
-        for role in KEY_ROLES:
-            if len(keys.get(role, b"")) != KEY_SIZE:
-                raise ConfigurationError(f"static M1 keys: '{role}' must be 6 bytes")
-        self._keys = dict(keys)
-
-    def __repr__(self) -> str:
-        return "StaticKeyProvider(keys=<redacted>)"
-
-    def sector_keys(
-        self, uid4: bytes, issuance: Issuance, roles: Sequence[KeyRole] = KEY_ROLES
-    ) -> dict[KeyRole, bytes]:
-        return {role: self._keys[role] for role in roles}
-
-
-def key_provider_for(layout: M1Layout, sam: Sam, *, production: bool) -> M1KeyProvider:
-    """The provider the profile names; key material in a production profile is refused."""
-    config = layout.keys
-    if config.provider == "psam_fc":
-        return PsamFcKeyProvider(sam, config)
-    if config.provider == "psam_des":
-        return PsamDesKeyProvider(sam, config)
-    if production:
-        raise ConfigurationError(
-            f"m1_purse.keys: provider '{config.provider}' keeps keys in the profile and is "
-            "refused by production profiles"
-        )
-    if config.provider == "software_3des":
-        return Software3DesKeyProvider(config)
-    return StaticKeyProvider(config.static_keys)

@@ -12,6 +12,7 @@ Block positions inside a sector are indexes (0..2, or 0..14 in the big sectors o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -19,9 +20,12 @@ from typing import Any, Literal, cast
 from agent.errors import ConfigurationError
 from agent.products.m1_codec import (
     CHECK_KINDS,
+    DATE_ENCODINGS,
     BackupEncoding,
     ByteOrder,
     CheckKind,
+    DateEncoding,
+    DatesFormat,
     IssuanceCheck,
     RecordLayout,
 )
@@ -34,6 +38,9 @@ KeyProviderKind = Literal["psam_fc", "psam_des", "software_3des", "static"]
 KEY_PROVIDERS: tuple[KeyProviderKind, ...] = ("psam_fc", "psam_des", "software_3des", "static")
 KeyRole = Literal["purse", "public", "records"]
 KEY_ROLES: tuple[KeyRole, ...] = ("purse", "public", "records")
+SectorInput = Literal["id", "sector", "id_and_sector"]
+SECTOR_INPUTS: tuple[SectorInput, ...] = ("id", "sector", "id_and_sector")
+UnsetDates = Literal["refuse", "unlimited"]
 
 TAC_FIELDS = (
     "amount3",  # fare, 3 bytes big-endian
@@ -68,14 +75,23 @@ def sector_of(block: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
-    """How sector keys are obtained (§3.3)."""
+    """How sector keys are obtained (§3.3).
+
+    Every sector a tap authenticates (:meth:`M1Layout.sectors_in_use`) has a key id: the
+    application id sent to the PSAM (not the raw sector number, §3.3). ``role_ids`` gives one
+    per role (purse / public / records: every record sector shares it); ``sector_ids`` overrides
+    it per sector number, for issuers whose record sectors have keys of their own.
+    ``sector_input`` says what identifies a sector in the diversification input: its key id
+    (CARDOP, AFC), its sector number instead, or both (the latter two are not in the spec [L]).
+    """
 
     provider: KeyProviderKind = "psam_fc"
     key_type: KeyType = KeyType.A
-    # Application ids sent to the PSAM per role (not raw sector numbers, §3.3).
-    sector_ids: Mapping[KeyRole, int] = field(
+    role_ids: Mapping[KeyRole, int] = field(
         default_factory=lambda: {"purse": 0x02, "public": 0x06, "records": 0x03}
     )
+    sector_ids: Mapping[int, int] = field(default_factory=dict)
+    sector_input: SectorInput = "id"
     issuance_key: str = "uid"  # "uid" = UID ‖ UID[0:2]; else 12 hex digits
     fc_p1: int = 0x01
     fc_p2: int = 0x01
@@ -84,7 +100,18 @@ class KeyConfig:
     des_p1: int = 0x05  # UNCONFIRMED 80 1A key usage for M1 key derivation [L]
     des_p2: int = 0x01
     software_master: bytes = field(default=b"", repr=False)  # test profiles only
-    static_keys: Mapping[KeyRole, bytes] = field(default_factory=dict, repr=False)
+    static_roles: Mapping[KeyRole, bytes] = field(default_factory=dict, repr=False)
+    static_sectors: Mapping[int, bytes] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidityConfig:
+    """Where the issuance sector keeps the card's dates (§3.1 block 1) and what an unset date
+    (all 00 / all FF) means. Offsets and encoding are not in the spec [L]."""
+
+    block: int = 1  # index in the issuance sector
+    dates: DatesFormat = field(default_factory=DatesFormat)
+    unset: UnsetDates = "refuse"  # refuse a card whose configured date is unset, or no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +161,7 @@ class M1Layout:
     check_access_bits: bool = True
     keys: KeyConfig = field(default_factory=KeyConfig)
     tac: TacConfig = field(default_factory=TacConfig)
+    validity: ValidityConfig | None = None  # None: the card's dates are not read
 
     # --- derived ---------------------------------------------------------------------------
 
@@ -186,6 +214,34 @@ class M1Layout:
         if sector in self.record_sectors:
             return "records"
         raise ValueError(f"sector {sector} has no key role in this layout")
+
+    def sectors_in_use(self) -> tuple[int, ...]:
+        """The sectors a tap authenticates with derived keys: purse, public info, records
+        (the issuance and directory sectors have keys of their own)."""
+        return (self.purse_sector, self.public_sector, *self.record_sectors)
+
+    def key_id(self, sector: int) -> int:
+        """The key id (PSAM application id) of ``sector``: its own, else its role's."""
+        own = self.keys.sector_ids.get(sector)
+        if own is not None:
+            return own
+        return self.keys.role_ids[self.role_of_sector(sector)]
+
+    def static_key(self, sector: int) -> bytes:
+        """The static key of ``sector`` (provider ``static``): its own, else its role's."""
+        own = self.keys.static_sectors.get(sector)
+        if own is None:
+            own = self.keys.static_roles.get(self.role_of_sector(sector))
+        if own is None:
+            raise ConfigurationError(f"m1_purse.keys: no static key for sector {sector}")
+        return own
+
+    @property
+    def validity_block(self) -> int | None:
+        """Absolute block number of the dates block, or ``None`` when dates are not read."""
+        if self.validity is None:
+            return None
+        return block_number(self.issuance_sector, self.validity.block)
 
     # --- parsing ---------------------------------------------------------------------------
 
@@ -240,6 +296,7 @@ class M1Layout:
             check_access_bits=r.boolean("check_access_bits", d.check_access_bits),
             keys=_key_config(_Fields(r.table("keys"), f"{source}.keys")),
             tac=_tac_config(_Fields(r.table("tac"), f"{source}.tac")),
+            validity=_validity_config(r, source),
         )
         r.reject_unknown()
         layout._validate(source)
@@ -285,31 +342,101 @@ class M1Layout:
             raise fail("record_sectors", "more than 255 record slots")
         if self.issuance_sector in (self.purse_sector, self.public_sector):
             raise fail("issuance_sector", "must differ from the purse and public sectors")
+        self._validate_keys(source)
+        self._validate_validity(source)
+
+    def _validate_keys(self, source: str) -> None:
+        keys = self.keys
+        needed = self.sectors_in_use()
+        for table, entries in (("sector_ids", keys.sector_ids), ("static", keys.static_sectors)):
+            for sector in entries:
+                if sector not in needed:
+                    raise ConfigurationError(
+                        f"{source}.keys: field '{table}.{sector}': sector {sector} is not a "
+                        f"purse, public-info or record sector of this layout "
+                        f"({', '.join(str(s) for s in needed)})"
+                    )
+        if keys.provider == "static":
+            for sector in needed:
+                if (
+                    sector not in keys.static_sectors
+                    and self.role_of_sector(sector) not in keys.static_roles
+                ):
+                    raise ConfigurationError(
+                        f"{source}.keys: provider 'static' needs 'static.{sector}' or "
+                        f"'static.{self.role_of_sector(sector)}' (a key for sector {sector})"
+                    )
+        if keys.provider == "psam_fc" and keys.sector_input == "id_and_sector":
+            raise ConfigurationError(
+                f"{source}.keys: field 'sector_input': 80 FC takes one byte per sector key "
+                "(use 'id' or 'sector'), got 'id_and_sector'"
+            )
+
+    def _validate_validity(self, source: str) -> None:
+        validity = self.validity
+        if validity is None:
+            return
+        name = f"{source}.validity"
+        if validity.block >= blocks_in_sector(self.issuance_sector) - 1:
+            raise ConfigurationError(
+                f"{name}: field 'block' must be a data block of sector {self.issuance_sector}, "
+                f"got index {validity.block}"
+            )
+        if validity.block == self.issuance_block:
+            raise ConfigurationError(
+                f"{name}: field 'block' must differ from issuance_block (its 16 bytes are the "
+                "card's identity)"
+            )
+        if block_number(self.issuance_sector, validity.block) == 0:
+            raise ConfigurationError(f"{name}: field 'block' must not be the manufacturer block")
+        if not validity.dates.offsets():
+            raise ConfigurationError(
+                f"{name}: needs at least one of 'issue_date', 'start_date', 'expiry_date'"
+            )
+        problem = validity.dates.problem()
+        if problem is not None:
+            raise ConfigurationError(f"{name}: {problem}")
+
+
+def _sector_key(r: _Fields, table: str, name: str) -> int | None:
+    """A per-sector entry ("4") of a role-or-sector table, or ``None`` for a role name."""
+    if name in KEY_ROLES:
+        return None
+    if name.isdigit() and int(name) < SECTORS_4K and name == str(int(name)):
+        return int(name)
+    raise ConfigurationError(
+        f"{r.source}: field '{table}.{name}' is not a key role ({', '.join(KEY_ROLES)}) "
+        f"or a sector number 0..{SECTORS_4K - 1}"
+    )
 
 
 def _key_config(r: _Fields) -> KeyConfig:
     d = KeyConfig()
     provider = cast(KeyProviderKind, r.choice("provider", KEY_PROVIDERS, d.provider))
     key_type_text = r.choice("key_type", ("A", "B"), d.key_type.name)
-    ids_raw = r.table("sector_ids")
-    ids = dict(d.sector_ids)
-    for role in ids_raw:
-        if role not in KEY_ROLES:
-            raise ConfigurationError(
-                f"{r.source}: field 'sector_ids.{role}' is not a key role ({', '.join(KEY_ROLES)})"
-            )
-        ids[role] = r.int_value(f"sector_ids.{role}", ids_raw[role], 0, 0xFF)
+    role_ids: dict[KeyRole, int] = dict(d.role_ids)
+    sector_ids: dict[int, int] = {}
+    for name, value in r.table("sector_ids").items():
+        key = str(name)
+        sector = _sector_key(r, "sector_ids", key)
+        number = r.int_value(f"sector_ids.{key}", value, 0, 0xFF)
+        if sector is None:
+            role_ids[cast(KeyRole, key)] = number
+        else:
+            sector_ids[sector] = number
     issuance_key = r.string("issuance_key", d.issuance_key)
     if issuance_key != "uid":
         r.key6_value("issuance_key", issuance_key)
-    static_raw = r.table("static")
-    static: dict[KeyRole, bytes] = {}
-    for role, text in static_raw.items():
-        if role not in KEY_ROLES:
-            raise ConfigurationError(
-                f"{r.source}: field 'static.{role}' is not a key role ({', '.join(KEY_ROLES)})"
-            )
-        static[role] = r.key6_value(f"static.{role}", text)
+    static_roles: dict[KeyRole, bytes] = {}
+    static_sectors: dict[int, bytes] = {}
+    for name, text in r.table("static").items():
+        key = str(name)
+        sector = _sector_key(r, "static", key)
+        value = r.key6_value(f"static.{key}", text)
+        if sector is None:
+            static_roles[cast(KeyRole, key)] = value
+        else:
+            static_sectors[sector] = value
     master_text = r.string("software_master", "")
     master = b""
     if master_text:
@@ -326,7 +453,9 @@ def _key_config(r: _Fields) -> KeyConfig:
     config = KeyConfig(
         provider=provider,
         key_type=KeyType[key_type_text],
-        sector_ids=ids,
+        role_ids=role_ids,
+        sector_ids=sector_ids,
+        sector_input=cast(SectorInput, r.choice("sector_input", SECTOR_INPUTS, d.sector_input)),
         issuance_key=issuance_key.upper() if issuance_key != "uid" else "uid",
         fc_p1=r.byte("fc_p1", d.fc_p1),
         fc_p2=r.byte("fc_p2", d.fc_p2),
@@ -337,17 +466,38 @@ def _key_config(r: _Fields) -> KeyConfig:
         des_p1=r.byte("des_p1", d.des_p1),
         des_p2=r.byte("des_p2", d.des_p2),
         software_master=master,
-        static_keys=static,
+        static_roles=static_roles,
+        static_sectors=static_sectors,
     )
     r.reject_unknown()
     if provider == "software_3des" and not master:
         raise ConfigurationError(f"{r.source}: provider 'software_3des' needs 'software_master'")
-    if provider == "static":
-        missing = [role for role in KEY_ROLES if role not in static]
-        if missing:
-            raise ConfigurationError(
-                f"{r.source}: provider 'static' needs 'static.{missing[0]}' (one key per role)"
-            )
+    return config
+
+
+def _validity_config(parent: _Fields, source: str) -> ValidityConfig | None:
+    """``[m1_purse.validity]``; absent: the card's dates are not read."""
+    if parent.get("validity", None) is None:
+        return None
+    r = _Fields(parent.table("validity"), f"{source}.validity")
+    d = ValidityConfig()
+    offsets: dict[str, int | None] = {}
+    for name in ("issue_date", "start_date", "expiry_date"):
+        value = r.get(name, None)
+        offsets[name] = None if value is None else r.int_value(name, value, 0, 15)
+    dates = DatesFormat(
+        encoding=cast(DateEncoding, r.choice("date_encoding", DATE_ENCODINGS, d.dates.encoding)),
+        check=cast(IssuanceCheck, r.choice("check", ("xor", "none"), d.dates.check)),
+        issue=offsets["issue_date"],
+        start=offsets["start_date"],
+        expiry=offsets["expiry_date"],
+    )
+    config = ValidityConfig(
+        block=r.index("block", d.block),
+        dates=dates,
+        unset=cast(UnsetDates, r.choice("unset_dates", ("refuse", "unlimited"), d.unset)),
+    )
+    r.reject_unknown()
     return config
 
 
@@ -404,6 +554,10 @@ class _Fields:
             raise ConfigurationError(f"{self.source}: unknown field '{unknown[0]}'")
 
     def int_value(self, name: str, value: Any, low: int, high: int) -> int:
+        """An integer in ``low..high``. Floats are refused, NaN and infinities (TOML ``nan``,
+        ``inf``) with a message of their own, since NaN compares false with every bound."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(name, f"must be a finite integer in {low}..{high}", value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(name, "must be an integer", value)
         if not low <= value <= high:

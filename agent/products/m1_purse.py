@@ -16,6 +16,7 @@ next tap rolls an interrupted debit back or forward to one consistent purse.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from agent.products.m1_codec import (
     access_group,
     decode_access_bits,
     decode_backup,
+    decode_dates_block,
     decode_issuance,
     decode_public_info,
     encode_backup,
@@ -189,11 +191,102 @@ def issuance_key(layout: M1Layout, uid4: bytes) -> bytes:
 
 
 def read_issuance(layout: M1Layout, uid4: bytes) -> M1Step[Issuance]:
-    """Authenticate the issuance sector with its UID key and parse its block (§3.4 step 0)."""
+    """Authenticate the issuance sector with its UID key and parse its block (§3.4 step 0),
+    then its dates block when the layout has ``[m1_purse.validity]``.
+
+    Dates that are not BCD or not calendar dates (or a dates block whose check fails) refuse
+    the card as ``card_damaged``: the issuance sector is never written by a tap, so this is
+    not a tear to recover from.
+    """
     sector = layout.issuance_sector
     yield Authenticate(block_number(sector, 0), KeyType.A, issuance_key(layout, uid4))
     raw = yield from _read(block_number(sector, layout.issuance_block))
-    return decode_issuance(raw, layout.issuance_check)
+    issuance = decode_issuance(raw, layout.issuance_check)
+    dates_block = layout.validity_block
+    if layout.validity is not None and dates_block is not None:
+        raw_dates = yield from _read(dates_block)
+        try:
+            dates = decode_dates_block(raw_dates, layout.validity.dates)
+        except M1FormatError as exc:
+            raise TapRefused("card_damaged", f"issuance sector: {exc}") from exc
+        issuance = issuance.with_dates(dates)
+    return issuance
+
+
+def new_session(layout: M1Layout, keys: Mapping[int, bytes]) -> M1Session:
+    """The session of one tap from the provider's ``{sector: key}`` for
+    :meth:`M1Layout.sectors_in_use`; a missing or malformed key is a provider bug, refused here
+    before any card operation."""
+    for sector in layout.sectors_in_use():
+        key = keys.get(sector)
+        if key is None or len(key) != 6:
+            raise CardProtocolError(f"no 6-byte key for sector {sector}")
+    return M1Session(dict(keys), layout.keys.key_type)
+
+
+# --- qualification ---------------------------------------------------------------------------
+
+ENABLE_REFUSALS = {0x01: "not_enabled", 0x03: "stopped", 0x04: "blacklisted"}
+
+
+def qualify(
+    layout: M1Layout,
+    issuance: Issuance,
+    state: PurseState,
+    today: dt.date,
+    max_balance: int,
+) -> None:
+    """The terminal's checks of an M1 card, after recovery: enable flag (§3.1 block 0: 01 not
+    enabled, 02 normal, 03 stopped, 04 blacklisted), city and card-type allow-lists, the
+    validity dates (valid from the start date, else the issue date, through the expiry date
+    inclusive), the public-info blacklist flag, a plausible balance.
+
+    Raises :class:`TapRefused` (reasons ``not_enabled``, ``stopped``, ``blacklisted``,
+    ``card_disabled``, ``not_accepted_city``, ``card_type``, ``not_yet_valid``, ``expired``,
+    ``card_damaged``); a balance outside ``0..max_balance`` is a :class:`CardProtocolError`.
+    """
+    flag = issuance.enable_flag
+    if flag != layout.enable_flag_normal:
+        raise TapRefused(
+            ENABLE_REFUSALS.get(flag, "card_disabled"), f"issuance enable flag {flag:02X}"
+        )
+    city = issuance.city_code.hex().upper()
+    if layout.city_codes and city not in layout.city_codes:
+        raise TapRefused("not_accepted_city", f"city code {city}")
+    if layout.accepted_card_types and issuance.card_type not in layout.accepted_card_types:
+        raise TapRefused("card_type", f"card type {issuance.card_type:02X}")
+    _check_dates(layout, issuance, today)
+    if state.pub_p is None or state.purse_p is None:
+        raise CardProtocolError("qualify needs a consistent (recovered) purse")
+    if state.pub_p.blacklist == layout.blacklist_value:
+        raise TapRefused("blacklisted", "public-info blacklist flag set")
+    if not 0 <= state.purse_p <= max_balance:
+        raise CardProtocolError(f"M1 purse: balance {state.purse_p} outside 0..{max_balance}")
+
+
+def _check_dates(layout: M1Layout, issuance: Issuance, today: dt.date) -> None:
+    validity = layout.validity
+    if validity is None:
+        return
+    configured = validity.dates.offsets()
+    found = {
+        "issue": issuance.issue_date,
+        "start": issuance.start_date,
+        "expiry": issuance.expiry_date,
+    }
+    if validity.unset == "refuse":
+        for name in configured:
+            if found[name] is None:
+                raise TapRefused("card_damaged", f"issuance {name} date not set on the card")
+    start = issuance.start_date or issuance.issue_date
+    expiry = issuance.expiry_date
+    span = f"valid {start or '-'}..{expiry or '-'}"
+    if start is not None and expiry is not None and start > expiry:
+        raise TapRefused("card_damaged", f"issuance dates: {span}")
+    if start is not None and today < start:
+        raise TapRefused("not_yet_valid", span)
+    if expiry is not None and today > expiry:
+        raise TapRefused("expired", span)
 
 
 DIRECTORY_CODES = {"purse": 0x10, "public": 0x06, "records": 0x03, "issuance": 0x01}

@@ -26,12 +26,19 @@ class CardTechnology(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CardPresence:
-    """A card the reader has activated. ``uid`` is the anticollision UID (4, 7 or 10 bytes)."""
+    """A card the reader has activated. ``uid`` is the anticollision UID (4, 7 or 10 bytes).
+
+    ``cards_in_field`` is how many cards (or phones) the reader saw at anticollision. A driver
+    that cannot tell leaves it at 1 and says so in its docstring (PC/SC and nfcpy cannot; the
+    serial module reports a collision with status 0x82). More than one is refused by
+    :class:`agent.presence.PresenceGuard` before any command reaches a card.
+    """
 
     uid: bytes
     technology: CardTechnology
     sak: int | None = None
     ats: bytes = b""  # ATS (ISO-DEP) or historical bytes of the PC/SC ATR
+    cards_in_field: int = 1
 
 
 @runtime_checkable
@@ -49,7 +56,12 @@ class CardReader(Protocol):
         ...
 
     def wait_for_removal(self, timeout: float) -> bool:
-        """Block until the card has left the field (``True``) or ``timeout`` passes (``False``)."""
+        """Block until the card has left the field (``True``) or ``timeout`` passes (``False``).
+
+        Truthful: ``True`` only once the field was seen empty (a card that stays, or another
+        card that took its place without an empty field in between, is ``False``), never because
+        the driver reconnected to its reader; a reader fault raises :class:`ReaderError`.
+        """
         ...
 
     def feedback(self, ok: bool, text: str) -> None:

@@ -8,7 +8,17 @@ CRC (nfcpy's drivers add and check it). The device path is nfcpy's: ``usb:072f:2
 ``tty:USB0:pn532``, or ``udp:127.0.0.1:54321`` (the simulated frontend the tests use).
 
 Presence after a tap is checked by "ping": an R(NAK) that a card in the field answers with an
-R(ACK) (ISO/IEC 14443-4 §7.5.4); silence means the card has left.
+R(ACK) (ISO/IEC 14443-4 §7.5.4). Silence is not taken as removal by itself (a mute or torn card
+may still lie there): the driver then looks at the field afresh with ``clf.sense()``, which
+switches the RF field off and on, so any card in the field powers up and answers REQA. A look
+that finds nothing is a removal; a card that answers (the same one, a phone with a new random
+UID, another card) is not, and an ISO-DEP card is re-activated so that pinging resumes. A device
+error is a :class:`ReaderError`, never a removal; the re-opened frontend looks at the field again.
+
+nfcpy's ``sense`` reports one target: the udp frontend models a single card, and nfcpy's PN53x
+drivers ask the chip for one target, so the driver cannot tell that a second card or a phone is
+in the field and ``CardPresence.cards_in_field`` stays 1 (the presence guard and the card id
+check keep a card from being charged twice).
 
 nfcpy's exceptions become the agent's errors here: ``nfc.clf.CommunicationError`` (timeout,
 broken link, garbled frame) during an APDU -> :class:`CardRemovedError`; ``IOError`` from the
@@ -152,16 +162,17 @@ class NfcReader:
         return response
 
     def wait_for_removal(self, timeout: float) -> bool:
+        """``True`` once a sense found no card; ``False`` while the card answers its ping or a
+        sense finds a card. A look may overrun ``timeout`` by the frontend's REQA wait (1 s on
+        udp)."""
         deadline = time.monotonic() + timeout
-        while self._target is not None:
-            if not self._ping(min(self.ping_timeout, max(0.01, deadline - time.monotonic()))):
-                self._target = None
+        while True:
+            if self._field_empty(deadline):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             time.sleep(min(self.poll_interval, remaining))
-        return True
 
     def feedback(self, ok: bool, text: str) -> None:
         # nfcpy frontends have no passenger display; a buzzer/LED is driver-specific.
@@ -175,18 +186,36 @@ class NfcReader:
     # -- activation -----------------------------------------------------------------------------
 
     def _sense_once(self) -> CardPresence | None:
+        target = self._sense()
+        return None if target is None else self._activate(target)
+
+    def _field_empty(self, deadline: float) -> bool:
+        """One look: the activated card answers a ping, else a fresh sense finds no card."""
+        if self._target is not None and self._iso_dep:
+            if self._ping(min(self.ping_timeout, max(0.01, deadline - time.monotonic()))):
+                return False
+            _log.debug("nfc_ping_unanswered", reader=self.path)
+        target = self._sense()
+        if target is None:
+            return True
+        self._activate(target)  # ping again from now on (a mute card stays unactivated)
+        return False
+
+    def _sense(self) -> Any:
+        """nfcpy's sense (RF field off, then REQA and anticollision): a target or ``None``."""
         clf = self._frontend()
         self._target = None
         try:
-            target = clf.sense(nfc.clf.RemoteTarget("106A"), iterations=1)
+            return clf.sense(nfc.clf.RemoteTarget("106A"), iterations=1)
         except nfc.clf.CommunicationError as exc:
             _log.debug("nfc_sense_error", reader=self.path, error=repr(exc))
             return None
         except OSError as exc:
             self._drop_frontend()
             raise ReaderError(f"{self.name}: sense failed: {exc}") from exc
-        if target is None:
-            return None
+
+    def _activate(self, target: Any) -> CardPresence | None:
+        """RATS for an ISO-DEP target; ``None`` if it does not answer."""
         sak = target.sel_res[0] if target.sel_res else 0
         uid = bytes(target.sdd_res or b"")
         self._target = target

@@ -13,6 +13,7 @@ fresh worker and context. Card insertion and removal come from ``SCardGetStatusC
 pcsc-lite return codes become the agent's errors here and nowhere else:
 
 * card gone, reset or silent        -> :class:`CardRemovedError` (SAM: :class:`SamMuteError`)
+* an empty answer (0 bytes, success) -> the same: the card left during the exchange
 * pcscd gone, reader gone or broken -> :class:`ReaderError` (the context is rebuilt next call)
 * a call that overran its timeout   -> :class:`CardRemovedError` / :class:`SamMuteError` for APDUs,
                                        :class:`ReaderTimeout` otherwise
@@ -82,6 +83,7 @@ _READER_GONE = frozenset(
     }
 )
 _PRESENT = scard.SCARD_STATE_PRESENT
+_EMPTY: int = scard.SCARD_STATE_EMPTY
 _MUTE = scard.SCARD_STATE_MUTE
 _GONE_STATES = scard.SCARD_STATE_UNAVAILABLE | scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE
 _PCI = {scard.SCARD_PROTOCOL_T0: scard.SCARD_PCI_T0, scard.SCARD_PROTOCOL_T1: scard.SCARD_PCI_T1}
@@ -336,6 +338,26 @@ class PcscCardReader(_PcscDevice):
     events themselves, about every 0.4 s). ``timeout`` bounds every APDU. MIFARE Classic
     operations (:class:`agent.readers.storage.StorageCardReader`) go through the reader
     firmware's PC/SC Part 3 / ACS pseudo-APDUs over the same ``transmit``.
+
+    What PC/SC lets the driver observe of presence (pcsc-lite 1.9.9, verified against vpcd):
+
+    * the reader state (``SCARD_STATE_EMPTY`` / ``PRESENT`` / ``MUTE``) and, in its high 16 bits,
+      pcscd's count of card insertions and removals in that reader. Connect, disconnect and
+      reset leave the count alone; a card taken away and put back (or replaced by another)
+      between two looks moves it, so :meth:`wait_for_removal` counts that as a removal. A mute
+      card is still in the field: not a removal;
+    * the ATR, read by pcscd at insertion only: a card replaced by another while pcscd kept
+      seeing the slot occupied changes neither the ATR nor the count, so such a swap is not
+      seen at all (the loop then keeps waiting for an empty field, and the new card is taken
+      after it). vpcd always shows a swap as a removal and an insertion;
+    * the count restarts when pcscd does, so after the connection to pcscd was lost the driver
+      does not know whether the card left: :meth:`wait_for_removal` raises :class:`ReaderError`
+      until :meth:`wait_for_card` has looked at the field again (the presence guard then refuses
+      the card that was never seen leaving);
+    * not how many cards are in the field: the reader firmware resolves anticollision and
+      PC/SC reports one card, so ``CardPresence.cards_in_field`` stays 1. A phone or second card
+      laid beside the first is either ignored by the reader or taken instead of it; the guard
+      and the card id check keep that from charging a card twice.
     """
 
     role = "card"
@@ -389,6 +411,14 @@ class PcscCardReader(_PcscDevice):
                 self._forget_card()
                 raise CardRemovedError(f"{self.name}: card left the field: {cause}") from cause
             raise
+        if not response:
+            # No status word at all, with success: what pcscd passes on when the card (or vpcd's
+            # virtual one) leaves during the exchange. The card is gone, not garbling its answer.
+            self._forget_card()
+            raise CardRemovedError(
+                f"{self.name}: card left the field: empty answer from {self.reader_name!r} "
+                "(fate of the command unknown)"
+            )
         _log.debug(
             "pcsc_apdu", reader=self.reader_name, ins=f"{apdu[1]:02X}" if len(apdu) > 1 else "",
             sw=response[-2:].hex().upper(), ms=round(elapsed_ms, 2),
@@ -403,20 +433,23 @@ class PcscCardReader(_PcscDevice):
         return super()._overrun(what, budget)
 
     def wait_for_removal(self, timeout: float) -> bool:
+        """``True`` once pcscd shows the slot empty, or its event count moved (the card left
+        and something came back between two looks); ``False`` while the card stays (mute or
+        not). A reader that went away, or a pcscd connection rebuilt since the card was seen,
+        raises :class:`ReaderError`: the card may still be there."""
         deadline = time.monotonic() + timeout
         self._call("disconnect", self._disconnect, CALL_MARGIN_S)
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            gone = self._call(
-                "wait for removal",
-                lambda w: self._wait_state(w, want_present=False, wait_s=remaining),
-                remaining + CALL_MARGIN_S,
+        if self._state == scard.SCARD_STATE_UNAWARE:
+            raise ReaderError(
+                f"{self.name}: the connection to pcscd was rebuilt since the card was seen; "
+                "whether it left is unknown"
             )
-        except ReaderError as exc:
-            if isinstance(exc.__cause__, PcscCallError) and exc.__cause__.rv in _READER_GONE:
-                return True  # the reader went away, and the card with it
-            raise
-        return gone
+        remaining = max(0.0, deadline - time.monotonic())
+        return self._call(
+            "wait for removal",
+            lambda w: self._wait_state(w, want_present=False, wait_s=remaining),
+            remaining + CALL_MARGIN_S,
+        )
 
     def feedback(self, ok: bool, text: str) -> None:
         # LED / buzzer commands are vendor escapes (SCardControl), not part of PC/SC; the
@@ -426,14 +459,20 @@ class PcscCardReader(_PcscDevice):
     # -- on the worker thread --------------------------------------------------------------
 
     def _wait_state(self, worker: PcscWorker, *, want_present: bool, wait_s: float) -> bool:
-        """Wait up to ``wait_s`` for the card to be present (or absent); return whether it is."""
+        """Wait up to ``wait_s`` for a card to be present (or for the card to have left, see
+        :meth:`_left_since`); return whether it is (has)."""
         reader = self._find(worker)
         deadline = time.monotonic() + wait_s
+        since = self._state
+
+        def reached() -> bool:
+            return self._present() if want_present else self._left_since(since)
+
         while True:
             ms = max(0, int((deadline - time.monotonic()) * 1000))
             rv, states = scard.SCardGetStatusChange(worker.context(), ms, [(reader, self._state)])
             if rv == scard.SCARD_E_TIMEOUT:
-                return self._present() == want_present
+                return reached()
             _check("SCardGetStatusChange", rv)
             _name, event, _atr = states[0]
             if event & _GONE_STATES:
@@ -441,8 +480,14 @@ class PcscCardReader(_PcscDevice):
                 raise PcscCallError("SCardGetStatusChange", scard.SCARD_E_READER_UNAVAILABLE)
             # The high 16 bits count events, so a quick remove + insert still shows as a change.
             self._state = event & ~scard.SCARD_STATE_CHANGED
-            if self._present() == want_present or ms == 0:
-                return self._present() == want_present
+            if reached() or ms == 0:
+                return reached()
+
+    def _left_since(self, since: int) -> bool:
+        """The slot is empty, or pcscd counted a removal (and insertion) since state ``since``."""
+        if self._state & _EMPTY:
+            return True
+        return bool(since != scard.SCARD_STATE_UNAWARE and (self._state >> 16) != (since >> 16))
 
     def _service_lost(self) -> None:
         super()._service_lost()
@@ -457,6 +502,8 @@ class PcscCardReader(_PcscDevice):
         storage = _STORAGE_CARD_RID in historical[:8]
         uid = b""
         response, _ms = self._transmit(bytes.fromhex("FFCA000000"))  # GET DATA: UID (§4a.1)
+        if not response:  # an empty answer: the card left while being activated
+            raise PcscCallError("SCardTransmit", scard.SCARD_W_REMOVED_CARD)
         if response[-2:] == b"\x90\x00":
             uid = response[:-2]
         presence = CardPresence(
@@ -489,6 +536,12 @@ class PcscSamSlot(_PcscDevice):
         if self._card is None:
             raise SamMuteError(f"{self.name}: SAM not connected (lost or never reset)")
         response, _ms = self._call("transmit", lambda w: self._transmit(apdu), self.timeout)
+        if not response:
+            # A SAM that answers nothing at all has been pulled or lost power: it needs a reset.
+            self._forget_card()
+            raise SamMuteError(
+                f"{self.name}: SAM gave an empty answer in {self.reader_name!r} (lost; reset it)"
+            )
         return response
 
     def _reset(self, worker: PcscWorker) -> bytes:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import serial
@@ -47,9 +47,10 @@ _log = structlog.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 GET_VERSION = 0x01
-FIND_CARD = 0x10  # -> tech(1) ‖ SAK(1) ‖ UID len(1) ‖ UID ‖ ATS; status 0x80 = no card
+FIND_CARD = 0x10  # -> tech(1) ‖ SAK(1) ‖ UID len(1) ‖ UID ‖ ATS; status 0x80 = no card,
+#                    0x82 = several cards: count(1) ‖ [the answer above for one of them]
 CARD_APDU = 0x11  # APDU -> response APDU; status 0xAF = card silent / left
-CARD_PRESENT = 0x12  # status 0x00 present, 0x80 gone
+CARD_PRESENT = 0x12  # status 0x00 present (any card in the field), 0x80 field empty
 CARD_HALT = 0x13
 SAM_RESET = 0x20  # slot(1) -> ATR; status 0xE1 = SAM error / absent
 SAM_APDU = 0x21  # slot(1) ‖ APDU -> response APDU; status 0xE1 = SAM mute
@@ -68,6 +69,7 @@ M1_FIRST, M1_LAST = 0x40, 0x4F
 
 STATUS_OK = 0x00
 STATUS_NO_CARD = 0x80
+STATUS_SEVERAL_CARDS = 0x82  # this protocol's: collision at anticollision, several cards
 STATUS_CARD_TIMEOUT = 0xAF
 STATUS_AUTH_ERROR = 0x83
 STATUS_READ_ERROR = 0x84
@@ -84,6 +86,7 @@ STATUS_MEANINGS: dict[int, str] = {
     0x00: "OK",
     0x80: "no card",
     0x81: "select error",
+    0x82: "several cards in the field",
     0x83: "authentication error",
     0x84: "read error",
     0x85: "write error",
@@ -700,7 +703,17 @@ _VALUE_OPS: dict[str, int] = {"increment": 0x01, "decrement": 0x02, "restore": 0
 class SerialModuleReader:
     """The module's contactless field, as a :class:`agent.readers.base.CardReader` and, for
     MIFARE Classic cards, a :class:`agent.readers.storage.StorageCardReader` (commands
-    0x40..0x47). Loaded keys stay in host memory and travel only inside M1_AUTH."""
+    0x40..0x47). Loaded keys stay in host memory and travel only inside M1_AUTH.
+
+    Presence: the module runs anticollision itself. FIND_CARD answers 0x82 when it saw several
+    cards (a collision), with their count and one card's data; that becomes
+    ``CardPresence.cards_in_field`` (the presence guard refuses it before any APDU). The vendor
+    protocols of m1-purse-and-readers.md §4c have no such status (their modules select one card
+    and say nothing); a module that never sends 0x82 is read as one card. CARD_PRESENT is the
+    module's own look at the field and is answered the same across a re-opened link, so a link
+    that drops never reads as a removal (it raises :class:`ReaderError`); a module that was
+    power-cycled meanwhile cannot say whether the card left in between.
+    """
 
     def __init__(self, link: SerialModuleLink, *, poll_interval: float = 0.1) -> None:
         if not poll_interval > 0:
@@ -718,6 +731,8 @@ class SerialModuleReader:
             reply = self.link.request(FIND_CARD)
             if reply.status == STATUS_OK:
                 return self._presence(reply.data)
+            if reply.status == STATUS_SEVERAL_CARDS:
+                return self._crowd(reply.data)
             if reply.status != STATUS_NO_CARD:
                 raise self._unexpected(reply)
             remaining = deadline - time.monotonic()
@@ -828,6 +843,13 @@ class SerialModuleReader:
             sak=sak,
             ats=data[3 + uid_len :],
         )
+
+    def _crowd(self, data: bytes) -> CardPresence:
+        """FIND_CARD status 0x82: count(1) ‖ optionally one card's FIND_CARD data."""
+        count = max(2, data[0]) if data else 2
+        if len(data) > 1:
+            return replace(self._presence(data[1:]), cards_in_field=count)
+        return CardPresence(b"", CardTechnology.UNKNOWN, cards_in_field=count)
 
     def _unexpected(self, reply: Frame) -> ReaderError:
         name = command_spec(reply.cmd).name

@@ -70,11 +70,44 @@ class PsamConfig:
     @classmethod
     def for_application(cls, name: str) -> PsamConfig:
         """The profile's ``sam.application`` value: ``tunion`` or ``cjt166``."""
-        if name == "tunion":
-            return cls.tunion()
-        if name == "cjt166":
-            return cls.cjt166()
-        raise ConfigurationError(f"unknown PSAM application {name!r} (tunion | cjt166)")
+        return cls(application=application_path(name))
+
+
+ApplicationPath = tuple[SelectStep, ...]
+
+
+def application_path(preset: str = "", *, aid: bytes = b"", fid: bytes = b"") -> ApplicationPath:
+    """The selection path (from the MF) of a PSAM application (§4.1).
+
+    ``preset``: ``tunion`` (AID A000000632 || "MOT.CPSAM01") or ``cjt166`` (FID 1001, then the
+    name "建设部"); otherwise ``fid`` and/or ``aid`` (FID first when both are given, as the
+    CJ/T 166 path does).
+    """
+    if preset:
+        if aid or fid:
+            raise ConfigurationError("a PSAM application is a preset or an aid/fid, not both")
+        if preset == "tunion":
+            return (("aid", TUNION_PSAM_AID),)
+        if preset == "cjt166":
+            return (("fid", CJT166_PSAM_FID), ("aid", CJT166_PSAM_NAME))
+        raise ConfigurationError(f"unknown PSAM application {preset!r} (tunion | cjt166)")
+    steps: list[SelectStep] = []
+    if fid:
+        if len(fid) != 2:
+            raise ConfigurationError(f"PSAM application FID must be 2 bytes, got {fid.hex()}")
+        steps.append(("fid", bytes(fid)))
+    if aid:
+        if not 5 <= len(aid) <= 16:
+            raise ConfigurationError(f"PSAM application AID must be 5..16 bytes, got {aid.hex()}")
+        steps.append(("aid", bytes(aid)))
+    if not steps:
+        raise ConfigurationError("a PSAM application needs a preset, an aid or a fid")
+    return tuple(steps)
+
+
+def describe_path(path: ApplicationPath) -> str:
+    """``fid 1001 / aid BDA8C9E8B2BF`` for logs and errors."""
+    return " / ".join(f"{kind} {value.hex().upper()}" for kind, value in path)
 
 
 # -- command builders (pure) ---------------------------------------------------------------------
@@ -165,33 +198,50 @@ def parse_purchase_mac(data: bytes) -> PurchaseMac:
 
 
 class PsamDriver:
-    """The :class:`agent.sam.base.Sam` seam over a PSAM in a :class:`SamSlot`."""
+    """The :class:`agent.sam.base.Sam` seam over a PSAM in a :class:`SamSlot`.
+
+    A PSAM may hold several applications (a T-Union and a CJ/T 166 one, §4.1).
+    :meth:`select_application` switches between them, re-selecting only when the current
+    selection is not the one asked for. EF15/EF16 (serial, terminal number) live in the MF and are
+    read once per :meth:`open`; EF17 (purchase-key index) lives in each application and is read
+    the first time that application is selected after an open. With
+    ``read_ids_before_application=False`` EF15/EF16 are read per application too.
+    """
 
     def __init__(self, slot: SamSlot, config: PsamConfig | None = None) -> None:
         self.slot = slot
         self.config = config or PsamConfig()
         self._terminal_number: bytes | None = None
         self._serial: bytes | None = None
-        self._ef17: bytes | None = None
+        self._ef17: dict[ApplicationPath, bytes] = {}
+        self._app_ids: dict[ApplicationPath, tuple[bytes | None, bytes]] = {}
+        self._current: ApplicationPath | None = None
         self._lost = False
+        self._opened = False
         self.atr = b""
+        self.selects = 0  # application selections made (for tests and status)
 
     # -- opening ------------------------------------------------------------------------------
 
     def open(self) -> None:
         """Reset the PSAM, select its application, read EF15/EF16/EF17 (§4.1)."""
-        self._terminal_number = self._serial = self._ef17 = None
-        self.atr = self.slot.reset()
+        self._opened = False
+        self._lost = False
+        self._terminal_number = self._serial = None
+        self._ef17.clear()
+        self._app_ids.clear()
+        self._current = None
+        try:
+            self.atr = self.slot.reset()
+        except (SamMuteError, ReaderError):
+            self._lost = True
+            raise
         cfg = self.config
         if cfg.select_mf_first:
             self._exchange(select_mf())
         if cfg.read_ids_before_application:
             self._read_ids()
-        for kind, value in cfg.application:
-            self._exchange(select_by_name(value) if kind == "aid" else select_by_fid(value))
-        if not cfg.read_ids_before_application:
-            self._read_ids()
-        self._ef17 = self._exchange(read_binary_sfi(EF17_SFI, EF17_LENGTH), min_length=1)
+        self._select_path(cfg.application)
         log.info(
             "psam.opened",
             slot=self.slot.name,
@@ -199,6 +249,50 @@ class PsamDriver:
             terminal=self.terminal_number.hex().upper(),
             purchase_key_index=self.purchase_key_index,
         )
+        self._opened = True
+
+    @property
+    def is_open(self) -> bool:
+        """Opened and not lost since (a lost PSAM is re-opened before its next command)."""
+        return self._opened and not self._lost
+
+    @property
+    def known_identity(self) -> tuple[str | None, str | None]:
+        """(serial, terminal number) in hex as last read, without any APDU (for status)."""
+        terminal = self._terminal_number.hex().upper() if self._terminal_number else None
+        serial = self._serial.hex().upper() if self._serial is not None else terminal
+        return serial, terminal
+
+    @property
+    def current_application(self) -> ApplicationPath | None:
+        return self._current
+
+    def select_application(self, path: ApplicationPath) -> None:
+        """Make ``path`` the selected application; no APDU when it already is (§4.1)."""
+        if self._lost:
+            self._reopen()
+        if self._current == tuple(path):
+            return
+        if self.config.select_mf_first:
+            self._current = None
+            self._exchange(select_mf())
+        self._select_path(tuple(path))
+
+    def _select_path(self, path: ApplicationPath) -> None:
+        self._current = None
+        for kind, value in path:
+            self._exchange(select_by_name(value) if kind == "aid" else select_by_fid(value))
+        self.selects += 1
+        if not self.config.read_ids_before_application:
+            if path not in self._app_ids:
+                self._read_ids()
+                assert self._terminal_number is not None
+                self._app_ids[path] = (self._serial, self._terminal_number)
+            self._serial, self._terminal_number = self._app_ids[path]
+        if path not in self._ef17:
+            self._ef17[path] = self._exchange(read_binary_sfi(EF17_SFI, EF17_LENGTH), min_length=1)
+        self._current = path
+        log.debug("psam.application_selected", slot=self.slot.name, application=describe_path(path))
 
     def _read_ids(self) -> None:
         if self.config.read_serial:
@@ -227,11 +321,13 @@ class PsamDriver:
 
     @property
     def purchase_key_index(self) -> int:
-        if self._ef17 is None and self._lost:
+        """EF17 byte 0 of the selected application."""
+        if self._current is None and self._lost:
             self._reopen()
-        if self._ef17 is None:
+        ef17 = self._ef17.get(self._current) if self._current is not None else None
+        if ef17 is None:
             raise SamError("PSAM not opened: EF17 (purchase key index) unknown")
-        return self._ef17[0]
+        return ef17[0]
 
     def init_for_purchase(self, request: PurchaseMacRequest) -> PurchaseMac:
         try:
@@ -296,12 +392,7 @@ class PsamDriver:
 
     def _reopen(self) -> None:
         """Re-open a lost SAM; if that fails as well, it stays lost for the next attempt."""
-        self._lost = False
-        try:
-            self.open()
-        except (SamMuteError, ReaderError):
-            self._lost = True
-            raise
+        self.open()
 
     def _exchange_once(
         self, command: Command, *, length: int | None, min_length: int | None

@@ -1,6 +1,6 @@
-"""An emulated serial reader module (contactless field + PSAM slots) speaking the protocol of
-:mod:`agent.readers.serial_module` over a real byte stream: a TCP socket (for pyserial's
-``socket://``) or the module side of a socat pty pair.
+"""An emulated serial reader module (contactless field + any number of PSAM slots) speaking the
+protocol of :mod:`agent.readers.serial_module` over a real byte stream: a TCP socket (for
+pyserial's ``socket://``) or the module side of a socat pty pair.
 
 The emulator knows nothing of card internals. It takes a *field* (``field.card`` is ``None`` or
 an object with ``uid``, ``ats`` and ``process(apdu) -> bytes``; ``field.remove()`` empties it)
@@ -87,6 +87,9 @@ class ModuleEmulator:
         self.framing = framing
         self.version = version
         self.requests: list[sm.Frame] = []  # every request decoded, in order
+        # Cards lying in the field beside field.card (a second card, a phone): FIND_CARD then
+        # answers 0x82 (several cards), CARD_PRESENT sees the field occupied while any is there.
+        self.others: list[Any] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -98,6 +101,19 @@ class ModuleEmulator:
     def inject(self, fault: Fault) -> None:
         with self._lock:
             self._faults.append(fault)
+
+    def insert_sam(self, slot: int, sam: Sam) -> None:
+        """A PSAM goes into SAM slot ``slot`` (several slots may hold PSAMs at once)."""
+        with self._lock:
+            self.sams = {**self.sams, slot: sam}
+
+    def remove_sam(self, slot: int) -> Sam | None:
+        """Pull the PSAM out of ``slot``: SAM commands to it answer 0xE1 (SAM error)."""
+        with self._lock:
+            sams = dict(self.sams)
+            sam = sams.pop(slot, None)
+            self.sams = sams
+        return sam
 
     def count(self, command: int) -> int:
         return sum(1 for frame in self.requests if frame.cmd == command)
@@ -111,14 +127,20 @@ class ModuleEmulator:
         if cmd == sm.GET_VERSION:
             return sm.STATUS_OK, self.version
         if cmd == sm.FIND_CARD:
-            if card is None:
+            cards = [c for c in (card, *self.others) if c is not None]
+            if not cards:
                 return sm.STATUS_NO_CARD, b""
-            uid = bytes(card.uid)
-            tech = getattr(card, "technology_code", 0x01)
-            sak = getattr(card, "sak", 0x20)
-            return sm.STATUS_OK, bytes((tech, sak, len(uid))) + uid + bytes(card.ats)
+            found = cards[0]
+            uid = bytes(found.uid)
+            tech = getattr(found, "technology_code", 0x01)
+            sak = getattr(found, "sak", 0x20)
+            answer = bytes((tech, sak, len(uid))) + uid + bytes(found.ats)
+            if len(cards) > 1:  # a collision at anticollision
+                return sm.STATUS_SEVERAL_CARDS, bytes((len(cards),)) + answer
+            return sm.STATUS_OK, answer
         if cmd == sm.CARD_PRESENT:
-            return (sm.STATUS_NO_CARD if card is None else sm.STATUS_OK), b""
+            empty = card is None and not self.others
+            return (sm.STATUS_NO_CARD if empty else sm.STATUS_OK), b""
         if cmd == sm.CARD_HALT:
             return sm.STATUS_OK, b""
         if cmd == sm.CARD_APDU:

@@ -1,11 +1,19 @@
 """A PSAM simulator: the APDU front-end of :class:`agent.sam.software.SamCore` (cpu-purse.md §8).
 
 Files (§4.1): MF 3F00 (DF name "1PAY.SYS.DDF01") holding EF15 (serial, 14 bytes) and EF16
-(terminal number, 6 bytes); one purchase application selectable by AID
-A000000632 || "MOT.CPSAM01" (T-Union, S3), by FID 8011 (S2), by FID 1001 and by name "建设部"
-(GBK BD A8 C9 E8 B2 BF, CJ/T 166), holding EF17 (25 bytes, purchase key index in byte 0).
-EF15/EF16 are readable only while the MF is current unless ``mf_files_visible_in_application``.
-Purchase commands need the application selected (6985 otherwise, L).
+(terminal number, 6 bytes), and purchase applications (ADFs), each with its own key table, TTC
+(EF19) and EF17 (25 bytes, purchase key index in byte 0). EF15/EF16 are readable only while the MF
+is current unless ``mf_files_visible_in_application``. Purchase commands need an application
+selected (6985 otherwise, L).
+
+By default there is one lenient application answering to every name: AID
+A000000632 || "MOT.CPSAM01" (T-Union, S3), FID 8011 (S2), FID 1001 and name "建设部" (GBK
+BD A8 C9 E8 B2 BF, CJ/T 166). ``applications=[tunion_application(core1),
+cjt166_application(core2)]`` (or :func:`multi_application_psam`) models a real PSAM instead: a
+T-Union ADF (AID / FID 8011, no 80 CA: 6985) and a CJ/T 166 ADF (FID 1001 / "建设部", with 80 CA),
+each knowing only its own keys, so a card under the wrong application fails its 80 70 (6A88, key
+not found) or 80 CA (6985). :func:`tunion_psam` / :func:`cjt166_psam` are single-application
+PSAMs of each kind.
 
 Timing model (``modelled_seconds``): contact T=0 at 9600 baud — about 1 ms per byte in either
 direction (10 bits per character) plus 3 ms of processing per command.
@@ -14,6 +22,8 @@ direction (10 bits per character) plus 3 ms of processing per command.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -44,6 +54,34 @@ def _sw(sw: int) -> bytes:
     return sw.to_bytes(2, "big")
 
 
+@dataclass
+class PsamApplication:
+    """One application (ADF) of a simulated PSAM: its key table / TTC / key index live in
+    ``core``; it is selected by any of ``names`` (DF name) or ``fids``. ``security_code``: it
+    answers 80 CA (the CJ/T 166 application); otherwise 80 CA gets 6985."""
+
+    name: str
+    core: SamCore
+    names: tuple[bytes, ...] = ()
+    fids: tuple[bytes, ...] = ()
+    security_code: bool = True
+    ef17: bytes = b""  # filled by SimulatedPsam from core.purchase_key_index when empty
+
+
+def tunion_application(core: SamCore) -> PsamApplication:
+    """The JT/T 978 T-Union PSAM application: AID A000000632 || "MOT.CPSAM01", FID 8011."""
+    return PsamApplication(
+        "tunion", core, names=(TUNION_PSAM_AID,), fids=(APPLICATION_FIDS[0],), security_code=False
+    )
+
+
+def cjt166_application(core: SamCore) -> PsamApplication:
+    """The CJ/T 166 PSAM application: FID 1001, name "建设部"; it verifies 80 CA codes."""
+    return PsamApplication(
+        "cjt166", core, names=(CJT166_PSAM_NAME,), fids=(APPLICATION_FIDS[1],), security_code=True
+    )
+
+
 class SimulatedPsam:
     """A PSAM answering APDUs; all key logic lives in the wrapped :class:`SamCore`."""
 
@@ -60,18 +98,36 @@ class SimulatedPsam:
         mf_files_visible_in_application: bool = False,
         t0_get_response: bool = False,
         rejected_security_codes: frozenset[bytes] = frozenset(),
+        applications: Sequence[PsamApplication] | None = None,
     ) -> None:
-        self.core = core
+        self.mf_core = core  # EF15 / EF16 of the MF
+        if applications is None:
+            applications = [
+                PsamApplication(
+                    "purchase",
+                    core,
+                    names=(TUNION_PSAM_AID, CJT166_PSAM_NAME),
+                    fids=APPLICATION_FIDS,
+                )
+            ]
+        if not applications:
+            raise ValueError("a PSAM needs at least one application")
+        for app in applications:
+            if (app.core.terminal_number, app.core.serial) != (core.terminal_number, core.serial):
+                raise ValueError(f"application {app.name}: EF15/EF16 live in the MF, one per PSAM")
+            if not app.ef17:
+                # §4.1 EF17: key index (1) || issuer (8) || receiver (8) || start (4) || expiry (4)
+                app.ef17 = (
+                    bytes((app.core.purchase_key_index,))
+                    + bytes(issuer_id)
+                    + bytes(receiver_id)
+                    + bytes(start_date)
+                    + bytes(expiry_date)
+                )
+        self.applications = list(applications)
+        self._app = self.applications[0]
         # §4.1 EF15: serial (10) || version (1) || key-card type (1) || FCI data (2)
         self.ef15 = core.serial + bytes(ef15_tail)
-        # §4.1 EF17: key index (1) || issuer id (8) || receiver id (8) || start (4) || expiry (4)
-        self.ef17 = (
-            bytes((core.purchase_key_index,))
-            + bytes(issuer_id)
-            + bytes(receiver_id)
-            + bytes(start_date)
-            + bytes(expiry_date)
-        )
         self.atr = bytes(atr)
         self.mf_files_visible_in_application = mf_files_visible_in_application
         self.t0_get_response = t0_get_response
@@ -86,12 +142,34 @@ class SimulatedPsam:
         self._current: Literal["mf", "app"] = "mf"
         self._held: bytes = b""
 
+    @property
+    def core(self) -> SamCore:
+        """The selected application's core (the first application's while the MF is current)."""
+        return self._app.core
+
+    @property
+    def ef17(self) -> bytes:
+        return self._app.ef17
+
+    @property
+    def selected_application(self) -> str | None:
+        """The name of the selected application, ``None`` while the MF is current."""
+        return self._app.name if self._current == "app" else None
+
+    def application(self, name: str) -> PsamApplication:
+        for app in self.applications:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
     def reset(self) -> bytes:
         """Power cycle: RAM (current DF, SESPK, temporary key) is lost; answer the ATR."""
         self._mute = False
         self._current = "mf"
+        self._app = self.applications[0]
         self._held = b""
-        self.core.clear_session()
+        for app in self.applications:
+            app.core.clear_session()
         return self.atr
 
     def reset_command_count(self) -> None:
@@ -172,19 +250,25 @@ class SimulatedPsam:
             if cmd.data == MF_FID:
                 self._current = "mf"
                 return SW_OK
-            if cmd.data in APPLICATION_FIDS:
-                self._current = "app"
-                return SW_OK
-            return _sw(0x6A82)
+            return self._select_application(lambda app: cmd.data in app.fids)
         if cmd.p1 == 0x04:
             if cmd.data == MF_NAME:
                 self._current = "mf"
                 return SW_OK
-            if cmd.data in (TUNION_PSAM_AID, CJT166_PSAM_NAME):
+            return self._select_application(lambda app: cmd.data in app.names)
+        return _sw(0x6A86)
+
+    def _select_application(self, matches: Callable[[PsamApplication], bool]) -> bytes:
+        """A failed SELECT leaves the current DF as it was (6A82, file not found)."""
+        for app in self.applications:
+            if matches(app):
+                if app is not self._app:
+                    for other in self.applications:
+                        other.core.clear_session()  # a new DF: session keys are gone
+                self._app = app
                 self._current = "app"
                 return SW_OK
-            return _sw(0x6A82)
-        return _sw(0x6A86)
+        return _sw(0x6A82)
 
     def _read_binary(self, cmd: Command) -> bytes:
         if cmd.data:
@@ -197,7 +281,7 @@ class SimulatedPsam:
         if sfi == 0x15 and mf_visible:
             content = self.ef15
         elif sfi == 0x16 and mf_visible:
-            content = self.core.terminal_number
+            content = self.mf_core.terminal_number
         elif sfi == 0x17 and self._current == "app":
             content = self.ef17
         if content is None:
@@ -290,9 +374,30 @@ class SimulatedPsam:
             return _sw(0x6A86)
         if len(cmd.data) != 9:
             return _sw(0x6700)
-        if self._current != "app":
-            return _sw(0x6985)
+        if self._current != "app" or not self._app.security_code:
+            return _sw(0x6985)  # no application, or one without 80 CA (not CJ/T 166)
         if cmd.data in self.rejected_security_codes:
             return _sw(0x6988)
         self.security_codes.append(cmd.data)
         return SW_OK
+
+
+def tunion_psam(core: SamCore, **options: object) -> SimulatedPsam:
+    """A JT/T 978 PSAM: only the T-Union application."""
+    return SimulatedPsam(core, applications=[tunion_application(core)], **options)  # type: ignore[arg-type]
+
+
+def cjt166_psam(core: SamCore, **options: object) -> SimulatedPsam:
+    """A local CJ/T 166 PSAM: only the CJ/T 166 application."""
+    return SimulatedPsam(core, applications=[cjt166_application(core)], **options)  # type: ignore[arg-type]
+
+
+def multi_application_psam(
+    tunion_core: SamCore, cjt166_core: SamCore, **options: object
+) -> SimulatedPsam:
+    """One PSAM with a T-Union and a CJ/T 166 application, each with its own keys and EF17."""
+    return SimulatedPsam(
+        tunion_core,
+        applications=[tunion_application(tunion_core), cjt166_application(cjt166_core)],
+        **options,  # type: ignore[arg-type]
+    )

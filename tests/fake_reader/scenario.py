@@ -3,6 +3,8 @@ keys, a simulated PSAM, numbered cards of each family, and a tear-on-DEBIT wrapp
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -11,15 +13,17 @@ from agent.crypto import Algorithm
 from agent.products.m1_codec import (
     AccessConditions,
     Issuance,
+    IssuanceDates,
     PublicInfo,
+    encode_dates_block,
     encode_issuance,
     encode_value_block,
 )
-from agent.products.m1_keys import M1KeyProvider, key_provider_for
-from agent.products.m1_layout import KEY_ROLES, M1Layout, block_number
+from agent.products.m1_layout import M1Layout, block_number
 from agent.products.m1_purse import encode_public, issuance_key
 from agent.profile import Profile, load_profile
 from agent.sam.keys import KeySet
+from agent.sam.m1_keys import M1KeyProvider, key_provider_for
 from agent.sam.software import SamCore, SoftwareSam
 from tests.fake_reader.cpu_card import (
     SimulatedCpuCard,
@@ -130,6 +134,8 @@ M1_PURSE_ACCESS = AccessConditions((0b110, 0b110, 0b110, 0b011))  # 08 77 8F: A 
 M1_DATA_ACCESS = AccessConditions((0b000, 0b000, 0b000, 0b011))  # 7F 07 88 (CARDOP records)
 M1_KEY_B = bytes.fromhex("B0B1B2B3B4B5")  # TEST KEY: key B of every personalised sector
 M1_CITY = bytes.fromhex("1000")
+M1_ISSUED = dt.date(2020, 1, 1)
+M1_EXPIRES = dt.date(2099, 12, 31)
 
 
 def m1_layout(profile: Profile | None = None, **overrides: Any) -> M1Layout:
@@ -172,9 +178,16 @@ def make_m1_card(
     counter: int = 0,
     pointer: int = 0,
     clock: bool = False,
+    issue_date: dt.date | None = M1_ISSUED,
+    start_date: dt.date | None = None,
+    expiry_date: dt.date | None = M1_EXPIRES,
+    sector_keys: Mapping[int, bytes] | None = None,
 ) -> M1Card:
     """M1 purse card ``number`` personalised for ``layout`` with keys from ``provider``
-    (default: 80 FC of a software SAM with :data:`TEST_M1_MASTER`)."""
+    (default: 80 FC of a software SAM with :data:`TEST_M1_MASTER`), one key per sector of
+    ``layout.sectors_in_use()`` (distinct record-sector keys when the layout's ``sector_ids`` say
+    so); ``sector_keys`` overrides single sectors' key A. The dates go into the issuance
+    sector's dates block when the layout has ``[m1_purse.validity]`` (``None`` = unset)."""
     layout = layout or m1_layout()
     provider = provider or key_provider_for(layout, m1_software_sam(), production=False)
     card = M1Card(m1_uid(number, uid_length), size, clock=clock)
@@ -187,7 +200,8 @@ def make_m1_card(
         enable_flag=enable_flag,
         card_type=card_type,
     )
-    keys = provider.sector_keys(uid4, issuance, KEY_ROLES)
+    keys = dict(provider.sector_keys(uid4, issuance, layout.sectors_in_use()))
+    keys.update(sector_keys or {})
     # Directory (sector 0, block 1): area codes per sector (M1 spec §3.1).
     directory = bytearray(b"\xff" * 16)
     directory[0] = 0x00
@@ -207,11 +221,14 @@ def make_m1_card(
     card.set_trailer(
         layout.issuance_sector, issuance_key(layout, uid4), M1_ISSUANCE_ACCESS, M1_KEY_B
     )
+    if layout.validity is not None and layout.validity_block is not None:
+        dates = IssuanceDates(issue_date, start_date, expiry_date)
+        card.set_block(layout.validity_block, encode_dates_block(dates, layout.validity.dates))
     # Purse: two value blocks, adr = block number.
     p_blk, b_blk = layout.purse_blocks
     card.set_block(p_blk, encode_value_block(balance, p_blk))
     card.set_block(b_blk, encode_value_block(balance, p_blk))
-    card.set_trailer(layout.purse_sector, keys["purse"], M1_PURSE_ACCESS, M1_KEY_B)
+    card.set_trailer(layout.purse_sector, keys[layout.purse_sector], M1_PURSE_ACCESS, M1_KEY_B)
     # Public info: primary + backup, flag "done".
     info = PublicInfo(
         pointer=pointer,
@@ -222,9 +239,9 @@ def make_m1_card(
     pp_blk, pb_blk = layout.public_blocks
     card.set_block(pp_blk, encode_public(layout, info, backup=False))
     card.set_block(pb_blk, encode_public(layout, info, backup=True))
-    card.set_trailer(layout.public_sector, keys["public"], M1_DATA_ACCESS, M1_KEY_B)
+    card.set_trailer(layout.public_sector, keys[layout.public_sector], M1_DATA_ACCESS, M1_KEY_B)
     for sector in layout.record_sectors:
-        card.set_trailer(sector, keys["records"], M1_DATA_ACCESS, M1_KEY_B)
+        card.set_trailer(sector, keys[sector], M1_DATA_ACCESS, M1_KEY_B)
     return card
 
 

@@ -1,6 +1,8 @@
 """Virtual ICCs for vsmartcard's vpcd: the card side of pyscard → pcscd → vpcd in the tests.
 
-vpcd (in server mode) listens on one TCP port per slot; a virtual ICC connects to it. Every message
+vpcd (in server mode) listens on one TCP port per slot (``CHANNELID + slot``; the test stack runs
+two vpcd readers of two slots each, so vpcd slots 0..3 are ports ``port + 0..3``: card, PSAM,
+second PSAM, spare — see :mod:`tests.stacks`); a virtual ICC connects to it. Every message
 in both directions is ``uint16 length (big-endian) ‖ payload``; a 1-byte message from vpcd is a
 control byte (``00`` power off, ``01`` power on, ``02`` reset, ``04`` get ATR — only ``04`` is
 answered), anything longer is a command APDU answered with a response APDU

@@ -1,0 +1,92 @@
+"""What a product handler gets for one tap: the card, the clock, the SAM routes, the journal,
+and the engine's shared policy (presence, blacklist, parameters in force, fare, double tap)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.errors import SamUnavailable, TapRefused
+from agent.offline_store import OfflineStore
+from agent.presence import PresenceGuard
+from agent.profile import Profile
+from agent.readers.base import CardPresence, CardReader
+from agent.sam.base import Sam
+from agent.tap.journal import Journal
+from agent.tap.outcome import PhaseTimer, TapOutcome
+
+
+class BlacklistLookup(Protocol):
+    """What the engine needs of the blacklist (:class:`agent.blacklist.Blacklist`)."""
+
+    def contains(self, card_id: str) -> bool: ...
+
+
+class SamRoutes(Protocol):
+    """Which SAM (slot and PSAM application) serves a card family or product."""
+
+    def sam_for(self, route: str) -> Sam: ...
+
+
+def check_double_tap(store: OfflineStore, profile: Profile, card_id: str, now: dt.datetime) -> None:
+    """Refuse a card that paid within the profile's double-tap window (any product)."""
+    window = profile.double_tap_window_s
+    if window <= 0:
+        return
+    last = store.last_record_for_card(card_id, kinds=("purchase",))
+    if last is None:
+        return
+    paid_at = dt.datetime.fromisoformat(last.created_at.replace("Z", "+00:00"))
+    if (now - paid_at).total_seconds() < window:
+        raise TapRefused("double_tap", f"paid {(now - paid_at).total_seconds():.1f} s ago")
+
+
+@dataclass(slots=True)
+class TapContext:
+    """One tap in progress. ``profile`` is the firmware profile with the parameter set in
+    force applied (fare, issuer allow-list); handlers read policy from here only."""
+
+    reader: CardReader
+    presence: CardPresence
+    outcome: TapOutcome
+    timer: PhaseTimer
+    now: dt.datetime
+    profile: Profile
+    store: OfflineStore
+    journal: Journal
+    sams: SamRoutes
+    guard: PresenceGuard
+    blacklist: BlacklistLookup | None
+    fare_for: Callable[[Profile], int]
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        return self.timer.phase(name)
+
+    def identified(self, card_id: str, family: str) -> None:
+        """The card is known: refuse it if it is the card still in the field from the last
+        tap (a card whose UID changes per activation is recognised here by its serial)."""
+        self.outcome.card_id, self.outcome.family = card_id, family
+        self.guard.admit_card(card_id)
+
+    def sam(self, route: str) -> Sam:
+        """The SAM the profile routes ``route`` to. A missing or mute one refuses this card's
+        family (the other families keep working); the router retries the slot later."""
+        try:
+            return self.sams.sam_for(route)
+        except SamUnavailable as exc:
+            raise TapRefused("sam_unavailable", str(exc)) from exc
+
+    def blacklisted(self, card_id: str) -> bool:
+        return self.blacklist is not None and self.blacklist.contains(card_id)
+
+    def check_double_tap(self, card_id: str) -> None:
+        check_double_tap(self.store, self.profile, card_id, self.now)
+
+    def fare(self) -> int:
+        """The amount this tap would take (today the flat fare of the profile in force)."""
+        fare = self.fare_for(self.profile)
+        self.outcome.fare = fare
+        return fare

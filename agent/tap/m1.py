@@ -1,0 +1,424 @@
+"""The M1 (MIFARE Classic) purse product handler (m1-purse-and-readers.md §3).
+
+::
+
+    issuance (sector 1, UID key) ─► identified ─► sector keys (PSAM 80 FC / 80 1A+FA / software)
+      ─► read purse P/B + public info P/B ─► classify (§3.5) ─► repair if interrupted
+      ─► settle this card's pending intents (debit: counter + balance; lock: the flag)
+      ─► blacklisted, flag not set: journaled flag write into pubP/pubB, lock record, refuse
+      ─► qualify (dates, enable flag, city, card type, flag) ─► double tap ─► fare
+      ─► journal: INTENT ─► debit A..F with read-backs ─► TAC through the PSAM ─► RECORD
+
+The card-product logic (layout, codecs, the debit order, the recovery table) lives in
+:mod:`agent.products`; this module carries its operations out on a storage-card reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+
+from agent.errors import ConfigurationError, ReaderError, SamError, TapRefused
+from agent.offline_store import Intent, RecordBody
+from agent.products import m1_lock, m1_purse
+from agent.products.intents import OP_LOCK, Decision, IntentPayloadError, Verdict, intent_op
+from agent.products.m1_codec import Issuance, TripRecord
+from agent.products.m1_layout import M1Layout
+from agent.products.m1_purse import (
+    Authenticate,
+    Classification,
+    Decrement,
+    Increment,
+    M1Session,
+    M1Step,
+    Operation,
+    PurseState,
+    Read,
+    Recovery,
+    Restore,
+    TacInput,
+    Transfer,
+    Write,
+)
+from agent.products.m1_recovery import M1PurchaseIntent, judge_lock, judge_purchase
+from agent.profile import Profile
+from agent.readers.base import CardPresence, CardTechnology
+from agent.readers.storage import StorageCardReader
+from agent.sam.base import Sam
+from agent.sam.m1_keys import M1KeyProvider, key_provider_for
+from agent.tap.context import TapContext
+from agent.tap.outcome import TapStatus
+
+T = TypeVar("T")
+log = structlog.get_logger("agent.tap.m1")
+
+PRODUCT_M1 = "m1"
+FAMILY_M1 = "m1"
+KEY_SLOT = 0x00
+
+
+def execute(reader: StorageCardReader, op: Operation) -> bytes | None:
+    """Carry one purse-machine operation out on a storage-card reader."""
+    if isinstance(op, Read):
+        return reader.read_block(op.block)
+    if isinstance(op, Authenticate):
+        reader.load_key(KEY_SLOT, op.key)
+        reader.authenticate(op.block, op.key_type, KEY_SLOT)
+    elif isinstance(op, Write):
+        reader.write_block(op.block, op.data)
+    elif isinstance(op, Decrement):
+        reader.decrement(op.block, op.value)
+    elif isinstance(op, Increment):
+        reader.increment(op.block, op.value)
+    elif isinstance(op, Restore):
+        reader.restore(op.block)
+    elif isinstance(op, Transfer):
+        reader.transfer(op.block)
+    return None
+
+
+class _Operator:
+    """The storage-card operations of one tap, counted."""
+
+    def __init__(self, reader: StorageCardReader) -> None:
+        self.reader = reader
+        self.ops = 0
+
+    def execute(self, op: Operation) -> bytes | None:
+        self.ops += 1
+        return execute(self.reader, op)
+
+    def run(self, step: M1Step[T], session: M1Session | None = None) -> T:
+        return m1_purse.drive(step, self.execute, session)
+
+
+class M1Handler:
+    """Debit and lock of M1 purses under one profile's ``[m1_purse]`` layout."""
+
+    product = PRODUCT_M1
+    commands = "ops"
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        layout: M1Layout | None = None,
+        key_provider: Callable[[Sam], M1KeyProvider] | None = None,
+    ) -> None:
+        if layout is None:
+            if not profile.m1_purse:
+                raise ConfigurationError(f"{profile.source}: no [m1_purse] section")
+            layout = M1Layout.from_mapping(profile.m1_purse, f"{profile.source} m1_purse")
+        self.layout = layout
+        production = profile.is_production
+        self.key_provider = key_provider or (
+            lambda sam: key_provider_for(layout, sam, production=production)
+        )
+
+    def accepts(self, presence: CardPresence) -> bool:
+        return presence.technology is CardTechnology.MIFARE_CLASSIC
+
+    def tap(self, ctx: TapContext) -> None:
+        ctx.outcome.family = FAMILY_M1
+        ctx.outcome.card_id = ctx.presence.uid.hex().upper()
+        if not isinstance(ctx.reader, StorageCardReader):
+            raise ReaderError(f"reader {ctx.reader.name} cannot operate MIFARE Classic cards")
+        card_io = _Operator(ctx.reader)
+        try:
+            self._tap(ctx, card_io)
+        finally:
+            ctx.outcome.apdus = card_io.ops
+
+    def _tap(self, ctx: TapContext, card_io: _Operator) -> None:
+        layout = self.layout
+        card_id = ctx.outcome.card_id  # M1 cards are known by UID (the blacklist's key too)
+        uid4 = m1_purse.auth_uid(ctx.presence.uid)
+        with ctx.phase("read"):
+            if layout.directory_check:
+                card_io.run(m1_purse.check_directory(layout))
+            issuance = card_io.run(m1_purse.read_issuance(layout, uid4))
+        ctx.identified(card_id, FAMILY_M1)
+        sam = ctx.sam(FAMILY_M1)
+        with ctx.phase("keys"):
+            session = self._session(sam, uid4, issuance)
+        with ctx.phase("read"):
+            state = card_io.run(m1_purse.read_state(layout, session), session)
+        classification = m1_purse.classify(state, layout)
+        if classification.kind is Recovery.BROKEN:
+            raise TapRefused("card_damaged", classification.reason)
+        if classification.kind is not Recovery.NORMAL:
+            with ctx.phase("repair"):
+                log.info("m1_repair", card=card_id, recovery=classification.kind.value)
+                state = card_io.run(m1_purse.repair(layout, session, classification), session)
+        pending = ctx.store.pending_intents(card_id)
+        locks = [i for i in pending if intent_op(i.payload) == OP_LOCK]
+        debits = [i for i in pending if intent_op(i.payload) != OP_LOCK]
+        if debits:
+            with ctx.phase("recover"):
+                if self._resolve(ctx, sam, uid4, issuance, state, classification, debits):
+                    return
+        if locks:
+            with ctx.phase("recover"):
+                self._resolve_lock(ctx, uid4, issuance, state, classification, locks)
+        if not m1_lock.is_flagged(layout, state.pub_p) and ctx.blacklisted(card_id):
+            with ctx.phase("lock"):
+                self._lock(ctx, card_io, sam, session, uid4, issuance, state)
+        with ctx.phase("qualify"):
+            m1_purse.qualify(layout, issuance, state, ctx.now.date(), ctx.profile.max_balance)
+            ctx.check_double_tap(card_id)
+        fare = ctx.fare()
+        balance = state.purse_p
+        assert balance is not None and state.pub_p is not None
+        if balance < fare:
+            raise TapRefused("insufficient_balance", f"balance {balance} < fare {fare}")
+        self._purchase(ctx, card_io, sam, session, uid4, issuance, state, fare)
+
+    def _session(self, sam: Sam, uid4: bytes, issuance: Issuance) -> M1Session:
+        layout = self.layout
+        sectors = layout.sectors_in_use()
+        keys = self.key_provider(sam).sector_keys(uid4, issuance, sectors)
+        return M1Session(keys, layout.keys.key_type)
+
+    # --- blacklist lock (§3.1 public-info byte 6) -------------------------------------------
+
+    def _lock(
+        self,
+        ctx: TapContext,
+        card_io: _Operator,
+        sam: Sam,
+        session: M1Session,
+        uid4: bytes,
+        issuance: Issuance,
+        state: PurseState,
+    ) -> None:
+        """Journal the lock, set the flag in pubP and pubB, record it, refuse the tap."""
+        card_id = ctx.outcome.card_id
+        plan = m1_lock.plan_lock(self.layout, state)
+        payload = m1_lock.lock_payload(
+            self.layout,
+            plan,
+            uid=ctx.presence.uid,
+            uid4=uid4,
+            issuance=issuance,
+            profile=ctx.profile.name,
+            terminal=sam.terminal_number,
+            sam=sam.serial,
+            when=ctx.now.replace(microsecond=0, tzinfo=None).strftime("%Y%m%d%H%M%S"),
+        )
+        _, rec = ctx.journal.execute(
+            ctx.timer,
+            ctx.outcome,
+            card_id,
+            PRODUCT_M1,
+            payload,
+            lambda: card_io.run(m1_lock.set_blacklist_flag(self.layout, session, plan), session),
+            lambda _: m1_lock.lock_record_body(card_id, payload),
+        )
+        ctx.outcome.record_seq = rec.seq
+        log.warning("card_locked", card=card_id, seq=rec.seq, flag=f"{plan.flag:02X}")
+        raise TapRefused("blacklisted", f"blacklist flag set, record #{rec.seq}")
+
+    def _resolve_lock(
+        self,
+        ctx: TapContext,
+        uid4: bytes,
+        issuance: Issuance,
+        state: PurseState,
+        classification: Classification,
+        pending: list[Intent],
+    ) -> None:
+        """Settle this card's pending lock: a proven lock refuses the tap."""
+        intent = ctx.journal.newest(pending)
+        decision = judge_lock(
+            intent.payload,
+            uid4=uid4.hex().upper(),
+            serial=issuance.serial.hex().upper(),
+            flagged=m1_lock.is_flagged(self.layout, state.pub_p),
+            recovery=classification.kind.value,
+        )
+        card_id = ctx.outcome.card_id
+        rec = ctx.journal.settle(
+            intent,
+            decision,
+            m1_lock.lock_record_body(card_id, intent.payload, classification),
+        )
+        if decision.verdict is Verdict.FINALIZE and rec is not None:
+            ctx.outcome.record_seq = rec.seq
+            raise TapRefused("blacklisted", f"blacklist flag set (completed), record #{rec.seq}")
+
+    # --- purchase -----------------------------------------------------------------------
+
+    def _purchase(
+        self,
+        ctx: TapContext,
+        card_io: _Operator,
+        sam: Sam,
+        session: M1Session,
+        uid4: bytes,
+        issuance: Issuance,
+        state: PurseState,
+        fare: int,
+    ) -> None:
+        layout = self.layout
+        when = ctx.now.replace(microsecond=0, tzinfo=None)
+        terminal = sam.terminal_number
+        assert state.purse_p is not None
+        record = TripRecord(
+            when=(when.day, when.hour, when.minute, when.second),
+            balance_before=state.purse_p,
+            amount=fare,
+            kind=layout.record_type,
+            device=bytes(terminal[-4:]),
+        )
+        plan = m1_purse.plan_debit(layout, state, fare, record)
+        with ctx.phase("precheck"):
+            card_io.run(m1_purse.check_record_sector(layout, session, plan.pointer), session)
+        intent = M1PurchaseIntent(
+            family=FAMILY_M1,
+            uid4=uid4.hex().upper(),
+            city=issuance.city_code.hex().upper(),
+            serial=issuance.serial.hex().upper(),
+            card_number=issuance.card_number,
+            card_type=issuance.card_type,
+            counter_before=plan.counter_before,
+            counter=plan.counter_after,
+            balance_before=plan.balance_before,
+            amount=plan.amount,
+            record_slot=plan.pointer,
+            datetime=when.strftime("%Y%m%d%H%M%S"),
+            terminal=terminal.hex().upper(),
+            sam=sam.serial,
+        )
+
+        def operation() -> tuple[int, str, str]:
+            with ctx.phase("debit"):
+                balance_after = card_io.run(m1_purse.debit(layout, session, plan), session)
+            with ctx.phase("tac"):
+                tac, tac_error = self._tac(sam, intent)
+            return balance_after, tac, tac_error
+
+        (balance_after, _, _), rec = ctx.journal.execute(
+            ctx.timer,
+            ctx.outcome,
+            ctx.outcome.card_id,
+            PRODUCT_M1,
+            intent.to_payload(),
+            operation,
+            lambda done: self._record_body(ctx.outcome.card_id, intent, done[1], done[2], None),
+        )
+        ctx.outcome.status = TapStatus.PAID
+        ctx.outcome.balance_after = balance_after
+        ctx.outcome.record_seq = rec.seq
+
+    def _tac(self, sam: Sam, intent: M1PurchaseIntent) -> tuple[str, str]:
+        """Record TAC through the PSAM; the card is already debited, so a SAM failure only
+        leaves the record without TAC (and says why)."""
+        config = self.layout.tac
+        if not config.enabled:
+            return "", "disabled by profile"
+        text = intent.datetime
+        data = TacInput(
+            amount=intent.amount,
+            when=(
+                int(text[0:4]),
+                int(text[4:6]),
+                int(text[6:8]),
+                int(text[8:10]),
+                int(text[10:12]),
+                int(text[12:14]),
+            ),
+            counter=intent.counter,
+            terminal=bytes.fromhex(intent.terminal),
+            serial=bytes.fromhex(intent.serial),
+            balance_before=intent.balance_before,
+            uid4=bytes.fromhex(intent.uid4),
+            city=bytes.fromhex(intent.city),
+        )
+        message = m1_purse.tac_message(config, data)
+        try:
+            sam.cipher_init(config.p1, config.p2, m1_purse.tac_factors(config, data))
+            tac = sam.cipher_mac(m1_purse.tac_mac_data(config, message))
+        except SamError as exc:
+            log.warning("m1_tac_failed", card=intent.uid4, error=str(exc), party=exc.party)
+            return "", str(exc)
+        return tac.hex().upper(), ""
+
+    def _record_body(
+        self,
+        card_id: str,
+        intent: M1PurchaseIntent,
+        tac: str,
+        tac_error: str,
+        recovery: Classification | None,
+    ) -> RecordBody:
+        fields: dict[str, str | int | bool | None] = {
+            "product": PRODUCT_M1,
+            "family": FAMILY_M1,
+            "uid4": intent.uid4,
+            "city": intent.city,
+            "serial": intent.serial,
+            "card_number": intent.card_number,
+            "card_type": intent.card_type,
+            "counter": intent.counter,
+            "balance_before": intent.balance_before,
+            "balance_after": intent.balance_after,
+            "record_slot": intent.record_slot,
+            "terminal": intent.terminal,
+            "sam": intent.sam,
+            "datetime": intent.datetime,
+            "tac": tac,
+            "tac_fields": ",".join(self.layout.tac.fields),
+            "tac_error": tac_error,
+            "recovered": recovery is not None,
+            "recovery": "" if recovery is None else recovery.kind.value,
+        }
+        return RecordBody(kind="purchase", card_id=card_id, amount=intent.amount, fields=fields)
+
+    # --- recovery (§3.5 rule 3: a re-tap completes rather than repeats) --------------------
+
+    def _resolve(
+        self,
+        ctx: TapContext,
+        sam: Sam,
+        uid4: bytes,
+        issuance: Issuance,
+        state: PurseState,
+        classification: Classification,
+        pending: list[Intent],
+    ) -> bool:
+        """Settle this card's pending debit against the repaired card. ``True`` when it had
+        happened (the passenger has paid; the outcome says so), ``False`` when a fresh debit
+        may follow (voided or unresolved)."""
+        intent = ctx.journal.newest(pending)
+        assert state.pub_p is not None and state.purse_p is not None
+        try:
+            stored = M1PurchaseIntent.from_payload(intent.payload)
+        except IntentPayloadError as exc:
+            ctx.journal.settle(intent, Decision(Verdict.UNRESOLVED, f"intent unreadable: {exc}"))
+            return False
+        decision = judge_purchase(
+            stored,
+            uid4=uid4.hex().upper(),
+            serial=issuance.serial.hex().upper(),
+            counter=state.pub_p.counter,
+            balance=state.purse_p,
+            recovery=classification.kind.value,
+        )
+        card_id = ctx.outcome.card_id
+        if decision.verdict is not Verdict.FINALIZE:
+            ctx.journal.settle(intent, decision)
+            return False
+        tac, tac_error = self._tac(sam, stored)
+        rec = ctx.journal.settle(
+            intent,
+            decision,
+            self._record_body(card_id, stored, tac, tac_error, classification),
+        )
+        outcome = ctx.outcome
+        outcome.status = TapStatus.RECOVERED
+        outcome.fare = stored.amount
+        outcome.balance_after = state.purse_p
+        outcome.record_seq = rec.seq if rec is not None else None
+        return True
