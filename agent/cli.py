@@ -13,7 +13,7 @@ import structlog
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
-from agent.profile import ReaderProfile, load_profile
+from agent.profile import Profile, ReaderProfile, load_profile
 from agent.progress import ProgressBar
 from agent.runner import print_summary, run_agent
 from agent.wiring import DataDir
@@ -156,12 +156,12 @@ def cmd_readers(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile) if args.profile else None
     rp = profile.reader if profile else None
     print(f"{'driver':<7} {'reader':<40} {'type':<28} contents")
-    for line in _pcsc_lines(rp):
+    for line in _pcsc_lines(rp, _sam_readers(profile)):
         print(line)
-    if rp is None or rp.driver == "pcsc":
+    if profile is None or rp is None or rp.driver == "pcsc":
         return 0
     try:
-        line = _serial_line(rp) if rp.driver == "serial" else _nfc_line(rp)
+        line = _serial_line(rp, _sam_slots(profile)) if rp.driver == "serial" else _nfc_line(rp)
     except AgentError as exc:
         print(f"{rp.driver:<7} {rp.url:<40} {'unreachable':<28} {exc.party} error: {exc}")
         return 1
@@ -169,7 +169,21 @@ def cmd_readers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pcsc_lines(rp: ReaderProfile | None) -> list[str]:
+def _sam_readers(profile: Profile | None) -> list[str]:
+    """The PC/SC name patterns of every PSAM slot of the profile."""
+    if profile is None:
+        return []
+    return [s.reader or profile.reader.sam_reader for s in profile.sam_slots]
+
+
+def _sam_slots(profile: Profile) -> list[tuple[str, int]]:
+    """(name, module SAM slot number) of every PSAM slot of a serial-module profile."""
+    return [
+        (s.name, profile.reader.sam_slot if s.slot is None else s.slot) for s in profile.sam_slots
+    ]
+
+
+def _pcsc_lines(rp: ReaderProfile | None, sam_readers: list[str]) -> list[str]:
     from fnmatch import fnmatchcase
 
     from agent.readers.pcsc import survey
@@ -183,7 +197,7 @@ def _pcsc_lines(rp: ReaderProfile | None) -> list[str]:
         kind = "PC/SC reader"
         if rp is not None and rp.card_reader and fnmatchcase(info.name, rp.card_reader):
             kind = "contactless (card reader)"
-        elif rp is not None and rp.sam_reader and fnmatchcase(info.name, rp.sam_reader):
+        elif any(pattern and fnmatchcase(info.name, pattern) for pattern in sam_readers):
             kind = "contact (PSAM reader)"
         what = "PSAM" if kind.startswith("contact (") else "card"
         contents = f"{what} present, ATR {info.atr.hex().upper()}" if info.card_present else "empty"
@@ -191,7 +205,7 @@ def _pcsc_lines(rp: ReaderProfile | None) -> list[str]:
     return lines or [f"{'pcsc':<7} {'-':<40} {'no PC/SC readers':<28}"]
 
 
-def _serial_line(rp: ReaderProfile) -> str:
+def _serial_line(rp: ReaderProfile, sam_slots: list[tuple[str, int]]) -> str:
     from agent.readers import serial_module as sm
 
     link = sm.SerialModuleLink(
@@ -203,11 +217,17 @@ def _serial_line(rp: ReaderProfile) -> str:
     try:
         version = link.request(sm.GET_VERSION).data.decode("ascii", "replace")
         card = link.request(sm.FIND_CARD)
-        sam = link.request(sm.SAM_RESET, bytes((rp.sam_slot,)))
+        sams = [
+            (name, number, link.request(sm.SAM_RESET, bytes((number,))).status == sm.STATUS_OK)
+            for name, number in sam_slots
+        ]
     finally:
         link.close()
     card_text = "card present" if card.status == sm.STATUS_OK else "no card"
-    sam_text = f"PSAM in slot {rp.sam_slot}" if sam.status == sm.STATUS_OK else "no PSAM"
+    sam_text = "; ".join(
+        f"{name}: {'PSAM' if present else 'no PSAM'} in slot {number}"
+        for name, number, present in sams
+    )
     return f"{'serial':<7} {rp.url:<40} {'module ' + version:<28} {card_text}; {sam_text}"
 
 

@@ -39,7 +39,7 @@ def run_agent(
             engine = TransactionEngine(
                 profile,
                 store,
-                hardware.sam,
+                hardware.sams,
                 blacklist=_open_blacklist(data_dir),
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
             )

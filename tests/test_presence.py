@@ -309,7 +309,10 @@ def test_a_reader_fault_in_the_removal_wait_is_not_a_removal() -> None:
     assert loop.stats.reader_faults == 1
 
 
-def test_stop_ends_the_removal_wait_and_max_taps_does_not_wait() -> None:
+def test_stop_ends_the_removal_wait_and_max_taps_does_not_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(validator, "REMOVAL_WAIT_S", 0.2)  # the first, longer look
     field = CardField()
     field.insert(Card(UID_A))
     loop = InProcessLoop(field, poll_timeout_s=0.05)

@@ -106,6 +106,8 @@ OPTIONAL_NUMBERS = (
     ("[reader.framing]", "length_bytes", "2"),
     ("[reader.framing]", "max_payload", "1024"),
     ("[blacklist]", "lock_key_index", "1"),
+    ("[sam]", "retry_interval_s", "2.0"),
+    ("[[sam.slots]]", "slot", "1"),
     ("[[cpu_purse.applications]]", "ef17_length", "60"),
     ("[[cpu_purse.applications]]", "ef1e_industry", "2"),
     ("[m1_purse]", "issuance_block", "0"),

@@ -28,11 +28,9 @@ from agent.products.intents import (
     OP_LOCK,
     OP_PURCHASE,
     Decision,
-    IntentPayloadError,
     Verdict,
-    field_int,
-    field_str,
-    intent_op,
+    from_payload,
+    to_payload,
 )
 
 
@@ -55,26 +53,14 @@ class CpuPurchaseIntent:
     datetime: str  # 7 bytes BCD, hex
     terminal: str
     sam: str
-    factors: str
+    factors: str = ""  # absent in intents written before factors were recorded
 
     def to_payload(self) -> dict[str, Any]:
-        return {"op": OP_PURCHASE, **{k: getattr(self, k) for k in self.__slots__}}
+        return to_payload(OP_PURCHASE, self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> CpuPurchaseIntent:
-        if intent_op(payload) != OP_PURCHASE:
-            raise IntentPayloadError(f"not a purchase intent: op {payload.get('op')!r}")
-        ints = {"transaction_type", "counter", "amount", "balance_before", "key_version"}
-        ints |= {"algorithm", "ttc"}
-        values: dict[str, Any] = {}
-        for name in cls.__slots__:
-            if name in ints:
-                values[name] = field_int(payload, name)
-            elif name == "factors":  # absent in intents written before factors were recorded
-                values[name] = str(payload.get("factors") or "")
-            else:
-                values[name] = field_str(payload, name)
-        return cls(**values)
+        return from_payload(cls, OP_PURCHASE, payload)
 
     @property
     def balance_after(self) -> int:
@@ -94,21 +80,11 @@ class CpuLockIntent:
     sam: str
 
     def to_payload(self) -> dict[str, Any]:
-        return {"op": OP_LOCK, **{k: getattr(self, k) for k in self.__slots__}}
+        return to_payload(OP_LOCK, self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> CpuLockIntent:
-        if intent_op(payload) != OP_LOCK:
-            raise IntentPayloadError(f"not a lock intent: op {payload.get('op')!r}")
-        return cls(
-            family=field_str(payload, "family"),
-            aid=field_str(payload, "aid"),
-            asn=field_str(payload, "asn"),
-            uid=field_str(payload, "uid"),
-            p2=field_int(payload, "p2"),
-            terminal=field_str(payload, "terminal"),
-            sam=field_str(payload, "sam"),
-        )
+        return from_payload(cls, OP_LOCK, payload)
 
 
 def judge_purchase(intent: CpuPurchaseIntent, counter: int, balance: int) -> Decision:

@@ -5,10 +5,13 @@ Pure: the tap layer (:mod:`agent.tap.journal`) applies these decisions to the st
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 OP_PURCHASE = "purchase"
 OP_LOCK = "lock"
@@ -59,3 +62,23 @@ def field_str(payload: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise IntentPayloadError(f"intent field {key!r} is {value!r}")
     return value
+
+
+def to_payload(op: str, intent: Any) -> dict[str, Any]:
+    """The stored payload of a typed intent (a dataclass of ``int`` and ``str`` fields)."""
+    return {"op": op, **{f.name: getattr(intent, f.name) for f in dataclasses.fields(intent)}}
+
+
+def from_payload(cls: type[T], op: str, payload: Mapping[str, Any]) -> T:
+    """A typed intent from its stored payload; :class:`IntentPayloadError` names the first bad
+    field. A field with a default may be absent (intents written by an older agent)."""
+    if intent_op(payload) != op:
+        raise IntentPayloadError(f"not a {op} intent: op {payload.get('op')!r}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if payload.get(f.name) is None and f.default is not dataclasses.MISSING:
+            continue
+        values[f.name] = (
+            field_int(payload, f.name) if f.type == "int" else field_str(payload, f.name)
+        )
+    return cls(**values)

@@ -24,15 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.products.intents import (
-    OP_PURCHASE,
-    Decision,
-    IntentPayloadError,
-    Verdict,
-    field_int,
-    field_str,
-    intent_op,
-)
+from agent.products.intents import OP_PURCHASE, Decision, Verdict, from_payload, to_payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +47,11 @@ class M1PurchaseIntent:
     sam: str
 
     def to_payload(self) -> dict[str, Any]:
-        return {"op": OP_PURCHASE, **{k: getattr(self, k) for k in self.__slots__}}
+        return to_payload(OP_PURCHASE, self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> M1PurchaseIntent:
-        if intent_op(payload) != OP_PURCHASE:
-            raise IntentPayloadError(f"not a purchase intent: op {payload.get('op')!r}")
-        ints = ("card_type", "counter_before", "counter", "balance_before", "amount")
-        values: dict[str, Any] = {}
-        for name in cls.__slots__:
-            if name in (*ints, "record_slot"):
-                values[name] = field_int(payload, name)
-            elif name == "card_number":
-                values[name] = str(payload.get(name, ""))
-            else:
-                values[name] = field_str(payload, name)
-        return cls(**values)
+        return from_payload(cls, OP_PURCHASE, payload)
 
     @property
     def balance_after(self) -> int:

@@ -4,19 +4,21 @@ and the engine's shared policy (presence, blacklist, parameters in force, fare, 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from agent.errors import SamUnavailable, TapRefused
-from agent.offline_store import OfflineStore
+from agent.errors import AgentError, SamUnavailable, TapRefused
+from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
 from agent.tap.journal import Journal
 from agent.tap.outcome import PhaseTimer, TapOutcome
+
+T = TypeVar("T")
 
 
 class BlacklistLookup(Protocol):
@@ -84,6 +86,27 @@ class TapContext:
 
     def check_double_tap(self, card_id: str) -> None:
         check_double_tap(self.store, self.profile, card_id, self.now)
+
+    def journaled(
+        self,
+        product: str,
+        payload: Mapping[str, Any],
+        operation: Callable[[], T],
+        record: Callable[[T], RecordBody],
+        *,
+        nothing_changed: Callable[[AgentError], str | None] = lambda _exc: None,
+    ) -> tuple[T, Record]:
+        """Run ``operation`` on the identified card under the journal (:meth:`Journal.execute`)."""
+        return self.journal.execute(
+            self.timer,
+            self.outcome,
+            self.outcome.card_id,
+            product,
+            payload,
+            operation,
+            record,
+            nothing_changed=nothing_changed,
+        )
 
     def fare(self) -> int:
         """The amount this tap would take (today the flat fare of the profile in force)."""

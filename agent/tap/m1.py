@@ -16,6 +16,7 @@ The card-product logic (layout, codecs, the debit order, the recovery table) liv
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
@@ -94,6 +95,32 @@ class _Operator:
         return m1_purse.drive(step, self.execute, session)
 
 
+@dataclass(slots=True)
+class _Card:
+    """One M1 card as this tap has read (and, if needed, repaired) it."""
+
+    card_id: str  # the UID in hex: M1 cards are known by UID (the blacklist's key too)
+    uid: bytes
+    uid4: bytes
+    issuance: Issuance
+    sam: Sam
+    session: M1Session
+    state: PurseState
+    classification: Classification
+    io: _Operator
+
+    def run(self, step: M1Step[T]) -> T:
+        return self.io.run(step, self.session)
+
+    @property
+    def uid4_hex(self) -> str:
+        return self.uid4.hex().upper()
+
+    @property
+    def serial_hex(self) -> str:
+        return self.issuance.serial.hex().upper()
+
+
 class M1Handler:
     """Debit and lock of M1 purses under one profile's ``[m1_purse]`` layout."""
 
@@ -132,8 +159,38 @@ class M1Handler:
             ctx.outcome.apdus = card_io.ops
 
     def _tap(self, ctx: TapContext, card_io: _Operator) -> None:
+        card = self._read(ctx, card_io)
+        state = card.state
+        pending = ctx.store.pending_intents(card.card_id)
+        locks = [i for i in pending if intent_op(i.payload) == OP_LOCK]
+        debits = [i for i in pending if intent_op(i.payload) != OP_LOCK]
+        if debits:
+            with ctx.phase("recover"):
+                if self._resolve(ctx, card, debits):
+                    return
+        if locks:
+            with ctx.phase("recover"):
+                self._resolve_lock(ctx, card, locks)
+        if not m1_lock.is_flagged(self.layout, state.pub_p) and ctx.blacklisted(card.card_id):
+            with ctx.phase("lock"):
+                self._lock(ctx, card)
+        with ctx.phase("qualify"):
+            m1_purse.qualify(
+                self.layout, card.issuance, state, ctx.now.date(), ctx.profile.max_balance
+            )
+            ctx.check_double_tap(card.card_id)
+        fare = ctx.fare()
+        balance = state.purse_p
+        assert balance is not None and state.pub_p is not None
+        if balance < fare:
+            raise TapRefused("insufficient_balance", f"balance {balance} < fare {fare}")
+        self._purchase(ctx, card, fare)
+
+    def _read(self, ctx: TapContext, card_io: _Operator) -> _Card:
+        """Issuance, identity, keys, purse and public info; an interrupted debit is repaired
+        to one consistent purse (§3.5) before anything else looks at it."""
         layout = self.layout
-        card_id = ctx.outcome.card_id  # M1 cards are known by UID (the blacklist's key too)
+        card_id = ctx.outcome.card_id
         uid4 = m1_purse.auth_uid(ctx.presence.uid)
         with ctx.phase("read"):
             if layout.directory_check:
@@ -152,28 +209,17 @@ class M1Handler:
             with ctx.phase("repair"):
                 log.info("m1_repair", card=card_id, recovery=classification.kind.value)
                 state = card_io.run(m1_purse.repair(layout, session, classification), session)
-        pending = ctx.store.pending_intents(card_id)
-        locks = [i for i in pending if intent_op(i.payload) == OP_LOCK]
-        debits = [i for i in pending if intent_op(i.payload) != OP_LOCK]
-        if debits:
-            with ctx.phase("recover"):
-                if self._resolve(ctx, sam, uid4, issuance, state, classification, debits):
-                    return
-        if locks:
-            with ctx.phase("recover"):
-                self._resolve_lock(ctx, uid4, issuance, state, classification, locks)
-        if not m1_lock.is_flagged(layout, state.pub_p) and ctx.blacklisted(card_id):
-            with ctx.phase("lock"):
-                self._lock(ctx, card_io, sam, session, uid4, issuance, state)
-        with ctx.phase("qualify"):
-            m1_purse.qualify(layout, issuance, state, ctx.now.date(), ctx.profile.max_balance)
-            ctx.check_double_tap(card_id)
-        fare = ctx.fare()
-        balance = state.purse_p
-        assert balance is not None and state.pub_p is not None
-        if balance < fare:
-            raise TapRefused("insufficient_balance", f"balance {balance} < fare {fare}")
-        self._purchase(ctx, card_io, sam, session, uid4, issuance, state, fare)
+        return _Card(
+            card_id=card_id,
+            uid=ctx.presence.uid,
+            uid4=uid4,
+            issuance=issuance,
+            sam=sam,
+            session=session,
+            state=state,
+            classification=classification,
+            io=card_io,
+        )
 
     def _session(self, sam: Sam, uid4: bytes, issuance: Issuance) -> M1Session:
         layout = self.layout
@@ -183,87 +229,52 @@ class M1Handler:
 
     # --- blacklist lock (§3.1 public-info byte 6) -------------------------------------------
 
-    def _lock(
-        self,
-        ctx: TapContext,
-        card_io: _Operator,
-        sam: Sam,
-        session: M1Session,
-        uid4: bytes,
-        issuance: Issuance,
-        state: PurseState,
-    ) -> None:
+    def _lock(self, ctx: TapContext, card: _Card) -> None:
         """Journal the lock, set the flag in pubP and pubB, record it, refuse the tap."""
-        card_id = ctx.outcome.card_id
-        plan = m1_lock.plan_lock(self.layout, state)
+        plan = m1_lock.plan_lock(self.layout, card.state)
         payload = m1_lock.lock_payload(
             self.layout,
             plan,
-            uid=ctx.presence.uid,
-            uid4=uid4,
-            issuance=issuance,
+            uid=card.uid,
+            uid4=card.uid4,
+            issuance=card.issuance,
             profile=ctx.profile.name,
-            terminal=sam.terminal_number,
-            sam=sam.serial,
+            terminal=card.sam.terminal_number,
+            sam=card.sam.serial,
             when=ctx.now.replace(microsecond=0, tzinfo=None).strftime("%Y%m%d%H%M%S"),
         )
-        _, rec = ctx.journal.execute(
-            ctx.timer,
-            ctx.outcome,
-            card_id,
+        _, rec = ctx.journaled(
             PRODUCT_M1,
             payload,
-            lambda: card_io.run(m1_lock.set_blacklist_flag(self.layout, session, plan), session),
-            lambda _: m1_lock.lock_record_body(card_id, payload),
+            lambda: card.run(m1_lock.set_blacklist_flag(self.layout, card.session, plan)),
+            lambda _: m1_lock.lock_record_body(card.card_id, payload),
         )
         ctx.outcome.record_seq = rec.seq
-        log.warning("card_locked", card=card_id, seq=rec.seq, flag=f"{plan.flag:02X}")
+        log.warning("card_locked", card=card.card_id, seq=rec.seq, flag=f"{plan.flag:02X}")
         raise TapRefused("blacklisted", f"blacklist flag set, record #{rec.seq}")
 
-    def _resolve_lock(
-        self,
-        ctx: TapContext,
-        uid4: bytes,
-        issuance: Issuance,
-        state: PurseState,
-        classification: Classification,
-        pending: list[Intent],
-    ) -> None:
+    def _resolve_lock(self, ctx: TapContext, card: _Card, pending: list[Intent]) -> None:
         """Settle this card's pending lock: a proven lock refuses the tap."""
         intent = ctx.journal.newest(pending)
         decision = judge_lock(
             intent.payload,
-            uid4=uid4.hex().upper(),
-            serial=issuance.serial.hex().upper(),
-            flagged=m1_lock.is_flagged(self.layout, state.pub_p),
-            recovery=classification.kind.value,
+            uid4=card.uid4_hex,
+            serial=card.serial_hex,
+            flagged=m1_lock.is_flagged(self.layout, card.state.pub_p),
+            recovery=card.classification.kind.value,
         )
-        card_id = ctx.outcome.card_id
-        rec = ctx.journal.settle(
-            intent,
-            decision,
-            m1_lock.lock_record_body(card_id, intent.payload, classification),
-        )
+        body = m1_lock.lock_record_body(card.card_id, intent.payload, card.classification)
+        rec = ctx.journal.settle(intent, decision, body)
         if decision.verdict is Verdict.FINALIZE and rec is not None:
             ctx.outcome.record_seq = rec.seq
             raise TapRefused("blacklisted", f"blacklist flag set (completed), record #{rec.seq}")
 
     # --- purchase -----------------------------------------------------------------------
 
-    def _purchase(
-        self,
-        ctx: TapContext,
-        card_io: _Operator,
-        sam: Sam,
-        session: M1Session,
-        uid4: bytes,
-        issuance: Issuance,
-        state: PurseState,
-        fare: int,
-    ) -> None:
-        layout = self.layout
+    def _purchase(self, ctx: TapContext, card: _Card, fare: int) -> None:
+        layout, state, issuance = self.layout, card.state, card.issuance
         when = ctx.now.replace(microsecond=0, tzinfo=None)
-        terminal = sam.terminal_number
+        terminal = card.sam.terminal_number
         assert state.purse_p is not None
         record = TripRecord(
             when=(when.day, when.hour, when.minute, when.second),
@@ -274,12 +285,12 @@ class M1Handler:
         )
         plan = m1_purse.plan_debit(layout, state, fare, record)
         with ctx.phase("precheck"):
-            card_io.run(m1_purse.check_record_sector(layout, session, plan.pointer), session)
+            card.run(m1_purse.check_record_sector(layout, card.session, plan.pointer))
         intent = M1PurchaseIntent(
             family=FAMILY_M1,
-            uid4=uid4.hex().upper(),
+            uid4=card.uid4_hex,
             city=issuance.city_code.hex().upper(),
-            serial=issuance.serial.hex().upper(),
+            serial=card.serial_hex,
             card_number=issuance.card_number,
             card_type=issuance.card_type,
             counter_before=plan.counter_before,
@@ -289,24 +300,23 @@ class M1Handler:
             record_slot=plan.pointer,
             datetime=when.strftime("%Y%m%d%H%M%S"),
             terminal=terminal.hex().upper(),
-            sam=sam.serial,
+            sam=card.sam.serial,
         )
 
         def operation() -> tuple[int, str, str]:
             with ctx.phase("debit"):
-                balance_after = card_io.run(m1_purse.debit(layout, session, plan), session)
+                balance_after = card.io.run(
+                    m1_purse.debit(layout, card.session, plan), card.session
+                )
             with ctx.phase("tac"):
-                tac, tac_error = self._tac(sam, intent)
+                tac, tac_error = self._tac(card.sam, intent)
             return balance_after, tac, tac_error
 
-        (balance_after, _, _), rec = ctx.journal.execute(
-            ctx.timer,
-            ctx.outcome,
-            ctx.outcome.card_id,
+        (balance_after, _, _), rec = ctx.journaled(
             PRODUCT_M1,
             intent.to_payload(),
             operation,
-            lambda done: self._record_body(ctx.outcome.card_id, intent, done[1], done[2], None),
+            lambda done: self._record_body(card.card_id, intent, done[1], done[2], None),
         )
         ctx.outcome.status = TapStatus.PAID
         ctx.outcome.balance_after = balance_after
@@ -378,20 +388,12 @@ class M1Handler:
 
     # --- recovery (§3.5 rule 3: a re-tap completes rather than repeats) --------------------
 
-    def _resolve(
-        self,
-        ctx: TapContext,
-        sam: Sam,
-        uid4: bytes,
-        issuance: Issuance,
-        state: PurseState,
-        classification: Classification,
-        pending: list[Intent],
-    ) -> bool:
+    def _resolve(self, ctx: TapContext, card: _Card, pending: list[Intent]) -> bool:
         """Settle this card's pending debit against the repaired card. ``True`` when it had
         happened (the passenger has paid; the outcome says so), ``False`` when a fresh debit
         may follow (voided or unresolved)."""
         intent = ctx.journal.newest(pending)
+        state = card.state
         assert state.pub_p is not None and state.purse_p is not None
         try:
             stored = M1PurchaseIntent.from_payload(intent.payload)
@@ -400,22 +402,18 @@ class M1Handler:
             return False
         decision = judge_purchase(
             stored,
-            uid4=uid4.hex().upper(),
-            serial=issuance.serial.hex().upper(),
+            uid4=card.uid4_hex,
+            serial=card.serial_hex,
             counter=state.pub_p.counter,
             balance=state.purse_p,
-            recovery=classification.kind.value,
+            recovery=card.classification.kind.value,
         )
-        card_id = ctx.outcome.card_id
         if decision.verdict is not Verdict.FINALIZE:
             ctx.journal.settle(intent, decision)
             return False
-        tac, tac_error = self._tac(sam, stored)
-        rec = ctx.journal.settle(
-            intent,
-            decision,
-            self._record_body(card_id, stored, tac, tac_error, classification),
-        )
+        tac, tac_error = self._tac(card.sam, stored)
+        body = self._record_body(card.card_id, stored, tac, tac_error, card.classification)
+        rec = ctx.journal.settle(intent, decision, body)
         outcome = ctx.outcome
         outcome.status = TapStatus.RECOVERED
         outcome.fare = stored.amount
