@@ -136,7 +136,10 @@ class TransactionEngine:
             torn = outcome.status == TapStatus.IN_FLIGHT
             outcome.status = TapStatus.TORN if torn else TapStatus.FAILED
             outcome.reason = f"{exc.party}: {exc}"
-        if outcome.refusal != "still_present":
+        if outcome.status != TapStatus.TORN and outcome.refusal != "still_present":
+            # A torn tap is not "processed": if the card is reported again before a removal
+            # could be seen (a reader reconnect mid-tap), its next tap settles the intent and
+            # never debits twice (the journal); anything else waits for the card to leave.
             self.presence.processed(presence.uid, outcome.card_id)
         outcome.phases_ms = timer.phases_ms
         log_tap(outcome, outcome.card_id or presence.uid.hex().upper(), commands=commands)

@@ -1,13 +1,12 @@
 """The bus-validator loop: wait for a card, run the tap, wait for it to leave, repeat.
 
 After a tap the loop waits until the reader has seen the field empty, however long the card lies
-there, and only then looks for the next card: a card left on the validator is processed once
-(issue 8, item 1). After a first look of up to ``REMOVAL_WAIT_S`` the wait is polled in
-``poll_timeout_s`` steps so that ``stop`` ends it. The removal it observes is passed to the
-engine's :class:`agent.presence.PresenceGuard` (``engine.presence.left()``); when the wait ends
-in a reader fault instead, the loop recovers as for any fault and takes cards again, and the
-guard refuses the card that was never seen leaving if the reader reports it again (reconnect,
-pcscd restart).
+there, and only then looks for the next card: a card left on the validator is processed once.
+The wait is polled in ``poll_timeout_s`` steps so that ``stop`` ends it. The removal it observes
+is passed to the engine's :class:`agent.presence.PresenceGuard` (``engine.presence.left()``);
+when the wait ends in a reader fault instead, the loop recovers as for any fault and takes cards
+again, and the guard refuses the card that was never seen leaving if the reader reports it
+again (reconnect, pcscd restart).
 
 Nothing that goes wrong in one tap stops the loop: reader faults are logged and retried with a
 bounded back-off (drivers reconnect on their next call), and an unexpected exception is logged
@@ -24,13 +23,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.errors import AgentError, ReaderError
-from agent.presence import PresenceGuard
 from agent.readers.base import CardReader
 from agent.transaction import TapOutcome, TransactionEngine
 
 log = structlog.get_logger(__name__)
 
-REMOVAL_WAIT_S = 5.0  # the first look for removal; then the card is logged as lying there
+CARD_LYING_S = 5.0  # a card still in the field after this long is logged as lying there
 EXPIRE_EVERY_S = 5.0
 
 
@@ -110,27 +108,18 @@ def await_removal(
 ) -> bool:
     """Wait until the reader sees the field empty (then tell the engine's presence guard and
     return ``True``) or ``stop`` is set (``False``). Never looks for a new card meanwhile; a
-    reader fault propagates (the card was not seen leaving, so the guard keeps refusing it).
-
-    The first look lasts up to :data:`REMOVAL_WAIT_S`, as before issue 8: a card taken away
-    normally is seen leaving within that one call, so whoever watches the reader (the tests'
-    loop harness) can take a return as "the loop has looked". A card left lying is then polled
-    in ``poll_s`` steps, so ``stop`` ends the wait at most ``REMOVAL_WAIT_S`` after a tap."""
+    reader fault propagates (the card was not seen leaving, so the guard keeps refusing it)."""
     started = time.monotonic()
     overdue = False
-    look_s = max(poll_s, REMOVAL_WAIT_S)
     while not stop.is_set():
-        if reader.wait_for_removal(look_s):
-            guard: PresenceGuard | None = getattr(engine, "presence", None)
-            if guard is not None:
-                guard.left()
+        if reader.wait_for_removal(poll_s):
+            engine.presence.left()
             if overdue:
                 log.info("card_left", after_s=round(time.monotonic() - started, 1))
             return True
-        look_s = poll_s
-        if not overdue and time.monotonic() - started >= REMOVAL_WAIT_S:
+        if not overdue and time.monotonic() - started >= CARD_LYING_S:
             overdue = True
-            log.info("card_still_in_field", waited_s=REMOVAL_WAIT_S)
+            log.info("card_still_in_field", waited_s=CARD_LYING_S)
         if idle is not None:
             idle()
     return False

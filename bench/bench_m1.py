@@ -124,7 +124,7 @@ def _run(label: str, directory: Path, taps: int) -> Run:
             modelled_ms=modelled * 1000,
             wall_ms=wall * 1000,
             sim_ms=sim * 1000,
-            status=outcome.status,
+            status=str(outcome.status),
             phases=dict(outcome.phases_ms),
         )
 

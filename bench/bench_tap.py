@@ -328,7 +328,7 @@ def _taps(
         yield TapSample(
             family=variant.family,
             flow=variant.flow,
-            status=outcome.status,
+            status=str(outcome.status),
             wall_ms=wall * 1000.0,
             sim_ms=sim * 1000.0,
             modelled_ms=modelled * 1000.0,

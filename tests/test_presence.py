@@ -266,9 +266,9 @@ def _until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 def test_loop_waits_for_removal_however_long_the_card_stays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Before issue 8 the loop gave up after REMOVAL_WAIT_S (5 s; 0.2 s here) and took the same
-    card again; now that is only when it logs the card as overdue."""
-    monkeypatch.setattr(validator, "REMOVAL_WAIT_S", 0.2)
+    """The loop used to give up on the removal after 5 s and take the same card again; now it
+    only logs the card as lying there (after CARD_LYING_S, 0.2 s here) and keeps waiting."""
+    monkeypatch.setattr(validator, "CARD_LYING_S", 0.2)
     field = CardField()
     loop = InProcessLoop(field, poll_timeout_s=0.05)
     try:
@@ -312,7 +312,7 @@ def test_a_reader_fault_in_the_removal_wait_is_not_a_removal() -> None:
 def test_stop_ends_the_removal_wait_and_max_taps_does_not_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(validator, "REMOVAL_WAIT_S", 0.2)  # the first, longer look
+    monkeypatch.setattr(validator, "CARD_LYING_S", 0.2)
     field = CardField()
     field.insert(Card(UID_A))
     loop = InProcessLoop(field, poll_timeout_s=0.05)

@@ -40,7 +40,7 @@ from agent.readers.serial_module import (
 )
 from agent.sam.psam import PsamConfig, PsamDriver
 from agent.transaction import TapOutcome, TransactionEngine
-from agent.validator import REMOVAL_WAIT_S, run_validator
+from agent.validator import run_validator
 from agent.wiring import DataDir
 from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.faults import CardTorn
@@ -238,10 +238,16 @@ class CountingReader:
         return self.inner.transmit(apdu)
 
     def wait_for_removal(self, timeout: float) -> bool:
+        """``removal_seen`` is set once the loop has seen the field empty or given up on it
+        (a reader fault): then a card may be presented again as a new arrival."""
         try:
-            return self.inner.wait_for_removal(timeout)
-        finally:
+            gone = self.inner.wait_for_removal(timeout)
+        except ReaderError:
             self.removal_seen.set()
+            raise
+        if gone:
+            self.removal_seen.set()
+        return gone
 
     def feedback(self, ok: bool, text: str) -> None:
         self.inner.feedback(ok, text)
@@ -292,7 +298,7 @@ class Loop:
             self.world.rig.withdraw()
             # A card swapped back faster than the loop looks is the same card never removed:
             # the loop would sit out its removal wait. Let it see the field empty first.
-            self.reader.removal_seen.wait(REMOVAL_WAIT_S + 2)
+            self.reader.removal_seen.wait(10.0)
 
     def stats_so_far(self) -> int:
         """Reader faults the loop has run into so far."""
