@@ -23,6 +23,8 @@ from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.inprocess import InProcessSamSlot
 from tests.fake_reader.scenario import demo_keyset, demo_profile, make_card, make_psam
 from tests.rig import Rig
+from tests.stacks import PcscStack
+from tests.test_reader_e2e import pcsc_rig
 
 
 def exchange_with(card: SimulatedCpuCard):
@@ -98,9 +100,8 @@ def test_lock_blocks_the_application(tmp_path: Path, permanent: bool) -> None:
     assert len(rig.records(kind="lock")) == 1
 
 
-def test_an_sm4_card_is_locked_with_16_byte_mac_blocks(tmp_path: Path) -> None:
-    """The engine learns the card's algorithm (INITIALIZE byte 10 = 04) and MACs the 84 1E
-    header in 16-byte SM4 blocks; the card checks the MAC with its SM4 maintenance key."""
+def sm4_maintenance_keys() -> list[dict[str, object]]:
+    """The demo's test keys with an SM4 maintenance (application block) key in place of 3DES."""
     keys = [dict(k) for k in demo_profile().test_keys if k["usage"] != "maintenance"]
     keys.append(
         {
@@ -112,7 +113,13 @@ def test_an_sm4_card_is_locked_with_16_byte_mac_blocks(tmp_path: Path) -> None:
             "key": "707172737475767778797A7B7C7D7E7F",
         }
     )
-    rig = lock_rig(tmp_path, keys=keys)
+    return keys
+
+
+def test_an_sm4_card_is_locked_with_16_byte_mac_blocks(tmp_path: Path) -> None:
+    """The engine learns the card's algorithm (INITIALIZE byte 10 = 04) and MACs the 84 1E
+    header in 16-byte SM4 blocks; the card checks the MAC with its SM4 maintenance key."""
+    rig = lock_rig(tmp_path, keys=sm4_maintenance_keys())
     card = make_card("tunion", 17, rig.keyset, algorithm=Algorithm.SM4)
     listed_engine(rig, read(card).card_id)
     outcome = rig.tap(card)
@@ -120,6 +127,36 @@ def test_an_sm4_card_is_locked_with_16_byte_mac_blocks(tmp_path: Path) -> None:
     assert card.lock_state == "temporary"
     fa = [c for c in rig.psam.commands if c[:2] == b"\x80\xfa"]
     assert fa and fa[-1][4] == 0x20  # Lc 32: IV 16 + one 16-byte block, not 3DES's 16
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("algorithm", [Algorithm.SM4, Algorithm.TDES])
+def test_lock_through_pcscd_uses_the_cards_block_size(
+    pcsc: PcscStack, tmp_path: Path, algorithm: Algorithm
+) -> None:
+    """Card and PSAM behind a real pcscd: the lock MAC block follows the card's algorithm."""
+    keys = sm4_maintenance_keys() if algorithm is Algorithm.SM4 else None
+    rig = lock_rig(tmp_path, keys=keys)
+    driver_rig = pcsc_rig(pcsc, rig.psam)
+    sam = PsamDriver(driver_rig.slot, PsamConfig.tunion())
+    try:
+        sam.open()
+        card = make_card("tunion", 18, rig.keyset, algorithm=algorithm)
+        engine = TransactionEngine(
+            rig.profile, rig.store, sam, blacklist=ListedCards(read(card).card_id)
+        )
+        driver_rig.present(card)
+        presence = driver_rig.reader.wait_for_card(5.0)
+        assert presence is not None
+        outcome = engine.process_tap(driver_rig.reader, presence)
+        driver_rig.withdraw()
+    finally:
+        driver_rig.close()
+    assert outcome.reason.startswith("blacklisted"), outcome.reason
+    assert card.lock_state == "temporary"
+    fa = [c for c in rig.psam.commands if c[:2] == b"\x80\xfa"]
+    assert fa[-1][4] == (0x20 if algorithm is Algorithm.SM4 else 0x10)
+    assert [r.kind for r in rig.store.records()] == ["lock"]
 
 
 def test_wrong_key_index_is_refused_by_the_sam(tmp_path: Path) -> None:

@@ -169,10 +169,7 @@ class CpuHandler:
             card_io.run(cpu_lock.application_block(mac, p2))
             return cpu_lock.LockOutcome(card.card_id, challenge, mac, p2)
 
-        done, rec = ctx.journal.execute(
-            ctx.timer,
-            ctx.outcome,
-            card.card_id,
+        done, rec = ctx.journaled(
             PRODUCT_CPU,
             intent.to_payload(),
             operation,
@@ -280,10 +277,7 @@ class CpuHandler:
                 verified = _credit_sam(sam, debit.mac2, card.card_id)
             return debit, verified
 
-        _, rec = ctx.journal.execute(
-            ctx.timer,
-            ctx.outcome,
-            card.card_id,
+        _, rec = ctx.journaled(
             PRODUCT_CPU,
             intent.to_payload(),
             operation,
