@@ -248,7 +248,10 @@ def test_scheduler_threshold_flush_and_heartbeat(tmp_path: Path, host_key: HostK
             assert host.storage.count_records("BUS-SCHED") == 0  # below the threshold
             (terminal.data_dir / FLUSH_FLAG_FILE).touch()
             wait_until(lambda: host.storage.count_records("BUS-SCHED") == 3, what="flush")
-            assert not (terminal.data_dir / FLUSH_FLAG_FILE).exists()
+            # The daemon clears the flag once the host's acknowledgement is in, just after the
+            # host stored the batch.
+            flag = terminal.data_dir / FLUSH_FLAG_FILE
+            wait_until(lambda: not flag.exists(), what="flush flag cleared")
             for _ in range(5):
                 terminal.tap()
             wait_until(lambda: host.storage.count_records("BUS-SCHED") == 8, what="threshold")
