@@ -1,4 +1,8 @@
-"""Clearing checks the host runs on every stored record — pure functions, no storage.
+"""Clearing checks the host runs on every uploaded record — pure functions, no storage.
+
+A record whose terminal binding, hash or device signature fails is refused (:func:`screen`,
+:class:`Refusal`: never stored); the chain is checked by the storage against the records it
+holds. TAC and reconciliation findings are anomalies of stored records.
 
 * seal: the record's hash is the SHA-256 of its canonical encoding and its signature verifies
   under the terminal's registered device key (``agent.offline_store.records``);
@@ -17,7 +21,7 @@ is flagged ``tac_unverifiable``.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent import crypto
@@ -33,6 +37,27 @@ class Finding:
 
     kind: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The first record of a batch that does not count: its seq, a stable reason code
+    (``wrong_terminal``, ``bad_hash``, ``bad_signature``, ``chain_break``, ``gap``,
+    ``conflict``) and the operator's message. A refused record is never stored."""
+
+    seq: int
+    reason: str
+    detail: str
+
+
+@dataclass
+class Screened:
+    """A batch after the record checks that need no storage: the records before the first
+    refused one, their findings (TAC, unresolved), and the refusal if any."""
+
+    accepted: list[Record]
+    findings: dict[int, list[Finding]]
+    refusal: Refusal | None = None
 
 
 @dataclass(frozen=True)
@@ -146,3 +171,32 @@ def review(
             )
         )
     return findings
+
+
+def screen(
+    records: Sequence[Record],
+    terminal_id: str,
+    seal: Callable[[Record], Finding | None],
+    tac: TacVerifier | None,
+) -> Screened:
+    """Terminal binding, hash and device signature of each record, in order, up to the first
+    that fails (the chain is checked against the host's records by the storage)."""
+    screened = Screened([], {})
+    for record in records:
+        if record.terminal_id != terminal_id:
+            screened.refusal = Refusal(
+                record.seq,
+                "wrong_terminal",
+                f"record {record.seq} belongs to terminal {record.terminal_id!r}, uploaded for "
+                f"{terminal_id!r}",
+            )
+            return screened
+        sealed = seal(record)
+        if sealed is not None:
+            screened.refusal = Refusal(record.seq, sealed.kind, sealed.detail)
+            return screened
+        found = review(record, lambda _record: None, tac)
+        if found:
+            screened.findings[record.seq] = found
+        screened.accepted.append(record)
+    return screened

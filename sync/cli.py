@@ -4,10 +4,16 @@
 
     cardsync host-key --key host.key                  create/show the host's signing key
     cardsync host --db host.db --key host.key [--listen 127.0.0.1:8700] [--profile P.toml]
+                  [--operators-file operators.txt]
+    cardsync operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE
     cardsync status --data-dir DIR                    health figures, no network
     cardsync flush --data-dir DIR                     ask a running daemon to upload now
-    cardsync blacklist --host URL add|remove CARD...  publish a blacklist change (admin)
+    cardsync blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+
+Operator tokens: ``cardsync operator add`` prints a new token once and stores only its hash.
+The host reads ``--operators-file`` and/or ``CARDSYNC_OPERATOR_TOKEN`` (one operator);
+``cardsync blacklist`` sends ``--token-file``'s first line or ``CARDSYNC_OPERATOR_TOKEN``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ from sync.client import ClientTls
 from sync.daemon import FLUSH_FLAG_FILE, SyncSettings, open_daemon
 from sync.host import ClearingHost, ServerTls, create_app, uvicorn_config
 from sync.keys import HostKey, parse_public_key
+from sync.operators import (
+    ROLES,
+    TOKEN_ENV,
+    Operators,
+    add_operator,
+    check_exposure,
+    read_operators_file,
+    read_token,
+    remove_operator,
+)
 from sync.storage import open_storage
 
 log = structlog.get_logger(__name__)
@@ -85,9 +101,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
     p.add_argument("--closed-registration", action="store_true")
-    p.add_argument("--admin-token")
+    p.add_argument(
+        "--operators-file",
+        type=Path,
+        help=f"operators (NAME:ROLE:sha256:HEX lines); or {TOKEN_ENV} for one operator",
+    )
     p.add_argument("--list-ttl", type=int, default=7 * 24 * 3600, help="seconds")
     p.set_defaults(func=cmd_host)
+
+    p = sub.add_parser("operator", help="add, remove or list the host's operators")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--role", choices=ROLES, default="viewer")
+    p.add_argument("--file", type=Path, required=True, help="the host's operators file")
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("run", help="run the sync daemon beside the agent")
     p.add_argument("--data-dir", type=Path, required=True)
@@ -119,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("blacklist", help="publish a blacklist change at a host (admin API)")
     p.add_argument("--host", required=True)
-    p.add_argument("--admin-token")
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
     p.add_argument("action", choices=("add", "remove"))
     p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
@@ -132,7 +161,9 @@ def cmd_host_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_host(args: argparse.Namespace) -> ClearingHost:
+def build_host(args: argparse.Namespace, operators: Operators | None = None) -> ClearingHost:
+    if operators is None:
+        operators = Operators.load(args.operators_file)
     storage = open_storage(args.db)
     tac = None
     if args.profile is not None:
@@ -150,18 +181,22 @@ def build_host(args: argparse.Namespace) -> ClearingHost:
         tac=tac,
         list_ttl_s=args.list_ttl,
         open_registration=not args.closed_registration,
-        admin_token=args.admin_token,
+        operators=operators,
     )
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    host = build_host(args)
     address, _, port = args.listen.rpartition(":")
     tls = None
     if args.tls_cert is not None:
         if args.tls_key is None:
             raise ConfigurationError("--tls-cert needs --tls-key")
         tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca)
+    operators = Operators.load(args.operators_file)
+    check_exposure(address or "127.0.0.1", tls=tls is not None, operators=operators)
+    if not operators:
+        log.warning("no operators configured: the read API, the page and admin answer 401")
+    host = build_host(args, operators)
     config = uvicorn_config(create_app(host), tls=tls, log_level="warning")
     config.host, config.port = address or "127.0.0.1", int(port)
     log.info(
@@ -172,6 +207,7 @@ def cmd_host(args: argparse.Namespace) -> int:
         public_key=host.key.public_key_hex(),
         tls=tls is not None,
         mutual_tls=bool(tls and tls.client_ca_file),
+        operators=operators.names,
     )
     asyncio.run(uvicorn.Server(config).serve())
     host.storage.close()
@@ -229,10 +265,31 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for operator in read_operators_file(args.file) if args.file.exists() else []:
+            _out(f"{operator.name}\t{operator.role}")
+        return 0
+    if not args.name:
+        raise ConfigurationError(f"cardsync operator {args.action} needs a NAME")
+    if args.action == "remove":
+        if not args.file.exists() or not remove_operator(args.file, args.name):
+            _err(f"cardsync: no operator {args.name!r} in {args.file}")
+            return 1
+        return 0
+    token = add_operator(args.file, args.name, args.role)
+    _err(f"operator {args.name!r} ({args.role}) added to {args.file}; its token, shown once:")
+    _out(token)
+    return 0
+
+
 def cmd_blacklist(args: argparse.Namespace) -> int:
     asns = [f"{asn_of(card):016X}" for card in args.cards]
     body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
-    headers = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
+    token = read_token(args.token_file)
+    if token is None:
+        raise ConfigurationError(f"an operator token is needed: --token-file or {TOKEN_ENV}")
+    headers = {"Authorization": f"Bearer {token}"}
     try:
         response = httpx.post(
             f"{args.host.rstrip('/')}/v1/admin/blacklist", json=body, headers=headers, timeout=10

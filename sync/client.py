@@ -95,7 +95,9 @@ class SyncClient:
         )
         return int(self._json(response).get("ack_seq", 0))
 
-    def upload(self, batch: UploadBatch, local_last_seq: int) -> Ack:
+    def upload(self, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:
+        """Send one batch; the answer must be signed by ``host_public_key`` and match the batch
+        (:func:`sync.protocol.parse_ack`), else :class:`ProtocolError`."""
         response = self._send(
             "POST",
             protocol.records_path(self.terminal_id),
@@ -106,7 +108,7 @@ class SyncClient:
                 protocol.IDEMPOTENCY_HEADER: batch.idempotency_key,
             },
         )
-        return protocol.parse_ack(self._json(response), batch, local_last_seq)
+        return protocol.parse_ack(self._json(response), batch, local_last_seq, host_public_key)
 
     def fetch_blacklist(self, since: int) -> bytes:
         response = self._send("GET", protocol.BLACKLIST_PATH, params={"since": since})

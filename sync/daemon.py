@@ -5,8 +5,9 @@ Jobs
                when ``upload_interval_s`` has passed since the last upload, or on a flush request
                (SIGUSR1, or the flag file ``sync.flush`` in the data directory). Streams the
                backlog ``batch_size`` records at a time (memory stays bounded), marks only what
-               the host acknowledged, then compacts acknowledged records older than
-               ``compact_after_s``.
+               the host acknowledged in an answer signed by the pinned host key (an unsigned,
+               forged or inconsistent answer marks nothing: logged, backed off), then
+               compacts acknowledged records older than ``compact_after_s``.
     blacklist  pulls a delta (or snapshot) and applies it atomically (``agent.blacklist``).
     params     pulls the signed parameter set.
     heartbeat  posts health figures: unsent records and the age of the oldest, blacklist
@@ -189,13 +190,25 @@ class SyncDaemon:
         return report
 
     def _upload(self, batch: UploadBatch, last_seq: int) -> Ack:
+        key = self.settings.host_public_key
         try:
-            return self.client.upload(batch, last_seq)
-        except HostError as exc:
-            if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
-                self._registered = False
-                self._ensure_registered()
-                return self.client.upload(batch, last_seq)
+            try:
+                return self.client.upload(batch, last_seq, key)
+            except HostError as exc:
+                if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
+                    self._registered = False
+                    self._ensure_registered()
+                    return self.client.upload(batch, last_seq, key)
+                raise
+        except ProtocolError as exc:
+            # An unsigned, forged or inconsistent acknowledgement: nothing is marked or
+            # compacted; the job backs off and the batch is sent again later.
+            log.error(
+                "acknowledgement refused; nothing marked",
+                first_seq=batch.first_seq,
+                last_seq=batch.last_seq,
+                error=str(exc),
+            )
             raise
 
     def _ensure_registered(self) -> None:

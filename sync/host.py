@@ -4,6 +4,11 @@ It implements the server side of :mod:`sync.protocol` (documented in ``sync/open
 served at ``/openapi.json``): idempotent record uploads with a cumulative acknowledgement,
 record verification (device signatures, hash chain, TACs), signed blacklists and parameter sets,
 a small read API and an operator page at ``/``.
+
+The read API and the page need an authenticated ``viewer``, the admin routes an ``operator``
+(:mod:`sync.operators`); with no operators configured they all answer 401. Admin POSTs must be
+``application/json`` (415 otherwise) and a request whose ``Origin`` is not the host's own is
+refused (403), so a web page open in an operator's browser cannot call them.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE
 from agent.offline_store.records import Record
 from sync import protocol
-from sync.clearing import Finding, TacVerifier, review, seal_checker
+from sync.clearing import Finding, TacVerifier, screen, seal_checker
 from sync.keys import HostKey
+from sync.operators import OPERATOR, VIEWER, Operators
 from sync.params import sign_params
 from sync.protocol import BadBatch, error_body
 from sync.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
@@ -56,7 +62,7 @@ class ClearingHost:
     tac: TacVerifier | None = None
     list_ttl_s: int = DEFAULT_LIST_TTL_S
     open_registration: bool = True
-    admin_token: str | None = None
+    operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
 
@@ -87,7 +93,8 @@ class ClearingHost:
         if terminal is None:
             return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
         try:
-            records, digest = protocol.decode_batch(body, encoding, terminal_id)
+            # terminal binding is checked per record below (a refusal that names the seq)
+            records, digest = protocol.decode_batch(body, encoding, None)
             protocol.check_idempotency_key(key, records, digest)
         except BadBatch as exc:
             log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
@@ -96,14 +103,14 @@ class ClearingHost:
         if seal is None:
             seal = seal_checker(bytes.fromhex(terminal.public_key))
             self._seal_checkers[terminal.public_key] = seal
-        findings: dict[int, list[Finding]] = {}
-        for record in records:
-            found = review(record, seal, self.tac)
-            if found:
-                findings[record.seq] = found
+        # Records must verify to count: the first record that fails (binding, hash, signature
+        # here; chain, gap, conflict in the storage) and every later one is not stored.
+        screened = screen(records, terminal_id, seal, self.tac)
         assert key is not None
         try:
-            result = self.storage.ingest(terminal_id, key, records, findings)
+            result = self.storage.ingest(
+                terminal_id, key, screened.accepted, screened.findings, screened.refusal
+            )
         except StorageFull as exc:
             log.error("storage full; batch not stored", terminal_id=terminal_id, error=str(exc))
             return 507, error_body("storage_full", "the host's storage is full; retry later")
@@ -121,15 +128,31 @@ class ClearingHost:
             anomalies=result.anomalies,
             ack_seq=result.ack_seq,
             replay=result.replay,
+            refused=result.refused,
         )
-        return 200, {
+        if result.refused is not None:
+            refused = result.refused
+            status = 409 if refused.reason in ("gap", "conflict") else 422
+            return status, {
+                **error_body("record_refused", refused.detail),
+                "seq": refused.seq,
+                "reason": refused.reason,
+                "ack_seq": result.ack_seq,
+                "stored": result.stored,
+            }
+        answer = {
             "terminal_id": terminal_id,
+            "idempotency_key": key,
+            "last_seq": records[-1].seq,
+            "last_hash": records[-1].hash,
             "ack_seq": result.ack_seq,
+            "ack_hash": result.ack_hash,
             "stored": result.stored,
             "duplicates": result.duplicates,
             "conflicts": result.conflicts,
             "anomalies": result.anomalies,
         }
+        return 200, protocol.sign_ack(answer, self.key.sign, self.key.key_id)
 
     def heartbeat(self, terminal_id: str, figures: Any) -> tuple[int, dict[str, Any]]:
         if not isinstance(figures, dict):
@@ -205,12 +228,29 @@ def _json(status: int, body: dict[str, Any]) -> JSONResponse:
 def create_app(host: ClearingHost) -> Starlette:
     """The ASGI application."""
 
-    def admin(handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+    def authorised(
+        role: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[..., Any]:
+        """Operator routes: same origin, an operator with ``role``, JSON bodies."""
+
         async def wrapped(request: Request) -> Response:
-            if host.admin_token is not None:
-                given = request.headers.get("authorization", "")
-                if given != f"Bearer {host.admin_token}":
-                    return _json(401, error_body("unauthorised", "admin token required"))
+            origin = request.headers.get("origin")
+            if origin is not None and not _same_origin(request, origin):
+                log.warning("cross-origin operator request refused", origin=origin[:200])
+                return _json(403, error_body("foreign_origin", "cross-origin request refused"))
+            who = host.operators.from_authorization(request.headers.get("authorization", ""))
+            if who is None:
+                answer = _json(401, error_body("unauthorised", "operator token required"))
+                answer.headers["WWW-Authenticate"] = 'Basic realm="cardsync operators"'
+                return answer
+            if not who.may(role):
+                return _json(403, error_body("forbidden", f"needs the {role} role"))
+            if request.method == "POST":
+                media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if media != "application/json":
+                    return _json(415, error_body("unsupported_media", "send application/json"))
+            if role == OPERATOR:
+                log.info("operator action", operator=who.name, path=request.url.path)
             return await handler(request)
 
         return wrapped
@@ -337,25 +377,44 @@ def create_app(host: ClearingHost) -> Starlette:
         return _json(200, {"status": "ok", "protocol": protocol.PROTOCOL_VERSION})
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(await run_in_threadpool(operator_page, host))
+        return HTMLResponse(
+            await run_in_threadpool(operator_page, host),
+            headers={
+                "Cache-Control": "no-store",
+                "X-Frame-Options": "DENY",
+                "Content-Security-Policy": (
+                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+                ),
+            },
+        )
 
     v1 = protocol.API_PREFIX
     routes = [
-        Route("/", page),
+        Route("/", authorised(VIEWER, page)),
         Route("/openapi.json", openapi),
         Route("/healthz", healthz),
-        Route(f"{v1}/terminals", terminals),
+        Route(f"{v1}/terminals", authorised(VIEWER, terminals)),
         Route(f"{v1}/terminals/{{terminal_id}}/register", register, methods=["POST"]),
         Route(f"{v1}/terminals/{{terminal_id}}/records", upload, methods=["POST"]),
-        Route(f"{v1}/terminals/{{terminal_id}}/records", terminal_records, methods=["GET"]),
+        Route(
+            f"{v1}/terminals/{{terminal_id}}/records",
+            authorised(VIEWER, terminal_records),
+            methods=["GET"],
+        ),
         Route(f"{v1}/terminals/{{terminal_id}}/heartbeat", heartbeat, methods=["POST"]),
         Route(f"{v1}/blacklist", blacklist),
         Route(f"{v1}/params", params),
-        Route(f"{v1}/anomalies", anomalies),
-        Route(f"{v1}/admin/blacklist", admin(publish_blacklist), methods=["POST"]),
-        Route(f"{v1}/admin/params", admin(publish_params), methods=["POST"]),
+        Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
+        Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
+        Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),
     ]
     return Starlette(routes=routes)
+
+
+def _same_origin(request: Request, origin: str) -> bool:
+    """Whether ``origin`` is the host itself (the page's own scripts, not another site's)."""
+    own = request.headers.get("host", "")
+    return bool(own) and origin.rstrip("/").lower() == f"{request.url.scheme}://{own}".lower()
 
 
 def operator_page(host: ClearingHost) -> str:

@@ -3,20 +3,23 @@
 ::
 
     sync = start_local_sync(data_dir, profile=demo_profile)   # host on 127.0.0.1, daemon jobs
-    sync.blacklist_card(card_id)     # published at the host; the daemon pulls it
+    sync.blacklist_card(card_id)     # published through the admin API; the daemon pulls it
     ...                              # agent: Blacklist.open(data_dir / "blacklist.bin")
     sync.stop()
 
 The host keeps its database and signing key (generated here: a demo key, never a real one)
-in ``host_dir`` (default ``data_dir / "clearing-host"``).
+in ``host_dir`` (default ``data_dir / "clearing-host"``). The helper makes itself an operator
+with a fresh random token (``operator_token``, kept in memory only) and publishes with it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from agent.blacklist import asn_of
 from agent.profile import Profile
@@ -25,6 +28,7 @@ from sync.clearing import DEMO_FACTOR2, TacVerifier
 from sync.daemon import SyncDaemon, SyncSettings, open_daemon
 from sync.host import ClearingHost, HostServer, create_app
 from sync.keys import HostKey
+from sync.operators import OPERATOR, Operators, new_token
 from sync.storage import SqliteStorage
 
 
@@ -33,17 +37,28 @@ class LocalSync:
     host: ClearingHost
     server: HostServer
     daemon: SyncDaemon
+    operator_token: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
         return self.server.url
 
     def blacklist_card(self, card_id: str) -> int:
-        """Publish the card at the host; returns the new blacklist version."""
-        return self.host.storage.publish_blacklist([asn_of(card_id)], [])
+        """Publish the card at the host (admin API); returns the new blacklist version."""
+        return self._publish({"add": [f"{asn_of(card_id):016X}"], "remove": []})
 
     def unblacklist_card(self, card_id: str) -> int:
-        return self.host.storage.publish_blacklist([], [asn_of(card_id)])
+        return self._publish({"add": [], "remove": [f"{asn_of(card_id):016X}"]})
+
+    def _publish(self, body: dict[str, list[str]]) -> int:
+        answer = httpx.post(
+            f"{self.url}/v1/admin/blacklist",
+            json=body,
+            headers={"Authorization": f"Bearer {self.operator_token}"},
+            timeout=10,
+        )
+        answer.raise_for_status()
+        return int(answer.json()["version"])
 
     def records_at_host(self) -> int:
         return self.host.storage.count_records(self.daemon.store.terminal_id)
@@ -89,7 +104,13 @@ def start_local_sync(
             DEMO_FACTOR2,
             apdu_order_card_first=profile.factor_order_card_first,
         )
-    host = ClearingHost(SqliteStorage(host_dir / "host.db"), key, tac=tac)
+    token = new_token()
+    host = ClearingHost(
+        SqliteStorage(host_dir / "host.db"),
+        key,
+        tac=tac,
+        operators=Operators.with_token("local-sync", OPERATOR, token),
+    )
     server = HostServer(create_app(host), log_level="critical").start()
     try:
         options: dict[str, Any] = {
@@ -109,4 +130,4 @@ def start_local_sync(
         server.stop()
         host.storage.close()
         raise
-    return LocalSync(host, server, daemon)
+    return LocalSync(host, server, daemon, token)

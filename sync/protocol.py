@@ -10,10 +10,23 @@ Upload (``POST /v1/terminals/{terminal_id}/records``)
     ``Idempotency-Key: {first_seq}-{last_seq}-{sha256(uncompressed body)[:32]}`` — the same
     batch always gets the same key, even after a daemon restart, so a replay is recognised.
     The host keeps ``(terminal_id, seq)`` unique: a record it already holds with the same hash is
-    a duplicate (harmless); with another hash, a conflict (kept out, flagged as an anomaly).
+    a duplicate (harmless). Records must verify to count: a record whose ``terminal_id`` is not
+    the URL's, whose hash or device signature does not verify under the terminal's registered
+    key, whose ``prev_hash`` is not the hash of the terminal's previous record (held by the host,
+    or the previous line of the batch), that leaves a gap after the host's acknowledgement, or
+    that differs from the record the host already holds at its seq, is refused: ``409``/``422``
+    ``{"error": ..., "seq": S, "reason": ...}`` naming the first such record. The records of the
+    batch before it are stored (they verified and link to the acknowledgement); none from it on.
+    A refused record never takes a ``(terminal_id, seq)`` slot and never moves the
+    acknowledgement.
     Answer ``200 {"ack_seq": N, ...}``: the *cumulative acknowledgement*, the highest seq such
-    that every record of this terminal with ``seq <= N`` is stored. The terminal marks and may
-    compact only through N. Retrying any upload is safe.
+    that every record of this terminal with ``seq <= N`` is stored. The answer is signed by the
+    host key (the one that signs blacklists and parameter sets), over ``ACK_DOMAIN +
+    canonical_json`` of :data:`ACK_SIGNED_FIELDS` (terminal, batch key, last seq and hash of the
+    batch, ack_seq and its hash, stored and duplicate counts). The terminal verifies it against
+    the pinned host key and marks and may compact only through ``min(N, last seq of the batch)``;
+    an unsigned, badly signed or inconsistent answer is refused and nothing is marked. Retrying
+    any upload is safe.
 
 Blacklist (``GET /v1/blacklist?since=V``)
     A signed binary list (``agent.blacklist`` documents the bytes): a delta from V when the host
@@ -42,6 +55,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.blacklist import key_id_of
 from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
 from sync.errors import ProtocolError
 
@@ -86,6 +103,7 @@ class UploadBatch:
     body: bytes  # gzip-compressed JSON Lines
     raw_size: int
     idempotency_key: str
+    last_hash: str = ""  # hash of the batch's last record (bound into the signed ack)
 
 
 def encode_batch(terminal_id: str, records: Sequence[Record]) -> UploadBatch:
@@ -108,6 +126,7 @@ def encode_batch(terminal_id: str, records: Sequence[Record]) -> UploadBatch:
         body=gzip.compress(raw, compresslevel=5, mtime=0),
         raw_size=len(raw),
         idempotency_key=f"{first}-{last}-{digest}",
+        last_hash=records[-1].hash,
     )
 
 
@@ -118,13 +137,14 @@ class BadBatch(ValueError):
 def decode_batch(
     body: bytes,
     content_encoding: str | None,
-    terminal_id: str,
+    terminal_id: str | None,
     *,
     max_bytes: int = MAX_BATCH_BYTES,
     max_records: int = MAX_BATCH_RECORDS,
 ) -> tuple[list[Record], str]:
     """Host side: decompress (bounded) and parse an upload; returns records and the body's
-    SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`."""
+    SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`.
+    ``terminal_id=None``: the caller checks each record's terminal binding itself."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding == "gzip":
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
@@ -156,7 +176,7 @@ def decode_batch(
             record = record_from_json(line)
         except (ValueError, TypeError) as exc:
             raise BadBatch(f"line {number} is not a record: {exc}") from exc
-        if record.terminal_id != terminal_id:
+        if terminal_id is not None and record.terminal_id != terminal_id:
             raise BadBatch(
                 f"line {number}: record of terminal {record.terminal_id!r} uploaded for "
                 f"{terminal_id!r}"
@@ -179,41 +199,97 @@ def check_idempotency_key(key: str | None, records: Sequence[Record], digest: st
     return key
 
 
+ACK_DOMAIN = b"CARDSYNC-ACK-V1\n"
+ACK_SIGNED_FIELDS = (
+    "terminal_id",
+    "idempotency_key",
+    "last_seq",
+    "last_hash",
+    "ack_seq",
+    "ack_hash",
+    "stored",
+    "duplicates",
+)
+
+
+def ack_signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    """The bytes the host signs for an upload answer (domain prefix + canonical JSON of
+    :data:`ACK_SIGNED_FIELDS`)."""
+    return ACK_DOMAIN + canonical_json({n: fields[n] for n in ACK_SIGNED_FIELDS}).encode("utf-8")
+
+
+def sign_ack(fields: Mapping[str, Any], sign: Any, key_id: str) -> dict[str, Any]:
+    """Host side: the upload answer with ``key_id`` and the host's ``signature`` added."""
+    signature: bytes = sign(ack_signed_bytes(fields))
+    return dict(fields, key_id=key_id, signature=signature.hex())
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The host's answer to an upload."""
+    """The host's answer to an upload, verified. ``ack_seq`` is what the terminal may mark:
+    the host's cumulative acknowledgement, capped at the batch's last seq."""
 
     ack_seq: int
     stored: int
     duplicates: int
     conflicts: int
     anomalies: int
+    host_ack_seq: int = 0
 
 
-def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int) -> Ack:
-    """Terminal side: validate the host's answer. An acknowledgement beyond the records this
-    terminal has ever written is impossible: :class:`ProtocolError`."""
+def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:
+    """Terminal side: verify the host's signed answer. Raises :class:`ProtocolError` when it is
+    unsigned, signed by another key, for another batch or terminal, or impossible (an ack beyond
+    the records this terminal has written, counts that do not add up to the batch)."""
     if not isinstance(payload, Mapping):
         raise ProtocolError("host: upload answer is not a JSON object")
     values: dict[str, int] = {}
-    for name in ("ack_seq", "stored", "duplicates", "conflicts", "anomalies"):
+    for name in ("ack_seq", "stored", "duplicates", "conflicts", "anomalies", "last_seq"):
         value = payload.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ProtocolError(f"host: upload answer field {name!r} is not a count: {value!r}")
         values[name] = value
     if "ack_seq" not in payload:
         raise ProtocolError("host: upload answer has no ack_seq")
-    if payload.get("terminal_id") not in (None, batch.terminal_id):
+    signature, key_id = payload.get("signature"), payload.get("key_id")
+    if not isinstance(signature, str) or not signature:
+        raise ProtocolError("host: upload answer is not signed; nothing is marked acknowledged")
+    if key_id != key_id_of(host_public_key).hex():
         raise ProtocolError(
-            f"host: answer is for terminal {payload.get('terminal_id')!r}, "
-            f"not {batch.terminal_id!r}"
+            f"host: upload answer signed by key {str(key_id)[:40]!r}, not the configured host key"
         )
+    try:
+        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
+            bytes.fromhex(signature), ack_signed_bytes(payload)
+        )
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        raise ProtocolError("host: upload answer has a bad signature (forged, corrupted)") from None
+    expected = {
+        "terminal_id": batch.terminal_id,
+        "idempotency_key": batch.idempotency_key,
+        "last_seq": batch.last_seq,
+        "last_hash": batch.last_hash,
+    }
+    for name, value in expected.items():
+        if payload.get(name) != value:
+            raise ProtocolError(
+                f"host: signed answer is for {name} {payload.get(name)!r}, not {value!r}"
+            )
     if values["ack_seq"] > local_last_seq:
         raise ProtocolError(
             f"host: acknowledged seq {values['ack_seq']} but this terminal's last record is "
             f"{local_last_seq}"
         )
-    return Ack(**values)
+    if values["stored"] + values["duplicates"] != batch.count or values["ack_seq"] < batch.last_seq:
+        raise ProtocolError(
+            f"host: answer does not add up: {values['stored']} stored + {values['duplicates']} "
+            f"duplicates for a batch of {batch.count}, ack_seq {values['ack_seq']} for records "
+            f"{batch.first_seq}..{batch.last_seq}"
+        )
+    del values["last_seq"]
+    host_ack = values["ack_seq"]
+    values["ack_seq"] = min(host_ack, batch.last_seq)
+    return Ack(**values, host_ack_seq=host_ack)
 
 
 def error_body(code: str, detail: str) -> dict[str, str]:

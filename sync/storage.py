@@ -7,15 +7,18 @@ Tables::
     records          (terminal_id, seq) PK — the uniqueness that makes uploads idempotent —
                      hash, created_at, kind, card_id, amount, body (the record's JSON line)
     batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
-    anomalies        bad signature/hash/TAC, chain breaks, conflicts, unresolved records
+    anomalies        bad TACs, unresolved records; refused records (bad signature/hash, wrong
+                     terminal, chain break, gap, conflict), which are never stored
     blacklist_current  asn PK (16 hex digits), added_version
     blacklist_changes  (version, asn) PK, op 'add' | 'remove'
     params           version PK, payload (JSON)
     host_meta        key PK, value
 
-``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: every record with
-``seq <= ack_seq`` is stored and ``ack_hash`` is the hash of record ``ack_seq`` (the chain is
-checked as the cursor advances, so reordered batches are linked once the gap closes).
+``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
+exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
+``ack_hash`` is the hash of record ``ack_seq``. A record that does not verify or link is refused
+(never stored, never takes a seq, never moves the acknowledgement); a record beyond
+``ack_seq + 1`` is refused as a gap (a terminal sends from its acknowledgement on).
 Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
 ``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL).
 """
@@ -36,7 +39,7 @@ import psycopg
 import structlog
 
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json
-from sync.clearing import Finding
+from sync.clearing import Finding, Refusal
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +140,8 @@ class Terminal:
 @dataclass(slots=True)
 class IngestResult:
     ack_seq: int
+    ack_hash: str = GENESIS_HASH
+    refused: Refusal | None = None
     stored: int = 0
     duplicates: int = 0
     conflicts: int = 0
@@ -219,11 +224,19 @@ class Storage:
         idem_key: str,
         records: Sequence[Record],
         findings: dict[int, list[Finding]],
+        refusal: Refusal | None = None,
     ) -> IngestResult:
         """Store a batch in one transaction and advance the terminal's acknowledgement.
 
-        ``findings``: anomalies per seq, computed by the caller outside the transaction;
-        recorded only for records stored now (not for duplicates).
+        The caller has checked each record's terminal binding, hash and device signature; this
+        checks each record against what the host holds, in batch order: a seq already held must
+        carry the held hash (a duplicate), the next seq must link to the acknowledged record
+        (``prev_hash``), and nothing may leave a gap. The first record that fails stops the
+        batch (:attr:`IngestResult.refused`): the records before it are stored, none from it on,
+        so the terminal's records are always exactly ``1..ack_seq``, every link checked.
+        ``findings``: anomalies per seq (TAC, unresolved), recorded for records stored now.
+        ``refusal``: the caller's refusal of the record after ``records`` (signature, hash,
+        terminal binding), recorded as an anomaly unless this check refuses earlier.
         """
         now = time.time()
         with self._lock, self._transaction() as tx:
@@ -231,8 +244,8 @@ class Storage:
             if row is None:
                 raise KeyError(terminal_id)
             ack_seq, ack_hash = int(row[0]), str(row[1])
-            result = IngestResult(ack_seq=ack_seq)
-            new_batch = tx.run(
+            result = IngestResult(ack_seq=ack_seq, ack_hash=ack_hash)
+            new_batch = not records or tx.run(
                 "INSERT INTO batches (terminal_id, idem_key, first_seq, last_seq, received_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (terminal_id, idem_key) DO NOTHING",
                 (terminal_id, idem_key, records[0].seq, records[-1].seq, now),
@@ -245,10 +258,44 @@ class Storage:
                     (terminal_id, idem_key),
                 )
             for record in records:
-                inserted = tx.run(
+                if record.seq <= ack_seq:
+                    held = tx.one(
+                        "SELECT hash FROM records WHERE terminal_id = ? AND seq = ?",
+                        (terminal_id, record.seq),
+                    )
+                    if held is not None and held[0] == record.hash:
+                        result.duplicates += 1
+                        continue
+                    result.refused = Refusal(
+                        record.seq,
+                        "conflict",
+                        f"record {record.seq} differs from the record the host holds at that seq "
+                        f"({record.hash[:16]}…, held {str(held[0] if held else '?')[:16]}…)",
+                    )
+                    break
+                if record.seq != ack_seq + 1:
+                    result.refused = Refusal(
+                        record.seq,
+                        "gap",
+                        f"record {record.seq} does not follow the acknowledged record {ack_seq}",
+                    )
+                    break
+                if record.prev_hash != ack_hash:
+                    result.refused = Refusal(
+                        record.seq,
+                        "chain_break",
+                        f"record {record.seq} does not link to record {ack_seq} "
+                        "(prev_hash mismatch)",
+                    )
+                    break
+                # A row left beyond the acknowledgement by an older host version is replaced.
+                tx.run(
+                    "DELETE FROM records WHERE terminal_id = ? AND seq = ?",
+                    (terminal_id, record.seq),
+                )
+                tx.run(
                     "INSERT INTO records (terminal_id, seq, hash, prev_hash, created_at, kind, "
-                    "card_id, amount, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (terminal_id, seq) DO NOTHING",
+                    "card_id, amount, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         terminal_id,
                         record.seq,
@@ -262,60 +309,25 @@ class Storage:
                         now,
                     ),
                 )
-                if inserted:
-                    result.stored += 1
-                    for finding in findings.get(record.seq, ()):
-                        self._anomaly(tx, terminal_id, record.seq, finding, now)
-                        result.findings.append(finding)
-                    continue
-                held = tx.one(
-                    "SELECT hash FROM records WHERE terminal_id = ? AND seq = ?",
-                    (terminal_id, record.seq),
-                )
-                if held is not None and held[0] == record.hash:
-                    result.duplicates += 1
-                else:
-                    result.conflicts += 1
-                    finding = Finding(
-                        "conflict",
-                        f"record {record.seq} uploaded again with another hash "
-                        f"({record.hash[:16]}…, stored {str(held[0] if held else '?')[:16]}…)",
-                    )
+                result.stored += 1
+                ack_seq, ack_hash = record.seq, record.hash
+                for finding in findings.get(record.seq, ()):
                     self._anomaly(tx, terminal_id, record.seq, finding, now)
                     result.findings.append(finding)
-            result.ack_seq, new_hash = self._advance(tx, terminal_id, ack_seq, ack_hash, result)
+            result.refused = result.refused or refusal
+            if result.refused is not None:
+                refusal = result.refused
+                self._anomaly(
+                    tx, terminal_id, refusal.seq, Finding(refusal.reason, refusal.detail), now
+                )
+            result.ack_seq, result.ack_hash = ack_seq, ack_hash
             tx.run(
                 "UPDATE terminals SET ack_seq = ?, ack_hash = ?, last_seen = ? "
                 "WHERE terminal_id = ?",
-                (result.ack_seq, new_hash, now, terminal_id),
+                (ack_seq, ack_hash, now, terminal_id),
             )
         result.anomalies = len(result.findings)
         return result
-
-    def _advance(
-        self, tx: _Tx, terminal_id: str, ack_seq: int, ack_hash: str, result: IngestResult
-    ) -> tuple[int, str]:
-        """Move the cumulative acknowledgement over consecutive stored records, checking links."""
-        while True:
-            rows = tx.all(
-                "SELECT seq, hash, prev_hash FROM records WHERE terminal_id = ? AND seq > ? "
-                "ORDER BY seq LIMIT 500",
-                (terminal_id, ack_seq),
-            )
-            for seq, hash_, prev_hash in rows:
-                if int(seq) != ack_seq + 1:
-                    return ack_seq, ack_hash
-                if prev_hash != ack_hash:
-                    # Record 1 links to the genesis hash; after that each to its predecessor.
-                    finding = Finding(
-                        "chain_break",
-                        f"record {seq} does not link to record {ack_seq} (prev_hash mismatch)",
-                    )
-                    self._anomaly(tx, terminal_id, int(seq), finding, time.time())
-                    result.findings.append(finding)
-                ack_seq, ack_hash = int(seq), str(hash_)
-            if len(rows) < 500:
-                return ack_seq, ack_hash
 
     @staticmethod
     def _anomaly(tx: _Tx, terminal_id: str, seq: int | None, finding: Finding, now: float) -> None:

@@ -466,6 +466,7 @@ def test_cli_host_key_status_and_blacklist(
 ) -> None:
     from sync import cli
     from sync.cli import main
+    from sync.operators import TOKEN_ENV, Operators, new_token
 
     # main() configures structlog for the process; keep the test run's configuration
     monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
@@ -478,9 +479,14 @@ def test_cli_host_key_status_and_blacklist(
     assert main(["status", "--data-dir", str(terminal.data_dir)]) == 0
     assert main(["flush", "--data-dir", str(terminal.data_dir)]) == 0
     assert (terminal.data_dir / FLUSH_FLAG_FILE).exists()
-    host = make_host(SqliteStorage(tmp_path / "host.db"), host_key)
+    token = new_token()
+    operators = Operators.with_token("ops", "operator", token)
+    host = make_host(SqliteStorage(tmp_path / "host.db"), host_key, operators=operators)
     with HostServer(create_app(host)) as server:
-        assert main(["blacklist", "--host", server.url, "add", "03105170070100000005"]) == 0
+        add = ["blacklist", "--host", server.url, "add", "03105170070100000005"]
+        assert main(add) == 2  # no operator token: refused before anything is sent
+        monkeypatch.setenv(TOKEN_ENV, token)
+        assert main(add) == 0
         assert host.storage.blacklist_snapshot() == (1, [0x5170070100000005])
         assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
     host.storage.close()

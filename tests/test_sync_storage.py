@@ -29,6 +29,7 @@ from sync import protocol
 from sync.clearing import Finding
 from sync.host import HostServer, create_app
 from sync.keys import HostKey
+from sync.operators import OPERATOR, Operators
 from sync.params import verify_params
 from sync.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
 from tests.test_sync_support import make_host
@@ -150,31 +151,41 @@ def test_ingest_is_idempotent_and_acknowledges_cumulatively(storage: Storage) ->
     records = chain(key, "T1", 10)
     first = storage.ingest("T1", "k1", records[:4], {})
     assert (first.ack_seq, first.stored, first.duplicates) == (4, 4, 0)
-    # a later batch arrives first (reordered): stored, but the ack waits for the gap
+    # a batch beyond the acknowledgement (a gap) is refused: nothing stored, the ack unmoved
     later = storage.ingest("T1", "k3", records[7:], {})
-    assert (later.ack_seq, later.stored) == (4, 3)
+    assert (later.ack_seq, later.stored) == (4, 0)
+    assert later.refused is not None and (later.refused.seq, later.refused.reason) == (8, "gap")
     replay = storage.ingest("T1", "k1", records[:4], {})
     assert replay.replay and replay.duplicates == 4 and replay.stored == 0
     gap = storage.ingest("T1", "k2", records[3:7], {})
-    assert (gap.ack_seq, gap.stored, gap.duplicates) == (10, 3, 1)
+    assert (gap.ack_seq, gap.stored, gap.duplicates) == (7, 3, 1)
+    rest = storage.ingest("T1", "k3", records[7:], {})
+    assert (rest.ack_seq, rest.stored, rest.refused) == (10, 3, None)
     assert storage.record_keys("T1") == [(r.seq, r.hash) for r in records]
     assert storage.terminal("T1").ack_hash == records[-1].hash  # type: ignore[union-attr]
-    assert storage.anomalies() == []
+    assert [a["kind"] for a in storage.anomalies()] == ["gap"]
 
 
-def test_conflicts_and_chain_breaks_are_flagged(storage: Storage) -> None:
+def test_conflicts_and_chain_breaks_are_refused(storage: Storage) -> None:
     key = DeviceKey.generate()
     storage.register_terminal("T2", key.public_key_bytes.hex())
     records = chain(key, "T2", 3)
-    other = chain(key, "T2", 1, start=2)  # seq 2 with another body, linking to genesis
+    other = chain(key, "T2", 1, start=2)  # seq 2, linking to genesis instead of record 1
     storage.ingest("T2", "a", records[:1], {})
     result = storage.ingest("T2", "b", other, {2: [Finding("bad_tac", "record 2: test")]})
-    assert result.ack_seq == 2 and result.stored == 1
-    kinds = sorted(a["kind"] for a in storage.anomalies("T2"))
-    assert kinds == ["bad_tac", "chain_break"]
-    clash = storage.ingest("T2", "c", records[1:], {})
-    assert clash.conflicts == 1 and clash.stored == 1 and clash.ack_seq == 3
-    assert sorted(a["kind"] for a in storage.anomalies("T2")).count("conflict") == 1
+    assert result.ack_seq == 1 and result.stored == 0
+    assert result.refused is not None and (result.refused.seq, result.refused.reason) == (
+        2,
+        "chain_break",
+    )
+    assert [s for s, _ in storage.record_keys("T2")] == [1]  # the slot stays free
+    good = storage.ingest("T2", "c", records[1:], {2: [Finding("bad_tac", "record 2: test")]})
+    assert (good.ack_seq, good.stored, good.refused) == (3, 2, None)
+    assert sorted(a["kind"] for a in storage.anomalies("T2")) == ["bad_tac", "chain_break"]
+    clash = storage.ingest("T2", "d", other, {})  # another record at an acknowledged seq
+    assert clash.refused is not None and clash.refused.reason == "conflict"
+    assert (clash.ack_seq, clash.stored) == (3, 0)
+    assert storage.record_keys("T2") == [(r.seq, r.hash) for r in records]
 
 
 def test_blacklist_versions_and_net_deltas(storage: Storage) -> None:
@@ -219,10 +230,15 @@ def upload(client: httpx.Client, terminal: str, records: list[Record], **headers
 
 def test_http_api(storage: Storage) -> None:
     host_key = HostKey.generate()
-    host = make_host(storage, host_key)
+    token = "test-operator-token-0123456789"
+    host = make_host(storage, host_key, operators=Operators.with_token("ops", OPERATOR, token))
     key = DeviceKey.generate()
     records = chain(key, "BUS 7", 6)
-    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+    auth = {"Authorization": f"Bearer {token}"}
+    with (
+        HostServer(create_app(host)) as server,
+        httpx.Client(base_url=server.url, headers=auth) as client,
+    ):
         assert upload(client, "BUS 7", records[:2]).status_code == 404  # not registered
         path = protocol.register_path("BUS 7")
         assert client.post(path, json={"public_key": "zz"}).status_code == 400
@@ -257,10 +273,14 @@ def test_http_api(storage: Storage) -> None:
             prev_hash=forged[0].prev_hash,
             sign=DeviceKey.generate().sign,
         )
-        answer = upload(client, "BUS 7", forged)
-        assert answer.json()["ack_seq"] == 6 and answer.json()["anomalies"] == 1
+        answer = upload(client, "BUS 7", forged)  # refused: never stored, the ack unmoved
+        assert answer.status_code == 422 and answer.json()["ack_seq"] == 3
+        assert (answer.json()["seq"], answer.json()["reason"]) == (4, "bad_signature")
         anomalies = client.get("/v1/anomalies").json()["anomalies"]
         assert [a["kind"] for a in anomalies] == ["bad_signature"]
+        answer = upload(client, "BUS 7", records[3:])
+        assert answer.status_code == 200 and answer.json()["ack_seq"] == 6
+        assert answer.json()["key_id"] == host_key.key_id and answer.json()["signature"]
         listed = client.get("/v1/terminals/BUS%207/records", params={"after": 4}).json()
         assert [r["seq"] for r in listed["records"]] == [5, 6]
         assert client.get("/v1/terminals").json()["terminals"][0]["ack_seq"] == 6
@@ -277,7 +297,8 @@ def test_http_api(storage: Storage) -> None:
 
 
 def test_admin_token_is_required_when_configured(tmp_path: Path) -> None:
-    host = make_host(SqliteStorage(tmp_path / "h.db"), admin_token="s3cret-test-token")
+    operators = Operators.with_token("ops", OPERATOR, "s3cret-test-token")
+    host = make_host(SqliteStorage(tmp_path / "h.db"), operators=operators)
     with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/admin/blacklist", json={"add": ["01"]}).status_code == 401
         ok = client.post(
