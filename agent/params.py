@@ -2,25 +2,111 @@
 
 The daemon (``cardsync run``) verifies each signed set from the clearing host (signature,
 version, expiry) before it atomically replaces ``params.json`` in the device's data directory,
-the same trust domain as the offline store. The agent reads that file, re-reading it when it
-changes, and applies a set only from its ``effective_from`` time until it expires; otherwise the
-firmware profile's values stand.
+the same trust domain as the offline store. The agent does not take the daemon's word for it: it
+verifies the set's Ed25519 signature again, against the host public key, before applying it.
+
+Where the agent gets the host public key: ``host-key.pub`` in the data directory (64 hex digits),
+written by the daemon when it starts from its ``--host-public-key`` (:func:`write_host_key`).
+Without that file, or with a set that is unsigned, badly signed or signed by another key, the
+agent logs an error naming the file and applies nothing: the firmware profile's values stand.
+A verified set is applied only from its ``effective_from`` time until it expires.
+
+The signed bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical JSON of the payload`` (the same as
+``sync.protocol.params_signed_bytes``; the agent does not import the sync package).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.blacklist import key_id_of, write_atomically
+from agent.errors import AgentError, ConfigurationError
+from agent.offline_store.records import canonical_json
 
 log = structlog.get_logger(__name__)
 
 PARAMS_FILE = "params.json"
+HOST_KEY_FILE = "host-key.pub"
+PARAMS_DOMAIN = b"CARDSYNC-PARAMS-V1\n"
+MAX_PARAMS_FILE_BYTES = 4 * 1024 * 1024
+
+
+class ParamsRejected(AgentError):
+    """A ``params.json`` the agent will not apply: unsigned, forged, another key's, corrupt."""
+
+
+def params_signed_bytes(payload: Mapping[str, Any]) -> bytes:
+    """The bytes the host signs for a parameter set (domain prefix + canonical JSON)."""
+    return PARAMS_DOMAIN + canonical_json(payload).encode("utf-8")
+
+
+def verify_envelope(data: bytes, host_public_key: bytes) -> dict[str, Any]:
+    """The payload of a signed envelope ``{payload, key_id, signature}``, verified against
+    ``host_public_key``. Raises :class:`ParamsRejected`."""
+    try:
+        envelope = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ParamsRejected(f"not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or set(envelope) != {"payload", "key_id", "signature"}:
+        raise ParamsRejected("not a signed envelope (payload, key_id, signature)")
+    payload, key_id, signature = envelope["payload"], envelope["key_id"], envelope["signature"]
+    if not isinstance(payload, dict) or not isinstance(signature, str):
+        raise ParamsRejected("unsigned or malformed envelope")
+    if key_id != key_id_of(host_public_key).hex():
+        raise ParamsRejected(f"signed by key {key_id!r}, not the host key")
+    try:
+        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
+            bytes.fromhex(signature), params_signed_bytes(payload)
+        )
+    except (InvalidSignature, ValueError, RecursionError):
+        raise ParamsRejected("bad signature (forged or corrupted set)") from None
+    return payload
+
+
+def write_host_key(data_dir: Path, host_public_key: bytes) -> None:
+    """Pin the host public key for the agent (``host-key.pub``); rewritten only if it changed."""
+    if len(host_public_key) != 32:
+        raise ConfigurationError("a host public key is 32 bytes (Ed25519)")
+    path = data_dir / HOST_KEY_FILE
+    text = host_public_key.hex() + "\n"
+    try:
+        if path.read_text(encoding="ascii") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomically(path, text.encode("ascii"))
+    log.info("host key pinned for the agent", path=str(path))
+
+
+def read_host_key(path: Path) -> bytes:
+    """The host public key of ``host-key.pub``. Raises :class:`ParamsRejected`."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ParamsRejected(f"no host public key {path} (written by cardsync run)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsRejected(f"host public key {path} is unreadable: {exc}") from exc
+    if mode & 0o022:
+        raise ParamsRejected(f"host public key {path} is writable by others (mode {mode:o})")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ParamsRejected(f"host public key {path} is not 64 hex digits")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +116,27 @@ class ParamsInForce:
     issuer_allow_list: tuple[str, ...] | None
 
 
-class ActiveParams:
-    """Reads ``params.json`` lazily; a missing, corrupt or out-of-window file means 'none'."""
+Stamp = tuple[tuple[int, int] | None, tuple[int, int] | None]
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+
+class ActiveParams:
+    """Reads ``params.json`` lazily and verifies it; a missing, corrupt, unverified or
+    out-of-window file means 'none' (the profile's values).
+
+    ``host_public_key`` is the key sets must be signed by; ``None`` reads it from
+    ``host-key.pub`` beside ``params.json`` (the daemon writes it)."""
+
+    def __init__(
+        self,
+        path: Path,
+        host_public_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        self.host_public_key = host_public_key
+        self.host_key_path = path.parent / HOST_KEY_FILE
         self.clock = clock
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: Stamp | None = None
         self._payload: dict[str, object] | None = None
 
     def current(self) -> ParamsInForce | None:
@@ -67,25 +167,42 @@ class ActiveParams:
 
     def _reload_if_changed(self) -> None:
         try:
-            stat = os.stat(self.path)
+            st = os.stat(self.path)
         except FileNotFoundError:
             self._stamp, self._payload = None, None
             return
         except OSError as exc:
             log.warning("params_unreadable", path=str(self.path), error=str(exc))
             return
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp: Stamp = ((st.st_mtime_ns, st.st_size), _stamp_of(self.host_key_path))
+        if self.host_public_key is not None:
+            stamp = (stamp[0], None)
         if stamp == self._stamp:
             return
         self._stamp = stamp
+        self._payload = None
         try:
-            envelope = json.loads(self.path.read_bytes())
-            payload = envelope["payload"]
-            if not isinstance(payload, dict):
-                raise TypeError("payload is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("params_corrupt", path=str(self.path), error=str(exc))
-            self._payload = None
+            if st.st_size > MAX_PARAMS_FILE_BYTES:
+                raise ParamsRejected(f"larger than {MAX_PARAMS_FILE_BYTES} bytes")
+            key = self.host_public_key
+            if key is None:
+                key = read_host_key(self.host_key_path)
+            payload = verify_envelope(self.path.read_bytes(), key)
+        except (ParamsRejected, OSError) as exc:
+            log.error(
+                "params_refused",
+                path=str(self.path),
+                error=str(exc),
+                detail="the firmware profile's values stay in force",
+            )
             return
         self._payload = payload
-        log.info("params_loaded", version=payload.get("version"))
+        log.info("params_loaded", path=str(self.path), version=payload.get("version"))
+
+
+def _stamp_of(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ DEVICE_KEY_FILE = "device.key"
 TERMINAL_FILE = "terminal.json"
 STORE_FILE = "agent.db"
 SOFTWARE_SAM_TTC_FILE = "software-sam.ttc"
+DATA_DIR_MODE = 0o750  # provisioning creates the data directory so; others may never write it
+TERMINAL_FILE_MODE = 0o644
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +55,42 @@ class DataDir:
         """Create the device key and terminal identity. Refuses to overwrite either."""
         if not terminal_id or not terminal_id.isprintable() or len(terminal_id) > 32:
             raise ConfigurationError(f"terminal id {terminal_id!r} must be 1..32 printable chars")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=DATA_DIR_MODE)
+            os.chmod(self.path, DATA_DIR_MODE)  # whatever the umask
+        self.check_permissions()
         identity = self.path / TERMINAL_FILE
         if identity.exists():
             raise StoreError(f"store: {identity} exists: this device is already provisioned")
         key = DeviceKey.create(self.path / DEVICE_KEY_FILE)
         tmp = identity.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"terminal_id": terminal_id}), encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, TERMINAL_FILE_MODE)
+        try:
+            os.fchmod(fd, TERMINAL_FILE_MODE)
+            os.write(fd, json.dumps({"terminal_id": terminal_id}).encode("utf-8"))
+        finally:
+            os.close(fd)
         os.replace(tmp, identity)
         return key
+
+    def check_permissions(self) -> None:
+        """Refuse a data directory that other users can write (``mode & 0o022``): they could
+        replace the store, the blacklist, the parameter set or the pinned host key."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"data directory {self.path} does not exist") from exc
+        except OSError as exc:
+            raise ConfigurationError(f"data directory {self.path}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigurationError(f"data directory {self.path} is not a directory")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            raise ConfigurationError(
+                f"data directory {self.path} has mode {mode:04o}: other users can write it; "
+                f"refusing to use it (chmod go-w {self.path})"
+            )
 
     def terminal_id(self) -> str:
         identity = self.path / TERMINAL_FILE
@@ -79,7 +109,9 @@ class DataDir:
         return terminal_id
 
     def open_store(self) -> OfflineStore:
+        """Open the offline store with the device key; refuses an unsafe directory or key."""
         terminal_id = self.terminal_id()
+        self.check_permissions()
         key = DeviceKey.load(self.path / DEVICE_KEY_FILE)
         return OfflineStore.open(self.store_path, key, terminal_id)
 

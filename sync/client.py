@@ -3,6 +3,13 @@
 One method per protocol call, one attempt each: retrying is the daemon's decision
 (:mod:`sync.daemon`), taken only for calls the protocol makes safe to repeat. Every failure is
 translated at this seam into :mod:`sync.errors` (who failed: the link, or the host).
+
+Answers are read as a stream with a bounded size: the client asks for ``gzip`` only and inflates
+it itself with a cap on the output (``zlib`` ``max_length``), so neither a large body nor a small
+one that inflates to gigabytes is ever held in memory. A body past the call's cap, a
+``Content-Encoding`` it did not ask for, or a corrupt gzip is a :class:`ProtocolError`, raised
+before anything is parsed, verified or applied. Caps: JSON answers 1 MiB, a parameter set 4 MiB,
+a blacklist 96 MiB (a snapshot of 10 M cards is 80 MB); an error body is cut at 64 KiB.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,33 @@ from sync.protocol import Ack, UploadBatch
 log = structlog.get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 507})
+
+MAX_JSON_ANSWER_BYTES = 1024 * 1024
+MAX_PARAMS_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_LIST_ANSWER_BYTES = 96 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+_IDENTITY = frozenset({"", "identity"})
+_STEP = 1024 * 1024  # inflate at most this much per step
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A host's answer, read in full within its cap (decoded: no Content-Encoding left)."""
+
+    status_code: int
+    content: bytes
+    path: str
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+class _Refused(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -78,7 +113,11 @@ class SyncClient:
             timeout=httpx.Timeout(timeout_s),
             verify=verify,
             transport=transport,
-            headers={"User-Agent": f"cardsync/{protocol.PROTOCOL_VERSION}"},
+            # gzip is the only encoding this client inflates (itself, bounded)
+            headers={
+                "User-Agent": f"cardsync/{protocol.PROTOCOL_VERSION}",
+                "Accept-Encoding": "gzip",
+            },
         )
 
     def close(self) -> None:
@@ -111,13 +150,17 @@ class SyncClient:
         return protocol.parse_ack(self._json(response), batch, local_last_seq, host_public_key)
 
     def fetch_blacklist(self, since: int) -> bytes:
-        response = self._send("GET", protocol.BLACKLIST_PATH, params={"since": since})
+        response = self._send(
+            "GET", protocol.BLACKLIST_PATH, limit=MAX_LIST_ANSWER_BYTES, params={"since": since}
+        )
         return response.content
 
     def fetch_params(self, since: int) -> bytes | None:
         """The signed parameter set, or ``None`` if the host has none."""
         try:
-            response = self._send("GET", protocol.PARAMS_PATH, params={"since": since})
+            response = self._send(
+                "GET", protocol.PARAMS_PATH, limit=MAX_PARAMS_ANSWER_BYTES, params={"since": since}
+            )
         except HostError as exc:
             if exc.code == "no_params":
                 return None
@@ -130,9 +173,22 @@ class SyncClient:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, limit: int = MAX_JSON_ANSWER_BYTES, **kwargs: Any
+    ) -> Answer:
         try:
-            response = self._http.request(method, path, **kwargs)
+            request = self._http.build_request(method, path, **kwargs)
+            response = self._http.send(request, stream=True)
+            try:
+                if response.status_code < 400:
+                    return Answer(response.status_code, _read_bounded(response, limit), path)
+                answer = Answer(
+                    response.status_code,
+                    _read_bounded(response, MAX_ERROR_BODY_BYTES, truncate=True),
+                    path,
+                )
+            finally:
+                response.close()
         except httpx.TimeoutException as exc:
             raise HostUnreachable(
                 f"link: {method} {path}: timed out ({type(exc).__name__})"
@@ -140,28 +196,64 @@ class SyncClient:
         except httpx.TransportError as exc:
             # connection refused or reset, TLS failure, a response cut short
             raise HostUnreachable(f"link: {method} {path}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code < 400:
-            return response
-        code, detail = "", response.text[:200]
+        except _Refused as exc:
+            raise ProtocolError(f"host: answer to {method} {path} {exc}; nothing applied") from None
+        code, detail = "", answer.text[:200]
         try:
-            body = response.json()
+            body = answer.json()
             if isinstance(body, dict):
                 code, detail = str(body.get("error", "")), str(body.get("detail", detail))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             pass
-        message = f"host: {method} {path} answered {response.status_code} {code}: {detail}"
-        if response.status_code in RETRYABLE_STATUS:
-            raise HostBusy(message, response.status_code, code)
-        raise HostError(message, response.status_code, code)
+        message = f"host: {method} {path} answered {answer.status_code} {code}: {detail}"
+        if answer.status_code in RETRYABLE_STATUS:
+            raise HostBusy(message, answer.status_code, code)
+        raise HostError(message, answer.status_code, code)
 
     @staticmethod
-    def _json(response: httpx.Response) -> dict[str, Any]:
+    def _json(response: Answer) -> dict[str, Any]:
         try:
             value = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(
-                f"host: answer to {response.request.url.path} is not JSON: {exc}"
-            ) from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ProtocolError(f"host: answer to {response.path} is not JSON: {exc}") from exc
         if not isinstance(value, dict):
-            raise ProtocolError(f"host: answer to {response.request.url.path} is not an object")
+            raise ProtocolError(f"host: answer to {response.path} is not an object")
         return value
+
+
+def _read_bounded(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
+    """The decoded body, at most ``limit`` bytes before and after inflation. Past the cap:
+    :class:`_Refused` (or, with ``truncate``, the first ``limit`` bytes)."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in _IDENTITY and encoding != "gzip":
+        if truncate:
+            return b""
+        raise _Refused(f"has Content-Encoding {encoding!r}, which the client did not ask for")
+    declared = response.headers.get("content-length", "")
+    if not truncate and declared.isdigit() and int(declared) > limit:
+        raise _Refused(f"declares {declared} bytes, over the cap of {limit}")
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    out = bytearray()
+    received = 0
+    for chunk in response.iter_raw():
+        received += len(chunk)
+        pending = chunk
+        while pending:
+            if inflater is None:
+                data, pending = pending, b""
+            else:
+                try:  # at most _STEP bytes at a time: a bomb never lands in memory whole
+                    data = inflater.decompress(pending, min(_STEP, limit + 1 - len(out)))
+                except zlib.error as exc:
+                    if truncate:
+                        return bytes(out[:limit])
+                    raise _Refused(f"is not valid gzip: {exc}") from None
+                pending = inflater.unconsumed_tail
+            if len(out) + len(data) > limit or received > limit:
+                if truncate:
+                    return bytes((out + data)[:limit])
+                raise _Refused(f"is over the cap of {limit} bytes (inflated or not)")
+            out += data
+    if inflater is not None and not inflater.eof and not truncate:
+        raise _Refused("is a truncated gzip stream")
+    return bytes(out)

@@ -9,7 +9,9 @@ Jobs
                forged or inconsistent answer marks nothing: logged, backed off), then
                compacts acknowledged records older than ``compact_after_s``.
     blacklist  pulls a delta (or snapshot) and applies it atomically (``agent.blacklist``).
-    params     pulls the signed parameter set.
+    params     pulls the signed parameter set. On start the daemon pins its
+               ``--host-public-key`` for the agent in ``host-key.pub`` (the agent verifies
+               ``params.json`` against it before applying it).
     heartbeat  posts health figures: unsent records and the age of the oldest, blacklist
                version and age, parameter version, store size, last error.
 
@@ -18,8 +20,10 @@ Failures
     exponential backoff and full jitter, within a call (``retries``) and across runs of the
     job. Uploads are always safe to retry: the batch has an idempotency key and the host keeps
     ``(terminal_id, seq)`` unique. A refused list (forged, rolled back, expired) is logged and
-    never applied. SIGTERM stops the jobs between batches; an in-flight request finishes or
-    times out, and either way nothing is lost (unacknowledged records are sent again).
+    never applied. Every answer is read with a bounded size and bounded inflation
+    (:mod:`sync.client`): a larger one is a :class:`ProtocolError`, nothing applied. SIGTERM
+    stops the jobs between batches; an in-flight request finishes or times out, and
+    either way nothing is lost (unacknowledged records are sent again).
 
 The daemon shares the agent's SQLite file (WAL); each of its writes is one short transaction
 (the ack cursor, a compaction), so taps never wait on it for long.
@@ -54,6 +58,7 @@ from agent.blacklist import (
 )
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
+from agent.params import write_host_key
 from agent.wiring import DEVICE_KEY_FILE, DataDir
 from sync.client import ClientTls, SyncClient
 from sync.errors import HostBusy, HostError, HostUnreachable, ListRejected, ProtocolError
@@ -456,6 +461,8 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
             log.error("local blacklist unusable; a fresh snapshot will replace it", error=str(exc))
             blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
         params = ParamsFile(data_dir / PARAMS_FILE, settings.host_public_key)
+        # the key the agent verifies params.json against (agent/params.py)
+        write_host_key(data_dir, settings.host_public_key)
         client = SyncClient(
             settings.host_url, store.terminal_id, tls=settings.tls, timeout_s=settings.timeout_s
         )

@@ -18,6 +18,7 @@ import contextlib
 import gzip
 import html
 import json
+import re
 import socket
 import ssl
 import threading
@@ -43,13 +44,18 @@ from sync.clearing import Finding, TacVerifier, screen, seal_checker
 from sync.keys import HostKey
 from sync.operators import OPERATOR, VIEWER, Operators
 from sync.params import sign_params
-from sync.protocol import BadBatch, error_body
+from sync.protocol import BadBatch, BatchTooLarge, error_body
 from sync.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
 
 log = structlog.get_logger(__name__)
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # compressed body
+MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # compressed body of an upload
+MAX_SMALL_BODY_BYTES = 64 * 1024  # register, heartbeat
+MAX_ADMIN_BODY_BYTES = 8 * 1024 * 1024  # admin publications (a blacklist of ~400,000 ASNs)
+MAX_JSON_DEPTH = 16  # nesting of a JSON body (heartbeat figures, parameter sets)
+MAX_QUERY_NUMBER = 2**63 - 1  # since / after / limit: what SQLite's INTEGER holds
+_ASN_PATTERN = re.compile(r"[0-9A-Fa-f]{1,16}")
 DEFAULT_LIST_TTL_S = 7 * 24 * 3600
 
 
@@ -96,6 +102,9 @@ class ClearingHost:
             # terminal binding is checked per record below (a refusal that names the seq)
             records, digest = protocol.decode_batch(body, encoding, None)
             protocol.check_idempotency_key(key, records, digest)
+        except BatchTooLarge as exc:
+            log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
+            return 413, error_body("too_large", str(exc))
         except BadBatch as exc:
             log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
             return 400, error_body("bad_batch", str(exc))
@@ -225,6 +234,115 @@ def _json(status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+class Refusal(Exception):
+    """A request the host answers with a 4xx before its handler runs (body too large, not
+    JSON, too deeply nested, a bad query number)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+    def response(self) -> JSONResponse:
+        return _json(self.status, error_body(self.code, self.detail))
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The request body, read chunk by chunk and refused (413) as soon as it passes ``cap``,
+    with or without ``Content-Length`` (a declared length above ``cap`` is refused unread)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not (length.isascii() and length.isdigit()):
+            raise Refusal(400, "bad_request", "Content-Length is not a number")
+        if len(length) > 20 or int(length) > cap:
+            raise Refusal(413, "too_large", f"body above {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise Refusal(413, "too_large", f"body above {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+async def read_json(request: Request, cap: int) -> Any:
+    """The body as JSON, bounded: 413 above ``cap`` bytes, 400 naming the problem when it is
+    not UTF-8 JSON or nests deeper than :data:`MAX_JSON_DEPTH`."""
+    body = await read_body(request, cap)
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise Refusal(400, "too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refusal(400, "bad_json", f"body is not JSON: {str(exc)[:120]}") from None
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise Refusal(400, "too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def query_number(request: Request, name: str, default: int) -> int:
+    """A non-negative decimal query parameter (ASCII digits, at most :data:`MAX_QUERY_NUMBER`);
+    400 naming the parameter otherwise."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_QUERY_NUMBER:
+        raise Refusal(
+            400, "bad_request", f"{name} must be a number 0..{MAX_QUERY_NUMBER}, not {text[:40]!r}"
+        )
+    return int(text)
+
+
+def parse_asns(payload: dict[str, Any], name: str) -> list[int]:
+    """``add``/``remove`` of a blacklist publication: a list of ASNs, 1-16 hex digits each."""
+    values = payload.get(name, [])
+    if not isinstance(values, list):
+        raise Refusal(400, "bad_request", f"{name} must be a list of hex ASNs")
+    asns = []
+    for value in values:
+        if not isinstance(value, str) or not _ASN_PATTERN.fullmatch(value):
+            raise Refusal(
+                400,
+                "bad_asn",
+                f"{name}: {str(value)[:40]!r} is not an ASN (1 to 16 hex digits, 0..2^64-1)",
+            )
+        asns.append(int(value, 16))
+    return asns
+
+
+def guarded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A route whose :class:`Refusal` becomes its 4xx answer."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Refusal as refusal:
+            if refusal.status == 413:
+                log.warning("request body refused", path=request.url.path, detail=refusal.detail)
+            return refusal.response()
+
+    return wrapped
+
+
 def create_app(host: ClearingHost) -> Starlette:
     """The ASGI application."""
 
@@ -251,26 +369,22 @@ def create_app(host: ClearingHost) -> Starlette:
                     return _json(415, error_body("unsupported_media", "send application/json"))
             if role == OPERATOR:
                 log.info("operator action", operator=who.name, path=request.url.path)
-            return await handler(request)
+            return await guarded(handler)(request)
 
         return wrapped
 
     async def register(request: Request) -> Response:
-        try:
-            payload = await request.json()
-            key = payload["public_key"]
-        except (ValueError, KeyError, TypeError):
+        payload = await read_json(request, MAX_SMALL_BODY_BYTES)
+        key = payload.get("public_key") if isinstance(payload, dict) else None
+        if not isinstance(key, str):
             return _json(400, error_body("bad_request", 'body must be {"public_key": hex}'))
         status, body = await run_in_threadpool(
-            host.register, request.path_params["terminal_id"], str(key)
+            host.register, request.path_params["terminal_id"], key
         )
         return _json(status, body)
 
     async def upload(request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
-            return _json(413, error_body("too_large", f"body above {MAX_UPLOAD_BYTES} bytes"))
-        body = await request.body()
+        body = await read_body(request, MAX_UPLOAD_BYTES)
         status, answer = await run_in_threadpool(
             host.upload,
             request.path_params["terminal_id"],
@@ -281,23 +395,14 @@ def create_app(host: ClearingHost) -> Starlette:
         return _json(status, answer)
 
     async def heartbeat(request: Request) -> Response:
-        try:
-            figures = await request.json()
-        except ValueError:
-            return _json(400, error_body("bad_request", "body must be JSON"))
+        figures = await read_json(request, MAX_SMALL_BODY_BYTES)
         status, body = await run_in_threadpool(
             host.heartbeat, request.path_params["terminal_id"], figures
         )
         return _json(status, body)
 
-    def since_of(request: Request) -> int | None:
-        text = request.query_params.get("since", "0")
-        return int(text) if text.isdigit() else None
-
     async def blacklist(request: Request) -> Response:
-        since = since_of(request)
-        if since is None:
-            return _json(400, error_body("bad_request", "since must be a version number"))
+        since = query_number(request, "since", 0)
         document = await run_in_threadpool(host.blacklist_document, since)
         headers = {"Cache-Control": "no-store"}
         if len(document) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
@@ -306,29 +411,24 @@ def create_app(host: ClearingHost) -> Starlette:
         return Response(document, media_type=protocol.BLACKLIST_MEDIA_TYPE, headers=headers)
 
     async def params(request: Request) -> Response:
-        since = since_of(request)
-        if since is None:
-            return _json(400, error_body("bad_request", "since must be a version number"))
+        since = query_number(request, "since", 0)
         document = await run_in_threadpool(host.params_document, since)
         if document is None:
             return _json(404, error_body("no_params", "no parameter set has been published"))
         return Response(document, media_type="application/json")
 
     async def publish_blacklist(request: Request) -> Response:
-        try:
-            payload = await request.json()
-            add = [int(str(x), 16) for x in payload.get("add", [])]
-            remove = [int(str(x), 16) for x in payload.get("remove", [])]
-        except (ValueError, TypeError, AttributeError):
-            return _json(400, error_body("bad_request", "add/remove must be lists of hex ASNs"))
+        payload = await read_json(request, MAX_ADMIN_BODY_BYTES)
+        if not isinstance(payload, dict):
+            return _json(
+                400, error_body("bad_request", 'body must be {"add": [...], "remove": [...]}')
+            )
+        add, remove = parse_asns(payload, "add"), parse_asns(payload, "remove")
         version = await run_in_threadpool(host.storage.publish_blacklist, add, remove)
         return _json(200, {"version": version})
 
     async def publish_params(request: Request) -> Response:
-        try:
-            payload = await request.json()
-        except ValueError:
-            return _json(400, error_body("bad_request", "body must be JSON"))
+        payload = await read_json(request, MAX_ADMIN_BODY_BYTES)
         if not isinstance(payload, dict):
             return _json(400, error_body("bad_request", "body must be a JSON object"))
         version = await run_in_threadpool(host.storage.publish_params, payload)
@@ -352,15 +452,10 @@ def create_app(host: ClearingHost) -> Starlette:
         )
 
     async def terminal_records(request: Request) -> Response:
-        after = request.query_params.get("after", "0")
-        limit = request.query_params.get("limit", "100")
-        if not (after.isdigit() and limit.isdigit()):
-            return _json(400, error_body("bad_request", "after and limit must be numbers"))
+        after = query_number(request, "after", 0)
+        limit = query_number(request, "limit", 100)
         rows = await run_in_threadpool(
-            host.storage.records,
-            request.path_params["terminal_id"],
-            int(after),
-            min(int(limit), 1000),
+            host.storage.records, request.path_params["terminal_id"], after, min(limit, 1000)
         )
         return _json(200, {"records": rows})
 
@@ -394,16 +489,16 @@ def create_app(host: ClearingHost) -> Starlette:
         Route("/openapi.json", openapi),
         Route("/healthz", healthz),
         Route(f"{v1}/terminals", authorised(VIEWER, terminals)),
-        Route(f"{v1}/terminals/{{terminal_id}}/register", register, methods=["POST"]),
-        Route(f"{v1}/terminals/{{terminal_id}}/records", upload, methods=["POST"]),
+        Route(f"{v1}/terminals/{{terminal_id}}/register", guarded(register), methods=["POST"]),
+        Route(f"{v1}/terminals/{{terminal_id}}/records", guarded(upload), methods=["POST"]),
         Route(
             f"{v1}/terminals/{{terminal_id}}/records",
             authorised(VIEWER, terminal_records),
             methods=["GET"],
         ),
-        Route(f"{v1}/terminals/{{terminal_id}}/heartbeat", heartbeat, methods=["POST"]),
-        Route(f"{v1}/blacklist", blacklist),
-        Route(f"{v1}/params", params),
+        Route(f"{v1}/terminals/{{terminal_id}}/heartbeat", guarded(heartbeat), methods=["POST"]),
+        Route(f"{v1}/blacklist", guarded(blacklist)),
+        Route(f"{v1}/params", guarded(params)),
         Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),

@@ -50,7 +50,7 @@ import itertools
 import json
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -70,6 +70,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 MAX_BATCH_RECORDS = 5000
 MAX_BATCH_BYTES = 32 * 1024 * 1024  # uncompressed
+MAX_LINE_BYTES = 64 * 1024  # one record, uncompressed
 _KEY_PATTERN = re.compile(r"[0-9]{1,19}-[0-9]{1,19}-[0-9a-f]{32}")
 
 
@@ -134,6 +135,70 @@ class BadBatch(ValueError):
     """An upload the host refuses as a whole (malformed, too big, wrong terminal)."""
 
 
+class BatchTooLarge(BadBatch):
+    """An upload above a limit (inflated bytes, line length, record count): the host answers
+    413 and stops reading at the limit."""
+
+
+INFLATE_CHUNK = 64 * 1024
+
+
+def _inflated_chunks(body: bytes, encoding: str, max_bytes: int) -> Iterator[bytes]:
+    """The upload's uncompressed bytes in chunks of at most :data:`INFLATE_CHUNK`, never more
+    than ``max_bytes`` in all (:class:`BatchTooLarge` as soon as the limit is passed)."""
+    total = 0
+    if encoding == "identity":
+        if len(body) > max_bytes:
+            raise BatchTooLarge(f"body exceeds {max_bytes} bytes")
+        for start in range(0, len(body), INFLATE_CHUNK):
+            yield body[start : start + INFLATE_CHUNK]
+        return
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pending = body
+    while True:
+        try:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+        except zlib.error as exc:
+            raise BadBatch(f"body is not valid gzip: {exc}") from exc
+        pending = inflater.unconsumed_tail
+        total += len(chunk)
+        if total > max_bytes:
+            raise BatchTooLarge(f"uncompressed body exceeds {max_bytes} bytes")
+        if chunk:
+            yield chunk
+        if inflater.eof:
+            if inflater.unused_data.strip(b"\0"):
+                raise BadBatch("data after the end of the gzip body")
+            return
+        if not chunk and not pending:
+            raise BadBatch("gzip body is truncated")
+
+
+def _lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines (without the line end) of a byte stream, each checked against
+    ``max_line_bytes`` while it is read: a longer line is refused before it is all held."""
+    number = 0
+    partial = bytearray()
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                partial += chunk[start:]
+                if len(partial) > max_line_bytes:
+                    raise BatchTooLarge(f"line {number + 1} is longer than {max_line_bytes} bytes")
+                break
+            partial += chunk[start:end]
+            number += 1
+            if len(partial) > max_line_bytes:
+                raise BatchTooLarge(f"line {number} is longer than {max_line_bytes} bytes")
+            yield number, bytes(partial)
+            partial.clear()
+            start = end + 1
+    if partial:
+        yield number + 1, bytes(partial)
+
+
 def decode_batch(
     body: bytes,
     content_encoding: str | None,
@@ -141,41 +206,40 @@ def decode_batch(
     *,
     max_bytes: int = MAX_BATCH_BYTES,
     max_records: int = MAX_BATCH_RECORDS,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[list[Record], str]:
-    """Host side: decompress (bounded) and parse an upload; returns records and the body's
-    SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`.
+    """Host side: decompress and parse an upload line by line; returns records and the body's
+    SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`
+    (:class:`BatchTooLarge` for a limit). The limits hold while the body is read: inflation
+    stops at ``max_bytes``, a line at ``max_line_bytes``, parsing at line ``max_records + 1``;
+    the whole body is never inflated, decoded or split at once.
     ``terminal_id=None``: the caller checks each record's terminal binding itself."""
     encoding = (content_encoding or "identity").strip().lower()
-    if encoding == "gzip":
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            raw = inflater.decompress(body, max_bytes + 1)
-        except zlib.error as exc:
-            raise BadBatch(f"body is not valid gzip: {exc}") from exc
-        if len(raw) > max_bytes or inflater.unconsumed_tail:
-            raise BadBatch(f"uncompressed body exceeds {max_bytes} bytes")
-        if not inflater.eof:
-            raise BadBatch("gzip body is truncated")
-    elif encoding == "identity":
-        raw = body
-        if len(raw) > max_bytes:
-            raise BadBatch(f"body exceeds {max_bytes} bytes")
-    else:
-        raise BadBatch(f"unsupported Content-Encoding {content_encoding!r}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadBatch("body is not UTF-8") from exc
+    if encoding not in ("gzip", "identity"):
+        raise BadBatch(f"unsupported Content-Encoding {encoding[:40]!r}")
+    digest = hashlib.sha256()
+
+    def hashed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
     records: list[Record] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw_line in _lines(
+        hashed(_inflated_chunks(body, encoding, max_bytes)), max_line_bytes
+    ):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadBatch(f"line {number} is not UTF-8") from exc
+        if number > max_records:  # blank lines count too: a bomb of newlines stops here
+            raise BatchTooLarge(f"more than {max_records} records in one batch (line {number})")
         if not line.strip():
             continue
-        if len(records) >= max_records:
-            raise BadBatch(f"more than {max_records} records in one batch")
         try:
             record = record_from_json(line)
-        except (ValueError, TypeError) as exc:
-            raise BadBatch(f"line {number} is not a record: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise BadBatch(f"line {number} is not a record: {str(exc)[:200]}") from exc
         if terminal_id is not None and record.terminal_id != terminal_id:
             raise BadBatch(
                 f"line {number}: record of terminal {record.terminal_id!r} uploaded for "
@@ -184,7 +248,7 @@ def decode_batch(
         records.append(record)
     if not records:
         raise BadBatch("the batch holds no records")
-    return records, hashlib.sha256(raw).hexdigest()[:32]
+    return records, digest.hexdigest()[:32]
 
 
 def check_idempotency_key(key: str | None, records: Sequence[Record], digest: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.params import ActiveParams
+from sync.keys import HostKey
+from sync.params import sign_params
 from tests.fake_reader.scenario import make_card
 from tests.rig import Rig
 
@@ -63,6 +64,9 @@ def test_pending_debit_is_settled_before_the_lock(rig: Rig) -> None:
     assert [r.kind for r in rig.records()] == ["purchase", "lock"]
 
 
+HOST_KEY = HostKey.generate()  # TEST KEY ONLY
+
+
 def write_params(path: Path, **payload: object) -> None:
     now = int(time.time())
     body: dict[str, object] = {
@@ -72,13 +76,13 @@ def write_params(path: Path, **payload: object) -> None:
         "effective_from": now,
     }
     body.update(payload)
-    path.write_text(json.dumps({"payload": body, "key_id": "x", "signature": "00"}))
+    path.write_bytes(sign_params(body, HOST_KEY))
 
 
 def test_parameter_set_in_force_sets_the_fare(rig: Rig, tmp_path: Path) -> None:
     """A fare table in force replaces the profile's flat fare; outside its window it does not."""
     path = tmp_path / "params.json"
-    rig.engine.params = ActiveParams(path)
+    rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
     card = make_card("cjt166", 3, rig.keyset, balance=5000)
     write_params(path, fare_table={"flat_fare": 150})
     assert rig.tap(card).fare == 150
@@ -94,7 +98,7 @@ def test_parameter_set_in_force_sets_the_fare(rig: Rig, tmp_path: Path) -> None:
 def test_parameter_set_allow_list_refuses_other_issuers(rig: Rig, tmp_path: Path) -> None:
     """An issuer allow-list in force that leaves out the card's issuer refuses it."""
     path = tmp_path / "params.json"
-    rig.engine.params = ActiveParams(path)
+    rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
     write_params(path, issuer_allow_list=["02012000"])
     outcome = rig.tap(make_card("tunion", 4, rig.keyset, balance=5000))
     assert outcome.status == "refused"
@@ -107,7 +111,7 @@ def test_parameter_set_fare_applies_to_m1_cards(rig: Rig, tmp_path: Path) -> Non
     from tests.fake_reader.scenario import make_m1_card
 
     path = tmp_path / "params.json"
-    rig.engine.params = ActiveParams(path)
+    rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
     write_params(path, fare_table={"flat_fare": 120})
     card = make_m1_card(401, balance=1000)
     field = M1Field()

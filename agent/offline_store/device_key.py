@@ -84,10 +84,17 @@ class DeviceKey:
 
     @classmethod
     def load(cls, path: Path) -> DeviceKey:
-        """Read a key written by :meth:`create`."""
+        """Read a key written by :meth:`create`. A file that other users can read or write
+        (``mode & 0o077``) is refused with :class:`StoreError` naming the path and the mode."""
         try:
-            pem = path.read_bytes()
             mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                raise StoreError(
+                    f"store: device key {path} has mode {mode:04o}: other users can read or "
+                    f"write it; refusing to use it (chmod 600 {path}, and consider the key "
+                    "exposed)"
+                )
+            pem = path.read_bytes()
         except FileNotFoundError as exc:
             raise StoreError(f"store: device key {path} does not exist") from exc
         except OSError as exc:
@@ -102,15 +109,7 @@ class DeviceKey:
             raise StoreError(
                 f"store: device key {path} is a {type(private_key).__name__}, not an Ed25519 key"
             )
-        key = cls(private_key)
-        if mode & 0o077:
-            log.warning(
-                "device key file is accessible to other users",
-                path=str(path),
-                mode=oct(mode),
-                key_id=key.key_id,
-            )
-        return key
+        return cls(private_key)
 
     @property
     def public_key_bytes(self) -> bytes:
