@@ -416,7 +416,8 @@ def test_device_key_load_errors_are_clear(tmp_path: Path) -> None:
 
     corrupt = tmp_path / "corrupt.pem"
     corrupt.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-    with pytest.raises(StoreError, match="corrupt"):
+    corrupt.chmod(0o600)  # a key others can read is refused before it is parsed
+    with pytest.raises(StoreError, match="is corrupt"):
         DeviceKey.load(corrupt)
 
     wrong_type = tmp_path / "ec.pem"
@@ -427,6 +428,7 @@ def test_device_key_load_errors_are_clear(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
+    wrong_type.chmod(0o600)
     with pytest.raises(StoreError, match="not an Ed25519 key"):
         DeviceKey.load(wrong_type)
 
