@@ -11,8 +11,8 @@ Without that file, or with a set that is unsigned, badly signed or signed by ano
 agent logs an error naming the file and applies nothing: the firmware profile's values stand.
 A verified set is applied only from its ``effective_from`` time until it expires.
 
-The signed bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical JSON of the payload`` (the same as
-``sync.protocol.params_signed_bytes``; the agent does not import the sync package).
+The signed bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical JSON of the payload`` (the host
+and the sync daemon use this function too; the agent does not import the sync package).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import enum
 import math
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -296,9 +296,7 @@ def _sam_routing(
     (and ``m1`` with ``[m1_purse]``) has a route.
     """
     sam = r.table("sam")
-    for key in sam:
-        if key not in _SAM_KEYS:
-            raise r.fail(f"sam.{key}", f"is unknown (known: {', '.join(sorted(_SAM_KEYS))})", key)
+    r.only_known("sam", sam, _SAM_KEYS)
     driver = r.choice("reader.driver", ("serial", "pcsc", "nfcpy"))
     default_slot = r.integer("reader.sam_slot", minimum=0, maximum=15, default=1)
     default_reader = r.string("reader.sam_reader", default="")
@@ -331,11 +329,7 @@ def _sam_routing(
     slots: list[SamSlotProfile] = []
     for i, raw in enumerate(r.list_of_tables("sam.slots")):
         at = f"sam.slots[{i}]"
-        for key in raw:
-            if key not in _SLOT_KEYS:
-                raise r.fail(
-                    f"{at}.{key}", f"is unknown (known: {', '.join(sorted(_SLOT_KEYS))})", key
-                )
+        r.only_known(at, raw, _SLOT_KEYS)
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             raise r.fail(f"{at}.name", "must be a non-empty string", name)
@@ -371,11 +365,7 @@ def _sam_routing(
     served: dict[str, int] = {}
     for i, raw in enumerate(r.list_of_tables("sam.routes")):
         at = f"sam.routes[{i}]"
-        for key in raw:
-            if key not in _ROUTE_KEYS:
-                raise r.fail(
-                    f"{at}.{key}", f"is unknown (known: {', '.join(sorted(_ROUTE_KEYS))})", key
-                )
+        r.only_known(at, raw, _ROUTE_KEYS)
         families = raw.get("families")
         if not isinstance(families, list) or not families:
             raise r.fail(
@@ -509,6 +499,14 @@ class _Reader:
 
     def fail(self, dotted: str, what: str, value: Any) -> ConfigurationError:
         return ConfigurationError(f"{self.source}: field '{dotted}' {what}, got {value!r}")
+
+    def only_known(self, at: str, raw: Mapping[str, Any], known: Collection[str]) -> None:
+        """Refuse a key of table ``at`` that is not in ``known`` (a typo must not pass)."""
+        for key in raw:
+            if key not in known:
+                raise self.fail(
+                    f"{at}.{key}", f"is unknown (known: {', '.join(sorted(known))})", key
+                )
 
     def string(self, dotted: str, default: Any = _MISSING) -> str:
         value = self.get(dotted, default)

@@ -1,6 +1,6 @@
 """Signed parameter sets: fare tables, issuer allow-lists, effective-from times.
 
-The host signs ``protocol.params_signed_bytes(payload)``; the terminal keeps the last accepted
+The host signs ``agent.params.params_signed_bytes(payload)``; the terminal keeps the last accepted
 envelope in ``params.json`` next to the store (atomic replace) and refuses unsigned, older,
 replayed or expired sets. Payload fields (all times are Unix seconds)::
 
@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.blacklist import BlacklistFileError, key_id_of, write_atomically
+from agent.blacklist import BlacklistFileError, write_atomically
+from agent.params import ParamsRejected, params_signed_bytes, verify_envelope
 from sync.errors import ListRejected
 from sync.keys import HostKey
-from sync.protocol import params_signed_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -60,22 +58,9 @@ def sign_params(payload: Mapping[str, Any], key: HostKey) -> bytes:
 def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
     """Parse and verify an envelope. Raises :class:`ListRejected`."""
     try:
-        envelope = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise ListRejected(f"params: not JSON: {exc}") from exc
-    if not isinstance(envelope, dict) or set(envelope) != {"payload", "key_id", "signature"}:
-        raise ListRejected("params: not a signed envelope (payload, key_id, signature)")
-    payload, key_id, signature = envelope["payload"], envelope["key_id"], envelope["signature"]
-    if not isinstance(payload, dict) or not isinstance(signature, str):
-        raise ListRejected("params: unsigned or malformed envelope")
-    if key_id != key_id_of(host_public_key).hex():
-        raise ListRejected(f"params: signed by key {key_id!r}, not the configured host key")
-    try:
-        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
-            bytes.fromhex(signature), params_signed_bytes(payload)
-        )
-    except (InvalidSignature, ValueError):
-        raise ListRejected("params: bad signature (forged or corrupted set)") from None
+        payload = verify_envelope(data, host_public_key)
+    except ParamsRejected as exc:
+        raise ListRejected(f"params: {exc.args[0]}") from None
     try:
         _check_payload(payload)
     except ValueError as exc:

@@ -363,13 +363,3 @@ def error_body(code: str, detail: str) -> dict[str, str]:
 
 def json_bytes(value: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-# --- signed parameter sets ----------------------------------------------------------------------
-
-PARAMS_DOMAIN = b"CARDSYNC-PARAMS-V1\n"
-
-
-def params_signed_bytes(payload: Mapping[str, Any]) -> bytes:
-    """The bytes the host signs for a parameter set (domain prefix + canonical JSON)."""
-    return PARAMS_DOMAIN + canonical_json(payload).encode("utf-8")

@@ -32,9 +32,14 @@ from structlog.testing import capture_logs
 
 from agent.errors import ConfigurationError, StoreError
 from agent.offline_store import DeviceKey
-from agent.params import HOST_KEY_FILE, PARAMS_FILE, ActiveParams, params_signed_bytes
+from agent.params import (
+    HOST_KEY_FILE,
+    PARAMS_FILE,
+    ActiveParams,
+    params_signed_bytes,
+    verify_envelope,
+)
 from agent.wiring import DEVICE_KEY_FILE, TERMINAL_FILE, DataDir
-from sync import protocol
 from sync.client import SyncClient
 from sync.daemon import open_daemon
 from sync.errors import ProtocolError
@@ -123,9 +128,12 @@ def test_agent_refuses_params_without_a_pinned_host_key(tmp_path: Path) -> None:
     assert any(e["log_level"] == "error" and HOST_KEY_FILE in e["error"] for e in logs), logs
 
 
-def test_agent_and_host_sign_the_same_bytes() -> None:
+def test_agent_verifies_what_the_host_signs() -> None:
     body = payload(fare_table={"flat_fare": 150, "currency": "CNY"}, issuer_allow_list=["Ä"])
-    assert params_signed_bytes(body) == protocol.params_signed_bytes(body)
+    key = HostKey.generate()
+    signed = sign_params(body, key)
+    assert verify_envelope(signed, bytes.fromhex(key.public_key_hex())) == body
+    assert json.loads(signed)["signature"] == key.sign(params_signed_bytes(body)).hex()
 
 
 # --- 2. modes of the data directory and the device key -----------------------------------------
