@@ -17,7 +17,7 @@ entirely or not at all)::
     offsets: 65,537 x u32 little-endian (bucket b spans entries offsets[b]..offsets[b+1])
     entries: count x 6 bytes
 
-Signed list from the host (wire format, see ``sync/openapi.json``). The signed bytes are the
+Signed list from the host (wire format, see ``clearinghost/openapi.json``). The signed bytes are the
 whole body before the trailer; the magic makes them useless as any other signed document::
 
     magic "CBLIST01" (8) | kind (1: 'S' snapshot, 'D' delta) | version u64 | base_version u64 |

@@ -1,4 +1,4 @@
-"""``cardagent``: the validator, the records tools, provisioning and the demo."""
+"""``cardagent``: the validator, the records tools and provisioning (the demo is ``cardhost demo``)."""
 
 from __future__ import annotations
 
@@ -77,10 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_profile_check)
 
-    p = sub.add_parser("demo", help="simulated bus validator against a stream of simulated cards")
-    p.add_argument("--data-dir", type=Path, default=Path("run/demo"))
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -241,12 +237,6 @@ def _nfc_line(rp: ReaderProfile) -> str:
         reader.close()
     contents = "empty" if presence is None else f"card present, UID {presence.uid.hex().upper()}"
     return f"{'nfcpy':<7} {rp.url:<40} {'contactless (nfcpy)':<28} {contents}"
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo  # the demo pulls in the simulators; keep them off run's path
-
-    return run_demo(args.data_dir, seed=args.seed)
 
 
 if __name__ == "__main__":

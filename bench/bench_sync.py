@@ -36,11 +36,11 @@ import structlog
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, Blacklist, encode_list
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
+from clearinghost.keys import HostKey
+from clearinghost.server import ClearingHost, HostServer, create_app
+from clearinghost.storage import SqliteStorage
 from sync.daemon import SyncSettings, open_daemon
-from sync.host import ClearingHost, HostServer, create_app
-from sync.keys import HostKey
 from sync.protocol import IDEMPOTENCY_HEADER, encode_batch
-from sync.storage import SqliteStorage
 
 RESULTS = Path(__file__).with_name("RESULTS-sync.md")
 

@@ -1,78 +1,17 @@
-"""The clearing host's Ed25519 signing key (blacklists, parameter sets) and its public half.
+"""The clearing host's public key as terminals are given it (provisioning, out of band).
 
-Terminals are configured with the host's public key out of band (provisioning); they never
-learn it from the host itself, so a host impostor cannot make them accept its lists.
+Terminals never learn the host key from the host itself, so a host impostor cannot make them
+accept its lists. The private half lives in :mod:`clearinghost.keys`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.blacklist import key_id_of
 from agent.errors import ConfigurationError
-
-
-class HostKey:
-    """The host's signing key. ``repr`` shows only the key id."""
-
-    __slots__ = ("_private", "public_key_bytes")
-
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        self._private = private_key
-        self.public_key_bytes = private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-
-    @classmethod
-    def generate(cls) -> HostKey:
-        return cls(Ed25519PrivateKey.generate())
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> HostKey:
-        """Load ``path``, or create it (PKCS#8 PEM, mode 0600) if it does not exist."""
-        if path.exists():
-            return cls.load(path)
-        key = cls.generate()
-        pem = key._private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return key
-
-    @classmethod
-    def load(cls, path: Path) -> HostKey:
-        try:
-            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"host key {path} is unreadable: {exc}") from exc
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise ConfigurationError(f"host key {path} is not an Ed25519 key")
-        return cls(loaded)
-
-    @property
-    def key_id(self) -> str:
-        return key_id_of(self.public_key_bytes).hex()
-
-    def sign(self, data: bytes) -> bytes:
-        return self._private.sign(data)
-
-    def public_key_hex(self) -> str:
-        return self.public_key_bytes.hex()
-
-    def __repr__(self) -> str:
-        return f"HostKey(key_id={self.key_id!r})"
 
 
 def parse_public_key(text: str) -> bytes:

@@ -14,7 +14,6 @@ replayed or expired sets. Payload fields (all times are Unix seconds)::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +23,8 @@ from typing import Any
 import structlog
 
 from agent.blacklist import BlacklistFileError, write_atomically
-from agent.params import ParamsRejected, params_signed_bytes, verify_envelope
+from agent.params import ParamsRejected, verify_envelope
 from sync.errors import ListRejected
-from sync.keys import HostKey
 
 log = structlog.get_logger(__name__)
 
@@ -44,17 +42,6 @@ class ParamSet:
     payload: Mapping[str, Any] = field(hash=False, repr=False)
 
 
-def sign_params(payload: Mapping[str, Any], key: HostKey) -> bytes:
-    """The envelope the host serves (JSON bytes)."""
-    _check_payload(payload)
-    envelope = {
-        "payload": dict(payload),
-        "key_id": key.key_id,
-        "signature": key.sign(params_signed_bytes(payload)).hex(),
-    }
-    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
     """Parse and verify an envelope. Raises :class:`ListRejected`."""
     try:
@@ -62,7 +49,7 @@ def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
     except ParamsRejected as exc:
         raise ListRejected(f"params: {exc.args[0]}") from None
     try:
-        _check_payload(payload)
+        check_payload(payload)
     except ValueError as exc:
         raise ListRejected(f"params: {exc}") from exc
     return ParamSet(
@@ -76,7 +63,7 @@ def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
     )
 
 
-def _check_payload(payload: Mapping[str, Any]) -> None:
+def check_payload(payload: Mapping[str, Any]) -> None:
     for name in ("version", "issued_at", "expires_at", "effective_from"):
         value = payload.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -1,6 +1,6 @@
 """The cardsync wire protocol, version 1 — sans-I/O: encoding, decoding and checks only.
 
-Both sides use this module; ``sync/openapi.json`` documents the same thing for other
+Both sides use this module; ``clearinghost/openapi.json`` documents the same thing for other
 implementers. All paths are under ``/v1``.
 
 Upload (``POST /v1/terminals/{terminal_id}/records``)

@@ -40,11 +40,10 @@ from agent.params import (
     verify_envelope,
 )
 from agent.wiring import DEVICE_KEY_FILE, TERMINAL_FILE, DataDir
+from clearinghost.keys import HostKey, sign_params
 from sync.client import SyncClient
 from sync.daemon import open_daemon
 from sync.errors import ProtocolError
-from sync.keys import HostKey
-from sync.params import sign_params
 from tests.test_sync_support import Terminal, daemon_for, fast_settings
 
 

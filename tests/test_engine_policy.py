@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.params import ActiveParams
-from sync.keys import HostKey
-from sync.params import sign_params
+from clearinghost.keys import HostKey, sign_params
 from tests.fake_reader.scenario import make_card
 from tests.rig import Rig
 

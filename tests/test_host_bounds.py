@@ -20,8 +20,9 @@ import pytest
 
 from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.records import record_to_json, seal_record
-from sync import protocol
-from sync.host import (
+from clearinghost.keys import HostKey
+from clearinghost.operators import OPERATOR, Operators
+from clearinghost.server import (
     MAX_ADMIN_BODY_BYTES,
     MAX_SMALL_BODY_BYTES,
     MAX_UPLOAD_BYTES,
@@ -29,9 +30,8 @@ from sync.host import (
     HostServer,
     create_app,
 )
-from sync.keys import HostKey
-from sync.operators import OPERATOR, Operators
-from sync.storage import SqliteStorage
+from clearinghost.storage import SqliteStorage
+from sync import protocol
 
 TERMINAL = "BUS-BOUNDS"
 TOKEN = "bounds-operator-token-0123456789"

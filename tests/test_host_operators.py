@@ -20,10 +20,9 @@ import pytest
 
 from agent.errors import ConfigurationError
 from agent.offline_store import DeviceKey
-from sync import cli
-from sync.host import ClearingHost, HostServer, create_app
-from sync.keys import HostKey
-from sync.operators import (
+from clearinghost import cli
+from clearinghost.keys import HostKey
+from clearinghost.operators import (
     OPERATOR,
     TOKEN_ENV,
     VIEWER,
@@ -32,7 +31,8 @@ from sync.operators import (
     check_exposure,
     read_operators_file,
 )
-from sync.storage import SqliteStorage
+from clearinghost.server import ClearingHost, HostServer, create_app
+from clearinghost.storage import SqliteStorage
 
 READ_ROUTES = ("/", "/v1/terminals", "/v1/anomalies", "/v1/terminals/T1/records")
 CARD = "03105170070100000009"
@@ -235,11 +235,11 @@ def test_exposure_check() -> None:
         check_exposure(address, tls=True, operators=someone)
 
 
-def _cardsync(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cardhost(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     environment.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "sync.cli", "--log-format", "json", *argv],
+        [sys.executable, "-m", "clearinghost.cli", "--log-format", "json", *argv],
         capture_output=True,
         text=True,
         timeout=30,
@@ -250,10 +250,10 @@ def _cardsync(*argv: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 def test_host_refuses_to_listen_beyond_loopback_without_tls_and_operators(tmp_path: Path) -> None:
     common = ("host", "--db", str(tmp_path / "h.db"), "--key", str(tmp_path / "h.key"))
-    plain = _cardsync(*common, "--listen", "0.0.0.0:0")
+    plain = _cardhost(*common, "--listen", "0.0.0.0:0")
     assert plain.returncode == 2
     assert "refusing to listen on 0.0.0.0" in plain.stderr and "TLS" in plain.stderr
-    with_operator = _cardsync(
+    with_operator = _cardhost(
         *common, "--listen", "0.0.0.0:0", env={TOKEN_ENV: "a-long-enough-operator-token"}
     )
     assert with_operator.returncode == 2 and "TLS" in with_operator.stderr

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
@@ -98,3 +100,43 @@ def test_products_import_no_io_library() -> None:
                 names = [node.module]
             bad = [n for n in names if n.split(".")[0] in io_libraries]
             assert not bad, f"{path.name} imports {bad}"
+
+
+HOST_ONLY = ("clearinghost", "starlette", "uvicorn", "psycopg")
+
+
+def test_terminal_side_never_imports_the_clearing_host() -> None:
+    """A validator installs ``agent`` and ``sync`` only: neither may import the host package."""
+    root = AGENT.parent
+    for path in [*AGENT.rglob("*.py"), *(root / "sync").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            bad = [n for n in names if n.split(".")[0] in HOST_ONLY]
+            assert not bad, f"{path.relative_to(root)} imports {bad}"
+
+
+def test_terminal_commands_load_without_the_host_extra() -> None:
+    """``cardagent`` and ``cardsync`` start with starlette, uvicorn and psycopg absent."""
+    probe = (
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {HOST_ONLY!r}:\n"
+        "            raise ImportError(f'{name} is not installed on a terminal')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "import agent.cli, agent.validator, sync.cli, sync.daemon\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=AGENT.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

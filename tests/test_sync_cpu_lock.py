@@ -18,7 +18,7 @@ from agent.products.cpu_purse import CpuCard
 from agent.sam.psam import PsamConfig, PsamDriver
 from agent.transaction import TransactionEngine
 from agent.wiring import DataDir
-from sync.local import start_local_sync
+from clearinghost.local import start_local_sync
 from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.inprocess import InProcessSamSlot
 from tests.fake_reader.scenario import demo_keyset, demo_profile, make_card, make_psam

@@ -29,13 +29,13 @@ from agent.errors import StoreError
 from agent.offline_store import RecordBody
 from agent.sam.keys import KeySet
 from agent.wiring import TERMINAL_FILE
-from sync.clearing import DEMO_FACTOR2, TacVerifier
+from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
+from clearinghost.keys import HostKey
+from clearinghost.server import HostServer, ServerTls, create_app
+from clearinghost.storage import SqliteStorage
 from sync.client import ClientTls
 from sync.daemon import FLUSH_FLAG_FILE
 from sync.errors import HostUnreachable, ListRejected
-from sync.host import HostServer, ServerTls, create_app
-from sync.keys import HostKey
-from sync.storage import SqliteStorage
 from tests.fake_reader.scenario import Family, make_card
 from tests.rig import TERMINAL_ID, Rig
 from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
@@ -464,15 +464,17 @@ def test_kill_9_between_send_and_ack_then_sigterm(
 def test_cli_host_key_status_and_blacklist(
     tmp_path: Path, host_key: HostKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from clearinghost import cli as host_cli
+    from clearinghost.operators import TOKEN_ENV, Operators, new_token
     from sync import cli
     from sync.cli import main
-    from sync.operators import TOKEN_ENV, Operators, new_token
 
     # main() configures structlog for the process; keep the test run's configuration
     monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(host_cli, "configure_logging", lambda *args: None)
 
     key_path = tmp_path / "test-host.key"
-    assert main(["host-key", "--key", str(key_path)]) == 0
+    assert host_cli.main(["host-key", "--key", str(key_path)]) == 0
     assert HostKey.load(key_path).public_key_hex()
     terminal = Terminal.provision(tmp_path, "BUS-CLI")
     terminal.tap()
@@ -484,9 +486,9 @@ def test_cli_host_key_status_and_blacklist(
     host = make_host(SqliteStorage(tmp_path / "host.db"), host_key, operators=operators)
     with HostServer(create_app(host)) as server:
         add = ["blacklist", "--host", server.url, "add", "03105170070100000005"]
-        assert main(add) == 2  # no operator token: refused before anything is sent
+        assert host_cli.main(add) == 2  # no operator token: refused before anything is sent
         monkeypatch.setenv(TOKEN_ENV, token)
-        assert main(add) == 0
+        assert host_cli.main(add) == 0
         assert host.storage.blacklist_snapshot() == (1, [0x5170070100000005])
         assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
     host.storage.close()

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError, StoreError
+from clearinghost.keys import HostKey
+from clearinghost.server import HostServer
+from clearinghost.storage import SqliteStorage
 from sync.daemon import SyncDaemon
-from sync.host import HostServer
-from sync.keys import HostKey
-from sync.storage import SqliteStorage
 from tests.test_sync_support import (
     UPLOAD_FAULTS,
     FaultInjector,

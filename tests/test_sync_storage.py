@@ -25,13 +25,13 @@ import pytest
 
 from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.records import Record, record_to_json, seal_record
+from clearinghost.clearing import Finding
+from clearinghost.keys import HostKey
+from clearinghost.operators import OPERATOR, Operators
+from clearinghost.server import HostServer, create_app
+from clearinghost.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
 from sync import protocol
-from sync.clearing import Finding
-from sync.host import HostServer, create_app
-from sync.keys import HostKey
-from sync.operators import OPERATOR, Operators
 from sync.params import verify_params
-from sync.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
 from tests.test_sync_support import make_host
 
 BACKENDS = ["sqlite", "postgresql"]

@@ -16,10 +16,10 @@ from typing import Any
 
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.wiring import DataDir
+from clearinghost.keys import HostKey
+from clearinghost.server import ClearingHost, create_app
+from clearinghost.storage import SqliteStorage, Storage
 from sync.daemon import SyncDaemon, SyncSettings, open_daemon
-from sync.host import ClearingHost, create_app
-from sync.keys import HostKey
-from sync.storage import SqliteStorage, Storage
 
 
 @dataclass

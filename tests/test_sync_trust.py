@@ -36,11 +36,11 @@ from agent.offline_store.records import (
     seal_record,
 )
 from agent.wiring import DEVICE_KEY_FILE
+from clearinghost.keys import HostKey
+from clearinghost.server import HostServer, create_app
+from clearinghost.storage import SqliteStorage
 from sync import protocol
 from sync.errors import ProtocolError
-from sync.host import HostServer, create_app
-from sync.keys import HostKey
-from sync.storage import SqliteStorage
 from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
 
 
@@ -159,7 +159,7 @@ def test_forged_records_ahead_of_the_terminal_do_not_block_it(tmp_path: Path) ->
 
 
 def signed(fields: dict[str, Any], key: HostKey) -> dict[str, Any]:
-    """An answer signed as sync/openapi.json documents it (computed here independently)."""
+    """An answer signed as clearinghost/openapi.json documents it (computed here independently)."""
     names = (
         "terminal_id",
         "idempotency_key",

@@ -1,4 +1,4 @@
-"""``cardagent demo``: the production validator against a stream of simulated cards.
+"""``cardhost demo``: the production validator against a stream of simulated cards.
 
 The simulated card field (CPU and M1 cards + PSAM behind an emulated serial reader module) runs
 in its own process from ``tests/fake_reader``; the agent reaches it only through the
@@ -23,7 +23,7 @@ from agent.profile import Profile, load_profile
 from agent.runner import print_summary, run_agent
 from agent.validator import LoopStats
 from agent.wiring import DataDir
-from sync.local import LocalSync, start_local_sync
+from clearinghost.local import LocalSync, start_local_sync
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "firmware_profiles" / "test-city-demo.toml"

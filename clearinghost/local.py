@@ -24,12 +24,12 @@ import httpx
 from agent.blacklist import asn_of
 from agent.profile import Profile
 from agent.sam.keys import KeySet
-from sync.clearing import DEMO_FACTOR2, TacVerifier
+from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
+from clearinghost.keys import HostKey
+from clearinghost.operators import OPERATOR, Operators, new_token
+from clearinghost.server import ClearingHost, HostServer, create_app
+from clearinghost.storage import SqliteStorage
 from sync.daemon import SyncDaemon, SyncSettings, open_daemon
-from sync.host import ClearingHost, HostServer, create_app
-from sync.keys import HostKey
-from sync.operators import OPERATOR, Operators, new_token
-from sync.storage import SqliteStorage
 
 
 @dataclass

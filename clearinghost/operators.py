@@ -3,14 +3,14 @@
 Two roles: ``viewer`` (read API: terminals, records, anomalies; the operator page) and
 ``operator`` (a viewer who may also publish blacklist changes and parameter sets).
 
-Operators are listed in a file (``cardsync host --operators-file F``), one per line::
+Operators are listed in a file (``cardhost host --operators-file F``), one per line::
 
     # name:role:sha256:HEX
     alice:operator:sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     wall-screen:viewer:sha256:...
 
 ``HEX`` is the SHA-256 of the operator's token. Tokens are random (256 bits, made by
-``cardsync operator add``), so a plain hash is enough: the file holds no secret, only who may
+``cardhost operator add``), so a plain hash is enough: the file holds no secret, only who may
 come in. Blank lines and lines starting with ``#`` are ignored. A single operator with the
 ``operator`` role can instead be given as the token itself in the environment variable
 ``CARDSYNC_OPERATOR_TOKEN`` (hashed when read, never on the command line).

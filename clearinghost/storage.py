@@ -39,7 +39,7 @@ import psycopg
 import structlog
 
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json
-from sync.clearing import Finding, Refusal
+from clearinghost.clearing import Finding, Refusal
 
 log = structlog.get_logger(__name__)
 

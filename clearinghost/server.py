@@ -1,14 +1,14 @@
-"""The reference clearing host: an ASGI app (Starlette) served by uvicorn (``cardsync host``).
+"""The reference clearing host: an ASGI app (Starlette) served by uvicorn (``cardhost host``).
 
-It implements the server side of :mod:`sync.protocol` (documented in ``sync/openapi.json``,
+It implements the server side of :mod:`sync.protocol` (documented in ``clearinghost/openapi.json``,
 served at ``/openapi.json``): idempotent record uploads with a cumulative acknowledgement,
 record verification (device signatures, hash chain, TACs), signed blacklists and parameter sets,
 a small read API and an operator page at ``/``.
 
 The read API and the page need an authenticated ``viewer``, the admin routes an ``operator``
-(:mod:`sync.operators`); with no operators configured they all answer 401. Admin POSTs must be
-``application/json`` (415 otherwise) and a request whose ``Origin`` is not the host's own is
-refused (403), so a web page open in an operator's browser cannot call them.
+(:mod:`clearinghost.operators`); with no operators configured they all answer 401. Admin
+POSTs must be ``application/json`` (415 otherwise) and a request whose ``Origin`` is not the
+host's own is refused (403), so a web page open in an operator's browser cannot call them.
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ from starlette.routing import Route
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE
 from agent.offline_store.records import Record
+from clearinghost.clearing import Finding, TacVerifier, screen, seal_checker
+from clearinghost.keys import HostKey, sign_params
+from clearinghost.operators import OPERATOR, VIEWER, Operators
+from clearinghost.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
 from sync import protocol
-from sync.clearing import Finding, TacVerifier, screen, seal_checker
-from sync.keys import HostKey
-from sync.operators import OPERATOR, VIEWER, Operators
-from sync.params import sign_params
 from sync.protocol import BadBatch, BatchTooLarge, error_body
-from sync.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
 
 log = structlog.get_logger(__name__)
 
