@@ -1,4 +1,4 @@
-"""``cardagent``: the validator, the records tools and provisioning (the demo is ``cardhost demo``)."""
+"""``cardagent``: the validator, the records tools and provisioning (demo: ``cardhost demo``)."""
 
 from __future__ import annotations
 
