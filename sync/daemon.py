@@ -464,10 +464,11 @@ def _now_for_scheduler() -> datetime:
 def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncDaemon:
     """Open the agent's store, blacklist and parameters in ``data_dir`` and build the daemon."""
     data = DataDir(data_dir)
+    # the host refuses any other id on every route: say so here, not at each call (the agent
+    # itself keeps tapping with whatever id it was provisioned with: taps never wait on this)
+    check_terminal_id(data.terminal_id())
     store = data.open_store()
     try:
-        # the host refuses any other id on every route: say so here, not at each call
-        check_terminal_id(store.terminal_id)
         device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
         try:
             blacklist = Blacklist.open(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
