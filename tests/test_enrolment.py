@@ -423,6 +423,7 @@ def test_the_daemon_refuses_a_data_dir_with_a_bad_id(tmp_path: Path) -> None:
 def test_lookalike_ids_are_refused_on_every_host_route(site: Site) -> None:
     device = DeviceKey.generate()
     with httpx.Client(base_url=site.server.url) as client:
+        assert error_of(register(client, "T2\u200b", device)) == (400, "bad_terminal_id")
         assert register(client, "T2", device, site.code_for("T2")).status_code == 201
         records = chain(device, "T2", range(1, 2))
         for lookalike in LOOKALIKES[:-1]:  # "BUS/12" cannot even be a path segment
@@ -482,6 +483,9 @@ def test_a_client_certificate_is_bound_to_its_terminal_id(
     tb_key = DeviceKey.load(tb.data_dir / DEVICE_KEY_FILE)
     site.verify = ta_tls.context()  # operators present a certificate too; any from the CA
     with site.server:
+        with httpx.Client(base_url=site.server.url, verify=ta_tls.context()) as client:
+            squat = register(client, "BUS-TB", DeviceKey.generate())  # TA speaking as TB
+            assert error_of(squat) == (403, "certificate_mismatch"), squat.text
         code = site.code_for("BUS-TB")
         # TB's daemon holding TA's certificate: refused before anything is bound
         wrong_cert = fast_settings(site.server.url, site.key, tls=ta_tls, enrolment_code=code)
