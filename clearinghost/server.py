@@ -9,6 +9,16 @@ The read API and the page need an authenticated ``viewer``, the admin routes an 
 (:mod:`clearinghost.operators`); with no operators configured they all answer 401. Admin
 POSTs must be ``application/json`` (415 otherwise) and a request whose ``Origin`` is not the
 host's own is refused (403), so a web page open in an operator's browser cannot call them.
+
+Enrolment: an operator adds a terminal (``POST /v1/admin/terminals``: id, kind, site) and gets
+a one-time code (stored as its SHA-256, expiring, single use) or pre-registers the device's
+key; the terminal enrols by signing the enrolment message with its device key (proof of
+possession, :mod:`sync.protocol`). A new device key needs the same authorisation again
+(``/rotate-key``); a plain register with another key stays 409. Every route with a terminal id
+applies :mod:`agent.terminal_id` (400 ``bad_terminal_id``), and a connection with a client
+certificate (mutual TLS) acts only for the terminal its subject CN names (403
+``certificate_mismatch``). ``open_registration`` (first come, first served) is a development
+opt-in.
 """
 
 from __future__ import annotations
@@ -95,7 +105,7 @@ class ClearingHost:
     key: HostKey
     tac: TacVerifier | None = None
     list_ttl_s: int = DEFAULT_LIST_TTL_S
-    open_registration: bool = False  # first come, first served: dev and demo only
+    open_registration: bool = False  # first come, first served: development only
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
