@@ -183,7 +183,10 @@ class ClearingHost:
                 ack = held.ack_seq if held else 0
                 status = 201 if outcome == "enrolled" else 200
                 return status, {"terminal_id": terminal_id, "ack_seq": ack, "status": outcome}
-            return self._enrolment_refused(terminal_id, entry, code_hash, terminal is not None, now)
+            # name the refusal from the state now (a concurrent enrolment may have used the code)
+            entry = self.storage.terminal_entry(terminal_id) or entry
+            registered = self.storage.terminal(terminal_id) is not None
+            return self._enrolment_refused(terminal_id, entry, code_hash, registered, now)
         if terminal is None and self.open_registration:
             try:  # first come, first served: the dev/demo opt-in (--open-registration)
                 self.storage.register_terminal(terminal_id, key)

@@ -14,6 +14,7 @@ import json
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,32 @@ def test_codes_are_single_use_expire_and_are_stored_hashed(site: Site) -> None:
     for shown in (code, late, renewed):
         assert shown.encode() not in stored
         assert protocol.normalise_code(shown).encode() not in stored
+
+
+def test_one_code_enrols_one_device_however_many_race(site: Site) -> None:
+    code = site.code_for("BUS-RACE")
+    devices = [DeviceKey.generate() for _ in range(8)]
+    bodies = [enrol_body("BUS-RACE", device, code) for device in devices]
+    path = site.server.url + protocol.register_path("BUS-RACE")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: httpx.post(path, json=body), bodies))
+    winners = [n for n, answer in enumerate(answers) if answer.status_code == 201]
+    assert len(winners) == 1, [a.text for a in answers]
+    losers = [error_of(a) for n, a in enumerate(answers) if n != winners[0]]
+    assert losers == [(403, "code_used")] * (len(bodies) - 1)
+    held = site.host.storage.terminal("BUS-RACE")
+    assert held is not None and held.public_key == devices[winners[0]].public_key_bytes.hex()
+
+
+def test_cardhost_host_enrolment_is_closed_unless_opened(tmp_path: Path) -> None:
+    common = ["host", "--db", str(tmp_path / "h.db"), "--key", str(tmp_path / "h.key")]
+    closed = host_cli.build_host(host_cli._parser().parse_args(common), Operators())
+    assert closed.open_registration is False
+    closed.storage.close()
+    args = host_cli._parser().parse_args([*common, "--open-registration"])
+    opened = host_cli.build_host(args, Operators())
+    assert opened.open_registration is True
+    opened.storage.close()
 
 
 def test_the_terminal_must_prove_it_holds_the_key(site: Site) -> None:
