@@ -32,6 +32,7 @@ from agent.sam.keys import KeySet
 from agent.sam.psam import ApplicationPath, PsamConfig, PsamDriver, application_path
 from agent.sam.router import PsamRoute, PsamRouter, SamRouter, SingleSamRouter
 from agent.sam.software import SamCore, SoftwareSam
+from agent.terminal_id import check_terminal_id
 
 DEVICE_KEY_FILE = "device.key"
 TERMINAL_FILE = "terminal.json"
@@ -53,8 +54,9 @@ class DataDir:
 
     def provision(self, terminal_id: str) -> DeviceKey:
         """Create the device key and terminal identity. Refuses to overwrite either."""
-        if not terminal_id or not terminal_id.isprintable() or len(terminal_id) > 32:
-            raise ConfigurationError(f"terminal id {terminal_id!r} must be 1..32 printable chars")
+        # one rule on both sides (agent.terminal_id): the host refuses any other id, so an id
+        # like "BUS/12" or a lookalike must be refused here, before the device is in service
+        check_terminal_id(terminal_id)
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.mkdir(mode=DATA_DIR_MODE)

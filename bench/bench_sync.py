@@ -66,7 +66,7 @@ def bench_upload(root: Path, count: int, batch_size: int) -> dict[str, float]:
     fill_s = time.perf_counter() - started
     store.close()
     key = HostKey.generate()
-    host = ClearingHost(SqliteStorage(root / "host.db"), key)
+    host = ClearingHost(SqliteStorage(root / "host.db"), key, open_registration=True)
     app = create_app(host)
 
     async def with_sink(scope, receive, send) -> None:  # type: ignore[no-untyped-def]

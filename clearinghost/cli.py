@@ -8,6 +8,15 @@
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+    cardhost terminal --host URL [--token-file F] add ID [--kind K --site S] [--public-key HEX]
+    cardhost terminal --host URL [--token-file F] rotate-key ID [--public-key HEX]
+    cardhost terminal --host URL [--token-file F] list
+
+Enrolment: ``cardhost terminal add`` creates the terminal's entry and prints its one-time
+enrolment code once (or pre-registers the device's public key with ``--public-key``); the
+terminal's ``cardsync run --enrolment-code-file`` enrols with it. ``rotate-key`` authorises one
+new device key the same way. The host accepts no other registration unless it runs with
+``--open-registration`` (first come, first served: development only).
 
 Operator tokens: ``cardhost operator add`` prints a new token once and stores only its hash.
 The host reads ``--operators-file`` and/or ``CARDSYNC_OPERATOR_TOKEN`` (one operator);
@@ -19,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import structlog
@@ -31,6 +42,7 @@ from agent.errors import AgentError, ConfigurationError
 from agent.logs import configure_logging
 from agent.profile import load_profile
 from agent.sam.keys import KeySet
+from agent.terminal_id import check_terminal_id
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
 from clearinghost.keys import HostKey
 from clearinghost.operators import (
@@ -92,7 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
-    p.add_argument("--closed-registration", action="store_true")
+    p.add_argument(
+        "--open-registration",
+        action="store_true",
+        help="DEVELOPMENT ONLY: a terminal without an entry is registered first come, first "
+        "served (default: enrolment needs an operator's code or pre-registered key)",
+    )
     p.add_argument(
         "--operators-file",
         type=Path,
@@ -121,6 +138,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("add", "remove"))
     p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
+
+    p = sub.add_parser("terminal", help="add, list or rotate the key of terminals (admin API)")
+    p.add_argument("--host", required=True)
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
+    p.add_argument("action", choices=("add", "list", "rotate-key"))
+    p.add_argument("terminal_id", nargs="?")
+    p.add_argument("--kind", default="", help="bus, metro-gate, kiosk, pos, ...")
+    p.add_argument("--site", default="", help="depot, line, station, ...")
+    p.add_argument(
+        "--public-key", help="pre-register the device's public key (64 hex) instead of a code"
+    )
+    p.add_argument(
+        "--code-ttl", type=int, default=7 * 24 * 3600, help="seconds the code stays valid"
+    )
+    p.set_defaults(func=cmd_terminal)
     return parser
 
 
@@ -149,7 +183,7 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         HostKey.load_or_create(args.key),
         tac=tac,
         list_ttl_s=args.list_ttl,
-        open_registration=not args.closed_registration,
+        open_registration=args.open_registration,
         operators=operators,
     )
 
@@ -204,19 +238,74 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_blacklist(args: argparse.Namespace) -> int:
     asns = [f"{asn_of(card):016X}" for card in args.cards]
     body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
+    response = _admin_call(args, "POST", "/v1/admin/blacklist", body)
+    if response is None:
+        return 2
+    _out(response.text)
+    return 0 if response.status_code == 200 else 2
+
+
+def cmd_terminal(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        response = _admin_call(args, "GET", "/v1/admin/terminals", None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        for t in response.json()["terminals"]:
+            state = "enrolled" if t["enrolled"] else "not enrolled"
+            pending = [n for n, p in (("code", t["code_pending"]), ("key", t["key_pending"])) if p]
+            if pending:
+                state += f", {' and '.join(pending)} pending"
+            _out(f"{t['terminal_id']}\t{t['kind']}\t{t['site']}\t{state}\t{t['key_id'] or '-'}")
+        return 0
+    if not args.terminal_id:
+        raise ConfigurationError(f"cardhost terminal {args.action} needs a terminal id")
+    check_terminal_id(args.terminal_id)
+    body: dict[str, Any] = {"code_ttl_s": args.code_ttl}
+    if args.public_key:
+        body["public_key"] = args.public_key
+    if args.action == "add":
+        body.update(terminal_id=args.terminal_id, kind=args.kind, site=args.site)
+        path = "/v1/admin/terminals"
+    else:
+        path = f"/v1/admin/terminals/{args.terminal_id}/rotate-key"
+    response = _admin_call(args, "POST", path, body)
+    if response is None:
+        return 2
+    if response.status_code not in (200, 201):
+        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+        return 2
+    answer = response.json()
+    what = "enrolment" if args.action == "add" else "key rotation"
+    if "enrolment_code" in answer:
+        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["code_expires_at"]))
+        _err(
+            f"{what} of {args.terminal_id} authorised; its one-time code, shown once, valid "
+            f"until {expires} (give it to the terminal: cardsync run --enrolment-code-file):"
+        )
+        _out(answer["enrolment_code"])
+    else:
+        _err(f"{what} of {args.terminal_id} authorised for device key {answer['public_key']}")
+    return 0
+
+
+def _admin_call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None
+) -> httpx.Response | None:
+    """One call to the host's admin API with the operator token (``None``: link error)."""
     token = read_token(args.token_file)
     if token is None:
         raise ConfigurationError(f"an operator token is needed: --token-file or {TOKEN_ENV}")
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        response = httpx.post(
-            f"{args.host.rstrip('/')}/v1/admin/blacklist", json=body, headers=headers, timeout=10
+        return httpx.request(
+            method, f"{args.host.rstrip('/')}{path}", json=body, headers=headers, timeout=10
         )
     except httpx.HTTPError as exc:
         _err(f"cardhost: link error: {exc}")
-        return 2
-    _out(response.text)
-    return 0 if response.status_code == 200 else 2
+        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@
 The host keeps its database and signing key (generated here: a demo key, never a real one)
 in ``host_dir`` (default ``data_dir / "clearing-host"``). The helper makes itself an operator
 with a fresh random token (``operator_token``, kept in memory only) and publishes with it.
+Enrolment is closed as on a real host: the helper, as the operator, adds the terminal's entry
+through the admin API and hands the one-time code to the daemon, which enrols with it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 from agent.blacklist import asn_of
 from agent.profile import Profile
 from agent.sam.keys import KeySet
+from agent.wiring import DataDir
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
 from clearinghost.keys import HostKey
 from clearinghost.operators import OPERATOR, Operators, new_token
@@ -51,12 +54,7 @@ class LocalSync:
         return self._publish({"add": [], "remove": [f"{asn_of(card_id):016X}"]})
 
     def _publish(self, body: dict[str, list[str]]) -> int:
-        answer = httpx.post(
-            f"{self.url}/v1/admin/blacklist",
-            json=body,
-            headers={"Authorization": f"Bearer {self.operator_token}"},
-            timeout=10,
-        )
+        answer = _admin_post(self.url, self.operator_token, "/v1/admin/blacklist", body)
         answer.raise_for_status()
         return int(answer.json()["version"])
 
@@ -113,6 +111,7 @@ def start_local_sync(
     )
     server = HostServer(create_app(host), log_level="critical").start()
     try:
+        code = _enrolment_code(server.url, token, DataDir(data_dir).terminal_id())
         options: dict[str, Any] = {
             "upload_interval_s": upload_interval_s,
             "upload_threshold": 50,
@@ -122,6 +121,7 @@ def start_local_sync(
             "heartbeat_interval_s": heartbeat_interval_s,
             "compact_after_s": None,
             "timeout_s": 5.0,
+            "enrolment_code": code,
         }
         options.update(settings)
         daemon = open_daemon(data_dir, SyncSettings(server.url, key.public_key_bytes, **options))
@@ -131,3 +131,21 @@ def start_local_sync(
         host.storage.close()
         raise
     return LocalSync(host, server, daemon, token)
+
+
+def _admin_post(url: str, token: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{url}{path}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+
+
+def _enrolment_code(url: str, token: str, terminal_id: str) -> str:
+    """What an operator does for a new terminal (``cardhost terminal add``): its entry and a
+    one-time code. A host directory kept from an earlier run knows the terminal already: a
+    fresh code is authorised then (the same device key is simply recognised)."""
+    body = {"terminal_id": terminal_id, "kind": "bus", "site": "demo"}
+    answer = _admin_post(url, token, "/v1/admin/terminals", body)
+    if answer.status_code == 409:
+        answer = _admin_post(url, token, f"/v1/admin/terminals/{terminal_id}/rotate-key", {})
+    answer.raise_for_status()
+    return str(answer.json()["enrolment_code"])

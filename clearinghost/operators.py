@@ -1,7 +1,8 @@
 """Operators of the clearing host: who may read the API and the page, and who may publish.
 
-Two roles: ``viewer`` (read API: terminals, records, anomalies; the operator page) and
-``operator`` (a viewer who may also publish blacklist changes and parameter sets).
+Two roles: ``viewer`` (read API: terminals, records, anomalies, terminal entries; the operator
+page) and ``operator`` (a viewer who may also publish blacklist changes and parameter sets, add
+terminals and authorise a terminal's new device key).
 
 Operators are listed in a file (``cardhost host --operators-file F``), one per line::
 

@@ -9,16 +9,29 @@ The read API and the page need an authenticated ``viewer``, the admin routes an 
 (:mod:`clearinghost.operators`); with no operators configured they all answer 401. Admin
 POSTs must be ``application/json`` (415 otherwise) and a request whose ``Origin`` is not the
 host's own is refused (403), so a web page open in an operator's browser cannot call them.
+
+Enrolment: an operator adds a terminal (``POST /v1/admin/terminals``: id, kind, site) and gets
+a one-time code (stored as its SHA-256, expiring, single use) or pre-registers the device's
+key; the terminal enrols by signing the enrolment message with its device key (proof of
+possession, :mod:`sync.protocol`). A new device key needs the same authorisation again
+(``/rotate-key``); a plain register with another key stays 409. Every route with a terminal id
+applies :mod:`agent.terminal_id` (400 ``bad_terminal_id``), and a connection with a client
+certificate (mutual TLS) acts only for the terminal its subject CN names (403
+``certificate_mismatch``). ``open_registration`` (first come, first served) is a development
+opt-in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import hmac
 import html
 import json
 import re
+import secrets
 import socket
 import ssl
 import threading
@@ -35,14 +48,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
-from agent.offline_store.device_key import PUBLIC_KEY_SIZE
+from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
 from agent.offline_store.records import Record
+from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, VIEWER, Operators
-from clearinghost.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
+from clearinghost.storage import (
+    Storage,
+    StorageFailure,
+    StorageFull,
+    TerminalEntry,
+    TerminalExists,
+    TerminalKeyConflict,
+)
 from sync import protocol
 from sync.protocol import BadBatch, BatchTooLarge, error_body
 
@@ -56,6 +78,23 @@ MAX_JSON_DEPTH = 16  # nesting of a JSON body (heartbeat figures, parameter sets
 MAX_QUERY_NUMBER = 2**63 - 1  # since / after / limit: what SQLite's INTEGER holds
 _ASN_PATTERN = re.compile(r"[0-9A-Fa-f]{1,16}")
 DEFAULT_LIST_TTL_S = 7 * 24 * 3600
+MAX_ENROL_SKEW_S = 24 * 3600  # a terminal's clock may be off; a replay is still bounded
+DEFAULT_CODE_TTL_S = 7 * 24 * 3600
+MAX_CODE_TTL_S = 90 * 24 * 3600
+# tls.getpeercert() of the connection, put in each request's scope["state"] (PeerCertProtocol)
+PEER_CERT_STATE = "tls_peer_certificate"
+
+
+@dataclass(frozen=True)
+class _Authorisation:
+    code: str  # the one-time code, shown once; "" for a pre-registered key
+    fields: dict[str, Any]  # code_hash, code_expires_at, expected_key (storage)
+
+
+def new_enrolment_code() -> str:
+    """A one-time enrolment code: 120 random bits, base32 in groups of four (typed by hand)."""
+    text = base64.b32encode(secrets.token_bytes(15)).decode("ascii")
+    return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
 @dataclass
@@ -66,30 +105,240 @@ class ClearingHost:
     key: HostKey
     tac: TacVerifier | None = None
     list_ttl_s: int = DEFAULT_LIST_TTL_S
-    open_registration: bool = True
+    open_registration: bool = False  # first come, first served: development only
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
 
     # --- terminals -------------------------------------------------------------------------
 
-    def register(self, terminal_id: str, public_key_hex: str) -> tuple[int, dict[str, Any]]:
+    def register(self, terminal_id: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Enrolment (``POST /v1/terminals/{id}/register``): see :mod:`sync.protocol`.
+
+        The rules, in order: the terminal proves it holds the key it sends (its signature over
+        the enrolment message verifies under that key, issued within :data:`MAX_ENROL_SKEW_S`
+        of the host's clock); the same key as registered is fine (200); otherwise the key is
+        bound only through an operator's pending authorisation for this id (a one-time code
+        or a pre-registered key; 201 for a new terminal, 200 for a rotation). Without an
+        entry, only ``open_registration`` (dev/demo) binds a first-come key."""
+        key_hex = payload.get("public_key")
         try:
-            raw = bytes.fromhex(public_key_hex)
+            raw = bytes.fromhex(key_hex) if isinstance(key_hex, str) else b""
         except ValueError:
             raw = b""
         if len(raw) != PUBLIC_KEY_SIZE:
             return 400, error_body("bad_key", "public_key must be 64 hex digits (Ed25519)")
-        if not self.open_registration and self.storage.terminal(terminal_id) is None:
-            return 403, error_body("registration_closed", f"terminal {terminal_id!r} is unknown")
+        code, issued_at, signature = (
+            payload.get("enrolment_code"),
+            payload.get("issued_at"),
+            payload.get("signature"),
+        )
+        if code is not None and (
+            not isinstance(code, str) or not 0 < len(code) <= protocol.MAX_CODE_LENGTH
+        ):
+            return 400, error_body(
+                "bad_request", f"enrolment_code must be a string of 1..{protocol.MAX_CODE_LENGTH}"
+            )
+        if isinstance(issued_at, bool) or not isinstance(issued_at, int):
+            return 400, error_body("bad_request", "issued_at must be an integer (Unix seconds)")
+        if not isinstance(signature, str):
+            return 400, error_body("bad_request", "signature must be hex (Ed25519, 64 bytes)")
         try:
-            created = self.storage.register_terminal(terminal_id, raw.hex())
-        except TerminalKeyConflict as exc:
-            log.error("registration refused", terminal_id=terminal_id, reason=str(exc))
-            return 409, error_body("key_conflict", str(exc))
+            signature_raw = bytes.fromhex(signature)
+        except ValueError:
+            signature_raw = b""
+        code_hash = protocol.code_digest(code) if code else None
+        signed = protocol.enrolment_signed_bytes(
+            {
+                "terminal_id": terminal_id,
+                "public_key": raw.hex(),
+                "code_sha256": code_hash or "",
+                "issued_at": issued_at,
+            }
+        )
+        # proof of possession: whoever enrols a key must hold it (it signs the records)
+        if not verify_signature(raw, signature_raw, signed):
+            log.warning("enrolment refused: bad proof", terminal_id=terminal_id)
+            return 403, error_body(
+                "bad_proof",
+                f"terminal {terminal_id!r}: the signature does not verify under the public key "
+                "sent; the terminal must sign the enrolment message with that device key",
+            )
+        now = self.clock()
+        if abs(issued_at - now) > MAX_ENROL_SKEW_S:
+            return 403, error_body(
+                "stale_proof",
+                f"terminal {terminal_id!r}: the enrolment message was issued at {issued_at}, "
+                f"more than {MAX_ENROL_SKEW_S} s from the host's time {int(now)}",
+            )
+        key = raw.hex()
         terminal = self.storage.terminal(terminal_id)
-        ack = terminal.ack_seq if terminal else 0
-        return (201 if created else 200), {"terminal_id": terminal_id, "ack_seq": ack}
+        if terminal is not None and terminal.public_key == key:
+            return 200, {"terminal_id": terminal_id, "ack_seq": terminal.ack_seq, "status": "known"}
+        entry = self.storage.terminal_entry(terminal_id)
+        if entry is not None:
+            outcome = self.storage.enrol(terminal_id, key, code_hash, now)
+            if outcome is not None:
+                held = self.storage.terminal(terminal_id)
+                ack = held.ack_seq if held else 0
+                status = 201 if outcome == "enrolled" else 200
+                return status, {"terminal_id": terminal_id, "ack_seq": ack, "status": outcome}
+            # name the refusal from the state now (a concurrent enrolment may have used the code)
+            entry = self.storage.terminal_entry(terminal_id) or entry
+            registered = self.storage.terminal(terminal_id) is not None
+            return self._enrolment_refused(terminal_id, entry, code_hash, registered, now)
+        if terminal is None and self.open_registration:
+            try:  # first come, first served: the dev/demo opt-in (--open-registration)
+                self.storage.register_terminal(terminal_id, key)
+            except TerminalKeyConflict as exc:
+                return 409, error_body("key_conflict", str(exc))
+            return 201, {"terminal_id": terminal_id, "ack_seq": 0, "status": "enrolled"}
+        if terminal is None:
+            return 403, error_body(
+                "not_enrolled",
+                f"terminal {terminal_id!r} has no entry at this host: an operator adds it "
+                "(cardhost terminal add) and gives the terminal its one-time enrolment code",
+            )
+        log.error("registration refused: another key", terminal_id=terminal_id)
+        return 409, error_body(
+            "key_conflict",
+            f"terminal {terminal_id!r} is registered with another device key; a new key needs "
+            "an operator's authorisation (cardhost terminal rotate-key)",
+        )
+
+    @staticmethod
+    def _enrolment_refused(
+        terminal_id: str,
+        entry: TerminalEntry,
+        code_hash: str | None,
+        registered: bool,
+        now: float,
+    ) -> tuple[int, dict[str, Any]]:
+        """Why an enrolment through an entry failed, naming it (the code's hash is compared
+        in constant time; the code itself is never logged)."""
+        same_code = code_hash is not None and hmac.compare_digest(code_hash, entry.code_hash or "")
+        if same_code and entry.code_used_at is not None:
+            code, detail = "code_used", "the enrolment code was already used (codes are single use)"
+        elif same_code:
+            code, detail = "code_expired", "the enrolment code has expired; ask for a new one"
+        elif code_hash is not None:
+            code, detail = "bad_code", "the enrolment code is not the one issued for it"
+        elif registered:
+            log.error("registration refused: another key", terminal_id=terminal_id)
+            return 409, error_body(
+                "key_conflict",
+                f"terminal {terminal_id!r} is registered with another device key; a new key "
+                "needs an operator's authorisation (cardhost terminal rotate-key)",
+            )
+        elif entry.expected_key is not None:
+            code, detail = "unexpected_key", "this is not the device key the operator registered"
+        else:
+            code, detail = "enrolment_code_required", "enrolment needs the one-time code"
+        log.warning("enrolment refused", terminal_id=terminal_id, reason=code)
+        return 403, error_body(code, f"terminal {terminal_id!r}: {detail}")
+
+    # --- terminal entries (operators) ----------------------------------------------------
+
+    def add_terminal(self, operator: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/admin/terminals``: a terminal entry and its first enrolment
+        authorisation; the one-time code is in the answer only (stored hashed)."""
+        terminal_id = payload.get("terminal_id")
+        problem = terminal_id_problem(terminal_id)
+        if problem is not None:
+            return 400, error_body("bad_terminal_id", problem)
+        assert isinstance(terminal_id, str)
+        texts: dict[str, str] = {}
+        for name in ("kind", "site"):
+            value = payload.get(name, "")
+            if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
+                return 400, error_body("bad_request", f"{name} must be printable text, 0..64")
+            texts[name] = value
+        authorisation = self._authorisation(payload)
+        if isinstance(authorisation, tuple):
+            return authorisation
+        code, fields = authorisation.code, authorisation.fields
+        try:
+            self.storage.create_terminal_entry(
+                terminal_id, texts["kind"], texts["site"], operator, self.clock(), **fields
+            )
+        except TerminalExists as exc:
+            return 409, error_body("terminal_exists", str(exc))
+        return 201, self._authorised_answer(terminal_id, code, fields) | texts
+
+    def authorise_rotation(
+        self, operator: str, terminal_id: str, payload: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/admin/terminals/{id}/rotate-key``: allow one new device key (a fresh
+        one-time code, or the new key itself); until the terminal uses it, the old key works."""
+        authorisation = self._authorisation(payload)
+        if isinstance(authorisation, tuple):
+            return authorisation
+        code, fields = authorisation.code, authorisation.fields
+        entry = self.storage.authorise_enrolment(terminal_id, operator, self.clock(), **fields)
+        if entry is None:
+            return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
+        return 200, self._authorised_answer(terminal_id, code, fields)
+
+    def _authorisation(
+        self, payload: dict[str, Any]
+    ) -> _Authorisation | tuple[int, dict[str, Any]]:
+        """A pre-registered ``public_key``, or a new one-time code valid ``code_ttl_s``."""
+        ttl = payload.get("code_ttl_s", DEFAULT_CODE_TTL_S)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_CODE_TTL_S:
+            return 400, error_body("bad_request", f"code_ttl_s must be 1..{MAX_CODE_TTL_S}")
+        key_hex = payload.get("public_key")
+        if key_hex is not None:
+            try:
+                raw = bytes.fromhex(key_hex) if isinstance(key_hex, str) else b""
+            except ValueError:
+                raw = b""
+            if len(raw) != PUBLIC_KEY_SIZE:
+                return 400, error_body("bad_key", "public_key must be 64 hex digits (Ed25519)")
+            return _Authorisation(
+                "", {"code_hash": None, "code_expires_at": None, "expected_key": raw.hex()}
+            )
+        code = new_enrolment_code()
+        return _Authorisation(
+            code,
+            {
+                "code_hash": protocol.code_digest(code),
+                "code_expires_at": self.clock() + ttl,
+                "expected_key": None,
+            },
+        )
+
+    @staticmethod
+    def _authorised_answer(terminal_id: str, code: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if code:
+            return {
+                "terminal_id": terminal_id,
+                "enrolment_code": code,
+                "code_expires_at": int(fields["code_expires_at"]),
+            }
+        return {"terminal_id": terminal_id, "public_key": fields["expected_key"]}
+
+    def terminal_listing(self) -> list[dict[str, Any]]:
+        """Every terminal entry and registered terminal, with its enrolment state."""
+        now = self.clock()
+        registered = {t.terminal_id: t for t in self.storage.terminals()}
+        entries = {e.terminal_id: e for e in self.storage.terminal_entries()}
+        listing = []
+        for terminal_id in sorted(set(registered) | set(entries)):
+            entry, held = entries.get(terminal_id), registered.get(terminal_id)
+            listing.append(
+                {
+                    "terminal_id": terminal_id,
+                    "kind": entry.kind if entry else "",
+                    "site": entry.site if entry else "",
+                    "enrolled": held is not None,
+                    "key_id": key_id_for(bytes.fromhex(held.public_key)) if held else None,
+                    "code_pending": bool(entry and entry.code_pending(now)),
+                    "code_expires_at": entry.code_expires_at if entry else None,
+                    "key_pending": bool(entry and entry.expected_key),
+                    "created_by": entry.created_by if entry else None,
+                }
+            )
+        return listing
 
     def upload(
         self, terminal_id: str, body: bytes, encoding: str | None, key: str | None
@@ -368,25 +617,25 @@ def create_app(host: ClearingHost) -> Starlette:
                     return _json(415, error_body("unsupported_media", "send application/json"))
             if role == OPERATOR:
                 log.info("operator action", operator=who.name, path=request.url.path)
+            request.scope[OPERATOR_SCOPE] = who.name
             return await guarded(handler)(request)
 
         return wrapped
 
     async def register(request: Request) -> Response:
+        terminal_id = terminal_of(request)
         payload = await read_json(request, MAX_SMALL_BODY_BYTES)
-        key = payload.get("public_key") if isinstance(payload, dict) else None
-        if not isinstance(key, str):
-            return _json(400, error_body("bad_request", 'body must be {"public_key": hex}'))
-        status, body = await run_in_threadpool(
-            host.register, request.path_params["terminal_id"], key
-        )
+        if not isinstance(payload, dict):
+            return _json(400, error_body("bad_request", "body must be a JSON object"))
+        status, body = await run_in_threadpool(host.register, terminal_id, payload)
         return _json(status, body)
 
     async def upload(request: Request) -> Response:
+        terminal_id = terminal_of(request)
         body = await read_body(request, MAX_UPLOAD_BYTES)
         status, answer = await run_in_threadpool(
             host.upload,
-            request.path_params["terminal_id"],
+            terminal_id,
             body,
             request.headers.get("content-encoding"),
             request.headers.get(protocol.IDEMPOTENCY_HEADER),
@@ -394,11 +643,30 @@ def create_app(host: ClearingHost) -> Starlette:
         return _json(status, answer)
 
     async def heartbeat(request: Request) -> Response:
+        terminal_id = terminal_of(request)
         figures = await read_json(request, MAX_SMALL_BODY_BYTES)
+        status, body = await run_in_threadpool(host.heartbeat, terminal_id, figures)
+        return _json(status, body)
+
+    async def add_terminal(request: Request) -> Response:
+        payload = await read_json(request, MAX_SMALL_BODY_BYTES)
+        if not isinstance(payload, dict):
+            return _json(400, error_body("bad_request", "body must be a JSON object"))
+        status, body = await run_in_threadpool(host.add_terminal, operator_name(request), payload)
+        return _json(status, body)
+
+    async def rotate_key(request: Request) -> Response:
+        terminal_id = terminal_of(request, bind=False)
+        payload = await read_json(request, MAX_SMALL_BODY_BYTES)
+        if not isinstance(payload, dict):
+            return _json(400, error_body("bad_request", "body must be a JSON object"))
         status, body = await run_in_threadpool(
-            host.heartbeat, request.path_params["terminal_id"], figures
+            host.authorise_rotation, operator_name(request), terminal_id, payload
         )
         return _json(status, body)
+
+    async def terminal_entries(request: Request) -> Response:
+        return _json(200, {"terminals": await run_in_threadpool(host.terminal_listing)})
 
     async def blacklist(request: Request) -> Response:
         since = query_number(request, "since", 0)
@@ -451,17 +719,17 @@ def create_app(host: ClearingHost) -> Starlette:
         )
 
     async def terminal_records(request: Request) -> Response:
+        terminal_id = terminal_of(request, bind=False)
         after = query_number(request, "after", 0)
         limit = query_number(request, "limit", 100)
-        rows = await run_in_threadpool(
-            host.storage.records, request.path_params["terminal_id"], after, min(limit, 1000)
-        )
+        rows = await run_in_threadpool(host.storage.records, terminal_id, after, min(limit, 1000))
         return _json(200, {"records": rows})
 
     async def anomalies(request: Request) -> Response:
-        rows = await run_in_threadpool(
-            host.storage.anomalies, request.query_params.get("terminal_id")
-        )
+        terminal_id = request.query_params.get("terminal_id")
+        if terminal_id is not None and (problem := terminal_id_problem(terminal_id)):
+            raise Refusal(400, "bad_terminal_id", problem)
+        rows = await run_in_threadpool(host.storage.anomalies, terminal_id)
         return _json(200, {"anomalies": rows})
 
     async def openapi(request: Request) -> Response:
@@ -501,8 +769,62 @@ def create_app(host: ClearingHost) -> Starlette:
         Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),
+        Route(f"{v1}/admin/terminals", authorised(VIEWER, terminal_entries), methods=["GET"]),
+        Route(f"{v1}/admin/terminals", authorised(OPERATOR, add_terminal), methods=["POST"]),
+        Route(
+            f"{v1}/admin/terminals/{{terminal_id}}/rotate-key",
+            authorised(OPERATOR, rotate_key),
+            methods=["POST"],
+        ),
     ]
     return Starlette(routes=routes)
+
+
+OPERATOR_SCOPE = "cardhost.operator"  # the authenticated operator's name, set by authorised()
+
+
+def operator_name(request: Request) -> str:
+    return str(request.scope.get(OPERATOR_SCOPE, "?"))
+
+
+def terminal_of(request: Request, *, bind: bool = True) -> str:
+    """The path's terminal id, checked against the one rule (400 ``bad_terminal_id``).
+
+    ``bind``: a terminal's own call. A connection with a client certificate (mutual TLS) may
+    act only as the terminal its certificate names: the subject CN must equal the id, else
+    403 ``certificate_mismatch`` naming both (a certificate issued to TA never speaks for TB).
+    """
+    terminal_id = str(request.path_params["terminal_id"])
+    problem = terminal_id_problem(terminal_id)
+    if problem is not None:
+        raise Refusal(400, "bad_terminal_id", problem)
+    if bind:
+        certificate = request.scope.get("state", {}).get(PEER_CERT_STATE)
+        if certificate:
+            names = certificate_common_names(certificate)
+            if names != [terminal_id]:
+                log.warning(
+                    "certificate used for another terminal",
+                    terminal_id=terminal_id,
+                    certificate_cn=names,
+                )
+                raise Refusal(
+                    403,
+                    "certificate_mismatch",
+                    f"the client certificate is issued to {', '.join(map(repr, names)) or 'no CN'}"
+                    f", not to terminal {terminal_id!r}",
+                )
+    return terminal_id
+
+
+def certificate_common_names(certificate: dict[str, Any]) -> list[str]:
+    """The subject commonName values of a certificate as ``ssl.getpeercert()`` returns it."""
+    return [
+        str(value)
+        for rdn in certificate.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    ]
 
 
 def _same_origin(request: Request, origin: str) -> bool:
@@ -571,8 +893,20 @@ class ServerTls:
     client_ca_file: Path | None = None
 
 
+class PeerCertProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus the TLS client certificate of the connection in each
+    request's ``scope["state"][PEER_CERT_STATE]`` (uvicorn does not pass it to the app)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        if certificate:
+            self.app_state = {**self.app_state, PEER_CERT_STATE: certificate}
+
+
 def uvicorn_config(app: Any, *, tls: ServerTls | None = None, log_level: str = "warning") -> Any:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"http": PeerCertProtocol}
     if tls is not None:
         kwargs.update(ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file))
         if tls.client_ca_file is not None:

@@ -13,6 +13,9 @@ Tables::
     blacklist_changes  (version, asn) PK, op 'add' | 'remove'
     params           version PK, payload (JSON)
     host_meta        key PK, value
+    terminal_entries terminal_id PK, kind, site, created_by, created_at; the pending enrolment
+                     an operator authorised: code_hash (SHA-256 of a one-time code) with
+                     code_expires_at and code_used_at, or expected_key (a pre-registered key)
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
@@ -56,6 +59,10 @@ class StorageFailure(Exception):
 
 class TerminalKeyConflict(Exception):
     """A terminal id registered again with a different device key."""
+
+
+class TerminalExists(Exception):
+    """An operator added a terminal entry whose id is already taken."""
 
 
 class _Tx(Protocol):
@@ -122,6 +129,18 @@ CREATE TABLE IF NOT EXISTS params (
 CREATE TABLE IF NOT EXISTS host_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS terminal_entries (
+    terminal_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    site TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    authorised_by TEXT,
+    code_hash TEXT,
+    code_expires_at DOUBLE PRECISION,
+    code_used_at DOUBLE PRECISION,
+    expected_key TEXT
 )
 """
 
@@ -135,6 +154,35 @@ class Terminal:
     last_seen: float | None = None
     heartbeat: dict[str, Any] | None = None
     registered_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalEntry:
+    """What an operator created for a terminal, and the enrolment it authorised (if any)."""
+
+    terminal_id: str
+    kind: str
+    site: str
+    created_by: str
+    created_at: float
+    authorised_by: str | None = None
+    code_hash: str | None = None
+    code_expires_at: float | None = None
+    code_used_at: float | None = None
+    expected_key: str | None = None
+
+    def code_pending(self, now: float) -> bool:
+        return (
+            self.code_hash is not None
+            and self.code_used_at is None
+            and (self.code_expires_at or 0.0) > now
+        )
+
+
+_SELECT_ENTRY = (
+    "SELECT terminal_id, kind, site, created_by, created_at, authorised_by, code_hash, "
+    "code_expires_at, code_used_at, expected_key FROM terminal_entries"
+)
 
 
 @dataclass(slots=True)
@@ -191,6 +239,134 @@ class Storage:
             )
         log.info("terminal registered", terminal_id=terminal_id, public_key=public_key_hex[:16])
         return True
+
+    # --- terminal entries and enrolment ---------------------------------------------------
+
+    def create_terminal_entry(
+        self,
+        terminal_id: str,
+        kind: str,
+        site: str,
+        operator: str,
+        now: float,
+        *,
+        code_hash: str | None,
+        code_expires_at: float | None,
+        expected_key: str | None,
+    ) -> TerminalEntry:
+        """An operator's new terminal entry with its first enrolment authorisation (a code
+        hash with an expiry, or a pre-registered key). :class:`TerminalExists` if the id has
+        an entry or is already registered."""
+        with self._transaction() as tx:
+            taken = tx.one(
+                "SELECT 1 FROM terminal_entries WHERE terminal_id = ? UNION ALL "
+                "SELECT 1 FROM terminals WHERE terminal_id = ?",
+                (terminal_id, terminal_id),
+            )
+            if taken is not None:
+                raise TerminalExists(f"terminal {terminal_id!r} already exists")
+            tx.run(
+                "INSERT INTO terminal_entries (terminal_id, kind, site, created_by, created_at, "
+                "authorised_by, code_hash, code_expires_at, expected_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    terminal_id,
+                    kind,
+                    site,
+                    operator,
+                    now,
+                    operator,
+                    code_hash,
+                    code_expires_at,
+                    expected_key,
+                ),
+            )
+        log.info("terminal entry created", terminal_id=terminal_id, operator=operator)
+        entry = self.terminal_entry(terminal_id)
+        assert entry is not None
+        return entry
+
+    def authorise_enrolment(
+        self,
+        terminal_id: str,
+        operator: str,
+        now: float,
+        *,
+        code_hash: str | None,
+        code_expires_at: float | None,
+        expected_key: str | None,
+    ) -> TerminalEntry | None:
+        """Replace the pending authorisation of a terminal (a new code or key: a re-enrolment
+        or a key rotation). A terminal registered without an entry (open registration) gets
+        one. ``None`` if the terminal is unknown."""
+        with self._transaction() as tx:
+            known = tx.one(
+                "SELECT (SELECT COUNT(*) FROM terminal_entries WHERE terminal_id = ?), "
+                "(SELECT COUNT(*) FROM terminals WHERE terminal_id = ?)",
+                (terminal_id, terminal_id),
+            )
+            assert known is not None
+            has_entry, registered = int(known[0]), int(known[1])
+            if not has_entry and not registered:
+                return None
+            if not has_entry:
+                tx.run(
+                    "INSERT INTO terminal_entries (terminal_id, kind, site, created_by, "
+                    "created_at) VALUES (?, '', '', ?, ?)",
+                    (terminal_id, operator, now),
+                )
+            tx.run(
+                "UPDATE terminal_entries SET authorised_by = ?, code_hash = ?, "
+                "code_expires_at = ?, code_used_at = NULL, expected_key = ? "
+                "WHERE terminal_id = ?",
+                (operator, code_hash, code_expires_at, expected_key, terminal_id),
+            )
+        log.info("terminal enrolment authorised", terminal_id=terminal_id, operator=operator)
+        return self.terminal_entry(terminal_id)
+
+    def terminal_entry(self, terminal_id: str) -> TerminalEntry | None:
+        with self._transaction() as tx:
+            row = tx.one(_SELECT_ENTRY + " WHERE terminal_id = ?", (terminal_id,))
+        return None if row is None else _entry(row)
+
+    def terminal_entries(self) -> list[TerminalEntry]:
+        with self._transaction() as tx:
+            rows = tx.all(_SELECT_ENTRY + " ORDER BY terminal_id")
+        return [_entry(r) for r in rows]
+
+    def enrol(
+        self, terminal_id: str, public_key_hex: str, code_hash: str | None, now: float
+    ) -> str | None:
+        """Bind ``terminal_id`` to ``public_key_hex`` if its entry holds a pending
+        authorisation for it: an unused, unexpired code whose hash is ``code_hash``, or this
+        pre-registered key. The authorisation is consumed in the same transaction that binds
+        the key (single use, whatever runs concurrently). Returns ``"enrolled"`` (a new
+        terminal), ``"rotated"`` (a registered terminal's key replaced: the chain and the
+        acknowledgement carry on, only the new key verifies from now on) or ``None``."""
+        with self._lock, self._transaction() as tx:
+            consumed = tx.run(
+                "UPDATE terminal_entries SET code_used_at = "
+                "CASE WHEN code_hash IS NULL THEN NULL ELSE ? END, expected_key = NULL "
+                "WHERE terminal_id = ? AND ((code_hash = ? AND code_used_at IS NULL "
+                "AND code_expires_at > ?) OR expected_key = ?)",
+                (now, terminal_id, code_hash or "", now, public_key_hex),
+            )
+            if consumed != 1:
+                return None
+            if tx.run(
+                "UPDATE terminals SET public_key = ? WHERE terminal_id = ?",
+                (public_key_hex, terminal_id),
+            ):
+                outcome = "rotated"
+            else:
+                tx.run(
+                    "INSERT INTO terminals (terminal_id, public_key, registered_at, ack_seq, "
+                    "ack_hash) VALUES (?, ?, ?, 0, ?)",
+                    (terminal_id, public_key_hex, now, GENESIS_HASH),
+                )
+                outcome = "enrolled"
+        log.info(f"terminal {outcome}", terminal_id=terminal_id, public_key=public_key_hex[:16])
+        return outcome
 
     def terminal(self, terminal_id: str) -> Terminal | None:
         with self._transaction() as tx:
@@ -484,6 +660,22 @@ def _asn_text(asn: int) -> str:
     if not 0 <= asn < 1 << 64:
         raise ValueError(f"ASN {asn} is outside 0..2^64-1")
     return f"{asn:016X}"
+
+
+def _entry(row: Row) -> TerminalEntry:
+    tid, kind, site, by, at, authorised, code, expires, used, expected = row
+    return TerminalEntry(
+        terminal_id=str(tid),
+        kind=str(kind),
+        site=str(site),
+        created_by=str(by),
+        created_at=float(at),
+        authorised_by=None if authorised is None else str(authorised),
+        code_hash=None if code is None else str(code),
+        code_expires_at=None if expires is None else float(expires),
+        code_used_at=None if used is None else float(used),
+        expected_key=None if expected is None else str(expected),
+    )
 
 
 def _terminal(row: Row) -> Terminal:

@@ -3,6 +3,7 @@
 ::
 
     cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE
+                 [--enrolment-code-file F]   the one-time code for the first contact
     cardsync status --data-dir DIR                    health figures, no network
     cardsync flush --data-dir DIR                     ask a running daemon to upload now
 
@@ -21,13 +22,14 @@ from typing import Any
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigurationError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
 from agent.wiring import STORE_FILE
 from sync.client import ClientTls
 from sync.daemon import FLUSH_FLAG_FILE, SyncSettings, open_daemon
 from sync.keys import parse_public_key
+from sync.protocol import MAX_CODE_LENGTH
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path, help="CA bundle that signed the host's certificate")
     p.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--key", type=Path, help="client certificate key")
+    p.add_argument(
+        "--enrolment-code-file",
+        type=Path,
+        help="file holding the one-time enrolment code an operator issued (cardhost terminal "
+        "add); read once at start, never logged; not needed once the terminal is enrolled",
+    )
     p.add_argument("--upload-interval", type=float, default=30.0)
     p.add_argument("--upload-threshold", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=500)
@@ -107,7 +115,24 @@ def settings_from(args: argparse.Namespace) -> SyncSettings:
         compact_after_s=compact,
         timeout_s=args.timeout,
         tls=tls,
+        enrolment_code=read_enrolment_code(args.enrolment_code_file),
     )
+
+
+def read_enrolment_code(path: Path | None) -> str | None:
+    """The code in ``path`` (first non-blank line), or ``None`` without a file."""
+    if path is None:
+        return None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"enrolment code file {path}: {exc}") from exc
+    code = next((line for line in lines if line), "")
+    if not code or len(code) > MAX_CODE_LENGTH:
+        raise ConfigurationError(
+            f"enrolment code file {path} holds no code (one line, at most {MAX_CODE_LENGTH})"
+        )
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,13 +127,15 @@ class SyncClient:
 
     # --- calls -------------------------------------------------------------------------------
 
-    def register(self, public_key: bytes) -> int:
-        """Register this terminal's device public key; returns the host's ack_seq."""
-        response = self._send(
-            "POST",
-            protocol.register_path(self.terminal_id),
-            json={"public_key": public_key.hex()},
+    def register(
+        self, public_key: bytes, sign: Callable[[bytes], bytes], code: str | None = None
+    ) -> int:
+        """Enrol this terminal's device key, proving possession (``sign`` is that key's), with
+        the one-time enrolment ``code`` when it has one; returns the host's ack_seq."""
+        body = protocol.enrolment_request(
+            self.terminal_id, public_key, sign, code, int(time.time())
         )
+        response = self._send("POST", protocol.register_path(self.terminal_id), json=body)
         return int(self._json(response).get("ack_seq", 0))
 
     def upload(self, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:

@@ -59,6 +59,7 @@ from agent.blacklist import (
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
 from agent.params import write_host_key
+from agent.terminal_id import check_terminal_id
 from agent.wiring import DEVICE_KEY_FILE, DataDir
 from sync.client import ClientTls, SyncClient
 from sync.errors import HostBusy, HostError, HostUnreachable, ListRejected, ProtocolError
@@ -89,6 +90,9 @@ class SyncSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
     tls: ClientTls | None = None
+    # the one-time code an operator issued for this terminal (``--enrolment-code-file``); sent
+    # only in the enrolment request, never logged or shown in a repr
+    enrolment_code: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -120,6 +124,7 @@ class SyncDaemon:
     blacklist: Blacklist
     params: ParamsFile
     device_public_key: bytes
+    device_sign: Callable[[bytes], bytes]  # the device key's: proof of possession at enrolment
     flush_flag: Path | None = None
     rng: random.Random = field(default_factory=random.Random)
     after_send_hook: Callable[[int], None] | None = None  # tests: "crash" between send and ack
@@ -217,8 +222,15 @@ class SyncDaemon:
             raise
 
     def _ensure_registered(self) -> None:
+        """Enrol on first contact (with the operator's code, if configured); afterwards the
+        host knows the key and answers the same request 200."""
         if not self._registered:
-            self._retrying("register", lambda: self.client.register(self.device_public_key))
+            self._retrying(
+                "register",
+                lambda: self.client.register(
+                    self.device_public_key, self.device_sign, self.settings.enrolment_code
+                ),
+            )
             self._registered = True
 
     def _compact(self) -> None:
@@ -452,6 +464,9 @@ def _now_for_scheduler() -> datetime:
 def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncDaemon:
     """Open the agent's store, blacklist and parameters in ``data_dir`` and build the daemon."""
     data = DataDir(data_dir)
+    # the host refuses any other id on every route: say so here, not at each call (the agent
+    # itself keeps tapping with whatever id it was provisioned with: taps never wait on this)
+    check_terminal_id(data.terminal_id())
     store = data.open_store()
     try:
         device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
@@ -478,6 +493,7 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         blacklist=blacklist,
         params=params,
         device_public_key=device_key.public_key_bytes,
+        device_sign=device_key.sign,
         flush_flag=data_dir / FLUSH_FLAG_FILE,
         **options,
     )

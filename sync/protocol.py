@@ -38,8 +38,17 @@ Parameters (``GET /v1/params?since=V``)
     bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical_json(payload)`` (keys sorted, no
     whitespace, UTF-8 — the same canonical JSON as the records). 304 when V is current.
 
-Registration and health: ``POST /v1/terminals/{id}/register`` ``{"public_key": hex}`` (the
-device key that signs the records); ``POST /v1/terminals/{id}/heartbeat`` with health figures.
+Enrolment (``POST /v1/terminals/{id}/register``)
+    ``{"public_key": hex, "issued_at": unix_s, "enrolment_code": str | null, "signature": hex}``.
+    The terminal proves it holds the device key that signs its records: ``signature`` is
+    Ed25519 by that key over :data:`ENROL_DOMAIN` + canonical JSON of ``terminal_id``,
+    ``public_key``, ``code_sha256`` (SHA-256 hex of the normalised enrolment code, ``""``
+    without one) and ``issued_at``. The host binds the terminal id to the key only if an
+    operator created the terminal entry and issued that one-time code (or pre-registered that
+    key); the same key again is answered 200; another key is 409 unless an operator authorised
+    a rotation. Terminal ids follow :data:`agent.terminal_id.TERMINAL_ID_RULE` on every route.
+
+Health: ``POST /v1/terminals/{id}/heartbeat`` with health figures.
 """
 
 from __future__ import annotations
@@ -49,8 +58,9 @@ import hashlib
 import itertools
 import json
 import re
+import unicodedata
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -363,3 +373,52 @@ def error_body(code: str, detail: str) -> dict[str, str]:
 
 def json_bytes(value: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --- enrolment ---------------------------------------------------------------------------------
+
+ENROL_DOMAIN = b"CARDSYNC-ENROL-V1\n"
+ENROL_SIGNED_FIELDS = ("terminal_id", "public_key", "code_sha256", "issued_at")
+MAX_CODE_LENGTH = 64
+
+
+def normalise_code(code: str) -> str:
+    """An enrolment code as typed (case, spaces and dashes do not matter) in one form."""
+    text = unicodedata.normalize("NFKC", code)
+    return "".join(c for c in text if c not in " -\t\r\n").upper()
+
+
+def code_digest(code: str) -> str:
+    """SHA-256 hex of the normalised code: what the host stores and the terminal signs."""
+    return hashlib.sha256(normalise_code(code).encode("utf-8")).hexdigest()
+
+
+def enrolment_signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    """The bytes a terminal signs with its device key to enrol (domain + canonical JSON)."""
+    return ENROL_DOMAIN + canonical_json({n: fields[n] for n in ENROL_SIGNED_FIELDS}).encode(
+        "utf-8"
+    )
+
+
+def enrolment_request(
+    terminal_id: str,
+    public_key: bytes,
+    sign: Callable[[bytes], bytes],
+    code: str | None,
+    issued_at: int,
+) -> dict[str, Any]:
+    """Terminal side: the body of ``POST /v1/terminals/{id}/register``, signed by the device
+    key whose raw public key is ``public_key`` (proof of possession)."""
+    fields = {
+        "terminal_id": terminal_id,
+        "public_key": public_key.hex(),
+        "code_sha256": code_digest(code) if code else "",
+        "issued_at": issued_at,
+    }
+    signature = sign(enrolment_signed_bytes(fields))
+    return {
+        "public_key": fields["public_key"],
+        "issued_at": issued_at,
+        "enrolment_code": code or None,
+        "signature": signature.hex(),
+    }

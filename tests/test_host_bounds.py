@@ -32,6 +32,7 @@ from clearinghost.server import (
 )
 from clearinghost.storage import SqliteStorage
 from sync import protocol
+from tests.test_sync_support import enrol_body
 
 TERMINAL = "BUS-BOUNDS"
 TOKEN = "bounds-operator-token-0123456789"
@@ -45,6 +46,7 @@ class Site:
             SqliteStorage(root / "host.db"),
             HostKey.generate(),
             operators=Operators.with_token("alice", OPERATOR, TOKEN),
+            open_registration=True,
         )
         self.server = HostServer(create_app(self.host))
         self.client: httpx.Client
@@ -56,8 +58,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     with site.server, httpx.Client(base_url=site.server.url, timeout=30) as client:
         site.client = client
         answer = client.post(
-            protocol.register_path(TERMINAL),
-            json={"public_key": site.device.public_key_bytes.hex()},
+            protocol.register_path(TERMINAL), json=enrol_body(TERMINAL, site.device)
         )
         assert answer.status_code == 201, answer.text
         yield site

@@ -33,6 +33,7 @@ from clearinghost.operators import (
 )
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
+from tests.test_sync_support import enrol_body
 
 READ_ROUTES = ("/", "/v1/terminals", "/v1/anomalies", "/v1/terminals/T1/records")
 CARD = "03105170070100000009"
@@ -74,7 +75,9 @@ def published(host: ClearingHost) -> tuple[int, object]:
 
 
 def test_no_operators_means_every_operator_route_refuses(tmp_path: Path) -> None:
-    host = ClearingHost(SqliteStorage(tmp_path / "h.db"), HostKey.generate())
+    host = ClearingHost(
+        SqliteStorage(tmp_path / "h.db"), HostKey.generate(), open_registration=True
+    )
     with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
         listed = client.post("/v1/admin/blacklist", json={"add": [f"{n:016X}" for n in range(50)]})
         assert listed.status_code == 401
@@ -90,8 +93,9 @@ def test_no_operators_means_every_operator_route_refuses(tmp_path: Path) -> None
         assert client.get("/v1/terminals", headers={"Authorization": "Bearer"}).status_code == 401
         assert client.get("/v1/terminals", headers=bearer("x" * 40)).status_code == 401
         # the terminal-facing routes keep their own rules
-        key = DeviceKey.generate().public_key_bytes.hex()
-        register = client.post("/v1/terminals/T1/register", json={"public_key": key})
+        register = client.post(
+            "/v1/terminals/T1/register", json=enrol_body("T1", DeviceKey.generate())
+        )
         assert register.status_code == 201
         assert client.post("/v1/terminals/T1/heartbeat", json={}).status_code == 200
         assert client.get("/v1/blacklist").status_code == 200

@@ -32,7 +32,7 @@ from clearinghost.server import HostServer, create_app
 from clearinghost.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
 from sync import protocol
 from sync.params import verify_params
-from tests.test_sync_support import make_host
+from tests.test_sync_support import enrol_body, make_host
 
 BACKENDS = ["sqlite", "postgresql"]
 _database_numbers = itertools.count()
@@ -233,22 +233,22 @@ def test_http_api(storage: Storage) -> None:
     token = "test-operator-token-0123456789"
     host = make_host(storage, host_key, operators=Operators.with_token("ops", OPERATOR, token))
     key = DeviceKey.generate()
-    records = chain(key, "BUS 7", 6)
+    records = chain(key, "BUS-7", 6)
     auth = {"Authorization": f"Bearer {token}"}
     with (
         HostServer(create_app(host)) as server,
         httpx.Client(base_url=server.url, headers=auth) as client,
     ):
-        assert upload(client, "BUS 7", records[:2]).status_code == 404  # not registered
-        path = protocol.register_path("BUS 7")
+        assert upload(client, "BUS-7", records[:2]).status_code == 404  # not registered
+        path = protocol.register_path("BUS-7")
         assert client.post(path, json={"public_key": "zz"}).status_code == 400
-        assert client.post(path, json={"public_key": key.public_key_bytes.hex()}).status_code == 201
-        other = DeviceKey.generate().public_key_bytes.hex()
-        assert client.post(path, json={"public_key": other}).status_code == 409
-        answer = upload(client, "BUS 7", records[:3])
+        assert client.post(path, json=enrol_body("BUS-7", key)).status_code == 201
+        other = client.post(path, json=enrol_body("BUS-7", DeviceKey.generate()))
+        assert other.status_code == 409 and other.json()["error"] == "key_conflict"
+        answer = upload(client, "BUS-7", records[:3])
         assert answer.status_code == 200 and answer.json()["ack_seq"] == 3
         bad = upload(
-            client, "BUS 7", records[3:], **{protocol.IDEMPOTENCY_HEADER: "1-2-" + "0" * 32}
+            client, "BUS-7", records[3:], **{protocol.IDEMPOTENCY_HEADER: "1-2-" + "0" * 32}
         )
         assert bad.status_code == 400 and bad.json()["error"] == "bad_batch"
         plain = "".join(record_to_json(r) + "\n" for r in records[3:]).encode()
@@ -259,7 +259,7 @@ def test_http_api(storage: Storage) -> None:
         )
         assert wrong.status_code == 404
         garbage = client.post(
-            protocol.records_path("BUS 7"),
+            protocol.records_path("BUS-7"),
             content=b"\x1f\x8b not gzip",
             headers={"Content-Encoding": "gzip", protocol.IDEMPOTENCY_HEADER: "1-1-" + "0" * 32},
         )
@@ -268,31 +268,31 @@ def test_http_api(storage: Storage) -> None:
         forged[0] = seal_record(
             seq=4,
             created_at=forged[0].created_at,
-            terminal_id="BUS 7",
+            terminal_id="BUS-7",
             body=forged[0].body,
             prev_hash=forged[0].prev_hash,
             sign=DeviceKey.generate().sign,
         )
-        answer = upload(client, "BUS 7", forged)  # refused: never stored, the ack unmoved
+        answer = upload(client, "BUS-7", forged)  # refused: never stored, the ack unmoved
         assert answer.status_code == 422 and answer.json()["ack_seq"] == 3
         assert (answer.json()["seq"], answer.json()["reason"]) == (4, "bad_signature")
         anomalies = client.get("/v1/anomalies").json()["anomalies"]
         assert [a["kind"] for a in anomalies] == ["bad_signature"]
-        answer = upload(client, "BUS 7", records[3:])
+        answer = upload(client, "BUS-7", records[3:])
         assert answer.status_code == 200 and answer.json()["ack_seq"] == 6
         assert answer.json()["key_id"] == host_key.key_id and answer.json()["signature"]
-        listed = client.get("/v1/terminals/BUS%207/records", params={"after": 4}).json()
+        listed = client.get("/v1/terminals/BUS-7/records", params={"after": 4}).json()
         assert [r["seq"] for r in listed["records"]] == [5, 6]
         assert client.get("/v1/terminals").json()["terminals"][0]["ack_seq"] == 6
         page = client.get("/")
-        assert page.status_code == 200 and "BUS 7" in page.text and "bad_signature" in page.text
+        assert page.status_code == 200 and "BUS-7" in page.text and "bad_signature" in page.text
         spec = client.get("/openapi.json").json()
         assert spec["openapi"].startswith("3.") and "/v1/blacklist" in spec["paths"]
         assert client.get("/v1/params").status_code == 404
         client.post("/v1/admin/params", json={"fare_table": {"flat_fare": 250}})
         params = verify_params(client.get("/v1/params").content, host_key.public_key_bytes)
         assert params.version == 1 and params.fare_table == {"flat_fare": 250}
-        beat = client.post("/v1/terminals/BUS%207/heartbeat", json={"unsent_records": 0})
+        beat = client.post("/v1/terminals/BUS-7/heartbeat", json={"unsent_records": 0})
         assert beat.status_code == 200 and beat.json()["ack_seq"] == 6
 
 

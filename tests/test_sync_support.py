@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.offline_store import OfflineStore, Record, RecordBody
+from agent.offline_store import DeviceKey, OfflineStore, Record, RecordBody
 from agent.wiring import DataDir
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, create_app
 from clearinghost.storage import SqliteStorage, Storage
+from sync import protocol
 from sync.daemon import SyncDaemon, SyncSettings, open_daemon
 
 
@@ -81,7 +83,17 @@ def daemon_for(terminal: Terminal, settings: SyncSettings, **options: Any) -> Sy
 
 
 def make_host(storage: Storage, key: HostKey | None = None, **options: Any) -> ClearingHost:
+    """A host for the sync tests: open registration (the dev opt-in), since these test the
+    upload and list mechanics; enrolment itself is tests/test_enrolment.py."""
+    options.setdefault("open_registration", True)
     return ClearingHost(storage, key or HostKey.generate(), **options)
+
+
+def enrol_body(terminal_id: str, key: DeviceKey, code: str | None = None) -> dict[str, Any]:
+    """A signed enrolment request, as the daemon sends it."""
+    return protocol.enrolment_request(
+        terminal_id, key.public_key_bytes, key.sign, code, int(time.time())
+    )
 
 
 # --- faults ------------------------------------------------------------------------------------
