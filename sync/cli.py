@@ -2,7 +2,8 @@
 
 ::
 
-    cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE
+    cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE [--host-public-key ...]
+                 [--root-threshold N]
     cardsync status --data-dir DIR                    health figures, no network
     cardsync flush --data-dir DIR                     ask a running daemon to upload now
 
@@ -61,7 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the sync daemon beside the agent")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--host", required=True, help="clearing host URL")
-    p.add_argument("--host-public-key", required=True, help="64 hex digits or a file")
+    p.add_argument(
+        "--host-public-key",
+        required=True,
+        action="append",
+        help="the pinned root key: 64 hex digits or a file; repeat for several root keys",
+    )
+    p.add_argument(
+        "--root-threshold",
+        type=int,
+        default=1,
+        help="how many pinned root keys must sign a key rotation (root statement)",
+    )
     p.add_argument("--ca", type=Path, help="CA bundle that signed the host's certificate")
     p.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--key", type=Path, help="client certificate key")
@@ -94,9 +106,12 @@ def settings_from(args: argparse.Namespace) -> SyncSettings:
     if args.ca or args.cert:
         tls = ClientTls(ca_file=args.ca, cert_file=args.cert, key_file=args.key)
     compact = None if args.compact_after == "never" else float(args.compact_after)
+    root_keys = tuple(parse_public_key(k) for k in args.host_public_key)
     return SyncSettings(
         host_url=args.host,
-        host_public_key=parse_public_key(args.host_public_key),
+        host_public_key=root_keys[0],
+        root_keys=root_keys,
+        root_threshold=args.root_threshold,
         upload_interval_s=args.upload_interval,
         upload_threshold=args.upload_threshold,
         batch_size=args.batch_size,

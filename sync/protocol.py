@@ -38,6 +38,11 @@ Parameters (``GET /v1/params?since=V``)
     bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical_json(payload)`` (keys sorted, no
     whitespace, UTF-8 — the same canonical JSON as the records). 304 when V is current.
 
+Root statements (``GET /v1/root?since=V``)
+    ``{"statements": [...]}``: the host's signed root statements with a version above V, oldest
+    first (``agent.trust`` documents them: root keys and threshold, the signing keys in force).
+    404 ``no_root`` when the host publishes none (its pinned key signs everything).
+
 Registration and health: ``POST /v1/terminals/{id}/register`` ``{"public_key": hex}`` (the
 device key that signs the records); ``POST /v1/terminals/{id}/heartbeat`` with health figures.
 """
@@ -58,7 +63,7 @@ from urllib.parse import quote
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.blacklist import key_id_of
+from agent.blacklist import Keys, keys_by_id
 from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
 from sync.errors import ProtocolError
 
@@ -88,6 +93,7 @@ def heartbeat_path(terminal_id: str) -> str:
 
 BLACKLIST_PATH = f"{API_PREFIX}/blacklist"
 PARAMS_PATH = f"{API_PREFIX}/params"
+ROOT_PATH = f"{API_PREFIX}/root"
 
 
 # --- upload ------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ class Ack:
     host_ack_seq: int = 0
 
 
-def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:
+def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public_key: Keys) -> Ack:
     """Terminal side: verify the host's signed answer. Raises :class:`ProtocolError` when it is
     unsigned, signed by another key, for another batch or terminal, or impossible (an ack beyond
     the records this terminal has written, counts that do not add up to the batch)."""
@@ -318,12 +324,14 @@ def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public
     signature, key_id = payload.get("signature"), payload.get("key_id")
     if not isinstance(signature, str) or not signature:
         raise ProtocolError("host: upload answer is not signed; nothing is marked acknowledged")
-    if key_id != key_id_of(host_public_key).hex():
+    by_hex = {k.hex(): v for k, v in keys_by_id(host_public_key).items()}
+    signer = by_hex.get(key_id) if isinstance(key_id, str) else None
+    if signer is None:
         raise ProtocolError(
-            f"host: upload answer signed by key {str(key_id)[:40]!r}, not the configured host key"
+            f"host: upload answer signed by key {str(key_id)[:40]!r}, not a signing key in force"
         )
     try:
-        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
+        Ed25519PublicKey.from_public_bytes(signer).verify(
             bytes.fromhex(signature), ack_signed_bytes(payload)
         )
     except (InvalidSignature, ValueError, KeyError, TypeError):

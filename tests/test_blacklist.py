@@ -25,6 +25,7 @@ from agent.blacklist import (
     asn_of,
     decode_list,
     encode_list,
+    list_digest,
 )
 
 NOW = 1_800_000_000
@@ -36,8 +37,10 @@ class Signer:
     def __init__(self) -> None:
         self.key = Ed25519PrivateKey.generate()
         self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.lists: dict[int, set[int]] = {0: set()}  # the host's list at each version
 
     def snapshot(self, version: int, entries: list[int], *, issued: int = NOW, ttl: int = 3600):
+        self.lists[version] = set(entries)
         return encode_list(
             kind=KIND_SNAPSHOT,
             version=version,
@@ -50,6 +53,8 @@ class Signer:
         )
 
     def delta(self, base: int, version: int, add=(), remove=(), *, issued: int = NOW, ttl=3600):
+        if version not in self.lists or version != base:
+            self.lists[version] = (self.lists.get(base, set()) - set(remove)) | set(add)
         return encode_list(
             kind=KIND_DELTA,
             version=version,
@@ -58,6 +63,7 @@ class Signer:
             expires_at=issued + ttl,
             add=add,
             remove=remove,
+            content_digest=list_digest(self.lists[version]),
             sign=self.key.sign,
             public_key_raw=self.public,
         )
@@ -130,7 +136,7 @@ def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
     listed = Blacklist.open(path)
     good = signer.snapshot(1, [1, 2, 3])
     forger = Signer()
-    with pytest.raises(BlacklistRejected, match="not the configured host key"):
+    with pytest.raises(BlacklistRejected, match="not a signing key in force"):
         listed.apply(forger.snapshot(1, [1, 2, 3]), signer.public, now=NOW)
     # a forger who also copies the real key id: the signature does not verify
     forged = bytearray(forger.snapshot(1, [9]))
@@ -154,7 +160,9 @@ def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
 
 
 def test_unsorted_list_is_refused_even_when_signed(signer: Signer) -> None:
-    header = struct.pack(">8sBQQQQII", b"CBLIST01", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, 2, 0)
+    header = struct.pack(
+        ">8sBQQQQ32sII", b"CBLIST02", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, bytes(32), 2, 0
+    )
     body = header + (5).to_bytes(8, "big") + (3).to_bytes(8, "big")
     document = body + bl.key_id_of(signer.public) + signer.key.sign(body)
     with pytest.raises(BlacklistRejected, match="ascending"):
