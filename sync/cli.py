@@ -27,7 +27,7 @@ from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
 from agent.wiring import STORE_FILE
 from sync.client import ClientTls
-from sync.daemon import FLUSH_FLAG_FILE, SyncSettings, open_daemon
+from sync.daemon import CHECKS_FILE, FLUSH_FLAG_FILE, SyncSettings, open_daemon, read_checks
 from sync.keys import parse_public_key
 
 log = structlog.get_logger(__name__)
@@ -146,6 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     figures.update(Blacklist.open(args.data_dir / BLACKLIST_FILE, auto_refresh_s=None).health())
+    figures["lists_checked_at"] = read_checks(args.data_dir / CHECKS_FILE)
     _out(json.dumps(figures, indent=2, ensure_ascii=False))
     return 0
 

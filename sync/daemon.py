@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import random
 import signal
@@ -53,6 +54,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.blacklist import (
     BLACKLIST_FILE,
+    write_atomically,
     ApplyResult,
     Blacklist,
     BlacklistBaseMismatch,
@@ -73,6 +75,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FLUSH_FLAG_FILE = "sync.flush"
+# When the host last gave a list that verified (freeze protection: how stale the terminal's
+# view may be, kept across restarts; ``cardsync status`` shows it).
+CHECKS_FILE = "lists-checked.json"
 _RETRYABLE = (HostUnreachable, HostBusy)
 
 
@@ -130,6 +135,7 @@ class SyncDaemon:
     device_public_key: bytes
     root: RootFile | None = None
     flush_flag: Path | None = None
+    checks_file: Path | None = None
     rng: random.Random = field(default_factory=random.Random)
     after_send_hook: Callable[[int], None] | None = None  # tests: "crash" between send and ack
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -139,6 +145,7 @@ class SyncDaemon:
     _last_upload: float = field(default_factory=time.monotonic)
     _scheduler: BackgroundScheduler | None = None
     _started_at: float = field(default_factory=time.time)
+    checks: dict[str, float] = field(default_factory=dict)  # list -> newest verified pull
 
     # --- the upload --------------------------------------------------------------------------
 
@@ -281,6 +288,7 @@ class SyncDaemon:
         except BlacklistRejected as exc:
             log.error("blacklist refused", reason=str(exc), loaded_version=self.blacklist.version)
             raise ListRejected(str(exc)) from exc
+        self._checked("blacklist", self.blacklist.checked_at)
         return result
 
     def pull_params(self) -> ParamSet | None:
@@ -290,10 +298,24 @@ class SyncDaemon:
         if document is None:
             return None
         try:
-            return self.params.apply(document)
+            applied = self.params.apply(document)
         except ListRejected as exc:
             log.error("parameter set refused", reason=str(exc), loaded_version=since)
             raise
+        self._checked("params", self.params.checked_at)
+        return applied
+
+    def _checked(self, name: str, at: float | None) -> None:
+        """Keep when ``name`` last verified (a small file, replaced atomically)."""
+        if at is None:
+            return
+        self.checks[name] = at
+        if self.checks_file is None:
+            return
+        try:
+            write_atomically(self.checks_file, json.dumps(self.checks, sort_keys=True).encode())
+        except BlacklistFileError as exc:
+            log.warning("list check time not kept", error=str(exc))
 
     def health(self) -> dict[str, Any]:
         oldest = self.store.oldest_unsent_created_at()
@@ -310,6 +332,7 @@ class SyncDaemon:
             "params_expires_at": self.params.current.expires_at if self.params.current else None,
             "params_checked_at": self.params.checked_at,
             "root_version": self.root.current.version if self.root else 0,
+            "lists_checked_at": dict(self.checks),
             "uptime_s": round(time.time() - self._started_at, 1),
             "errors": {n: s.last_error for n, s in self._jobs.items() if s.last_error},
         }
@@ -524,5 +547,18 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         device_public_key=device_key.public_key_bytes,
         root=root,
         flush_flag=data_dir / FLUSH_FLAG_FILE,
+        checks_file=data_dir / CHECKS_FILE,
+        checks=read_checks(data_dir / CHECKS_FILE),
         **options,
     )
+
+
+def read_checks(path: Path) -> dict[str, float]:
+    """The kept list check times (none if the file is absent or unreadable)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}

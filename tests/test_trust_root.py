@@ -31,9 +31,17 @@ from agent.trust import (
     root_payload,
     verify_root_statement,
 )
-from clearinghost.keys import HostKey, add_root_signature, sign_params, sign_root_statement
+from clearinghost import cli as cardhost
+from clearinghost.keys import (
+    HostKey,
+    add_root_signature,
+    check_root_statements,
+    sign_params,
+    sign_root_statement,
+)
 from clearinghost.server import HostServer, create_app
 from clearinghost.storage import SqliteStorage
+from sync.daemon import CHECKS_FILE
 from sync.errors import ListRejected
 from sync.params import ParamsFile
 from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
@@ -147,6 +155,8 @@ def test_a_rotated_host_key_is_accepted_only_through_the_root(tmp_path: Path) ->
             assert daemon.upload_pending().ack_seq == 1  # the answer signed by the new key
         finally:
             daemon.close()
+    checked = json.loads((terminal.data_dir / CHECKS_FILE).read_text())
+    assert set(checked) == {"blacklist", "params"}  # the newest verified pulls are kept
     agent_params = ActiveParams(terminal.data_dir / "params.json")
     in_force = agent_params.current()
     assert in_force is not None and in_force.flat_fare == 150
@@ -183,3 +193,27 @@ def test_the_revoked_key_is_refused_after_a_rotation(tmp_path: Path) -> None:
         finally:
             daemon.close()
     assert isinstance(kept.current, TrustRoot)
+
+
+def test_cardhost_creates_root_keys_and_signs_a_rotation(tmp_path: Path) -> None:
+    """``cardhost root-key`` writes keys 0600; ``root-sign`` writes a statement and adds a
+    countersignature; the host refuses to serve a chain that does not name its key."""
+    old, root, online = tmp_path / "old.key", tmp_path / "root.key", tmp_path / "online.key"
+    for path in (old, root, online):
+        assert cardhost.main(["root-key", "--key", str(path)]) == 0
+        assert path.stat().st_mode & 0o777 == 0o600
+    keys = {p: HostKey.load(p) for p in (old, root, online)}
+    out = tmp_path / "root-1.json"
+    args = ["root-sign", "--out", str(out), "--version", "1", "--key", str(old)]
+    args += ["--root-public", keys[root].public_key_hex()]
+    args += ["--signing-public", keys[online].public_key_hex()]
+    assert cardhost.main(args) == 0
+    pinned = pinned_root([keys[old].public_key_bytes])
+    with pytest.raises(RootRejected, match="its own root keys"):  # not yet countersigned
+        verify_root_statement(out.read_bytes(), pinned)
+    assert cardhost.main(["root-sign", "--add-to", str(out), "--key", str(root)]) == 0
+    rotated = verify_root_statement(out.read_bytes(), pinned)
+    assert rotated.signing_keys == (keys[online].public_key_bytes,)
+    check_root_statements([out.read_bytes()], keys[online])
+    with pytest.raises(RootRejected, match="does not name this host's key"):
+        check_root_statements([out.read_bytes()], keys[old])
