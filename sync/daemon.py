@@ -54,12 +54,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.blacklist import (
     BLACKLIST_FILE,
-    write_atomically,
     ApplyResult,
     Blacklist,
     BlacklistBaseMismatch,
     BlacklistFileError,
     BlacklistRejected,
+    write_atomically,
 )
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
