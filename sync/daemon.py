@@ -67,7 +67,14 @@ from agent.params import write_host_key
 from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
 from agent.wiring import DEVICE_KEY_FILE, DataDir
 from sync.client import ClientTls, SyncClient
-from sync.errors import HostBusy, HostError, HostUnreachable, ListRejected, ProtocolError
+from sync.errors import (
+    HostBusy,
+    HostError,
+    HostUnreachable,
+    ListRejected,
+    ProtocolError,
+    UnknownSigner,
+)
 from sync.params import PARAMS_FILE, ParamSet, ParamsFile
 from sync.protocol import Ack, UploadBatch, encode_batch
 
@@ -218,16 +225,15 @@ class SyncDaemon:
         return self.root.current.signing_keys
 
     def _upload(self, batch: UploadBatch, last_seq: int) -> Ack:
-        key = self.signing_keys
         try:
             try:
-                return self.client.upload(batch, last_seq, key)
-            except HostError as exc:
-                if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
-                    self._registered = False
-                    self._ensure_registered()
-                    return self.client.upload(batch, last_seq, key)
-                raise
+                return self._send_batch(batch, last_seq)
+            except UnknownSigner:
+                # Signed by a key not in force: if the host's root statements name it (a
+                # rotation not yet learnt), send the same batch again (idempotent).
+                if not self._learn_root():
+                    raise
+                return self._send_batch(batch, last_seq)
         except ProtocolError as exc:
             # An unsigned, forged or inconsistent acknowledgement: nothing is marked or
             # compacted; the job backs off and the batch is sent again later.
@@ -238,6 +244,25 @@ class SyncDaemon:
                 error=str(exc),
             )
             raise
+
+    def _send_batch(self, batch: UploadBatch, last_seq: int) -> Ack:
+        key = self.signing_keys
+        try:
+            return self.client.upload(batch, last_seq, key)
+        except HostError as exc:
+            if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
+                self._registered = False
+                self._ensure_registered()
+                return self.client.upload(batch, last_seq, key)
+            raise
+
+    def _learn_root(self) -> bool:
+        """Fetch the host's newer root statements; True if the root in force changed."""
+        try:
+            return self.pull_root() > 0
+        except (ListRejected, HostError, HostUnreachable) as exc:
+            log.warning("root statements unavailable", error=str(exc))
+            return False
 
     def _ensure_registered(self) -> None:
         if not self._registered:

@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.blacklist import Keys, keys_by_id
 from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
-from sync.errors import ProtocolError
+from sync.errors import ProtocolError, UnknownSigner
 
 API_PREFIX = "/v1"
 PROTOCOL_VERSION = 1
@@ -327,7 +327,7 @@ def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public
     by_hex = {k.hex(): v for k, v in keys_by_id(host_public_key).items()}
     signer = by_hex.get(key_id) if isinstance(key_id, str) else None
     if signer is None:
-        raise ProtocolError(
+        raise UnknownSigner(
             f"host: upload answer signed by key {str(key_id)[:40]!r}, not a signing key in force"
         )
     try:

@@ -148,11 +148,12 @@ def test_a_rotated_host_key_is_accepted_only_through_the_root(tmp_path: Path) ->
     with HostServer(create_app(host)) as server:
         daemon = daemon_for(terminal, fast_settings(server.url, first_key))
         try:
-            daemon.pull_blacklist()
+            # the first answer is signed by the new key: the daemon learns the rotation
+            assert daemon.upload_pending().ack_seq == 1
             assert daemon.root is not None and daemon.root.current.version == 1
+            daemon.pull_blacklist()
             assert daemon.blacklist.contains_asn(0x42)
             assert daemon.pull_params() is not None
-            assert daemon.upload_pending().ack_seq == 1  # the answer signed by the new key
         finally:
             daemon.close()
     checked = json.loads((terminal.data_dir / CHECKS_FILE).read_text())
