@@ -43,7 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.blacklist import key_id_of, write_atomically
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigurationError
 from agent.offline_store.records import canonical_json
 
 log = structlog.get_logger(__name__)
@@ -78,10 +78,14 @@ class TrustRoot:
 
 def pinned_root(root_keys: Sequence[bytes], threshold: int = 1) -> TrustRoot:
     """The root given at provisioning (version 0). Its root keys also sign lists until a root
-    statement names other signing keys: a single pinned host key keeps working as it is."""
-    keys = _check_keys(list(root_keys), "pinned root key")
+    statement names other signing keys: a single pinned host key keeps working as it is.
+    Raises :class:`ConfigurationError` (no keys, a bad key, a threshold out of range)."""
+    try:
+        keys = _check_keys(list(root_keys), "pinned root key")
+    except RootRejected as exc:
+        raise ConfigurationError(str(exc)) from None
     if not 1 <= threshold <= len(keys):
-        raise RootRejected(f"root threshold {threshold} is not within 1..{len(keys)} keys")
+        raise ConfigurationError(f"root threshold {threshold} is not within 1..{len(keys)} keys")
     return TrustRoot(0, keys, threshold, keys)
 
 
@@ -308,7 +312,7 @@ def read_root_file(path: Path) -> tuple[TrustRoot, list[bytes]]:
         statements = [canonical_json(s).encode("utf-8") for s in document["statements"]]
     except RootRejected:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ConfigurationError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise RootRejected(f"root file {path} is unreadable: {exc}") from None
     return pinned, statements
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ConfigurationError
 from agent.params import ActiveParams
 from agent.trust import (
     ROOT_FILE,
@@ -97,7 +98,7 @@ def test_a_threshold_of_two_needs_two_root_keys() -> None:
         verify_root_statement(twice, pinned)
     signed = add_root_signature(half, c)
     assert verify_root_statement(signed, pinned).root_threshold == 2
-    with pytest.raises(RootRejected, match="threshold 3"):
+    with pytest.raises(ConfigurationError, match="threshold 3"):
         pinned_root([a.public_key_bytes, b.public_key_bytes], 3)
 
 
