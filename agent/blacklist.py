@@ -20,17 +20,25 @@ entirely or not at all)::
 Signed list from the host (wire format, see ``clearinghost/openapi.json``). The signed bytes are the
 whole body before the trailer; the magic makes them useless as any other signed document::
 
-    magic "CBLIST01" (8) | kind (1: 'S' snapshot, 'D' delta) | version u64 | base_version u64 |
-    issued_at u64 | expires_at u64 | n_add u32 | n_remove u32        -- big-endian, 49 bytes
+    magic "CBLIST02" (8) | kind (1: 'S' snapshot, 'D' delta) | version u64 | base_version u64 |
+    issued_at u64 | expires_at u64 | content digest (32) | n_add u32 | n_remove u32
+                                                                     -- big-endian, 81 bytes
     add:    n_add x u64 ASN, strictly ascending
     remove: n_remove x u64 ASN, strictly ascending (always 0 in a snapshot)
     trailer: key id (8 = first 8 bytes of SHA-256 of the host public key) | Ed25519 signature (64)
 
-A snapshot replaces the list; a delta from ``base_version`` (= the terminal's version) adds and
-removes. Refused: bad magic or length, unsorted entries, a signature that does not verify under
-the configured host key, a version below the current one (rollback), the current version again
-unless it is a newer re-issue (``issued_at`` later; a delta must then be empty), an expired list,
-a delta whose base is not the current version.
+The **content digest** binds the version to the whole list it names (snapshot or the result of
+the delta): SHA-256 of the local file's offset table and entries, the checksum the local file
+header keeps (:func:`list_digest`). A snapshot replaces the list; a delta from ``base_version``
+(= the terminal's version) adds and removes, and its result must have the signed digest.
+
+Refused: bad magic or length, unsorted entries, a signature that does not verify under one of
+the signing keys in force (:mod:`agent.trust`), a version below the current one (rollback), the
+current version with another content digest (logged as an attack: a version names one list), an
+expired list, a delta whose base is not the current version or whose result is not the signed
+content (the terminal then asks for a snapshot). The current version again with the same content
+and a later ``issued_at`` is a re-issue: it may only extend the expiry (freeze protection: the
+host re-signs the list it has, the terminal notices when that stops).
 """
 
 from __future__ import annotations
@@ -61,8 +69,9 @@ BLACKLIST_FILE = "blacklist.bin"
 KIND_SNAPSHOT = ord("S")
 KIND_DELTA = ord("D")
 
-LIST_MAGIC = b"CBLIST01"
-_LIST_HEADER = struct.Struct(">8sBQQQQII")
+LIST_MAGIC = b"CBLIST02"
+_LIST_HEADER = struct.Struct(">8sBQQQQ32sII")
+DIGEST_SIZE = 32
 LIST_KEY_ID_SIZE = 8
 LIST_SIGNATURE_SIZE = 64
 _LIST_TRAILER = LIST_KEY_ID_SIZE + LIST_SIGNATURE_SIZE
@@ -115,6 +124,17 @@ def key_id_of(public_key_raw: bytes) -> bytes:
     return hashlib.sha256(public_key_raw).digest()[:LIST_KEY_ID_SIZE]
 
 
+Keys = bytes | Iterable[bytes]
+"""One raw Ed25519 public key, or the signing keys in force (after a rotation, see
+:mod:`agent.trust`)."""
+
+
+def keys_by_id(keys: Keys) -> dict[bytes, bytes]:
+    """The signing keys in force by their 8-byte key id."""
+    listed = [keys] if isinstance(keys, bytes) else list(keys)
+    return {key_id_of(k): k for k in listed}
+
+
 # --- the signed wire document -----------------------------------------------------------------
 
 
@@ -127,6 +147,7 @@ class SignedList:
     base_version: int
     issued_at: int
     expires_at: int
+    content_digest: bytes
     add: bytes
     remove: bytes
 
@@ -154,16 +175,24 @@ def encode_list(
     expires_at: int,
     add: Iterable[int],
     remove: Iterable[int] = (),
+    content_digest: bytes | None = None,
     sign: Callable[[bytes], bytes],
     public_key_raw: bytes,
 ) -> bytes:
-    """Build a signed list (host side). ``add``/``remove`` are sorted and de-duplicated here."""
+    """Build a signed list (host side). ``add``/``remove`` are sorted and de-duplicated here.
+
+    ``content_digest`` is :func:`list_digest` of the whole list at ``version``; a snapshot's
+    is computed here, a delta must be given it (the host knows the list it names)."""
     if kind not in (KIND_SNAPSHOT, KIND_DELTA):
         raise ValueError(f"unknown list kind {kind!r}")
     added = _pack_u64(sorted(set(add)))
     removed = _pack_u64(sorted(set(remove)))
     if kind == KIND_SNAPSHOT and (removed or base_version):
         raise ValueError("a snapshot has no removals and no base version")
+    if kind == KIND_SNAPSHOT and content_digest is None:
+        content_digest = _image_digest(*_image_from_sorted_u64(added))
+    if content_digest is None or len(content_digest) != DIGEST_SIZE:
+        raise ValueError("a delta needs the content digest of the list it leads to")
     header = _LIST_HEADER.pack(
         LIST_MAGIC,
         kind,
@@ -171,6 +200,7 @@ def encode_list(
         base_version,
         issued_at,
         expires_at,
+        content_digest,
         len(added) // 8,
         len(removed) // 8,
     )
@@ -178,11 +208,14 @@ def encode_list(
     return body + key_id_of(public_key_raw) + sign(body)
 
 
-def decode_list(data: bytes, public_key_raw: bytes) -> SignedList:
-    """Parse and verify a signed list. Raises :class:`BlacklistRejected` with the reason."""
+def decode_list(data: bytes, keys: Keys) -> SignedList:
+    """Parse and verify a signed list against the signing keys in force. Raises
+    :class:`BlacklistRejected` with the reason."""
     if len(data) < _LIST_HEADER.size + _LIST_TRAILER:
         raise BlacklistRejected(f"blacklist: document of {len(data)} bytes is truncated")
-    magic, kind, version, base, issued, expires, n_add, n_remove = _LIST_HEADER.unpack_from(data)
+    magic, kind, version, base, issued, expires, digest, n_add, n_remove = _LIST_HEADER.unpack_from(
+        data
+    )
     if magic != LIST_MAGIC:
         raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
     if kind not in (KIND_SNAPSHOT, KIND_DELTA):
@@ -196,10 +229,12 @@ def decode_list(data: bytes, public_key_raw: bytes) -> SignedList:
     body = data[:body_len]
     key_id = data[body_len : body_len + LIST_KEY_ID_SIZE]
     signature = data[body_len + LIST_KEY_ID_SIZE :]
-    if key_id != key_id_of(public_key_raw):
+    trusted = keys_by_id(keys)
+    public_key_raw = trusted.get(key_id)
+    if public_key_raw is None:
         raise BlacklistRejected(
-            f"blacklist: signed by key {key_id.hex()}, not the configured host key "
-            f"{key_id_of(public_key_raw).hex()}"
+            f"blacklist: signed by key {key_id.hex()}, not a signing key in force "
+            f"({', '.join(k.hex() for k in trusted)})"
         )
     try:
         Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, body)
@@ -214,7 +249,13 @@ def decode_list(data: bytes, public_key_raw: bytes) -> SignedList:
             raise BlacklistRejected(f"blacklist: {name} entries are not strictly ascending")
     if expires <= issued:
         raise BlacklistRejected("blacklist: expires before it was issued")
-    return SignedList(kind, version, base, issued, expires, bytes(add), bytes(remove))
+    return SignedList(kind, version, base, issued, expires, digest, bytes(add), bytes(remove))
+
+
+def list_digest(asns: Iterable[int]) -> bytes:
+    """The content digest of a whole list (host side; the terminal gets the same bytes as its
+    file's checksum): SHA-256 of the offset table and the 6-byte entries."""
+    return _image_digest(*_image_from_sorted_u64(_pack_u64(sorted(set(asns)))))
 
 
 def _pack_u64(values: list[int]) -> bytes:
@@ -291,6 +332,9 @@ class _Packed:
     def entries(self) -> bytes:
         return self.buf[self.data_start :]
 
+    def offsets_array(self) -> array[int]:
+        return array("I", self.offsets)
+
 
 def _build_image(
     offsets: array[int], entries: bytes, *, version: int, issued_at: int, expires_at: int
@@ -307,6 +351,16 @@ def _build_image(
         FILE_MAGIC, version, issued_at, expires_at, count, int(time.time()), digest.digest()
     )
     return header + table_bytes + entries
+
+
+def _image_digest(offsets: array[int], entries: bytes) -> bytes:
+    """The checksum :func:`_build_image` writes: SHA-256 of offsets (u32 LE) and entries."""
+    table = array("I", offsets)
+    if sys.byteorder != "little":  # pragma: no cover
+        table.byteswap()
+    digest = hashlib.sha256(table.tobytes())
+    digest.update(entries)
+    return digest.digest()
 
 
 def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
@@ -438,6 +492,8 @@ class Blacklist:
         self.issued_at = 0
         self.expires_at = 0
         self.applied_at = 0
+        self.content_digest = _image_digest(self._packed.offsets_array(), b"")
+        self.checked_at: float | None = None  # the newest verified list from the host
         self._stamp: tuple[int, int, int] | None = None
         self._checked_at = time.monotonic()
 
@@ -495,6 +551,8 @@ class Blacklist:
             "blacklist_count": self.count,
             "blacklist_age_s": None if age is None else round(age, 1),
             "blacklist_expired": self.is_expired(),
+            "blacklist_expires_at": self.expires_at or None,
+            "blacklist_checked_at": self.checked_at,
         }
 
     def memory_bytes(self) -> int:
@@ -523,34 +581,49 @@ class Blacklist:
         log.info("blacklist loaded", path=str(self.path), version=self.version, count=self.count)
         return True
 
-    def _install(self, image: bytes, header: tuple[int, int, int, int, int]) -> None:
-        version, issued_at, expires_at, count, applied_at = header
+    def _install(self, image: bytes, header: tuple[int, int, int, int, int, bytes]) -> None:
+        version, issued_at, expires_at, count, applied_at, digest = header
         self._packed = _Packed(image, count)
         self.version, self.issued_at, self.expires_at = version, issued_at, expires_at
         self.applied_at = applied_at
+        self.content_digest = digest
 
     # --- applying a signed list (the sync daemon) --------------------------------------------
 
-    def apply(
-        self, document: bytes, host_public_key: bytes, *, now: float | None = None
-    ) -> ApplyResult:
-        """Verify a signed snapshot or delta and replace the local file atomically.
+    def apply(self, document: bytes, keys: Keys, *, now: float | None = None) -> ApplyResult:
+        """Verify a signed snapshot or delta against the signing keys in force and replace the
+        local file atomically.
 
         Raises :class:`BlacklistRejected` (the list is refused; nothing changes) or
         :class:`BlacklistFileError` (the disk failed; nothing changes).
         """
-        signed = decode_list(document, host_public_key)
+        signed = decode_list(document, keys)
         moment = time.time() if now is None else now
         if not self._check_acceptable(signed, moment):
             log.debug("blacklist unchanged", version=self.version)
+            self.checked_at = moment
             return ApplyResult("unchanged", self.version, self.version, self.count, 0, 0)
         previous = self.version
-        if signed.is_snapshot:
+        if signed.version == self.version:  # a re-issue of the same content: a new expiry
+            offsets, entries = self._packed.offsets_array(), self._packed.entries()
+            added = removed = 0
+        elif signed.is_snapshot:
             offsets, entries = _image_from_sorted_u64(signed.add)
             added, removed = len(entries) // _ENTRY, self.count
         else:
             offsets, entries, added, removed = _merge_delta(
                 self._packed, signed.added(), signed.removed()
+            )
+        if _image_digest(offsets, entries) != signed.content_digest:
+            if signed.is_snapshot:
+                raise BlacklistRejected(
+                    f"blacklist: snapshot version {signed.version} does not hold the content "
+                    "its digest names (corrupt or forged by a signing key)"
+                )
+            # Our list at the base version is not the host's: start again from a snapshot.
+            raise BlacklistBaseMismatch(
+                f"blacklist: delta {signed.base_version} -> {signed.version} applied to the "
+                "loaded list does not give the signed content; a snapshot is needed"
             )
         image = _build_image(
             offsets,
@@ -564,6 +637,7 @@ class Blacklist:
         with contextlib.suppress(OSError):
             st = self.path.stat()
             self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self.checked_at = moment
         result = ApplyResult(signed.kind_name, signed.version, previous, self.count, added, removed)
         log.info(
             "blacklist applied",
@@ -589,15 +663,29 @@ class Blacklist:
                 f"loaded version {self.version} (rollback refused)"
             )
         if signed.version == self.version:
-            # The same version again: a re-issue that may only extend the expiry.
+            # A version names one list (TUF: version bound to content). The same version with
+            # another content is never an update: an attack, or a host that lost its history.
+            if signed.content_digest != self.content_digest:
+                log.error(
+                    "blacklist_conflict",
+                    detail="same version, other content: refused (possible attack)",
+                    version=signed.version,
+                    loaded_digest=self.content_digest.hex(),
+                    signed_digest=signed.content_digest.hex(),
+                )
+                raise BlacklistRejected(
+                    f"blacklist: version {signed.version} again with other content "
+                    "(refused as an attack)"
+                )
             if not signed.is_snapshot and (signed.add or signed.remove):
                 raise BlacklistRejected(
                     f"blacklist: delta to the current version {signed.version} carries changes"
                 )
             if signed.issued_at <= self.issued_at:
                 return False  # a replay or the same issue: harmless, nothing to do
-            # Rewrite (for the new expiry) only once half of the loaded list's life is gone,
-            # so a frequent pull does not rewrite a large file every time.
+            # The same content re-issued: it may only extend the expiry. Rewrite only once half
+            # of the loaded list's life is gone, so a frequent pull does not rewrite a large
+            # file every time.
             lifetime = signed.expires_at - signed.issued_at
             if self.expires_at - now > lifetime / 2:
                 return False
@@ -615,7 +703,7 @@ def _empty_image() -> bytes:
     )
 
 
-def _check_image(image: bytes, path: Path) -> tuple[int, int, int, int, int]:
+def _check_image(image: bytes, path: Path) -> tuple[int, int, int, int, int, bytes]:
     if len(image) < _FILE_HEADER.size + _OFFSETS_SIZE:
         raise BlacklistFileError(f"blacklist: {path} is truncated ({len(image)} bytes)")
     magic, version, issued, expires, count, applied, digest = _FILE_HEADER.unpack_from(image)
@@ -631,7 +719,7 @@ def _check_image(image: bytes, path: Path) -> tuple[int, int, int, int, int]:
     packed = _Packed(image, count)
     if packed.offsets[_BUCKETS] != count or packed.offsets[0] != 0:
         raise BlacklistFileError(f"blacklist: {path} has an inconsistent offset table")
-    return version, issued, expires, count, applied
+    return version, issued, expires, count, applied, digest
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -5,10 +5,12 @@ version, expiry) before it atomically replaces ``params.json`` in the device's d
 the same trust domain as the offline store. The agent does not take the daemon's word for it: it
 verifies the set's Ed25519 signature again, against the host public key, before applying it.
 
-Where the agent gets the host public key: ``host-key.pub`` in the data directory (64 hex digits),
-written by the daemon when it starts from its ``--host-public-key`` (:func:`write_host_key`).
-Without that file, or with a set that is unsigned, badly signed or signed by another key, the
-agent logs an error naming the file and applies nothing: the firmware profile's values stand.
+Where the agent gets the signing keys: ``root.json`` in the data directory, whose chain of root
+statements it verifies from the pinned root (:mod:`agent.trust`); without it (an older daemon),
+``host-key.pub`` (64 hex digits), written by the daemon from its ``--host-public-key``
+(:func:`write_host_key`). Without either, or with a set that is unsigned, badly signed or signed
+by a key not in force, the agent logs an error naming the file and applies nothing: the
+firmware profile's values stand. An expired set is not applied either (logged once).
 A verified set is applied only from its ``effective_from`` time until it expires.
 
 The signed bytes are ``b"CARDSYNC-PARAMS-V1\\n" + canonical JSON of the payload`` (the host
@@ -17,6 +19,7 @@ and the sync daemon use this function too; the agent does not import the sync pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -30,9 +33,10 @@ import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.blacklist import key_id_of, write_atomically
+from agent.blacklist import Keys, keys_by_id, write_atomically
 from agent.errors import AgentError, ConfigurationError
 from agent.offline_store.records import canonical_json
+from agent.trust import ROOT_FILE, RootRejected, load_signing_keys
 
 log = structlog.get_logger(__name__)
 
@@ -51,9 +55,16 @@ def params_signed_bytes(payload: Mapping[str, Any]) -> bytes:
     return PARAMS_DOMAIN + canonical_json(payload).encode("utf-8")
 
 
-def verify_envelope(data: bytes, host_public_key: bytes) -> dict[str, Any]:
-    """The payload of a signed envelope ``{payload, key_id, signature}``, verified against
-    ``host_public_key``. Raises :class:`ParamsRejected`."""
+def params_content_digest(payload: Mapping[str, Any]) -> str:
+    """What a version names: the payload without its signing times (``issued_at``,
+    ``expires_at``), which a re-issue of the same set changes (SHA-256 hex)."""
+    content = {k: v for k, v in payload.items() if k not in ("issued_at", "expires_at")}
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()
+
+
+def verify_envelope(data: bytes, keys: Keys) -> dict[str, Any]:
+    """The payload of a signed envelope ``{payload, key_id, signature}``, verified against the
+    signing keys in force. Raises :class:`ParamsRejected`."""
     try:
         envelope = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -63,8 +74,10 @@ def verify_envelope(data: bytes, host_public_key: bytes) -> dict[str, Any]:
     payload, key_id, signature = envelope["payload"], envelope["key_id"], envelope["signature"]
     if not isinstance(payload, dict) or not isinstance(signature, str):
         raise ParamsRejected("unsigned or malformed envelope")
-    if key_id != key_id_of(host_public_key).hex():
-        raise ParamsRejected(f"signed by key {key_id!r}, not the host key")
+    by_hex = {k.hex(): v for k, v in keys_by_id(keys).items()}
+    host_public_key = by_hex.get(key_id) if isinstance(key_id, str) else None
+    if host_public_key is None:
+        raise ParamsRejected(f"signed by key {str(key_id)[:40]!r}, not a signing key in force")
     try:
         Ed25519PublicKey.from_public_bytes(host_public_key).verify(
             bytes.fromhex(signature), params_signed_bytes(payload)
@@ -116,28 +129,31 @@ class ParamsInForce:
     issuer_allow_list: tuple[str, ...] | None
 
 
-Stamp = tuple[tuple[int, int] | None, tuple[int, int] | None]
+Stamp = tuple[tuple[int, int] | None, ...]
 
 
 class ActiveParams:
     """Reads ``params.json`` lazily and verifies it; a missing, corrupt, unverified or
     out-of-window file means 'none' (the profile's values).
 
-    ``host_public_key`` is the key sets must be signed by; ``None`` reads it from
-    ``host-key.pub`` beside ``params.json`` (the daemon writes it)."""
+    ``host_public_key`` is the key (or keys) sets must be signed by; ``None`` takes the signing
+    keys in force from ``root.json`` beside ``params.json`` (its chain verified from the pinned
+    root), else from ``host-key.pub`` (the daemon writes both)."""
 
     def __init__(
         self,
         path: Path,
-        host_public_key: bytes | None = None,
+        host_public_key: Keys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.host_public_key = host_public_key
         self.host_key_path = path.parent / HOST_KEY_FILE
+        self.root_path = path.parent / ROOT_FILE
         self.clock = clock
         self._stamp: Stamp | None = None
         self._payload: dict[str, object] | None = None
+        self._expired_logged = False
 
     def current(self) -> ParamsInForce | None:
         self._reload_if_changed()
@@ -149,7 +165,18 @@ class ActiveParams:
         expires = payload.get("expires_at")
         if not isinstance(effective, int) or not isinstance(expires, int):
             return None
-        if not effective <= now < expires:
+        if now >= expires:
+            if not self._expired_logged:  # freeze: the daemon has not renewed the set
+                self._expired_logged = True
+                log.error(
+                    "params_expired",
+                    path=str(self.path),
+                    version=payload.get("version"),
+                    expired_s=round(now - expires),
+                    detail="the firmware profile's values are in force until a fresh set",
+                )
+            return None
+        if now < effective:
             return None
         fare_table = payload.get("fare_table")
         fare = fare_table.get("flat_fare") if isinstance(fare_table, dict) else None
@@ -174,20 +201,18 @@ class ActiveParams:
         except OSError as exc:
             log.warning("params_unreadable", path=str(self.path), error=str(exc))
             return
-        stamp: Stamp = ((st.st_mtime_ns, st.st_size), _stamp_of(self.host_key_path))
-        if self.host_public_key is not None:
-            stamp = (stamp[0], None)
+        stamp: Stamp = ((st.st_mtime_ns, st.st_size),)
+        if self.host_public_key is None:
+            stamp += (_stamp_of(self.host_key_path), _stamp_of(self.root_path))
         if stamp == self._stamp:
             return
         self._stamp = stamp
         self._payload = None
+        self._expired_logged = False
         try:
             if st.st_size > MAX_PARAMS_FILE_BYTES:
                 raise ParamsRejected(f"larger than {MAX_PARAMS_FILE_BYTES} bytes")
-            key = self.host_public_key
-            if key is None:
-                key = read_host_key(self.host_key_path)
-            payload = verify_envelope(self.path.read_bytes(), key)
+            payload = verify_envelope(self.path.read_bytes(), self._signing_keys())
         except (ParamsRejected, OSError) as exc:
             log.error(
                 "params_refused",
@@ -198,6 +223,16 @@ class ActiveParams:
             return
         self._payload = payload
         log.info("params_loaded", path=str(self.path), version=payload.get("version"))
+
+    def _signing_keys(self) -> Keys:
+        if self.host_public_key is not None:
+            return self.host_public_key
+        try:
+            return load_signing_keys(self.root_path)
+        except FileNotFoundError:
+            return read_host_key(self.host_key_path)
+        except (RootRejected, OSError) as exc:
+            raise ParamsRejected(str(exc)) from None
 
 
 def _stamp_of(path: Path) -> tuple[int, int] | None:

@@ -160,6 +160,14 @@ class Profile:
     sam_slots: tuple[SamSlotProfile, ...] = ()
     sam_routes: tuple[SamRouteProfile, ...] = ()
     sam_retry_interval_s: float = 2.0  # a missing / mute PSAM slot is re-opened at most this often
+    # [blacklist] expired_policy: what a tap does while the blacklist in force has expired (the
+    # host stopped re-signing it, or the terminal has been offline past its expiry):
+    #   keep_and_alarm   the last list stays in force; each tap logs an alarm (the default)
+    #   refuse_issuers   cards of the issuers / city codes in expired_refuse_issuers are refused
+    #                    (blacklist_expired); the others are served on the last list, with alarm
+    #   refuse_all       every card not already locked is refused (blacklist_expired)
+    blacklist_expired_policy: str = "keep_and_alarm"
+    blacklist_expired_refuse_issuers: tuple[str, ...] = ()
 
     @property
     def is_production(self) -> bool:
@@ -239,7 +247,30 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
             "blacklist.lock_algorithm", ("card", "3des", "sm4"), default="card"
         ),
         m1_purse=_m1_purse(r),
+        **_expired_blacklist_policy(r),
     )
+
+
+EXPIRED_POLICIES = ("keep_and_alarm", "refuse_issuers", "refuse_all")
+
+
+def _expired_blacklist_policy(r: _Reader) -> dict[str, Any]:
+    """``[blacklist] expired_policy`` and ``expired_refuse_issuers`` (issuer prefixes or city
+    codes, hex, matched as the issuer allow-list is); ``refuse_issuers`` needs at least one."""
+    policy = r.choice("blacklist.expired_policy", EXPIRED_POLICIES, default="keep_and_alarm")
+    raw = r.get("blacklist.expired_refuse_issuers", [])
+    if not isinstance(raw, list):
+        raise r.fail("blacklist.expired_refuse_issuers", "must be a list", raw)
+    issuers = tuple(
+        r.hex_string(f"blacklist.expired_refuse_issuers[{i}]", s) for i, s in enumerate(raw)
+    )
+    if policy == "refuse_issuers" and not issuers:
+        raise r.fail(
+            "blacklist.expired_refuse_issuers",
+            "must list at least one issuer with expired_policy 'refuse_issuers'",
+            raw,
+        )
+    return {"blacklist_expired_policy": policy, "blacklist_expired_refuse_issuers": issuers}
 
 
 def _reader_profile(r: _Reader, sam_kind: str) -> ReaderProfile:

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import structlog
 
-from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, Blacklist, encode_list
+from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, Blacklist, encode_list, list_digest
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
 from clearinghost.keys import HostKey
@@ -162,6 +162,7 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
         expires_at=now + 3600,
         add=added,
         remove=removed,
+        content_digest=list_digest((set(entries) - set(removed)) | set(added)),
         sign=signer.sign,
         public_key_raw=signer.public_key_bytes,
     )

@@ -3,8 +3,13 @@
 ::
 
     cardhost host-key --key host.key                  create/show the host's signing key
+    cardhost root-key --key root.key                  create/show a root key (keep it offline)
+    cardhost root-sign --out root-2.json --version 2 --root-public HEX... [--root-threshold N]
+                  --signing-public HEX... --key OLD-ROOT.key --key NEW-ROOT.key
+                                                      a key rotation / revocation statement
+    cardhost root-sign --add-to root-2.json --key ROOT.key   add one more root signature
     cardhost host --db host.db --key host.key [--listen 127.0.0.1:8700] [--profile P.toml]
-                  [--operators-file operators.txt]
+                  [--operators-file operators.txt] [--root-statements root-1.json ...]
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,8 +49,14 @@ from agent.logs import configure_logging
 from agent.profile import load_profile
 from agent.sam.keys import KeySet
 from agent.terminal_id import check_terminal_id
+from agent.trust import root_payload
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
-from clearinghost.keys import HostKey
+from clearinghost.keys import (
+    HostKey,
+    add_root_signature,
+    check_root_statements,
+    sign_root_statement,
+)
 from clearinghost.operators import (
     ROLES,
     TOKEN_ENV,
@@ -57,6 +69,7 @@ from clearinghost.operators import (
 )
 from clearinghost.server import ClearingHost, ServerTls, create_app, uvicorn_config
 from clearinghost.storage import open_storage
+from sync.keys import parse_public_key
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True)
     p.set_defaults(func=cmd_host_key)
 
+    p = sub.add_parser("root-key", help="create (if missing, mode 0600) and print a root key")
+    p.add_argument("--key", type=Path, required=True)
+    p.set_defaults(func=cmd_host_key)
+
+    p = sub.add_parser("root-sign", help="write or countersign a root statement (key rotation)")
+    p.add_argument("--key", type=Path, action="append", required=True, help="root key(s)")
+    p.add_argument("--add-to", type=Path, help="an existing statement to countersign in place")
+    p.add_argument("--out", type=Path, help="the new statement's file")
+    p.add_argument("--version", type=int, help="the statement's version (the last one + 1)")
+    p.add_argument("--root-public", action="append", default=[], help="root public key (hex)")
+    p.add_argument("--root-threshold", type=int, default=1)
+    p.add_argument("--signing-public", action="append", default=[], help="online signing key (hex)")
+    p.set_defaults(func=cmd_root_sign)
+
     p = sub.add_parser("host", help="run the reference clearing host")
     p.add_argument("--db", default="host.db", help="SQLite path or postgresql:// DSN")
     p.add_argument("--key", type=Path, required=True, help="host signing key (created if absent)")
@@ -116,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"operators (NAME:ROLE:sha256:HEX lines); or {TOKEN_ENV} for one operator",
     )
     p.add_argument("--list-ttl", type=int, default=7 * 24 * 3600, help="seconds")
+    p.add_argument(
+        "--root-statements",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="root statements to serve, in version order (cardhost root-sign)",
+    )
     p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("operator", help="add, remove or list the host's operators")
@@ -164,6 +198,40 @@ def cmd_host_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_root_sign(args: argparse.Namespace) -> int:
+    keys = [HostKey.load(path) for path in args.key]
+    if args.add_to is not None:
+        data = args.add_to.read_bytes()
+        for key in keys:
+            data = add_root_signature(data, key)
+        _write_private(args.add_to, data)
+        return 0
+    if args.out is None or args.version is None or not args.root_public or not args.signing_public:
+        raise ConfigurationError(
+            "root-sign needs --add-to, or --out, --version, --root-public and --signing-public"
+        )
+    payload = root_payload(
+        version=args.version,
+        issued_at=int(time.time()),
+        root_keys=[parse_public_key(k) for k in args.root_public],
+        root_threshold=args.root_threshold,
+        signing_keys=[parse_public_key(k) for k in args.signing_public],
+    )
+    _write_private(args.out, sign_root_statement(payload, keys))
+    _err(f"root statement {args.version} written to {args.out}, {len(keys)} signature(s)")
+    return 0
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600; a statement is public, but keep key dirs tidy)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def build_host(args: argparse.Namespace, operators: Operators | None = None) -> ClearingHost:
     if operators is None:
         operators = Operators.load(args.operators_file)
@@ -178,9 +246,18 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
             DEMO_FACTOR2 if args.demo_factors else {},
             apdu_order_card_first=profile.factor_order_card_first,
         )
+    key = HostKey.load_or_create(args.key)
+    statements = []
+    for path in getattr(args, "root_statements", []):
+        try:
+            statements.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigurationError(f"root statement {path} is unreadable: {exc}") from exc
+    check_root_statements(statements, key)
     return ClearingHost(
         storage,
-        HostKey.load_or_create(args.key),
+        key,
+        root_statements=tuple(statements),
         tac=tac,
         list_ttl_s=args.list_ttl,
         open_registration=args.open_registration,

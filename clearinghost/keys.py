@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.blacklist import key_id_of
 from agent.errors import ConfigurationError
 from agent.params import params_signed_bytes
+from agent.trust import (
+    RootRejected,
+    TrustRoot,
+    root_payload,
+    root_signed_bytes,
+    verify_chain,
+)
 from sync.params import check_payload
 
 
@@ -88,3 +95,58 @@ def sign_params(payload: Mapping[str, Any], key: HostKey) -> bytes:
         "signature": key.sign(params_signed_bytes(payload)).hex(),
     }
     return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sign_root_statement(payload: Mapping[str, Any], keys: Sequence[HostKey]) -> bytes:
+    """A root statement (``agent.trust``) signed by each of ``keys`` (JSON bytes). Root keys
+    may sign in several sittings: see :func:`add_root_signature`."""
+    envelope: dict[str, Any] = {"payload": dict(payload), "signatures": []}
+    data = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    for key in keys:
+        data = add_root_signature(data, key)
+    return data
+
+
+def add_root_signature(statement: bytes, key: HostKey) -> bytes:
+    """``statement`` with ``key``'s signature added (once). Raises ``RootRejected`` if the
+    statement is malformed."""
+    try:
+        envelope = json.loads(statement)
+        payload, signatures = envelope["payload"], list(envelope["signatures"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RootRejected(f"root statement: malformed: {exc}") from None
+    root_payload(
+        version=payload["version"],
+        issued_at=payload["issued_at"],
+        root_keys=[bytes.fromhex(k) for k in payload["root_keys"]],
+        root_threshold=payload["root_threshold"],
+        signing_keys=[bytes.fromhex(k) for k in payload["signing_keys"]],
+    )
+    signatures = [s for s in signatures if s.get("key_id") != key.key_id]
+    signatures.append(
+        {"key_id": key.key_id, "signature": key.sign(root_signed_bytes(payload)).hex()}
+    )
+    envelope = {"payload": payload, "signatures": signatures}
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def check_root_statements(statements: Sequence[bytes], key: HostKey) -> None:
+    """What the host can check of the statements it serves: versions 1, 2, ... in order, each
+    signed by its predecessor's root threshold, and ``key`` a signing key of the last one.
+    Raises ``RootRejected`` (a host serving a chain terminals would refuse)."""
+    if not statements:
+        return
+    try:
+        first = json.loads(statements[0])["payload"]
+        own = tuple(bytes.fromhex(k) for k in first["root_keys"])
+        threshold = int(first["root_threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RootRejected(f"root statement 1: malformed: {exc}") from None
+    # Statement 1 is signed by the terminals' pinned root, which the host does not know:
+    # check it against its own root keys only, and every later one as a terminal would.
+    root = verify_chain(TrustRoot(0, own, threshold, own), statements)
+    if key.public_key_bytes not in root.signing_keys:
+        raise RootRejected(
+            f"root statement {root.version} does not name this host's key {key.key_id} as a "
+            "signing key: terminals would refuse everything it signs"
+        )

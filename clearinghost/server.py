@@ -50,7 +50,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
+from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list, list_digest
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
 from agent.offline_store.records import Record
 from agent.terminal_id import terminal_id_problem
@@ -108,7 +108,10 @@ class ClearingHost:
     open_registration: bool = False  # first come, first served: development only
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
+    # signed root statements (agent.trust), oldest first: who the terminals trust to sign
+    root_statements: tuple[bytes, ...] = ()
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
+    _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
 
     # --- terminals -------------------------------------------------------------------------
 
@@ -439,14 +442,18 @@ class ClearingHost:
         current = self.storage.blacklist_version()
         if 0 < since <= current:
             version, add, remove = self.storage.blacklist_delta(since)
-            return encode_list(
-                kind=KIND_DELTA,
-                version=version,
-                base_version=since,
-                add=add,
-                remove=remove,
-                **common,  # type: ignore[arg-type]
-            )
+            digest = self._blacklist_digest(version)
+            if digest is not None:
+                return encode_list(
+                    kind=KIND_DELTA,
+                    version=version,
+                    base_version=since,
+                    add=add,
+                    remove=remove,
+                    content_digest=digest,
+                    **common,  # type: ignore[arg-type]
+                )
+            # a list was published meanwhile: a snapshot is consistent by itself
         version, entries = self.storage.blacklist_snapshot()
         return encode_list(
             kind=KIND_SNAPSHOT,
@@ -455,6 +462,24 @@ class ClearingHost:
             add=entries,
             **common,  # type: ignore[arg-type]
         )
+
+    def _blacklist_digest(self, version: int) -> bytes | None:
+        """The content digest of blacklist ``version`` (it binds the version to the whole list
+        it names, agent.blacklist); ``None`` if the current list is no longer that version."""
+        digest = self._digests.get(version)
+        if digest is None:
+            at, entries = self.storage.blacklist_snapshot()
+            if len(self._digests) > 16:
+                self._digests.clear()
+            digest = self._digests[at] = list_digest(entries)
+            if at != version:
+                return None
+        return digest
+
+    def root_statements_since(self, since: int) -> list[dict[str, Any]]:
+        """The root statements with a version above ``since``, oldest first."""
+        found = [json.loads(s) for s in self.root_statements]
+        return [s for s in found if int(s["payload"]["version"]) > since]
 
     def params_document(self, since: int) -> bytes | None:
         """The latest parameter set, signed now (a re-issue extends the terminal's expiry;
@@ -471,7 +496,8 @@ class ClearingHost:
     def _sign(self, stored: dict[str, Any]) -> bytes:
         now = int(self.clock())
         payload = dict(stored, issued_at=now, expires_at=now + self.list_ttl_s)
-        payload.setdefault("effective_from", now)
+        # Not "now": a re-issue of a version must carry the same content (agent.params).
+        payload.setdefault("effective_from", 0)
         return sign_params(payload, self.key)
 
 
@@ -684,6 +710,13 @@ def create_app(host: ClearingHost) -> Starlette:
             return _json(404, error_body("no_params", "no parameter set has been published"))
         return Response(document, media_type="application/json")
 
+    async def root(request: Request) -> Response:
+        since = query_number(request, "since", 0)
+        statements = host.root_statements_since(since)
+        if not host.root_statements:
+            return _json(404, error_body("no_root", "this host publishes no root statements"))
+        return _json(200, {"statements": statements})
+
     async def publish_blacklist(request: Request) -> Response:
         payload = await read_json(request, MAX_ADMIN_BODY_BYTES)
         if not isinstance(payload, dict):
@@ -766,6 +799,7 @@ def create_app(host: ClearingHost) -> Starlette:
         Route(f"{v1}/terminals/{{terminal_id}}/heartbeat", guarded(heartbeat), methods=["POST"]),
         Route(f"{v1}/blacklist", guarded(blacklist)),
         Route(f"{v1}/params", guarded(params)),
+        Route(f"{v1}/root", guarded(root)),
         Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),

@@ -2,8 +2,8 @@
 
 ::
 
-    cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE
-                 [--enrolment-code-file F]   the one-time code for the first contact
+    cardsync run --data-dir DIR --host URL --host-public-key HEX|FILE [--host-public-key ...]
+                 [--root-threshold N] [--enrolment-code-file F]
     cardsync status --data-dir DIR                    health figures, no network
     cardsync flush --data-dir DIR                     ask a running daemon to upload now
 
@@ -27,7 +27,7 @@ from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
 from agent.wiring import STORE_FILE
 from sync.client import ClientTls
-from sync.daemon import FLUSH_FLAG_FILE, SyncSettings, open_daemon
+from sync.daemon import CHECKS_FILE, FLUSH_FLAG_FILE, SyncSettings, open_daemon, read_checks
 from sync.keys import parse_public_key
 from sync.protocol import MAX_CODE_LENGTH
 
@@ -63,7 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the sync daemon beside the agent")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--host", required=True, help="clearing host URL")
-    p.add_argument("--host-public-key", required=True, help="64 hex digits or a file")
+    p.add_argument(
+        "--host-public-key",
+        required=True,
+        action="append",
+        help="the pinned root key: 64 hex digits or a file; repeat for several root keys",
+    )
+    p.add_argument(
+        "--root-threshold",
+        type=int,
+        default=1,
+        help="how many pinned root keys must sign a key rotation (root statement)",
+    )
     p.add_argument("--ca", type=Path, help="CA bundle that signed the host's certificate")
     p.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--key", type=Path, help="client certificate key")
@@ -102,9 +113,12 @@ def settings_from(args: argparse.Namespace) -> SyncSettings:
     if args.ca or args.cert:
         tls = ClientTls(ca_file=args.ca, cert_file=args.cert, key_file=args.key)
     compact = None if args.compact_after == "never" else float(args.compact_after)
+    root_keys = tuple(parse_public_key(k) for k in args.host_public_key)
     return SyncSettings(
         host_url=args.host,
-        host_public_key=parse_public_key(args.host_public_key),
+        host_public_key=root_keys[0],
+        root_keys=root_keys,
+        root_threshold=args.root_threshold,
         upload_interval_s=args.upload_interval,
         upload_threshold=args.upload_threshold,
         batch_size=args.batch_size,
@@ -156,6 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     figures.update(Blacklist.open(args.data_dir / BLACKLIST_FILE, auto_refresh_s=None).health())
+    figures["lists_checked_at"] = read_checks(args.data_dir / CHECKS_FILE)
     _out(json.dumps(figures, indent=2, ensure_ascii=False))
     return 0
 

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import structlog
 
+from agent.blacklist import Keys
 from sync import protocol
 from sync.errors import HostBusy, HostError, HostUnreachable, ProtocolError
 from sync.protocol import Ack, UploadBatch
@@ -138,7 +139,7 @@ class SyncClient:
         response = self._send("POST", protocol.register_path(self.terminal_id), json=body)
         return int(self._json(response).get("ack_seq", 0))
 
-    def upload(self, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:
+    def upload(self, batch: UploadBatch, local_last_seq: int, host_public_key: Keys) -> Ack:
         """Send one batch; the answer must be signed by ``host_public_key`` and match the batch
         (:func:`sync.protocol.parse_ack`), else :class:`ProtocolError`."""
         response = self._send(
@@ -158,6 +159,20 @@ class SyncClient:
             "GET", protocol.BLACKLIST_PATH, limit=MAX_LIST_ANSWER_BYTES, params={"since": since}
         )
         return response.content
+
+    def fetch_root(self, since: int) -> list[bytes]:
+        """The host's root statements newer than ``since`` (oldest first); none if the host
+        publishes none (404 ``no_root``). Each is verified by the caller (:mod:`agent.trust`)."""
+        try:
+            response = self._send("GET", protocol.ROOT_PATH, params={"since": since})
+        except HostError as exc:
+            if exc.code == "no_root":
+                return []
+            raise
+        statements = self._json(response).get("statements")
+        if not isinstance(statements, list) or not all(isinstance(s, dict) for s in statements):
+            raise ProtocolError(f"host: answer to {protocol.ROOT_PATH} has no statement list")
+        return [protocol.json_bytes(s) for s in statements]
 
     def fetch_params(self, since: int) -> bytes | None:
         """The signed parameter set, or ``None`` if the host has none."""

@@ -8,10 +8,13 @@ Jobs
                the host acknowledged in an answer signed by the pinned host key (an unsigned,
                forged or inconsistent answer marks nothing: logged, backed off), then
                compacts acknowledged records older than ``compact_after_s``.
-    blacklist  pulls a delta (or snapshot) and applies it atomically (``agent.blacklist``).
-    params     pulls the signed parameter set. On start the daemon pins its
-               ``--host-public-key`` for the agent in ``host-key.pub`` (the agent verifies
-               ``params.json`` against it before applying it).
+    blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
+               revocation of the signing keys, accepted only if the root in force signed it),
+               then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
+    params     the same root pull, then the signed parameter set. On start the daemon pins
+               its ``--host-public-key`` (root keys, ``--root-threshold``) for the agent in
+               ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
+               verifies ``params.json`` against the signing keys of that chain).
     heartbeat  posts health figures: unsent records and the age of the oldest, blacklist
                version and age, parameter version, store size, last error.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import random
 import signal
@@ -55,14 +59,23 @@ from agent.blacklist import (
     BlacklistBaseMismatch,
     BlacklistFileError,
     BlacklistRejected,
+    write_atomically,
 )
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore
 from agent.params import write_host_key
 from agent.terminal_id import check_terminal_id
+from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
 from agent.wiring import DEVICE_KEY_FILE, DataDir
 from sync.client import ClientTls, SyncClient
-from sync.errors import HostBusy, HostError, HostUnreachable, ListRejected, ProtocolError
+from sync.errors import (
+    HostBusy,
+    HostError,
+    HostUnreachable,
+    ListRejected,
+    ProtocolError,
+    UnknownSigner,
+)
 from sync.params import PARAMS_FILE, ParamSet, ParamsFile
 from sync.protocol import Ack, UploadBatch, encode_batch
 
@@ -70,6 +83,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 FLUSH_FLAG_FILE = "sync.flush"
+# When the host last gave a list that verified (freeze protection: how stale the terminal's
+# view may be, kept across restarts; ``cardsync status`` shows it).
+CHECKS_FILE = "lists-checked.json"
 _RETRYABLE = (HostUnreachable, HostBusy)
 
 
@@ -77,6 +93,10 @@ _RETRYABLE = (HostUnreachable, HostBusy)
 class SyncSettings:
     host_url: str
     host_public_key: bytes
+    # the pinned root: these keys (default: host_public_key alone) and how many must sign a
+    # root statement; with no statement yet they also sign the lists (agent.trust)
+    root_keys: tuple[bytes, ...] = ()
+    root_threshold: int = 1
     upload_interval_s: float = 30.0
     upload_threshold: int = 200
     batch_size: int = 500
@@ -125,7 +145,9 @@ class SyncDaemon:
     params: ParamsFile
     device_public_key: bytes
     device_sign: Callable[[bytes], bytes]  # the device key's: proof of possession at enrolment
+    root: RootFile | None = None
     flush_flag: Path | None = None
+    checks_file: Path | None = None
     rng: random.Random = field(default_factory=random.Random)
     after_send_hook: Callable[[int], None] | None = None  # tests: "crash" between send and ack
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -135,6 +157,7 @@ class SyncDaemon:
     _last_upload: float = field(default_factory=time.monotonic)
     _scheduler: BackgroundScheduler | None = None
     _started_at: float = field(default_factory=time.time)
+    checks: dict[str, float] = field(default_factory=dict)  # list -> newest verified pull
 
     # --- the upload --------------------------------------------------------------------------
 
@@ -199,17 +222,23 @@ class SyncDaemon:
         self._compact()
         return report
 
+    @property
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The keys that sign lists and answers: the root in force's (agent.trust)."""
+        if self.root is None:
+            return (self.settings.host_public_key,)
+        return self.root.current.signing_keys
+
     def _upload(self, batch: UploadBatch, last_seq: int) -> Ack:
-        key = self.settings.host_public_key
         try:
             try:
-                return self.client.upload(batch, last_seq, key)
-            except HostError as exc:
-                if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
-                    self._registered = False
-                    self._ensure_registered()
-                    return self.client.upload(batch, last_seq, key)
-                raise
+                return self._send_batch(batch, last_seq)
+            except UnknownSigner:
+                # Signed by a key not in force: if the host's root statements name it (a
+                # rotation not yet learnt), send the same batch again (idempotent).
+                if not self._learn_root():
+                    raise
+                return self._send_batch(batch, last_seq)
         except ProtocolError as exc:
             # An unsigned, forged or inconsistent acknowledgement: nothing is marked or
             # compacted; the job backs off and the batch is sent again later.
@@ -220,6 +249,25 @@ class SyncDaemon:
                 error=str(exc),
             )
             raise
+
+    def _send_batch(self, batch: UploadBatch, last_seq: int) -> Ack:
+        key = self.signing_keys
+        try:
+            return self.client.upload(batch, last_seq, key)
+        except HostError as exc:
+            if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
+                self._registered = False
+                self._ensure_registered()
+                return self.client.upload(batch, last_seq, key)
+            raise
+
+    def _learn_root(self) -> bool:
+        """Fetch the host's newer root statements; True if the root in force changed."""
+        try:
+            return self.pull_root() > 0
+        except (ListRejected, HostError, HostUnreachable) as exc:
+            log.warning("root statements unavailable", error=str(exc))
+            return False
 
     def _ensure_registered(self) -> None:
         """Enrol on first contact (with the operator's code, if configured); afterwards the
@@ -244,32 +292,67 @@ class SyncDaemon:
 
     # --- lists -------------------------------------------------------------------------------
 
+    def pull_root(self) -> int:
+        """Fetch and accept the host's newer root statements; how many were accepted. Raises
+        ListRejected for a statement the root in force did not sign, a rollback, a conflict."""
+        root = self.root
+        if root is None:
+            return 0
+        since = root.current.version
+        statements = self._retrying("root", lambda: self.client.fetch_root(since))
+        accepted = 0
+        for statement in statements:
+            try:
+                accepted += root.update(statement)
+            except RootRejected as exc:
+                log.error("root statement refused", reason=str(exc), root_version=since)
+                raise ListRejected(str(exc)) from exc
+        self.params.keys = root.current.signing_keys
+        return accepted
+
     def pull_blacklist(self) -> ApplyResult | None:
         """Fetch and apply; ``None`` if the list is unchanged. Raises ListRejected."""
+        self.pull_root()
         since = self.blacklist.version
         document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(since))
         try:
             try:
-                result = self.blacklist.apply(document, self.settings.host_public_key)
+                result = self.blacklist.apply(document, self.signing_keys)
             except BlacklistBaseMismatch:
                 log.warning("blacklist delta does not apply; asking for a snapshot", since=since)
                 document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(0))
-                result = self.blacklist.apply(document, self.settings.host_public_key)
+                result = self.blacklist.apply(document, self.signing_keys)
         except BlacklistRejected as exc:
             log.error("blacklist refused", reason=str(exc), loaded_version=self.blacklist.version)
             raise ListRejected(str(exc)) from exc
+        self._checked("blacklist", self.blacklist.checked_at)
         return result
 
     def pull_params(self) -> ParamSet | None:
+        self.pull_root()
         since = self.params.version
         document = self._retrying("params", lambda: self.client.fetch_params(since))
         if document is None:
             return None
         try:
-            return self.params.apply(document)
+            applied = self.params.apply(document)
         except ListRejected as exc:
             log.error("parameter set refused", reason=str(exc), loaded_version=since)
             raise
+        self._checked("params", self.params.checked_at)
+        return applied
+
+    def _checked(self, name: str, at: float | None) -> None:
+        """Keep when ``name`` last verified (a small file, replaced atomically)."""
+        if at is None:
+            return
+        self.checks[name] = at
+        if self.checks_file is None:
+            return
+        try:
+            write_atomically(self.checks_file, json.dumps(self.checks, sort_keys=True).encode())
+        except BlacklistFileError as exc:
+            log.warning("list check time not kept", error=str(exc))
 
     def health(self) -> dict[str, Any]:
         oldest = self.store.oldest_unsent_created_at()
@@ -283,6 +366,10 @@ class SyncDaemon:
             else round(time.time() - oldest.timestamp(), 1),
             "store_bytes": self.store.file_size(),
             "params_version": self.params.version,
+            "params_expires_at": self.params.current.expires_at if self.params.current else None,
+            "params_checked_at": self.params.checked_at,
+            "root_version": self.root.current.version if self.root else 0,
+            "lists_checked_at": dict(self.checks),
             "uptime_s": round(time.time() - self._started_at, 1),
             "errors": {n: s.last_error for n, s in self._jobs.items() if s.last_error},
         }
@@ -475,9 +562,14 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         except BlacklistFileError as exc:
             log.error("local blacklist unusable; a fresh snapshot will replace it", error=str(exc))
             blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
-        params = ParamsFile(data_dir / PARAMS_FILE, settings.host_public_key)
-        # the key the agent verifies params.json against (agent/params.py)
+        pinned = pinned_root(
+            settings.root_keys or (settings.host_public_key,), settings.root_threshold
+        )
+        root = RootFile.open(data_dir / ROOT_FILE, pinned)
+        # the chain the agent verifies params.json against (agent/params.py, agent/trust.py)
+        root.save()
         write_host_key(data_dir, settings.host_public_key)
+        params = ParamsFile(data_dir / PARAMS_FILE, root.current.signing_keys)
         client = SyncClient(
             settings.host_url, store.terminal_id, tls=settings.tls, timeout_s=settings.timeout_s
         )
@@ -494,6 +586,20 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         params=params,
         device_public_key=device_key.public_key_bytes,
         device_sign=device_key.sign,
+        root=root,
         flush_flag=data_dir / FLUSH_FLAG_FILE,
+        checks_file=data_dir / CHECKS_FILE,
+        checks=read_checks(data_dir / CHECKS_FILE),
         **options,
     )
+
+
+def read_checks(path: Path) -> dict[str, float]:
+    """The kept list check times (none if the file is absent or unreadable)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}

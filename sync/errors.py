@@ -50,6 +50,11 @@ class ProtocolError(SyncError):
     party = "host"
 
 
+class UnknownSigner(ProtocolError):
+    """An answer signed by a key that is not a signing key in force (perhaps a rotation the
+    terminal has not yet learnt: it fetches the root statements and tries once more)."""
+
+
 class ListRejected(SyncError):
     """A signed list (blacklist, parameter set) was refused: forged, older, expired, corrupt."""
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import structlog
 
-from agent.blacklist import BlacklistFileError, write_atomically
-from agent.params import ParamsRejected, verify_envelope
+from agent.blacklist import BlacklistFileError, Keys, write_atomically
+from agent.params import ParamsRejected, params_content_digest, verify_envelope
 from sync.errors import ListRejected
 
 log = structlog.get_logger(__name__)
@@ -42,7 +42,7 @@ class ParamSet:
     payload: Mapping[str, Any] = field(hash=False, repr=False)
 
 
-def verify_params(data: bytes, host_public_key: bytes) -> ParamSet:
+def verify_params(data: bytes, host_public_key: Keys) -> ParamSet:
     """Parse and verify an envelope. Raises :class:`ListRejected`."""
     try:
         payload = verify_envelope(data, host_public_key)
@@ -82,10 +82,11 @@ def check_payload(payload: Mapping[str, Any]) -> None:
 class ParamsFile:
     """The terminal's accepted parameter set, ``params.json`` next to the store."""
 
-    def __init__(self, path: Path, host_public_key: bytes) -> None:
+    def __init__(self, path: Path, host_public_key: Keys) -> None:
         self.path = path
-        self._host_key = host_public_key
+        self.keys = host_public_key  # the signing keys in force (the daemon updates them)
         self.current: ParamSet | None = None
+        self.checked_at: float | None = None  # the newest verified set from the host
         if path.exists():
             try:
                 self.current = verify_params(path.read_bytes(), host_public_key)
@@ -98,7 +99,7 @@ class ParamsFile:
 
     def apply(self, data: bytes, *, now: float | None = None) -> ParamSet:
         """Verify and store a set. Raises :class:`ListRejected` or ``BlacklistFileError``."""
-        new = verify_params(data, self._host_key)
+        new = verify_params(data, self.keys)
         moment = time.time() if now is None else now
         if new.expires_at <= moment:
             raise ListRejected(f"params: version {new.version} has expired")
@@ -109,12 +110,26 @@ class ParamsFile:
                     f"params: version {new.version} is older than the loaded version "
                     f"{current.version} (rollback refused)"
                 )
-            if new.version == current.version and new.issued_at <= current.issued_at:
-                raise ListRejected(f"params: version {new.version} replayed")
+            if new.version == current.version:
+                # A version names one set (TUF: version bound to content): a re-issue may only
+                # renew issued_at / expires_at; anything else under the same version is refused.
+                if params_content_digest(new.payload) != params_content_digest(current.payload):
+                    log.error(
+                        "params_conflict",
+                        detail="same version, other content: refused (possible attack)",
+                        version=new.version,
+                    )
+                    raise ListRejected(
+                        f"params: version {new.version} again with other content "
+                        "(refused as an attack)"
+                    )
+                if new.issued_at <= current.issued_at:
+                    raise ListRejected(f"params: version {new.version} replayed")
         try:
             write_atomically(self.path, data)
         except BlacklistFileError as exc:
             raise BlacklistFileError(f"params: could not write {self.path}: {exc}") from exc
         self.current = new
+        self.checked_at = moment
         log.info("params applied", version=new.version, effective_from=new.effective_from)
         return new

@@ -48,6 +48,11 @@ Enrolment (``POST /v1/terminals/{id}/register``)
     key); the same key again is answered 200; another key is 409 unless an operator authorised
     a rotation. Terminal ids follow :data:`agent.terminal_id.TERMINAL_ID_RULE` on every route.
 
+Root statements (``GET /v1/root?since=V``)
+    ``{"statements": [...]}``: the host's signed root statements with a version above V, oldest
+    first (``agent.trust`` documents them: root keys and threshold, the signing keys in force).
+    404 ``no_root`` when the host publishes none (its pinned key signs everything).
+
 Health: ``POST /v1/terminals/{id}/heartbeat`` with health figures.
 """
 
@@ -68,9 +73,9 @@ from urllib.parse import quote
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.blacklist import key_id_of
+from agent.blacklist import Keys, keys_by_id
 from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
-from sync.errors import ProtocolError
+from sync.errors import ProtocolError, UnknownSigner
 
 API_PREFIX = "/v1"
 PROTOCOL_VERSION = 1
@@ -98,6 +103,7 @@ def heartbeat_path(terminal_id: str) -> str:
 
 BLACKLIST_PATH = f"{API_PREFIX}/blacklist"
 PARAMS_PATH = f"{API_PREFIX}/params"
+ROOT_PATH = f"{API_PREFIX}/root"
 
 
 # --- upload ------------------------------------------------------------------------------------
@@ -311,7 +317,7 @@ class Ack:
     host_ack_seq: int = 0
 
 
-def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public_key: bytes) -> Ack:
+def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public_key: Keys) -> Ack:
     """Terminal side: verify the host's signed answer. Raises :class:`ProtocolError` when it is
     unsigned, signed by another key, for another batch or terminal, or impossible (an ack beyond
     the records this terminal has written, counts that do not add up to the batch)."""
@@ -328,12 +334,14 @@ def parse_ack(payload: Any, batch: UploadBatch, local_last_seq: int, host_public
     signature, key_id = payload.get("signature"), payload.get("key_id")
     if not isinstance(signature, str) or not signature:
         raise ProtocolError("host: upload answer is not signed; nothing is marked acknowledged")
-    if key_id != key_id_of(host_public_key).hex():
-        raise ProtocolError(
-            f"host: upload answer signed by key {str(key_id)[:40]!r}, not the configured host key"
+    by_hex = {k.hex(): v for k, v in keys_by_id(host_public_key).items()}
+    signer = by_hex.get(key_id) if isinstance(key_id, str) else None
+    if signer is None:
+        raise UnknownSigner(
+            f"host: upload answer signed by key {str(key_id)[:40]!r}, not a signing key in force"
         )
     try:
-        Ed25519PublicKey.from_public_bytes(host_public_key).verify(
+        Ed25519PublicKey.from_public_bytes(signer).verify(
             bytes.fromhex(signature), ack_signed_bytes(payload)
         )
     except (InvalidSignature, ValueError, KeyError, TypeError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from structlog.testing import capture_logs
 
 from agent import blacklist as bl
 from agent.blacklist import (
@@ -25,6 +26,7 @@ from agent.blacklist import (
     asn_of,
     decode_list,
     encode_list,
+    list_digest,
 )
 
 NOW = 1_800_000_000
@@ -36,8 +38,10 @@ class Signer:
     def __init__(self) -> None:
         self.key = Ed25519PrivateKey.generate()
         self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.lists: dict[int, set[int]] = {0: set()}  # the host's list at each version
 
     def snapshot(self, version: int, entries: list[int], *, issued: int = NOW, ttl: int = 3600):
+        self.lists[version] = set(entries)
         return encode_list(
             kind=KIND_SNAPSHOT,
             version=version,
@@ -50,6 +54,8 @@ class Signer:
         )
 
     def delta(self, base: int, version: int, add=(), remove=(), *, issued: int = NOW, ttl=3600):
+        if version not in self.lists:
+            self.lists[version] = (self.lists.get(base, set()) - set(remove)) | set(add)
         return encode_list(
             kind=KIND_DELTA,
             version=version,
@@ -58,6 +64,7 @@ class Signer:
             expires_at=issued + ttl,
             add=add,
             remove=remove,
+            content_digest=list_digest(self.lists[version]),
             sign=self.key.sign,
             public_key_raw=self.public,
         )
@@ -130,7 +137,7 @@ def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
     listed = Blacklist.open(path)
     good = signer.snapshot(1, [1, 2, 3])
     forger = Signer()
-    with pytest.raises(BlacklistRejected, match="not the configured host key"):
+    with pytest.raises(BlacklistRejected, match="not a signing key in force"):
         listed.apply(forger.snapshot(1, [1, 2, 3]), signer.public, now=NOW)
     # a forger who also copies the real key id: the signature does not verify
     forged = bytearray(forger.snapshot(1, [9]))
@@ -154,7 +161,9 @@ def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
 
 
 def test_unsorted_list_is_refused_even_when_signed(signer: Signer) -> None:
-    header = struct.pack(">8sBQQQQII", b"CBLIST01", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, 2, 0)
+    header = struct.pack(
+        ">8sBQQQQ32sII", b"CBLIST02", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, bytes(32), 2, 0
+    )
     body = header + (5).to_bytes(8, "big") + (3).to_bytes(8, "big")
     document = body + bl.key_id_of(signer.public) + signer.key.sign(body)
     with pytest.raises(BlacklistRejected, match="ascending"):
@@ -240,3 +249,40 @@ def test_million_entries_fit_and_answer_fast(signer: Signer, path: Path) -> None
     assert listed.memory_bytes() < 6.4 * len(entries) + 300_000  # 6 bytes per entry
     probes = [entries[i] for i in range(0, len(entries), 997)]
     assert all(listed.contains_asn(a) for a in probes)  # lookup speed: bench/, not a test bound
+
+
+# --- version bound to content, freeze (issue 9) ------------------------------------------------
+
+
+def test_same_version_with_other_content_is_refused_at_any_age(signer: Signer, path: Path) -> None:
+    """A version names one list: the same version with other entries is refused (logged as an
+    attack) even once the loaded list is past half its life; the same content re-issued
+    extends the expiry."""
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(5, [10, 20]), signer.public, now=NOW)
+    late = NOW + 3000  # past half of the loaded list's life
+    for forged in (
+        signer.snapshot(5, [10], issued=late),
+        signer.snapshot(5, [10, 20, 30], issued=late),
+    ):
+        with capture_logs() as logs, pytest.raises(BlacklistRejected, match="other content"):
+            listed.apply(forged, signer.public, now=late)
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["blacklist_conflict"]
+    assert listed.contains_asn(20) and not listed.contains_asn(30)
+    signer.lists[5] = {10, 20}
+    renewed = listed.apply(signer.snapshot(5, [10, 20], issued=late), signer.public, now=late)
+    assert renewed.kind == "snapshot" and listed.expires_at == late + 3600
+    assert listed.checked_at == late and listed.health()["blacklist_checked_at"] == late
+
+
+def test_delta_that_does_not_give_the_signed_content_needs_a_snapshot(
+    signer: Signer, path: Path
+) -> None:
+    """A delta's result must be the list its digest names; otherwise nothing changes and the
+    terminal asks for a snapshot (its list at the base version is not the host's)."""
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(1, [1, 2]), signer.public, now=NOW)
+    signer.lists[2] = {1, 2, 3, 99}  # the host's version 2 has a card the delta does not add
+    with pytest.raises(BlacklistBaseMismatch, match="signed content"):
+        listed.apply(signer.delta(1, 2, add=[3]), signer.public, now=NOW)
+    assert listed.version == 1 and not listed.contains_asn(3)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from structlog.testing import capture_logs
 
+from agent.blacklist import KIND_SNAPSHOT, Blacklist, asn_of, encode_list
 from agent.params import ActiveParams
 from clearinghost.keys import HostKey, sign_params
 from tests.fake_reader.scenario import make_card
@@ -119,3 +124,74 @@ def test_parameter_set_fare_applies_to_m1_cards(rig: Rig, tmp_path: Path) -> Non
     assert outcome.status == "paid", outcome
     assert outcome.fare == 120
     assert outcome.balance_after == 880
+
+
+# --- an expired blacklist: the profile's [blacklist] expired_policy (issue 9) ------------------
+
+
+def expired_list(path: Path, *listed: str) -> Blacklist:
+    """A real blacklist file whose list expired an hour ago (applied while it was fresh)."""
+    key = Ed25519PrivateKey.generate()  # TEST KEY ONLY
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    issued = int(time.time()) - 7200
+    document = encode_list(
+        kind=KIND_SNAPSHOT,
+        version=3,
+        base_version=0,
+        issued_at=issued,
+        expires_at=issued + 3600,
+        add=[asn_of(card_id) for card_id in listed],
+        sign=key.sign,
+        public_key_raw=public,
+    )
+    blacklist = Blacklist.open(path, auto_refresh_s=None)
+    blacklist.apply(document, public, now=issued)
+    return blacklist
+
+
+def with_policy(rig: Rig, policy: str, issuers: tuple[str, ...] = ()) -> None:
+    rig.engine.profile = dataclasses.replace(
+        rig.profile, blacklist_expired_policy=policy, blacklist_expired_refuse_issuers=issuers
+    )
+
+
+def test_expired_blacklist_keep_and_alarm_serves_cards_on_the_last_list(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The default: the last list stays in force (a listed card is still locked), other cards
+    pay, and every tap on the expired list logs an alarm."""
+    listed = make_card("tunion", 11, rig.keyset, balance=5000)
+    card_id = rig.tap(listed).card_id
+    rig.engine.blacklist = expired_list(tmp_path / "blacklist.bin", card_id)
+    with capture_logs() as logs:
+        other = rig.tap(make_card("legacy1001", 12, rig.keyset, balance=5000))
+        locked = rig.tap(listed)
+    assert other.status == "paid", other
+    assert locked.reason.startswith("blacklisted")
+    alarms = [e for e in logs if e["event"] == "blacklist_expired_alarm"]
+    assert alarms and alarms[0]["policy"] == "keep_and_alarm" and not alarms[0]["refused"]
+
+
+def test_expired_blacklist_refuse_issuers_refuses_only_those_issuers(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """``refuse_issuers``: cards of the listed issuers are refused ``blacklist_expired``
+    without being touched; cards of other issuers pay."""
+    with_policy(rig, "refuse_issuers", ("10000000",))  # the ADF 1001 issuer
+    rig.engine.blacklist = expired_list(tmp_path / "blacklist.bin")
+    refused_card = make_card("legacy1001", 13, rig.keyset, balance=5000)
+    refused = rig.tap(refused_card)
+    assert refused.status == "refused" and refused.reason.startswith("blacklist_expired")
+    assert refused_card.balance == 5000
+    assert rig.tap(make_card("tunion", 14, rig.keyset, balance=5000)).status == "paid"
+    rig.engine.blacklist = None  # a fresh list (here: none) serves the issuer again
+    assert rig.tap(refused_card).status == "paid"
+
+
+def test_expired_blacklist_refuse_all_refuses_every_card(rig: Rig, tmp_path: Path) -> None:
+    with_policy(rig, "refuse_all")
+    rig.engine.blacklist = expired_list(tmp_path / "blacklist.bin")
+    for family, n in (("tunion", 15), ("cjt166", 16)):
+        outcome = rig.tap(make_card(family, n, rig.keyset, balance=5000))  # type: ignore[arg-type]
+        assert outcome.reason.startswith("blacklist_expired"), outcome
+    assert rig.records() == []

@@ -24,6 +24,7 @@ from agent.blacklist import (
     Blacklist,
     asn_of,
     encode_list,
+    list_digest,
     uid_key,
 )
 from agent.errors import CardProtocolError
@@ -65,10 +66,14 @@ class HostList:
         self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.list = Blacklist.open(directory / "blacklist.bin", auto_refresh_s=None)
         self.version = 0
+        self.listed: set[int] = set()
 
     def _apply(self, kind: int, add: list[int], remove: list[int]) -> None:
         now = int(time.time())
         self.version += 1
+        if kind == KIND_SNAPSHOT:
+            self.listed = set()
+        self.listed = (self.listed - set(remove)) | set(add)
         document = encode_list(
             kind=kind,
             version=self.version,
@@ -77,6 +82,7 @@ class HostList:
             expires_at=now + 3600,
             add=sorted(add),
             remove=sorted(remove),
+            content_digest=list_digest(self.listed),
             sign=self.key.sign,
             public_key_raw=self.public,
         )

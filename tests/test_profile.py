@@ -563,3 +563,26 @@ def test_bad_sam_section_is_refused_naming_the_field(sam, message):
     raw["sam"] = copy.deepcopy(sam)
     with pytest.raises(ConfigurationError, match=message):
         parse_profile(raw)
+
+
+# --- [blacklist] expired_policy (issue 9) ---------------------------------------------------
+
+
+def test_expired_blacklist_policy_is_validated_at_load() -> None:
+    """The default keeps the last list with an alarm; an unknown policy, or refuse_issuers
+    without issuers, is refused naming the field."""
+    assert parse_profile(raw_demo()).blacklist_expired_policy == "keep_and_alarm"
+    raw = raw_demo()
+    raw.setdefault("blacklist", {})["expired_policy"] = "ignore"
+    with pytest.raises(ConfigurationError, match=r"blacklist\.expired_policy"):
+        parse_profile(raw)
+    raw["blacklist"]["expired_policy"] = "refuse_issuers"
+    with pytest.raises(ConfigurationError, match=r"blacklist\.expired_refuse_issuers"):
+        parse_profile(raw)
+    raw["blacklist"]["expired_refuse_issuers"] = ["1000", "xyz"]
+    with pytest.raises(ConfigurationError, match=r"expired_refuse_issuers\[1\]"):
+        parse_profile(raw)
+    raw["blacklist"]["expired_refuse_issuers"] = ["1000", "0101"]
+    profile = parse_profile(raw)
+    assert profile.blacklist_expired_policy == "refuse_issuers"
+    assert profile.blacklist_expired_refuse_issuers == ("1000", "0101")

@@ -356,7 +356,7 @@ def test_blacklist_faults_are_refused(tmp_path: Path, host_key: HostKey) -> None
         host.key = HostKey.generate()
         for _ in range(5):
             host.storage.publish_blacklist([asn + 99], [])
-        with pytest.raises(ListRejected, match="not the configured host key"):
+        with pytest.raises(ListRejected, match="not a signing key in force"):
             daemon.pull_blacklist()
         agent_view = Blacklist.open(terminal.data_dir / BLACKLIST_FILE)
         assert agent_view.version == 3 and agent_view.contains_asn(asn + 2)

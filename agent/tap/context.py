@@ -7,7 +7,9 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import structlog
 
 from agent.errors import AgentError, SamUnavailable, TapRefused
 from agent.offline_store import OfflineStore, Record, RecordBody
@@ -19,12 +21,23 @@ from agent.tap.journal import Journal
 from agent.tap.outcome import PhaseTimer, TapOutcome
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 
 class BlacklistLookup(Protocol):
     """What the engine needs of the blacklist (:class:`agent.blacklist.Blacklist`)."""
 
     def contains(self, card_id: str) -> bool: ...
+
+
+@runtime_checkable
+class ExpiringList(Protocol):
+    """A blacklist that knows when it expires (:class:`agent.blacklist.Blacklist` does)."""
+
+    version: int
+    expires_at: int
+
+    def is_expired(self, now: float | None = None) -> bool: ...
 
 
 class SamRoutes(Protocol):
@@ -81,8 +94,39 @@ class TapContext:
         except SamUnavailable as exc:
             raise TapRefused("sam_unavailable", str(exc)) from exc
 
-    def blacklisted(self, card_id: str) -> bool:
-        return self.blacklist is not None and self.blacklist.contains(card_id)
+    def blacklisted(self, card_id: str, *, issuer: str = "", city: str = "") -> bool:
+        """True if the card is listed (the handler locks it). A card not listed while the
+        list has expired meets the profile's ``[blacklist] expired_policy``: kept with an
+        alarm, or refused ``blacklist_expired`` (all cards, or those of the listed issuers)."""
+        if self.blacklist is None:
+            return False
+        if self.blacklist.contains(card_id):
+            return True  # a listed card is locked on any list, expired or not
+        listed = self.blacklist
+        if not isinstance(listed, ExpiringList) or not listed.is_expired(self.now.timestamp()):
+            return False
+        policy = self.profile.blacklist_expired_policy
+        refused = policy == "refuse_all" or (
+            policy == "refuse_issuers"
+            and any(
+                (issuer and issuer.startswith(entry)) or city == entry
+                for entry in self.profile.blacklist_expired_refuse_issuers
+            )
+        )
+        log.warning(
+            "blacklist_expired_alarm",
+            policy=policy,
+            version=listed.version,
+            expired_s=round(self.now.timestamp() - listed.expires_at),
+            card_id=card_id,
+            refused=refused,
+        )
+        if refused:
+            raise TapRefused(
+                "blacklist_expired",
+                f"blacklist version {listed.version} expired; policy {policy} refuses this card",
+            )
+        return False
 
     def check_double_tap(self, card_id: str) -> None:
         check_double_tap(self.store, self.profile, card_id, self.now)

@@ -171,7 +171,9 @@ class M1Handler:
         if locks:
             with ctx.phase("recover"):
                 self._resolve_lock(ctx, card, locks)
-        if not m1_lock.is_flagged(self.layout, state.pub_p) and ctx.blacklisted(card.card_id):
+        if not m1_lock.is_flagged(self.layout, state.pub_p) and ctx.blacklisted(
+            card.card_id, city=card.issuance.city_code.hex().upper()
+        ):
             with ctx.phase("lock"):
                 self._lock(ctx, card)
         with ctx.phase("qualify"):
