@@ -138,6 +138,7 @@ class Dialect:
     serial_length: int = 10  # the last 8 bytes are the ASN the PSAM diversifies with (§2.3)
     serial_sfi: int = 0  # 0: the serial is in the info file; else READ BINARY of this SFI
     serial_file_length: int = 0
+    serial_in_mf: bool = False  # the serial file sits in the MF: SELECT 3F00, read, re-SELECT
     start_date_at: int = 20
     expiry_date_at: int = 24
     city_at: int = 2  # BCD city code in the info file (CJ/T 166 §2.3), unless management data
@@ -164,7 +165,13 @@ def standard_dialects() -> tuple[Dialect, ...]:
             management=Management.EF17,
             printed=PrintedNumber(10, 10, NumberEncoding.HEX, drop_digits=1),
         ),
-        Dialect("cjt166", f"{std} (EF15 CJ/T 166 layout)", Family.CJT166),
+        Dialect(
+            "cjt166",
+            f"{std} (EF15 CJ/T 166 layout); number: the ASN EF15[12..19] as nfcim/nfsee "
+            "assets/read.js ReadCityUnion shows it",
+            Family.CJT166,
+            printed=PrintedNumber(12, 8, NumberEncoding.HEX),
+        ),
         Dialect("legacy1001", f"{std} (EF15 CJ/T 166 layout behind ADF 1001)", Family.LEGACY_1001),
     )
 
@@ -597,7 +604,8 @@ _DIALECT_KEYS = frozenset(
     {
         "name", "source", "family", "df_name", "issuer_prefix", "info_sfi", "info_length",
         "issuer_at", "issuer_length", "application_type_at", "enable_flag_at", "serial_at",
-        "serial_length", "serial_sfi", "serial_file_length", "start_date_at", "expiry_date_at",
+        "serial_length", "serial_sfi", "serial_file_length", "serial_in_mf", "start_date_at",
+        "expiry_date_at",
         "city_at", "management", "purse", "number_at", "number_length", "number_encoding",
         "number_drop_digits", "number_check_digit", "number_file",
     }
@@ -672,6 +680,11 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
     serial_file_length = num("serial_file_length", 0, MAX_INFO_LENGTH, 0)
     if serial_sfi and not serial_file_length:
         raise r.fail(f"{at}.serial_file_length", "is required with serial_sfi", 0)
+    serial_in_mf = raw.get("serial_in_mf", False)
+    if not isinstance(serial_in_mf, bool):
+        raise r.fail(f"{at}.serial_in_mf", "must be true or false", serial_in_mf)
+    if serial_in_mf and not serial_sfi:
+        raise r.fail(f"{at}.serial_in_mf", "needs serial_sfi", serial_in_mf)
     serial_space = serial_file_length if serial_sfi else info_length
     purse = raw.get("purse", "ep")
     if purse not in PURSES:
@@ -700,6 +713,7 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
         serial_length=num("serial_length", 8, 10, 10),
         serial_sfi=serial_sfi,
         serial_file_length=serial_file_length,
+        serial_in_mf=serial_in_mf,
         start_date_at=num("start_date_at", 0, info_length - 4, 20),
         expiry_date_at=num("expiry_date_at", 0, info_length - 4, 24),
         city_at=num("city_at", 0, info_length - 2, 2),

@@ -210,6 +210,13 @@ def select_application(app: ApplicationProfile) -> Step[bytes]:
     return _card(response, command)
 
 
+def _select_again(app: ApplicationProfile) -> Command:
+    """The SELECT that makes the purse application current again (after reading in the MF)."""
+    if app.select is Selection.FID:
+        return select_by_fid(b"\x10\x01", "ADF 1001")
+    return select_by_name(app.aid, f"AID {app.aid.hex().upper()}")
+
+
 def _ppse_aids(fci: bytes, command: Command) -> dict[bytes, str]:
     """AIDs (tag 4F) and labels (tag 50) of the PPSE directory entries (tag 61)."""
     try:
@@ -319,8 +326,14 @@ def read_card(
             )
     serial_file: bytes | None = None
     if dialect.serial_sfi:
+        if dialect.serial_in_mf:  # e.g. Chongqing EF05 (§2.3 "Other files"; S9 reads it in MF)
+            command = select_by_fid(b"\x3f\x00", "MF 3F00")
+            _card((yield command), command)
         command = read_binary_sfi(dialect.serial_sfi, dialect.serial_file_length)
         serial_file = _card((yield command), command, min_length=dialect.serial_file_length)
+        if dialect.serial_in_mf:
+            command = _select_again(app)
+            _card((yield command), command)
     command = get_balance_for(dialect.purse)
     raw_balance = _card((yield command), command, length=4)
     # Readers mask the top bit of GET BALANCE (§1: S1, S9).
@@ -328,9 +341,9 @@ def read_card(
     return parse_card(app, info, management, balance, dialect=dialect, serial_file=serial_file)
 
 
-# GB/T 38444 ETC cards name their issuer in GBK: 4 bytes of province name (云南 D4C6C4CF,
-# 广东 B9E3B6AB, ...) where transit purses keep BCD/hex issuer codes (HoLiu... see
-# tests/golden_cards/yunnan-etc.json; xinhw/ReloadDaemonDll lists them by province).
+# Highway ETC cards name their issuer in GBK: 4 bytes of province name (云南 D4C6C4CF, ...)
+# where transit purses keep BCD/hex issuer codes. Recording: vicliu624/PCSCTool README.md
+# (tests/golden_cards/yunnan-etc-pcsctool.json); cpu-purse.md §11 P6 (ETC EF15, 43 bytes).
 def _gbk_text(raw: bytes) -> str | None:
     """Two GB2312 hanzi (first bytes B0..F7, second A1..FE), decoded; else ``None``."""
     if len(raw) < 4 or not all(
