@@ -296,11 +296,22 @@ def read_card(
         )
     not_a_transit_purse(facts, None)
     info = facts.info
-    if info is None:
-        sfi = candidates[0].info_sfi
-        length = max(d.info_length for d in candidates if d.info_sfi == sfi)
-        command = read_binary_sfi(sfi, length)
-        info = _card((yield command), command, min_length=16)
+    if info is not None and any(d.info_sfi == 0x15 for d in candidates):
+        candidates = [d for d in candidates if d.info_sfi == 0x15]  # 9F0C copies EF15 (§2.2)
+    else:
+        # The info file of the first candidate; a card without that file (6A82) is tried
+        # with the next candidate's (Beijing keeps it in EF04, most cards in EF15).
+        sfis = list(dict.fromkeys(d.info_sfi for d in candidates))
+        for i, sfi in enumerate(sfis):
+            length = max(d.info_length for d in candidates if d.info_sfi == sfi)
+            command = read_binary_sfi(sfi, length)
+            response = yield command
+            if response.sw in SW_FILE_NOT_FOUND and i + 1 < len(sfis):
+                continue
+            info = _card(response, command, min_length=16)
+            candidates = [d for d in candidates if d.info_sfi == sfi]
+            break
+    assert info is not None
     not_a_transit_purse(facts, info)
     dialect = next((d for d in candidates if d.matches(app.family, facts.df_name, info)), None)
     if dialect is None:
