@@ -415,3 +415,42 @@ def test_demo_profile_still_uses_the_standard_layouts() -> None:
     """Profiles without dialects keep the old behaviour (the §2.3 layouts)."""
     profile = parse_profile(copy.deepcopy(raw_demo()))
     assert profile.dialects == standard_dialects()
+
+
+# --- the printed number in the tap outcome, the log line and the record (issue 15, item d) -----
+
+
+def test_tap_outcome_log_and_record_carry_the_printed_number(tmp_path: Path) -> None:
+    """A paid tap reports the printed number in its outcome and tap log line and signs it into
+    the record body next to the card id (the raw serial hex the blacklist and intents key on)."""
+    from structlog.testing import capture_logs
+
+    from tests.fake_reader.scenario import make_card
+    from tests.rig import Rig
+
+    szt = Dialect(
+        "szt-like",
+        "test: a PAY.SZT card whose number is little-endian EF15[16..19]",
+        Family.LEGACY_1001,
+        df_name=b"PAY.SZT",
+        printed=PrintedNumber(16, 4, NumberEncoding.DECIMAL_LE),
+    )
+    rig = Rig(tmp_path, dialects=(szt, *standard_dialects()))
+    try:
+        with capture_logs() as logs:
+            tunion = rig.tap(make_card("tunion", 1, rig.keyset))
+            legacy = rig.tap(make_card("legacy1001", 2, rig.keyset, df_name=b"PAY.SZT"))
+        assert tunion.status == legacy.status == "paid"
+        assert tunion.printed_number == tunion.card_id[1:]  # T-Union: drop the leading 0
+        serial = bytes.fromhex(legacy.card_id)
+        assert legacy.printed_number == str(int.from_bytes(serial[6:10], "little"))
+        lines = [e for e in logs if e["event"] == "tap"]
+        assert [e["printed"] for e in lines] == [tunion.printed_number, legacy.printed_number]
+        records = list(rig.store.records())
+        assert [(r.card_id, r.fields["printed_number"]) for r in records] == [
+            (tunion.card_id, tunion.printed_number),
+            (legacy.card_id, legacy.printed_number),
+        ]
+        assert rig.store.verify().ok
+    finally:
+        rig.close()
