@@ -311,7 +311,8 @@ def read_card(
             info = _card(response, command, min_length=16)
             candidates = [d for d in candidates if d.info_sfi == sfi]
             break
-    assert info is not None
+    if info is None:  # every path above reads it or raises; kept for the type checker
+        raise CardProtocolError("no info file read")
     not_a_transit_purse(facts, info)
     dialect = next((d for d in candidates if d.matches(app.family, facts.df_name, info)), None)
     if dialect is None:
