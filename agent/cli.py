@@ -143,6 +143,8 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     profile = load_profile(args.path)
     apps = ", ".join(f"{a.family.value}/{a.flow.value}" for a in profile.applications)
     print(f"{args.path}: OK ({profile.kind.value} profile '{profile.name}': {apps})")
+    dialects = ", ".join(d.name for d in profile.dialects)
+    print(f"issuer dialects, tried in this order: {dialects}")
     return 0
 
 

@@ -74,6 +74,108 @@ class ApplicationProfile:
     ef1e_industry: int = 0x02  # bus (cpu-purse.md §2.3 EF1E byte 9)
 
 
+class Management(enum.Enum):
+    """Where a card keeps its T-Union management data (country, province, city, interop flag,
+    card catalogue: cpu-purse.md §2.3 EF17 layout)."""
+
+    NONE = "none"  # no management data: the city comes from the info file
+    EF17 = "ef17"  # READ BINARY EF17 (SFI 0x17), JT/T 978
+    FCI_DF11 = "fci-df11"  # the same bytes in tag DF11 of the SELECT answer (Lingnan Pass T-Union)
+
+
+class NumberEncoding(enum.Enum):
+    """How the printed card number is written in the card's bytes."""
+
+    HEX = "hex"  # the bytes' hex digits (BCD numbers: T-Union, Beijing, Lingnan Pass)
+    DECIMAL_BE = "decimal-be"  # an unsigned big-endian integer in decimal (Shanghai CJ/T 166)
+    DECIMAL_LE = "decimal-le"  # an unsigned little-endian integer in decimal (Shenzhen Tong)
+
+
+class CheckDigit(enum.Enum):
+    NONE = "none"
+    # One more digit making the digit sum a multiple of 10, printed in parentheses
+    # (Metrodroid NewShenzhenTransitData.formatSerial).
+    DIGIT_SUM_10 = "digit-sum-10"
+
+
+PURSES = {"ep": 0x02, "ed": 0x01}  # GET BALANCE / INITIALIZE P2 (§3.1, §3.7): 02 EP, 01 ED
+
+
+@dataclass(frozen=True, slots=True)
+class PrintedNumber:
+    """Where the number printed on the card is (issue 15: it is not the raw serial)."""
+
+    at: int
+    length: int
+    encoding: NumberEncoding
+    drop_digits: int = 0  # leading digits to drop (T-Union: the leading 0 nibble, §2.3)
+    check_digit: CheckDigit = CheckDigit.NONE
+    source_file: str = "info"  # "info" (EF15 or the FCI copy) | "serial" (the serial file)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """One issuer's way of laying out a purse application (profile data, issue 15).
+
+    Matched, in profile order, on the application family, the FCI DF name (tag 84) and the
+    first bytes of the info file (issuer id); then says where the info file's fields are, where
+    the management data lives, which purse is debited and how the printed number is derived.
+    Offsets are into the info file (EF15, or FCI tag 9F0C when the card copies it there).
+    """
+
+    name: str
+    source: str
+    family: Family
+    df_name: bytes = b""  # FCI tag 84 must equal this; empty: any
+    issuer_prefix: bytes = b""  # the info file must start with this; empty: any
+    info_sfi: int = 0x15
+    info_length: int = 30
+    issuer_at: int = 0
+    issuer_length: int = 8
+    application_type_at: int = 8
+    enable_flag_at: int = 9
+    serial_at: int = 10
+    serial_length: int = 10  # the last 8 bytes are the ASN the PSAM diversifies with (§2.3)
+    serial_sfi: int = 0  # 0: the serial is in the info file; else READ BINARY of this SFI
+    serial_file_length: int = 0
+    serial_in_mf: bool = False  # the serial file sits in the MF: SELECT 3F00, read, re-SELECT
+    start_date_at: int = 20
+    expiry_date_at: int = 24
+    city_at: int = 2  # BCD city code in the info file (CJ/T 166 §2.3), unless management data
+    management: Management = Management.NONE
+    purse: int = 0x02
+    printed: PrintedNumber = PrintedNumber(10, 10, NumberEncoding.HEX)
+
+    def matches(self, family: Family, df_name: bytes | None, info: bytes | None) -> bool:
+        if family is not self.family:
+            return False
+        if self.df_name and df_name != self.df_name:
+            return False
+        return info is None or info.startswith(self.issuer_prefix)
+
+
+def standard_dialects() -> tuple[Dialect, ...]:
+    """The layouts of cpu-purse.md §2.3, used after a profile's own dialects."""
+    std = "shared/spec/cpu-purse.md §2.3"
+    return (
+        Dialect(
+            "t-union",
+            f"{std} (EF15 T-Union layout, EF17)",
+            Family.TUNION,
+            management=Management.EF17,
+            printed=PrintedNumber(10, 10, NumberEncoding.HEX, drop_digits=1),
+        ),
+        Dialect(
+            "cjt166",
+            f"{std} (EF15 CJ/T 166 layout); number: the ASN EF15[12..19] as nfcim/nfsee "
+            "assets/read.js ReadCityUnion shows it",
+            Family.CJT166,
+            printed=PrintedNumber(12, 8, NumberEncoding.HEX),
+        ),
+        Dialect("legacy1001", f"{std} (EF15 CJ/T 166 layout behind ADF 1001)", Family.LEGACY_1001),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReaderProfile:
     """``url``: serial port / ``socket://`` URL (serial) or nfcpy device path (nfcpy).
@@ -168,26 +270,46 @@ class Profile:
     #   refuse_all       every card not already locked is refused (blacklist_expired)
     blacklist_expired_policy: str = "keep_and_alarm"
     blacklist_expired_refuse_issuers: tuple[str, ...] = ()
+    # Issuer dialects (issue 15): the profile's own, then the standard layouts of §2.3.
+    dialects: tuple[Dialect, ...] = field(default_factory=standard_dialects)
 
     @property
     def is_production(self) -> bool:
         return self.kind is ProfileKind.PRODUCTION
 
 
-def load_profile(path: Path | str) -> Profile:
-    """Read and validate a profile file."""
-    path = Path(path)
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigurationError(f"profile {path}: file not found") from exc
+        raise ConfigurationError(f"{what} {path}: file not found") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigurationError(f"profile {path}: unreadable: {exc}") from exc
-    return parse_profile(raw, source=str(path))
+        raise ConfigurationError(f"{what} {path}: unreadable: {exc}") from exc
 
 
-def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
-    """Validate a profile already parsed from TOML."""
+def load_profile(path: Path | str) -> Profile:
+    """Read and validate a profile file (and the dialect fragments it names, relative to it)."""
+    path = Path(path)
+    raw = _read_toml(path, "profile")
+    return parse_profile(raw, source=str(path), base_dir=path.parent)
+
+
+def load_dialects(path: Path | str) -> tuple[Dialect, ...]:
+    """Read and validate a dialect fragment: a TOML file of ``[[dialect]]`` tables only."""
+    path = Path(path)
+    raw = _read_toml(path, "dialect file")
+    r = _Reader(raw, str(path))
+    r.only_known("", raw, ("dialect",))
+    return tuple(
+        _dialect(r, f"dialect[{i}]", table) for i, table in enumerate(r.list_of_tables("dialect"))
+    )
+
+
+def parse_profile(
+    raw: Mapping[str, Any], source: str = "<profile>", *, base_dir: Path | None = None
+) -> Profile:
+    """Validate a profile already parsed from TOML. ``cpu_purse.dialect_files`` are read
+    relative to ``base_dir`` (the profile's directory; the working directory if not given)."""
     r = _Reader(raw, source)
     kind = r.enum("profile.kind", ProfileKind)
     test_keys = tuple(r.list_of_tables("test_keys.keys", required=False))
@@ -248,6 +370,7 @@ def parse_profile(raw: Mapping[str, Any], source: str = "<profile>") -> Profile:
         ),
         m1_purse=_m1_purse(r),
         **_expired_blacklist_policy(r),
+        dialects=_dialects(r, applications, base_dir),
     )
 
 
@@ -506,6 +629,147 @@ def _application(r: _Reader) -> ApplicationProfile:
         ef17_length=r.integer("ef17_length", minimum=11, maximum=0x3C, default=0x3C),
         ef1e_industry=r.integer("ef1e_industry", minimum=0, maximum=0xFF, default=0x02),
     )
+
+
+_DIALECT_KEYS = frozenset(
+    {
+        "name", "source", "family", "df_name", "issuer_prefix", "info_sfi", "info_length",
+        "issuer_at", "issuer_length", "application_type_at", "enable_flag_at", "serial_at",
+        "serial_length", "serial_sfi", "serial_file_length", "serial_in_mf", "start_date_at",
+        "expiry_date_at",
+        "city_at", "management", "purse", "number_at", "number_length", "number_encoding",
+        "number_drop_digits", "number_check_digit", "number_file",
+    }
+)  # fmt: skip
+MAX_INFO_LENGTH = 0xFF  # one short READ BINARY
+
+
+def _dialects(
+    r: _Reader, applications: tuple[ApplicationProfile, ...], base_dir: Path | None
+) -> tuple[Dialect, ...]:
+    """``cpu_purse.dialects`` (inline) and ``cpu_purse.dialect_files`` (fragments), in that
+    order, then (unless ``cpu_purse.standard_dialects = false``) the §2.3 layouts. Every family
+    of ``cpu_purse.applications`` needs a dialect; names are unique."""
+    found = [
+        _dialect(r, f"cpu_purse.dialects[{i}]", table)
+        for i, table in enumerate(r.list_of_tables("cpu_purse.dialects", required=False))
+    ]
+    files = r.get("cpu_purse.dialect_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise r.fail("cpu_purse.dialect_files", "must be a list of file names", files)
+    for i, name in enumerate(files):
+        path = (base_dir or Path.cwd()) / name
+        try:
+            found.extend(load_dialects(path))
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"{r.source}: field 'cpu_purse.dialect_files[{i}]': {exc}"
+            ) from exc
+    if r.boolean("cpu_purse.standard_dialects", default=True):
+        found.extend(standard_dialects())
+    names: set[str] = set()
+    for dialect in found:
+        if dialect.name in names:
+            raise r.fail("cpu_purse.dialects", "names a dialect twice", dialect.name)
+        names.add(dialect.name)
+    for app in applications:
+        if not any(d.family is app.family for d in found):
+            raise r.fail(
+                "cpu_purse.dialects", f"has no dialect for family {app.family.value!r}", None
+            )
+    return tuple(found)
+
+
+def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
+    """One dialect table, validated whole: every field inside the file it reads."""
+    r.only_known(at, raw, _DIALECT_KEYS)
+
+    def num(key: str, low: int, high: int, default: int) -> int:
+        return r.int_value(f"{at}.{key}", raw.get(key, default), low, high)
+
+    def hex_(key: str, high: int) -> bytes:
+        return _hex_field(r, f"{at}.{key}", raw.get(key, ""), 1, high)
+
+    def choice(key: str, cls: type[E], default: E) -> E:
+        value = raw.get(key, default.value)
+        try:
+            return cls(value)
+        except ValueError as exc:
+            options = ", ".join(str(m.value) for m in cls)
+            raise r.fail(f"{at}.{key}", f"must be one of {options}", value) from exc
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise r.fail(f"{at}.name", "must be a non-empty string", name)
+    source = raw.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise r.fail(f"{at}.source", "must cite where the layout comes from", source)
+    if "family" not in raw:
+        raise r.fail(f"{at}.family", "is required", None)
+    info_length = num("info_length", 16, MAX_INFO_LENGTH, 30)
+    serial_sfi = num("serial_sfi", 0, 30, 0)
+    serial_file_length = num("serial_file_length", 0, MAX_INFO_LENGTH, 0)
+    if serial_sfi and not serial_file_length:
+        raise r.fail(f"{at}.serial_file_length", "is required with serial_sfi", 0)
+    serial_in_mf = raw.get("serial_in_mf", False)
+    if not isinstance(serial_in_mf, bool):
+        raise r.fail(f"{at}.serial_in_mf", "must be true or false", serial_in_mf)
+    if serial_in_mf and not serial_sfi:
+        raise r.fail(f"{at}.serial_in_mf", "needs serial_sfi", serial_in_mf)
+    serial_space = serial_file_length if serial_sfi else info_length
+    purse = raw.get("purse", "ep")
+    if purse not in PURSES:
+        raise r.fail(f"{at}.purse", f"must be one of {', '.join(PURSES)}", purse)
+    number_file = raw.get("number_file", "info")
+    if number_file not in ("info", "serial"):
+        raise r.fail(f"{at}.number_file", "must be one of info, serial", number_file)
+    if number_file == "serial" and not serial_sfi:
+        raise r.fail(f"{at}.number_file", "'serial' needs serial_sfi", number_file)
+    encoding = choice("number_encoding", NumberEncoding, NumberEncoding.HEX)
+    number_space = serial_space if number_file == "serial" else info_length
+    max_number = number_space if encoding is NumberEncoding.HEX else 8  # 64-bit integers
+    dialect = Dialect(
+        name=name,
+        source=source,
+        family=choice("family", Family, Family.LEGACY_1001),
+        df_name=hex_("df_name", 16),
+        issuer_prefix=hex_("issuer_prefix", 8),
+        info_sfi=num("info_sfi", 1, 30, 0x15),
+        info_length=info_length,
+        issuer_at=num("issuer_at", 0, info_length - 1, 0),
+        issuer_length=num("issuer_length", 1, 8, 8),
+        application_type_at=num("application_type_at", -1, info_length - 1, 8),
+        enable_flag_at=num("enable_flag_at", -1, info_length - 1, 9),
+        serial_at=num("serial_at", 0, serial_space - 8, 10),
+        serial_length=num("serial_length", 8, 10, 10),
+        serial_sfi=serial_sfi,
+        serial_file_length=serial_file_length,
+        serial_in_mf=serial_in_mf,
+        start_date_at=num("start_date_at", 0, info_length - 4, 20),
+        expiry_date_at=num("expiry_date_at", 0, info_length - 4, 24),
+        city_at=num("city_at", 0, info_length - 2, 2),
+        management=choice("management", Management, Management.NONE),
+        purse=PURSES[purse],
+        printed=PrintedNumber(
+            at=num("number_at", 0, number_space - 1, 10),
+            length=num("number_length", 1, max_number, 10),
+            encoding=encoding,
+            drop_digits=num("number_drop_digits", 0, 19, 0),
+            check_digit=choice("number_check_digit", CheckDigit, CheckDigit.NONE),
+            source_file=number_file,
+        ),
+    )
+    ends = (
+        ("issuer_length", dialect.issuer_at + dialect.issuer_length, info_length),
+        ("serial_length", dialect.serial_at + dialect.serial_length, serial_space),
+        ("number_length", dialect.printed.at + dialect.printed.length, number_space),
+    )
+    for key, end, space in ends:
+        if end > space:
+            raise r.fail(f"{at}.{key}", f"runs past the {space}-byte file (ends at {end})", end)
+    if dialect.management is Management.EF17 and dialect.family is not Family.TUNION:
+        raise r.fail(f"{at}.management", "'ef17' is the T-Union file (family tunion)", "ef17")
+    return dialect
 
 
 _MISSING = object()

@@ -125,6 +125,7 @@ def test_profile_check(tmp_path: Path) -> None:
     ok = cardagent("profile", str(DEMO_PROFILE))
     assert ok.returncode == 0
     assert "test profile 'test-city-demo'" in ok.stdout
+    assert "issuer dialects, tried in this order: t-union, cjt166, legacy1001" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(DEMO_PROFILE.read_text().replace("flat_fare = 200", "flat_fare = -5"))
     result = cardagent("profile", str(bad))

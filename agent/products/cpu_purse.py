@@ -13,14 +13,26 @@ Command references are to ``shared/spec/cpu-purse.md``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from agent import tlv
 from agent.apdu import LOCKED_SELECT_SW, Command, Party, Response, describe_sw, require
 from agent.errors import CardProtocolError, ConfigurationError, TapRefused
-from agent.profile import ApplicationProfile, Family, Flow, Profile, Selection
+from agent.profile import (
+    ApplicationProfile,
+    CheckDigit,
+    Dialect,
+    Family,
+    Flow,
+    Management,
+    NumberEncoding,
+    PrintedNumber,
+    Profile,
+    Selection,
+    standard_dialects,
+)
 
 T = TypeVar("T")
 Step = Generator[Command, Response, T]
@@ -53,19 +65,22 @@ class CpuCard:
     family: Family
     aid: bytes
     issuer_id: bytes  # EF15[0..7]: first-level diversification factor (T-Union)
-    application_type: int  # EF15[8]
-    enable_flag: int  # EF15[9]
-    serial: bytes  # EF15[10..19] application serial number; [12..19] is the ASN
+    application_type: int | None  # EF15[8] (where the dialect has one)
+    enable_flag: int | None  # EF15[9] (where the dialect has one)
+    serial: bytes  # EF15[10..19] application serial number (8..10 bytes); the last 8: the ASN
     start: dt.date
     expiry: dt.date
-    city_code: str  # T-Union EF17[6..7]; CJ/T 166 EF15[2..3]; ADF 1001 EF15[2..3]
+    city_code: str  # T-Union EF17[6..7] / FCI DF11; CJ/T 166 and ADF 1001: EF15[2..3]
     interop_flag: int | None  # T-Union EF17[8..9]
     card_type: int | None  # T-Union EF17[10]
     balance: int
+    printed_number: str = ""  # as printed on the card, derived by the dialect (issue 15)
+    dialect: str = ""
+    purse: int = 0x02  # GET BALANCE / INITIALIZE P2: 02 EP, 01 ED
 
     @property
     def asn(self) -> bytes:
-        return self.serial[2:]
+        return self.serial[-8:]
 
     @property
     def card_id(self) -> str:
@@ -127,12 +142,12 @@ def get_balance_command() -> Command:
 
 
 def initialize_purchase_command(
-    flow: Flow, key_index: int, amount: int, terminal: bytes
+    flow: Flow, key_index: int, amount: int, terminal: bytes, purse: int = 0x02
 ) -> Command:
     p1 = 0x03 if flow is Flow.COMPOUND else 0x01
     data = bytes((key_index,)) + amount.to_bytes(4, "big") + terminal
     name = "INITIALIZE FOR CAPP PURCHASE" if flow is Flow.COMPOUND else "INITIALIZE FOR PURCHASE"
-    return Command(0x80, 0x50, p1, 0x02, data, le=0x0F, name=name)
+    return Command(0x80, 0x50, p1, purse, data, le=0x0F, name=name)
 
 
 def update_capp_command(p1: int, p2: int, record: bytes) -> Command:
@@ -195,6 +210,13 @@ def select_application(app: ApplicationProfile) -> Step[bytes]:
     return _card(response, command)
 
 
+def _select_again(app: ApplicationProfile) -> Command:
+    """The SELECT that makes the purse application current again (after reading in the MF)."""
+    if app.select is Selection.FID:
+        return select_by_fid(b"\x10\x01", "ADF 1001")
+    return select_by_name(app.aid, f"AID {app.aid.hex().upper()}")
+
+
 def _ppse_aids(fci: bytes, command: Command) -> dict[bytes, str]:
     """AIDs (tag 4F) and labels (tag 50) of the PPSE directory entries (tag 61)."""
     try:
@@ -211,63 +233,235 @@ def _ppse_aids(fci: bytes, command: Command) -> dict[bytes, str]:
     return entries
 
 
-def read_card(app: ApplicationProfile, fci: bytes) -> Step[CpuCard]:
-    """Read EF15 (from FCI tag 9F0C when present), EF17 for T-Union, and the balance (§6.1)."""
-    ef15 = _ef15_from_fci(fci)
-    if ef15 is None:
-        command = read_binary_sfi(0x15, 0x1E)
-        ef15 = _card((yield command), command, min_length=30)[:30]
-    ef17: bytes | None = None
-    if app.family is Family.TUNION:
+@dataclass(frozen=True, slots=True)
+class FciFacts:
+    """What a SELECT answer says about the application (§2.2): DF name (84), label (50), the
+    info-file copy (9F0C), management data (DF11, Lingnan Pass T-Union)."""
+
+    df_name: bytes | None
+    label: str
+    info: bytes | None
+    management: bytes | None
+
+
+def parse_fci(fci: bytes) -> FciFacts:
+    """The tags of an FCI; an empty answer (a card that returns only 9000) has none."""
+    if not fci:
+        return FciFacts(None, "", None, None)
+    try:
+        nodes = tlv.parse(fci)
+    except tlv.TlvError as exc:
+        raise CardProtocolError(f"SELECT: malformed FCI: {exc}") from exc
+
+    def value(tag: int) -> bytes | None:
+        for node in nodes:
+            found = node if node.tag == tag else node.find(tag)
+            if found is not None:
+                return found.value
+        return None
+
+    label = value(0x50)
+    return FciFacts(
+        df_name=value(0x84),
+        label=label.decode("ascii", "replace") if label else "",
+        info=value(0x9F0C),
+        management=value(0xDF11),
+    )
+
+
+def get_balance_for(purse: int) -> Command:
+    """GET BALANCE of the EP (P2 02) or the ED (P2 01), §3.7."""
+    return Command(0x80, 0x5C, 0x00, purse, le=0x04, name="GET BALANCE")
+
+
+def read_card(
+    app: ApplicationProfile, fci: bytes, dialects: Sequence[Dialect] | None = None
+) -> Step[CpuCard]:
+    """Read the card the way its issuer's dialect says (§6.1, issue 15).
+
+    The dialect is the first of ``dialects`` (default: the §2.3 layouts) that fits the
+    family and the FCI DF name, then the start of the info file (FCI tag 9F0C, else READ
+    BINARY of the dialect's info file). A card whose info file says it is no transit purse (a
+    highway ETC card behind ADF 1001) is refused ``not_a_transit_purse``. Then the
+    management data (EF17 or FCI tag DF11), a serial file if the dialect has one, and GET
+    BALANCE of the dialect's purse.
+    """
+    candidates = [d for d in (dialects or standard_dialects()) if d.family is app.family]
+    facts = parse_fci(fci)
+    candidates = [d for d in candidates if d.matches(app.family, facts.df_name, None)]
+    if not candidates:
+        name = facts.df_name.hex().upper() if facts.df_name else "none"
+        raise TapRefused(
+            "unknown_card", f"no dialect of family {app.family.value} for DF name {name}"
+        )
+    not_a_transit_purse(facts, None)
+    info = facts.info
+    if info is not None and any(d.info_sfi == 0x15 for d in candidates):
+        candidates = [d for d in candidates if d.info_sfi == 0x15]  # 9F0C copies EF15 (§2.2)
+    else:
+        # The info file of the first candidate; a card without that file (6A82) is tried
+        # with the next candidate's (Beijing keeps it in EF04, most cards in EF15).
+        sfis = list(dict.fromkeys(d.info_sfi for d in candidates))
+        for i, sfi in enumerate(sfis):
+            length = max(d.info_length for d in candidates if d.info_sfi == sfi)
+            command = read_binary_sfi(sfi, length)
+            response = yield command
+            if response.sw in SW_FILE_NOT_FOUND and i + 1 < len(sfis):
+                continue
+            info = _card(response, command, min_length=16)
+            candidates = [d for d in candidates if d.info_sfi == sfi]
+            break
+    if info is None:  # every path above reads it or raises; kept for the type checker
+        raise CardProtocolError("no info file read")
+    not_a_transit_purse(facts, info)
+    dialect = next((d for d in candidates if d.matches(app.family, facts.df_name, info)), None)
+    if dialect is None:
+        raise TapRefused(
+            "unknown_card",
+            f"no dialect of family {app.family.value} for an info file starting "
+            f"{info[:8].hex().upper()}",
+        )
+    if len(info) < dialect.info_length:
+        raise CardProtocolError(
+            f"info file (EF{dialect.info_sfi:02X}) is {len(info)} bytes, dialect "
+            f"{dialect.name} needs {dialect.info_length}"
+        )
+    management: bytes | None = None
+    if dialect.management is Management.EF17:
         command = read_binary_sfi(0x17, app.ef17_length)
-        ef17 = _card((yield command), command, min_length=11)
-    command = get_balance_command()
+        management = _card((yield command), command, min_length=11)
+    elif dialect.management is Management.FCI_DF11:
+        management = facts.management
+        if management is None:
+            raise CardProtocolError(
+                f"SELECT: dialect {dialect.name} keeps management data in FCI tag DF11, absent"
+            )
+    serial_file: bytes | None = None
+    if dialect.serial_sfi:
+        if dialect.serial_in_mf:  # e.g. Chongqing EF05 (§2.3 "Other files"; S9 reads it in MF)
+            command = select_by_fid(b"\x3f\x00", "MF 3F00")
+            _card((yield command), command)
+        command = read_binary_sfi(dialect.serial_sfi, dialect.serial_file_length)
+        serial_file = _card((yield command), command, min_length=dialect.serial_file_length)
+        if dialect.serial_in_mf:
+            command = _select_again(app)
+            _card((yield command), command)
+    command = get_balance_for(dialect.purse)
     raw_balance = _card((yield command), command, length=4)
     # Readers mask the top bit of GET BALANCE (§1: S1, S9).
     balance = int.from_bytes(raw_balance, "big") & 0x7FFFFFFF
-    return parse_card(app, ef15, ef17, balance)
+    return parse_card(app, info, management, balance, dialect=dialect, serial_file=serial_file)
 
 
-def _ef15_from_fci(fci: bytes) -> bytes | None:
-    try:
-        node = tlv.find(fci, 0x9F0C)
-    except tlv.TlvError as exc:
-        raise CardProtocolError(f"SELECT: malformed FCI: {exc}") from exc
-    if node is None:
+# Highway ETC cards name their issuer in GBK: 4 bytes of province name (云南 D4C6C4CF, ...)
+# where transit purses keep BCD/hex issuer codes. Recording: vicliu624/PCSCTool README.md
+# (tests/golden_cards/yunnan-etc-pcsctool.json); cpu-purse.md §11 P6 (ETC EF15, 43 bytes).
+def _gbk_text(raw: bytes) -> str | None:
+    """Two GB2312 hanzi (first bytes B0..F7, second A1..FE), decoded; else ``None``."""
+    if len(raw) < 4 or not all(
+        0xB0 <= raw[i] <= 0xF7 and 0xA1 <= raw[i + 1] <= 0xFE for i in (0, 2)
+    ):
         return None
-    if len(node.value) < 30:
-        raise CardProtocolError(f"SELECT: FCI tag 9F0C holds {len(node.value)} bytes, not 30")
-    return node.value[:30]
+    try:
+        return raw[:4].decode("gbk")
+    except UnicodeDecodeError:
+        return None
 
 
-def parse_card(app: ApplicationProfile, ef15: bytes, ef17: bytes | None, balance: int) -> CpuCard:
-    """Interpret EF15 (§2.3, 30 bytes) and the T-Union EF17 (60 bytes, first 11 used)."""
-    if len(ef15) != 30:
-        raise CardProtocolError(f"EF15 is {len(ef15)} bytes, expected 30")
+BANK_AID_PREFIXES = (bytes.fromhex("A000000333"),)  # UnionPay debit/credit (PBOC 3.0)
+
+
+def not_a_transit_purse(facts: FciFacts, info: bytes | None) -> None:
+    """Refuse, with what the card said, an application that is no transit purse (§2.1)."""
+    if facts.df_name and facts.df_name.startswith(BANK_AID_PREFIXES):
+        raise TapRefused(
+            "not_a_transit_purse",
+            f"DF name {facts.df_name.hex().upper()} is a bank application ({facts.label})",
+        )
+    if info is not None:
+        province = _gbk_text(info[:4])
+        if province is not None:
+            card_type = f"{info[8]:02X}" if len(info) > 8 else "?"
+            raise TapRefused(
+                "not_a_transit_purse",
+                f"issuer id {info[:8].hex().upper()} names {province} in GBK, card type "
+                f"{card_type}, info file {len(info)} bytes: a highway ETC card",
+            )
+
+
+def parse_card(
+    app: ApplicationProfile,
+    ef15: bytes,
+    ef17: bytes | None,
+    balance: int,
+    *,
+    dialect: Dialect | None = None,
+    serial_file: bytes | None = None,
+) -> CpuCard:
+    """Interpret the info file (EF15 or its FCI copy, §2.3) by the dialect (default: the
+    standard layout of the family) and the management data (EF17 layout, first 11 bytes)."""
+    if dialect is None:
+        dialect = next(d for d in standard_dialects() if d.family is app.family)
+    if len(ef15) < dialect.info_length:
+        raise CardProtocolError(
+            f"EF{dialect.info_sfi:02X} is {len(ef15)} bytes, expected {dialect.info_length}"
+        )
     interop: int | None = None
     card_type: int | None = None
-    if app.family is Family.TUNION:
+    if dialect.management is not Management.NONE:
+        where = "EF17" if dialect.management is Management.EF17 else "FCI DF11"
         if ef17 is None or len(ef17) < 11:
-            raise CardProtocolError("EF17 (T-Union management information) shorter than 11 bytes")
+            raise CardProtocolError(f"{where} (management information) shorter than 11 bytes")
         city = ef17[6:8].hex().upper()
         interop = int.from_bytes(ef17[8:10], "big")
         card_type = ef17[10]
     else:
-        city = ef15[2:4].hex().upper()
+        city = ef15[dialect.city_at : dialect.city_at + 2].hex().upper()
+    serial_source = ef15
+    if dialect.serial_sfi:
+        if serial_file is None or len(serial_file) < dialect.serial_file_length:
+            raise CardProtocolError(
+                f"EF{dialect.serial_sfi:02X} (serial) shorter than {dialect.serial_file_length}"
+            )
+        serial_source = serial_file
+    serial = serial_source[dialect.serial_at : dialect.serial_at + dialect.serial_length]
+    rule = dialect.printed
+    number_source = serial_source if rule.source_file == "serial" else ef15
+    d = dialect
     return CpuCard(
         family=app.family,
         aid=app.aid,
-        issuer_id=ef15[0:8],
-        application_type=ef15[8],
-        enable_flag=ef15[9],
-        serial=ef15[10:20],
-        start=bcd_date(ef15[20:24], "EF15 start date"),
-        expiry=bcd_date(ef15[24:28], "EF15 expiry date"),
+        issuer_id=ef15[d.issuer_at : d.issuer_at + d.issuer_length],
+        application_type=ef15[d.application_type_at] if d.application_type_at >= 0 else None,
+        enable_flag=ef15[d.enable_flag_at] if d.enable_flag_at >= 0 else None,
+        serial=serial,
+        start=bcd_date(ef15[d.start_date_at : d.start_date_at + 4], "EF15 start date"),
+        expiry=bcd_date(ef15[d.expiry_date_at : d.expiry_date_at + 4], "EF15 expiry date"),
         city_code=city,
         interop_flag=interop,
         card_type=card_type,
         balance=balance,
+        printed_number=printed_number(rule, number_source),
+        dialect=dialect.name,
+        purse=dialect.purse,
     )
+
+
+def printed_number(rule: PrintedNumber, data: bytes) -> str:
+    """The number printed on the card, derived as the dialect says (never raises)."""
+    raw = data[rule.at : rule.at + rule.length]
+    if rule.encoding is NumberEncoding.HEX:
+        digits = raw.hex().upper()
+    else:
+        order: Literal["big", "little"] = (
+            "big" if rule.encoding is NumberEncoding.DECIMAL_BE else "little"
+        )
+        digits = str(int.from_bytes(raw, order))
+    digits = digits[rule.drop_digits :] or "0"
+    if rule.check_digit is CheckDigit.DIGIT_SUM_10 and digits.isdigit():
+        check = (10 - sum(int(c) for c in digits) % 10) % 10
+        digits = f"{digits}({check})"
+    return digits
 
 
 def bcd_date(raw: bytes, what: str) -> dt.date:
@@ -282,10 +476,16 @@ def bcd_date(raw: bytes, what: str) -> dt.date:
 
 
 def initialize_purchase(
-    flow: Flow, key_index: int, amount: int, terminal: bytes, max_balance: int
+    flow: Flow,
+    key_index: int,
+    amount: int,
+    terminal: bytes,
+    max_balance: int,
+    purse: int = 0x02,
 ) -> Step[PurchaseInit]:
-    """INITIALIZE FOR (CAPP) PURCHASE, §3.1. 9401 becomes ``TapRefused('insufficient_balance')``."""
-    command = initialize_purchase_command(flow, key_index, amount, terminal)
+    """INITIALIZE FOR (CAPP) PURCHASE of the EP (P2 02) or ED (P2 01), §3.1. 9401 becomes
+    ``TapRefused('insufficient_balance')``."""
+    command = initialize_purchase_command(flow, key_index, amount, terminal, purse)
     response = yield command
     if response.sw == 0x9401:
         raise TapRefused("insufficient_balance", "card answered 9401")
@@ -339,9 +539,9 @@ def get_security_code() -> Step[bytes]:
 def qualify(card: CpuCard, profile: Profile, today: dt.date) -> None:
     """Terminal checks of §6.1 / §9; raises :class:`TapRefused` with a stable reason."""
     if card.family is Family.TUNION:
-        if card.application_type != 0x02:
+        if card.application_type is not None and card.application_type != 0x02:
             raise TapRefused("not_a_purse", f"EF15 application type {card.application_type:02X}")
-        if card.enable_flag != 0x01:
+        if card.enable_flag is not None and card.enable_flag != 0x01:
             raise TapRefused("not_enabled", f"EF15 enable flag {card.enable_flag:02X}")
     local = card.city_code == profile.operator_city
     if card.family is Family.CJT166 and card.application_type == 0x00 and not local:

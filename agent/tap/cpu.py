@@ -71,6 +71,7 @@ class CpuHandler:
         with ctx.phase("read"):
             card, app = self._read(ctx, card_io)
         ctx.identified(card.card_id, card.family.value)
+        ctx.outcome.printed_number = card.printed_number
         sam = ctx.sam(card.family.value)
         if card.family is Family.CJT166:
             # CJ/T 166: the PSAM checks the card's security code before any 80 50 (§6.1); any
@@ -114,7 +115,7 @@ class CpuHandler:
                 if refused.reason == "card_locked":
                     self._blocked(ctx, refused)
                 raise
-            card = card_io.run(cpu_purse.read_card(app, fci))
+            card = card_io.run(cpu_purse.read_card(app, fci, ctx.profile.dialects))
             if card.balance > ctx.profile.max_balance:
                 raise CardProtocolError(
                     f"GET BALANCE: {card.balance} above the plausible maximum "
@@ -174,7 +175,11 @@ class CpuHandler:
             intent.to_payload(),
             operation,
             lambda lock: _lock_body(
-                card.card_id, intent, lock.challenge.hex().upper(), lock.mac.hex().upper()
+                card.card_id,
+                intent,
+                lock.challenge.hex().upper(),
+                lock.mac.hex().upper(),
+                printed_number=card.printed_number,
             ),
             nothing_changed=_refused_by_card_or_sam,
         )
@@ -194,7 +199,12 @@ class CpuHandler:
         app_flow = Flow.SIMPLE
         probe = card_io.run(
             cpu_purse.initialize_purchase(
-                app_flow, sam.purchase_key_index, 0, sam.terminal_number, ctx.profile.max_balance
+                app_flow,
+                sam.purchase_key_index,
+                0,
+                sam.terminal_number,
+                ctx.profile.max_balance,
+                card.purse,
             )
         )
         return crypto.Algorithm(probe.algorithm)
@@ -216,7 +226,12 @@ class CpuHandler:
             with ctx.phase("init"):
                 init = card_io.run(
                     cpu_purse.initialize_purchase(
-                        flow, sam.purchase_key_index, fare, terminal, ctx.profile.max_balance
+                        flow,
+                        sam.purchase_key_index,
+                        fare,
+                        terminal,
+                        ctx.profile.max_balance,
+                        card.purse,
                     )
                 )
         if init.balance != card.balance:
@@ -282,7 +297,12 @@ class CpuHandler:
             intent.to_payload(),
             operation,
             lambda done: _purchase_body(
-                card.card_id, intent, tac=done[0].tac, mac2=done[0].mac2, mac2_verified=done[1]
+                card.card_id,
+                intent,
+                tac=done[0].tac,
+                mac2=done[0].mac2,
+                mac2_verified=done[1],
+                printed_number=card.printed_number,
             ),
             nothing_changed=_mac1_refused,
         )
@@ -323,6 +343,7 @@ class CpuHandler:
                 probe_amount,
                 sam.terminal_number,
                 ctx.profile.max_balance,
+                card.purse,
             )
         )
         decision = judge_purchase(stored, init.counter, init.balance)
@@ -341,6 +362,7 @@ class CpuHandler:
                     mac2=proof.mac,
                     mac2_verified=verified,
                     recovered=True,
+                    printed_number=card.printed_number,
                 ),
             )
             outcome = ctx.outcome
@@ -405,7 +427,10 @@ def _purchase_body(
     mac2: bytes,
     mac2_verified: bool,
     recovered: bool = False,
+    printed_number: str = "",
 ) -> RecordBody:
+    """The purchase record. ``printed_number`` (issue 15) is the number printed on the card;
+    records made before it existed simply lack the field (the signature covers what is there)."""
     fields: dict[str, str | int | bool | None] = {
         "product": PRODUCT_CPU,
         "family": intent.family,
@@ -426,11 +451,19 @@ def _purchase_body(
         "mac2_verified": mac2_verified,
         "recovered": recovered,
     }
+    if printed_number:
+        fields["printed_number"] = printed_number
     return RecordBody(kind="purchase", card_id=card_id, amount=intent.amount, fields=fields)
 
 
 def _lock_body(
-    card_id: str, intent: CpuLockIntent, challenge: str, mac: str, *, recovered: bool = False
+    card_id: str,
+    intent: CpuLockIntent,
+    challenge: str,
+    mac: str,
+    *,
+    recovered: bool = False,
+    printed_number: str = "",
 ) -> RecordBody:
     """The record a lock leaves (S3 ``ID_REC_BLKLIST``): kind ``lock``, amount 0."""
     fields: dict[str, Any] = {
@@ -446,4 +479,6 @@ def _lock_body(
         "reason": "blacklisted",
         "recovered": recovered,
     }
+    if printed_number:
+        fields["printed_number"] = printed_number
     return RecordBody(kind="lock", card_id=card_id, amount=0, fields=fields)

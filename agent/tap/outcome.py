@@ -35,6 +35,7 @@ class TapOutcome:
     status: str = TapStatus.FAILED
     card_id: str = ""
     family: str = ""
+    printed_number: str = ""  # the number printed on the card (CPU: by the issuer's dialect)
     fare: int = 0
     balance_after: int | None = None
     record_seq: int | None = None
@@ -91,6 +92,7 @@ def log_tap(outcome: TapOutcome, card: str, commands: str = "apdus") -> None:
         "status": str(outcome.status),
         "card": card,
         "family": outcome.family,
+        **({"printed": outcome.printed_number} if outcome.printed_number else {}),
         "fare": outcome.fare,
         "balance_after": outcome.balance_after,
         "seq": outcome.record_seq,
