@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -23,6 +24,8 @@ from tests.rig import Rig
 
 BALANCE = 100_000
 EXAMPLES = int(os.environ.get("STATEFUL_EXAMPLES", "1000"))
+# A thousand examples take minutes on a busy 2-core machine: this bounds a hang, not speed.
+pytestmark = pytest.mark.timeout(1800)
 FAST_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
