@@ -38,8 +38,8 @@ from starlette.routing import Route
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE
-from agent.offline_store.records import Record
-from clearinghost.clearing import Finding, TacVerifier, screen, seal_checker
+from agent.offline_store.records import QuarantineNotice, Record
+from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, VIEWER, Operators
 from clearinghost.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
@@ -70,6 +70,9 @@ class ClearingHost:
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
+    _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
+        default_factory=dict
+    )
 
     # --- terminals -------------------------------------------------------------------------
 
@@ -111,9 +114,15 @@ class ClearingHost:
         if seal is None:
             seal = seal_checker(bytes.fromhex(terminal.public_key))
             self._seal_checkers[terminal.public_key] = seal
+        notice_seal = self._notice_checkers.get(terminal.public_key)
+        if notice_seal is None:
+            notice_seal = notice_checker(bytes.fromhex(terminal.public_key))
+            self._notice_checkers[terminal.public_key] = notice_seal
         # Records must verify to count: the first record that fails (binding, hash, signature
-        # here; chain, gap, conflict in the storage) and every later one is not stored.
-        screened = screen(records, terminal_id, seal, self.tac)
+        # here; chain, gap, conflict in the storage) and every later one is not stored. A
+        # quarantine notice counts when the terminal's device key signed it (binding and
+        # signature here; gap and "never replaces a held record" in the storage).
+        screened = screen(records, terminal_id, seal, self.tac, notice_seal)
         assert key is not None
         try:
             result = self.storage.ingest(
