@@ -545,6 +545,9 @@ def operator_page(host: ClearingHost) -> str:
     recent = []
     for t in storage.terminals():
         for r in storage.records(t.terminal_id, max(0, t.ack_seq - 10), 10):
+            if "notice" in r:  # a slot the terminal's quarantine notice fills
+                r = {**r, "kind": "quarantined", "card_id": "-", "amount": 0}
+                r["created_at"] = r["quarantined_at"]
             recent.append(
                 f"<tr><td>{esc(r['terminal_id'])}</td><td>{r['seq']}</td><td>{esc(r['kind'])}</td>"
                 f"<td>{esc(r['card_id'])}</td><td>{r['amount']}</td>"

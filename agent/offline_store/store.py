@@ -230,7 +230,11 @@ class OfflineStore:
         self._terminal_id = terminal_id
         self._clock = clock
         self._lock = threading.Lock()
-        self._seal_ok: Callable[[bytes, bytes], bool] | None = None
+        # the device key's verifier; a store open for reading only takes the key from meta
+        # when it first needs it (never while holding the lock: see _seal_problem)
+        self._seal_ok: Callable[[bytes, bytes], bool] | None = (
+            None if device_key is None else signature_verifier(device_key.public_key_bytes)
+        )
 
     @classmethod
     def open(
