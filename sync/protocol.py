@@ -32,6 +32,12 @@ Upload (``POST /v1/terminals/{terminal_id}/records``)
     409 ``conflict``. Stored, it fills the slot as a ``quarantined`` entry (no card, no
     amount), raises an anomaly naming terminal and seq, and the next record must chain onto
     ``chain_hash``; the link from the previous record to it cannot be checked.
+    Abuse: only the device key makes a notice count, and a notice cannot take a slot the host
+    holds or skip one. A stolen terminal (its device key) could send a notice instead of a
+    genuine record it has not uploaded yet, hiding that transaction; it could already sign any
+    record it likes (another amount, no such tap), so the notice adds no power, and it is the
+    louder choice: every notice is an anomaly naming terminal and seq. The link into a
+    quarantined slot and its ``chain_hash`` rest on the device key alone.
     Answer ``200 {"ack_seq": N, ...}``: the *cumulative acknowledgement*, the highest seq such
     that every record of this terminal with ``seq <= N`` is stored. The answer is signed by the
     host key (the one that signs blacklists and parameter sets), over ``ACK_DOMAIN +
