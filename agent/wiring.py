@@ -111,11 +111,20 @@ class DataDir:
         return terminal_id
 
     def open_store(self) -> OfflineStore:
-        """Open the offline store with the device key; refuses an unsafe directory or key."""
+        """Open the offline store with the device key; refuses an unsafe directory or key.
+
+        Every stored record is verified once here: one that does not (a corrupted row) is
+        quarantined and named in an error log, and the agent goes on taking cards."""
         terminal_id = self.terminal_id()
         self.check_permissions()
         key = DeviceKey.load(self.path / DEVICE_KEY_FILE)
-        return OfflineStore.open(self.store_path, key, terminal_id)
+        store = OfflineStore.open(self.store_path, key, terminal_id)
+        try:
+            store.quarantine_scan()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
 
 @dataclass

@@ -9,7 +9,9 @@ holds. TAC and reconciliation findings are anomalies of stored records.
 * TAC: for a CPU purchase, the host recomputes the card's TAC from the master TAC key of its key
   set (cpu-purse.md §5.7, §6.2 "for clearing, the host recomputes the TAC with MTK");
 * reconciliation: ``unresolved`` records (a debit that could be neither proven nor disproven)
-  are flagged for the operator.
+  are flagged for the operator;
+* quarantine: a terminal's signed notice that its record ``seq`` is corrupted in its store
+  fills that slot when its device signature verifies, and is flagged ``quarantined``.
 
 TAC diversification factors (§5.4) are (ASN, F2) with F2 = EF15[0..7] (issuer id) for T-Union
 and legacy cards, city code ‖ FF0000000000 for CJ/T 166. Records do not carry F2 yet: a record
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from agent import crypto
 from agent.crypto import Algorithm, CryptoError
 from agent.offline_store.device_key import signature_verifier
-from agent.offline_store.records import Record, hash_hex
+from agent.offline_store.records import QuarantineNotice, Record, hash_hex
 from agent.sam.keys import KeySet
 
 
@@ -55,7 +57,7 @@ class Screened:
     """A batch after the record checks that need no storage: the records before the first
     refused one, their findings (TAC, unresolved), and the refusal if any."""
 
-    accepted: list[Record]
+    accepted: list[Record | QuarantineNotice]
     findings: dict[int, list[Finding]]
     refusal: Refusal | None = None
 
@@ -150,6 +152,32 @@ def seal_checker(public_key_raw: bytes) -> Callable[[Record], Finding | None]:
     return check
 
 
+def notice_checker(public_key_raw: bytes) -> Callable[[QuarantineNotice], Finding | None]:
+    """A check of a quarantine notice's device signature under one terminal's key."""
+    verify = signature_verifier(public_key_raw)
+
+    def check(notice: QuarantineNotice) -> Finding | None:
+        if not verify(bytes.fromhex(notice.signature), notice.signed_bytes()):
+            return Finding(
+                "bad_signature",
+                f"quarantine notice {notice.seq}: signature does not verify under the "
+                "registered key",
+            )
+        return None
+
+    return check
+
+
+def quarantine_finding(notice: QuarantineNotice) -> Finding:
+    return Finding(
+        "quarantined",
+        f"terminal {notice.terminal_id} record {notice.seq} is corrupted in the terminal's "
+        f"store and quarantined there ({notice.reason}); {notice.raw_size} bytes of it kept on "
+        f"the terminal; the chain goes on from {notice.chain_hash[:16]}…, vouched for by the "
+        "device key only",
+    )
+
+
 def review(
     record: Record, seal: Callable[[Record], Finding | None], tac: TacVerifier | None
 ) -> list[Finding]:
@@ -174,15 +202,26 @@ def review(
 
 
 def screen(
-    records: Sequence[Record],
+    records: Sequence[Record | QuarantineNotice],
     terminal_id: str,
     seal: Callable[[Record], Finding | None],
     tac: TacVerifier | None,
+    notice_seal: Callable[[QuarantineNotice], Finding | None] | None = None,
 ) -> Screened:
-    """Terminal binding, hash and device signature of each record, in order, up to the first
-    that fails (the chain is checked against the host's records by the storage)."""
+    """Terminal binding, hash and device signature of each record (of each quarantine notice:
+    binding and signature), in order, up to the first that fails (the chain is checked
+    against the host's records by the storage). Without ``notice_seal`` every notice is
+    refused."""
     screened = Screened([], {})
     for record in records:
+        if isinstance(record, QuarantineNotice):
+            failed = _notice_refusal(record, terminal_id, notice_seal)
+            if failed is not None:
+                screened.refusal = failed
+                return screened
+            screened.findings[record.seq] = [quarantine_finding(record)]
+            screened.accepted.append(record)
+            continue
         if record.terminal_id != terminal_id:
             screened.refusal = Refusal(
                 record.seq,
@@ -200,3 +239,23 @@ def screen(
             screened.findings[record.seq] = found
         screened.accepted.append(record)
     return screened
+
+
+def _notice_refusal(
+    notice: QuarantineNotice,
+    terminal_id: str,
+    notice_seal: Callable[[QuarantineNotice], Finding | None] | None,
+) -> Refusal | None:
+    if notice.terminal_id != terminal_id:
+        return Refusal(
+            notice.seq,
+            "wrong_terminal",
+            f"quarantine notice {notice.seq} belongs to terminal {notice.terminal_id!r}, "
+            f"uploaded for {terminal_id!r}",
+        )
+    failed = (
+        Finding("bad_signature", f"quarantine notice {notice.seq}: no key to check it")
+        if notice_seal is None
+        else notice_seal(notice)
+    )
+    return None if failed is None else Refusal(notice.seq, failed.kind, failed.detail)

@@ -52,9 +52,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list, list_digest
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
-from agent.offline_store.records import Record
+from agent.offline_store.records import QuarantineNotice, Record
 from agent.terminal_id import terminal_id_problem
-from clearinghost.clearing import Finding, TacVerifier, screen, seal_checker
+from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, VIEWER, Operators
 from clearinghost.storage import (
@@ -112,6 +112,9 @@ class ClearingHost:
     root_statements: tuple[bytes, ...] = ()
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
     _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
+    _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
+        default_factory=dict
+    )
 
     # --- terminals -------------------------------------------------------------------------
 
@@ -363,9 +366,15 @@ class ClearingHost:
         if seal is None:
             seal = seal_checker(bytes.fromhex(terminal.public_key))
             self._seal_checkers[terminal.public_key] = seal
+        notice_seal = self._notice_checkers.get(terminal.public_key)
+        if notice_seal is None:
+            notice_seal = notice_checker(bytes.fromhex(terminal.public_key))
+            self._notice_checkers[terminal.public_key] = notice_seal
         # Records must verify to count: the first record that fails (binding, hash, signature
-        # here; chain, gap, conflict in the storage) and every later one is not stored.
-        screened = screen(records, terminal_id, seal, self.tac)
+        # here; chain, gap, conflict in the storage) and every later one is not stored. A
+        # quarantine notice counts when the terminal's device key signed it (binding and
+        # signature here; gap and "never replaces a held record" in the storage).
+        screened = screen(records, terminal_id, seal, self.tac, notice_seal)
         assert key is not None
         try:
             result = self.storage.ingest(
@@ -891,7 +900,11 @@ def operator_page(host: ClearingHost) -> str:
     ]
     recent = []
     for t in storage.terminals():
-        for r in storage.records(t.terminal_id, max(0, t.ack_seq - 10), 10):
+        for stored in storage.records(t.terminal_id, max(0, t.ack_seq - 10), 10):
+            r = stored
+            if "notice" in stored:  # a slot the terminal's quarantine notice fills
+                r = {**stored, "kind": "quarantined", "card_id": "-", "amount": 0}
+                r["created_at"] = stored["quarantined_at"]
             recent.append(
                 f"<tr><td>{esc(r['terminal_id'])}</td><td>{r['seq']}</td><td>{esc(r['kind'])}</td>"
                 f"<td>{esc(r['card_id'])}</td><td>{r['amount']}</td>"

@@ -5,7 +5,9 @@ Tables::
     terminals        terminal_id PK, public_key, registered_at, ack_seq, ack_hash, last_seen,
                      heartbeat (JSON)
     records          (terminal_id, seq) PK — the uniqueness that makes uploads idempotent —
-                     hash, created_at, kind, card_id, amount, body (the record's JSON line)
+                     hash, created_at, kind, card_id, amount, body (the record's JSON line);
+                     a slot filled by a terminal's quarantine notice has kind ``quarantined``,
+                     hash = the notice's ``chain_hash``, no card, amount 0, body the notice
     batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
     anomalies        bad TACs, unresolved records; refused records (bad signature/hash, wrong
                      terminal, chain break, gap, conflict), which are never stored
@@ -19,7 +21,9 @@ Tables::
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
-``ack_hash`` is the hash of record ``ack_seq``. A record that does not verify or link is refused
+``ack_hash`` is the hash of record ``ack_seq`` (of a quarantined slot: the hash the terminal
+says the record had, which the next record must chain onto; the link into a quarantined slot
+cannot be checked, its content being lost). A record that does not verify or link is refused
 (never stored, never takes a seq, never moves the acknowledgement); a record beyond
 ``ack_seq + 1`` is refused as a gap (a terminal sends from its acknowledgement on).
 Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
@@ -41,7 +45,13 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
-from agent.offline_store.records import GENESIS_HASH, Record, record_to_json
+from agent.offline_store.records import (
+    GENESIS_HASH,
+    QuarantineNotice,
+    Record,
+    notice_to_json,
+    record_to_json,
+)
 from clearinghost.clearing import Finding, Refusal
 
 log = structlog.get_logger(__name__)
@@ -398,7 +408,7 @@ class Storage:
         self,
         terminal_id: str,
         idem_key: str,
-        records: Sequence[Record],
+        records: Sequence[Record | QuarantineNotice],
         findings: dict[int, list[Finding]],
         refusal: Refusal | None = None,
     ) -> IngestResult:
@@ -413,6 +423,10 @@ class Storage:
         ``findings``: anomalies per seq (TAC, unresolved), recorded for records stored now.
         ``refusal``: the caller's refusal of the record after ``records`` (signature, hash,
         terminal binding), recorded as an anomaly unless this check refuses earlier.
+        A quarantine notice (its signature checked by the caller) fills the next free slot
+        like a record, without a link check (its record's content is lost); at a held seq it
+        is a duplicate only if the held hash is its ``chain_hash``, else a conflict: it never
+        replaces what the host holds.
         """
         now = time.time()
         with self._lock, self._transaction() as tx:
@@ -442,10 +456,11 @@ class Storage:
                     if held is not None and held[0] == record.hash:
                         result.duplicates += 1
                         continue
+                    what = "quarantine notice" if isinstance(record, QuarantineNotice) else "record"
                     result.refused = Refusal(
                         record.seq,
                         "conflict",
-                        f"record {record.seq} differs from the record the host holds at that seq "
+                        f"{what} {record.seq} differs from the record the host holds at that seq "
                         f"({record.hash[:16]}…, held {str(held[0] if held else '?')[:16]}…)",
                     )
                     break
@@ -456,7 +471,7 @@ class Storage:
                         f"record {record.seq} does not follow the acknowledged record {ack_seq}",
                     )
                     break
-                if record.prev_hash != ack_hash:
+                if isinstance(record, Record) and record.prev_hash != ack_hash:
                     result.refused = Refusal(
                         record.seq,
                         "chain_break",
@@ -472,18 +487,7 @@ class Storage:
                 tx.run(
                     "INSERT INTO records (terminal_id, seq, hash, prev_hash, created_at, kind, "
                     "card_id, amount, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        terminal_id,
-                        record.seq,
-                        record.hash,
-                        record.prev_hash,
-                        record.created_at,
-                        record.kind,
-                        record.card_id,
-                        record.amount,
-                        record_to_json(record),
-                        now,
-                    ),
+                    _slot_row(terminal_id, record, ack_hash, now),
                 )
                 result.stored += 1
                 ack_seq, ack_hash = record.seq, record.hash
@@ -654,6 +658,38 @@ class Storage:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+
+def _slot_row(
+    terminal_id: str, entry: Record | QuarantineNotice, ack_hash: str, now: float
+) -> tuple[Any, ...]:
+    """The ``records`` row of a stored record, or of a slot a quarantine notice fills (its
+    ``prev_hash`` is the host's previous hash: where the slot sits, not a checked link)."""
+    if isinstance(entry, QuarantineNotice):
+        return (
+            terminal_id,
+            entry.seq,
+            entry.chain_hash,
+            ack_hash,
+            entry.quarantined_at,
+            "quarantined",
+            "",
+            0,
+            notice_to_json(entry),
+            now,
+        )
+    return (
+        terminal_id,
+        entry.seq,
+        entry.hash,
+        entry.prev_hash,
+        entry.created_at,
+        entry.kind,
+        entry.card_id,
+        entry.amount,
+        record_to_json(entry),
+        now,
+    )
 
 
 def _asn_text(asn: int) -> str:

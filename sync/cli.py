@@ -164,6 +164,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_seq": store.last_seq(),
             "acknowledged_seq": store.acknowledged_seq(),
             "unsent_records": store.count_unsent(),
+            "quarantined_records": store.count_quarantined(),
+            "quarantined_seqs": [q.seq for q in store.quarantined()],
             "oldest_unsent": None if oldest is None else oldest.isoformat(),
             "store_bytes": store.file_size(),
         }

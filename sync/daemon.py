@@ -7,7 +7,9 @@ Jobs
                backlog ``batch_size`` records at a time (memory stays bounded), marks only what
                the host acknowledged in an answer signed by the pinned host key (an unsigned,
                forged or inconsistent answer marks nothing: logged, backed off), then
-               compacts acknowledged records older than ``compact_after_s``.
+               compacts acknowledged records older than ``compact_after_s``. A record the
+               store has quarantined (or finds corrupted now) goes as its signed quarantine
+               notice, so the upload goes on past it (:mod:`sync.protocol`).
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
                revocation of the signing keys, accepted only if the root in force signed it),
                then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
@@ -62,7 +64,7 @@ from agent.blacklist import (
     write_atomically,
 )
 from agent.errors import AgentError, StoreError
-from agent.offline_store import DeviceKey, OfflineStore
+from agent.offline_store import DeviceKey, OfflineStore, QuarantineNotice
 from agent.params import write_host_key
 from agent.terminal_id import check_terminal_id
 from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
@@ -120,6 +122,7 @@ class UploadReport:
     batches: int = 0
     records: int = 0
     ack_seq: int = 0
+    quarantined: list[int] = field(default_factory=list)  # seqs sent as quarantine notices
 
 
 @dataclass
@@ -173,9 +176,17 @@ class SyncDaemon:
         while max_batches is None or report.batches < max_batches:
             if self._stop.is_set():
                 raise Stopping("upload stopped between batches")
-            records = self.store.unsent_records(self.settings.batch_size, after_seq=after)
+            records = self.store.unsent_entries(self.settings.batch_size, after_seq=after)
             if not records:
                 break
+            for entry in records:
+                if isinstance(entry, QuarantineNotice):
+                    log.warning(
+                        "quarantined record sent as a notice",
+                        terminal_id=entry.terminal_id,
+                        seq=entry.seq,
+                        reason=entry.reason,
+                    )
             if records[0].seq != after + 1:
                 log.error(
                     "records the host needs were compacted away",
@@ -190,6 +201,9 @@ class SyncDaemon:
             stored = self.store.mark_acknowledged(ack.ack_seq)
             report.batches += 1
             report.records += batch.count
+            report.quarantined += [
+                e.seq for e in records if isinstance(e, QuarantineNotice) and e.seq <= stored
+            ]
             report.ack_seq = stored
             log.info(
                 "batch acknowledged",
@@ -361,6 +375,7 @@ class SyncDaemon:
             "last_seq": self.store.last_seq(),
             "acknowledged_seq": self.store.acknowledged_seq(),
             "unsent_records": self.store.count_unsent(),
+            "quarantined_records": self.store.count_quarantined(),
             "oldest_unsent_age_s": None
             if oldest is None
             else round(time.time() - oldest.timestamp(), 1),

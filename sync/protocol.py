@@ -19,6 +19,25 @@ Upload (``POST /v1/terminals/{terminal_id}/records``)
     batch before it are stored (they verified and link to the acknowledgement); none from it on.
     A refused record never takes a ``(terminal_id, seq)`` slot and never moves the
     acknowledgement.
+    Quarantine notices: a record the terminal found corrupted in its own store (content that no
+    longer matches its hash or signature, or does not parse) is sent as a line
+    ``{"notice": "quarantine", "seq", "terminal_id", "quarantined_at", "reason", "chain_hash",
+    "raw", "raw_size", "signature"}`` in its place (``agent.offline_store.records``
+    :class:`QuarantineNotice`): signed by the device key over ``CARDAGENT-QUARANTINE-V1\n`` +
+    canonical JSON of the other fields; ``chain_hash`` is the record's hash as written (the
+    next record's ``prev_hash``), ``raw`` the stored row base64 (first 16 KiB). The host checks
+    the terminal binding and the signature (422 otherwise) and that the seq is the next free
+    slot (409 ``gap``). A notice never replaces a record the host holds: at a held seq it is a
+    duplicate when the held hash is its ``chain_hash`` (the host has the intact record), else a
+    409 ``conflict``. Stored, it fills the slot as a ``quarantined`` entry (no card, no
+    amount), raises an anomaly naming terminal and seq, and the next record must chain onto
+    ``chain_hash``; the link from the previous record to it cannot be checked.
+    Abuse: only the device key makes a notice count, and a notice cannot take a slot the host
+    holds or skip one. A stolen terminal (its device key) could send a notice instead of a
+    genuine record it has not uploaded yet, hiding that transaction; it could already sign any
+    record it likes (another amount, no such tap), so the notice adds no power, and it is the
+    louder choice: every notice is an anomaly naming terminal and seq. The link into a
+    quarantined slot and its ``chain_hash`` rest on the device key alone.
     Answer ``200 {"ack_seq": N, ...}``: the *cumulative acknowledgement*, the highest seq such
     that every record of this terminal with ``seq <= N`` is stored. The answer is signed by the
     host key (the one that signs blacklists and parameter sets), over ``ACK_DOMAIN +
@@ -74,7 +93,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.blacklist import Keys, keys_by_id
-from agent.offline_store.records import Record, canonical_json, record_from_json, record_to_json
+from agent.offline_store.records import (
+    QuarantineNotice,
+    Record,
+    canonical_json,
+    entry_from_json,
+    notice_to_json,
+    record_to_json,
+)
 from sync.errors import ProtocolError, UnknownSigner
 
 API_PREFIX = "/v1"
@@ -101,6 +127,8 @@ def heartbeat_path(terminal_id: str) -> str:
     return f"{API_PREFIX}/terminals/{quote(terminal_id, safe='')}/heartbeat"
 
 
+Entry = Record | QuarantineNotice  # one upload line
+
 BLACKLIST_PATH = f"{API_PREFIX}/blacklist"
 PARAMS_PATH = f"{API_PREFIX}/params"
 ROOT_PATH = f"{API_PREFIX}/root"
@@ -123,8 +151,13 @@ class UploadBatch:
     last_hash: str = ""  # hash of the batch's last record (bound into the signed ack)
 
 
-def encode_batch(terminal_id: str, records: Sequence[Record]) -> UploadBatch:
-    """Encode consecutive records of one terminal (ascending seq) as one upload."""
+def entry_to_json(entry: Entry) -> str:
+    return record_to_json(entry) if isinstance(entry, Record) else notice_to_json(entry)
+
+
+def encode_batch(terminal_id: str, records: Sequence[Entry]) -> UploadBatch:
+    """Encode consecutive records (or quarantine notices) of one terminal, ascending seq, as
+    one upload."""
     if not records:
         raise ValueError("an upload batch needs at least one record")
     for previous, record in itertools.pairwise(records):
@@ -132,7 +165,7 @@ def encode_batch(terminal_id: str, records: Sequence[Record]) -> UploadBatch:
             raise ValueError("records of a batch must be in ascending seq order")
     if any(r.terminal_id != terminal_id for r in records):
         raise ValueError(f"every record of the batch must belong to terminal {terminal_id!r}")
-    raw = "".join(record_to_json(r) + "\n" for r in records).encode("utf-8")
+    raw = "".join(entry_to_json(r) + "\n" for r in records).encode("utf-8")
     digest = hashlib.sha256(raw).hexdigest()[:32]
     first, last = records[0].seq, records[-1].seq
     return UploadBatch(
@@ -223,8 +256,9 @@ def decode_batch(
     max_bytes: int = MAX_BATCH_BYTES,
     max_records: int = MAX_BATCH_RECORDS,
     max_line_bytes: int = MAX_LINE_BYTES,
-) -> tuple[list[Record], str]:
-    """Host side: decompress and parse an upload line by line; returns records and the body's
+) -> tuple[list[Entry], str]:
+    """Host side: decompress and parse an upload line by line; returns records (and quarantine
+    notices) and the body's
     SHA-256 (first 32 hex digits, as in the idempotency key). Raises :class:`BadBatch`
     (:class:`BatchTooLarge` for a limit). The limits hold while the body is read: inflation
     stops at ``max_bytes``, a line at ``max_line_bytes``, parsing at line ``max_records + 1``;
@@ -240,7 +274,7 @@ def decode_batch(
             digest.update(chunk)
             yield chunk
 
-    records: list[Record] = []
+    records: list[Entry] = []
     for number, raw_line in _lines(
         hashed(_inflated_chunks(body, encoding, max_bytes)), max_line_bytes
     ):
@@ -253,7 +287,7 @@ def decode_batch(
         if not line.strip():
             continue
         try:
-            record = record_from_json(line)
+            record = entry_from_json(line)
         except (ValueError, TypeError, RecursionError) as exc:
             raise BadBatch(f"line {number} is not a record: {str(exc)[:200]}") from exc
         if terminal_id is not None and record.terminal_id != terminal_id:
@@ -267,7 +301,7 @@ def decode_batch(
     return records, digest.hexdigest()[:32]
 
 
-def check_idempotency_key(key: str | None, records: Sequence[Record], digest: str) -> str:
+def check_idempotency_key(key: str | None, records: Sequence[Entry], digest: str) -> str:
     """Host side: the key must name this batch (first and last seq, body digest)."""
     if key is None:
         raise BadBatch(f"missing {IDEMPOTENCY_HEADER} header")

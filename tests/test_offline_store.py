@@ -310,7 +310,7 @@ def test_meta_holds_the_chain_state(store_path: Path, store: OfflineStore, key: 
     raw.close()
 
     assert meta == {
-        "schema_version": "1",
+        "schema_version": "2",
         "public_key": key.public_key_bytes.hex(),
         "terminal_id": TERMINAL,
         "last_seq": "1",

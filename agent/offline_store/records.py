@@ -6,10 +6,17 @@ Canonical encoding of a record: the JSON object of ``seq, created_at, terminal_i
 card_id, amount, fields, prev_hash`` (not ``hash``/``signature``), keys sorted by code point at
 every level, no whitespace, non-ASCII left as is, UTF-8. ``hash`` is the hex SHA-256 of that;
 ``signature`` is the hex Ed25519 signature of the 32-byte digest.
+
+A *quarantine notice* stands in for a stored record whose content no longer verifies (see
+:class:`QuarantineNotice`): signed by the same device key over :data:`NOTICE_DOMAIN` + the
+canonical JSON of every notice field but ``signature``. The domain prefix keeps a notice
+signature from ever verifying as a record signature (those sign a bare 32-byte digest).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -41,6 +48,26 @@ RECORD_KEYS = frozenset(
         "fields",
         "prev_hash",
         "hash",
+        "signature",
+    }
+)
+
+
+NOTICE_DOMAIN = b"CARDAGENT-QUARANTINE-V1\n"
+NOTICE_KIND = "quarantine"
+# The verbatim row travels base64 in the notice up to this many bytes (one upload line stays
+# under the protocol's 64 KiB); the terminal keeps the whole row in its quarantine table.
+NOTICE_RAW_MAX_BYTES = 16 * 1024
+NOTICE_KEYS = frozenset(
+    {
+        "notice",
+        "seq",
+        "terminal_id",
+        "quarantined_at",
+        "reason",
+        "chain_hash",
+        "raw",
+        "raw_size",
         "signature",
     }
 )
@@ -117,6 +144,101 @@ class Record:
             "hash": self.hash,
             "signature": self.signature,
         }
+
+
+@dataclass(frozen=True)
+class QuarantineNotice:
+    """The terminal's signed statement that its record ``seq`` is corrupted and quarantined.
+
+    ``chain_hash`` is the record's hash as it was written (what record ``seq + 1`` chains onto:
+    its ``prev_hash``, or the store's last hash when ``seq`` is the newest), ``raw`` the stored
+    row verbatim (base64, at most :data:`NOTICE_RAW_MAX_BYTES` of its ``raw_size`` bytes),
+    ``reason`` what failed (parse, hash, signature). It fills the record's ``(terminal, seq)``
+    slot at the clearing host so the records after it chain on; it carries no amount and no
+    card, and it never replaces a record the host holds.
+    """
+
+    seq: int
+    terminal_id: str
+    quarantined_at: str
+    reason: str
+    chain_hash: str
+    raw: str
+    raw_size: int
+    signature: str
+
+    def __post_init__(self) -> None:
+        _check_int("seq", self.seq, minimum=1)
+        require_text("terminal_id", self.terminal_id)
+        _check_timestamp(self.quarantined_at)
+        require_text("reason", self.reason)
+        _check_hex("chain_hash", self.chain_hash, _HASH_PATTERN)
+        _check_int("raw_size", self.raw_size, minimum=0)
+        if not isinstance(self.raw, str):
+            raise TypeError(f"raw must be str, not {type(self.raw).__name__}")
+        try:
+            raw = base64.b64decode(self.raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("raw is not base64") from exc
+        if len(raw) > min(self.raw_size, NOTICE_RAW_MAX_BYTES):
+            raise ValueError(f"raw holds {len(raw)} bytes, more than raw_size or the cap")
+        _check_hex("signature", self.signature, _SIGNATURE_PATTERN)
+
+    @property
+    def hash(self) -> str:
+        """The hash the next record chains onto (the ``last_hash`` of a batch ending here)."""
+        return self.chain_hash
+
+    def signed_fields(self) -> dict[str, Any]:
+        return {
+            "notice": NOTICE_KIND,
+            "seq": self.seq,
+            "terminal_id": self.terminal_id,
+            "quarantined_at": self.quarantined_at,
+            "reason": self.reason,
+            "chain_hash": self.chain_hash,
+            "raw": self.raw,
+            "raw_size": self.raw_size,
+        }
+
+    def signed_bytes(self) -> bytes:
+        return notice_signed_bytes(self.signed_fields())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.signed_fields(), "signature": self.signature}
+
+    def raw_bytes(self) -> bytes:
+        return base64.b64decode(self.raw)
+
+
+def notice_signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    return NOTICE_DOMAIN + canonical_json(fields).encode("utf-8")
+
+
+def seal_notice(
+    *,
+    seq: int,
+    terminal_id: str,
+    quarantined_at: str,
+    reason: str,
+    chain_hash: str,
+    raw: bytes,
+    sign: Callable[[bytes], bytes],
+) -> QuarantineNotice:
+    """Build and sign (device key) the notice for quarantined record ``seq``."""
+    fields: dict[str, Any] = {
+        "notice": NOTICE_KIND,
+        "seq": seq,
+        "terminal_id": terminal_id,
+        "quarantined_at": quarantined_at,
+        "reason": reason[:500],
+        "chain_hash": chain_hash,
+        "raw": base64.b64encode(raw[:NOTICE_RAW_MAX_BYTES]).decode("ascii"),
+        "raw_size": len(raw),
+    }
+    signature = sign(notice_signed_bytes(fields)).hex()
+    del fields["notice"]
+    return QuarantineNotice(**fields, signature=signature)
 
 
 def canonical_json(value: Mapping[str, Any]) -> str:
@@ -216,12 +338,35 @@ def record_to_json(record: Record) -> str:
 
 def record_from_json(text: str) -> Record:
     """Parse :func:`record_to_json` output. Raises ``ValueError`` or ``TypeError`` if malformed."""
+    return _record_from_value(_json_object(text))
+
+
+def notice_to_json(notice: QuarantineNotice) -> str:
+    return canonical_json(notice.to_dict())
+
+
+def entry_from_json(text: str) -> Record | QuarantineNotice:
+    """One upload line: a record, or a quarantine notice (an object with ``"notice"``)."""
+    value = _json_object(text)
+    if "notice" not in value:
+        return _record_from_value(value)
+    keys = set(value)
+    if keys != NOTICE_KEYS or value["notice"] != NOTICE_KIND:
+        raise ValueError(f"not a quarantine notice (keys: {', '.join(sorted(keys))[:200]})")
+    return QuarantineNotice(**{k: v for k, v in value.items() if k != "notice"})
+
+
+def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError as exc:
         raise ValueError("record JSON is nested too deeply") from exc
     if not isinstance(value, dict):
         raise TypeError(f"a record is a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _record_from_value(value: dict[str, Any]) -> Record:
     keys = set(value)
     if keys != RECORD_KEYS:
         missing = ", ".join(sorted(RECORD_KEYS - keys)) or "none"

@@ -3,6 +3,14 @@
 Every write method is exactly one ``BEGIN IMMEDIATE`` transaction and is durable when it
 returns (WAL, ``synchronous=FULL``). The agent is the only writer of intents and records; the
 sync daemon may read the same file concurrently.
+
+Quarantine: a stored record whose content no longer verifies (it does not parse, its hash does
+not match its content, its signature does not verify under the device key, it names another
+terminal) is quarantined, never deleted or rewritten: the ``quarantine`` table gets a verbatim
+copy of the row (kept for ever, compaction never touches it), what failed, the hash the next
+record chains onto, and a signed :class:`QuarantineNotice` for the clearing host. Lookups skip
+quarantined records; the upload sends the notice in the record's place. Whoever reads a bad
+record first (the scan at start, a card lookup, the sync daemon) quarantines it.
 """
 
 from __future__ import annotations
@@ -22,15 +30,21 @@ import structlog
 from sqlite_utils import Database
 
 from agent.errors import StoreError
-from agent.offline_store.device_key import DeviceKey, key_id_for
+from agent.offline_store.device_key import DeviceKey, key_id_for, signature_verifier
 from agent.offline_store.records import (
     GENESIS_HASH,
+    INT64_MAX,
+    QuarantineNotice,
     Record,
     RecordBody,
     canonical_json,
+    entry_from_json,
     format_timestamp,
+    hash_hex,
+    notice_to_json,
     parse_timestamp,
     require_text,
+    seal_notice,
     seal_record,
 )
 from agent.offline_store.verify import ChainChecker, VerifyReport
@@ -55,7 +69,22 @@ _SELECT_RECORDS_BETWEEN = (
 _SELECT_LAST_RECORD_FOR_CARD = (
     "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
     "signature FROM records WHERE card_id = ? AND kind IN ({kind_placeholders}) "
-    "ORDER BY seq DESC LIMIT 1"
+    "AND seq < ? AND seq NOT IN (SELECT seq FROM quarantine) ORDER BY seq DESC LIMIT 1"
+)
+_SELECT_RECORD = (
+    "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
+    "signature FROM records WHERE seq = ?"
+)
+_SELECT_UNCHECKED_RECORDS = (
+    "SELECT seq, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, "
+    "signature FROM records WHERE seq > ? AND seq NOT IN (SELECT seq FROM quarantine) "
+    "ORDER BY seq LIMIT ?"
+)
+_COPY_TO_QUARANTINE = (
+    "INSERT INTO quarantine (seq, quarantined_at, reason, chain_hash, notice, created_at, "
+    "terminal_id, kind, card_id, amount, fields, prev_hash, hash, signature) "
+    "SELECT seq, ?, ?, ?, ?, created_at, terminal_id, kind, card_id, amount, fields, prev_hash, "
+    "hash, signature FROM records WHERE seq = ?"
 )
 _SELECT_INTENTS = "SELECT id, card_id, product, created_at, payload FROM intents ORDER BY id"
 _SELECT_INTENTS_FOR_CARD = (
@@ -66,6 +95,28 @@ _SELECT_INTENTS_CREATED_BEFORE = (
 )
 
 RecordRow = tuple[int, str, str, str, str, int, str, str, str, str]
+_ROW_NAMES = (
+    "seq",
+    "created_at",
+    "terminal_id",
+    "kind",
+    "card_id",
+    "amount",
+    "fields",
+    "prev_hash",
+    "hash",
+    "signature",
+)
+
+
+@dataclass(frozen=True)
+class QuarantinedRecord:
+    """A quarantined record as the store keeps it (the verbatim row is in the table)."""
+
+    seq: int
+    quarantined_at: str
+    reason: str
+    notice: QuarantineNotice
 
 
 class IntentNotFoundError(StoreError):
@@ -141,7 +192,23 @@ def _create_schema_v1(db: Database) -> None:
     )
 
 
-_MIGRATIONS: tuple[Callable[[Database], None], ...] = (_create_schema_v1,)
+def _add_quarantine_v2(db: Database) -> None:
+    # Not STRICT, and the copied record columns have no declared type: INSERT ... SELECT keeps
+    # every value exactly as it was stored, whatever it has become.
+    db.execute(
+        """
+        CREATE TABLE quarantine (
+            seq INTEGER PRIMARY KEY,
+            quarantined_at TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            chain_hash TEXT NOT NULL,
+            notice TEXT NOT NULL,
+            created_at, terminal_id, kind, card_id, amount, fields, prev_hash, hash, signature
+        )"""
+    )
+
+
+_MIGRATIONS: tuple[Callable[[Database], None], ...] = (_create_schema_v1, _add_quarantine_v2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -163,6 +230,11 @@ class OfflineStore:
         self._terminal_id = terminal_id
         self._clock = clock
         self._lock = threading.Lock()
+        # the device key's verifier; a store open for reading only takes the key from meta
+        # when it first needs it (never while holding the lock: see _seal_problem)
+        self._seal_ok: Callable[[bytes, bytes], bool] | None = (
+            None if device_key is None else signature_verifier(device_key.public_key_bytes)
+        )
 
     @classmethod
     def open(
@@ -228,6 +300,13 @@ class OfflineStore:
                 db = Database(conn, execute_plugins=False)
                 meta = _read_meta(conn)
                 terminal_id = _meta_text(meta, "terminal_id")
+                if not db.table("quarantine").exists():
+                    # a store from before the quarantine (schema 1), not migrated on a
+                    # read-only open: an empty stand-in in the connection's temp schema
+                    conn.execute(
+                        "CREATE TEMP TABLE quarantine (seq INTEGER PRIMARY KEY, "
+                        "quarantined_at TEXT, reason TEXT, chain_hash TEXT, notice TEXT)"
+                    )
         except BaseException:
             conn.close()
             raise
@@ -343,14 +422,25 @@ class OfflineStore:
     def last_record_for_card(
         self, card_id: str, kinds: Collection[str] = ("purchase",)
     ) -> Record | None:
-        """The newest record of one of ``kinds`` for the card (a single ``str`` is one kind)."""
+        """The newest verified record of one of ``kinds`` for the card (a single ``str`` is one
+        kind). A record that does not verify is quarantined and skipped: its content cannot be
+        trusted, so it neither refuses nor allows the card (a double tap against a corrupted
+        record is not caught)."""
         wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         if not wanted:
             return None
         query = _SELECT_LAST_RECORD_FOR_CARD.format(kind_placeholders=", ".join("?" * len(wanted)))
-        with self._read("find the card's last record") as conn:
-            row: RecordRow | None = conn.execute(query, (card_id, *wanted)).fetchone()
-        return None if row is None else _record_from_row_or_raise(row)
+        below = INT64_MAX
+        while True:
+            with self._read("find the card's last record") as conn:
+                row: RecordRow | None = conn.execute(query, (card_id, *wanted, below)).fetchone()
+            if row is None:
+                return None
+            record, problem = self._checked(row)
+            if record is not None:
+                return record
+            self._quarantine_found(row[0], problem)
+            below = row[0]
 
     def count_records(self) -> int:
         with self._read("count records") as conn:
@@ -383,6 +473,37 @@ class OfflineStore:
         after = self.acknowledged_seq() if after_seq is None else after_seq
         return list(self.records(since_seq=after, limit=limit))
 
+    def unsent_entries(
+        self, limit: int, after_seq: int | None = None
+    ) -> list[Record | QuarantineNotice]:
+        """What the upload sends: at most ``limit`` records after ``after_seq`` (default: the
+        acknowledged seq), in order, each quarantined one replaced by its signed notice (a
+        record found corrupted here is quarantined now). Needs the device key."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        after = self.acknowledged_seq() if after_seq is None else after_seq
+        with self._read("read unsent records") as conn:
+            rows: list[RecordRow] = conn.execute(_SELECT_RECORDS_AFTER, (after, limit)).fetchall()
+            notices = self._notices(conn, after, rows[-1][0] if rows else after)
+        entries: list[Record | QuarantineNotice] = []
+        for row in rows:
+            seq = row[0]
+            if seq in notices:
+                entries.append(notices[seq])
+                continue
+            record, problem = self._checked(row)
+            if record is not None:
+                entries.append(record)
+                continue
+            quarantined = self._quarantine_found(seq, problem)
+            if quarantined is None:
+                raise StoreError(
+                    f"store: record {seq} does not verify ({problem}) and this "
+                    "store is open for reading only: it cannot be quarantined"
+                )
+            entries.append(quarantined.notice)
+        return entries
+
     def count_unsent(self) -> int:
         with self._read("count unsent records") as conn:
             (count,) = conn.execute(
@@ -392,13 +513,169 @@ class OfflineStore:
         return int(count)
 
     def oldest_unsent_created_at(self) -> datetime | None:
-        """Creation time of the oldest record the host has not acknowledged, if any."""
+        """Creation time of the oldest record the host has not acknowledged, if any
+        (quarantined records and unreadable times are passed over)."""
         with self._read("find the oldest unsent record") as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT created_at FROM records WHERE seq > COALESCE((SELECT CAST(value AS "
-                "INTEGER) FROM meta WHERE key = 'sync_ack_seq'), 0) ORDER BY seq LIMIT 1"
+                "INTEGER) FROM meta WHERE key = 'sync_ack_seq'), 0) AND seq NOT IN "
+                "(SELECT seq FROM quarantine) ORDER BY seq LIMIT 20"
+            ).fetchall()
+        for (created_at,) in rows:
+            try:
+                return parse_timestamp(str(created_at))
+            except (ValueError, TypeError):
+                continue
+        return None
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def quarantine_scan(self) -> list[QuarantinedRecord]:
+        """Verify every stored record not yet quarantined (parse, terminal, hash, signature)
+        and quarantine each that fails; returns every quarantined record, old and new, and
+        logs them (an error naming terminal, seq and what failed). The agent runs this when it
+        opens its data directory, so it says at start which records it has set aside."""
+        after = -1
+        while True:
+            with self._read("read records to check") as conn:
+                rows: list[RecordRow] = conn.execute(
+                    _SELECT_UNCHECKED_RECORDS, (after, _PAGE_SIZE)
+                ).fetchall()
+            for row in rows:
+                _, problem = self._checked(row)
+                if problem:
+                    self._quarantine_found(row[0], problem)
+            if len(rows) < _PAGE_SIZE:
+                break
+            after = rows[-1][0]
+        held = self.quarantined()
+        if held:
+            log.error(
+                "store holds quarantined records; they are kept, skipped by lookups and "
+                "reported to the clearing host",
+                terminal_id=self._terminal_id,
+                seqs=[q.seq for q in held],
+            )
+        return held
+
+    def quarantined(self) -> list[QuarantinedRecord]:
+        """Every quarantined record, by seq."""
+        with self._read("list quarantined records") as conn:
+            rows = conn.execute(
+                "SELECT seq, quarantined_at, reason, notice FROM quarantine ORDER BY seq"
+            ).fetchall()
+        return [_quarantined_from_row(row) for row in rows]
+
+    def count_quarantined(self) -> int:
+        with self._read("count quarantined records") as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
+        return int(count)
+
+    def _seal_problem(self, record: Record) -> str | None:
+        """What is wrong with a parsed record's seal, or ``None`` (it verifies)."""
+        if record.terminal_id != self._terminal_id:
+            return f"it names terminal {record.terminal_id!r}, not this store's"
+        if hash_hex(record.canonical_bytes()) != record.hash:
+            return "its content does not match its hash"
+        if self._seal_ok is None:
+            with self._read("read the device public key") as conn:
+                public_key = _meta_text(_read_meta(conn), "public_key")
+            try:
+                self._seal_ok = signature_verifier(bytes.fromhex(public_key))
+            except ValueError as exc:
+                raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
+        if not self._seal_ok(bytes.fromhex(record.signature), bytes.fromhex(record.hash)):
+            return "its signature does not verify under the device key"
+        return None
+
+    def _checked(self, row: RecordRow) -> tuple[Record | None, str]:
+        """The row as a verified record, or ``None`` and what failed."""
+        try:
+            record = _record_from_row(row)
+        except (ValueError, TypeError) as exc:
+            return None, f"unparsable: {exc}"
+        problem = self._seal_problem(record)
+        return (None, problem) if problem else (record, "")
+
+    def _quarantine_found(self, seq: int, problem: str) -> QuarantinedRecord | None:
+        """Quarantine record ``seq`` (found not to verify: ``problem``); ``None`` on a store
+        open for reading only (nothing is written, the caller skips the record)."""
+        if self._key is None:
+            log.error(
+                "record does not verify (not quarantined: store open for reading only)",
+                terminal_id=self._terminal_id,
+                seq=seq,
+                problem=problem,
+            )
+            return None
+        with self._write(f"quarantine record {seq}") as conn:
+            known = conn.execute(
+                "SELECT seq, quarantined_at, reason, notice FROM quarantine WHERE seq = ?",
+                (seq,),
             ).fetchone()
-        return None if row is None else parse_timestamp(str(row[0]))
+            if known is not None:  # another process (agent or daemon) got there first
+                return _quarantined_from_row(known)
+            row = conn.execute(_SELECT_RECORD, (seq,)).fetchone()
+            if row is None:
+                raise StoreError(f"store: cannot quarantine record {seq}: it is gone")
+            notice = seal_notice(
+                seq=seq,
+                terminal_id=self._terminal_id,
+                quarantined_at=format_timestamp(self._clock()),
+                reason=problem,
+                chain_hash=self._chain_hash(conn, seq, row),
+                raw=canonical_json(dict(zip(_ROW_NAMES, row, strict=True))).encode("utf-8"),
+                sign=self._key.sign,
+            )
+            conn.execute(
+                _COPY_TO_QUARANTINE,
+                (notice.quarantined_at, problem, notice.chain_hash, notice_to_json(notice), seq),
+            )
+        log.error(
+            "record quarantined: its stored content does not verify; kept verbatim, skipped "
+            "by lookups, reported to the clearing host",
+            terminal_id=self._terminal_id,
+            seq=seq,
+            problem=problem,
+            chain_hash=notice.chain_hash,
+        )
+        return QuarantinedRecord(seq, notice.quarantined_at, problem, notice)
+
+    def _chain_hash(self, conn: sqlite3.Connection, seq: int, row: RecordRow) -> str:
+        """The hash record ``seq`` had when it was written: what the next record chains onto.
+
+        Rule: the ``prev_hash`` of record ``seq + 1`` if that record verifies (its seal covers
+        it); else, for the newest record, the store's ``last_hash`` (written with it); else the
+        stored hash column if it is well formed; else zeros. In the last two cases the next
+        record is quarantined too or missing, and a notice's own link is never checked.
+        """
+        following = conn.execute(_SELECT_RECORD, (seq + 1,)).fetchone()
+        if following is not None:
+            try:
+                record = _record_from_row(following)
+            except (ValueError, TypeError):
+                record = None
+            if record is not None and self._seal_problem(record) is None:
+                return record.prev_hash
+        meta = _read_meta(conn)
+        if _meta_int(meta, "last_seq") == seq:
+            return _meta_text(meta, "last_hash")
+        stored = row[8]
+        if isinstance(stored, str) and len(stored) == 64 and stored == stored.lower():
+            try:
+                bytes.fromhex(stored)
+                return stored
+            except ValueError:
+                pass
+        return GENESIS_HASH
+
+    @staticmethod
+    def _notices(conn: sqlite3.Connection, after: int, through: int) -> dict[int, QuarantineNotice]:
+        rows = conn.execute(
+            "SELECT seq, quarantined_at, reason, notice FROM quarantine WHERE seq > ? AND seq <= ?",
+            (after, through),
+        ).fetchall()
+        return {int(row[0]): _quarantined_from_row(row).notice for row in rows}
 
     def mark_acknowledged(self, through_seq: int) -> int:
         """Record the host's cumulative acknowledgement; returns the stored value.
@@ -446,8 +723,14 @@ class OfflineStore:
                     limit = min(limit, int(row[0]) - 1)
             if limit <= anchor:
                 return anchor
-            row = conn.execute("SELECT hash FROM records WHERE seq = ?", (limit,)).fetchone()
-            if row is None:
+            # a quarantined record's hash column may be the corruption: the anchor takes the
+            # hash the next record chains onto
+            row = conn.execute(
+                "SELECT COALESCE((SELECT chain_hash FROM quarantine WHERE seq = ?), "
+                "(SELECT hash FROM records WHERE seq = ?))",
+                (limit, limit),
+            ).fetchone()
+            if row is None or row[0] is None:
                 raise StoreError(f"store: cannot compact through {limit}: record is missing")
             conn.execute("DELETE FROM records WHERE seq <= ?", (limit,))
             conn.executemany(
@@ -492,7 +775,12 @@ class OfflineStore:
                 rows: list[RecordRow] = conn.execute(
                     _SELECT_RECORDS_BETWEEN, (after, last_seq, _PAGE_SIZE)
                 ).fetchall()
+                notices = self._notices(conn, after, rows[-1][0] if rows else after)
             for row in rows:
+                notice = notices.get(row[0])
+                if notice is not None:
+                    checker.quarantined(row[0], notice.reason, notice.chain_hash)
+                    continue
                 try:
                     record = _record_from_row(row)
                 except (ValueError, TypeError) as exc:
@@ -765,6 +1053,19 @@ def _record_from_row(row: RecordRow) -> Record:
         hash=hash_,
         signature=signature,
     )
+
+
+def _quarantined_from_row(row: tuple[Any, ...]) -> QuarantinedRecord:
+    seq, quarantined_at, reason, notice_json = row
+    try:
+        notice = entry_from_json(str(notice_json))
+    except (ValueError, TypeError) as exc:
+        raise StoreError(
+            f"store: the quarantine notice of record {seq} is unreadable: {exc}"
+        ) from exc
+    if not isinstance(notice, QuarantineNotice):
+        raise StoreError(f"store: the quarantine entry of record {seq} holds no notice")
+    return QuarantinedRecord(int(seq), str(quarantined_at), str(reason), notice)
 
 
 def _record_from_row_or_raise(row: RecordRow) -> Record:

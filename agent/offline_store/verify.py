@@ -82,6 +82,14 @@ class ChainChecker:
             self._last_seq = seq
             self._last_hash = None
 
+    def quarantined(self, seq: int, reason: str, chain_hash: str) -> None:
+        """A record the store has quarantined: named as a problem; the chain goes on from the
+        hash it had when it was written (its own content cannot be checked)."""
+        self._problems.append(f"record {seq} quarantined: {reason} (kept verbatim, reported)")
+        if self._advance(seq):
+            self._last_seq = seq
+            self._last_hash = chain_hash
+
     def problem(self, description: str) -> None:
         """A problem found outside the record stream (for example in the store's meta)."""
         self._problems.append(description)
