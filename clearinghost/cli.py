@@ -43,7 +43,7 @@ from clearinghost.operators import (
     read_token,
     remove_operator,
 )
-from clearinghost.server import ClearingHost, ServerTls, create_app, uvicorn_config
+from clearinghost.server import ClearingHost, HostLimits, ServerTls, create_app, uvicorn_config
 from clearinghost.storage import open_storage
 
 log = structlog.get_logger(__name__)
@@ -99,6 +99,31 @@ def _parser() -> argparse.ArgumentParser:
         help=f"operators (NAME:ROLE:sha256:HEX lines); or {TOKEN_ENV} for one operator",
     )
     p.add_argument("--list-ttl", type=int, default=7 * 24 * 3600, help="seconds")
+    defaults = HostLimits()
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections beyond this are answered 503 and closed",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a request body may take to arrive (408 after)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a connection may take to send a request head (closed after)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=int,
+        default=defaults.keep_alive_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
     p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("operator", help="add, remove or list the host's operators")
@@ -151,7 +176,20 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         list_ttl_s=args.list_ttl,
         open_registration=not args.closed_registration,
         operators=operators,
+        limits=host_limits(args),
     )
+
+
+def host_limits(args: argparse.Namespace) -> HostLimits:
+    try:
+        return HostLimits(
+            body_timeout_s=args.body_timeout,
+            header_timeout_s=args.header_timeout,
+            keep_alive_s=args.keep_alive,
+            max_connections=args.max_connections,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"cardhost host: {exc}") from exc
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -166,7 +204,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     if not operators:
         log.warning("no operators configured: the read API, the page and admin answer 401")
     host = build_host(args, operators)
-    config = uvicorn_config(create_app(host), tls=tls, log_level="warning")
+    config = uvicorn_config(create_app(host), tls=tls, log_level="warning", limits=host.limits)
     config.host, config.port = address or "127.0.0.1", int(port)
     log.info(
         "clearing host listening",

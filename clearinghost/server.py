@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import structlog
 import uvicorn
 from starlette.applications import Starlette
@@ -35,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE
@@ -58,6 +60,29 @@ _ASN_PATTERN = re.compile(r"[0-9A-Fa-f]{1,16}")
 DEFAULT_LIST_TTL_S = 7 * 24 * 3600
 
 
+@dataclass(frozen=True)
+class HostLimits:
+    """How long and how many: what one client (or many) may hold of the host.
+
+    ``body_timeout_s``: a request's whole body must arrive within this (408 and the connection
+    closed otherwise: a slow-loris body). ``header_timeout_s``: a connection must send a complete
+    request head within this after it opens or after its previous answer (closed otherwise).
+    ``keep_alive_s``: an idle keep-alive connection is closed after this (uvicorn).
+    ``max_connections``: connections beyond this are answered 503 and closed at once.
+    """
+
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 20.0
+    keep_alive_s: int = 5
+    max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0):
+            raise ValueError("host timeouts must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+
 @dataclass
 class ClearingHost:
     """The host's behaviour, independent of HTTP (the endpoints are thin wrappers)."""
@@ -69,6 +94,7 @@ class ClearingHost:
     open_registration: bool = True
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
+    limits: HostLimits = field(default_factory=HostLimits)
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
 
     # --- terminals -------------------------------------------------------------------------
@@ -242,12 +268,23 @@ class Refusal(Exception):
         self.status, self.code, self.detail = status, code, detail
 
     def response(self) -> JSONResponse:
-        return _json(self.status, error_body(self.code, self.detail))
+        answer = _json(self.status, error_body(self.code, self.detail))
+        if self.status in (408, 413):
+            # the rest of the body is not read: close rather than wait for it
+            answer.headers["Connection"] = "close"
+        return answer
+
+
+def _body_timeout(request: Request) -> float:
+    """The app's body timeout (:class:`HostLimits`), set on the app by :func:`create_app`."""
+    value = getattr(request.app.state, "body_timeout_s", None)
+    return float(value) if value is not None else HostLimits.body_timeout_s
 
 
 async def read_body(request: Request, cap: int) -> bytes:
     """The request body, read chunk by chunk and refused (413) as soon as it passes ``cap``,
-    with or without ``Content-Length`` (a declared length above ``cap`` is refused unread)."""
+    with or without ``Content-Length`` (a declared length above ``cap`` is refused unread),
+    and refused (408) when it has not all arrived within the body timeout."""
     length = request.headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
@@ -256,11 +293,18 @@ async def read_body(request: Request, cap: int) -> bytes:
             raise Refusal(413, "too_large", f"body above {cap} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise Refusal(413, "too_large", f"body above {cap} bytes")
-        chunks.append(chunk)
+    timeout = _body_timeout(request)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise Refusal(413, "too_large", f"body above {cap} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Refusal(
+            408, "body_timeout", f"body not received within {timeout:g} s ({size} bytes came)"
+        ) from None
     return b"".join(chunks)
 
 
@@ -335,7 +379,7 @@ def guarded(
         try:
             return await handler(request)
         except Refusal as refusal:
-            if refusal.status == 413:
+            if refusal.status in (408, 413):
                 log.warning("request body refused", path=request.url.path, detail=refusal.detail)
             return refusal.response()
 
@@ -502,7 +546,9 @@ def create_app(host: ClearingHost) -> Starlette:
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.body_timeout_s = host.limits.body_timeout_s
+    return app
 
 
 def _same_origin(request: Request, origin: str) -> bool:
@@ -571,14 +617,89 @@ class ServerTls:
     client_ca_file: Path | None = None
 
 
-def uvicorn_config(app: Any, *, tls: ServerTls | None = None, log_level: str = "warning") -> Any:
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\nretry-after: 5\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def bounded_protocol(limits: HostLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections and a deadline for request heads.
+
+    A connection beyond ``limits.max_connections`` is answered 503 (JSON) and closed before it
+    is read. A connection that has not sent a complete request head within
+    ``limits.header_timeout_s`` of opening (or of its previous answer) is closed, however
+    slowly it keeps sending (uvicorn's keep-alive timer restarts on every byte)."""
+
+    class BoundedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                detail = f"the host holds {limits.max_connections} connections; retry later"
+                body = json.dumps(error_body("busy", detail)).encode()
+                transport.write(_BUSY % (len(body), body))
+                transport.close()
+                log.warning("connection refused: too many open", limit=limits.max_connections)
+                return
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(
+                limits.header_timeout_s, self._head_timeout, self.cycle
+            )
+
+        def _head_timeout(self, armed_cycle: object) -> None:
+            # A new request since the timer was armed: that request's answer re-arms it.
+            if self.cycle is not armed_cycle or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # the app is handling a request (its body has the body timeout)
+            log.warning("connection closed: no request head in time", client=self.client)
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    tls: ServerTls | None = None,
+    log_level: str = "warning",
+    limits: HostLimits | None = None,
+) -> Any:
+    limits = limits or HostLimits()
     kwargs: dict[str, Any] = {}
     if tls is not None:
         kwargs.update(ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file))
         if tls.client_ca_file is not None:
             kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
     return uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="off", timeout_keep_alive=5, **kwargs
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        http=bounded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_s,
+        # uvicorn's own guard (requests in flight or connections): one above the connection
+        # cap, so the protocol's JSON 503 answers first and uvicorn's never has to
+        limit_concurrency=limits.max_connections + 1,
+        **kwargs,
     )
 
 
@@ -593,9 +714,11 @@ class HostServer:
         port: int = 0,
         tls: ServerTls | None = None,
         log_level: str = "warning",
+        limits: HostLimits | None = None,
     ) -> None:
         self._app = app
         self._tls = tls
+        self._limits = limits
         self._log_level = log_level
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -614,7 +737,7 @@ class HostServer:
 
     def start(self) -> HostServer:
         self._server = uvicorn.Server(
-            uvicorn_config(self._app, tls=self._tls, log_level=self._log_level)
+            uvicorn_config(self._app, tls=self._tls, log_level=self._log_level, limits=self._limits)
         )
         server = self._server
 
