@@ -8,6 +8,8 @@
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+    cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
+                                                         operator than the one who asked)
 
 Operator tokens: ``cardhost operator add`` prints a new token once and stores only its hash.
 The host reads ``--operators-file`` and/or ``CARDSYNC_OPERATOR_TOKEN`` (one operator);
@@ -43,7 +45,14 @@ from clearinghost.operators import (
     read_token,
     remove_operator,
 )
-from clearinghost.server import ClearingHost, HostLimits, ServerTls, create_app, uvicorn_config
+from clearinghost.server import (
+    DEFAULT_APPROVAL_THRESHOLD,
+    ClearingHost,
+    HostLimits,
+    ServerTls,
+    create_app,
+    uvicorn_config,
+)
 from clearinghost.storage import open_storage
 
 log = structlog.get_logger(__name__)
@@ -99,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"operators (NAME:ROLE:sha256:HEX lines); or {TOKEN_ENV} for one operator",
     )
     p.add_argument("--list-ttl", type=int, default=7 * 24 * 3600, help="seconds")
+    p.add_argument(
+        "--approval-threshold",
+        type=int,
+        default=DEFAULT_APPROVAL_THRESHOLD,
+        help="a blacklist change of more entries waits for a second operator's approval",
+    )
     defaults = HostLimits()
     p.add_argument(
         "--max-connections",
@@ -146,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("add", "remove"))
     p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
+
+    for action in ("approve", "reject"):
+        p = sub.add_parser(action, help=f"{action} a held blacklist change (a second operator)")
+        p.add_argument("--host", required=True)
+        p.add_argument(
+            "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+        )
+        p.add_argument("change_id", type=int, help="the pending id `cardhost blacklist` showed")
+        p.set_defaults(func=cmd_decide, action=action)
     return parser
 
 
@@ -177,6 +201,7 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         open_registration=not args.closed_registration,
         operators=operators,
         limits=host_limits(args),
+        approval_threshold=args.approval_threshold,
     )
 
 
@@ -242,19 +267,38 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_blacklist(args: argparse.Namespace) -> int:
     asns = [f"{asn_of(card):016X}" for card in args.cards]
     body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
+    response = _admin_post(args, "/v1/admin/blacklist", body)
+    if response is None:
+        return 2
+    _out(response.text)
+    if response.status_code == 202:
+        change = response.json().get("pending_id")
+        _err(
+            f"cardhost: change {change} is held: another operator must run "
+            f"`cardhost approve {change} --host {args.host}` (or reject it)"
+        )
+    return 0 if response.status_code in (200, 202) else 2
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    path = f"/v1/admin/blacklist/pending/{args.change_id}/{args.action}"
+    response = _admin_post(args, path, {})
+    if response is None:
+        return 2
+    _out(response.text)
+    return 0 if response.status_code == 200 else 2
+
+
+def _admin_post(args: argparse.Namespace, path: str, body: object) -> httpx.Response | None:
     token = read_token(args.token_file)
     if token is None:
         raise ConfigurationError(f"an operator token is needed: --token-file or {TOKEN_ENV}")
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        response = httpx.post(
-            f"{args.host.rstrip('/')}/v1/admin/blacklist", json=body, headers=headers, timeout=10
-        )
+        return httpx.post(f"{args.host.rstrip('/')}{path}", json=body, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         _err(f"cardhost: link error: {exc}")
-        return 2
-    _out(response.text)
-    return 0 if response.status_code == 200 else 2
+        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE
-from agent.offline_store.records import Record
+from agent.offline_store.records import Record, canonical_json
+from agent.params import MAX_PARAMS_FILE_BYTES
 from clearinghost.clearing import Finding, TacVerifier, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, VIEWER, Operators
-from clearinghost.storage import Storage, StorageFailure, StorageFull, TerminalKeyConflict
+from clearinghost.storage import (
+    PendingChangeRefused,
+    Storage,
+    StorageFailure,
+    StorageFull,
+    TerminalKeyConflict,
+)
 from sync import protocol
+from sync.params import check_payload
 from sync.protocol import BadBatch, BatchTooLarge, error_body
 
 log = structlog.get_logger(__name__)
@@ -56,8 +65,12 @@ MAX_SMALL_BODY_BYTES = 64 * 1024  # register, heartbeat
 MAX_ADMIN_BODY_BYTES = 8 * 1024 * 1024  # admin publications (a blacklist of ~400,000 ASNs)
 MAX_JSON_DEPTH = 16  # nesting of a JSON body (heartbeat figures, parameter sets)
 MAX_QUERY_NUMBER = 2**63 - 1  # since / after / limit: what SQLite's INTEGER holds
+MAX_FARE = 0xFFFFFFFF  # what a firmware profile's fare.flat_fare may be
+PARAMS_FALLBACK_DEPTH = 50  # older stored sets GET /v1/params looks through past a bad one
 _ASN_PATTERN = re.compile(r"[0-9A-Fa-f]{1,16}")
 DEFAULT_LIST_TTL_S = 7 * 24 * 3600
+DEFAULT_APPROVAL_THRESHOLD = 1000  # blacklist entries in one change above which a second
+# operator must approve it
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class ClearingHost:
     operators: Operators = field(default_factory=Operators)
     clock: Callable[[], float] = time.time
     limits: HostLimits = field(default_factory=HostLimits)
+    approval_threshold: int = DEFAULT_APPROVAL_THRESHOLD
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
 
     # --- terminals -------------------------------------------------------------------------
@@ -234,22 +248,35 @@ class ClearingHost:
         )
 
     def params_document(self, since: int) -> bytes | None:
-        """The latest parameter set, signed now (a re-issue extends the terminal's expiry;
-        ``since`` is accepted for symmetry and logging). ``None`` if none was published."""
-        latest = self.storage.latest_params()
-        if latest is None:
-            return None
-        if since > int(latest["version"]):
-            log.warning(
-                "terminal ahead of the host's parameters", since=since, host=latest["version"]
-            )
-        return self._sign(latest)
+        """The latest valid parameter set, signed now (a re-issue extends the terminal's
+        expiry; ``since`` is accepted for symmetry and logging). ``None`` if none was published.
 
-    def _sign(self, stored: dict[str, Any]) -> bytes:
+        A stored set the terminals would refuse (stored before publications were checked) is
+        skipped with an error in the log: the newest valid one before it is served."""
+        for stored in self.storage.recent_params(PARAMS_FALLBACK_DEPTH):
+            payload = self._payload(stored)
+            problem = params_problem(payload)
+            if problem is not None:
+                log.error(
+                    "stored parameter set skipped", version=stored.get("version"), why=problem
+                )
+                continue
+            if since > int(payload["version"]):
+                log.warning(
+                    "terminal ahead of the host's parameters", since=since, host=payload["version"]
+                )
+            return sign_params(payload, self.key)
+        return None
+
+    def check_params(self, published: dict[str, Any]) -> str | None:
+        """Why the agent or the daemon would refuse ``published`` once signed, else ``None``."""
+        return params_problem(self._payload(dict(published, version=1)))
+
+    def _payload(self, stored: dict[str, Any]) -> dict[str, Any]:
         now = int(self.clock())
         payload = dict(stored, issued_at=now, expires_at=now + self.list_ttl_s)
         payload.setdefault("effective_from", now)
-        return sign_params(payload, self.key)
+        return payload
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -370,6 +397,37 @@ def parse_asns(payload: dict[str, Any], name: str) -> list[int]:
     return asns
 
 
+def params_problem(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a parameter set as it would be signed, naming the field: the
+    daemon's check (:func:`sync.params.check_payload`), canonical JSON (no NaN/infinity), the
+    agent's size cap, and the values the agent would otherwise silently ignore (a fare that is
+    not an integer 0..2^32-1, an issuer that is not even-length hex)."""
+    try:
+        check_payload(payload)
+        size = len(canonical_json(payload).encode("utf-8"))
+    except (ValueError, TypeError, KeyError) as exc:
+        return str(exc)
+    if size + 1024 > MAX_PARAMS_FILE_BYTES:
+        return f"the signed set would be above the agent's {MAX_PARAMS_FILE_BYTES} bytes"
+    fare = payload.get("fare_table", {}).get("flat_fare")
+    if fare is not None and (
+        isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= MAX_FARE
+    ):
+        return f"field 'fare_table.flat_fare' must be an integer 0..{MAX_FARE}, got {fare!r:.60}"
+    for index, issuer in enumerate(payload.get("issuer_allow_list", [])):
+        if not issuer or len(issuer) % 2 or not _is_hex(issuer):
+            return f"field 'issuer_allow_list[{index}]' must be even-length hex, got {issuer!r:.40}"
+    return None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return text.isascii() and " " not in text
+
+
 def guarded(
     handler: Callable[[Request], Awaitable[Response]],
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -412,6 +470,7 @@ def create_app(host: ClearingHost) -> Starlette:
                     return _json(415, error_body("unsupported_media", "send application/json"))
             if role == OPERATOR:
                 log.info("operator action", operator=who.name, path=request.url.path)
+            request.state.operator = who.name
             return await guarded(handler)(request)
 
         return wrapped
@@ -467,13 +526,64 @@ def create_app(host: ClearingHost) -> Starlette:
                 400, error_body("bad_request", 'body must be {"add": [...], "remove": [...]}')
             )
         add, remove = parse_asns(payload, "add"), parse_asns(payload, "remove")
+        entries = len(set(add) | set(remove))
+        if entries > host.approval_threshold:
+            by = request.state.operator
+            change = await run_in_threadpool(host.storage.propose_blacklist, add, remove, by)
+            detail = (
+                f"{entries} entries is above {host.approval_threshold}: change {change} waits "
+                f"for another operator's approval (POST {v1}/admin/blacklist/pending/{change}"
+                "/approve)"
+            )
+            return _json(
+                202,
+                {
+                    "pending_id": change,
+                    "state": "pending",
+                    "entries": entries,
+                    "threshold": host.approval_threshold,
+                    "detail": detail,
+                },
+            )
         version = await run_in_threadpool(host.storage.publish_blacklist, add, remove)
         return _json(200, {"version": version})
+
+    async def pending_blacklist(request: Request) -> Response:
+        changes = await run_in_threadpool(host.storage.pending_changes, "pending")
+        return _json(200, {"pending": changes})
+
+    def decide(approve: bool) -> Callable[[Request], Awaitable[Response]]:
+        async def decision(request: Request) -> Response:
+            text = request.path_params["change_id"]
+            if not (text.isascii() and text.isdigit()) or len(text) > 18:
+                raise Refusal(400, "bad_request", f"change id must be a number, not {text[:40]!r}")
+            by = request.state.operator
+            try:
+                version = await run_in_threadpool(
+                    partial(host.storage.decide_blacklist, int(text), by, approve=approve)
+                )
+            except PendingChangeRefused as exc:
+                status = {"unknown_change": 404, "own_change": 403}.get(exc.code, 409)
+                return _json(status, error_body(exc.code, exc.detail))
+            answer: dict[str, Any] = {
+                "pending_id": int(text),
+                "state": "approved" if approve else "rejected",
+                "decided_by": by,
+            }
+            if version is not None:
+                answer["version"] = version
+            return _json(200, answer)
+
+        return decision
 
     async def publish_params(request: Request) -> Response:
         payload = await read_json(request, MAX_ADMIN_BODY_BYTES)
         if not isinstance(payload, dict):
             return _json(400, error_body("bad_request", "body must be a JSON object"))
+        problem = host.check_params(payload)
+        if problem is not None:
+            log.warning("parameter set refused", problem=problem)
+            return _json(400, error_body("bad_params", problem))
         version = await run_in_threadpool(host.storage.publish_params, payload)
         return _json(200, {"version": version})
 
@@ -545,6 +655,17 @@ def create_app(host: ClearingHost) -> Starlette:
         Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),
+        Route(f"{v1}/admin/blacklist/pending", authorised(VIEWER, pending_blacklist)),
+        Route(
+            f"{v1}/admin/blacklist/pending/{{change_id}}/approve",
+            authorised(OPERATOR, decide(approve=True)),
+            methods=["POST"],
+        ),
+        Route(
+            f"{v1}/admin/blacklist/pending/{{change_id}}/reject",
+            authorised(OPERATOR, decide(approve=False)),
+            methods=["POST"],
+        ),
     ]
     app = Starlette(routes=routes)
     app.state.body_timeout_s = host.limits.body_timeout_s
