@@ -667,9 +667,22 @@ def create_app(host: ClearingHost) -> Starlette:
             methods=["POST"],
         ),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """No such route (404) or method (405): a JSON error like every other refusal."""
+    status = int(getattr(exc, "status_code", 404))
+    code = "not_found" if status == 404 else "method_not_allowed"
+    detail = f"no {request.method} {request.url.path[:200]!r} here" + (
+        " (see /openapi.json)" if status == 404 else ""
+    )
+    answer = _json(status, error_body(code, detail))
+    allow = getattr(exc, "headers", None) or {}
+    answer.headers.update(allow)
+    return answer
 
 
 def _same_origin(request: Request, origin: str) -> bool:
@@ -697,7 +710,7 @@ def operator_page(host: ClearingHost) -> str:
         )
     anomalies = [
         f"<tr><td>{esc(a['terminal_id'])}</td><td>{a['seq']}</td><td>{esc(a['kind'])}</td>"
-        f"<td>{esc(a['detail'])}</td></tr>"
+        f"<td>{esc(a['detail'])}</td><td>{a['repeats']}</td></tr>"
         for a in storage.anomalies(limit=50)
     ]
     recent = []
@@ -719,7 +732,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 <h2>Terminals</h2><table><tr><th>terminal</th><th>acknowledged seq</th><th>records</th>
 <th>last seen</th><th>unsent</th><th>oldest unsent (s)</th><th>blacklist</th></tr>
 {"".join(rows)}</table>
-<h2>Anomalies</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>detail</th></tr>
+<h2>Anomalies</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>detail</th>
+<th>repeats</th></tr>
 {"".join(anomalies)}</table>
 <h2>Latest records</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>card</th>
 <th>amount</th><th>created</th></tr>{"".join(recent)}</table>
