@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 import structlog
 
+from agent.blacklist import KIND_SNAPSHOT, encode_list
 from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.records import GENESIS_HASH, record_to_json, seal_record
 from agent.wiring import DataDir
@@ -323,6 +324,10 @@ def hostile_app(scale: float) -> Callable[..., Any]:
             await send({"type": "http.response.body", "body": zeros})
             return
         block = b"\0" * MIB
+        prefix = bytearray()
+        if path.startswith("/listcap"):  # a well-formed list header declaring 12 M entries
+            prefix = bytearray(list_header())
+            prefix[41:45] = (12_000_000).to_bytes(4, "big")
         if path.startswith("/huge") and mode == "declared":
             headers.append((b"content-length", str(gib).encode()))
         gone = asyncio.Event()
@@ -334,6 +339,8 @@ def hostile_app(scale: float) -> Callable[..., Any]:
 
         watcher = asyncio.create_task(watch())
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if prefix:
+            await send({"type": "http.response.body", "body": bytes(prefix), "more_body": True})
         sent = 0
         while (path.startswith("/endless") or sent < gib) and not gone.is_set():
             await send({"type": "http.response.body", "body": block, "more_body": True})
@@ -344,6 +351,21 @@ def hostile_app(scale: float) -> Callable[..., Any]:
         watcher.cancel()
 
     return app
+
+
+def list_header() -> bytes:
+    """The header (magic to entry counts, 49 bytes) of a genuine signed list."""
+    signer = HostKey.generate()
+    return encode_list(
+        kind=KIND_SNAPSHOT,
+        version=1,
+        base_version=0,
+        issued_at=1,
+        expires_at=2,
+        add=[1],
+        sign=signer.sign,
+        public_key_raw=signer.public_key_bytes,
+    )[:49]
 
 
 class Rewrite:
@@ -365,6 +387,12 @@ DAEMON_ATTACKS = [
     ("parameters answered with 1 GiB, Content-Length declared", "pull_params", "/huge", "declared"),
     ("parameters answered with 1 GiB, chunked", "pull_params", "/huge", ""),
     ("blacklist answered with 1 GiB, chunked", "pull_blacklist", "/huge", ""),
+    (
+        "blacklist: a list header declaring 12 M entries (96 MB), then zeros",
+        "pull_blacklist",
+        "/listcap",
+        "",
+    ),
     ("register + heartbeat answered with an endless stream", "send_heartbeat", "/endless", ""),
 ]
 
@@ -453,7 +481,11 @@ def report(
         "libraries, SQLite cache included), not the attack's share alone. The host reads bodies "
         "in chunks up to each route's cap, inflates uploads in bounded steps and parses them "
         "line by line; the daemon streams every answer with a cap per call (JSON 1 MiB, "
-        "parameters 4 MiB, blacklist 96 MiB) and inflates gzip itself in 1 MiB steps.",
+        "parameters 4 MiB, blacklist 96 MiB) and inflates gzip itself in 1 MiB steps. A "
+        "blacklist answer is refused at its header when it cannot be a signed list, and may "
+        "not run past the size its header declares; a header that declares as many entries as "
+        "the cap allows (a genuine 10 M-card snapshot is 80 MB, verified whole: Ed25519 signs "
+        "the whole list) is read up to that size, which is what the last blacklist row shows.",
         "",
     ]
     return "\n".join(lines)
