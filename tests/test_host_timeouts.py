@@ -82,26 +82,24 @@ def test_a_stalled_body_is_answered_408_and_closed(server: HostServer) -> None:
 
 def test_a_dribbling_body_is_cut_off_too(server: HostServer) -> None:
     sock = stall_mid_body(server)
-    sock.settimeout(WAIT_S)
-    answer = b""
+    answer, closed = b"", False
     deadline = time.monotonic() + WAIT_S
-    try:
-        while time.monotonic() < deadline:  # one byte now and then, never the whole body
+    while time.monotonic() < deadline and not closed:
+        try:  # one byte now and then, never the whole body
             sock.sendall(b" ")
             sock.settimeout(0.2)
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            answer += chunk
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    else:
-        assert time.monotonic() < deadline, "the host never cut off a dribbling body"
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # reset: the host closed with our byte unread
+            closed = True
+            break
+        answer += chunk
+        closed = not chunk
     sock.close()
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert closed, "the host never cut off a dribbling body"
+    # the 408 is normally read before the close (a reset may discard it)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
 
 
 @pytest.mark.parametrize("head", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"])
@@ -139,16 +137,41 @@ def test_many_stalled_connections_are_closed_and_a_genuine_client_is_served(
     stalled = [stall_mid_body(server) for _ in range(LIMITS.max_connections + 20)]
     idle = [connect(server) for _ in range(10)]
     answers = [read_until_closed(sock) for sock in stalled + idle]
-    statuses = [status_and_body(a)[0] for a in answers if a]
     # every one was closed by the host: the ones above the cap at once (503), the others
     # when their body timed out (408); idle ones silently
+    statuses = [status_and_body(a)[0] for a in answers if a]
     assert set(statuses) <= {408, 503}, statuses
-    assert statuses.count(503) >= 20, statuses
-    busy = next(a for a in answers if a.startswith(b"HTTP/1.1 503"))
-    assert status_and_body(busy)[1]["error"] == "busy"
     with httpx.Client(base_url=server.url, timeout=WAIT_S) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get(protocol.PARAMS_PATH).status_code == 404
+
+
+def test_connections_above_the_cap_are_answered_busy(tmp_path: Path) -> None:
+    # nobody times out here
+    limits = HostLimits(header_timeout_s=WAIT_S, keep_alive_s=int(WAIT_S), max_connections=20)
+    host = ClearingHost(SqliteStorage(tmp_path / "host.db"), HostKey.generate(), limits=limits)
+    with HostServer(create_app(host), limits=limits) as served:
+        held = [connect(served) for _ in range(limits.max_connections)]
+        with httpx.Client(base_url=served.url, timeout=WAIT_S) as client:
+            held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # all accepted
+            assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+            answer = read_until_closed(connect(served))
+            status, body = status_and_body(answer)
+            assert (status, body["error"]) == (503, "busy")
+            assert b"connection: close" in answer.lower()
+            for sock in held:
+                sock.close()
+            # once they are gone the host serves again (closing is asynchronous: bounded retry)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the host stayed busy"
+                time.sleep(0.1)
+    host.storage.close()
 
 
 def test_a_genuine_client_is_served_while_connections_stall(server: HostServer) -> None:
