@@ -4,7 +4,9 @@
 
     cardhost host-key --key host.key                  create/show the host's signing key
     cardhost host --db host.db --key host.key [--listen 127.0.0.1:8700] [--profile P.toml]
-                  [--operators-file operators.txt]
+                  [--operators-file operators.txt] [--approval-threshold 1000]
+                  [--max-connections 512] [--body-timeout 60] [--header-timeout 20]
+                  [--keep-alive 5]
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
@@ -240,6 +242,8 @@ def cmd_host(args: argparse.Namespace) -> int:
         tls=tls is not None,
         mutual_tls=bool(tls and tls.client_ca_file),
         operators=operators.names,
+        approval_threshold=host.approval_threshold,
+        limits=host.limits,
     )
     asyncio.run(uvicorn.Server(config).serve())
     host.storage.close()

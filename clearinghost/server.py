@@ -9,6 +9,12 @@ The read API and the page need an authenticated ``viewer``, the admin routes an 
 (:mod:`clearinghost.operators`); with no operators configured they all answer 401. Admin
 POSTs must be ``application/json`` (415 otherwise) and a request whose ``Origin`` is not the
 host's own is refused (403), so a web page open in an operator's browser cannot call them.
+
+Bounds (:class:`HostLimits`): each route caps its body (413) and the time it may take to arrive
+(408, connection closed); a connection must send a request head within the header timeout and
+connections beyond the cap are answered 503 and closed (:func:`bounded_protocol`). A blacklist
+change of more entries than ``approval_threshold`` is held (202) until another operator approves
+it; a parameter set is checked at publication as the daemon and the agent will check it.
 """
 
 from __future__ import annotations
