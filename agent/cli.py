@@ -1,4 +1,6 @@
-"""``cardagent``: the validator, the records tools and provisioning (the demo is ``cardhost demo``)."""
+"""``cardagent``: the validator, the records tools and provisioning.
+
+The demo is ``cardhost demo``."""
 
 from __future__ import annotations
 
