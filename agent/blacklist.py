@@ -208,6 +208,20 @@ def encode_list(
     return body + key_id_of(public_key_raw) + sign(body)
 
 
+def list_document_size(prefix: bytes) -> int | None:
+    """The size a signed list's header declares (header, entries, key id, signature), read from
+    the document's first bytes; ``None`` until the whole header is there. Raises
+    :class:`BlacklistRejected` as soon as the bytes cannot be a list (a reader stops there)."""
+    if len(prefix) < _LIST_HEADER.size:
+        return None
+    magic, kind, *_, n_add, n_remove = _LIST_HEADER.unpack_from(prefix)
+    if magic != LIST_MAGIC:
+        raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
+    if kind not in (KIND_SNAPSHOT, KIND_DELTA):
+        raise BlacklistRejected(f"blacklist: unknown document kind 0x{kind:02X}")
+    return int(_LIST_HEADER.size + 8 * (n_add + n_remove) + _LIST_TRAILER)
+
+
 def decode_list(data: bytes, keys: Keys) -> SignedList:
     """Parse and verify a signed list against the signing keys in force. Raises
     :class:`BlacklistRejected` with the reason."""

@@ -10,9 +10,13 @@
     cardhost root-sign --add-to root-2.json --key ROOT.key   add one more root signature
     cardhost host --db host.db --key host.key [--listen 127.0.0.1:8700] [--profile P.toml]
                   [--operators-file operators.txt] [--root-statements root-1.json ...]
+                  [--approval-threshold 1000] [--max-connections 512] [--body-timeout 60]
+                  [--header-timeout 20] [--keep-alive 5]
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+    cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
+                                                         operator than the one who asked)
     cardhost terminal --host URL [--token-file F] add ID [--kind K --site S] [--public-key HEX]
     cardhost terminal --host URL [--token-file F] rotate-key ID [--public-key HEX]
     cardhost terminal --host URL [--token-file F] list
@@ -67,7 +71,14 @@ from clearinghost.operators import (
     read_token,
     remove_operator,
 )
-from clearinghost.server import ClearingHost, ServerTls, create_app, uvicorn_config
+from clearinghost.server import (
+    DEFAULT_APPROVAL_THRESHOLD,
+    ClearingHost,
+    HostLimits,
+    ServerTls,
+    create_app,
+    uvicorn_config,
+)
 from clearinghost.storage import open_storage
 from sync.keys import parse_public_key
 
@@ -150,6 +161,37 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="root statements to serve, in version order (cardhost root-sign)",
     )
+    p.add_argument(
+        "--approval-threshold",
+        type=int,
+        default=DEFAULT_APPROVAL_THRESHOLD,
+        help="a blacklist change of more entries waits for a second operator's approval",
+    )
+    defaults = HostLimits()
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections beyond this are answered 503 and closed",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a request body may take to arrive (408 after)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a connection may take to send a request head (closed after)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=int,
+        default=defaults.keep_alive_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
     p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("operator", help="add, remove or list the host's operators")
@@ -189,6 +231,15 @@ def _parser() -> argparse.ArgumentParser:
         "--code-ttl", type=int, default=7 * 24 * 3600, help="seconds the code stays valid"
     )
     p.set_defaults(func=cmd_terminal)
+
+    for action in ("approve", "reject"):
+        p = sub.add_parser(action, help=f"{action} a held blacklist change (a second operator)")
+        p.add_argument("--host", required=True)
+        p.add_argument(
+            "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+        )
+        p.add_argument("change_id", type=int, help="the pending id `cardhost blacklist` showed")
+        p.set_defaults(func=cmd_decide, action=action)
     return parser
 
 
@@ -262,7 +313,21 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         list_ttl_s=args.list_ttl,
         open_registration=args.open_registration,
         operators=operators,
+        limits=host_limits(args),
+        approval_threshold=args.approval_threshold,
     )
+
+
+def host_limits(args: argparse.Namespace) -> HostLimits:
+    try:
+        return HostLimits(
+            body_timeout_s=args.body_timeout,
+            header_timeout_s=args.header_timeout,
+            keep_alive_s=args.keep_alive,
+            max_connections=args.max_connections,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"cardhost host: {exc}") from exc
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -277,7 +342,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     if not operators:
         log.warning("no operators configured: the read API, the page and admin answer 401")
     host = build_host(args, operators)
-    config = uvicorn_config(create_app(host), tls=tls, log_level="warning")
+    config = uvicorn_config(create_app(host), tls=tls, log_level="warning", limits=host.limits)
     config.host, config.port = address or "127.0.0.1", int(port)
     log.info(
         "clearing host listening",
@@ -288,6 +353,8 @@ def cmd_host(args: argparse.Namespace) -> int:
         tls=tls is not None,
         mutual_tls=bool(tls and tls.client_ca_file),
         operators=operators.names,
+        approval_threshold=host.approval_threshold,
+        limits=host.limits,
     )
     asyncio.run(uvicorn.Server(config).serve())
     host.storage.close()
@@ -316,6 +383,21 @@ def cmd_blacklist(args: argparse.Namespace) -> int:
     asns = [f"{asn_of(card):016X}" for card in args.cards]
     body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
     response = _admin_call(args, "POST", "/v1/admin/blacklist", body)
+    if response is None:
+        return 2
+    _out(response.text)
+    if response.status_code == 202:
+        change = response.json().get("pending_id")
+        _err(
+            f"cardhost: change {change} is held: another operator must run "
+            f"`cardhost approve {change} --host {args.host}` (or reject it)"
+        )
+    return 0 if response.status_code in (200, 202) else 2
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    path = f"/v1/admin/blacklist/pending/{args.change_id}/{args.action}"
+    response = _admin_call(args, "POST", path, {})
     if response is None:
         return 2
     _out(response.text)
@@ -378,7 +460,7 @@ def _admin_call(
     headers = {"Authorization": f"Bearer {token}"}
     try:
         return httpx.request(
-            method, f"{args.host.rstrip('/')}{path}", json=body, headers=headers, timeout=10
+            method, f"{args.host.rstrip('/')}{path}", json=body, headers=headers, timeout=30
         )
     except httpx.HTTPError as exc:
         _err(f"cardhost: link error: {exc}")

@@ -19,6 +19,12 @@ applies :mod:`agent.terminal_id` (400 ``bad_terminal_id``), and a connection wit
 certificate (mutual TLS) acts only for the terminal its subject CN names (403
 ``certificate_mismatch``). ``open_registration`` (first come, first served) is a development
 opt-in.
+
+Bounds (:class:`HostLimits`): each route caps its body (413) and the time it may take to arrive
+(408, connection closed); a connection must send a request head within the header timeout and
+connections beyond the cap are answered 503 and closed (:func:`bounded_protocol`). A blacklist
+change of more entries than ``approval_threshold`` is held (202) until another operator approves
+it; a parameter set is checked at publication as the daemon and the agent will check it.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import structlog
 import uvicorn
 from starlette.applications import Starlette
@@ -52,12 +60,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list, list_digest
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
-from agent.offline_store.records import QuarantineNotice, Record
+from agent.offline_store.records import QuarantineNotice, Record, canonical_json
+from agent.params import MAX_PARAMS_FILE_BYTES
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, VIEWER, Operators
 from clearinghost.storage import (
+    PendingChangeRefused,
     Storage,
     StorageFailure,
     StorageFull,
@@ -66,6 +76,7 @@ from clearinghost.storage import (
     TerminalKeyConflict,
 )
 from sync import protocol
+from sync.params import check_payload
 from sync.protocol import BadBatch, BatchTooLarge, error_body
 
 log = structlog.get_logger(__name__)
@@ -76,6 +87,8 @@ MAX_SMALL_BODY_BYTES = 64 * 1024  # register, heartbeat
 MAX_ADMIN_BODY_BYTES = 8 * 1024 * 1024  # admin publications (a blacklist of ~400,000 ASNs)
 MAX_JSON_DEPTH = 16  # nesting of a JSON body (heartbeat figures, parameter sets)
 MAX_QUERY_NUMBER = 2**63 - 1  # since / after / limit: what SQLite's INTEGER holds
+MAX_FARE = 0xFFFFFFFF  # what a firmware profile's fare.flat_fare may be
+PARAMS_FALLBACK_DEPTH = 50  # older stored sets GET /v1/params looks through past a bad one
 _ASN_PATTERN = re.compile(r"[0-9A-Fa-f]{1,16}")
 DEFAULT_LIST_TTL_S = 7 * 24 * 3600
 MAX_ENROL_SKEW_S = 24 * 3600  # a terminal's clock may be off; a replay is still bounded
@@ -97,6 +110,33 @@ def new_enrolment_code() -> str:
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
+DEFAULT_APPROVAL_THRESHOLD = 1000  # blacklist entries in one change above which a second
+# operator must approve it
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """How long and how many: what one client (or many) may hold of the host.
+
+    ``body_timeout_s``: a request's whole body must arrive within this (408 and the connection
+    closed otherwise: a slow-loris body). ``header_timeout_s``: a connection must send a complete
+    request head within this after it opens or after its previous answer (closed otherwise).
+    ``keep_alive_s``: an idle keep-alive connection is closed after this (uvicorn).
+    ``max_connections``: connections beyond this are answered 503 and closed at once.
+    """
+
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 20.0
+    keep_alive_s: int = 5
+    max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0):
+            raise ValueError("host timeouts must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+
 @dataclass
 class ClearingHost:
     """The host's behaviour, independent of HTTP (the endpoints are thin wrappers)."""
@@ -110,6 +150,8 @@ class ClearingHost:
     clock: Callable[[], float] = time.time
     # signed root statements (agent.trust), oldest first: who the terminals trust to sign
     root_statements: tuple[bytes, ...] = ()
+    limits: HostLimits = field(default_factory=HostLimits)
+    approval_threshold: int = DEFAULT_APPROVAL_THRESHOLD
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
     _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
@@ -491,23 +533,36 @@ class ClearingHost:
         return [s for s in found if int(s["payload"]["version"]) > since]
 
     def params_document(self, since: int) -> bytes | None:
-        """The latest parameter set, signed now (a re-issue extends the terminal's expiry;
-        ``since`` is accepted for symmetry and logging). ``None`` if none was published."""
-        latest = self.storage.latest_params()
-        if latest is None:
-            return None
-        if since > int(latest["version"]):
-            log.warning(
-                "terminal ahead of the host's parameters", since=since, host=latest["version"]
-            )
-        return self._sign(latest)
+        """The latest valid parameter set, signed now (a re-issue extends the terminal's
+        expiry; ``since`` is accepted for symmetry and logging). ``None`` if none was published.
 
-    def _sign(self, stored: dict[str, Any]) -> bytes:
+        A stored set the terminals would refuse (stored before publications were checked) is
+        skipped with an error in the log: the newest valid one before it is served."""
+        for stored in self.storage.recent_params(PARAMS_FALLBACK_DEPTH):
+            payload = self._payload(stored)
+            problem = params_problem(payload)
+            if problem is not None:
+                log.error(
+                    "stored parameter set skipped", version=stored.get("version"), why=problem
+                )
+                continue
+            if since > int(payload["version"]):
+                log.warning(
+                    "terminal ahead of the host's parameters", since=since, host=payload["version"]
+                )
+            return sign_params(payload, self.key)
+        return None
+
+    def check_params(self, published: dict[str, Any]) -> str | None:
+        """Why the agent or the daemon would refuse ``published`` once signed, else ``None``."""
+        return params_problem(self._payload(dict(published, version=1)))
+
+    def _payload(self, stored: dict[str, Any]) -> dict[str, Any]:
         now = int(self.clock())
         payload = dict(stored, issued_at=now, expires_at=now + self.list_ttl_s)
         # Not "now": a re-issue of a version must carry the same content (agent.params).
         payload.setdefault("effective_from", 0)
-        return sign_params(payload, self.key)
+        return payload
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -526,12 +581,23 @@ class Refusal(Exception):
         self.status, self.code, self.detail = status, code, detail
 
     def response(self) -> JSONResponse:
-        return _json(self.status, error_body(self.code, self.detail))
+        answer = _json(self.status, error_body(self.code, self.detail))
+        if self.status in (408, 413):
+            # the rest of the body is not read: close rather than wait for it
+            answer.headers["Connection"] = "close"
+        return answer
+
+
+def _body_timeout(request: Request) -> float:
+    """The app's body timeout (:class:`HostLimits`), set on the app by :func:`create_app`."""
+    value = getattr(request.app.state, "body_timeout_s", None)
+    return float(value) if value is not None else HostLimits.body_timeout_s
 
 
 async def read_body(request: Request, cap: int) -> bytes:
     """The request body, read chunk by chunk and refused (413) as soon as it passes ``cap``,
-    with or without ``Content-Length`` (a declared length above ``cap`` is refused unread)."""
+    with or without ``Content-Length`` (a declared length above ``cap`` is refused unread),
+    and refused (408) when it has not all arrived within the body timeout."""
     length = request.headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
@@ -540,11 +606,18 @@ async def read_body(request: Request, cap: int) -> bytes:
             raise Refusal(413, "too_large", f"body above {cap} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise Refusal(413, "too_large", f"body above {cap} bytes")
-        chunks.append(chunk)
+    timeout = _body_timeout(request)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise Refusal(413, "too_large", f"body above {cap} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Refusal(
+            408, "body_timeout", f"body not received within {timeout:g} s ({size} bytes came)"
+        ) from None
     return b"".join(chunks)
 
 
@@ -610,6 +683,37 @@ def parse_asns(payload: dict[str, Any], name: str) -> list[int]:
     return asns
 
 
+def params_problem(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a parameter set as it would be signed, naming the field: the
+    daemon's check (:func:`sync.params.check_payload`), canonical JSON (no NaN/infinity), the
+    agent's size cap, and the values the agent would otherwise silently ignore (a fare that is
+    not an integer 0..2^32-1, an issuer that is not even-length hex)."""
+    try:
+        check_payload(payload)
+        size = len(canonical_json(payload).encode("utf-8"))
+    except (ValueError, TypeError, KeyError) as exc:
+        return str(exc)
+    if size + 1024 > MAX_PARAMS_FILE_BYTES:
+        return f"the signed set would be above the agent's {MAX_PARAMS_FILE_BYTES} bytes"
+    fare = payload.get("fare_table", {}).get("flat_fare")
+    if fare is not None and (
+        isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= MAX_FARE
+    ):
+        return f"field 'fare_table.flat_fare' must be an integer 0..{MAX_FARE}, got {fare!r:.60}"
+    for index, issuer in enumerate(payload.get("issuer_allow_list", [])):
+        if not issuer or len(issuer) % 2 or not _is_hex(issuer):
+            return f"field 'issuer_allow_list[{index}]' must be even-length hex, got {issuer!r:.40}"
+    return None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return text.isascii() and " " not in text
+
+
 def guarded(
     handler: Callable[[Request], Awaitable[Response]],
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -619,7 +723,7 @@ def guarded(
         try:
             return await handler(request)
         except Refusal as refusal:
-            if refusal.status == 413:
+            if refusal.status in (408, 413):
                 log.warning("request body refused", path=request.url.path, detail=refusal.detail)
             return refusal.response()
 
@@ -733,13 +837,64 @@ def create_app(host: ClearingHost) -> Starlette:
                 400, error_body("bad_request", 'body must be {"add": [...], "remove": [...]}')
             )
         add, remove = parse_asns(payload, "add"), parse_asns(payload, "remove")
+        entries = len(set(add) | set(remove))
+        if entries > host.approval_threshold:
+            by = operator_name(request)
+            change = await run_in_threadpool(host.storage.propose_blacklist, add, remove, by)
+            detail = (
+                f"{entries} entries is above {host.approval_threshold}: change {change} waits "
+                f"for another operator's approval (POST {v1}/admin/blacklist/pending/{change}"
+                "/approve)"
+            )
+            return _json(
+                202,
+                {
+                    "pending_id": change,
+                    "state": "pending",
+                    "entries": entries,
+                    "threshold": host.approval_threshold,
+                    "detail": detail,
+                },
+            )
         version = await run_in_threadpool(host.storage.publish_blacklist, add, remove)
         return _json(200, {"version": version})
+
+    async def pending_blacklist(request: Request) -> Response:
+        changes = await run_in_threadpool(host.storage.pending_changes, "pending")
+        return _json(200, {"pending": changes})
+
+    def decide(approve: bool) -> Callable[[Request], Awaitable[Response]]:
+        async def decision(request: Request) -> Response:
+            text = request.path_params["change_id"]
+            if not (text.isascii() and text.isdigit()) or len(text) > 18:
+                raise Refusal(400, "bad_request", f"change id must be a number, not {text[:40]!r}")
+            by = operator_name(request)
+            try:
+                version = await run_in_threadpool(
+                    partial(host.storage.decide_blacklist, int(text), by, approve=approve)
+                )
+            except PendingChangeRefused as exc:
+                status = {"unknown_change": 404, "own_change": 403}.get(exc.code, 409)
+                return _json(status, error_body(exc.code, exc.detail))
+            answer: dict[str, Any] = {
+                "pending_id": int(text),
+                "state": "approved" if approve else "rejected",
+                "decided_by": by,
+            }
+            if version is not None:
+                answer["version"] = version
+            return _json(200, answer)
+
+        return decision
 
     async def publish_params(request: Request) -> Response:
         payload = await read_json(request, MAX_ADMIN_BODY_BYTES)
         if not isinstance(payload, dict):
             return _json(400, error_body("bad_request", "body must be a JSON object"))
+        problem = host.check_params(payload)
+        if problem is not None:
+            log.warning("parameter set refused", problem=problem)
+            return _json(400, error_body("bad_params", problem))
         version = await run_in_threadpool(host.storage.publish_params, payload)
         return _json(200, {"version": version})
 
@@ -819,8 +974,34 @@ def create_app(host: ClearingHost) -> Starlette:
             authorised(OPERATOR, rotate_key),
             methods=["POST"],
         ),
+        Route(f"{v1}/admin/blacklist/pending", authorised(VIEWER, pending_blacklist)),
+        Route(
+            f"{v1}/admin/blacklist/pending/{{change_id}}/approve",
+            authorised(OPERATOR, decide(approve=True)),
+            methods=["POST"],
+        ),
+        Route(
+            f"{v1}/admin/blacklist/pending/{{change_id}}/reject",
+            authorised(OPERATOR, decide(approve=False)),
+            methods=["POST"],
+        ),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
+    app.state.body_timeout_s = host.limits.body_timeout_s
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """No such route (404) or method (405): a JSON error like every other refusal."""
+    status = int(getattr(exc, "status_code", 404))
+    code = "not_found" if status == 404 else "method_not_allowed"
+    detail = f"no {request.method} {request.url.path[:200]!r} here" + (
+        " (see /openapi.json)" if status == 404 else ""
+    )
+    answer = _json(status, error_body(code, detail))
+    allow = getattr(exc, "headers", None) or {}
+    answer.headers.update(allow)
+    return answer
 
 
 OPERATOR_SCOPE = "cardhost.operator"  # the authenticated operator's name, set by authorised()
@@ -895,7 +1076,7 @@ def operator_page(host: ClearingHost) -> str:
         )
     anomalies = [
         f"<tr><td>{esc(a['terminal_id'])}</td><td>{a['seq']}</td><td>{esc(a['kind'])}</td>"
-        f"<td>{esc(a['detail'])}</td></tr>"
+        f"<td>{esc(a['detail'])}</td><td>{a['repeats']}</td></tr>"
         for a in storage.anomalies(limit=50)
     ]
     recent = []
@@ -921,7 +1102,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 <h2>Terminals</h2><table><tr><th>terminal</th><th>acknowledged seq</th><th>records</th>
 <th>last seen</th><th>unsent</th><th>oldest unsent (s)</th><th>blacklist</th></tr>
 {"".join(rows)}</table>
-<h2>Anomalies</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>detail</th></tr>
+<h2>Anomalies</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>detail</th>
+<th>repeats</th></tr>
 {"".join(anomalies)}</table>
 <h2>Latest records</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>card</th>
 <th>amount</th><th>created</th></tr>{"".join(recent)}</table>
@@ -952,14 +1134,89 @@ class PeerCertProtocol(H11Protocol):
             self.app_state = {**self.app_state, PEER_CERT_STATE: certificate}
 
 
-def uvicorn_config(app: Any, *, tls: ServerTls | None = None, log_level: str = "warning") -> Any:
-    kwargs: dict[str, Any] = {"http": PeerCertProtocol}
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\nretry-after: 5\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def bounded_protocol(limits: HostLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections and a deadline for request heads.
+
+    A connection beyond ``limits.max_connections`` is answered 503 (JSON) and closed before it
+    is read. A connection that has not sent a complete request head within
+    ``limits.header_timeout_s`` of opening (or of its previous answer) is closed, however
+    slowly it keeps sending (uvicorn's keep-alive timer restarts on every byte)."""
+
+    class BoundedH11Protocol(PeerCertProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                detail = f"the host holds {limits.max_connections} connections; retry later"
+                body = json.dumps(error_body("busy", detail)).encode()
+                transport.write(_BUSY % (len(body), body))
+                transport.close()
+                log.warning("connection refused: too many open", limit=limits.max_connections)
+                return
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(
+                limits.header_timeout_s, self._head_timeout, self.cycle
+            )
+
+        def _head_timeout(self, armed_cycle: object) -> None:
+            # A new request since the timer was armed: that request's answer re-arms it.
+            if self.cycle is not armed_cycle or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # the app is handling a request (its body has the body timeout)
+            log.warning("connection closed: no request head in time", client=self.client)
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    tls: ServerTls | None = None,
+    log_level: str = "warning",
+    limits: HostLimits | None = None,
+) -> Any:
+    limits = limits or HostLimits()
+    kwargs: dict[str, Any] = {}
     if tls is not None:
         kwargs.update(ssl_certfile=str(tls.cert_file), ssl_keyfile=str(tls.key_file))
         if tls.client_ca_file is not None:
             kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
     return uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="off", timeout_keep_alive=5, **kwargs
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        http=bounded_protocol(limits),
+        timeout_keep_alive=limits.keep_alive_s,
+        # uvicorn's own guard (requests in flight or connections): one above the connection
+        # cap, so the protocol's JSON 503 answers first and uvicorn's never has to
+        limit_concurrency=limits.max_connections + 1,
+        **kwargs,
     )
 
 
@@ -974,9 +1231,11 @@ class HostServer:
         port: int = 0,
         tls: ServerTls | None = None,
         log_level: str = "warning",
+        limits: HostLimits | None = None,
     ) -> None:
         self._app = app
         self._tls = tls
+        self._limits = limits
         self._log_level = log_level
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -995,7 +1254,7 @@ class HostServer:
 
     def start(self) -> HostServer:
         self._server = uvicorn.Server(
-            uvicorn_config(self._app, tls=self._tls, log_level=self._log_level)
+            uvicorn_config(self._app, tls=self._tls, log_level=self._log_level, limits=self._limits)
         )
         server = self._server
 

@@ -11,6 +11,12 @@ Tables::
     batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
     anomalies        bad TACs, unresolved records; refused records (bad signature/hash, wrong
                      terminal, chain break, gap, conflict), which are never stored
+    anomaly_repeats  (terminal_id, kind) PK, repeats, last_seen, last_seq, last_detail: a
+                     refusal of a kind a terminal already had is counted here, not added as a
+                     row (a terminal retrying a refused upload forever adds nothing); the
+                     first occurrence stays in ``anomalies``
+    pending_changes  id PK, kind 'blacklist', payload (JSON), requested_by, requested_at,
+                     state 'pending' | 'approved' | 'rejected', decided_by, decided_at, version
     blacklist_current  asn PK (16 hex digits), added_version
     blacklist_changes  (version, asn) PK, op 'add' | 'remove'
     params           version PK, payload (JSON)
@@ -75,6 +81,15 @@ class TerminalExists(Exception):
     """An operator added a terminal entry whose id is already taken."""
 
 
+class PendingChangeRefused(Exception):
+    """An approval or rejection that cannot be made: ``code`` is ``unknown_change``,
+    ``already_decided`` or ``own_change``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
 class _Tx(Protocol):
     def run(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
@@ -121,6 +136,15 @@ CREATE TABLE IF NOT EXISTS anomalies (
     detail TEXT NOT NULL,
     found_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS anomaly_repeats (
+    terminal_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    repeats BIGINT NOT NULL DEFAULT 0,
+    last_seen DOUBLE PRECISION NOT NULL,
+    last_seq BIGINT,
+    last_detail TEXT NOT NULL,
+    PRIMARY KEY (terminal_id, kind)
+);
 CREATE TABLE IF NOT EXISTS blacklist_current (
     asn TEXT PRIMARY KEY,
     added_version BIGINT NOT NULL
@@ -132,6 +156,18 @@ CREATE TABLE IF NOT EXISTS blacklist_changes (
     PRIMARY KEY (version, asn)
 );
 CREATE INDEX IF NOT EXISTS blacklist_changes_asn ON blacklist_changes (asn, version);
+CREATE TABLE IF NOT EXISTS pending_changes (
+    id {autoid},
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    entries BIGINT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    decided_by TEXT,
+    decided_at DOUBLE PRECISION,
+    version BIGINT
+);
 CREATE TABLE IF NOT EXISTS params (
     version BIGINT PRIMARY KEY,
     payload TEXT NOT NULL
@@ -497,7 +533,7 @@ class Storage:
             result.refused = result.refused or refusal
             if result.refused is not None:
                 refusal = result.refused
-                self._anomaly(
+                self._refusal_anomaly(
                     tx, terminal_id, refusal.seq, Finding(refusal.reason, refusal.detail), now
                 )
             result.ack_seq, result.ack_hash = ack_seq, ack_hash
@@ -519,6 +555,33 @@ class Storage:
         log.warning(
             "anomaly", terminal_id=terminal_id, seq=seq, kind=finding.kind, detail=finding.detail
         )
+
+    @classmethod
+    def _refusal_anomaly(
+        cls, tx: _Tx, terminal_id: str, seq: int | None, finding: Finding, now: float
+    ) -> None:
+        """A refused record: its first occurrence per terminal and kind is an anomaly row,
+        every later one only counts (``anomaly_repeats``): refusals cost no rows."""
+        counted = tx.run(
+            "UPDATE anomaly_repeats SET repeats = repeats + 1, last_seen = ?, last_seq = ?, "
+            "last_detail = ? WHERE terminal_id = ? AND kind = ?",
+            (now, seq, finding.detail, terminal_id, finding.kind),
+        )
+        if counted:
+            log.warning(
+                "anomaly repeated",
+                terminal_id=terminal_id,
+                seq=seq,
+                kind=finding.kind,
+                detail=finding.detail,
+            )
+            return
+        tx.run(
+            "INSERT INTO anomaly_repeats (terminal_id, kind, repeats, last_seen, last_seq, "
+            "last_detail) VALUES (?, ?, 0, ?, ?, ?)",
+            (terminal_id, finding.kind, now, seq, finding.detail),
+        )
+        cls._anomaly(tx, terminal_id, seq, finding, now)
 
     def records(self, terminal_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         with self._transaction() as tx:
@@ -545,22 +608,35 @@ class Storage:
         return int(row[0]) if row else 0
 
     def anomalies(self, terminal_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first; a refusal's row is its first occurrence, with ``repeats`` (how many
+        more) and the last one's time, seq and detail (``last_*``, equal to the first's when
+        it did not repeat)."""
+        select = (
+            "SELECT a.terminal_id, a.seq, a.kind, a.detail, a.found_at, r.repeats, r.last_seen, "
+            "r.last_seq, r.last_detail FROM anomalies a LEFT JOIN anomaly_repeats r "
+            "ON r.terminal_id = a.terminal_id AND r.kind = a.kind "
+        )
         with self._transaction() as tx:
             if terminal_id is None:
-                rows = tx.all(
-                    "SELECT terminal_id, seq, kind, detail, found_at FROM anomalies "
-                    "ORDER BY id DESC LIMIT ?",
-                    (limit,),
-                )
+                rows = tx.all(select + "ORDER BY a.id DESC LIMIT ?", (limit,))
             else:
                 rows = tx.all(
-                    "SELECT terminal_id, seq, kind, detail, found_at FROM anomalies "
-                    "WHERE terminal_id = ? ORDER BY id DESC LIMIT ?",
+                    select + "WHERE a.terminal_id = ? ORDER BY a.id DESC LIMIT ?",
                     (terminal_id, limit),
                 )
         return [
-            {"terminal_id": t, "seq": s, "kind": k, "detail": d, "found_at": f}
-            for t, s, k, d, f in rows
+            {
+                "terminal_id": t,
+                "seq": s,
+                "kind": k,
+                "detail": d,
+                "found_at": f,
+                "repeats": int(n or 0),
+                "last_seen": f if last is None else last,
+                "last_seq": s if last is None else last_seq,
+                "last_detail": d if last is None else last_detail,
+            }
+            for t, s, k, d, f, n, last, last_seq, last_detail in rows
         ]
 
     # --- blacklist -------------------------------------------------------------------------
@@ -572,27 +648,117 @@ class Storage:
     def publish_blacklist(self, add: Sequence[int], remove: Sequence[int]) -> int:
         """One new version with these changes (no-op entries are dropped); returns it."""
         with self._lock, self._transaction() as tx:
-            version = self._meta_int(tx, "blacklist_version") + 1
-            for asn in sorted(set(remove)):
-                key = _asn_text(asn)
-                if tx.run("DELETE FROM blacklist_current WHERE asn = ?", (key,)):
-                    tx.run(
-                        "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'remove')",
-                        (version, key),
-                    )
-            for asn in sorted(set(add) - set(remove)):
-                key = _asn_text(asn)
-                if tx.run(
-                    "INSERT INTO blacklist_current (asn, added_version) VALUES (?, ?) "
-                    "ON CONFLICT (asn) DO NOTHING",
-                    (key, version),
-                ):
-                    tx.run(
-                        "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'add')",
-                        (version, key),
-                    )
-            self._set_meta(tx, "blacklist_version", str(version))
+            version = self._apply_blacklist(tx, add, remove)
         log.info("blacklist published", version=version, add=len(add), remove=len(remove))
+        return version
+
+    def propose_blacklist(self, add: Sequence[int], remove: Sequence[int], by: str) -> int:
+        """Hold a blacklist change for a second operator's approval; returns its id."""
+        payload = json.dumps(
+            {"add": [_asn_text(a) for a in add], "remove": [_asn_text(a) for a in remove]}
+        )
+        with self._lock, self._transaction() as tx:
+            row = tx.one(
+                "INSERT INTO pending_changes (kind, payload, entries, requested_by, requested_at, "
+                "state) VALUES ('blacklist', ?, ?, ?, ?, 'pending') RETURNING id",
+                (payload, len(add) + len(remove), by, time.time()),
+            )
+        assert row is not None
+        log.warning(
+            "blacklist change awaits approval",
+            id=int(row[0]),
+            by=by,
+            entries=len(add) + len(remove),
+        )
+        return int(row[0])
+
+    def pending_changes(self, state: str | None = "pending") -> list[dict[str, Any]]:
+        """Held changes (without their entries), oldest first; ``state=None``: all of them."""
+        select = (
+            "SELECT id, kind, entries, requested_by, requested_at, state, decided_by, "
+            "decided_at, version FROM pending_changes "
+        )
+        with self._transaction() as tx:
+            if state is None:
+                rows = tx.all(select + "ORDER BY id")
+            else:
+                rows = tx.all(select + "WHERE state = ? ORDER BY id", (state,))
+        names = (
+            "id",
+            "kind",
+            "entries",
+            "requested_by",
+            "requested_at",
+            "state",
+            "decided_by",
+            "decided_at",
+            "version",
+        )
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def decide_blacklist(self, change_id: int, by: str, *, approve: bool) -> int | None:
+        """Approve (apply it as a new version, returned) or reject (``None``) a held change.
+
+        Raises :class:`PendingChangeRefused`: no such change, already decided, or ``by`` is
+        the operator who asked for it (a second operator must decide)."""
+        with self._lock, self._transaction() as tx:
+            row = tx.one(
+                "SELECT payload, requested_by, state FROM pending_changes "
+                "WHERE id = ? AND kind = 'blacklist'",
+                (change_id,),
+            )
+            if row is None:
+                raise PendingChangeRefused(
+                    "unknown_change", f"no held blacklist change {change_id}"
+                )
+            payload, requested_by, state = str(row[0]), str(row[1]), str(row[2])
+            if state != "pending":
+                raise PendingChangeRefused(
+                    "already_decided", f"change {change_id} was already {state}"
+                )
+            if requested_by == by:
+                raise PendingChangeRefused(
+                    "own_change",
+                    f"change {change_id} was asked for by {by}: another operator must decide",
+                )
+            version = None
+            if approve:
+                change = json.loads(payload)
+                version = self._apply_blacklist(
+                    tx, [int(a, 16) for a in change["add"]], [int(a, 16) for a in change["remove"]]
+                )
+            tx.run(
+                "UPDATE pending_changes SET state = ?, decided_by = ?, decided_at = ?, version = ? "
+                "WHERE id = ?",
+                ("approved" if approve else "rejected", by, time.time(), version, change_id),
+            )
+        log.warning(
+            "blacklist change decided", id=change_id, by=by, approved=approve, version=version
+        )
+        return version
+
+    def _apply_blacklist(self, tx: _Tx, add: Sequence[int], remove: Sequence[int]) -> int:
+        """One new blacklist version with these changes, in the caller's transaction."""
+        version = self._meta_int(tx, "blacklist_version") + 1
+        for asn in sorted(set(remove)):
+            key = _asn_text(asn)
+            if tx.run("DELETE FROM blacklist_current WHERE asn = ?", (key,)):
+                tx.run(
+                    "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'remove')",
+                    (version, key),
+                )
+        for asn in sorted(set(add) - set(remove)):
+            key = _asn_text(asn)
+            if tx.run(
+                "INSERT INTO blacklist_current (asn, added_version) VALUES (?, ?) "
+                "ON CONFLICT (asn) DO NOTHING",
+                (key, version),
+            ):
+                tx.run(
+                    "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'add')",
+                    (version, key),
+                )
+        self._set_meta(tx, "blacklist_version", str(version))
         return version
 
     def blacklist_snapshot(self) -> tuple[int, list[int]]:
@@ -638,6 +804,12 @@ class Storage:
                 (version, json.dumps(stored, ensure_ascii=False)),
             )
         return version
+
+    def recent_params(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` newest parameter sets, newest first."""
+        with self._transaction() as tx:
+            rows = tx.all("SELECT payload FROM params ORDER BY version DESC LIMIT ?", (limit,))
+        return [dict(json.loads(r[0])) for r in rows]
 
     def latest_params(self) -> dict[str, Any] | None:
         with self._transaction() as tx:

@@ -6,7 +6,9 @@ translated at this seam into :mod:`sync.errors` (who failed: the link, or the ho
 
 Answers are read as a stream with a bounded size: the client asks for ``gzip`` only and inflates
 it itself with a cap on the output (``zlib`` ``max_length``), so neither a large body nor a small
-one that inflates to gigabytes is ever held in memory. A body past the call's cap, a
+one that inflates to gigabytes is ever held in memory. A blacklist is also checked as it
+arrives: bytes that cannot be a signed list are refused at its header, and a list may not run
+past the size its header declares. A body past the call's cap, a
 ``Content-Encoding`` it did not ask for, or a corrupt gzip is a :class:`ProtocolError`, raised
 before anything is parsed, verified or applied. Caps: JSON answers 1 MiB, a parameter set 4 MiB,
 a blacklist 96 MiB (a snapshot of 10 M cards is 80 MB); an error body is cut at 64 KiB.
@@ -27,7 +29,7 @@ from typing import Any
 import httpx
 import structlog
 
-from agent.blacklist import Keys
+from agent.blacklist import BlacklistRejected, Keys, list_document_size
 from sync import protocol
 from sync.errors import HostBusy, HostError, HostUnreachable, ProtocolError
 from sync.protocol import Ack, UploadBatch
@@ -42,6 +44,8 @@ MAX_LIST_ANSWER_BYTES = 96 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 _IDENTITY = frozenset({"", "identity"})
 _STEP = 1024 * 1024  # inflate at most this much per step
+_PREFIX_BYTES = 256  # what a size_of check is shown of a body's start
+SizeOf = Callable[[bytes], int | None]
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,11 @@ class SyncClient:
 
     def fetch_blacklist(self, since: int) -> bytes:
         response = self._send(
-            "GET", protocol.BLACKLIST_PATH, limit=MAX_LIST_ANSWER_BYTES, params={"since": since}
+            "GET",
+            protocol.BLACKLIST_PATH,
+            limit=MAX_LIST_ANSWER_BYTES,
+            size_of=list_document_size,
+            params={"since": since},
         )
         return response.content
 
@@ -193,14 +201,21 @@ class SyncClient:
     # --- plumbing ----------------------------------------------------------------------------
 
     def _send(
-        self, method: str, path: str, *, limit: int = MAX_JSON_ANSWER_BYTES, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        limit: int = MAX_JSON_ANSWER_BYTES,
+        size_of: SizeOf | None = None,
+        **kwargs: Any,
     ) -> Answer:
         try:
             request = self._http.build_request(method, path, **kwargs)
             response = self._http.send(request, stream=True)
             try:
                 if response.status_code < 400:
-                    return Answer(response.status_code, _read_bounded(response, limit), path)
+                    content = _read_bounded(response, limit, size_of=size_of)
+                    return Answer(response.status_code, content, path)
                 answer = Answer(
                     response.status_code,
                     _read_bounded(response, MAX_ERROR_BODY_BYTES, truncate=True),
@@ -240,9 +255,13 @@ class SyncClient:
         return value
 
 
-def _read_bounded(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
+def _read_bounded(
+    response: httpx.Response, limit: int, *, truncate: bool = False, size_of: SizeOf | None = None
+) -> bytes:
     """The decoded body, at most ``limit`` bytes before and after inflation. Past the cap:
-    :class:`_Refused` (or, with ``truncate``, the first ``limit`` bytes)."""
+    :class:`_Refused` (or, with ``truncate``, the first ``limit`` bytes). ``size_of``: the size
+    the body's first bytes declare (``None`` until it can tell; raises if they cannot be
+    right); the cap then becomes that size."""
     encoding = response.headers.get("content-encoding", "").strip().lower()
     if encoding not in _IDENTITY and encoding != "gzip":
         if truncate:
@@ -253,7 +272,7 @@ def _read_bounded(response: httpx.Response, limit: int, *, truncate: bool = Fals
         raise _Refused(f"declares {declared} bytes, over the cap of {limit}")
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else None
     out = bytearray()
-    received = 0
+    received, raw_limit = 0, limit  # the wire bytes keep the call's cap (gzip may add a little)
     for chunk in response.iter_raw():
         received += len(chunk)
         pending = chunk
@@ -268,11 +287,22 @@ def _read_bounded(response: httpx.Response, limit: int, *, truncate: bool = Fals
                         return bytes(out[:limit])
                     raise _Refused(f"is not valid gzip: {exc}") from None
                 pending = inflater.unconsumed_tail
-            if len(out) + len(data) > limit or received > limit:
+            if len(out) + len(data) > limit or received > raw_limit:
                 if truncate:
                     return bytes((out + data)[:limit])
                 raise _Refused(f"is over the cap of {limit} bytes (inflated or not)")
             out += data
+            if size_of is not None:
+                try:
+                    expected = size_of(bytes(out[:_PREFIX_BYTES]))
+                except BlacklistRejected as exc:
+                    raise _Refused(f"is refused at its first bytes: {exc}") from None
+                if expected is not None:
+                    if expected > limit or len(out) > expected:
+                        raise _Refused(
+                            f"declares {expected} bytes (cap {limit}); {len(out)} came already"
+                        )
+                    limit, size_of = expected, None
     if inflater is not None and not inflater.eof and not truncate:
         raise _Refused("is a truncated gzip stream")
     return bytes(out)

@@ -33,3 +33,26 @@ def test_bench_tap_writes_its_report(tmp_path: Path, capsys) -> None:
     assert "'paid': 10" in report
     assert capsys.readouterr().out == report
     assert structlog.get_config() == config_before
+
+
+def test_bench_memory_writes_its_figures(tmp_path: Path, capsys) -> None:
+    from bench import bench_memory
+
+    output = tmp_path / "RESULTS-memory.md"
+    config_before = structlog.get_config()
+
+    assert bench_memory.main(["--scale", "0.01", "--output", str(output)]) == 0
+
+    report = output.read_text(encoding="utf-8")
+    assert "## Clearing host under hostile clients" in report
+    assert "## Sync daemon under a hostile host" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "**" in line]
+    attacks = len(bench_memory.HOST_ATTACKS) + len(bench_memory.DAEMON_ATTACKS)
+    assert len(rows) == attacks, report
+    peaks = [float(line.rsplit("**", 2)[1]) for line in rows]
+    # figures, not timings; a memory bound only with a wide margin (twice the budgets)
+    assert all(0 < peak < 2 * bench_memory.HOST_BUDGET_MB for peak in peaks), peaks
+    assert "| NO |" not in report  # the host still answered after every attack
+    assert "accepted (!)" not in report  # the daemon applied nothing a hostile host sent
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before
