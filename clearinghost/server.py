@@ -104,6 +104,15 @@ class _Authorisation:
     fields: dict[str, Any]  # code_hash, code_expires_at, expected_key (storage)
 
 
+def device_public_key(value: Any) -> bytes | None:
+    """An Ed25519 device public key from its 64 hex digits, or ``None``."""
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return None
+    return raw if len(raw) == PUBLIC_KEY_SIZE else None
+
+
 def new_enrolment_code() -> str:
     """A one-time enrolment code: 120 random bits, base32 in groups of four (typed by hand)."""
     text = base64.b32encode(secrets.token_bytes(15)).decode("ascii")
@@ -169,12 +178,8 @@ class ClearingHost:
         bound only through an operator's pending authorisation for this id (a one-time code
         or a pre-registered key; 201 for a new terminal, 200 for a rotation). Without an
         entry, only ``open_registration`` (dev/demo) binds a first-come key."""
-        key_hex = payload.get("public_key")
-        try:
-            raw = bytes.fromhex(key_hex) if isinstance(key_hex, str) else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != PUBLIC_KEY_SIZE:
+        raw = device_public_key(payload.get("public_key"))
+        if raw is None:
             return 400, error_body("bad_key", "public_key must be 64 hex digits (Ed25519)")
         code, issued_at, signature = (
             payload.get("enrolment_code"),
@@ -334,13 +339,9 @@ class ClearingHost:
         ttl = payload.get("code_ttl_s", DEFAULT_CODE_TTL_S)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_CODE_TTL_S:
             return 400, error_body("bad_request", f"code_ttl_s must be 1..{MAX_CODE_TTL_S}")
-        key_hex = payload.get("public_key")
-        if key_hex is not None:
-            try:
-                raw = bytes.fromhex(key_hex) if isinstance(key_hex, str) else b""
-            except ValueError:
-                raw = b""
-            if len(raw) != PUBLIC_KEY_SIZE:
+        if payload.get("public_key") is not None:
+            raw = device_public_key(payload["public_key"])
+            if raw is None:
                 return 400, error_body("bad_key", "public_key must be 64 hex digits (Ed25519)")
             return _Authorisation(
                 "", {"code_hash": None, "code_expires_at": None, "expected_key": raw.hex()}

@@ -37,20 +37,20 @@ _HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE_PATTERN = re.compile(r"[0-9a-f]{128}")
 _TIMESTAMP_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
-RECORD_KEYS = frozenset(
-    {
-        "seq",
-        "created_at",
-        "terminal_id",
-        "kind",
-        "card_id",
-        "amount",
-        "fields",
-        "prev_hash",
-        "hash",
-        "signature",
-    }
+# The columns of a stored record, in the store's order (a quarantined row is kept by these names).
+RECORD_COLUMNS = (
+    "seq",
+    "created_at",
+    "terminal_id",
+    "kind",
+    "card_id",
+    "amount",
+    "fields",
+    "prev_hash",
+    "hash",
+    "signature",
 )
+RECORD_KEYS = frozenset(RECORD_COLUMNS)
 
 
 NOTICE_DOMAIN = b"CARDAGENT-QUARANTINE-V1\n"

@@ -34,6 +34,7 @@ from agent.offline_store.device_key import DeviceKey, key_id_for, signature_veri
 from agent.offline_store.records import (
     GENESIS_HASH,
     INT64_MAX,
+    RECORD_COLUMNS,
     QuarantineNotice,
     Record,
     RecordBody,
@@ -95,18 +96,6 @@ _SELECT_INTENTS_CREATED_BEFORE = (
 )
 
 RecordRow = tuple[int, str, str, str, str, int, str, str, str, str]
-_ROW_NAMES = (
-    "seq",
-    "created_at",
-    "terminal_id",
-    "kind",
-    "card_id",
-    "amount",
-    "fields",
-    "prev_hash",
-    "hash",
-    "signature",
-)
 
 
 @dataclass(frozen=True)
@@ -624,7 +613,7 @@ class OfflineStore:
                 quarantined_at=format_timestamp(self._clock()),
                 reason=problem,
                 chain_hash=self._chain_hash(conn, seq, row),
-                raw=canonical_json(dict(zip(_ROW_NAMES, row, strict=True))).encode("utf-8"),
+                raw=canonical_json(dict(zip(RECORD_COLUMNS, row, strict=True))).encode("utf-8"),
                 sign=self._key.sign,
             )
             conn.execute(
