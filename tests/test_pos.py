@@ -319,6 +319,13 @@ BAD_REQUESTS: list[tuple[str, bytes, dict[str, str], int, str]] = [
         403,
         "foreign_origin",
     ),
+    (
+        "foreign host",
+        b'{"order_id": "X", "amount": 1}',
+        {"Host": "rebound.example:8800"},
+        403,
+        "foreign_host",
+    ),
     ("huge", b'{"order_id": "X", "pad": "' + b"x" * 20000 + b'"}', {}, 413, "body_too_large"),
     ("deep", b"[" * 5000 + b"]" * 5000, {}, 400, "malformed_json"),
 ]

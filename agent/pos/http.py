@@ -3,10 +3,10 @@ installs no web framework). JSON in, JSON out; the contract is ``agent/pos/opena
 
 Inputs are bounded and checked before anything else runs: bodies at most
 :data:`MAX_BODY_BYTES` with a ``Content-Length`` (413 / 411), ``application/json`` only (415),
-a foreign ``Origin`` refused (403: a web page in the shop's browser must not pay with the
-card on the reader), malformed JSON, duplicate or unknown fields, and amounts that are not
-integer fen answered 400 / 422 naming the problem. A second request while the reader is in use
-is answered 423 ``busy`` at once.
+a foreign ``Origin`` or ``Host`` refused (403: a web page in the shop's browser must not pay
+with the card on the reader, nor read it through DNS rebinding), malformed JSON, duplicate or
+unknown fields, and amounts that are not integer fen answered 400 / 422 naming the problem.
+A second request while the reader is in use is answered 423 ``busy`` at once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ MAX_BODY_BYTES = 16 * 1024
 ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}$")
 DEFAULT_WAIT_S = 15.0
 MAX_LIMIT = 500
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 class BadRequest(Exception):
@@ -185,7 +186,7 @@ class PosHandler(BaseHTTPRequestHandler):
 
     def _body(self, fields: dict[str, bool]) -> dict[str, Any]:
         origin = self.headers.get("Origin")
-        if origin is not None and urlsplit(origin).hostname not in ("127.0.0.1", "localhost"):
+        if origin is not None and urlsplit(origin).hostname not in LOOPBACK_NAMES:
             self.close_connection = True
             raise BadRequest(403, "foreign_origin", f"requests from origin {origin} are refused")
         if self.headers.get("Transfer-Encoding"):
@@ -218,6 +219,11 @@ class PosHandler(BaseHTTPRequestHandler):
         return parse_body(raw, fields)
 
     def _route(self, method: str) -> tuple[int, Any]:
+        host = self.headers.get("Host")
+        if host is not None and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
+            # DNS rebinding: a web page whose name resolves to 127.0.0.1 must not reach the API
+            self.close_connection = True
+            raise BadRequest(403, "foreign_host", f"requests for host {host} are refused")
         service = self.server.service
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
