@@ -25,7 +25,13 @@ from agent.offline_store import OfflineStore
 from agent.profile import load_profile, parse_profile
 from agent.wiring import DataDir
 from tests.fake_reader.cpu_card import SimulatedCpuCard
-from tests.fake_reader.scenario import DEMO_PROFILE, make_card
+from tests.fake_reader.scenario import (
+    DEMO_PROFILE,
+    m1_layout,
+    m1_purse_of,
+    make_card,
+    make_m1_card,
+)
 from tests.pos_stack import (
     TERMINAL_ID,
     Field,
@@ -199,6 +205,7 @@ def test_card_pulled_at_each_command(stack: PosStack, field: Field, family: str,
         assert record.fields["counter"] == card.debits[0].counter, label
         assert stack.pos.order(order).json()["record_seq"] == record.seq, label
         field.take_away()
+    assert pending == writes  # every write of the debit comes after its durable intent
     assert not stack.store.pending_intents()
     assert stack.store.verify().ok
 
@@ -566,3 +573,39 @@ def _swallow(call: Any) -> None:
 def test_openapi_file_is_valid_json() -> None:
     path = Path(__file__).resolve().parents[1] / "agent" / "pos" / "openapi.json"
     assert json.loads(path.read_text(encoding="utf-8"))["info"]["title"]
+
+
+# --- M1 purses ---------------------------------------------------------------------------
+
+
+def test_m1_card_read_paid_and_torn_at_every_write(stack: PosStack, field: Field) -> None:
+    """An M1 purse through the POS: read, paid; then torn at every EEPROM write of the debit,
+    presented again with the same order id: paid, the purse debited once."""
+    layout = m1_layout()
+    probe = make_m1_card(200, balance=BALANCE)
+    field.present(probe)
+    info = stack.pos.http.get("/v1/card").json()
+    assert info["technology"] == "m1" and info["balance"] == BALANCE, info
+    before = probe.writes
+    assert stack.pos.purchase("M1-probe", AMOUNT).json()["status"] == "paid"
+    writes = probe.writes - before
+    assert writes >= 2 and m1_purse_of(probe, layout) == (BALANCE - AMOUNT,) * 2
+    field.take_away()
+    pending = 0
+    for at in range(1, writes + 1):
+        order = f"M1-{at}"
+        card = make_m1_card(200 + at, balance=BALANCE)
+        field.present(card)
+        card.arm_tear(at, "lost")
+        torn = stack.pos.purchase(order, AMOUNT).json()
+        assert torn["status"] in ("pending", "refused"), (order, torn)
+        pending += torn["status"] == "pending"
+        field.present(card)
+        again = stack.pos.purchase(order, AMOUNT).json()
+        assert again["status"] == "paid", (order, again)
+        assert m1_purse_of(card, layout) == (BALANCE - AMOUNT,) * 2, order
+        assert len(purchases(stack, order)) == 1, order
+        field.take_away()
+    assert pending == writes  # every write of the debit comes after its durable intent
+    assert not stack.store.pending_intents()
+    assert stack.store.verify().ok
