@@ -230,6 +230,46 @@ def test_pending_order_accepts_only_its_card(stack: PosStack, field: Field) -> N
     assert len(card.debits) == 1
 
 
+def test_pending_debit_of_an_earlier_order_is_settled_first(stack: PosStack, field: Field) -> None:
+    """The POS gives up on a pending order and starts another with the same card: the card's
+    pending debit is proven first (the earlier order is paid), the new order is not charged
+    by that tap and says so; tried again it pays once."""
+    card = make_card("cjt166", 30, field.keyset, balance=BALANCE)
+    field.present(card)
+    card.reset_command_count()
+    card.faults.add(7, "tear_after")  # DEBIT committed on the card, its answer lost
+    assert stack.pos.purchase("OLD", AMOUNT).json()["status"] == "pending"
+    field.present(card)
+    new = stack.pos.purchase("NEW", 500).json()
+    assert new["status"] == "refused" and new["money_moved"] is False, new
+    assert new["reason"].startswith("earlier_debit_settled"), new
+    old = stack.pos.order("OLD").json()
+    assert old["status"] == "paid" and old["money_moved"] is True, old
+    assert len(card.debits) == 1
+    assert stack.pos.purchase("NEW", 500).json()["status"] == "paid"
+    assert len(card.debits) == 2 and card.balance == BALANCE - AMOUNT - 500
+
+
+def test_card_that_never_returns_becomes_unresolved_never_debited_again(
+    stack: PosStack, field: Field
+) -> None:
+    card = make_card("tunion", 31, field.keyset, balance=BALANCE)
+    field.present(card)
+    card.reset_command_count()
+    card.faults.add(7, "tear_after")
+    assert stack.pos.purchase("GONE", AMOUNT).json()["status"] == "pending"
+    stack.engine.profile = dataclasses.replace(stack.engine.profile, recovery_window_s=-1.0)
+    stack.engine.expire_stale_intents()  # the recovery window has passed
+    gone = stack.pos.order("GONE").json()
+    assert gone["status"] == "unresolved" and gone["money_moved"] is None, gone
+    (record,) = [r for r in stack.store.records() if r.kind == "unresolved"]
+    assert record.fields["pos_order"] == "GONE" and gone["record_seq"] == record.seq
+    field.present(card)
+    again = stack.pos.purchase("GONE", AMOUNT).json()
+    assert again["status"] == "unresolved", again  # the clearing centre settles it
+    assert len(card.debits) == 1
+
+
 # --- one request at a time ---------------------------------------------------------------
 
 
