@@ -270,6 +270,33 @@ def test_card_that_never_returns_becomes_unresolved_never_debited_again(
     assert len(card.debits) == 1
 
 
+def test_unix_socket(tmp_path: Path, stack: PosStack, field: Field) -> None:
+    """``--listen unix:PATH``: the same API on a Unix socket of mode 0660."""
+    import stat
+
+    from agent.pos.http import PosUnixServer
+
+    path = tmp_path / "pos.sock"
+    server = PosUnixServer(path, stack.service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        transport = httpx.HTTPTransport(uds=str(path))
+        with httpx.Client(transport=transport, base_url="http://localhost", timeout=30) as pos:
+            card = make_card("tunion", 40, field.keyset, balance=BALANCE)
+            field.present(card)
+            answer = pos.post("/v1/purchases", json={"order_id": "UDS-1", "amount": AMOUNT})
+            assert answer.json()["status"] == "paid", answer.text
+            assert pos.get("/v1/orders/UDS-1").json()["record_seq"] == answer.json()["record_seq"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(ConfigurationError, match="not a socket"):
+        PosUnixServer(path, stack.service)
+
+
 # --- one request at a time ---------------------------------------------------------------
 
 
@@ -651,3 +678,13 @@ def test_m1_card_read_paid_and_torn_at_every_write(stack: PosStack, field: Field
     assert pending == writes  # every write of the debit comes after its durable intent
     assert not stack.store.pending_intents()
     assert stack.store.verify().ok
+
+
+def test_listen_is_loopback_only() -> None:
+    from agent.pos.cli import parse_listen
+
+    assert parse_listen("127.0.0.1:8800") == ("127.0.0.1", 8800)
+    assert parse_listen("[::1]:8800") == ("::1", 8800)
+    for bad in ("0.0.0.0:8800", "192.168.1.5:8800", "8800", "localhost:x", "127.0.0.1:70000"):
+        with pytest.raises(ConfigurationError):
+            parse_listen(bad)

@@ -12,7 +12,7 @@ import structlog
 
 from agent.errors import ConfigurationError
 from agent.params import PARAMS_FILE, ActiveParams
-from agent.pos.http import PosHttpServer
+from agent.pos.http import PosHttpServer, PosUnixServer
 from agent.pos.orders import OrderBook
 from agent.pos.service import PosService
 from agent.profile import load_profile
@@ -31,7 +31,11 @@ def register(sub: Any, default_data_dir: Path) -> None:
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=default_data_dir)
     p.add_argument("--reader-url", help="override the profile's reader URL")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT, loopback only")
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help="HOST:PORT on the loopback interface, or unix:PATH (a Unix socket, mode 0660)",
+    )
     p.set_defaults(func=cmd_pos)
 
 
@@ -54,7 +58,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def cmd_pos(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
-    host, port = parse_listen(args.listen)
+    unix = Path(args.listen.removeprefix("unix:")) if args.listen.startswith("unix:") else None
+    host, port = ("", 0) if unix is not None else parse_listen(args.listen)
     if profile.pos_max_amount <= 0:
         raise ConfigurationError(f"{profile.source}: the POS needs [pos] max_amount (fen)")
     data_dir = DataDir(args.data_dir)
@@ -74,12 +79,17 @@ def cmd_pos(args: argparse.Namespace) -> int:
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
             )
             service = PosService(engine, hardware.reader, OrderBook(store.path))
-            server = PosHttpServer((host, port), service)
+            server: PosHttpServer | PosUnixServer
+            if unix is not None:
+                server = PosUnixServer(unix, service)
+                where = f"unix:{unix}"
+            else:
+                server = PosHttpServer((host, port), service)
+                where = f"http://{host}:{server.server_address[1]}"
             try:
                 thread = threading.Thread(target=server.serve_forever, name="pos-http")
                 thread.start()
-                bound = server.server_address[1]
-                log.info("pos_listening", url=f"http://{host}:{bound}", terminal=store.terminal_id)
+                log.info("pos_listening", url=where, terminal=store.terminal_id)
                 stop.wait()
                 server.shutdown()
                 thread.join(10)

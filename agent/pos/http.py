@@ -11,17 +11,22 @@ A second request while the reader is in use is answered 423 ``busy`` at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socketserver
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigurationError
 from agent.pos.service import Busy, PosRequestError, PosService
 
 log = structlog.get_logger("agent.pos.http")
@@ -114,13 +119,14 @@ def wait_of(value: Any) -> float:
 
 
 class PosHandler(BaseHTTPRequestHandler):
-    server: PosHttpServer
+    server: PosHttpServer | PosUnixServer
     protocol_version = "HTTP/1.1"
     server_version = "cardagent-pos"
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("pos_http", client=self.client_address[0], line=format % args)
+        client = self.client_address[0] if self.client_address else "unix"
+        log.debug("pos_http", client=client or "unix", line=format % args)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -277,3 +283,31 @@ def serve_in_thread(service: PosService, host: str = "127.0.0.1", port: int = 0)
     server = PosHttpServer((host, port), service)
     threading.Thread(target=server.serve_forever, name="pos-http", daemon=True).start()
     return server
+
+
+class PosUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The same API on a Unix socket (mode 0660: the POS software's group reaches it, nobody
+    else; no TCP port at all). A stale socket file is replaced; any other file is refused."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, path: Path, service: PosService) -> None:
+        self.service = service
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigurationError(
+                    f"{path} exists and is not a socket: refusing to replace it"
+                )
+            path.unlink()
+        old = os.umask(0o117)
+        try:
+            super().__init__(str(path), PosHandler)
+        finally:
+            os.umask(old)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
