@@ -141,6 +141,8 @@ class PosHandler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        if method != "POST" and self.headers.get("Content-Length", "0") != "0":
+            self.close_connection = True  # a body nobody reads must not become the next request
         try:
             status, body = self._route(method)
         except BadRequest as exc:
