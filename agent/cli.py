@@ -13,6 +13,7 @@ import structlog
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
+from agent.pos.cli import register as register_pos
 from agent.profile import Profile, ReaderProfile, load_profile
 from agent.progress import ProgressBar
 from agent.runner import print_summary, run_agent
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("readers", help="list the readers this agent can see")
     p.add_argument("--profile", type=Path, help="also probe the profile's own reader")
     p.set_defaults(func=cmd_readers)
+
+    register_pos(sub, DEFAULT_DATA_DIR)
 
     p = sub.add_parser("profile", help="validate a firmware profile")
     p.add_argument("path", type=Path)

@@ -272,6 +272,9 @@ class Profile:
     blacklist_expired_refuse_issuers: tuple[str, ...] = ()
     # Issuer dialects (issue 15): the profile's own, then the standard layouts of §2.3.
     dialects: tuple[Dialect, ...] = field(default_factory=standard_dialects)
+    # [pos] max_amount: the largest amount (fen) one POS purchase may take (``cardagent pos``);
+    # 0 when the profile has no [pos] section (the POS front end then refuses to start).
+    pos_max_amount: int = 0
 
     @property
     def is_production(self) -> bool:
@@ -371,7 +374,17 @@ def parse_profile(
         m1_purse=_m1_purse(r),
         **_expired_blacklist_policy(r),
         dialects=_dialects(r, applications, base_dir),
+        pos_max_amount=_pos(r),
     )
+
+
+def _pos(r: _Reader) -> int:
+    """``[pos] max_amount``: fen per POS purchase, 1..0xFFFFFFFF (the purse's amount field)."""
+    pos = r.table("pos", required=False)
+    r.only_known("pos", pos, ("max_amount",))
+    if not pos:
+        return 0
+    return r.integer("pos.max_amount", minimum=1, maximum=0xFFFFFFFF)
 
 
 EXPIRED_POLICIES = ("keep_and_alarm", "refuse_issuers", "refuse_all")
