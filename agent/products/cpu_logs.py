@@ -236,23 +236,27 @@ def build_trip(layout: TripLayout, trip: Trip) -> bytes:
                 )
             record[at : at + length] = value
 
+    def has(name: str) -> bool:
+        return layout.span(name)[0] >= 0
+
     put("type", bytes((trip.record_type,)))
     terminal = bytes.fromhex(trip.terminal)
     put("terminal", terminal.rjust(layout.terminal_length, b"\x00")[-layout.terminal_length :])
     put("industry", bytes((trip.industry,)))
-    put("line", _put_number(trip.line, layout.line_length, layout.line_encoding, "line"))
-    put(
-        "station", _put_number(trip.station, layout.station_length, FieldEncoding.BINARY, "station")
+    numbers = (
+        ("line", trip.line, layout.line_length, layout.line_encoding),
+        ("station", trip.station, layout.station_length, FieldEncoding.BINARY),
+        ("vehicle", trip.vehicle, layout.vehicle_length, FieldEncoding.BINARY),
     )
-    put(
-        "vehicle", _put_number(trip.vehicle, layout.vehicle_length, FieldEncoding.BINARY, "vehicle")
-    )
+    for name, value, length, encoding in numbers:
+        if has(name):
+            put(name, _put_number(value, length, encoding, name))
     put("amount", trip.amount.to_bytes(4, "big"))
     put("balance", trip.balance.to_bytes(4, "big"))
     put("time", encode_time(trip.when, layout.time_encoding))
-    if layout.city_at >= 0:
+    if has("city"):
         put("city", bytes.fromhex(trip.city))
-    if layout.institution_at >= 0:
+    if has("institution"):
         code = bytes.fromhex(trip.institution)[: layout.institution_code_length]
         code = code.ljust(layout.institution_code_length, b"\x00")
         put("institution", code.ljust(layout.institution_length, b"\xff"))
