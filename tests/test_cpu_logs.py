@@ -473,3 +473,23 @@ def test_card_read_without_a_card_names_the_reader(
         emulator.stop()
     assert code == 2
     assert "reader error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("industry", "line", "want"), [(0x01, "0003", "0003"), (0x02, "0512", "0200")]
+)
+def test_trip_industry_and_line_come_from_the_profile(
+    tmp_path: Path, industry: int, line: str, want: str
+) -> None:
+    """EF1E byte 9 is the application's ef1e_industry (01 metro, 02 bus), bytes 10..11 the
+    terminal's line, binary (512 -> 0200)."""
+    apps = tuple(
+        dataclasses.replace(a, ef1e_industry=industry) for a in demo_profile().applications
+    )
+    rig = Rig(tmp_path, line=line, applications=apps)
+    card = make_card("tunion", 504, rig.keyset, balance=3000)
+    assert rig.tap(card).status == TapStatus.PAID
+    record = card.records(0x1E)[0]
+    assert record[9] == industry
+    assert record[10:12] == bytes.fromhex(want)
+    rig.close()
