@@ -73,7 +73,8 @@ def print_report(report: CardReport, out: TextIO | None = None) -> None:
     def line(text: str) -> None:
         (out or sys.stdout).write(text + "\n")
 
-    line(f"card        {card.family.value} (dialect {dialect.name}), AID {card.aid.hex().upper()}")
+    where = f"AID {card.aid.hex().upper()}" if card.aid else "ADF FID 1001"
+    line(f"card        {card.family.value} (dialect {dialect.name}), {where}")
     line(f"number      {card.printed_number} (serial {card.card_id}, ASN {card.asn.hex().upper()})")
     line(f"issuer      {card.issuer_id.hex().upper()}, city {card.city_code}")
     line(f"valid       {card.start} .. {card.expiry}")
