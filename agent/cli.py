@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import card_cli
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="validate a firmware profile")
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_profile_check)
+
+    card_cli.register(sub)  # cardagent card read (agent/card_cli.py)
 
     return parser
 

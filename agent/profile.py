@@ -12,7 +12,7 @@ import math
 import sys
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,6 +113,113 @@ class PrintedNumber:
     source_file: str = "info"  # "info" (EF15 or the FCI copy) | "serial" (the serial file)
 
 
+class TimeEncoding(enum.Enum):
+    """How a log or trip record writes its date-time (issue 15 finding 6)."""
+
+    BCD = "bcd"  # YYYYMMDDhhmmss in 7 BCD bytes (EF1E, §2.3), or date (4) + time (3) in EF18
+    SECONDS_2000 = "seconds-2000"  # unsigned big-endian seconds since 2000-01-01 00:00 (4 bytes)
+
+
+class FieldEncoding(enum.Enum):
+    """How a number (line, station, vehicle) is written in a trip record."""
+
+    BINARY = "binary"  # unsigned big-endian (real T-Union bus records: route 101 -> 0065)
+    BCD = "bcd"  # decimal digits, two a byte
+
+
+TRIP_FIELDS = (
+    "type",
+    "terminal",
+    "industry",
+    "line",
+    "station",
+    "vehicle",
+    "amount",
+    "balance",
+    "time",
+    "city",
+    "institution",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TripLayout:
+    """Where a trip record (T-Union EF1E, CJ/T 166 CAPP EF17) keeps each field (issue 15).
+
+    Offsets are into the whole record as READ RECORD answers it (header included); a field at
+    -1 is absent. Written by UPDATE CAPP DATA CACHE ``80 DC write_p1 write_p2`` (§2.4); read
+    with READ RECORD by number (cyclic EF1E, P2 = SFI<<3|4) or by identifier (CAPP, P2 =
+    SFI<<3|0, P1 = ``identifier``). The institution is a ``institution_code_length``-byte code
+    padded with FF to ``institution_length`` (real T-Union records: ``01663310FFFFFFFF``).
+    """
+
+    sfi: int
+    record_length: int
+    records: int
+    by_identifier: bool
+    identifier: int
+    write_p1: int
+    write_p2: int
+    header: bytes
+    record_type: int
+    type_at: int
+    terminal_at: int
+    terminal_length: int
+    industry_at: int
+    line_at: int
+    line_length: int
+    line_encoding: FieldEncoding
+    station_at: int
+    station_length: int
+    vehicle_at: int
+    vehicle_length: int
+    amount_at: int
+    balance_at: int
+    time_at: int
+    time_encoding: TimeEncoding
+    city_at: int
+    institution_at: int
+    institution_length: int
+    institution_code_length: int
+
+    def span(self, name: str) -> tuple[int, int]:
+        """(offset, length) of a field; offset -1: absent."""
+        fixed = {"type": 1, "industry": 1, "amount": 4, "balance": 4, "city": 2}
+        at: int = getattr(self, f"{name}_at")
+        if name == "time":
+            length = 7 if self.time_encoding is TimeEncoding.BCD else 4
+        elif name in fixed:
+            length = fixed[name]
+        else:
+            length = getattr(self, f"{name}_length")
+        return at, length
+
+
+# cpu-purse.md §2.3 EF1E, with the field positions of real T-Union records (issue 15 finding
+# 5: institution = 4-byte code + FF x 4; bus line binary at bytes 10..11; bytes 12..16 carry
+# station and vehicle, non-zero in real records; which is which is M).
+TUNION_EF1E = TripLayout(
+    sfi=0x1E, record_length=48, records=30, by_identifier=False, identifier=0,
+    write_p1=0x00, write_p2=0xF0, header=b"", record_type=0x06, type_at=0,
+    terminal_at=1, terminal_length=8, industry_at=9,
+    line_at=10, line_length=2, line_encoding=FieldEncoding.BINARY,
+    station_at=12, station_length=2, vehicle_at=14, vehicle_length=3,
+    amount_at=17, balance_at=21, time_at=25, time_encoding=TimeEncoding.BCD, city_at=32,
+    institution_at=34, institution_length=8, institution_code_length=4,
+)  # fmt: skip
+# cpu-purse.md §2.3 EF17-CAPP: identifier 01, length 2E, lock flag 00, then the data (M).
+CJT166_CAPP = TripLayout(
+    sfi=0x17, record_length=48, records=1, by_identifier=True, identifier=0x01,
+    write_p1=0x01, write_p2=0xB8, header=bytes.fromhex("012E00"), record_type=0x06, type_at=-1,
+    terminal_at=3, terminal_length=6, industry_at=-1,
+    line_at=9, line_length=4, line_encoding=FieldEncoding.BCD,
+    station_at=-1, station_length=0, vehicle_at=-1, vehicle_length=0,
+    amount_at=13, balance_at=17, time_at=21, time_encoding=TimeEncoding.BCD, city_at=-1,
+    institution_at=-1, institution_length=0, institution_code_length=0,
+)  # fmt: skip
+STANDARD_TRIPS: dict[str, TripLayout] = {"tunion": TUNION_EF1E, "cjt166": CJT166_CAPP}
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """One issuer's way of laying out a purse application (profile data, issue 15).
@@ -145,6 +252,21 @@ class Dialect:
     management: Management = Management.NONE
     purse: int = 0x02
     printed: PrintedNumber = PrintedNumber(10, 10, NumberEncoding.HEX)
+    # Logs and trips (issue 15 findings 4-6): EF18's date-time encoding; the trip layout (None:
+    # the card has no trip file, e.g. ADF 1001 cards).
+    log_time: TimeEncoding = TimeEncoding.BCD
+    trips: TripLayout | None = None
+    # Balance semantics (finding 8): shown = raw * balance_scale - balance_offset (Macau Pass:
+    # x 10 - 1000), minus the negative purse (GET BALANCE P1 = negative_purse_p1, 0: none) when
+    # a card keeps one (Shanghai T-Union). The debit always uses the raw purse value.
+    balance_scale: int = 1
+    balance_offset: int = 0
+    negative_purse_p1: int = 0
+    payment: bool = True  # False: read for a technician, refused at a tap (campus ED-only card)
+
+    def display_balance(self, raw: int, negative: int = 0) -> int:
+        """The balance the issuer shows its cardholder, in fen."""
+        return raw * self.balance_scale - self.balance_offset - negative
 
     def matches(self, family: Family, df_name: bytes | None, info: bytes | None) -> bool:
         if family is not self.family:
@@ -164,6 +286,8 @@ def standard_dialects() -> tuple[Dialect, ...]:
             Family.TUNION,
             management=Management.EF17,
             printed=PrintedNumber(10, 10, NumberEncoding.HEX, drop_digits=1),
+            trips=TUNION_EF1E,
+            negative_purse_p1=0x01,
         ),
         Dialect(
             "cjt166",
@@ -171,6 +295,7 @@ def standard_dialects() -> tuple[Dialect, ...]:
             "assets/read.js ReadCityUnion shows it",
             Family.CJT166,
             printed=PrintedNumber(12, 8, NumberEncoding.HEX),
+            trips=CJT166_CAPP,
         ),
         Dialect("legacy1001", f"{std} (EF15 CJ/T 166 layout behind ADF 1001)", Family.LEGACY_1001),
     )
@@ -275,6 +400,11 @@ class Profile:
     # [pos] max_amount: the largest amount (fen) one POS purchase may take (``cardagent pos``);
     # 0 when the profile has no [pos] section (the POS front end then refuses to start).
     pos_max_amount: int = 0
+    # What a trip record says about this terminal (issue 15 finding 5): the acceptor
+    # institution's code (4 bytes in real T-Union records, padded with FF), station, vehicle.
+    institution: bytes = b""
+    station: int = 0
+    vehicle: int = 0
 
     @property
     def is_production(self) -> bool:
@@ -375,6 +505,7 @@ def parse_profile(
         **_expired_blacklist_policy(r),
         dialects=_dialects(r, applications, base_dir),
         pos_max_amount=_pos(r),
+        **_trip_parameters(r),
     )
 
 
@@ -385,6 +516,19 @@ def _pos(r: _Reader) -> int:
     if not pos:
         return 0
     return r.integer("pos.max_amount", minimum=1, maximum=0xFFFFFFFF)
+
+
+def _trip_parameters(r: _Reader) -> dict[str, Any]:
+    """``terminal.institution`` (hex, 1..8 bytes; default: the operator city + 0000),
+    ``terminal.station`` and ``terminal.vehicle`` (integers) for the trip records."""
+    city = r.digits("terminal.operator_city", 4)
+    text = r.get("terminal.institution", city + "0000")
+    institution = _hex_field(r, "terminal.institution", text, 1, 8)
+    return {
+        "institution": institution,
+        "station": r.integer("terminal.station", minimum=0, maximum=0xFFFFFFFF, default=0),
+        "vehicle": r.integer("terminal.vehicle", minimum=0, maximum=0xFFFFFFFF, default=0),
+    }
 
 
 EXPIRED_POLICIES = ("keep_and_alarm", "refuse_issuers", "refuse_all")
@@ -651,7 +795,8 @@ _DIALECT_KEYS = frozenset(
         "serial_length", "serial_sfi", "serial_file_length", "serial_in_mf", "start_date_at",
         "expiry_date_at",
         "city_at", "management", "purse", "number_at", "number_length", "number_encoding",
-        "number_drop_digits", "number_check_digit", "number_file",
+        "number_drop_digits", "number_check_digit", "number_file", "log_time", "trips",
+        "balance_scale", "balance_offset", "negative_purse_p1", "payment",
     }
 )  # fmt: skip
 MAX_INFO_LENGTH = 0xFF  # one short READ BINARY
@@ -782,7 +927,106 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
             raise r.fail(f"{at}.{key}", f"runs past the {space}-byte file (ends at {end})", end)
     if dialect.management is Management.EF17 and dialect.family is not Family.TUNION:
         raise r.fail(f"{at}.management", "'ef17' is the T-Union file (family tunion)", "ef17")
-    return dialect
+    payment = raw.get("payment", True)
+    if not isinstance(payment, bool):
+        raise r.fail(f"{at}.payment", "must be true or false", payment)
+    return replace(
+        dialect,
+        log_time=choice("log_time", TimeEncoding, TimeEncoding.BCD),
+        trips=_trips(r, f"{at}.trips", raw.get("trips"), dialect.family),
+        balance_scale=num("balance_scale", 1, 1000, 1),
+        balance_offset=num("balance_offset", 0, 0x7FFFFFFF, 0),
+        negative_purse_p1=num(
+            "negative_purse_p1", 0, 3, 1 if dialect.family is Family.TUNION else 0
+        ),
+        payment=payment,
+    )
+
+
+_TRIP_KEYS = frozenset({"base"} | {f.name for f in fields(TripLayout)})
+
+
+def _trips(r: _Reader, at: str, raw: Any, family: Family) -> TripLayout | None:
+    """A dialect's ``trips`` table: the family's standard layout (``base``: tunion | cjt166 |
+    none) with the fields the table overrides; validated whole (inside the record, no two
+    fields on the same byte)."""
+    if raw is None:
+        return STANDARD_TRIPS.get(family.value)
+    if not isinstance(raw, Mapping):
+        raise r.fail(at, "must be a table", raw)
+    r.only_known(at, raw, _TRIP_KEYS)
+    base_name = raw.get("base", family.value if family.value in STANDARD_TRIPS else "none")
+    if base_name == "none":
+        if len(raw) > 1:
+            raise r.fail(f"{at}.base", "'none' takes no other field", base_name)
+        return None
+    if base_name not in STANDARD_TRIPS:
+        raise r.fail(f"{at}.base", "must be one of tunion, cjt166, none", base_name)
+    layout = STANDARD_TRIPS[base_name]
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "base":
+            continue
+        if key == "header":
+            changes[key] = _hex_field(r, f"{at}.header", value, 1, 8) if value else b""
+        elif key in ("line_encoding", "time_encoding"):
+            cls: type[enum.Enum] = FieldEncoding if key == "line_encoding" else TimeEncoding
+            try:
+                changes[key] = cls(value)
+            except ValueError as exc:
+                options = ", ".join(str(m.value) for m in cls)
+                raise r.fail(f"{at}.{key}", f"must be one of {options}", value) from exc
+        elif key == "by_identifier":
+            if not isinstance(value, bool):
+                raise r.fail(f"{at}.{key}", "must be true or false", value)
+            changes[key] = value
+        else:
+            changes[key] = r.int_value(f"{at}.{key}", value, -1, 0xFF)
+    layout = replace(layout, **changes)
+    check_trip_layout(layout, lambda key, what, value: r.fail(f"{at}.{key}", what, value))
+    return layout
+
+
+def check_trip_layout(
+    layout: TripLayout, fail: Callable[[str, str, Any], ConfigurationError]
+) -> None:
+    """Every present field inside the record, lengths the writer can fill, no overlap."""
+    if not 1 <= layout.sfi <= 30:
+        raise fail("sfi", "must be in 1..30", layout.sfi)
+    if not 8 <= layout.record_length <= 0xFF:
+        raise fail("record_length", "must be in 8..255", layout.record_length)
+    if not 1 <= layout.records <= 0xFF:
+        raise fail("records", "must be in 1..255", layout.records)
+    limits = {"terminal": (1, 8), "line": (1, 4), "station": (1, 4), "vehicle": (1, 4)}
+    for name, (low, high) in limits.items():
+        at, length = layout.span(name)
+        if at >= 0 and not low <= length <= high:
+            raise fail(f"{name}_length", f"must be in {low}..{high}", length)
+    if layout.institution_at >= 0 and not (
+        1 <= layout.institution_code_length <= layout.institution_length <= 8
+    ):
+        raise fail(
+            "institution_code_length",
+            "must be 1..institution_length (at most 8)",
+            layout.institution_code_length,
+        )
+    used: dict[int, str] = {i: "header" for i in range(len(layout.header))}
+    for name in TRIP_FIELDS:
+        at, length = layout.span(name)
+        if at < 0:
+            continue
+        if at + length > layout.record_length:
+            raise fail(
+                f"{name}_at",
+                f"runs past the {layout.record_length}-byte record (ends at {at + length})",
+                at,
+            )
+        for i in range(at, at + length):
+            if i in used:
+                raise fail(f"{name}_at", f"overlaps {used[i]} at byte {i}", at)
+            used[i] = name
+    if layout.amount_at < 0 or layout.time_at < 0:
+        raise fail("amount_at" if layout.amount_at < 0 else "time_at", "is required", -1)
 
 
 _MISSING = object()

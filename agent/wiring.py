@@ -285,3 +285,14 @@ def software_sam(profile: Profile, ttc_file: Path) -> SoftwareSam:
         sm4_session_key=profile.sm4_session_key,
     )
     return SoftwareSam.for_profile(profile.kind.value, core)
+
+
+def open_card_reader(profile: Profile, reader_url: str | None = None) -> CardReader:
+    """Only the profile's contactless reader (no SAM): what ``cardagent card read`` needs."""
+    opener = _DRIVERS.get(profile.reader.driver)
+    if opener is None:
+        raise ConfigurationError(
+            f"{profile.source}: unknown reader driver {profile.reader.driver!r}"
+        )
+    reader, _slots = opener(profile.reader, reader_url)
+    return reader

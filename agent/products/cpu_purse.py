@@ -20,6 +20,7 @@ from typing import Literal, TypeVar
 from agent import tlv
 from agent.apdu import LOCKED_SELECT_SW, Command, Party, Response, describe_sw, require
 from agent.errors import CardProtocolError, ConfigurationError, TapRefused
+from agent.products import cpu_logs
 from agent.profile import (
     ApplicationProfile,
     CheckDigit,
@@ -31,6 +32,7 @@ from agent.profile import (
     PrintedNumber,
     Profile,
     Selection,
+    TimeEncoding,
     standard_dialects,
 )
 
@@ -77,6 +79,7 @@ class CpuCard:
     printed_number: str = ""  # as printed on the card, derived by the dialect (issue 15)
     dialect: str = ""
     purse: int = 0x02  # GET BALANCE / INITIALIZE P2: 02 EP, 01 ED
+    payment: bool = True  # the dialect's ``payment``: False refuses the tap (a campus card)
 
     @property
     def asn(self) -> bytes:
@@ -444,6 +447,7 @@ def parse_card(
         printed_number=printed_number(rule, number_source),
         dialect=dialect.name,
         purse=dialect.purse,
+        payment=dialect.payment,
     )
 
 
@@ -538,6 +542,10 @@ def get_security_code() -> Step[bytes]:
 
 def qualify(card: CpuCard, profile: Profile, today: dt.date) -> None:
     """Terminal checks of §6.1 / §9; raises :class:`TapRefused` with a stable reason."""
+    if not card.payment:
+        raise TapRefused(
+            "not_a_transit_purse", f"dialect {card.dialect} is read-only (payment = false)"
+        )
     if card.family is Family.TUNION:
         if card.application_type is not None and card.application_type != 0x02:
             raise TapRefused("not_a_purse", f"EF15 application type {card.application_type:02X}")
@@ -563,50 +571,12 @@ def qualify(card: CpuCard, profile: Profile, today: dt.date) -> None:
 # --- CAPP records -------------------------------------------------------------------------
 
 
-def tunion_trip_record(
-    *,
-    terminal: bytes,
-    industry: int,
-    line: str,
-    amount: int,
-    balance_after: int,
-    datetime7: bytes,
-    acceptor_city: str,
-    acceptor_institution: bytes,
-) -> bytes:
-    """EF1E trip record (48 bytes, §2.3), record type 06 = EP single-trip purchase."""
-    record = (
-        b"\x06"
-        + b"\x00\x00"
-        + terminal
-        + bytes((industry,))
-        + bytes.fromhex(line.rjust(8, "0"))
-        + bytes(3)
-        + amount.to_bytes(4, "big")
-        + balance_after.to_bytes(4, "big")
-        + datetime7
-        + bytes.fromhex(acceptor_city)
-        + acceptor_institution
-        + bytes(6)
-    )
-    assert len(record) == 48, len(record)
-    return record
-
-
-def cjt166_capp_record(
-    *, terminal: bytes, line: str, amount: int, balance_after: int, datetime7: bytes
-) -> bytes:
-    """CJ/T 166 CAPP EF17 record: identifier 01, length 2E, lock flag 00, then data (§2.3)."""
-    body = (
-        terminal
-        + bytes.fromhex(line.rjust(8, "0"))
-        + amount.to_bytes(4, "big")
-        + balance_after.to_bytes(4, "big")
-        + datetime7
-    )
-    record = b"\x01\x2e\x00" + body.ljust(45, b"\x00")
-    assert len(record) == 48, len(record)
-    return record
+def dialect_of(card: CpuCard, profile: Profile) -> Dialect:
+    """The dialect a card was read with (by name), else its family's standard layout."""
+    for dialect in (*profile.dialects, *standard_dialects()):
+        if dialect.name == card.dialect and dialect.family is card.family:
+            return dialect
+    return next(d for d in standard_dialects() if d.family is card.family)
 
 
 def capp_update_for(
@@ -619,28 +589,26 @@ def capp_update_for(
     datetime7: bytes,
     industry: int,
 ) -> tuple[int, int, bytes]:
-    """P1, P2 and record of the UPDATE CAPP DATA CACHE a compound purchase sends (§2.4)."""
-    if card.family is Family.TUNION:
-        record = tunion_trip_record(
-            terminal=terminal,
-            industry=industry,
-            line=profile.line,
-            amount=amount,
-            balance_after=balance_after,
-            datetime7=datetime7,
-            acceptor_city=profile.operator_city,
-            acceptor_institution=bytes.fromhex(profile.operator_city) + b"\xff" * 6,
+    """P1, P2 and record of the UPDATE CAPP DATA CACHE a compound purchase sends (§2.4): the
+    trip record of the card's dialect (:class:`TripLayout`: T-Union EF1E, CJ/T 166 CAPP EF17)
+    filled from the terminal's parameters (line, station, vehicle, institution code)."""
+    layout = dialect_of(card, profile).trips
+    if layout is None:
+        raise ConfigurationError(
+            f"{profile.source}: compound flow needs a CAPP file; dialect {card.dialect or '-'} "
+            f"of {card.family.value} has no trip layout"
         )
-        return 0x00, 0xF0, record  # EF1E cyclic: P1=00, P2=F0 (S2, S3)
-    if card.family is Family.CJT166:
-        record = cjt166_capp_record(
-            terminal=terminal,
-            line=profile.line,
-            amount=amount,
-            balance_after=balance_after,
-            datetime7=datetime7,
-        )
-        return 0x01, 0xB8, record  # EF17-CAPP, record identifier 01 (S2 ZJB)
-    raise ConfigurationError(
-        f"{profile.source}: compound flow needs a CAPP file; {card.family.value} has none"
+    trip = cpu_logs.Trip(
+        record_type=layout.record_type,
+        terminal=terminal.hex(),
+        industry=industry,
+        line=int(profile.line),
+        station=profile.station,
+        vehicle=profile.vehicle,
+        amount=amount,
+        balance=balance_after,
+        when=cpu_logs.decode_time(datetime7, TimeEncoding.BCD, "terminal date-time"),
+        city=profile.operator_city,
+        institution=(profile.institution or bytes.fromhex(profile.operator_city)).hex(),
     )
+    return layout.write_p1, layout.write_p2, cpu_logs.build_trip(layout, trip)

@@ -101,7 +101,7 @@ class CpuHandler:
         fare = ctx.fare()
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
-        self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable)
+        self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
 
     def _read(self, ctx: TapContext, card_io: _Exchanger) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
@@ -220,6 +220,7 @@ class CpuHandler:
         flow: Flow,
         fare: int,
         init: PurchaseInit | None,
+        industry: int = 0x02,  # the trip record's industry (EF1E byte 9; profile ef1e_industry)
     ) -> None:
         terminal = sam.terminal_number
         if init is None:
@@ -282,7 +283,7 @@ class CpuHandler:
                     amount=fare,
                     balance_after=intent.balance_after,
                     datetime7=datetime7,
-                    industry=0x02,
+                    industry=industry,
                 )
                 with ctx.phase("capp"):
                     card_io.run(cpu_purse.update_capp_cache(p1, p2, record))
