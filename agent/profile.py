@@ -7,6 +7,7 @@ profile options, never constants. Loading validates every field and raises
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import math
 import sys
@@ -272,6 +273,13 @@ class Profile:
     blacklist_expired_refuse_issuers: tuple[str, ...] = ()
     # Issuer dialects (issue 15): the profile's own, then the standard layouts of §2.3.
     dialects: tuple[Dialect, ...] = field(default_factory=standard_dialects)
+    # [clock] (agent.clock): what a tap does while the real-time clock is unreliable (it went
+    # back, reads before the last record or the build date, or jumped forward):
+    #   last_good_plus_elapsed  keep taking cards at the last good time + monotonic time elapsed
+    #   refuse                  refuse every tap (clock_unreliable) until the clock is good again
+    clock_policy: str = "last_good_plus_elapsed"
+    clock_max_step_s: float = 300.0  # a wall-clock step larger than this (either way) is suspect
+    clock_not_before: dt.date | None = None  # the profile's build date: earlier clocks are wrong
 
     @property
     def is_production(self) -> bool:
@@ -371,7 +379,30 @@ def parse_profile(
         m1_purse=_m1_purse(r),
         **_expired_blacklist_policy(r),
         dialects=_dialects(r, applications, base_dir),
+        **_clock_settings(r),
     )
+
+
+CLOCK_POLICIES = ("last_good_plus_elapsed", "refuse")
+_CLOCK_KEYS = ("policy", "max_step_s", "not_before")
+
+
+def _clock_settings(r: _Reader) -> dict[str, Any]:
+    """``[clock] policy``, ``max_step_s`` (1 s .. 1 day) and ``not_before`` (a TOML date: the
+    profile's build date; a clock reading earlier is unreliable)."""
+    r.only_known("clock", r.table("clock", required=False), _CLOCK_KEYS)
+    not_before = r.get("clock.not_before", None)
+    if not_before is not None and (
+        not isinstance(not_before, dt.date) or isinstance(not_before, dt.datetime)
+    ):
+        raise r.fail("clock.not_before", "must be a TOML date (YYYY-MM-DD)", not_before)
+    return {
+        "clock_policy": r.choice("clock.policy", CLOCK_POLICIES, default="last_good_plus_elapsed"),
+        "clock_max_step_s": r.number(
+            "clock.max_step_s", minimum=1.0, maximum=86400.0, default=300.0
+        ),
+        "clock_not_before": not_before,
+    }
 
 
 EXPIRED_POLICIES = ("keep_and_alarm", "refuse_issuers", "refuse_all")
