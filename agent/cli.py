@@ -10,6 +10,8 @@ from pathlib import Path
 
 import structlog
 
+from agent import doctor
+from agent.clihelp import make_parser
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -35,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cardagent", description=__doc__)
+    parser = make_parser("cardagent", __doc__)
     parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_profile_check)
 
+    doctor.add_parser(sub, DEFAULT_DATA_DIR)
     return parser
 
 
