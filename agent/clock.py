@@ -104,6 +104,7 @@ class ClockGuard:
         self._anchor: tuple[dt.datetime, float] | None = None  # last good time, monotonic then
         self._suspect_reason = ""
         self._lock = threading.Lock()
+        self.read()  # the agent's start: judged (and logged if suspect) now, elapsed from here
 
     @classmethod
     def for_profile(
@@ -175,15 +176,14 @@ class ClockGuard:
         return good + dt.timedelta(seconds=max(0.0, mono - at))
 
     def _problem(self, wall: dt.datetime, mono: float) -> str:
-        if wall < self.floor - dt.timedelta(seconds=SLEW_TOLERANCE_S):
-            return f"reads {_iso(wall)}, before {_iso(self.floor)} (last good time or build date)"
         expected = self._expected(mono)
-        if expected is None:
-            return ""
-        step = (wall - expected).total_seconds()
-        if abs(step) > self.max_step_s:
-            way = "forward" if step > 0 else "back"
-            return f"jumped {way} {abs(step):.0f} s (more than {self.max_step_s:.0f} s)"
+        if expected is not None:
+            step = (wall - expected).total_seconds()
+            if abs(step) > self.max_step_s:
+                way = "forward" if step > 0 else "back"
+                return f"jumped {way} {abs(step):.0f} s (more than {self.max_step_s:.0f} s)"
+        if wall < self.floor - dt.timedelta(seconds=SLEW_TOLERANCE_S):
+            return f"reads {_iso(wall)}, before {_iso(self.floor)} (last record or build date)"
         return ""
 
     def _suspect(self, wall: dt.datetime, mono: float, reason: str) -> ClockReading:
