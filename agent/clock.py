@@ -20,7 +20,10 @@ becomes suspect and ``clock_good_again`` when it recovers, and says so in its st
 The profile's ``[clock] policy`` decides what a tap does meanwhile: ``last_good_plus_elapsed``
 takes the card with the guarded time; ``refuse`` refuses it (``clock_unreliable``). The clock is
 good again as soon as the wall clock agrees with the expected time once more (someone set it
-right), or when :meth:`ClockGuard.confirm` is told the wall clock is right (a trusted source).
+right), or when the sync daemon measured that it agrees with the host's time
+(:meth:`ClockGuard.confirm_from_host`, ``clock-offset.json``). After a suspect start (an RTC
+reset) the last record's time is only a lower bound: setting the clock right then is accepted,
+however long the device was off.
 At start there is no expected time yet: only the floor can be checked there, so a clock that is
 too far *ahead* at boot is not detectable offline (the sync daemon reports the offset from the
 host's time: ``clock_offset_s`` in the heartbeat and ``cardsync status``).
@@ -29,10 +32,12 @@ host's time: ``clock_offset_s`` in the heartbeat and ``cardsync status``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -42,6 +47,11 @@ log = structlog.get_logger(__name__)
 # running this release. Moved forward at each release.
 RELEASE_DATE = dt.date(2026, 11, 1)
 SLEW_TOLERANCE_S = 1.0  # a reading this little before the floor is a slewing clock, not a jump
+
+# Written by the sync daemon in the data directory: this clock minus the host's HTTP Date at
+# the last heartbeat ({"clock_offset_s": …, "clock_offset_measured_at": unix time}).
+CLOCK_OFFSET_FILE = "clock-offset.json"
+HOST_AGREES_S = 2.0  # the Date header's resolution is a second: within this, the clock is right
 
 WallClock = Callable[[], dt.datetime]
 Monotonic = Callable[[], float]
@@ -102,6 +112,10 @@ class ClockGuard:
         self._wall = wall
         self._monotonic = monotonic
         self._anchor: tuple[dt.datetime, float] | None = None  # last good time, monotonic then
+        # True while the anchor is only the floor (the clock was wrong from the start): the
+        # floor is a lower bound, so a later reading ahead of it is not a jump (the clock set
+        # right after an RTC reset, however long the device was off)
+        self._anchor_is_floor = False
         self._suspect_reason = ""
         self._lock = threading.Lock()
         self.read()  # the agent's start: judged (and logged if suspect) now, elapsed from here
@@ -143,6 +157,7 @@ class ClockGuard:
             else:
                 now = max(wall, self.floor)
                 self._anchor = (now, mono)
+                self._anchor_is_floor = False
                 reading = ClockReading(now=now, wall=wall, ok=True, last_good=now)
                 if self._suspect_reason:
                     log.warning("clock_good_again", wall=_iso(wall), was=self._suspect_reason)
@@ -159,10 +174,34 @@ class ClockGuard:
         with self._lock:
             wall = self._wall().astimezone(dt.UTC)
             self._anchor = (wall, self._monotonic())
+            self._anchor_is_floor = False
             self.floor = wall
             if self._suspect_reason:
                 log.warning("clock_good_again", wall=_iso(wall), was=self._suspect_reason)
             self._suspect_reason = ""
+
+    @property
+    def suspect(self) -> bool:
+        with self._lock:
+            return bool(self._suspect_reason)
+
+    def confirm_from_host(self, offset_path: Path) -> bool:
+        """While suspect: if the sync daemon measured, at about the wall clock's present
+        reading, that it agrees with the host's time (|offset| <= 2 s), trust it again."""
+        if not self.suspect:
+            return False
+        try:
+            figures = json.loads(offset_path.read_bytes())
+            offset = float(figures["clock_offset_s"])
+            measured_at = float(figures["clock_offset_measured_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        wall = self._wall().timestamp()
+        if abs(offset) > HOST_AGREES_S or not 0 <= wall - measured_at <= self.max_step_s:
+            return False
+        log.warning("clock_confirmed_by_host", offset_s=offset, measured_at=measured_at)
+        self.confirm()
+        return True
 
     def status(self) -> str:
         """A short status phrase: ``clock ok`` or ``clock SUSPECT: why``."""
@@ -179,7 +218,7 @@ class ClockGuard:
         expected = self._expected(mono)
         if expected is not None:
             step = (wall - expected).total_seconds()
-            if abs(step) > self.max_step_s:
+            if abs(step) > self.max_step_s and not (self._anchor_is_floor and step > 0):
                 way = "forward" if step > 0 else "back"
                 return f"jumped {way} {abs(step):.0f} s (more than {self.max_step_s:.0f} s)"
         if wall < self.floor - dt.timedelta(seconds=SLEW_TOLERANCE_S):
@@ -189,6 +228,7 @@ class ClockGuard:
     def _suspect(self, wall: dt.datetime, mono: float, reason: str) -> ClockReading:
         if self._anchor is None:  # suspect at the first reading: the floor is the last good
             self._anchor = (self.floor, mono)
+            self._anchor_is_floor = True
         expected = self._expected(mono)
         assert expected is not None
         last_good = self._anchor[0]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import statistics
 import threading
+import time
 from types import FrameType
 
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
-from agent.clock import ClockGuard
+from agent.clock import CLOCK_OFFSET_FILE, ClockGuard
 from agent.errors import ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile
@@ -20,6 +21,7 @@ from agent.validator import LoopStats, run_validator
 from agent.wiring import DataDir, Hardware, open_hardware
 
 log = structlog.get_logger(__name__)
+OFFSET_CHECK_EVERY_S = 10.0  # while the clock is suspect: has the sync daemon confirmed it?
 
 
 def run_agent(
@@ -68,8 +70,14 @@ def run_agent(
             status = StatusLine(notifier, guard, store.terminal_id)
             notifier.ready(status.text())
 
+            offset_file = data_dir.path / CLOCK_OFFSET_FILE
+            next_offset_check = [0.0]
+
             def tick() -> None:
                 watchdog.alive()
+                if guard.suspect and time.monotonic() >= next_offset_check[0]:
+                    next_offset_check[0] = time.monotonic() + OFFSET_CHECK_EVERY_S
+                    guard.confirm_from_host(offset_file)
                 status.refresh()
 
             return run_validator(

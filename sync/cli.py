@@ -23,6 +23,7 @@ import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist
 from agent.clihelp import make_parser
+from agent.clock import CLOCK_OFFSET_FILE
 from agent.errors import AgentError, ConfigurationError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
@@ -30,7 +31,6 @@ from agent.wiring import STORE_FILE
 from sync.client import ClientTls
 from sync.daemon import (
     CHECKS_FILE,
-    CLOCK_OFFSET_FILE,
     FLUSH_FLAG_FILE,
     SyncSettings,
     open_daemon,

@@ -70,6 +70,7 @@ from agent.blacklist import (
     BlacklistRejected,
     write_atomically,
 )
+from agent.clock import CLOCK_OFFSET_FILE
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore, QuarantineNotice
 from agent.params import write_host_key
@@ -96,7 +97,6 @@ FLUSH_FLAG_FILE = "sync.flush"
 # When the host last gave a list that verified (freeze protection: how stale the terminal's
 # view may be, kept across restarts; ``cardsync status`` shows it).
 CHECKS_FILE = "lists-checked.json"
-CLOCK_OFFSET_FILE = "clock-offset.json"  # {"offset_s": …, "measured_at": …}: cardsync status
 _RETRYABLE = (HostUnreachable, HostBusy)
 CLOCK_OFFSET_WARN_S = 60.0  # a terminal clock further than this from the host's is logged
 

@@ -13,8 +13,11 @@ Documented outcomes, per ``[clock] policy``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from agent.errors import ConfigurationError
 from agent.offline_store import Record
 from agent.profile import parse_profile
 from agent.transaction import TransactionEngine
+from sync.client import SyncClient
+from sync.errors import HostError
 from tests.fake_reader.scenario import DEMO_PROFILE, make_card
 from tests.rig import Rig
 
@@ -232,3 +237,73 @@ def test_not_before_in_the_profile_raises_the_floor() -> None:
     assert not reading.ok and reading.now == dt.datetime(2027, 3, 1, tzinfo=dt.UTC)
     guard.confirm()  # a trusted source says the wall clock is right after all
     assert guard.read().ok
+
+
+def test_clock_set_right_after_a_reset_is_good_again_however_long_the_device_was_off(
+    rig: Rig,
+) -> None:
+    """Reset to 2000 at boot (suspect; the last record is only a lower bound), then a
+    technician sets the clock right: two days after the last record is not a 'jump'."""
+    clocks = Clocks()
+    guarded(rig, clocks)
+    pay(rig, 1)
+    rig.restart()
+    clocks.wall_time, clocks.mono = dt.datetime(2000, 1, 1, tzinfo=dt.UTC), 5.0
+    guarded(rig, clocks)
+    assert pay(rig, 2).fields["clock"] == "suspect"
+    clocks.mono += 60
+    clocks.wall_time = START + dt.timedelta(days=2)
+    record = pay(rig, 3)
+    assert record.fields["clock"] == "ok"
+    assert created(record) == START + dt.timedelta(days=2)
+
+
+def test_the_sync_daemons_offset_from_the_host_confirms_the_clock(rig: Rig, tmp_path: Path) -> None:
+    """A year forward while running stays suspect until the sync daemon has measured the wall
+    clock against the host's time (clock-offset.json) and found them within 2 s."""
+    clocks = Clocks()
+    engine = guarded(rig, clocks)
+    guard = engine.clock_guard
+    assert guard is not None
+    pay(rig, 1)
+    clocks.elapse(5)
+    clocks.wall_time += dt.timedelta(days=365)  # the host says the year ahead is right
+    assert pay(rig, 2).fields["clock"] == "suspect"
+    offsets = tmp_path / "clock-offset.json"
+    now = clocks.wall_time.timestamp()
+    offsets.write_text(json.dumps({"clock_offset_s": 7200.0, "clock_offset_measured_at": now}))
+    assert not guard.confirm_from_host(offsets)  # the host disagrees by two hours
+    offsets.write_text(json.dumps({"clock_offset_s": 0.4, "clock_offset_measured_at": now - 3e7}))
+    assert not guard.confirm_from_host(offsets)  # measured before the jump: says nothing now
+    offsets.write_text(json.dumps({"clock_offset_s": 0.4, "clock_offset_measured_at": now}))
+    assert guard.confirm_from_host(offsets)
+    clocks.elapse(1)
+    record = pay(rig, 3)
+    assert record.fields["clock"] == "ok" and created(record) == clocks.wall_time
+
+
+def test_sync_client_measures_the_offset_from_the_hosts_date(tmp_path: Path) -> None:
+    """A real host's HTTP Date against a terminal clock an hour ahead."""
+    from clearinghost.keys import HostKey
+    from clearinghost.server import HostServer, create_app
+    from clearinghost.storage import SqliteStorage
+    from tests.test_sync_support import make_host
+
+    host = make_host(SqliteStorage(tmp_path / "host.db"), HostKey.generate())
+    with HostServer(create_app(host)) as server:
+        client = SyncClient(server.url, "BUS-0001", wall=lambda: time.time() + 3600)
+        try:
+            assert client.clock_offset is None
+            _any_call(client)
+        finally:
+            client.close()
+    host.storage.close()
+    assert client.clock_offset is not None
+    assert 3600 - 3 <= client.clock_offset.offset_s <= 3600 + 3
+
+
+def _any_call(client: SyncClient) -> None:
+    """One request whatever it answers (an unknown terminal's heartbeat is refused: the Date
+    header comes with the refusal too)."""
+    with contextlib.suppress(HostError):
+        client.heartbeat({"uptime_s": 1})
