@@ -307,3 +307,23 @@ def _any_call(client: SyncClient) -> None:
     header comes with the refusal too)."""
     with contextlib.suppress(HostError):
         client.heartbeat({"uptime_s": 1})
+
+
+def test_a_torn_tap_on_a_reset_clock_is_not_expired_at_once(rig: Rig) -> None:
+    """Intents are stamped with the guarded time too: a torn debit made while the RTC reads
+    2000 waits for its card (the recovery window), it is not 26 years old."""
+    clocks = Clocks()
+    guarded(rig, clocks)
+    pay(rig, 1)
+    rig.restart()
+    clocks.wall_time, clocks.mono = dt.datetime(2000, 1, 1, tzinfo=dt.UTC), 5.0
+    engine = guarded(rig, clocks)
+    card = make_card("tunion", 2, rig.keyset, balance=5000)
+    card.reset_command_count()
+    card.faults.add(7, "tear_after")
+    assert rig.tap(card).status == "torn"
+    clocks.mono += 10
+    clocks.wall_time += dt.timedelta(seconds=10)
+    assert engine.expire_stale_intents() == []
+    assert len(rig.store.pending_intents()) == 1
+    assert rig.tap(card).status == "recovered"

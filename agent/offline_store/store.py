@@ -327,7 +327,8 @@ class OfflineStore:
         require_text("card_id", card_id)
         require_text("product", product)
         payload_json = canonical_json(dict(payload))
-        created_at = format_timestamp(self._clock())
+        # the guarded time when a stamp is set: intents expire against the same clock
+        created_at = format_timestamp(self._clock() if self._stamp is None else self._stamp()[0])
         with self._write("add intent") as conn:
             cursor = conn.execute(
                 "INSERT INTO intents (card_id, product, created_at, payload) VALUES (?, ?, ?, ?)",
