@@ -10,7 +10,8 @@ from pathlib import Path
 
 import structlog
 
-from agent import card_cli
+from agent import card_cli, doctor
+from agent.clihelp import make_parser
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cardagent", description=__doc__)
+    parser = make_parser("cardagent", __doc__)
     parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile_check)
 
     card_cli.register(sub)  # cardagent card read (agent/card_cli.py)
+
+    doctor.add_parser(sub, DEFAULT_DATA_DIR)
 
     return parser
 

@@ -7,6 +7,7 @@ profile options, never constants. Loading validates every field and raises
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import math
 import sys
@@ -405,6 +406,13 @@ class Profile:
     institution: bytes = b""
     station: int = 0
     vehicle: int = 0
+    # [clock] (agent.clock): what a tap does while the real-time clock is unreliable (it went
+    # back, reads before the last record or the build date, or jumped forward):
+    #   last_good_plus_elapsed  keep taking cards at the last good time + monotonic time elapsed
+    #   refuse                  refuse every tap (clock_unreliable) until the clock is good again
+    clock_policy: str = "last_good_plus_elapsed"
+    clock_max_step_s: float = 300.0  # a wall-clock step larger than this (either way) is suspect
+    clock_not_before: dt.date | None = None  # the profile's build date: earlier clocks are wrong
 
     @property
     def is_production(self) -> bool:
@@ -506,6 +514,7 @@ def parse_profile(
         dialects=_dialects(r, applications, base_dir),
         pos_max_amount=_pos(r),
         **_trip_parameters(r),
+        **_clock_settings(r),
     )
 
 
@@ -528,6 +537,28 @@ def _trip_parameters(r: _Reader) -> dict[str, Any]:
         "institution": institution,
         "station": r.integer("terminal.station", minimum=0, maximum=0xFFFFFFFF, default=0),
         "vehicle": r.integer("terminal.vehicle", minimum=0, maximum=0xFFFFFFFF, default=0),
+    }
+
+
+CLOCK_POLICIES = ("last_good_plus_elapsed", "refuse")
+_CLOCK_KEYS = ("policy", "max_step_s", "not_before")
+
+
+def _clock_settings(r: _Reader) -> dict[str, Any]:
+    """``[clock] policy``, ``max_step_s`` (1 s .. 1 day) and ``not_before`` (a TOML date: the
+    profile's build date; a clock reading earlier is unreliable)."""
+    r.only_known("clock", r.table("clock", required=False), _CLOCK_KEYS)
+    not_before = r.get("clock.not_before", None)
+    if not_before is not None and (
+        not isinstance(not_before, dt.date) or isinstance(not_before, dt.datetime)
+    ):
+        raise r.fail("clock.not_before", "must be a TOML date (YYYY-MM-DD)", not_before)
+    return {
+        "clock_policy": r.choice("clock.policy", CLOCK_POLICIES, default="last_good_plus_elapsed"),
+        "clock_max_step_s": r.number(
+            "clock.max_step_s", minimum=1.0, maximum=86400.0, default=300.0
+        ),
+        "clock_not_before": not_before,
     }
 
 

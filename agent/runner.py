@@ -5,19 +5,23 @@ from __future__ import annotations
 import signal
 import statistics
 import threading
+import time
 from types import FrameType
 
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
+from agent.clock import CLOCK_OFFSET_FILE, ClockGuard
 from agent.errors import ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile
+from agent.sdnotify import Notifier, Watchdog
 from agent.transaction import TapOutcome, TransactionEngine
 from agent.validator import LoopStats, run_validator
 from agent.wiring import DataDir, Hardware, open_hardware
 
 log = structlog.get_logger(__name__)
+OFFSET_CHECK_EVERY_S = 10.0  # while the clock is suspect: has the sync daemon confirmed it?
 
 
 def run_agent(
@@ -26,31 +30,89 @@ def run_agent(
     reader_url: str | None,
     max_taps: int | None,
     stop: threading.Event | None = None,
+    notifier: Notifier | None = None,
 ) -> LoopStats:
-    """Open store and hardware, run the validator loop until stopped, close everything."""
+    """Open store and hardware, run the validator loop until stopped, close everything.
+
+    Under systemd (``NOTIFY_SOCKET``): ``READY=1`` when the loop starts taking cards,
+    ``WATCHDOG=1`` from the loop itself (:class:`agent.sdnotify.Watchdog`), ``STATUS=`` lines
+    (waiting for hardware, taking cards, the clock state) and ``STOPPING=1`` at the end."""
     stop = stop or threading.Event()
+    notifier = notifier or Notifier()
+    watchdog = Watchdog(notifier)
     _stop_on_signals(stop)
-    store = data_dir.open_store()
     try:
-        hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop)
+        store = data_dir.open_store()
+    except BaseException:
+        notifier.stopping("stopping: the data directory cannot be opened")
+        raise
+    try:
+        notifier.status("opening the reader and PSAMs")
+        hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop, watchdog)
         if hardware is None:
             return LoopStats()
         try:
+            guard = ClockGuard.for_profile(
+                profile.clock_policy,
+                profile.clock_max_step_s,
+                profile.clock_not_before,
+                store.last_record_at(),
+            )
             engine = TransactionEngine(
                 profile,
                 store,
                 hardware.sams,
                 blacklist=_open_blacklist(data_dir),
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
+                clock_guard=guard,
             )
             log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
+            status = StatusLine(notifier, guard, store.terminal_id)
+            notifier.ready(status.text())
+
+            offset_file = data_dir.path / CLOCK_OFFSET_FILE
+            next_offset_check = [0.0]
+
+            def tick() -> None:
+                watchdog.alive()
+                if guard.suspect and time.monotonic() >= next_offset_check[0]:
+                    next_offset_check[0] = time.monotonic() + OFFSET_CHECK_EVERY_S
+                    guard.confirm_from_host(offset_file)
+                status.refresh()
+
             return run_validator(
-                hardware.reader, engine, stop=stop, max_taps=max_taps, on_outcome=print_tap
+                hardware.reader,
+                engine,
+                stop=stop,
+                max_taps=max_taps,
+                on_outcome=print_tap,
+                on_tick=tick,
             )
         finally:
             hardware.close()
     finally:
+        notifier.stopping()
         store.close()
+        notifier.close()
+
+
+class StatusLine:
+    """The ``STATUS=`` line systemd shows (``systemctl status cardagent``): sent on change."""
+
+    def __init__(self, notifier: Notifier, guard: ClockGuard, terminal_id: str) -> None:
+        self.notifier = notifier
+        self.guard = guard
+        self.terminal_id = terminal_id
+        self._sent = ""
+
+    def text(self) -> str:
+        return f"taking cards as {self.terminal_id}; {self.guard.status()}"
+
+    def refresh(self) -> None:
+        text = self.text()
+        if text != self._sent:
+            self._sent = text
+            self.notifier.status(text)
 
 
 def _open_blacklist(data_dir: DataDir) -> Blacklist:
@@ -64,15 +126,21 @@ def _open_blacklist(data_dir: DataDir) -> Blacklist:
 
 
 def _open_hardware_until_ready(
-    profile: Profile, data_dir: DataDir, reader_url: str | None, stop: threading.Event
+    profile: Profile,
+    data_dir: DataDir,
+    reader_url: str | None,
+    stop: threading.Event,
+    watchdog: Watchdog,
 ) -> Hardware | None:
     """A validator boots before its reader module sometimes: retry with back-off until stopped."""
     backoff = 0.1
     while not stop.is_set():
+        watchdog.alive()  # retrying is progress: a missing reader is not a hung agent
         try:
             return open_hardware(profile, data_dir, reader_url)
         except (ReaderError, SamError) as exc:
             log.warning("hardware_unavailable", party=exc.party, error=str(exc), retry_in_s=backoff)
+            watchdog.notifier.status(f"waiting for hardware: {exc.party}: {exc}")
             stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
     return None

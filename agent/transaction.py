@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.clock import ClockGuard, record_stamp
 from agent.errors import AgentError, CardError, ReaderError, TapRefused
 from agent.offline_store import OfflineStore, Record
 from agent.params import ActiveParams
@@ -86,11 +87,17 @@ class TransactionEngine:
         params: ActiveParams | None = None,
         handlers: Sequence[ProductHandler] | None = None,
         presence: PresenceGuard | None = None,
+        clock_guard: ClockGuard | None = None,
     ) -> None:
         self.profile = profile
         self.store = store
         self.sams: SamRoutes = sam if isinstance(sam, SamRouter) else SingleSamRouter(sam)
         self.clock = clock or (lambda: dt.datetime.now().astimezone())
+        # With a guard (the production loop: agent.runner), the tap's time and every record's
+        # time and ``clock`` field come from it, and [clock] policy applies (agent.clock).
+        self.clock_guard = clock_guard
+        if clock_guard is not None:
+            store.set_stamp(record_stamp(clock_guard))
         self.blacklist = blacklist
         self.params = params
         self.journal = Journal(store)
@@ -112,13 +119,14 @@ class TransactionEngine:
             self.presence.admit(presence)
             if handler is None:
                 raise TapRefused("unknown_card", f"no product for {presence.technology.value}")
+            now = self._now_for_tap()
             handler.tap(
                 TapContext(
                     reader=reader,
                     presence=presence,
                     outcome=outcome,
                     timer=timer,
-                    now=self.clock(),
+                    now=now,
                     profile=self.profile_in_force(),
                     store=self.store,
                     journal=self.journal,
@@ -146,6 +154,15 @@ class TransactionEngine:
         self._feedback(reader, outcome)
         return outcome
 
+    def _now_for_tap(self) -> dt.datetime:
+        """The tap's time; with a guard, a suspect clock under ``refuse`` refuses the tap."""
+        if self.clock_guard is None:
+            return self.clock()
+        reading = self.clock_guard.read()
+        if not reading.ok and self.clock_guard.refuses:
+            raise TapRefused("clock_unreliable", reading.reason)
+        return reading.now
+
     def profile_in_force(self) -> Profile:
         """The firmware profile, with the fare and allow-list of a parameter set in force."""
         params = self.params.current() if self.params is not None else None
@@ -161,7 +178,8 @@ class TransactionEngine:
     def expire_stale_intents(self) -> list[Record]:
         """Turn intents older than the recovery window into ``unresolved`` records."""
         window = self.profile.recovery_window_s
-        cutoff = self.clock().astimezone(dt.UTC) - dt.timedelta(seconds=window)
+        now = self.clock() if self.clock_guard is None else self.clock_guard.now()
+        cutoff = now.astimezone(dt.UTC) - dt.timedelta(seconds=window)
         return self.journal.expire(cutoff, f"card did not return within {window:.0f} s")
 
     @staticmethod

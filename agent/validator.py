@@ -57,8 +57,12 @@ def run_validator(
     max_taps: int | None = None,
     on_outcome: Callable[[TapOutcome], None] | None = None,
     poll_timeout_s: float = 0.5,
+    on_tick: Callable[[], None] | None = None,
 ) -> LoopStats:
-    """Take cards until ``stop`` is set or ``max_taps`` taps have been handled."""
+    """Take cards until ``stop`` is set or ``max_taps`` taps have been handled.
+
+    ``on_tick`` is called from the loop on every turn (at least every ``poll_timeout_s`` while
+    it waits for a card or for one to leave): the systemd watchdog pings only from here."""
     stats = LoopStats()
     backoff = 0.05
     last_expire = 0.0
@@ -66,6 +70,8 @@ def run_validator(
 
     def expire_when_due() -> None:
         nonlocal last_expire
+        if on_tick is not None:
+            on_tick()
         if time.monotonic() - last_expire > EXPIRE_EVERY_S:
             _expire(engine)
             last_expire = time.monotonic()

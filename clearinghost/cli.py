@@ -48,6 +48,7 @@ import structlog
 import uvicorn
 
 from agent.blacklist import asn_of
+from agent.clihelp import make_parser
 from agent.errors import AgentError, ConfigurationError
 from agent.logs import configure_logging
 from agent.profile import load_profile
@@ -106,7 +107,7 @@ def _err(text: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cardhost", description=__doc__)
+    parser = make_parser("cardhost", __doc__)
     parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")

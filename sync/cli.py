@@ -22,12 +22,21 @@ from typing import Any
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist
+from agent.clihelp import make_parser
+from agent.clock import CLOCK_OFFSET_FILE
 from agent.errors import AgentError, ConfigurationError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
 from agent.wiring import STORE_FILE
 from sync.client import ClientTls
-from sync.daemon import CHECKS_FILE, FLUSH_FLAG_FILE, SyncSettings, open_daemon, read_checks
+from sync.daemon import (
+    CHECKS_FILE,
+    FLUSH_FLAG_FILE,
+    SyncSettings,
+    open_daemon,
+    read_checks,
+    read_clock_offset,
+)
 from sync.keys import parse_public_key
 from sync.protocol import MAX_CODE_LENGTH
 
@@ -55,7 +64,7 @@ def _err(text: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cardsync", description=__doc__)
+    parser = make_parser("cardsync", __doc__)
     parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -173,6 +182,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         store.close()
     figures.update(Blacklist.open(args.data_dir / BLACKLIST_FILE, auto_refresh_s=None).health())
     figures["lists_checked_at"] = read_checks(args.data_dir / CHECKS_FILE)
+    # this terminal's clock minus the host's, at the last heartbeat (positive: ahead)
+    figures.update(read_clock_offset(args.data_dir / CLOCK_OFFSET_FILE))
     _out(json.dumps(figures, indent=2, ensure_ascii=False))
     return 0
 

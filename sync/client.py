@@ -16,6 +16,7 @@ a blacklist 96 MiB (a snapshot of 10 M cards is 80 MB); an error body is cut at 
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
 import ssl
@@ -64,6 +65,16 @@ class Answer:
         return self.content.decode("utf-8", errors="replace")
 
 
+@dataclass(frozen=True)
+class ClockOffset:
+    """The terminal's clock minus the host's, in seconds (positive: the terminal is ahead),
+    measured from the host's HTTP ``Date`` header at ``measured_at`` (terminal time). The
+    header has a resolution of one second: an offset within ±2 s is agreement."""
+
+    offset_s: float
+    measured_at: float
+
+
 class _Refused(Exception):
     pass
 
@@ -100,8 +111,12 @@ class SyncClient:
         tls: ClientTls | None = None,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._wall = wall
+        # this terminal's clock minus the host's (its HTTP Date header), from the last answer
+        self.clock_offset: ClockOffset | None = None
         self.terminal_id = terminal_id
         verify: ssl.SSLContext | bool = True
         if tls is not None:
@@ -212,6 +227,7 @@ class SyncClient:
         try:
             request = self._http.build_request(method, path, **kwargs)
             response = self._http.send(request, stream=True)
+            self._note_host_date(response.headers.get("date"))
             try:
                 if response.status_code < 400:
                     content = _read_bounded(response, limit, size_of=size_of)
@@ -243,6 +259,21 @@ class SyncClient:
         if answer.status_code in RETRYABLE_STATUS:
             raise HostBusy(message, answer.status_code, code)
         raise HostError(message, answer.status_code, code)
+
+    def _note_host_date(self, header: str | None) -> None:
+        """Measure the terminal's clock offset from the host's ``Date`` (1 s resolution)."""
+        if not header:
+            return
+        try:
+            host = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError):
+            return
+        if host.tzinfo is None:
+            return
+        local = self._wall()
+        self.clock_offset = ClockOffset(
+            offset_s=round(local - host.timestamp(), 1), measured_at=local
+        )
 
     @staticmethod
     def _json(response: Answer) -> dict[str, Any]:

@@ -18,7 +18,14 @@ Jobs
                ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
                verifies ``params.json`` against the signing keys of that chain).
     heartbeat  posts health figures: unsent records and the age of the oldest, blacklist
-               version and age, parameter version, store size, last error.
+               version and age, parameter version, store size, last error, and the
+               terminal's clock offset from the host's time (``clock_offset_s``: this clock
+               minus the host's HTTP ``Date``; kept in ``clock-offset.json`` for
+               ``cardsync status``).
+    watchdog   under systemd (``NOTIFY_SOCKET``, ``WatchdogSec=``): ``WATCHDOG=1`` at half the
+               watchdog interval, sent from a scheduler job, so a scheduler whose workers are
+               all stuck stops the pings and systemd restarts the daemon. ``READY=1`` once the
+               jobs are scheduled, ``STOPPING=1`` on shutdown, ``STATUS=`` after each heartbeat.
 
 Failures
     Link and transient host failures (timeouts, resets, 5xx, 507 disk full) are retried with
@@ -63,9 +70,11 @@ from agent.blacklist import (
     BlacklistRejected,
     write_atomically,
 )
+from agent.clock import CLOCK_OFFSET_FILE
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore, QuarantineNotice
 from agent.params import write_host_key
+from agent.sdnotify import Notifier, Watchdog
 from agent.terminal_id import check_terminal_id
 from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
 from agent.wiring import DEVICE_KEY_FILE, DataDir
@@ -89,6 +98,7 @@ FLUSH_FLAG_FILE = "sync.flush"
 # view may be, kept across restarts; ``cardsync status`` shows it).
 CHECKS_FILE = "lists-checked.json"
 _RETRYABLE = (HostUnreachable, HostBusy)
+CLOCK_OFFSET_WARN_S = 60.0  # a terminal clock further than this from the host's is logged
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,8 @@ class SyncDaemon:
     checks_file: Path | None = None
     rng: random.Random = field(default_factory=random.Random)
     after_send_hook: Callable[[int], None] | None = None  # tests: "crash" between send and ack
+    clock_offset_file: Path | None = None
+    notifier: Notifier = field(default_factory=Notifier)
     _stop: threading.Event = field(default_factory=threading.Event)
     _flush: threading.Event = field(default_factory=threading.Event)
     _jobs: dict[str, _JobState] = field(default_factory=dict)
@@ -386,21 +398,52 @@ class SyncDaemon:
             "root_version": self.root.current.version if self.root else 0,
             "lists_checked_at": dict(self.checks),
             "uptime_s": round(time.time() - self._started_at, 1),
+            **self._clock_offset_figures(),
             "errors": {n: s.last_error for n, s in self._jobs.items() if s.last_error},
         }
         figures.update(self.blacklist.health())
         return figures
 
+    def _clock_offset_figures(self) -> dict[str, Any]:
+        offset = self.client.clock_offset
+        if offset is None:
+            return {"clock_offset_s": None, "clock_offset_measured_at": None}
+        return {
+            "clock_offset_s": offset.offset_s,
+            "clock_offset_measured_at": round(offset.measured_at, 1),
+        }
+
     def send_heartbeat(self) -> dict[str, Any]:
         self._ensure_registered()
         figures = self.health()
         try:
-            return self._retrying("heartbeat", lambda: self.client.heartbeat(figures))
+            answer = self._retrying("heartbeat", lambda: self.client.heartbeat(figures))
         except HostError as exc:
             if exc.code != "unknown_terminal":
                 raise
             self._registered = False  # the host forgot us: register again, next run reports
             raise
+        self._keep_clock_offset()
+        return answer
+
+    def _keep_clock_offset(self) -> None:
+        """Keep the last measured offset for ``cardsync status``; say it in the status line."""
+        figures = self._clock_offset_figures()
+        if figures["clock_offset_s"] is None:
+            return
+        offset = figures["clock_offset_s"]
+        if abs(offset) > CLOCK_OFFSET_WARN_S:
+            log.warning("clock_offset_from_host", offset_s=offset, warn_above_s=CLOCK_OFFSET_WARN_S)
+        self.notifier.status(
+            f"synced with {self.settings.host_url}; acknowledged #{self.store.acknowledged_seq()};"
+            f" clock offset {offset:+.1f} s"
+        )
+        if self.clock_offset_file is None:
+            return
+        try:
+            write_atomically(self.clock_offset_file, json.dumps(figures, sort_keys=True).encode())
+        except BlacklistFileError as exc:
+            log.warning("clock offset not kept", error=str(exc))
 
     # --- scheduling --------------------------------------------------------------------------
 
@@ -511,8 +554,16 @@ class SyncDaemon:
                 id=name,
                 next_run_time=_now_for_scheduler(),
             )
+        watchdog = Watchdog(self.notifier)
+        if watchdog.interval_s is not None:
+            # the ping is a job: it runs only while the scheduler hands out work
+            scheduler.add_job(
+                watchdog.alive, "interval", seconds=watchdog.interval_s / 2, id="watchdog"
+            )
+            watchdog.alive()
         scheduler.start()
         self._scheduler = scheduler
+        self.notifier.ready(f"syncing with {s.host_url}")
         log.info(
             "sync daemon started",
             host=s.host_url,
@@ -524,6 +575,7 @@ class SyncDaemon:
     def stop(self, *, wait: bool = True) -> None:
         """Stop the jobs: the upload ends after its in-flight batch; backoff sleeps end now."""
         self._stop.set()
+        self.notifier.stopping()
         if self._scheduler is not None:
             with contextlib.suppress(Exception):
                 self._scheduler.shutdown(wait=wait)
@@ -557,6 +609,7 @@ class SyncDaemon:
     def close(self) -> None:
         self.client.close()
         self.store.close()
+        self.notifier.close()
 
 
 def _now_for_scheduler() -> datetime:
@@ -605,8 +658,23 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         flush_flag=data_dir / FLUSH_FLAG_FILE,
         checks_file=data_dir / CHECKS_FILE,
         checks=read_checks(data_dir / CHECKS_FILE),
+        clock_offset_file=data_dir / CLOCK_OFFSET_FILE,
         **options,
     )
+
+
+def read_clock_offset(path: Path) -> dict[str, Any]:
+    """The kept clock offset figures (``None`` values if never measured or unreadable)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        value = {}
+    return {
+        key: value[key] if isinstance(value.get(key), int | float) else None
+        for key in ("clock_offset_s", "clock_offset_measured_at")
+    }
 
 
 def read_checks(path: Path) -> dict[str, float]:

@@ -317,7 +317,10 @@ def test_meta_holds_the_chain_state(store_path: Path, store: OfflineStore, key: 
         "last_hash": record.hash,
         "chain_anchor_seq": "0",
         "chain_anchor_hash": "0" * 64,
+        # the clock guard's floor, kept when compaction removes the records (agent.clock)
+        "last_created_at": record.created_at,
     }
+    assert store.last_record_at() == datetime.fromisoformat(record.created_at)
 
 
 # --- durability and errors -----------------------------------------------------------------

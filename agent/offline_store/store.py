@@ -35,6 +35,7 @@ from agent.offline_store.records import (
     GENESIS_HASH,
     INT64_MAX,
     RECORD_COLUMNS,
+    FieldValue,
     QuarantineNotice,
     Record,
     RecordBody,
@@ -218,6 +219,7 @@ class OfflineStore:
         self._key = device_key
         self._terminal_id = terminal_id
         self._clock = clock
+        self._stamp: Callable[[], tuple[datetime, Mapping[str, FieldValue]]] | None = None
         self._lock = threading.Lock()
         # the device key's verifier; a store open for reading only takes the key from meta
         # when it first needs it (never while holding the lock: see _seal_problem)
@@ -314,7 +316,8 @@ class OfflineStore:
         require_text("card_id", card_id)
         require_text("product", product)
         payload_json = canonical_json(dict(payload))
-        created_at = format_timestamp(self._clock())
+        # the guarded time when a stamp is set: intents expire against the same clock
+        created_at = format_timestamp(self._clock() if self._stamp is None else self._stamp()[0])
         with self._write("add intent") as conn:
             cursor = conn.execute(
                 "INSERT INTO intents (card_id, product, created_at, payload) VALUES (?, ?, ?, ?)",
@@ -353,6 +356,21 @@ class OfflineStore:
         with self._write(f"void intent {intent_id}") as conn:
             card_id = self._take_intent(conn, intent_id, None)
         log.info("intent voided", intent_id=intent_id, card_id=card_id, reason=reason)
+
+    def set_stamp(self, stamp: Callable[[], tuple[datetime, Mapping[str, FieldValue]]]) -> None:
+        """Stamp every record from now on with ``stamp()``: its time (``created_at``) and fields
+        merged into the body (the clock state, :func:`agent.clock.record_stamp`)."""
+        self._stamp = stamp
+
+    def last_record_at(self) -> datetime | None:
+        """The ``created_at`` of the newest record (compacted ones included), if any."""
+        with self._read("read the last record's time") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'last_created_at'").fetchone()
+            if row is None:  # a store written before the key existed
+                row = conn.execute(
+                    "SELECT created_at FROM records ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+        return None if row is None else parse_timestamp(str(row[0]))
 
     def append_record(self, body: RecordBody) -> Record:
         with self._write("append record") as conn:
@@ -928,9 +946,14 @@ class OfflineStore:
                 "SELECT key, value FROM meta WHERE key IN ('last_seq', 'last_hash')"
             ).fetchall()
         )
+        if self._stamp is None:
+            when = self._clock()
+        else:
+            when, extra = self._stamp()
+            body = RecordBody(body.kind, body.card_id, body.amount, {**body.fields, **extra})
         record = seal_record(
             seq=_meta_int(chain, "last_seq") + 1,
-            created_at=format_timestamp(self._clock()),
+            created_at=format_timestamp(when),
             terminal_id=self._terminal_id,
             body=body,
             prev_hash=_meta_text(chain, "last_hash"),
@@ -954,6 +977,11 @@ class OfflineStore:
         conn.executemany(
             "UPDATE meta SET value = ? WHERE key = ?",
             ((str(record.seq), "last_seq"), (record.hash, "last_hash")),
+        )
+        # the clock guard's floor after compaction has removed the records themselves
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_created_at', ?)",
+            (record.created_at,),
         )
         return record
 

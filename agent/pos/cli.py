@@ -17,6 +17,7 @@ from agent.pos.orders import OrderBook
 from agent.pos.service import PosService
 from agent.profile import load_profile
 from agent.runner import _open_blacklist, _open_hardware_until_ready, _stop_on_signals
+from agent.sdnotify import Notifier, Watchdog
 from agent.transaction import TransactionEngine
 from agent.wiring import DataDir
 
@@ -67,7 +68,9 @@ def cmd_pos(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     store = data_dir.open_store()
     try:
-        hardware = _open_hardware_until_ready(profile, data_dir, args.reader_url, stop)
+        hardware = _open_hardware_until_ready(
+            profile, data_dir, args.reader_url, stop, Watchdog(Notifier())
+        )
         if hardware is None:
             return 0
         try:
