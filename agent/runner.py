@@ -10,6 +10,8 @@ from types import FrameType
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
+from agent.console.restart import watch_for_restart
+from agent.console.settings import read_settings
 from agent.errors import ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile
@@ -30,7 +32,10 @@ def run_agent(
     """Open store and hardware, run the validator loop until stopped, close everything."""
     stop = stop or threading.Event()
     _stop_on_signals(stop)
+    if reader_url is None:  # the console's 'set reader_url' (agent.console.settings)
+        reader_url = read_settings(data_dir.path).get("reader_url")
     store = data_dir.open_store()
+    end_watch = watch_for_restart(data_dir.path, stop)  # the console's 'restart'
     try:
         hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop)
         if hardware is None:
@@ -50,6 +55,7 @@ def run_agent(
         finally:
             hardware.close()
     finally:
+        end_watch()
         store.close()
 
 
