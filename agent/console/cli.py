@@ -16,6 +16,7 @@ from agent.console.device import ConsoleError, Device
 from agent.console.serial_loop import DEFAULT_BAUDRATE, serve
 from agent.console.session import Session
 from agent.errors import ConfigurationError
+from agent.wiring import DATA_DIR_MODE
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +62,9 @@ def cmd_technician_set(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"password file {args.password_file}: {exc}") from exc
     password = lines[0] if lines else ""
     check_name(args.name)
+    if not args.data_dir.exists():  # before provisioning: the directory as provisioning makes it
+        args.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True)
+        os.chmod(args.data_dir, DATA_DIR_MODE)
     device = Device(args.data_dir)
     change = device.plan_password(args.name, password)  # validated: nothing written yet
     if args.name not in Credentials(args.data_dir, time.time).names():

@@ -18,6 +18,7 @@ cancels it and is not run), or at once with ``--yes`` at the end of the command.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -150,6 +151,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(("logout",), "", "end the session", ""),
     Command(("quit",), "", "end the session", ""),
 )
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
 
 
 def _find(words: list[str]) -> tuple[Command | None, list[str]]:
@@ -319,6 +323,19 @@ class Session:
     # --- events ----------------------------------------------------------------------------
 
     def _event(self, event: LineEvent) -> bytes:
+        try:
+            return self._dispatch(event)
+        except ConsoleError as exc:
+            return self._answer(self._err(exc.code, exc.message, exc.fields))
+        except AgentError as exc:
+            return self._answer(self._err(exc.party, str(exc)))
+        except Exception as exc:  # a bug must not take the console down; it is logged
+            log.exception("console_bug")
+            self._reset_pending()
+            self.state = State.COMMAND if self.user else State.LOGIN
+            return self._answer(self._err("internal", f"console bug: {type(exc).__name__}"))
+
+    def _dispatch(self, event: LineEvent) -> bytes:
         if self.state is State.PASTE:
             return self._paste_event(event)
         if event.kind is LineKind.INTERRUPT:
@@ -330,7 +347,7 @@ class Session:
                 self.state = State.LOGIN
             return self._out([], prompt=True)
         if event.kind is not LineKind.LINE:
-            if self.state is State.CONFIRM:
+            if self.state in (State.CONFIRM, State.NEW_PASSWORD, State.NEW_PASSWORD_AGAIN):
                 self._reset_pending()
                 self.state = State.COMMAND
             elif self.state is State.PASSWORD:
@@ -338,16 +355,7 @@ class Session:
             code = "noise" if event.kind is LineKind.NOISE else "overlong"
             log.warning("console_bad_line", kind=code, detail=event.text)
             return self._answer(self._err(code, f"{event.text}; line ignored, nothing changed"))
-        try:
-            return self._line(event.text)
-        except ConsoleError as exc:
-            return self._answer(self._err(exc.code, exc.message, exc.fields))
-        except AgentError as exc:
-            return self._answer(self._err(exc.party, str(exc)))
-        except Exception as exc:  # a bug must not take the console down; it is logged
-            log.exception("console_bug")
-            self.state = State.COMMAND if self.user else State.LOGIN
-            return self._answer(self._err("internal", f"console bug: {type(exc).__name__}"))
+        return self._line(event.text)
 
     def _line(self, text: str) -> bytes:
         state = self.state
@@ -372,9 +380,8 @@ class Session:
     def _login_name(self, name: str) -> bytes:
         if not name:
             return self._out([], prompt=True)
-        locked = self.device.locked_for()
-        if locked > 0:
-            return self._answer(self._locked(locked))
+        # locked or not, the password is asked for (and not tried while locked): one answer per
+        # attempt, and a password is never taken for a name
         self._name = name
         self.state = State.PASSWORD
         return self._out([], prompt=True)
@@ -401,7 +408,8 @@ class Session:
                     "logged in",
                 )
             )
-        log.warning("console_login_failed", name=name[:40], failures=failures)
+        shown = name if _NAME.fullmatch(name) else "(not a name)"  # a password typed too early
+        log.warning("console_login_failed", name=shown, failures=failures)
         if retry_after > 0:
             return self._answer(self._locked(retry_after))
         return self._answer(self._err("auth", "login failed: unknown name or wrong password"))
