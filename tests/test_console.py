@@ -26,6 +26,7 @@ from agent.console.device import (
     FLUSH_FLAG_FILE,
     PREVIOUS_PROFILE_FILE,
     PROFILE_FILE,
+    ConsoleError,
     Device,
 )
 from agent.console.lines import LineAssembler, LineKind
@@ -33,7 +34,7 @@ from agent.console.restart import RESTART_EXIT_STATUS, RESTART_FLAG_FILE, watch_
 from agent.console.serial_loop import serve
 from agent.console.session import Session, State
 from agent.console.settings import read_settings
-from agent.offline_store import OfflineStore, Record
+from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.wiring import DataDir
 from sync import cli as sync_cli
 from sync import daemon as sync_daemon
@@ -637,3 +638,70 @@ def test_scripted_provisioning_from_nothing_to_enrolled(tmp_path: Path, clock: F
         entry = site.host.storage.terminal_entry("BUS-0777")
         assert entry is not None and entry.code_used_at is not None
     site.host.storage.close()
+
+
+def test_cable_pulled_with_a_change_awaiting_confirmation(tech: Console, data_dir: Path) -> None:
+    assert fields(tech.ask("set line_id 12"))["confirm"] == "required"
+    tech.pty.close()
+    tech.wait_for(lambda: tech.session.state is State.LOGIN and not tech.session.user)
+    assert tech.session._pending is None
+    assert read_settings(data_dir) == {} and not maintenance(data_dir)
+
+
+def test_changes_beside_an_agent_taking_cards(tech: Console, data_dir: Path) -> None:
+    """The agent keeps appending records while the console writes maintenance records: one
+    chain, every record there once, and it verifies."""
+    done = threading.Event()
+    written: list[int] = []
+
+    def agent_taps() -> None:
+        with DataDir(data_dir).open_store() as store:
+            while not done.is_set():
+                body = RecordBody("purchase", "03105170070100000001", 200, {"n": len(written)})
+                written.append(store.append_record(body).seq)
+
+    thread = threading.Thread(target=agent_taps, daemon=True)
+    thread.start()
+    try:
+        tech.wait_for(lambda: len(written) >= 5)
+        for n in range(5):
+            assert tech.ask(f"set stop_id S{n} --yes")[-1] == "OK applied"
+    finally:
+        done.set()
+        thread.join(WAIT_S)
+    assert tech.ask("records verify")[-1] == "OK chain and signatures verified"
+    with OfflineStore.open_for_reading(data_dir / "agent.db") as store:
+        kinds = [r.kind for r in store.records()]
+    assert kinds.count("maintenance") == 5 and kinds.count("purchase") == len(written)
+
+
+def test_the_agent_takes_the_reader_url_setting_and_exits_75_for_a_restart(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import runner
+
+    seen: list[str | None] = []
+
+    def no_hardware(profile: object, dd: object, url: str | None, stop: object) -> None:
+        seen.append(url)
+        (data_dir / RESTART_FLAG_FILE).touch()  # the console asks for a restart meanwhile
+
+    monkeypatch.setattr(runner, "_open_hardware_until_ready", no_hardware)
+    (data_dir / "settings.json").write_text('{"reader_url": "socket://127.0.0.1:7001"}')
+    profile = str(data_dir / PROFILE_FILE)
+    status = agent_cli.main(["run", "--profile", profile, "--data-dir", str(data_dir)])
+    assert seen == ["socket://127.0.0.1:7001"] and status == RESTART_EXIT_STATUS
+
+
+def test_an_error_in_an_array_table_names_its_line(data_dir: Path) -> None:
+    text = DEMO_PROFILE.read_text()
+    lines = text.splitlines()
+    second = [n for n, line in enumerate(lines, 1) if line == "[[cpu_purse.applications]]"][1]
+    select = next(n for n in range(second, len(lines)) if lines[n].startswith("select"))
+    bad = "\n".join(
+        line.replace(lines[select], 'select = "nope"') if n == select else line
+        for n, line in enumerate(lines)
+    )
+    with pytest.raises(ConsoleError) as refused:
+        Device(data_dir).validate_profile(bad)
+    assert dict(refused.value.fields)["line"] == str(select + 1), refused.value.message
