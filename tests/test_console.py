@@ -335,12 +335,13 @@ def test_help_lists_and_explains_every_command(tech: Console) -> None:
     listing = tech.ask("help")
     assert listing[-1].startswith("OK")
     for word in ("status", "selftest", "provision", "set", "profile load", "profile rollback"):
-        assert any(line.startswith(word) for line in listing), word
+        assert any(line.startswith(f"command={word}") for line in listing), word
     for word in ("sync now", "log tail", "records verify", "restart", "passwd", "mode"):
-        assert any(line.startswith(word) for line in listing), word
+        assert any(line.startswith(f"command={word}") for line in listing), word
     one = fields(tech.ask("help set"))
     assert one["usage"] == "set KEY VALUE [--yes]" and "line_id" in one["detail"]
     assert tech.ask("help profile")[-1] == "OK"
+    assert tech.ask("profile")[-1].startswith("ERR usage one of: profile load")
     assert tech.ask("help nonsense")[-1].startswith("ERR unknown_command")
 
 

@@ -438,10 +438,11 @@ class Device:
             self._record(change, who)
         try:
             applied = change.apply()
-        except AgentError as exc:
+        except (AgentError, OSError) as exc:
+            party = exc.party if isinstance(exc, AgentError) else "store"
             if not change.record_after:
                 self._record(change, who, result=f"failed: {exc}"[:300])
-            raise ConsoleError(exc.party, str(exc)) from exc
+            raise ConsoleError(party, f"{party}: {change.what} failed: {exc}") from exc
         if change.record_after:
             self._record(change, who)
         log.info("console_change", what=change.what, who=who, old=change.old, new=change.new)

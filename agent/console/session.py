@@ -25,7 +25,7 @@ from enum import Enum
 
 import structlog
 
-from agent.console.device import Change, ConsoleError, Device, Fields
+from agent.console.device import MAX_PROFILE_BYTES, Change, ConsoleError, Device, Fields
 from agent.console.lines import LineAssembler, LineEvent, LineKind
 from agent.console.settings import SETTINGS, read_settings
 from agent.errors import AgentError
@@ -201,17 +201,15 @@ class Session:
         self._new_password = ""
         self._password_yes = False
         self._last_input = clock()
+        self.idle_timeout_s = self._read_idle_timeout()
 
     # --- driving -------------------------------------------------------------------------
 
-    @property
-    def idle_timeout_s(self) -> float:
+    def _read_idle_timeout(self) -> float:
+        """The override, else the ``console_timeout_s`` setting (read at each login)."""
         if self._idle_override is not None:
             return self._idle_override
-        try:
-            value = read_settings(self.device.path).get("console_timeout_s")
-        except AgentError:
-            value = None
+        value = read_settings(self.device.path).get("console_timeout_s")
         return float(value) if value else DEFAULT_IDLE_TIMEOUT_S
 
     def open(self) -> bytes:
@@ -401,6 +399,7 @@ class Session:
         if ok:
             self.user = name
             self.state = State.COMMAND
+            self.idle_timeout_s = self._read_idle_timeout()
             log.info("console_login", who=name)
             return self._answer(
                 self._ok(
@@ -439,6 +438,9 @@ class Session:
             words = words[:-1]
         command, args = _find(words)
         if command is None:
+            family = [c.usage for c in COMMANDS if c.words[0] == words[0]]
+            if family:
+                return self._answer(self._err("usage", "one of: " + "; ".join(family)))
             return self._answer(
                 self._err("unknown_command", f"unknown command {words[0][:40]!r}; try 'help'")
             )
@@ -481,7 +483,7 @@ class Session:
 
     def _do_help(self, args: list[str], yes: bool) -> bytes:
         if not args:
-            fields = [(c.usage, c.summary) for c in COMMANDS]
+            fields = [("command", f"{c.usage} -- {c.summary}") for c in COMMANDS]
             return self._answer(self._ok(fields, "'help COMMAND' explains one"))
         command, rest = _find(args)
         matches = [c for c in COMMANDS if c.words[0] == args[0]]
@@ -549,9 +551,11 @@ class Session:
                 self._paste_problem = (number, code, event.text)
             self._paste.append("")
             return b""
-        self._paste_size += len(event.text) + 1
-        if len(self._paste) >= MAX_PASTE_LINES and self._paste_problem is None:
-            self._paste_problem = (number, "profile_invalid", "too many lines")
+        self._paste_size += len(event.text.encode("utf-8")) + 1
+        if self._paste_problem is None and len(self._paste) >= MAX_PASTE_LINES:
+            self._paste_problem = (number, "profile_invalid", f"more than {MAX_PASTE_LINES} lines")
+        if self._paste_problem is None and self._paste_size > MAX_PROFILE_BYTES:
+            self._paste_problem = (number, "profile_invalid", f"over {MAX_PROFILE_BYTES} bytes")
         if self._paste_problem is None:
             self._paste.append(event.text)
         else:
