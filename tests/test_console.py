@@ -435,12 +435,17 @@ def test_the_agent_stops_for_a_restart_flag(tmp_path: Path) -> None:
 
 def test_passwd_changes_the_password(tech: Console, data_dir: Path) -> None:
     tech.send("passwd")
+    assert tech.ask("not-my-password")[-1].startswith("ERR auth wrong password")
+    tech.send("passwd")
+    tech.send(PASSWORD)
     tech.send("new-password-1")
     assert tech.ask("new-password-2")[-1].startswith("ERR bad_value the passwords differ")
     tech.send("passwd")
+    tech.send(PASSWORD)
     tech.send("short")
     assert tech.ask("short")[-1].startswith("ERR bad_value")
     tech.send("passwd --yes")
+    tech.send(PASSWORD)
     tech.send("new-password-1")
     assert tech.ask("new-password-1")[-1] == "OK applied"
     tech.ask("logout")

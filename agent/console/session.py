@@ -45,6 +45,7 @@ class State(Enum):
     COMMAND = "command"
     CONFIRM = "confirm"
     PASTE = "paste"
+    CURRENT_PASSWORD = "current_password"  # noqa: S105
     NEW_PASSWORD = "new_password"  # noqa: S105
     NEW_PASSWORD_AGAIN = "new_password_again"  # noqa: S105
 
@@ -145,7 +146,14 @@ COMMANDS: tuple[Command, ...] = (
         "status 75 and its service manager starts it again with the new profile and settings.",
         changes=True,
     ),
-    Command(("passwd",), "", "change your password", "", changes=True),
+    Command(
+        ("passwd",),
+        "",
+        "change your password",
+        "Asks for the current password (a wrong one counts towards the lockout), then the new "
+        "one twice; none of them is echoed.",
+        changes=True,
+    ),
     Command(("echo",), "on|off", "echo and prompts (off for scripts)", "", 1, 1),
     Command(("mode",), "text|json", "answers as key=value lines or one JSON object", "", 1, 1),
     Command(("logout",), "", "end the session", ""),
@@ -153,6 +161,12 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+_SECRET_STATES = frozenset(
+    {State.PASSWORD, State.CURRENT_PASSWORD, State.NEW_PASSWORD, State.NEW_PASSWORD_AGAIN}
+)
+_CHANGE_STATES = frozenset(
+    {State.CONFIRM, State.CURRENT_PASSWORD, State.NEW_PASSWORD, State.NEW_PASSWORD_AGAIN}
+)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
 
 
@@ -273,6 +287,7 @@ class Session:
             State.PASSWORD: "password: ",
             State.COMMAND: "> ",
             State.CONFIRM: "confirm? ",
+            State.CURRENT_PASSWORD: "current password: ",
             State.NEW_PASSWORD: "new password: ",
             State.NEW_PASSWORD_AGAIN: "new password again: ",
             State.PASTE: "",
@@ -280,11 +295,7 @@ class Session:
 
     def _out(self, lines: list[str], *, prompt: bool) -> bytes:
         text = "".join(f"{line}\r\n" for line in lines)
-        self.lines.secret = self.state in (
-            State.PASSWORD,
-            State.NEW_PASSWORD,
-            State.NEW_PASSWORD_AGAIN,
-        )
+        self.lines.secret = self.state in _SECRET_STATES
         return (text + (self._prompt() if prompt else "")).encode("utf-8")
 
     def _answer(self, answer: tuple[Fields, bool, str, str]) -> bytes:
@@ -337,7 +348,7 @@ class Session:
         if self.state is State.PASTE:
             return self._paste_event(event)
         if event.kind is LineKind.INTERRUPT:
-            if self.state in (State.CONFIRM, State.NEW_PASSWORD, State.NEW_PASSWORD_AGAIN):
+            if self.state in _CHANGE_STATES:
                 self._reset_pending()
                 self.state = State.COMMAND
                 return self._answer(self._err("cancelled", "interrupted; nothing changed"))
@@ -345,7 +356,7 @@ class Session:
                 self.state = State.LOGIN
             return self._out([], prompt=True)
         if event.kind is not LineKind.LINE:
-            if self.state in (State.CONFIRM, State.NEW_PASSWORD, State.NEW_PASSWORD_AGAIN):
+            if self.state in _CHANGE_STATES:
                 self._reset_pending()
                 self.state = State.COMMAND
             elif self.state is State.PASSWORD:
@@ -363,6 +374,16 @@ class Session:
             return self._login_password(text)
         if state is State.CONFIRM:
             return self._confirm(text.strip())
+        if state is State.CURRENT_PASSWORD:
+            self.state = State.COMMAND
+            ok, retry_after, failures = self.device.check_password(self.user, text)
+            if not ok:
+                log.warning("console_passwd_refused", who=self.user, failures=failures)
+                if retry_after > 0:
+                    return self._answer(self._locked(retry_after))
+                return self._answer(self._err("auth", "wrong password; nothing changed"))
+            self.state = State.NEW_PASSWORD
+            return self._out([], prompt=True)
         if state is State.NEW_PASSWORD:
             self._new_password = text
             self.state = State.NEW_PASSWORD_AGAIN
@@ -602,7 +623,7 @@ class Session:
 
     def _do_passwd(self, args: list[str], yes: bool) -> bytes:
         self._password_yes = yes
-        self.state = State.NEW_PASSWORD
+        self.state = State.CURRENT_PASSWORD
         return self._out([], prompt=True)
 
     def _do_echo(self, args: list[str], yes: bool) -> bytes:
