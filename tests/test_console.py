@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +95,9 @@ class PtyPair:
 
 
 @dataclass
-class Console:
-    """A console served on a pty, and the technician's end of the line."""
+class Line:
+    """The technician's end of the line (pyserial)."""
 
-    session: Session
-    pty: PtyPair
-    stop: threading.Event
-    thread: threading.Thread
     port: serial.Serial
 
     def write(self, data: bytes) -> None:
@@ -143,12 +139,22 @@ class Console:
         self.send(name)
         return self.ask(password)
 
-    def wait_for(self, predicate: object) -> None:
+    def wait_for(self, predicate: Callable[[], bool]) -> None:
         deadline = time.monotonic() + WAIT_S
-        while not predicate():  # type: ignore[operator]
+        while not predicate():
             if time.monotonic() > deadline:
                 pytest.fail("the console did not get there in time")
             time.sleep(0.01)
+
+
+@dataclass
+class Console(Line):
+    """A console served on a pty (a thread of this process), and the technician's end."""
+
+    session: Session
+    pty: PtyPair
+    stop: threading.Event
+    thread: threading.Thread
 
     def close(self) -> None:
         self.stop.set()
@@ -176,7 +182,7 @@ def start_console(
         daemon=True,
     )
     thread.start()
-    console = Console(session, pty, stop, thread, port)
+    console = Console(port, session, pty, stop, thread)
     console.read_until(b"login: " if echo else b"log in\r\n")
     return console
 
@@ -711,3 +717,32 @@ def test_an_error_in_an_array_table_names_its_line(data_dir: Path) -> None:
     with pytest.raises(ConsoleError) as refused:
         Device(data_dir).validate_profile(bad)
     assert dict(refused.value.fields)["line"] == str(select + 1), refused.value.message
+
+
+def test_cardagent_console_process_on_a_pty(tmp_path: Path, data_dir: Path) -> None:
+    """The installed command, as a technician starts it: its own process on a socat pty."""
+    import os
+    import sys
+
+    pty = PtyPair(tmp_path, "P")
+    port = serial.Serial(str(pty.technician), 115200, timeout=0.05)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-m", "agent.cli", "--log-format", "json", "console"]
+    proc = subprocess.Popen(
+        [*command, "--port", str(pty.console), "--data-dir", str(data_dir), "--no-echo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    c = Line(port)
+    try:
+        c.read_until(b"log in\r\n")
+        assert c.login()[-1] == "OK logged in"
+        assert fields(c.ask("status"))["terminal_id"] == TERMINAL
+        assert c.ask("logout")[-1] == "OK logged out"
+    finally:
+        proc.terminate()
+        _, errors = proc.communicate(timeout=WAIT_S)
+        port.close()
+        pty.close()
+    assert PASSWORD.encode() not in errors and b"console_login" in errors
