@@ -671,6 +671,7 @@ def test_changes_beside_an_agent_taking_cards(tech: Console, data_dir: Path) -> 
             while not done.is_set():
                 body = RecordBody("purchase", "03105170070100000001", 200, {"n": len(written)})
                 written.append(store.append_record(body).seq)
+                done.wait(0.005)  # one tap after another, as a validator takes them
 
     thread = threading.Thread(target=agent_taps, daemon=True)
     thread.start()
@@ -746,3 +747,23 @@ def test_cardagent_console_process_on_a_pty(tmp_path: Path, data_dir: Path) -> N
         port.close()
         pty.close()
     assert PASSWORD.encode() not in errors and b"console_login" in errors
+
+
+def test_cardagent_console_refuses_an_unsafe_or_unusable_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare = tmp_path / "bare"
+    DataDir(bare).provision(TERMINAL)
+    assert agent_cli.main(["console", "--port", "loop://", "--data-dir", str(bare)]) == 2
+    assert "no technician can log in" in capsys.readouterr().err
+    bare.chmod(0o777)
+    assert agent_cli.main(["console", "--port", "loop://", "--data-dir", str(bare)]) == 2
+    assert "other users can write it" in capsys.readouterr().err
+    secret = tmp_path / "pw"
+    secret.write_text("short\n")
+    args = ["technician", "set", "ana", "--password-file", str(secret), "--data-dir", str(bare)]
+    bare.chmod(0o750)
+    assert agent_cli.main(args) == 2
+    assert "8 to 128 characters" in capsys.readouterr().err
+    assert agent_cli.main([*args[:2], "Ana!", *args[3:]]) == 2
+    assert not (bare / "technicians.json").exists()

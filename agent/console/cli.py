@@ -16,7 +16,7 @@ from agent.console.device import ConsoleError, Device
 from agent.console.serial_loop import DEFAULT_BAUDRATE, serve
 from agent.console.session import Session
 from agent.errors import ConfigurationError
-from agent.wiring import DATA_DIR_MODE
+from agent.wiring import DATA_DIR_MODE, DataDir
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], data_dir:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    DataDir(args.data_dir).check_permissions()  # others must not be able to write it
+    if not Credentials(args.data_dir, time.time).names():
+        raise ConfigurationError(
+            f"no technician can log in: run 'cardagent technician set NAME --password-file F "
+            f"--data-dir {args.data_dir}' first"
+        )
     device = Device(args.data_dir, log_file=args.log_file)
     session = Session(device, time.monotonic, echo=not args.no_echo)
     stop = threading.Event()
@@ -66,10 +72,10 @@ def cmd_technician_set(args: argparse.Namespace) -> int:
         args.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True)
         os.chmod(args.data_dir, DATA_DIR_MODE)
     device = Device(args.data_dir)
-    change = device.plan_password(args.name, password)  # validated: nothing written yet
-    if args.name not in Credentials(args.data_dir, time.time).names():
-        change.old = "-"
     try:
+        change = device.plan_password(args.name, password)  # validated: nothing written yet
+        if args.name not in Credentials(args.data_dir, time.time).names():
+            change.old = "-"
         device.commit(change, f"cli:{os.environ.get('USER', 'root')}")
     except ConsoleError as exc:
         raise ConfigurationError(f"technician {args.name}: {exc.message}") from exc
