@@ -357,6 +357,7 @@ def test_status_and_selftest(tech: Console, data_dir: Path) -> None:
     assert status["profile"] == "test-city-demo" and len(status["profile_sha256"]) == 64
     assert status["reader_url"] == "socket://127.0.0.1:7777"
     assert status["queue_depth"] == "0" and status["blacklist_version"] == "0"
+    assert status["params_version"] == "none" and status["line_id"] == "-"
     assert status["clock_sane"] == "yes" and status["clock_utc"].startswith("2026-")
     answer = tech.ask("selftest")
     assert answer[-1] == "OK all checks passed", answer
@@ -649,6 +650,8 @@ def test_scripted_provisioning_from_nothing_to_enrolled(tmp_path: Path, clock: F
         ]
         entry = site.host.storage.terminal_entry("BUS-0777")
         assert entry is not None and entry.code_used_at is not None
+        status = dict(Device(data_dir, wall_clock=clock).status())
+        assert status["acknowledged_seq"] == "2" and status["queue_depth"] == "0"
     site.host.storage.close()
 
 

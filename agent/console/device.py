@@ -31,7 +31,7 @@ from agent.console.restart import RESTART_FLAG_FILE, request_restart
 from agent.errors import AgentError, ConfigurationError
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
 from agent.offline_store.records import format_timestamp, parse_timestamp
-from agent.params import PARAMS_FILE
+from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile, load_profile, parse_profile
 from agent.terminal_id import terminal_id_problem
 from agent.wiring import DEVICE_KEY_FILE, STORE_FILE, TERMINAL_FILE, DataDir
@@ -192,6 +192,9 @@ class Device:
         if not isinstance(payload, dict):
             return [*out, ("params_version", "none")]
         out.append(("params_version", str(payload.get("version", "-"))))
+        in_force = ActiveParams(self.path / PARAMS_FILE, clock=self.clock).current()
+        # in force: verified under the pinned host key and within its validity window
+        out.append(("params_in_force", "yes" if in_force is not None else "no"))
         expires = payload.get("expires_at")
         out.append(
             (
