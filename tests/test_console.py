@@ -770,3 +770,29 @@ def test_cardagent_console_refuses_an_unsafe_or_unusable_data_dir(
     assert "8 to 128 characters" in capsys.readouterr().err
     assert agent_cli.main([*args[:2], "Ana!", *args[3:]]) == 2
     assert not (bare / "technicians.json").exists()
+
+
+def test_a_profile_swap_cut_by_a_crash_is_finished_or_undone(data_dir: Path) -> None:
+    from agent.console.device import PRIOR_PROFILE_FILE
+
+    old = (data_dir / PROFILE_FILE).read_bytes()
+    # crashed after copying the current profile aside, before the new one was in place
+    (data_dir / PRIOR_PROFILE_FILE).write_bytes(old)
+    Device(data_dir)
+    assert not (data_dir / PRIOR_PROFILE_FILE).exists()
+    assert not (data_dir / PREVIOUS_PROFILE_FILE).exists()
+    assert (data_dir / PROFILE_FILE).read_bytes() == old
+    # crashed after the new profile was in place: the prior one becomes the previous one
+    (data_dir / PRIOR_PROFILE_FILE).write_bytes(old)
+    (data_dir / PROFILE_FILE).write_bytes(old.replace(b"test-city-demo", b"city-v2"))
+    Device(data_dir)
+    assert (data_dir / PREVIOUS_PROFILE_FILE).read_bytes() == old
+    assert not (data_dir / PRIOR_PROFILE_FILE).exists()
+
+
+def test_a_name_left_without_its_password_times_out(console: Console, clock: FakeClock) -> None:
+    console.send("ana")
+    console.wait_for(lambda: console.session.state is State.PASSWORD)
+    clock.advance(61)
+    console.read_until(b"login timed out\r\n")
+    assert console.login()[-1] == "OK logged in"

@@ -257,6 +257,10 @@ class Session:
                     f"{self.paste_timeout_s:.0f} s; nothing changed",
                 )
             )
+        if self.state is State.PASSWORD and idle >= self.paste_timeout_s:
+            self._name = ""  # a name typed and left: the next line is not its password
+            self.state = State.LOGIN
+            return self._out(["login timed out"], prompt=True)
         if self.state is State.CONFIRM and idle >= self.paste_timeout_s:
             self._reset_pending()
             self.state = State.COMMAND
