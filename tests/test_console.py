@@ -794,5 +794,5 @@ def test_a_name_left_without_its_password_times_out(console: Console, clock: Fak
     console.send("ana")
     console.wait_for(lambda: console.session.state is State.PASSWORD)
     clock.advance(61)
-    console.read_until(b"login timed out\r\n")
+    assert console.answer() == ["ERR timeout login timed out; log in again"]
     assert console.login()[-1] == "OK logged in"

@@ -260,7 +260,7 @@ class Session:
         if self.state is State.PASSWORD and idle >= self.paste_timeout_s:
             self._name = ""  # a name typed and left: the next line is not its password
             self.state = State.LOGIN
-            return self._out(["login timed out"], prompt=True)
+            return self._answer(self._err("timeout", "login timed out; log in again"))
         if self.state is State.CONFIRM and idle >= self.paste_timeout_s:
             self._reset_pending()
             self.state = State.COMMAND
