@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_readers)
 
     register_pos(sub, DEFAULT_DATA_DIR)
+    from agent.console.cli import register as register_console
+
+    register_console(sub, DEFAULT_DATA_DIR)
 
     p = sub.add_parser("profile", help="validate a firmware profile")
     p.add_argument("path", type=Path)
@@ -96,11 +99,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.console.restart import RESTART_EXIT_STATUS, restart_requested
+
     stats = run_agent(
         load_profile(args.profile), DataDir(args.data_dir), args.reader_url, args.max_taps
     )
     print_summary(stats)
-    return 0
+    # the console's 'restart': exit so that the service manager starts the agent again
+    return RESTART_EXIT_STATUS if restart_requested(args.data_dir) else 0
 
 
 def _open_records(args: argparse.Namespace) -> OfflineStore:

@@ -12,6 +12,8 @@ import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
 from agent.clock import CLOCK_OFFSET_FILE, ClockGuard
+from agent.console.restart import watch_for_restart
+from agent.console.settings import read_settings
 from agent.errors import ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.profile import Profile
@@ -41,11 +43,14 @@ def run_agent(
     notifier = notifier or Notifier()
     watchdog = Watchdog(notifier)
     _stop_on_signals(stop)
+    if reader_url is None:  # the console's 'set reader_url' (agent.console.settings)
+        reader_url = read_settings(data_dir.path).get("reader_url")
     try:
         store = data_dir.open_store()
     except BaseException:
         notifier.stopping("stopping: the data directory cannot be opened")
         raise
+    end_watch = watch_for_restart(data_dir.path, stop)  # the console's 'restart'
     try:
         notifier.status("opening the reader and PSAMs")
         hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop, watchdog)
@@ -91,6 +96,7 @@ def run_agent(
         finally:
             hardware.close()
     finally:
+        end_watch()
         notifier.stopping()
         store.close()
         notifier.close()
