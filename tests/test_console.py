@@ -698,7 +698,7 @@ def test_the_agent_takes_the_reader_url_setting_and_exits_75_for_a_restart(
 
     seen: list[str | None] = []
 
-    def no_hardware(profile: object, dd: object, url: str | None, stop: object) -> None:
+    def no_hardware(profile: object, dd: object, url: str | None, *_: object) -> None:
         seen.append(url)
         (data_dir / RESTART_FLAG_FILE).touch()  # the console asks for a restart meanwhile
 
