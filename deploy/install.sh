@@ -9,9 +9,11 @@
 #   2. the system user `cardagent` (no login, no home), in group dialout (serial readers)
 #   3. a virtual environment in /opt/cardagent with the wheel: /opt/cardagent/bin/cardagent,
 #      cardsync (cardhost is the clearing host's: install the `host` extra elsewhere)
-#   4. /etc/cardagent (0750 root:cardagent): profile.toml (from the production example if absent),
-#      dialects/ (the issuer dialect fragments profiles name), cardsync.env (sample)
-#   5. /var/lib/cardagent (0750 cardagent:cardagent): the data directory
+#   4. /etc/cardagent (0750 root:cardagent): profile.toml (the shipped production example, as a
+#      starting point), dialects/, cardsync.env and frontend-pos.env (samples)
+#   5. /var/lib/cardagent (0750 cardagent:cardagent): the data directory, with the profile in
+#      force (profile.toml, seeded from /etc/cardagent once; the technician's console replaces
+#      it and keeps the previous one) and the dialects/ it names
 #   6. the systemd units (cardagent, cardsync, cardagent-frontend@) and the polkit rule that
 #      lets the cardagent user use pcscd
 # Then it prints the steps left to the device builder (provision, configure, doctor, enable).
@@ -62,7 +64,11 @@ for sample in "$share"/deploy/etc/cardagent/*; do
 done
 
 echo "== data directory $DATA"
-install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$DATA"
+install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$DATA" "$DATA/dialects"
+install -m 0640 -o "$USER_NAME" -g "$USER_NAME" "$share"/firmware_profiles/dialects/*.toml "$DATA/dialects/"
+if [ ! -e "$DATA/profile.toml" ]; then
+  install -m 0640 -o "$USER_NAME" -g "$USER_NAME" "$ETC/profile.toml" "$DATA/profile.toml"
+fi
 
 echo "== systemd units and the polkit rule for pcscd"
 install -m 0644 "$share"/deploy/systemd/*.service /etc/systemd/system/
@@ -75,11 +81,13 @@ fi
 cat <<STEPS
 
 Installed. Left to do on this device:
-  1. edit $ETC/profile.toml (the city's firmware profile; check it: $PREFIX/bin/cardagent profile $ETC/profile.toml)
+  1. put the city's firmware profile in force: edit $DATA/profile.toml, or paste it through the
+     technician's console (`profile load`); check it: $PREFIX/bin/cardagent profile $DATA/profile.toml
   2. provision the identity and device key (once):
        runuser -u $USER_NAME -- $PREFIX/bin/cardagent provision --data-dir $DATA --terminal-id ID
-  3. put the host's root public key in $ETC/host-root.pub and the enrolment code in
-     $ETC/enrolment-code (both 0640 root:$USER_NAME); edit $ETC/cardsync.env
+  3. put the host's root public key in $ETC/host-root.pub (0640 root:$USER_NAME) and the
+     enrolment code in $DATA/enrolment.code (the console's `provision code CODE` does it);
+     edit $ETC/cardsync.env
   4. check the machine:  runuser -u $USER_NAME -- $PREFIX/bin/cardagent doctor
   5. start:              systemctl enable --now pcscd.socket cardagent cardsync
      watch:              systemctl status cardagent; journalctl -u cardagent -o cat
