@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -21,6 +22,22 @@ settings.register_profile(
     suppress_health_check=[*settings().suppress_health_check, HealthCheck.too_slow],
 )
 settings.load_profile("cardagent")
+
+
+_configure_structlog = structlog.configure
+
+
+def _configure_without_logger_cache(**settings: Any) -> None:
+    """``structlog.configure`` for in-process CLI runs under test: never cache loggers.
+
+    A CLI's ``main`` configures ``cache_logger_on_first_use=True`` (right for a process); in a
+    test session that freezes every module logger first used afterwards with that test's
+    processors, so a later test's ``capture_logs`` sees nothing."""
+    settings["cache_logger_on_first_use"] = False
+    _configure_structlog(**settings)
+
+
+structlog.configure = _configure_without_logger_cache  # type: ignore[assignment]
 
 
 @pytest.fixture(autouse=True)
