@@ -44,6 +44,7 @@ BP_DENOMINATOR = 10_000
 MAX_RATE_BP = 1_000  # 10 %: a rate above this is a typo, refused
 DEFAULT_TIME_ZONE = "Asia/Shanghai"
 UTILITY = "utility"
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2099, 12, 31)  # the days a clearing may name
 
 # The city plan's ranges and the documented default (a point in each range).
 PLAN_RANGES_BP: Mapping[str, tuple[int, int]] = MappingProxyType(
@@ -155,9 +156,12 @@ def parse_day(text: str) -> date:
     if not isinstance(text, str) or _DAY.fullmatch(text) is None:
         raise SettlementError(f"day must be YYYY-MM-DD, got {text!r}")
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise SettlementError(f"day {text!r} is not a date") from exc
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise SettlementError(f"day {text} is outside {FIRST_DAY}..{LAST_DAY}")
+    return day
 
 
 def _stamp(moment: datetime) -> str:
