@@ -10,12 +10,16 @@ Routes (operator-authenticated, see ``clearinghost/openapi.json``)::
                                                         figures changed, else the last one)
     GET  /v1/admin/clearing/{day}             viewer    figures, version, signature (?version=N)
     GET  /v1/admin/clearing/{day}/file        viewer    the signed settlement CSV (?version=N)
+    POST /v1/admin/unresolved/{terminal_id}/{seq}/resolve
+                                              operator  {"outcome": "paid" | "void"}: settle an
+                                                        unresolved record (re-clear its day)
 
 A day is cleared only once it is over in the city's time zone (409 ``day_not_over``).
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,11 +30,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from agent.terminal_id import terminal_id_problem
 from clearinghost.keys import HostKey
 from clearinghost.operators import OPERATOR, VIEWER
 from clearinghost.settlement import (
+    RESOLUTIONS,
     FeeSchedule,
     SettlementError,
+    business_day,
     city_zone,
     day_bounds,
     parse_day,
@@ -40,7 +47,7 @@ from clearinghost.settlement import (
     settlement_view,
     signed_message,
 )
-from clearinghost.storage import Storage, StorageFailure
+from clearinghost.storage import PendingChangeRefused, Storage, StorageFailure
 from sync.protocol import error_body
 
 MAX_REGISTER_BYTES = 4 * 1024 * 1024
@@ -151,6 +158,23 @@ class MerchantClearing:
             "cleared_at": stored["cleared_at"],
         }
 
+    def resolve(self, terminal_id: str, seq_text: str, outcome: Any, by: str) -> dict[str, Any]:
+        if (problem := terminal_id_problem(terminal_id)) is not None:
+            raise ClearingRefused(400, "bad_terminal_id", problem)
+        if not (seq_text.isascii() and seq_text.isdigit()) or not 0 < int(seq_text) < 2**63:
+            raise ClearingRefused(400, "bad_seq", "seq must be an integer 1..2^63-1")
+        if outcome not in RESOLUTIONS:
+            raise ClearingRefused(400, "bad_outcome", "outcome must be 'paid' or 'void'")
+        seq = int(seq_text)
+        try:
+            created_at = self.storage.resolve_record(terminal_id, seq, outcome, by)
+        except PendingChangeRefused as exc:
+            raise ClearingRefused(
+                404 if exc.code == "unknown_record" else 409, exc.code, exc.detail
+            ) from None
+        day = business_day(created_at, city_zone(self.time_zone)).isoformat()
+        return {"terminal_id": terminal_id, "seq": seq, "outcome": outcome, "day": day}
+
     @staticmethod
     def _day(text: str) -> Any:
         try:
@@ -246,6 +270,18 @@ def merchant_routes(
             },
         )
 
+    async def resolve(request: Request) -> Response:
+        payload = await read_json(request, 4096)
+        outcome = payload.get("outcome") if isinstance(payload, dict) else None
+        answer = await run_in_threadpool(
+            clearing.resolve,
+            str(request.path_params["terminal_id"]),
+            str(request.path_params["seq"]),
+            outcome,
+            operator_name(request),
+        )
+        return JSONResponse(answer)
+
     admin = f"{prefix}/admin"
     return [
         Route(f"{admin}/merchants", authorised(VIEWER, caught(list_merchants)), methods=["GET"]),
@@ -258,4 +294,38 @@ def merchant_routes(
         Route(
             f"{admin}/clearing/{{day}}/file", authorised(VIEWER, caught(day_file)), methods=["GET"]
         ),
+        Route(
+            f"{admin}/unresolved/{{terminal_id}}/{{seq}}/resolve",
+            authorised(OPERATOR, caught(resolve)),
+            methods=["POST"],
+        ),
     ]
+
+
+def page_section(storage: Storage, limit: int = 10) -> str:
+    """The operator page's "Merchant clearing" table: the latest cleared days."""
+    rows = []
+    for entry in storage.cleared_days(limit):
+        stored = storage.settlement(entry["day"], entry["version"])
+        if stored is None:
+            continue
+        totals = stored["view"].get("totals", {})
+        cells = (
+            [entry["day"], entry["version"], html.escape(stored["cleared_by"])]
+            + [
+                totals.get(k, "-")
+                for k in ("purchases", "fees", "commissions", "net", "to_pay", "credits_owed")
+            ]
+            + [totals.get("unresolved", "-")]
+        )
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "day", "version", "cleared by", "purchases", "fees", "commissions", "net",
+            "to pay", "credits owed", "unresolved",
+        )
+    )  # fmt: skip
+    return (
+        "<h2>Merchant clearing (fen)</h2><table><tr>" + head + "</tr>" + "".join(rows) + "</table>"
+    )

@@ -66,6 +66,7 @@ from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
+from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
 from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule
 from clearinghost.storage import (
@@ -1118,6 +1119,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 {"".join(anomalies)}</table>
 <h2>Latest records</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>card</th>
 <th>amount</th><th>created</th></tr>{"".join(recent)}</table>
+{merchant_page_section(storage)}
 </body></html>"""
 
 

@@ -14,7 +14,9 @@ cleared makes the next clearing of that day a new *version*: the version's lines
 day again, each with ``paid_before`` (the net of the previous version) and ``to_pay`` (net −
 paid_before: the adjustment to pay now, which is the whole net in version 1).
 
-Records of kind ``unresolved`` are listed apart (never paid, never charged) until they resolve;
+Records of kind ``unresolved`` are listed apart (never paid, never charged) until an operator
+resolves them (``paid``: settled as a purchase of its merchant on its own day, so the next
+clearing of that day is a new version with the adjustment; ``void``: dropped);
 ``refund_request`` records are listed as credits owed to the card holder, per merchant, never
 netted from the merchant's payout silently. A purchase without a merchant (a terminal with no
 ``[merchant]``) or of a merchant not in the register is listed apart as ``unassigned``.
@@ -247,6 +249,10 @@ class DayRecord:
     kind: str
     amount: int
     fields: Mapping[str, Any]
+    resolution: str = ""  # of an unresolved record: "" (open), "paid" or "void"
+
+
+RESOLUTIONS = ("paid", "void")
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,11 +343,16 @@ def settle_day(
             continue
         merchant_id = _text(rec.fields, MERCHANT_ID_FIELD)
         reference = _text(rec.fields, "pos_order")
-        if rec.kind == "unresolved":
+        kind = rec.kind
+        if kind == "unresolved" and rec.resolution == "void":
+            continue  # resolved: the card was never debited
+        if kind == "unresolved" and rec.resolution == "paid":
+            kind = "purchase"  # resolved: the debit happened, the merchant is paid for it
+        if kind == "unresolved":
             apart.append(
                 ApartLine("unresolved", rec.terminal_id, rec.seq, rec.amount, merchant_id, "")
             )
-        elif rec.kind == "refund_request":
+        elif kind == "refund_request":
             refund = _text(rec.fields, "refund_id")
             apart.append(
                 ApartLine(
@@ -353,7 +364,7 @@ def settle_day(
                     f"{reference}/{refund}" if refund else reference,
                 )
             )
-        elif rec.kind == "purchase":
+        elif kind == "purchase":
             if merchant_id not in register:
                 apart.append(
                     ApartLine(

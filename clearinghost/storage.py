@@ -29,6 +29,8 @@ Tables::
     settlements      (day, version) PK, content (the settlement CSV), signature (host key, hex),
                      view (JSON figures), cleared_by, cleared_at: every clearing run of a day;
                      a re-run after late records is the next version
+    resolutions      (terminal_id, seq) PK, outcome 'paid' | 'void', resolved_by, resolved_at:
+                     an operator's decision on an ``unresolved`` record (once, never changed)
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
@@ -212,6 +214,14 @@ CREATE TABLE IF NOT EXISTS settlements (
     cleared_by TEXT NOT NULL,
     cleared_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (day, version)
+);
+CREATE TABLE IF NOT EXISTS resolutions (
+    terminal_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    resolved_by TEXT NOT NULL,
+    resolved_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (terminal_id, seq)
 )
 """
 
@@ -877,14 +887,16 @@ class Storage:
         end`` (record timestamps, UTC): what one business day's clearing reads."""
         with self._transaction() as tx:
             rows = tx.all(
-                "SELECT terminal_id, seq, created_at, kind, amount, body FROM records "
-                "WHERE created_at >= ? AND created_at < ? "
-                "AND kind IN ('purchase', 'unresolved', 'refund_request') "
-                "ORDER BY terminal_id, seq",
+                "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
+                "s.outcome FROM records r LEFT JOIN resolutions s "
+                "ON s.terminal_id = r.terminal_id AND s.seq = r.seq "
+                "WHERE r.created_at >= ? AND r.created_at < ? "
+                "AND r.kind IN ('purchase', 'unresolved', 'refund_request') "
+                "ORDER BY r.terminal_id, r.seq",
                 (start, end),
             )
         out = []
-        for terminal_id, seq, created_at, kind, amount, body in rows:
+        for terminal_id, seq, created_at, kind, amount, body, outcome in rows:
             fields = json.loads(body).get("fields")
             out.append(
                 DayRecord(
@@ -894,9 +906,41 @@ class Storage:
                     str(kind),
                     int(amount),
                     fields if isinstance(fields, dict) else {},
+                    str(outcome or ""),
                 )
             )
         return out
+
+    def resolve_record(self, terminal_id: str, seq: int, outcome: str, by: str) -> str:
+        """Record an operator's decision on an ``unresolved`` record; answers its
+        ``created_at`` (the day to re-clear). :class:`PendingChangeRefused` with ``code``
+        ``unknown_record``, ``not_unresolved`` or ``already_resolved`` otherwise."""
+        with self._lock, self._transaction() as tx:
+            row = tx.one(
+                "SELECT kind, created_at FROM records WHERE terminal_id = ? AND seq = ?",
+                (terminal_id, seq),
+            )
+            if row is None:
+                raise PendingChangeRefused("unknown_record", f"no record {terminal_id}/{seq}")
+            if row[0] != "unresolved":
+                raise PendingChangeRefused(
+                    "not_unresolved", f"record {terminal_id}/{seq} is {row[0]}, not unresolved"
+                )
+            done = tx.one(
+                "SELECT outcome, resolved_by FROM resolutions WHERE terminal_id = ? AND seq = ?",
+                (terminal_id, seq),
+            )
+            if done is not None:
+                raise PendingChangeRefused(
+                    "already_resolved",
+                    f"record {terminal_id}/{seq} was resolved {done[0]} by {done[1]}",
+                )
+            tx.run(
+                "INSERT INTO resolutions (terminal_id, seq, outcome, resolved_by, resolved_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (terminal_id, seq, outcome, by, time.time()),
+            )
+        return str(row[1])
 
     def latest_settlement(self, day: str) -> dict[str, Any] | None:
         """The newest version of ``day``'s settlement: ``version``, ``content``, ``signature``,

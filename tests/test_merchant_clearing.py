@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 from agent.errors import ConfigurationError
 from agent.merchant import CATEGORIES
-from agent.offline_store import DeviceKey, RecordBody
+from agent.offline_store import DeviceKey, Intent, RecordBody
 from agent.offline_store.device_key import verify_signature
 from agent.offline_store.records import GENESIS_HASH, Record, seal_record
 from agent.profile import parse_profile
 from agent.tap.context import with_merchant
+from agent.tap.journal import unresolved_body
+from clearinghost import cli
 from clearinghost.keys import HostKey
 from clearinghost.operators import OPERATOR, VIEWER, Operators, add_operator
 from clearinghost.server import ClearingHost, HostServer, create_app
@@ -200,7 +202,8 @@ def day_records(draw: st.DrawFn) -> list[DayRecord]:
             fields["merchant_id"] = merchant
         amount = draw(st.integers(0, 5_000_000)) if kind != "lock" else 0
         created_at = stamp(DAY_START + timedelta(milliseconds=offset_ms))
-        out.append(DayRecord(f"T{seq % 3}", seq, created_at, kind, amount, fields))
+        resolution = draw(st.sampled_from(["", "paid", "void"])) if kind == "unresolved" else ""
+        out.append(DayRecord(f"T{seq % 3}", seq, created_at, kind, amount, fields, resolution))
     return out
 
 
@@ -211,8 +214,13 @@ def test_settlement_totals_reconcile_to_the_fen(
 ) -> None:
     fees = FeeSchedule.from_mapping({"rates_bp": rates})
     s = settle_day(DAY, records, REGISTER, fees, ZONE)
-    todays = [r for r in records if business_day(r.created_at, ZONE) == DAY]
-    paid = [r for r in todays if r.kind == "purchase" and r.fields.get("merchant_id") in REGISTER]
+    todays = [
+        r
+        for r in records
+        if business_day(r.created_at, ZONE) == DAY and r.resolution != "void" and r.kind != "lock"
+    ]
+    debits = [r for r in todays if r.kind == "purchase" or r.resolution == "paid"]
+    paid = [r for r in debits if r.fields.get("merchant_id") in REGISTER]
     # purchases = net payouts + fees (+ utility commissions), to the fen
     assert s.purchases == s.net + s.fees + s.commissions
     assert s.purchases == sum(r.amount for r in paid)
@@ -226,13 +234,13 @@ def test_settlement_totals_reconcile_to_the_fen(
     # every other record of the day is listed apart, none silently dropped or netted
     apart = {(a.terminal_id, a.seq): a.line for a in s.apart}
     for r in todays:
-        if r.kind == "unresolved":
+        if r.kind == "unresolved" and not r.resolution:
             assert apart[(r.terminal_id, r.seq)] == "unresolved"
         elif r.kind == "refund_request":
             assert apart[(r.terminal_id, r.seq)] == "credit_owed"
-        elif r.kind == "purchase" and r not in paid:
+        elif r in debits and r not in paid:
             assert apart[(r.terminal_id, r.seq)] == "unassigned"
-    assert len(apart) == len([r for r in todays if r.kind != "lock"]) - len(paid)
+    assert len(apart) == len(todays) - len(paid)
     # the file's total line says the same
     rows = list(csv.reader(io.StringIO(settlement_csv(s).decode())))
     total = rows[-1]
@@ -260,8 +268,8 @@ def test_late_records_make_a_version_whose_adjustments_reconcile(
         ]
 
 
-def _rest(r: DayRecord) -> tuple[str, str, int, dict[str, Any]]:
-    return r.created_at, r.kind, r.amount, dict(r.fields)
+def _rest(r: DayRecord) -> tuple[str, str, int, dict[str, Any], str]:
+    return r.created_at, r.kind, r.amount, dict(r.fields), r.resolution
 
 
 def test_the_register_decides_the_rate_not_the_record() -> None:
@@ -534,3 +542,76 @@ def test_a_day_not_over_and_bad_input_are_refused_naming_the_problem(site: Site)
     assert (answer.status_code, answer.json()["error"]) == (400, "bad_query")
     answer = httpx.post(site.url("/merchants"), json={"register": "x"}, headers=site.operator)
     assert (answer.status_code, answer.json()["error"]) == (400, "bad_request")
+
+
+def test_an_unresolved_record_is_settled_when_an_operator_resolves_it(site: Site) -> None:
+    httpx.post(site.url("/merchants"), json={"csv": REGISTER_CSV}, headers=site.operator)
+    site.add(
+        ("2024-05-01T03:00:00.000Z", "purchase", 1_000, merchant("M-SUP")),
+        ("2024-05-01T04:00:00.000Z", "unresolved", 500, merchant("M-SUP")),
+        ("2024-05-01T05:00:00.000Z", "unresolved", 700, merchant("M-SUP")),
+    )
+    v1 = httpx.post(site.url("/clearing/2024-05-01"), json={}, headers=site.operator).json()
+    assert (v1["totals"]["purchases"], v1["totals"]["unresolved"]) == (1_000, 1_200)
+    resolve = site.url("/unresolved/POS-1/{}/resolve")
+    for seq, outcome in ((2, "paid"), (3, "void")):
+        answer = httpx.post(resolve.format(seq), json={"outcome": outcome}, headers=site.operator)
+        assert answer.json() == {
+            "terminal_id": "POS-1", "seq": seq, "outcome": outcome, "day": "2024-05-01"
+        }  # fmt: skip
+    for seq, body, who, status, code in [
+        (2, {"outcome": "void"}, site.operator, 409, "already_resolved"),
+        (1, {"outcome": "paid"}, site.operator, 409, "not_unresolved"),
+        (9, {"outcome": "paid"}, site.operator, 404, "unknown_record"),
+        (2, {"outcome": "maybe"}, site.operator, 400, "bad_outcome"),
+        (2, {"outcome": "void"}, site.viewer, 403, "forbidden"),
+    ]:
+        answer = httpx.post(resolve.format(seq), json=body, headers=who)
+        assert (answer.status_code, answer.json()["error"]) == (status, code)
+    v2 = httpx.post(site.url("/clearing/2024-05-01"), json={}, headers=site.operator).json()
+    sup = v2["merchants"][0]
+    assert (v2["version"], sup["purchases"], sup["count"], v2["totals"]["unresolved"]) == (
+        2,
+        1_500,
+        2,
+        0,
+    )
+    assert sup["to_pay"] == sup["net"] - sup["paid_before"] == (1_500 - 13) - (1_000 - 9)
+    page = httpx.get(site.server.url + "/", headers=site.viewer).text
+    assert "Merchant clearing" in page and "<td>2024-05-01</td><td>2</td>" in page
+
+
+def test_cardhost_merchant_and_clear_commands(site: Site, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(site.operator["Authorization"].removeprefix("Bearer ") + "\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(REGISTER_CSV + "M 9,x,retail,62220000\n", encoding="utf-8")
+    good = tmp_path / "register.csv"
+    good.write_text(REGISTER_CSV, encoding="utf-8")
+    base = ["--host", site.server.url, "--token-file", str(token)]
+    assert cli.main(["merchant", *base, "load", str(bad)]) == 2
+    assert cli.main(["merchant", *base, "load", str(good)]) == 0
+    assert [m.merchant_id for m in site.host.storage.merchants()] == sorted(REGISTER)
+    assert cli.main(["merchant", *base, "list"]) == 0
+    site.add(("2024-05-01T03:00:00.000Z", "purchase", 10_000, merchant("M-DIN")))
+    out = tmp_path / "2024-05-01.csv"
+    assert cli.main(["clear", *base, "--day", "2024-05-01", "--out", str(out)]) == 0
+    stored = site.host.storage.latest_settlement("2024-05-01")
+    assert stored is not None and out.read_bytes() == stored["content"].encode()
+    signature = bytes.fromhex(stored["signature"])
+    assert verify_signature(
+        site.host.key.public_key_bytes, signature, signed_message(out.read_bytes())
+    )
+    assert cli.main(["clear", *base, "--day", "2099-01-01"]) == 2  # not over yet
+
+
+def test_an_unresolved_purchase_intent_names_its_merchant() -> None:
+    payload = {
+        "op": "purchase",
+        "amount": 300,
+        "merchant_id": "M-SUP",
+        "merchant_category": "retail",
+    }
+    intent = Intent(7, "C1", "cpu", datetime(2024, 5, 1, tzinfo=UTC), payload)
+    body = unresolved_body(intent, "card never returned")
+    assert (body.kind, body.amount, body.fields["merchant_id"]) == ("unresolved", 300, "M-SUP")

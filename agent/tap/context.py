@@ -16,6 +16,7 @@ from agent.errors import AgentError, SamUnavailable, TapRefused
 from agent.merchant import MERCHANT_CATEGORY_FIELD, MERCHANT_ID_FIELD
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
+from agent.products.intents import OP_LOCK, intent_op
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
@@ -149,6 +150,8 @@ class TapContext:
         def tagged(result: T) -> RecordBody:
             return with_merchant(record(result), profile)
 
+        if intent_op(payload) != OP_LOCK:  # an unresolved record names the merchant too
+            payload = {**payload, **merchant_fields(profile)}
         return self.journal.execute(
             self.timer,
             self.outcome,
