@@ -47,6 +47,8 @@ from clearinghost.settlement import (
     signed_message,
 )
 from clearinghost.storage import SqliteStorage, Storage
+from tests import pos_stack
+from tests.fake_reader.scenario import make_card
 from tests.test_profile import raw_demo
 from tests.test_sync_storage import pg, storage  # noqa: F401  (fixtures: SQLite + PostgreSQL)
 
@@ -615,3 +617,38 @@ def test_an_unresolved_purchase_intent_names_its_merchant() -> None:
     intent = Intent(7, "C1", "cpu", datetime(2024, 5, 1, tzinfo=UTC), payload)
     body = unresolved_body(intent, "card never returned")
     assert (body.kind, body.amount, body.fields["merchant_id"]) == ("unresolved", 300, "M-SUP")
+
+
+def test_a_merchant_pos_signs_its_merchant_into_purchase_and_refund_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real POS stack (engine, simulated card behind the emulated reader module, HTTP)
+    with a profile naming its merchant: the purchase and the refund request carry it."""
+    plain = pos_stack.write_profile
+
+    def merchant_profile(directory: Path, reader_timeout_s: float = 1.0) -> Path:
+        path = plain(directory, reader_timeout_s)
+        text = path.read_text(encoding="utf-8")
+        path.write_text(text + '\n[merchant]\nid = "M-SUP"\ncategory = "department_store"\n')
+        return path
+
+    monkeypatch.setattr(pos_stack, "write_profile", merchant_profile)
+    field = pos_stack.Field()
+    stack = pos_stack.PosStack(tmp_path, field)
+    try:
+        assert stack.profile.merchant_id == "M-SUP"
+        field.present(make_card("tunion", 1, field.keyset, balance=5_000))  # type: ignore[arg-type]
+        answer = stack.pos.purchase("ORD-9", 1_234).json()
+        assert answer["status"] == "paid", answer
+        refund = stack.pos.http.post(
+            "/v1/refunds", json={"refund_id": "RF-1", "order_id": "ORD-9", "amount": 234}
+        )
+        assert refund.status_code == 200, refund.text
+        kinds = {r.kind: r for r in stack.store.records()}
+        for kind in ("purchase", "refund_request"):
+            assert kinds[kind].fields["merchant_id"] == "M-SUP", kind
+            assert kinds[kind].fields["merchant_category"] == "department_store"
+        assert stack.store.verify().ok
+    finally:
+        stack.close()
+        field.close()
