@@ -637,7 +637,7 @@ def test_a_merchant_pos_signs_its_merchant_into_purchase_and_refund_records(
     stack = pos_stack.PosStack(tmp_path, field)
     try:
         assert stack.profile.merchant_id == "M-SUP"
-        field.present(make_card("tunion", 1, field.keyset, balance=5_000))  # type: ignore[arg-type]
+        field.present(make_card("tunion", 1, field.keyset, balance=5_000))
         answer = stack.pos.purchase("ORD-9", 1_234).json()
         assert answer["status"] == "paid", answer
         refund = stack.pos.http.post(
