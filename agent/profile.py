@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import ConfigurationError
+from agent.merchant import category_problem, merchant_id_problem
 from agent.products.m1_layout import M1Layout
 from agent.readers.serial_module import Framing
 from agent.sam.keys import KeySet
@@ -401,6 +402,9 @@ class Profile:
     # [pos] max_amount: the largest amount (fen) one POS purchase may take (``cardagent pos``);
     # 0 when the profile has no [pos] section (the POS front end then refuses to start).
     pos_max_amount: int = 0
+    # [merchant] id / category (issue 11): written into every purchase record ("" = none).
+    merchant_id: str = ""
+    merchant_category: str = ""
     # What a trip record says about this terminal (issue 15 finding 5): the acceptor
     # institution's code (4 bytes in real T-Union records, padded with FF), station, vehicle.
     institution: bytes = b""
@@ -513,6 +517,7 @@ def parse_profile(
         **_expired_blacklist_policy(r),
         dialects=_dialects(r, applications, base_dir),
         pos_max_amount=_pos(r),
+        **_merchant(r),
         **_trip_parameters(r),
         **_clock_settings(r),
     )
@@ -525,6 +530,21 @@ def _pos(r: _Reader) -> int:
     if not pos:
         return 0
     return r.integer("pos.max_amount", minimum=1, maximum=0xFFFFFFFF)
+
+
+def _merchant(r: _Reader) -> dict[str, Any]:
+    """``[merchant] id`` and ``category`` (both or neither; see :mod:`agent.merchant`)."""
+    table = r.table("merchant", required=False)
+    r.only_known("merchant", table, ("id", "category"))
+    if not table:
+        return {}
+    merchant_id = r.string("merchant.id")
+    if (problem := merchant_id_problem(merchant_id)) is not None:
+        raise r.fail("merchant.id", problem, merchant_id)
+    category = r.string("merchant.category")
+    if (problem := category_problem(category)) is not None:
+        raise r.fail("merchant.category", problem, category)
+    return {"merchant_id": merchant_id, "merchant_category": category}
 
 
 def _trip_parameters(r: _Reader) -> dict[str, Any]:

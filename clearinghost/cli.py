@@ -11,7 +11,11 @@
     cardhost host --db host.db --key host.key [--listen 127.0.0.1:8700] [--profile P.toml]
                   [--operators-file operators.txt] [--root-statements root-1.json ...]
                   [--approval-threshold 1000] [--max-connections 512] [--body-timeout 60]
-                  [--header-timeout 20] [--keep-alive 5]
+                  [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
+                  [--time-zone Asia/Shanghai]
+    cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
+    cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
+                                                      clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -80,6 +85,7 @@ from clearinghost.server import (
     create_app,
     uvicorn_config,
 )
+from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule, SettlementError, city_zone
 from clearinghost.storage import open_storage
 from sync.keys import parse_public_key
 
@@ -163,6 +169,16 @@ def _parser() -> argparse.ArgumentParser:
         help="root statements to serve, in version order (cardhost root-sign)",
     )
     p.add_argument(
+        "--fees",
+        type=Path,
+        help='merchant fee rates, JSON {"rates_bp": {"dining": 225, ...}} (default: city plan)',
+    )
+    p.add_argument(
+        "--time-zone",
+        default=DEFAULT_TIME_ZONE,
+        help="the city's time zone: a record belongs to the day of its own time there",
+    )
+    p.add_argument(
         "--approval-threshold",
         type=int,
         default=DEFAULT_APPROVAL_THRESHOLD,
@@ -232,6 +248,26 @@ def _parser() -> argparse.ArgumentParser:
         "--code-ttl", type=int, default=7 * 24 * 3600, help="seconds the code stays valid"
     )
     p.set_defaults(func=cmd_terminal)
+
+    p = sub.add_parser("merchant", help="load or list the merchant register (admin API)")
+    p.add_argument("--host", required=True)
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
+    p.add_argument("action", choices=("load", "list"))
+    p.add_argument(
+        "file", nargs="?", type=Path, help="register CSV: merchant_id,name,category,account"
+    )
+    p.set_defaults(func=cmd_merchant)
+
+    p = sub.add_parser("clear", help="clear one day's merchant purchases (admin API)")
+    p.add_argument("--host", required=True)
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
+    p.add_argument("--day", required=True, help="YYYY-MM-DD, a day over in the city's zone")
+    p.add_argument("--out", type=Path, help="write the signed settlement CSV here")
+    p.set_defaults(func=cmd_clear)
 
     for action in ("approve", "reject"):
         p = sub.add_parser(action, help=f"{action} a held blacklist change (a second operator)")
@@ -316,7 +352,27 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         operators=operators,
         limits=host_limits(args),
         approval_threshold=args.approval_threshold,
+        **clearing_settings(args),
     )
+
+
+def clearing_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--fees`` and ``--time-zone``, validated (a bad one stops the host from starting)."""
+    fees = FeeSchedule()
+    path: Path | None = getattr(args, "fees", None)
+    try:
+        if path is not None:
+            try:
+                fees = FeeSchedule.from_mapping(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, SettlementError):
+                    raise
+                raise ConfigurationError(f"fee schedule {path}: unreadable: {exc}") from exc
+        zone = getattr(args, "time_zone", DEFAULT_TIME_ZONE)
+        city_zone(zone)
+    except SettlementError as exc:
+        raise ConfigurationError(f"{path or 'cardhost host'}: {exc}") from exc
+    return {"fees": fees, "time_zone": zone}
 
 
 def host_limits(args: argparse.Namespace) -> HostLimits:
@@ -448,6 +504,65 @@ def cmd_terminal(args: argparse.Namespace) -> int:
         _out(answer["enrolment_code"])
     else:
         _err(f"{what} of {args.terminal_id} authorised for device key {answer['public_key']}")
+    return 0
+
+
+def cmd_merchant(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        response = _admin_call(args, "GET", "/v1/admin/merchants", None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        for m in response.json()["merchants"]:
+            _out(f"{m['merchant_id']}\t{m['category']}\t{m['settlement_account']}\t{m['name']}")
+        return 0
+    if args.file is None:
+        raise ConfigurationError("cardhost merchant load needs the register CSV file")
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{args.file}: unreadable: {exc}") from exc
+    response = _admin_call(args, "POST", "/v1/admin/merchants", {"csv": text})
+    if response is None:
+        return 2
+    if response.status_code != 200:
+        _err(f"cardhost: {args.file} refused ({response.status_code}): {response.text[:2000]}")
+        return 2
+    answer = response.json()
+    _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    return 0
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    response = _admin_call(args, "POST", f"/v1/admin/clearing/{args.day}", {})
+    if response is None:
+        return 2
+    if response.status_code not in (200, 201):
+        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+        return 2
+    answer = response.json()
+    totals = answer["totals"]
+    state = "new version" if answer["changed"] else "unchanged since"
+    _err(
+        f"{answer['day']} {state} v{answer['version']}: purchases {totals['purchases']} fen, "
+        f"fees {totals['fees']}, commissions {totals['commissions']}, net {totals['net']}, "
+        f"to pay now {totals['to_pay']}; credits owed {totals['credits_owed']}, unresolved "
+        f"{totals['unresolved']}, unassigned {totals['unassigned']}"
+    )
+    if args.out is not None:
+        path = f"/v1/admin/clearing/{args.day}/file?version={answer['version']}"
+        file = _admin_call(args, "GET", path, None)
+        if file is None or file.status_code != 200:
+            _err("cardhost: the settlement file could not be fetched")
+            return 2
+        args.out.write_bytes(file.content)
+        _err(
+            f"settlement file written to {args.out}; "
+            f"signature {file.headers['x-settlement-signature']}"
+        )
+    _out(json.dumps(answer, ensure_ascii=False, indent=2))
     return 0
 
 

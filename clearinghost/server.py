@@ -65,7 +65,10 @@ from agent.params import MAX_PARAMS_FILE_BYTES
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
+from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
+from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
+from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule
 from clearinghost.storage import (
     PendingChangeRefused,
     Storage,
@@ -161,6 +164,9 @@ class ClearingHost:
     root_statements: tuple[bytes, ...] = ()
     limits: HostLimits = field(default_factory=HostLimits)
     approval_threshold: int = DEFAULT_APPROVAL_THRESHOLD
+    # merchant-alliance clearing (issue 11): fee rates and the city's time zone (a record's day)
+    fees: FeeSchedule = field(default_factory=FeeSchedule)
+    time_zone: str = DEFAULT_TIME_ZONE
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
     _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
@@ -553,6 +559,10 @@ class ClearingHost:
                 )
             return sign_params(payload, self.key)
         return None
+
+    def merchant_clearing(self) -> MerchantClearing:
+        """The merchant register and daily clearing (:mod:`clearinghost.merchant_clearing`)."""
+        return MerchantClearing(self.storage, self.key, self.fees, self.time_zone, self.clock)
 
     def check_params(self, published: dict[str, Any]) -> str | None:
         """Why the agent or the daemon would refuse ``published`` once signed, else ``None``."""
@@ -986,6 +996,7 @@ def create_app(host: ClearingHost) -> Starlette:
             authorised(OPERATOR, decide(approve=False)),
             methods=["POST"],
         ),
+        *merchant_routes(v1, host.merchant_clearing(), authorised, operator_name, read_json),
     ]
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
@@ -1108,6 +1119,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 {"".join(anomalies)}</table>
 <h2>Latest records</h2><table><tr><th>terminal</th><th>seq</th><th>kind</th><th>card</th>
 <th>amount</th><th>created</th></tr>{"".join(recent)}</table>
+{merchant_page_section(storage)}
 </body></html>"""
 
 

@@ -24,6 +24,13 @@ Tables::
     terminal_entries terminal_id PK, kind, site, created_by, created_at; the pending enrolment
                      an operator authorised: code_hash (SHA-256 of a one-time code) with
                      code_expires_at and code_used_at, or expected_key (a pre-registered key)
+    merchants        merchant_id PK, name, category, settlement_account, loaded_by, loaded_at:
+                     the merchant register (issue 11), loaded whole from a CSV by an operator
+    settlements      (day, version) PK, content (the settlement CSV), signature (host key, hex),
+                     view (JSON figures), cleared_by, cleared_at: every clearing run of a day;
+                     a re-run after late records is the next version
+    resolutions      (terminal_id, seq) PK, outcome 'paid' | 'void', resolved_by, resolved_at:
+                     an operator's decision on an ``unresolved`` record (once, never changed)
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
@@ -59,6 +66,7 @@ from agent.offline_store.records import (
     record_to_json,
 )
 from clearinghost.clearing import Finding, Refusal
+from clearinghost.settlement import DayRecord, Merchant
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +195,33 @@ CREATE TABLE IF NOT EXISTS terminal_entries (
     code_expires_at DOUBLE PRECISION,
     code_used_at DOUBLE PRECISION,
     expected_key TEXT
+);
+CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at);
+CREATE TABLE IF NOT EXISTS merchants (
+    merchant_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    category TEXT NOT NULL,
+    settlement_account TEXT NOT NULL,
+    loaded_by TEXT NOT NULL,
+    loaded_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settlements (
+    day TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    content TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    view TEXT NOT NULL,
+    cleared_by TEXT NOT NULL,
+    cleared_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (day, version)
+);
+CREATE TABLE IF NOT EXISTS resolutions (
+    terminal_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    resolved_by TEXT NOT NULL,
+    resolved_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (terminal_id, seq)
 )
 """
 
@@ -815,6 +850,148 @@ class Storage:
         with self._transaction() as tx:
             row = tx.one("SELECT payload FROM params ORDER BY version DESC LIMIT 1")
         return None if row is None else dict(json.loads(row[0]))
+
+    # --- merchant clearing (issue 11) ------------------------------------------------------
+
+    def load_merchants(self, merchants: Sequence[Merchant], by: str) -> tuple[int, int]:
+        """Add or replace register entries (one transaction); ``(added, updated)``."""
+        added = updated = 0
+        now = time.time()
+        with self._lock, self._transaction() as tx:
+            for m in merchants:
+                known = tx.one("SELECT 1 FROM merchants WHERE merchant_id = ?", (m.merchant_id,))
+                tx.run(
+                    "INSERT INTO merchants (merchant_id, name, category, settlement_account, "
+                    "loaded_by, loaded_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (merchant_id) "
+                    "DO UPDATE SET name = excluded.name, category = excluded.category, "
+                    "settlement_account = excluded.settlement_account, "
+                    "loaded_by = excluded.loaded_by, loaded_at = excluded.loaded_at",
+                    (m.merchant_id, m.name, m.category, m.settlement_account, by, now),
+                )
+                if known:
+                    updated += 1
+                else:
+                    added += 1
+        return added, updated
+
+    def merchants(self) -> list[Merchant]:
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT merchant_id, name, category, settlement_account FROM merchants "
+                "ORDER BY merchant_id"
+            )
+        return [Merchant(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def day_records(self, start: str, end: str) -> list[DayRecord]:
+        """Purchases, unresolved records and refund requests with ``start <= created_at <
+        end`` (record timestamps, UTC): what one business day's clearing reads."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
+                "s.outcome FROM records r LEFT JOIN resolutions s "
+                "ON s.terminal_id = r.terminal_id AND s.seq = r.seq "
+                "WHERE r.created_at >= ? AND r.created_at < ? "
+                "AND r.kind IN ('purchase', 'unresolved', 'refund_request') "
+                "ORDER BY r.terminal_id, r.seq",
+                (start, end),
+            )
+        out = []
+        for terminal_id, seq, created_at, kind, amount, body, outcome in rows:
+            fields = json.loads(body).get("fields")
+            out.append(
+                DayRecord(
+                    str(terminal_id),
+                    int(seq),
+                    str(created_at),
+                    str(kind),
+                    int(amount),
+                    fields if isinstance(fields, dict) else {},
+                    str(outcome or ""),
+                )
+            )
+        return out
+
+    def resolve_record(self, terminal_id: str, seq: int, outcome: str, by: str) -> str:
+        """Record an operator's decision on an ``unresolved`` record; answers its
+        ``created_at`` (the day to re-clear). :class:`PendingChangeRefused` with ``code``
+        ``unknown_record``, ``not_unresolved`` or ``already_resolved`` otherwise."""
+        with self._lock, self._transaction() as tx:
+            row = tx.one(
+                "SELECT kind, created_at FROM records WHERE terminal_id = ? AND seq = ?",
+                (terminal_id, seq),
+            )
+            if row is None:
+                raise PendingChangeRefused("unknown_record", f"no record {terminal_id}/{seq}")
+            if row[0] != "unresolved":
+                raise PendingChangeRefused(
+                    "not_unresolved", f"record {terminal_id}/{seq} is {row[0]}, not unresolved"
+                )
+            done = tx.one(
+                "SELECT outcome, resolved_by FROM resolutions WHERE terminal_id = ? AND seq = ?",
+                (terminal_id, seq),
+            )
+            if done is not None:
+                raise PendingChangeRefused(
+                    "already_resolved",
+                    f"record {terminal_id}/{seq} was resolved {done[0]} by {done[1]}",
+                )
+            tx.run(
+                "INSERT INTO resolutions (terminal_id, seq, outcome, resolved_by, resolved_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (terminal_id, seq, outcome, by, time.time()),
+            )
+        return str(row[1])
+
+    def latest_settlement(self, day: str) -> dict[str, Any] | None:
+        """The newest version of ``day``'s settlement: ``version``, ``content``, ``signature``,
+        ``view`` (dict), ``cleared_by``, ``cleared_at``; ``None`` if never cleared."""
+        return self.settlement(day, None)
+
+    def settlement(self, day: str, version: int | None) -> dict[str, Any] | None:
+        with self._transaction() as tx:
+            if version is None:
+                row = tx.one(
+                    "SELECT version, content, signature, view, cleared_by, cleared_at "
+                    "FROM settlements WHERE day = ? ORDER BY version DESC LIMIT 1",
+                    (day,),
+                )
+            else:
+                row = tx.one(
+                    "SELECT version, content, signature, view, cleared_by, cleared_at "
+                    "FROM settlements WHERE day = ? AND version = ?",
+                    (day, version),
+                )
+        if row is None:
+            return None
+        return {
+            "version": int(row[0]),
+            "content": str(row[1]),
+            "signature": str(row[2]),
+            "view": dict(json.loads(row[3])),
+            "cleared_by": str(row[4]),
+            "cleared_at": float(row[5]),
+        }
+
+    def save_settlement(
+        self, day: str, version: int, content: str, signature: str, view: dict[str, Any], by: str
+    ) -> None:
+        """Store one version; a version already taken (a concurrent run) is a
+        :class:`StorageFailure` and nothing is stored."""
+        with self._lock, self._transaction() as tx:
+            tx.run(
+                "INSERT INTO settlements (day, version, content, signature, view, cleared_by, "
+                "cleared_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (day, version, content, signature, json.dumps(view), by, time.time()),
+            )
+
+    def cleared_days(self, limit: int = 60) -> list[dict[str, Any]]:
+        """The newest version of the ``limit`` latest cleared days, newest day first."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT day, MAX(version) FROM settlements GROUP BY day ORDER BY day DESC LIMIT ?",
+                (limit,),
+            )
+        return [{"day": str(d), "version": int(v)} for d, v in rows]
 
     # --- meta ------------------------------------------------------------------------------
 

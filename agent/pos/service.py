@@ -34,6 +34,7 @@ from agent.pos.card_info import read_card
 from agent.pos.journal import ORDER_FIELD, PosGuard, PosJournal, evidence
 from agent.pos.orders import OrderBook, OrderRow
 from agent.readers.base import CardReader
+from agent.tap.context import merchant_fields
 from agent.tap.outcome import TapOutcome, TapStatus
 from agent.transaction import TransactionEngine
 
@@ -379,6 +380,7 @@ class PosService:
                             REFUND_FIELD: refund_id,
                             "original_seq": row.record_seq,
                             "credit": "host",
+                            **merchant_fields(self.engine.profile),
                         },
                     )
                 )

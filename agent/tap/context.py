@@ -3,6 +3,7 @@ and the engine's shared policy (presence, blacklist, parameters in force, fare, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -12,8 +13,10 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import structlog
 
 from agent.errors import AgentError, SamUnavailable, TapRefused
+from agent.merchant import MERCHANT_CATEGORY_FIELD, MERCHANT_ID_FIELD
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
+from agent.products.intents import OP_LOCK, intent_op
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
@@ -140,7 +143,15 @@ class TapContext:
         *,
         nothing_changed: Callable[[AgentError], str | None] = lambda _exc: None,
     ) -> tuple[T, Record]:
-        """Run ``operation`` on the identified card under the journal (:meth:`Journal.execute`)."""
+        """Run ``operation`` on the identified card under the journal (:meth:`Journal.execute`).
+        A purchase record of a merchant's terminal carries the merchant (:mod:`agent.merchant`)."""
+        profile = self.profile
+
+        def tagged(result: T) -> RecordBody:
+            return with_merchant(record(result), profile)
+
+        if intent_op(payload) != OP_LOCK:  # an unresolved record names the merchant too
+            payload = {**payload, **merchant_fields(profile)}
         return self.journal.execute(
             self.timer,
             self.outcome,
@@ -148,7 +159,7 @@ class TapContext:
             product,
             payload,
             operation,
-            record,
+            tagged,
             nothing_changed=nothing_changed,
         )
 
@@ -157,3 +168,21 @@ class TapContext:
         fare = self.fare_for(self.profile)
         self.outcome.fare = fare
         return fare
+
+
+def with_merchant(body: RecordBody, profile: Profile) -> RecordBody:
+    """A purchase ``body`` with the profile's merchant among its signed fields (issue 11);
+    any other body, or a profile without ``[merchant]``, unchanged."""
+    if body.kind != "purchase" or not profile.merchant_id:
+        return body
+    return dataclasses.replace(body, fields={**body.fields, **merchant_fields(profile)})
+
+
+def merchant_fields(profile: Profile) -> dict[str, str]:
+    """``merchant_id`` / ``merchant_category`` of the profile's ``[merchant]`` (or nothing)."""
+    if not profile.merchant_id:
+        return {}
+    return {
+        MERCHANT_ID_FIELD: profile.merchant_id,
+        MERCHANT_CATEGORY_FIELD: profile.merchant_category,
+    }

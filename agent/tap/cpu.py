@@ -42,7 +42,7 @@ from agent.products.intents import OP_LOCK, Decision, IntentPayloadError, Verdic
 from agent.profile import ApplicationProfile, Family, Flow
 from agent.readers.base import CardPresence, CardTechnology
 from agent.sam.base import PurchaseMacRequest, Sam
-from agent.tap.context import TapContext
+from agent.tap.context import TapContext, with_merchant
 from agent.tap.outcome import TapOutcome, TapStatus
 
 T = TypeVar("T")
@@ -356,14 +356,17 @@ class CpuHandler:
             rec = ctx.journal.settle(
                 intent,
                 decision,
-                _purchase_body(
-                    card.card_id,
-                    stored,
-                    tac=proof.tac,
-                    mac2=proof.mac,
-                    mac2_verified=verified,
-                    recovered=True,
-                    printed_number=card.printed_number,
+                with_merchant(
+                    _purchase_body(
+                        card.card_id,
+                        stored,
+                        tac=proof.tac,
+                        mac2=proof.mac,
+                        mac2_verified=verified,
+                        recovered=True,
+                        printed_number=card.printed_number,
+                    ),
+                    ctx.profile,
                 ),
             )
             outcome = ctx.outcome

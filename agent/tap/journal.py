@@ -50,6 +50,8 @@ def unresolved_body(intent: Intent, reason: str) -> RecordBody:
         "intent_created_at": intent.created_at.isoformat(),
     }
     for key in (
+        "merchant_id",  # a merchant terminal's purchase intent carries its merchant (issue 11)
+        "merchant_category",
         "family",
         "transaction_type",
         "asn",

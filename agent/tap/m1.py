@@ -49,7 +49,7 @@ from agent.readers.base import CardPresence, CardTechnology
 from agent.readers.storage import StorageCardReader
 from agent.sam.base import Sam
 from agent.sam.m1_keys import M1KeyProvider, key_provider_for
-from agent.tap.context import TapContext
+from agent.tap.context import TapContext, with_merchant
 from agent.tap.outcome import TapStatus
 
 T = TypeVar("T")
@@ -415,7 +415,7 @@ class M1Handler:
             return False
         tac, tac_error = self._tac(card.sam, stored)
         body = self._record_body(card.card_id, stored, tac, tac_error, card.classification)
-        rec = ctx.journal.settle(intent, decision, body)
+        rec = ctx.journal.settle(intent, decision, with_merchant(body, ctx.profile))
         outcome = ctx.outcome
         outcome.status = TapStatus.RECOVERED
         outcome.fare = stored.amount
