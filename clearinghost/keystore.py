@@ -5,9 +5,9 @@ The load host holds the load master key (MLK) and the TAC master (MTK) (cpu-purs
 the card's session key (diversified from the master by the card's factors, §5.4, §5.6), and the
 store answers four bytes.
 
-:class:`SoftwareKeyStore` computes in process from a :class:`KeySet` (tests, the demo).
-A PKCS#11 store (SoftHSM2 in CI) implements the same protocol with the masters inside the
-token; it is not part of this module yet (see the branch report).
+:class:`SoftwareKeyStore` computes in process from a :class:`KeySet` (tests, the demo);
+:class:`clearinghost.keystore_pkcs11.Pkcs11KeyStore` (SoftHSM2 in CI, an HSM in production)
+answers the same calls with the masters inside a PKCS#11 token.
 """
 
 from __future__ import annotations
@@ -82,23 +82,9 @@ class SoftwareKeyStore:
             raise KeyStoreError(f"key store: no {usage} master {index} for {algorithm.name}")
         return candidates[0]
 
-    def _card_key(self, master: MasterKey, factors: Sequence[bytes]) -> bytes:
-        if master.levels > len(factors):
-            raise KeyStoreError(
-                f"key store: {master.usage} master needs {master.levels} factors, "
-                f"got {len(factors)}"
-            )
-        return crypto.diversify(
-            master.key,
-            list(factors[: master.levels]),
-            master.algorithm,
-            apdu_order_card_first=self.order,
-        )
-
     def _session(self, ref: CardKeyRef, random4: bytes, counter: int) -> bytes:
         master = self._master(ref.usage, ref.index, ref.algorithm)
-        dlk = self._card_key(master, ref.factors)
-        return crypto.load_session_key(dlk, random4, counter, ref.algorithm)
+        return software_session(master, ref.factors, random4, counter, self.order)
 
     def load_mac1_ok(
         self, ref: CardKeyRef, random4: bytes, counter: int, mac1: bytes, data: bytes
@@ -120,17 +106,45 @@ class SoftwareKeyStore:
         algorithm: Algorithm,
     ) -> bytes:
         master = self._master("tac", None, algorithm)
-        dtk = self._card_key(master, factors)
-        return crypto.load_tac(
-            dtk,
-            new_balance,
-            counter,
-            amount,
-            0x02,
-            terminal6,
-            datetime7,
-            algorithm=master.algorithm,
+        dtk = card_key(master, factors, self.order)
+        if master.algorithm == Algorithm.SM4:
+            return crypto.load_tac(
+                dtk,
+                new_balance,
+                counter,
+                amount,
+                0x02,
+                terminal6,
+                datetime7,
+                algorithm=Algorithm.SM4,
+            )
+        return software_load_tac(dtk, new_balance, counter, amount, terminal6, datetime7)
+
+
+def card_key(master: MasterKey, factors: Sequence[bytes], order: bool = True) -> bytes:
+    """The card's key: ``master`` diversified by its first ``levels`` factors (§5.4)."""
+    if master.levels > len(factors):
+        raise KeyStoreError(
+            f"key store: {master.usage} master needs {master.levels} factors, got {len(factors)}"
         )
+    return crypto.diversify(
+        master.key, list(factors[: master.levels]), master.algorithm, apdu_order_card_first=order
+    )
+
+
+def software_session(
+    master: MasterKey, factors: Sequence[bytes], random4: bytes, counter: int, order: bool = True
+) -> bytes:
+    """SESLK of the card whose load key derives from ``master`` (§5.6)."""
+    dlk = card_key(master, factors, order)
+    return crypto.load_session_key(dlk, random4, counter, master.algorithm)
+
+
+def software_load_tac(
+    dtk: bytes, new_balance: int, counter: int, amount: int, terminal6: bytes, datetime7: bytes
+) -> bytes:
+    """The 3DES load TAC under ``DTK_L XOR DTK_R`` (§5.7)."""
+    return crypto.load_tac(dtk, new_balance, counter, amount, 0x02, terminal6, datetime7)
 
 
 def load_test_keys() -> list[MasterKey]:

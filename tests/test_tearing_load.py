@@ -20,7 +20,7 @@ from agent.crypto import Algorithm
 from agent.offline_store import DeviceKey, OfflineStore, Record
 from agent.sam.keys import KeySet
 from agent.tap.load import KioskLoader, LoadRefusedByHost, LoadRequest, LoadResult
-from clearinghost.keystore import SoftwareKeyStore, load_test_keys
+from clearinghost.keystore import KeyStore, SoftwareKeyStore, load_test_keys
 from clearinghost.loads import LoadAuthority, LoadRefused
 from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.inprocess import CardField, InProcessReader
@@ -53,11 +53,13 @@ class InProcessHost:
 
 
 class Kiosk:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keystore: KeyStore | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.keyset = KeySet([*demo_keyset(), *load_test_keys()])
         self.authority = LoadAuthority(
-            directory / "loads.db", SoftwareKeyStore(self.keyset), max_balance=MAX_BALANCE
+            directory / "loads.db",
+            keystore or SoftwareKeyStore(self.keyset),
+            max_balance=MAX_BALANCE,
         )
         self.host = InProcessHost(self.authority)
         key_path = directory / "device.key"
