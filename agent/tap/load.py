@@ -154,6 +154,21 @@ class KioskLoader:
         log.info("load", card=result.card_id, status=result.status, reason=result.reason)
         return result
 
+    def expire(self, cutoff: dt.datetime, reason: str) -> int:
+        """Load intents older than ``cutoff`` (the card never came back) become ``unresolved``
+        records, and the host is told the outcome is ``unknown`` (it shows the load so)."""
+        stale = [
+            i
+            for i in self.store.pending_intents()
+            if intent_op(i.payload) == cpu_load.OP_LOAD and i.created_at < cutoff
+        ]
+        self.journal.expire(cutoff, reason)
+        for intent in stale:
+            key, counter = intent.payload.get("load_key"), intent.payload.get("counter")
+            if isinstance(key, str) and isinstance(counter, int):
+                self._tell_host(key, "unknown", counter, "")
+        return len(stale)
+
     # -- steps ---------------------------------------------------------------------------
 
     def _read(self, card_io: _Exchanger) -> tuple[CpuCard, Any]:
