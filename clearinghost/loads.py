@@ -17,6 +17,7 @@ decides. States: authorised → completed | tac_mismatch | not_credited | unknow
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from clearinghost.keystore import CardKeyRef, KeyStore
 log = structlog.get_logger("clearinghost.loads")
 LOAD_TYPE = 0x02
 OPEN_STATES = ("authorised", "unknown")
+LOAD_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")  # it is a path segment of the completion route
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS loads (
@@ -138,8 +140,8 @@ class LoadAuthority:
     def authorise(self, terminal_id: str, request: Mapping[str, Any]) -> bytes:
         """MAC2 for a MAC1-verified, paid load; raises :class:`LoadRefused`."""
         key = request.get("load_key")
-        if not isinstance(key, str) or not 1 <= len(key) <= 128:
-            raise LoadRefused("bad_request", "load_key must be 1..128 characters")
+        if not isinstance(key, str) or LOAD_KEY.fullmatch(key) is None:
+            raise LoadRefused("bad_request", "load_key must be 1..128 of A-Z a-z 0-9 . _ -")
         asn = _hex(request, "asn", 8)
         factors_raw = request.get("factors")
         if not isinstance(factors_raw, list | tuple) or not 1 <= len(factors_raw) <= 3:
@@ -286,7 +288,8 @@ class LoadAuthority:
     def _take_payment(self, key: str, amount: int, payment: Mapping[str, Any]) -> str | None:
         kind = payment.get("kind")
         if kind == "cash":
-            if payment.get("amount") != amount:
+            cash = payment.get("amount")
+            if isinstance(cash, bool) or not isinstance(cash, int) or cash != amount:
                 raise LoadRefused("payment_mismatch", "cash accepted differs from the amount")
             return None
         if kind == "voucher":

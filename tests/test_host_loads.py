@@ -149,3 +149,31 @@ def test_torn_credit_is_recovered_over_http_without_a_second_authorisation(stack
     assert len(card.loads) == 1 and card.balance == 100 + AMOUNT
     (done,) = stack.authority.loads()
     assert done.state == "completed"
+
+
+def test_cardhost_host_options_turn_loads_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.errors import ConfigurationError
+    from clearinghost.cli import _parser, build_host
+    from tests.fake_reader.scenario import DEMO_PROFILE
+
+    base = ["host", "--db", str(tmp_path / "h.db"), "--key", str(tmp_path / "host.key")]
+    plain = build_host(_parser().parse_args(base), Operators())
+    assert plain.loads is None  # without --loads-db the load routes answer 503
+    plain.storage.close()
+    args = _parser().parse_args(
+        [*base, "--profile", str(DEMO_PROFILE), "--loads-db", str(tmp_path / "loads.db")]
+    )
+    host = build_host(args, Operators())
+    assert host.loads is not None and host.loads.max_balance == demo_profile().max_balance
+    host.loads.close()
+    host.storage.close()
+    monkeypatch.delenv("CARDHOST_PKCS11_PIN", raising=False)
+    with pytest.raises(ConfigurationError, match="pkcs11"):
+        build_host(
+            _parser().parse_args(
+                [*base, "--loads-db", str(tmp_path / "l2.db"), "--load-keys", "pkcs11"]
+            ),
+            Operators(),
+        )
