@@ -335,15 +335,21 @@ SM4_SESSION_KEY_VARIANTS: dict[str, SessionKeyFn] = {
 """SM4 purchase session-key derivations by name; a PSAM/card profile picks one (§10 item 1)."""
 
 
-def load_session_key(dlk: bytes, random4: bytes, online_counter: int) -> bytes:
-    """``SESLK = 3DES_DLK(random4 || onlineCtr2 || 80 00)`` (§5.6) -> 8 bytes."""
+def load_session_key(
+    dlk: bytes, random4: bytes, online_counter: int, algorithm: Algorithm = Algorithm.TDES
+) -> bytes:
+    """``SESLK = 3DES_DLK(random4 || onlineCtr2 || 80 00)`` (§5.6) -> 8 bytes.
+
+    SM4 (UNCONFIRMED, §5.6 gives no load form; the purchase ``pad80`` variant's shape):
+    ``SM4_DLK(random4 || onlineCtr2 || 80 00 .. 00)`` -> 16 bytes.
+    """
     key = _octets("DLK", dlk, 16)
-    block = (
-        _octets("card random", random4, 4)
-        + _uint("online counter", online_counter, 2)
-        + b"\x80\x00"
-    )
-    return _ecb_encrypt(_tdes_algorithm(key), block)
+    block = _octets("card random", random4, 4) + _uint("online counter", online_counter, 2)
+    if algorithm == Algorithm.TDES:
+        return _ecb_encrypt(_tdes_algorithm(key), block + b"\x80\x00")
+    if algorithm == Algorithm.SM4:
+        return _ecb_encrypt(SM4(key), pad80(block, SM4_BLOCK))
+    raise CryptoError(f"unknown algorithm {algorithm!r}")
 
 
 def session_mac(session_key: bytes, data: bytes, algorithm: Algorithm) -> bytes:
@@ -411,7 +417,12 @@ def purchase_tac(
 
 
 def load_mac1(
-    seslk: bytes, old_balance: int, amount: int, transaction_type: int, terminal6: bytes
+    seslk: bytes,
+    old_balance: int,
+    amount: int,
+    transaction_type: int,
+    terminal6: bytes,
+    algorithm: Algorithm = Algorithm.TDES,
 ) -> bytes:
     """Load MAC1 over old balance(4) || amount(4) || type(1) || terminal(6) (§5.7)."""
     data = (
@@ -420,11 +431,16 @@ def load_mac1(
         + _txn_type(transaction_type)
         + _octets("terminal number", terminal6, 6)
     )
-    return pboc_des_mac(seslk, data)
+    return session_mac(seslk, data, algorithm)
 
 
 def load_mac2(
-    seslk: bytes, amount: int, transaction_type: int, terminal6: bytes, datetime7: bytes
+    seslk: bytes,
+    amount: int,
+    transaction_type: int,
+    terminal6: bytes,
+    datetime7: bytes,
+    algorithm: Algorithm = Algorithm.TDES,
 ) -> bytes:
     """Load MAC2 over amount(4) || type(1) || terminal(6) || date(4) || time(3) (§5.7)."""
     data = (
@@ -433,7 +449,7 @@ def load_mac2(
         + _octets("terminal number", terminal6, 6)
         + _octets("date/time", datetime7, 7)
     )
-    return pboc_des_mac(seslk, data)
+    return session_mac(seslk, data, algorithm)
 
 
 def load_tac(
@@ -446,12 +462,14 @@ def load_tac(
     datetime7: bytes,
     *,
     pad_aligned: bool = True,
+    algorithm: Algorithm = Algorithm.TDES,
 ) -> bytes:
     """Load TAC (§5.7, L-confidence layout), ``MAC_DES(DTK_L XOR DTK_R, data)`` over
     new balance(4) || online counter before the increment(2) || amount(4) || type(1) ||
     terminal(6) || date(4) || time(3).
 
     The 24-byte input is block-aligned, so ``pad_aligned`` (§5.2 open point) matters here only.
+    SM4 (UNCONFIRMED, as for the purchase TAC): SM4 MAC under the 16-byte DTK itself.
     """
     data = (
         _amount("new balance", new_balance)
@@ -461,6 +479,8 @@ def load_tac(
         + _octets("terminal number", terminal6, 6)
         + _octets("date/time", datetime7, 7)
     )
+    if algorithm == Algorithm.SM4:
+        return sm4_mac(dtk, data, pad_aligned=pad_aligned)
     return pboc_des_mac(tac_key(dtk), data, pad_aligned=pad_aligned)
 
 

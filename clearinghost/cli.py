@@ -67,6 +67,7 @@ from clearinghost.keys import (
     check_root_statements,
     sign_root_statement,
 )
+from clearinghost.load_setup import add_load_options, load_authority_from
 from clearinghost.operators import (
     ROLES,
     TOKEN_ENV,
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.keep_alive_s,
         help="seconds an idle keep-alive connection stays open",
     )
+    add_load_options(p)
     p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("operator", help="add, remove or list the host's operators")
@@ -353,6 +355,7 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         limits=host_limits(args),
         approval_threshold=args.approval_threshold,
         **clearing_settings(args),
+        loads=load_authority_from(args),
     )
 
 

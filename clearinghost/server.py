@@ -65,6 +65,8 @@ from agent.params import MAX_PARAMS_FILE_BYTES
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
+from clearinghost.load_routes import RouteKit, load_routes
+from clearinghost.loads import LoadAuthority
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
 from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
@@ -167,6 +169,7 @@ class ClearingHost:
     # merchant-alliance clearing (issue 11): fee rates and the city's time zone (a record's day)
     fees: FeeSchedule = field(default_factory=FeeSchedule)
     time_zone: str = DEFAULT_TIME_ZONE
+    loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
     _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
@@ -648,7 +651,11 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
 async def read_json(request: Request, cap: int) -> Any:
     """The body as JSON, bounded: 413 above ``cap`` bytes, 400 naming the problem when it is
     not UTF-8 JSON or nests deeper than :data:`MAX_JSON_DEPTH`."""
-    body = await read_body(request, cap)
+    return parse_json(await read_body(request, cap))
+
+
+def parse_json(body: bytes) -> Any:
+    """Bytes as JSON, bounded in depth; :class:`Refusal` 400 naming the problem."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except RecursionError:
@@ -998,6 +1005,8 @@ def create_app(host: ClearingHost) -> Starlette:
         ),
         *merchant_routes(v1, host.merchant_clearing(), authorised, operator_name, read_json),
     ]
+    kit = RouteKit(terminal_of, read_body, Refusal, parse_json)
+    routes += load_routes(host, kit, guarded, lambda handler: authorised(VIEWER, handler))
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
     return app

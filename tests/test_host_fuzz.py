@@ -34,11 +34,15 @@ from schemathesis.specs.openapi.checks import (
 
 from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.records import GENESIS_HASH, seal_record
+from agent.sam.keys import KeySet
 from clearinghost.keys import HostKey
+from clearinghost.keystore import SoftwareKeyStore, load_test_keys
+from clearinghost.loads import LoadAuthority
 from clearinghost.operators import OPERATOR, VIEWER, Operator, Operators, hash_token
 from clearinghost.server import OPENAPI_PATH, ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
 from sync import protocol
+from tests.fake_reader.scenario import demo_keyset
 
 EXAMPLES = int(os.environ.get("CARDAGENT_FUZZ_EXAMPLES", "15"))
 TERMINAL = "BUS-FUZZ"
@@ -83,6 +87,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         HostKey.generate(),
         operators=operators,
         approval_threshold=3,
+        loads=LoadAuthority(
+            root / "loads.db",
+            SoftwareKeyStore(KeySet([*demo_keyset(), *load_test_keys()])),
+            max_balance=100000,
+        ),
     )
     device = DeviceKey.generate()
     host.storage.register_terminal(TERMINAL, device.public_key_bytes.hex())

@@ -536,8 +536,9 @@ class SimulatedCpuCard:
         if self._online_counter >= MAX_COUNTER:
             return _sw(0x9402)
         random4 = self._random(4)
-        seslk = crypto.load_session_key(key.key, random4, self._online_counter)
-        mac1 = crypto.load_mac1(seslk, self._balance, amount, LOAD_TYPE, terminal)
+        alg = Algorithm(key.algorithm)
+        seslk = crypto.load_session_key(key.key, random4, self._online_counter, alg)
+        mac1 = crypto.load_mac1(seslk, self._balance, amount, LOAD_TYPE, terminal, alg)
         self._pending = _Pending(
             kind="load",
             transaction_type=LOAD_TYPE,
@@ -660,8 +661,9 @@ class SimulatedCpuCard:
         if pending is None or pending.kind != "load":
             return _sw(0x6985)
         when, mac2 = cmd.data[0:7], cmd.data[7:11]
-        seslk = crypto.load_session_key(pending.key.key, pending.random, pending.counter)
-        expected = crypto.load_mac2(seslk, pending.amount, LOAD_TYPE, pending.terminal, when)
+        alg = Algorithm(pending.key.algorithm)
+        seslk = crypto.load_session_key(pending.key.key, pending.random, pending.counter, alg)
+        expected = crypto.load_mac2(seslk, pending.amount, LOAD_TYPE, pending.terminal, when, alg)
         if not hmac.compare_digest(expected, mac2):
             return _sw(0x9302)
         new_balance = self._balance + pending.amount
@@ -679,6 +681,7 @@ class SimulatedCpuCard:
                 LOAD_TYPE,
                 pending.terminal,
                 when,
+                algorithm=Algorithm(dtk.algorithm),
             )
         )
         self._balance = new_balance
