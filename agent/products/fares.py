@@ -155,6 +155,8 @@ def decide(policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetim
     """What this tap charges. Raises :class:`NoFare` (the tap is refused: the terminal is not
     on the policy's map) or :class:`Passback`."""
     if policy.entry_exit is None or place.role == "single":
+        if card.last_trip is not None and _ours(card.last_trip, place):
+            check_passback(policy, card.last_trip, place, now, card.last_trip.record_type)
         if policy.mode == "flat":
             base = policy.flat_fare
         else:
@@ -165,6 +167,18 @@ def decide(policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetim
     return _entry_exit(policy, card, place, now)
 
 
+def _ours(trip: Trip, place: TapPlace) -> bool:
+    """A trip record this system wrote (same city code, where both are known)."""
+    return not (place.city and trip.city and trip.city != place.city)
+
+
+def last_paid_from(trip: Trip | None, place: TapPlace) -> PaidTap | None:
+    """The card's newest trip record as a paid tap for the transfer rule (ours only)."""
+    if trip is None or not _ours(trip, place):
+        return None
+    return PaidTap(when=trip.when, line=trip.line, amount=trip.amount)
+
+
 def open_entry(policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.datetime) -> str:
     """What the card's last trip record means here: ``none`` (no open trip), ``open`` (an
     entry on this line, within the longest trip), ``other_line``, ``stale`` or ``foreign``
@@ -172,7 +186,7 @@ def open_entry(policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.d
     rules = policy.entry_exit
     if rules is None or trip is None or trip.record_type != rules.entry_record_type:
         return "none"
-    if place.city and trip.city and trip.city != place.city:
+    if not _ours(trip, place):
         return "foreign"
     elapsed = (now.replace(tzinfo=None) - trip.when).total_seconds()
     if not 0 <= elapsed <= rules.max_trip_s:

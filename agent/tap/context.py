@@ -14,6 +14,9 @@ import structlog
 from agent.errors import AgentError, SamUnavailable, TapRefused
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
+from agent.products.cpu_logs import Trip
+from agent.products.fare_policy import FarePolicy, NoFare
+from agent.products.fares import CardFacts, Passback, TapPlace, decide, last_paid_from
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
@@ -76,6 +79,10 @@ class TapContext:
     guard: PresenceGuard
     blacklist: BlacklistLookup | None
     fare_for: Callable[[Profile], int]
+    # The fare policy of the parameter set in force (None: the flat fare of ``fare_for``) and
+    # where the validator is now (line, stop from GPS or the driver's console, role).
+    fare_policy: FarePolicy | None = None
+    place: TapPlace | None = None
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         return self.timer.phase(name)
@@ -152,8 +159,48 @@ class TapContext:
             nothing_changed=nothing_changed,
         )
 
-    def fare(self) -> int:
-        """The amount this tap would take (today the flat fare of the profile in force)."""
-        fare = self.fare_for(self.profile)
+    def needs_trip(self) -> bool:
+        """Whether the fare depends on the card's last trip record (transfer, passback,
+        entry/exit): the handler reads it before anything that would cancel a purchase."""
+        policy = self.fare_policy
+        return policy is not None and (
+            policy.transfer is not None
+            or policy.anti_passback_s > 0
+            or policy.entry_exit is not None
+        )
+
+    def fare(self, *, card_type: int | None = None, last_trip: Trip | None = None) -> int:
+        """The amount this tap takes: the fare policy in force (:func:`fares.decide`, from
+        the card's type and last trip record and the validator's position), else the flat
+        fare of the profile in force. A policy that has no price here refuses the tap
+        (``no_fare``), never a silent zero; a second entry too soon is ``passback``."""
+        policy, place = self.fare_policy, self.place
+        if policy is None:
+            fare = self.fare_for(self.profile)
+        elif place is None:
+            raise TapRefused("no_fare", "fare policy in force but the validator's position unknown")
+        else:
+            card = CardFacts(
+                card_type=card_type, last_trip=last_trip, last_paid=last_paid_from(last_trip, place)
+            )
+            try:
+                decision = decide(policy, card, place, self.now.replace(tzinfo=None))
+            except NoFare as exc:
+                log.error("fare_no_price", line=place.line, stop=place.stop, error=str(exc))
+                raise TapRefused("no_fare", str(exc)) from None
+            except Passback as exc:
+                raise TapRefused("passback", str(exc)) from None
+            log.info(
+                "fare_decided",
+                kind=decision.kind,
+                base=decision.base,
+                amount=decision.amount,
+                card_type=card_type,
+                line=place.line,
+                stop=place.stop,
+                unfinished=decision.unfinished or None,
+                notes=list(decision.notes) or None,
+            )
+            fare = decision.amount
         self.outcome.fare = fare
         return fare

@@ -30,7 +30,7 @@ from agent.errors import (
     TapRefused,
 )
 from agent.offline_store import Intent, RecordBody
-from agent.products import cpu_lock, cpu_purse
+from agent.products import cpu_lock, cpu_logs, cpu_purse
 from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
 from agent.products.cpu_recovery import (
     CpuLockIntent,
@@ -71,6 +71,10 @@ class CpuHandler:
         with ctx.phase("read"):
             card, app = self._read(ctx, card_io)
         ctx.identified(card.card_id, card.family.value)
+        trip: cpu_logs.Trip | None = None
+        if ctx.needs_trip():
+            with ctx.phase("trip"):  # before any INITIALIZE (a later command would cancel it)
+                trip = self._last_trip(ctx, card_io, card)
         ctx.outcome.printed_number = card.printed_number
         sam = ctx.sam(card.family.value)
         if card.family is Family.CJT166:
@@ -98,10 +102,27 @@ class CpuHandler:
         with ctx.phase("qualify"):
             cpu_purse.qualify(card, ctx.profile, ctx.now.date())
             ctx.check_double_tap(card.card_id)
-        fare = ctx.fare()
+        fare = ctx.fare(card_type=card.card_type, last_trip=trip)
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
         self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
+
+    @staticmethod
+    def _last_trip(ctx: TapContext, card_io: _Exchanger, card: CpuCard) -> cpu_logs.Trip | None:
+        """The card's newest trip record (EF1E / CAPP, by its dialect), for the fare. A record
+        the layout cannot read (another system's, damaged) is logged and not used: the fare
+        is then that of a card with no trip (no transfer discount, no open boarding)."""
+        layout = cpu_purse.dialect_of(card, ctx.profile).trips
+        if layout is None:
+            return None
+        ident = layout.identifier if layout.by_identifier else 0
+        try:
+            records = card_io.run(cpu_logs.read_records(layout.sfi, 1, 0x00, by_identifier=ident))
+            trips = cpu_logs.parse_trips(layout, records)
+        except (CardProtocolError, CardStatusError) as exc:  # a lost card still tears the tap
+            log.warning("fare_trip_unreadable", card_id=card.card_id, error=str(exc))
+            return None
+        return trips[0] if trips else None
 
     def _read(self, ctx: TapContext, card_io: _Exchanger) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
@@ -284,6 +305,8 @@ class CpuHandler:
                     balance_after=intent.balance_after,
                     datetime7=datetime7,
                     industry=industry,
+                    line=ctx.place.line if ctx.place else None,
+                    station=ctx.place.stop if ctx.place else None,
                 )
                 with ctx.phase("capp"):
                     card_io.run(cpu_purse.update_capp_cache(p1, p2, record))

@@ -1,0 +1,153 @@
+"""The fare policy of the parameter set in force, through the engine and simulated cards
+(issue 13): distance fares by the validator's position, card-type discounts, transfers and
+anti-passback read from the card's trip record, refusals that say why."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from agent.params import ActiveParams, params_signed_bytes
+from agent.products.fares import TapPlace
+from clearinghost.keys import HostKey, sign_params
+from tests.fake_reader.scenario import make_card
+from tests.rig import Rig
+
+HOST_KEY = HostKey.generate()  # TEST KEY ONLY
+
+# Beijing subway 2014 distance bands (see tests/test_fares.py for the source), on two test
+# lines; the bus line 2 takes transfers from line 1 with 1 yuan off within 90 minutes.
+POLICY: dict[str, Any] = {
+    "mode": "distance",
+    "max_fare": 1000,
+    "bands": [
+        {"over_m": 0, "up_to_m": 6000, "price": 300},
+        {"over_m": 6000, "up_to_m": 12000, "price": 400},
+        {"over_m": 12000, "up_to_m": 22000, "price": 500},
+        {"over_m": 22000, "up_to_m": 32000, "price": 600},
+    ],
+    "beyond": {"every": 20000, "add": 100},
+    "lines": {
+        "1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 5000},
+                                         {"id": 3, "at_m": 20000}]},
+        "2": {"mode": "bus", "stops": [{"id": 7, "at_m": 0}, {"id": 8, "at_m": 4000}]},
+    },
+    "card_types": {"04": {"percent": 50}, "05": {"free": True}},
+    "transfer": {"window_s": 5400, "discount": 100, "between": "lines"},
+}  # fmt: skip
+
+
+def write_params(path: Path, *, unchecked: bool = False, **payload: object) -> None:
+    """A signed set; ``unchecked``: signed without the host's check (an older host, or a
+    forged-but-signed set), to see the agent refuse it on its own."""
+    now = int(time.time())
+    body: dict[str, object] = {
+        "version": 1,
+        "issued_at": now - 10,
+        "expires_at": now + 3600,
+        "effective_from": now - 5,
+        **payload,
+    }
+    if not unchecked:
+        path.write_bytes(sign_params(body, HOST_KEY))
+        return
+    signature = HOST_KEY.sign(params_signed_bytes(body)).hex()
+    envelope = {"payload": body, "key_id": HOST_KEY.key_id, "signature": signature}
+    path.write_bytes(json.dumps(envelope).encode())
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path / "rig")
+    path = tmp_path / "params.json"
+    write_params(path, fare_policy=POLICY)
+    rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
+    yield rig
+    rig.close()
+
+
+def at(rig: Rig, line: int, stop: int) -> None:
+    """What a GPS feed or the driver's console does: move the validator."""
+    rig.engine.position = lambda: TapPlace(line, stop, "single", "1000")
+
+
+def test_single_tap_pays_the_dearest_ride_from_its_stop(rig: Rig) -> None:
+    at(rig, 1, 1)
+    assert rig.tap(make_card("tunion", 1, rig.keyset)).fare == 500  # 20 km: 5 yuan
+    at(rig, 1, 2)
+    assert rig.tap(make_card("cjt166", 2, rig.keyset)).fare == 500  # 15 km
+    at(rig, 2, 7)
+    assert rig.tap(make_card("tunion", 3, rig.keyset)).fare == 300
+
+
+def test_student_half_and_senior_free(rig: Rig) -> None:
+    at(rig, 2, 7)
+    student = rig.tap(make_card("tunion", 4, rig.keyset, card_catalogue=4))
+    senior = rig.tap(make_card("tunion", 5, rig.keyset, card_catalogue=5))
+    assert (student.status, student.fare) == ("paid", 150)
+    assert (senior.status, senior.fare) == ("paid", 0)
+
+
+def test_transfer_from_the_cards_trip_record_and_the_record_carries_the_position(
+    rig: Rig,
+) -> None:
+    card = make_card("tunion", 6, rig.keyset, balance=5000)
+    at(rig, 1, 3)
+    first = rig.tap(card)
+    assert first.fare == 500
+    newest = card.record_files[0x1E].records[0]
+    assert int.from_bytes(newest[10:12], "big") == 1 and int.from_bytes(newest[12:14], "big") == 3
+    at(rig, 2, 8)
+    second = rig.tap(card)
+    assert (second.status, second.fare) == ("paid", 200)  # 3 yuan less the transfer yuan
+    at(rig, 2, 7)
+    third = rig.tap(card)  # same line as the last trip: no transfer
+    assert third.fare == 300
+
+
+def test_anti_passback_refuses_a_second_entry_on_the_line(rig: Rig, tmp_path: Path) -> None:
+    write_params(tmp_path / "params.json", fare_policy={**POLICY, "anti_passback_s": 600})
+    card = make_card("tunion", 7, rig.keyset)
+    at(rig, 2, 7)
+    assert rig.tap(card).status == "paid"
+    again = rig.tap(card)
+    assert again.status == "refused"
+    assert again.reason.startswith("passback")
+    assert len(card.debits) == 1
+
+
+def test_a_stop_not_on_the_map_refuses_never_a_silent_zero(rig: Rig) -> None:
+    at(rig, 2, 99)
+    with capture_logs() as logs:
+        outcome = rig.tap(make_card("tunion", 8, rig.keyset))
+    assert outcome.status == "refused"
+    assert outcome.reason.startswith("no_fare")
+    assert "stop 99" in outcome.reason
+    assert any(e["event"] == "fare_no_price" for e in logs)
+    rig.engine.position = lambda: None
+    assert rig.tap(make_card("tunion", 9, rig.keyset)).reason.startswith("no_fare")
+
+
+def test_a_bad_policy_at_the_agent_leaves_the_profile_fare(rig: Rig, tmp_path: Path) -> None:
+    """A set signed with a policy the validator refuses (a gap in the table): the whole set
+    is refused with a log line naming the field; the profile's flat fare stays."""
+    bad = {**POLICY, "bands": [{"over_m": 0, "up_to_m": 6000, "price": 300},
+                               {"over_m": 7000, "up_to_m": 40000, "price": 400}]}  # fmt: skip
+    write_params(tmp_path / "params.json", unchecked=True, fare_policy=bad)
+    with capture_logs() as logs:
+        outcome = rig.tap(make_card("tunion", 10, rig.keyset))
+    assert outcome.fare == rig.profile.flat_fare
+    refused = [e for e in logs if e["event"] == "params_refused"]
+    assert refused and "bands[1] leaves a gap" in refused[0]["error"]
+
+
+def test_a_pos_amount_takes_precedence_over_the_policy(rig: Rig) -> None:
+    rig.engine.fare_for = lambda _profile: 1234
+    at(rig, 2, 7)
+    assert rig.tap(make_card("tunion", 11, rig.keyset)).fare == 1234
