@@ -151,3 +151,96 @@ def test_a_pos_amount_takes_precedence_over_the_policy(rig: Rig) -> None:
     rig.engine.fare_for = lambda _profile: 1234
     at(rig, 2, 7)
     assert rig.tap(make_card("tunion", 11, rig.keyset)).fare == 1234
+
+
+BUS: dict[str, Any] = {
+    "mode": "section",
+    "max_fare": 400,
+    "bands": [
+        {"from": 1, "to": 3, "price": 200},
+        {"from": 4, "to": 6, "price": 300},
+        {"from": 7, "to": 9, "price": 400},
+    ],
+    "lines": {
+        "8": {"mode": "bus", "stops": [{"id": i, "section": i} for i in range(1, 10)]},
+        "9": {"mode": "bus", "stops": [{"id": i, "section": i} for i in range(1, 4)]},
+    },
+    "card_types": {"05": {"free": True}},
+    "entry_exit": {"boarding_debit": "max", "unfinished": "max_fare"},
+}
+
+
+def on_bus(rig: Rig, line: int, stop: int) -> None:
+    rig.engine.position = lambda: TapPlace(line, stop, "both", "1000")
+
+
+def test_bus_boarding_preauthorises_and_alighting_settles(rig: Rig, tmp_path: Path) -> None:
+    write_params(tmp_path / "params.json", fare_policy=BUS)
+    card = make_card("tunion", 20, rig.keyset, balance=5000)
+    on_bus(rig, 8, 1)
+    board = rig.tap(card)
+    assert (board.status, board.fare) == ("paid", 400)
+    assert card.record_files[0x1E].records[0][0] == 1  # the boarding record type
+    on_bus(rig, 8, 3)
+    alight = rig.tap(card)
+    assert (alight.status, alight.fare) == ("paid", 0)
+    assert card.record_files[0x1E].records[0][0] == 2
+    records = rig.records(kind="purchase")
+    assert [r.fields["fare_kind"] for r in records] == ["entry", "exit"]
+    assert records[1].fields["fare_refund_due"] == 200  # 3 sections cost 2 yuan: the host owes 2
+    assert rig.store.verify().ok
+
+
+def test_bus_min_boarding_then_the_difference(rig: Rig, tmp_path: Path) -> None:
+    write_params(
+        tmp_path / "params.json", fare_policy={**BUS, "entry_exit": {"boarding_debit": "min"}}
+    )
+    card = make_card("tunion", 21, rig.keyset, balance=5000)
+    on_bus(rig, 8, 2)
+    assert rig.tap(card).fare == 200
+    on_bus(rig, 8, 9)
+    assert rig.tap(card).fare == 200  # 8 sections: 4 yuan in all
+
+
+def test_a_card_without_trip_state_pays_a_single_tap(rig: Rig, tmp_path: Path) -> None:
+    """The CJ/T 166 CAPP record has no record type: boarding and alighting cannot be told
+    apart on the card, so it pays the dearest ride from its stop, once per tap."""
+    write_params(tmp_path / "params.json", fare_policy=BUS)
+    card = make_card("cjt166", 24, rig.keyset, balance=5000)
+    on_bus(rig, 8, 7)
+    with capture_logs() as logs:
+        outcome = rig.tap(card)
+    assert outcome.fare == 400  # stop 7 to stop 1: 7 sections
+    assert any(e["event"] == "fare_no_trip_state" for e in logs)
+    assert rig.records(kind="purchase")[0].fields["fare_kind"] == "single"
+
+
+def test_bus_unfinished_trip_on_another_line_is_charged_and_recorded(
+    rig: Rig, tmp_path: Path
+) -> None:
+    write_params(
+        tmp_path / "params.json", fare_policy={**BUS, "entry_exit": {"boarding_debit": "min"}}
+    )
+    card = make_card("tunion", 22, rig.keyset, balance=5000)
+    on_bus(rig, 8, 1)
+    assert rig.tap(card).fare == 200
+    on_bus(rig, 9, 1)  # never alighted from line 8
+    with capture_logs() as logs:
+        outcome = rig.tap(card)
+    assert outcome.fare == 400  # the rest of line 8's maximum + boarding line 9
+    last = rig.records(kind="purchase")[-1]
+    assert (last.fields["fare_kind"], last.fields["fare_unfinished"]) == (
+        "unfinished_then_entry",
+        "max_fare",
+    )
+    decided = [e for e in logs if e["event"] == "fare_decided"]
+    assert "not alighted" in decided[0]["notes"][0]
+
+
+def test_bus_senior_rides_free(rig: Rig, tmp_path: Path) -> None:
+    write_params(tmp_path / "params.json", fare_policy=BUS)
+    card = make_card("tunion", 23, rig.keyset, card_catalogue=5)
+    on_bus(rig, 8, 1)
+    assert rig.tap(card).fare == 0
+    on_bus(rig, 8, 9)
+    assert rig.tap(card).fare == 0

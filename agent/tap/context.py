@@ -3,6 +3,7 @@ and the engine's shared policy (presence, blacklist, parameters in force, fare, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -16,7 +17,14 @@ from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
 from agent.products.cpu_logs import Trip
 from agent.products.fare_policy import FarePolicy, NoFare
-from agent.products.fares import CardFacts, Passback, TapPlace, decide, last_paid_from
+from agent.products.fares import (
+    CardFacts,
+    FareDecision,
+    Passback,
+    TapPlace,
+    decide,
+    last_paid_from,
+)
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
@@ -83,6 +91,7 @@ class TapContext:
     # where the validator is now (line, stop from GPS or the driver's console, role).
     fare_policy: FarePolicy | None = None
     place: TapPlace | None = None
+    fare_decision: FareDecision | None = None  # set by fare() under a policy: for the records
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         return self.timer.phase(name)
@@ -169,17 +178,31 @@ class TapContext:
             or policy.entry_exit is not None
         )
 
-    def fare(self, *, card_type: int | None = None, last_trip: Trip | None = None) -> int:
+    def fare(
+        self,
+        *,
+        card_type: int | None = None,
+        last_trip: Trip | None = None,
+        keeps_trip_state: bool = False,
+    ) -> int:
         """The amount this tap takes: the fare policy in force (:func:`fares.decide`, from
         the card's type and last trip record and the validator's position), else the flat
         fare of the profile in force. A policy that has no price here refuses the tap
-        (``no_fare``), never a silent zero; a second entry too soon is ``passback``."""
+        (``no_fare``), never a silent zero; a second entry too soon is ``passback``.
+
+        ``keeps_trip_state``: the card's trip record says boarding or alighting (T-Union EF1E
+        has a record type; the CJ/T 166 CAPP record and M1 cards have none). A card that
+        cannot pays under an entry/exit policy as a single tap (the dearest ride from here),
+        logged ``fare_no_trip_state``."""
         policy, place = self.fare_policy, self.place
         if policy is None:
             fare = self.fare_for(self.profile)
         elif place is None:
             raise TapRefused("no_fare", "fare policy in force but the validator's position unknown")
         else:
+            if policy.entry_exit is not None and not keeps_trip_state and place.role != "single":
+                log.info("fare_no_trip_state", line=place.line, stop=place.stop)
+                place = dataclasses.replace(place, role="single")
             card = CardFacts(
                 card_type=card_type, last_trip=last_trip, last_paid=last_paid_from(last_trip, place)
             )
@@ -201,6 +224,22 @@ class TapContext:
                 unfinished=decision.unfinished or None,
                 notes=list(decision.notes) or None,
             )
-            fare = decision.amount
+            fare, self.fare_decision = decision.amount, decision
         self.outcome.fare = fare
         return fare
+
+    def fare_fields(self) -> dict[str, str | int | bool | None]:
+        """What the purchase record says of the fare decision (empty without a policy): the
+        rule applied to an unfinished trip is recorded as such, for the host."""
+        decision, place = self.fare_decision, self.place
+        if decision is None or place is None:
+            return {}
+        return {
+            "fare_kind": decision.kind,
+            "fare_base": decision.base,
+            "fare_line": place.line,
+            "fare_stop": place.stop,
+            "fare_unfinished": decision.unfinished or None,
+            "fare_refund_due": decision.refund_due or None,
+            "fare_still_owed": decision.still_owed or None,
+        }

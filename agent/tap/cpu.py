@@ -16,6 +16,7 @@ logic (commands, parsing, qualification, the recovery table) lives in :mod:`agen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import structlog
@@ -102,7 +103,14 @@ class CpuHandler:
         with ctx.phase("qualify"):
             cpu_purse.qualify(card, ctx.profile, ctx.now.date())
             ctx.check_double_tap(card.card_id)
-        fare = ctx.fare(card_type=card.card_type, last_trip=trip)
+        layout = cpu_purse.dialect_of(card, ctx.profile).trips
+        fare = ctx.fare(
+            card_type=card.card_type,
+            last_trip=trip,
+            keeps_trip_state=app.flow is Flow.COMPOUND
+            and layout is not None
+            and layout.type_at >= 0,
+        )
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
         self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
@@ -307,6 +315,7 @@ class CpuHandler:
                     industry=industry,
                     line=ctx.place.line if ctx.place else None,
                     station=ctx.place.stop if ctx.place else None,
+                    record_type=ctx.fare_decision.record_type if ctx.fare_decision else 0,
                 )
                 with ctx.phase("capp"):
                     card_io.run(cpu_purse.update_capp_cache(p1, p2, record))
@@ -327,6 +336,7 @@ class CpuHandler:
                 mac2=done[0].mac2,
                 mac2_verified=done[1],
                 printed_number=card.printed_number,
+                fare=ctx.fare_fields(),
             ),
             nothing_changed=_mac1_refused,
         )
@@ -452,6 +462,7 @@ def _purchase_body(
     mac2_verified: bool,
     recovered: bool = False,
     printed_number: str = "",
+    fare: Mapping[str, str | int | bool | None] | None = None,
 ) -> RecordBody:
     """The purchase record. ``printed_number`` (issue 15) is the number printed on the card;
     records made before it existed simply lack the field (the signature covers what is there)."""
@@ -477,6 +488,7 @@ def _purchase_body(
     }
     if printed_number:
         fields["printed_number"] = printed_number
+    fields.update({k: v for k, v in (fare or {}).items() if v is not None})
     return RecordBody(kind="purchase", card_id=card_id, amount=intent.amount, fields=fields)
 
 
