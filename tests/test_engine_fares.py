@@ -244,3 +244,14 @@ def test_bus_senior_rides_free(rig: Rig, tmp_path: Path) -> None:
     assert rig.tap(card).fare == 0
     on_bus(rig, 8, 9)
     assert rig.tap(card).fare == 0
+
+
+def test_daily_cap_from_the_terminals_own_records(rig: Rig, tmp_path: Path) -> None:
+    write_params(
+        tmp_path / "params.json",
+        fare_policy={"mode": "flat", "flat_fare": 200, "max_fare": 200, "daily_cap": 500},
+    )
+    card = make_card("tunion", 30, rig.keyset, balance=5000)
+    assert [rig.tap(card).fare for _ in range(4)] == [200, 200, 100, 0]
+    other = make_card("tunion", 31, rig.keyset, balance=5000)
+    assert rig.tap(other).fare == 200  # the accumulator is per card

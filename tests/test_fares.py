@@ -3,6 +3,7 @@ entry/exit settlement, all pure (agent.products.fare_policy / agent.products.far
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from typing import Any
 
@@ -382,3 +383,41 @@ def test_boarding_and_alighting_add_up_to_the_table_price(
     if policy.daily_cap is None:
         price = table_price(policy, line, origin, destination)
     assert settle_trip([board, alight]) == price
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+KEYS = st.sampled_from(
+    ["mode", "flat_fare", "max_fare", "bands", "beyond", "lines", "card_types", "transfer",
+     "daily_cap", "anti_passback_s", "entry_exit"]
+)  # fmt: skip
+
+
+@given(st.dictionaries(KEYS, JSON, max_size=6) | JSON)
+def test_the_validator_refuses_or_accepts_never_crashes(raw: object) -> None:
+    """Whatever a host or an attacker puts in fare_policy: a policy, or FarePolicyError."""
+    with contextlib.suppress(FarePolicyError):
+        parse_fare_policy(raw)
+
+
+@given(
+    policy=st.sampled_from([BEIJING_SUBWAY_2014, SHANGHAI_METRO]),
+    m=st.integers(0, 200_000),
+)
+def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
+    parsed = parse_fare_policy(policy)
+    assert 300 <= band_price(parsed, m) <= band_price(parsed, m + 1000)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lines": {"²": {"stops": [{"id": 1}]}}}, {"card_types": {" 5": {"free": True}}}],
+)
+def test_odd_keys_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(FarePolicyError):
+        parse_fare_policy(_with(**changes))

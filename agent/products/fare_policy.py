@@ -168,7 +168,7 @@ def _lines(raw: object) -> dict[int, Line]:
     lines: dict[int, Line] = {}
     for key, item in _obj(raw, "fare_policy.lines").items():
         where = f"fare_policy.lines.{key}"
-        if not key.isdigit() or int(key) > 0xFFFFFF:
+        if not (key.isascii() and key.isdigit()) or int(key) > 0xFFFFFF:
             raise FarePolicyError(f"{where}: a line id is a decimal number up to 16777215")
         line = _obj(item, where)
         _known(line, {"mode", "stops"}, where)
@@ -230,10 +230,8 @@ def parse_fare_policy(raw: object) -> FarePolicy:
     card_types: dict[int, Discount] = {}
     for key, item in _obj(obj.get("card_types", {}), "fare_policy.card_types").items():
         where = f"fare_policy.card_types.{key}"
-        try:
-            card_type = int(key, 16) if len(key) == 2 else -1
-        except ValueError:
-            card_type = -1
+        hex_digits = "0123456789abcdefABCDEF"
+        card_type = int(key, 16) if len(key) == 2 and all(c in hex_digits for c in key) else -1
         if card_type < 0:
             raise FarePolicyError(f"{where}: a card type is two hex digits")
         d = _obj(item, where)

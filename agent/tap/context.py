@@ -204,7 +204,10 @@ class TapContext:
                 log.info("fare_no_trip_state", line=place.line, stop=place.stop)
                 place = dataclasses.replace(place, role="single")
             card = CardFacts(
-                card_type=card_type, last_trip=last_trip, last_paid=last_paid_from(last_trip, place)
+                card_type=card_type,
+                last_trip=last_trip,
+                last_paid=last_paid_from(last_trip, place),
+                paid_today=self._paid_today(policy),
             )
             try:
                 decision = decide(policy, card, place, self.now.replace(tzinfo=None))
@@ -227,6 +230,14 @@ class TapContext:
             fare, self.fare_decision = decision.amount, decision
         self.outcome.fare = fare
         return fare
+
+    def _paid_today(self, policy: FarePolicy) -> int:
+        """The daily cap's accumulator: this terminal's own purchase records for the card since
+        local midnight (a terminal cannot see what other terminals charged)."""
+        if policy.daily_cap is None or not self.outcome.card_id:
+            return 0
+        midnight = self.now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return self.store.purchases_since(self.outcome.card_id, midnight)
 
     def fare_fields(self) -> dict[str, str | int | bool | None]:
         """What the purchase record says of the fare decision (empty without a policy): the
