@@ -26,6 +26,7 @@ from agent.clock import ClockGuard, record_stamp
 from agent.errors import AgentError, CardError, ReaderError, TapRefused
 from agent.offline_store import OfflineStore, Record
 from agent.params import ActiveParams
+from agent.position import profile_place
 from agent.presence import PresenceGuard
 from agent.products.fare_policy import FarePolicy
 from agent.products.fares import TapPlace
@@ -72,13 +73,6 @@ def flat_fare(profile: Profile) -> int:
     return profile.flat_fare
 
 
-def place_of(profile: Profile) -> TapPlace | None:
-    """The validator's position from its profile (line, station, city): one tap per ride."""
-    if not profile.line.isdigit():
-        return None
-    return TapPlace(int(profile.line), profile.station, "single", profile.operator_city)
-
-
 class TransactionEngine:
     """Runs taps under one firmware profile against one offline store and the SAMs it routes.
 
@@ -114,7 +108,7 @@ class TransactionEngine:
         self.fare_for: Callable[[Profile], int] = flat_fare
         # Where the validator is, for the fare policy: the profile's line and station unless
         # a GPS or driver-console feed replaces this (a setting the engine reads every tap).
-        self.position: Callable[[], TapPlace | None] = lambda: place_of(profile)
+        self.position: Callable[[], TapPlace | None] = lambda: profile_place(profile)
         if handlers is None:
             handlers = [CpuHandler()]
             if profile.m1_purse:
