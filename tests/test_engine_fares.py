@@ -255,3 +255,30 @@ def test_daily_cap_from_the_terminals_own_records(rig: Rig, tmp_path: Path) -> N
     assert [rig.tap(card).fare for _ in range(4)] == [200, 200, 100, 0]
     other = make_card("tunion", 31, rig.keyset, balance=5000)
     assert rig.tap(other).fare == 200  # the accumulator is per card
+
+
+@pytest.mark.parametrize("mode", ["tear_before", "tear_after"])
+def test_a_torn_tap_under_the_policy_is_charged_once_at_the_policys_fare(
+    tmp_path: Path, mode: str
+) -> None:
+    """Every command of a policy tap (with its trip-record read) torn, the card back at once:
+    one debit, of the policy's fare (3 yuan, not the profile's flat 2), one record."""
+    for position in range(1, 9):  # a policy tap of a T-Union card: 8 APDUs
+        rig = Rig(tmp_path / f"{mode}{position}")
+        try:
+            path = tmp_path / f"params{position}.json"
+            write_params(path, fare_policy=POLICY)
+            rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
+            at(rig, 2, 7)
+            card = make_card("tunion", 40 + position, rig.keyset, balance=5000)
+            card.reset_command_count()
+            card.faults.add(position, mode)  # type: ignore[arg-type]
+            rig.tap(card)
+            again = rig.tap(card)
+            label = f"{mode} at command {position}"
+            assert again.status in ("paid", "recovered"), (label, again)
+            assert len(card.debits) == 1, label
+            assert card.balance == 5000 - 300, label
+            assert len(rig.records(kind="purchase")) == 1, label
+        finally:
+            rig.close()

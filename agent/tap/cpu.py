@@ -113,6 +113,8 @@ class CpuHandler:
         )
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
+        if reusable is not None and fare != ctx.fare_for(ctx.profile):
+            reusable = None  # that INITIALIZE was for the flat probe amount, not this fare
         self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
 
     @staticmethod
