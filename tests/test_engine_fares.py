@@ -282,3 +282,23 @@ def test_a_torn_tap_under_the_policy_is_charged_once_at_the_policys_fare(
             assert len(rig.records(kind="purchase")) == 1, label
         finally:
             rig.close()
+
+
+def test_m1_cards_pay_the_policy_as_single_taps(rig: Rig, tmp_path: Path) -> None:
+    """An M1 purse has no trip record: distance fare from its stop; under an entry/exit policy
+    the dearest ride from here (logged fare_no_trip_state)."""
+    from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field, presence_of
+    from tests.fake_reader.scenario import make_m1_card
+
+    field = M1Field()
+    at(rig, 2, 7)
+    card = make_m1_card(501, balance=1000)
+    field.insert(card)
+    outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(card))
+    assert (outcome.status, outcome.fare) == ("paid", 300)
+    write_params(tmp_path / "params.json", fare_policy=BUS)
+    on_bus(rig, 8, 7)
+    other = make_m1_card(502, balance=1000)
+    field.insert(other)
+    outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(other))
+    assert (outcome.status, outcome.fare) == ("paid", 400)
