@@ -34,8 +34,9 @@ T0 = dt.datetime(2026, 11, 30, 8, 0)
 
 # Beijing subway distance fares in force from 2014-12-28: 3 yuan up to 6 km, 4 up to 12 km,
 # 5 up to 22 km, 6 up to 32 km, then 1 yuan more per 20 km started. Source: Beijing Municipal
-# Commission of Development and Reform, public transport fare adjustment notice (京发改
-# [2014] 2593, published 2014-12), as summarised on bjsubway.com "票价" (2014-12-28).
+# Commission of Development and Reform, public transport fare adjustment effective 2014-12-28
+# (the metro table published by Beijing Subway, bjsubway.com, "票价"). The notice's document
+# number and URL were not re-checked when this test was written.
 BEIJING_SUBWAY_2014: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1000,
@@ -49,11 +50,11 @@ BEIJING_SUBWAY_2014: dict[str, Any] = {
     "lines": {"1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 90000}]}},
 }
 
-# Shanghai Metro distance fares (in force since 2005-09-10): 3 yuan up to 6 km, 4 yuan up to
-# 16 km, then 1 yuan more per 10 km started. Source: Shanghai Metro (shmetro.com) "票价" /
-# Shanghai Development and Reform Commission rail transit fare notice (沪价费 [2005] 028).
-# Bus-metro transfers within 120 min: 1 yuan off (Shanghai public transport transfer
-# discount, 2007). NOTE: cited from the published notices; recheck before production use.
+# Shanghai Metro distance fares (the table in force since 2005): 3 yuan up to 6 km, 4 yuan up
+# to 16 km, then 1 yuan more per 10 km started; bus <-> metro transfers within 120 minutes on
+# the transport card: 1 yuan off the second ride. Source: Shanghai Metro (shmetro.com, "票价")
+# and the Shanghai public transport transfer discount. Recheck document numbers, URLs and dates
+# against the published notices before these tables are used for anything but tests.
 SHANGHAI_METRO: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1500,
