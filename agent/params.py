@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.blacklist import Keys, keys_by_id, write_atomically
 from agent.errors import AgentError, ConfigurationError
 from agent.offline_store.records import canonical_json
+from agent.products.fare_policy import FarePolicy, FarePolicyError, parse_fare_policy
 from agent.trust import ROOT_FILE, RootRejected, load_signing_keys
 
 log = structlog.get_logger(__name__)
@@ -127,6 +128,7 @@ class ParamsInForce:
     version: int
     flat_fare: int | None
     issuer_allow_list: tuple[str, ...] | None
+    fare_policy: FarePolicy | None = None
 
 
 Stamp = tuple[tuple[int, int] | None, ...]
@@ -153,6 +155,7 @@ class ActiveParams:
         self.clock = clock
         self._stamp: Stamp | None = None
         self._payload: dict[str, object] | None = None
+        self._fare_policy: FarePolicy | None = None
         self._expired_logged = False
 
     def current(self) -> ParamsInForce | None:
@@ -190,13 +193,14 @@ class ActiveParams:
             issuer_allow_list=tuple(str(x).upper() for x in allow)
             if isinstance(allow, list) and allow
             else None,
+            fare_policy=self._fare_policy,
         )
 
     def _reload_if_changed(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._stamp, self._payload = None, None
+            self._stamp, self._payload, self._fare_policy = None, None, None
             return
         except OSError as exc:
             log.warning("params_unreadable", path=str(self.path), error=str(exc))
@@ -207,12 +211,22 @@ class ActiveParams:
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        self._payload = None
+        self._payload, self._fare_policy = None, None
         self._expired_logged = False
         try:
             if st.st_size > MAX_PARAMS_FILE_BYTES:
                 raise ParamsRejected(f"larger than {MAX_PARAMS_FILE_BYTES} bytes")
             payload = verify_envelope(self.path.read_bytes(), self._signing_keys())
+            # The validator the host and the daemon ran: a policy one refuses, all refuse.
+            policy = parse_fare_policy(payload["fare_policy"]) if "fare_policy" in payload else None
+        except FarePolicyError as exc:
+            log.error(
+                "params_refused",
+                path=str(self.path),
+                error=f"fare policy: {exc}",
+                detail="the firmware profile's values stay in force",
+            )
+            return
         except (ParamsRejected, OSError) as exc:
             log.error(
                 "params_refused",
@@ -221,7 +235,7 @@ class ActiveParams:
                 detail="the firmware profile's values stay in force",
             )
             return
-        self._payload = payload
+        self._payload, self._fare_policy = payload, policy
         log.info("params_loaded", path=str(self.path), version=payload.get("version"))
 
     def _signing_keys(self) -> Keys:

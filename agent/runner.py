@@ -16,6 +16,7 @@ from agent.console.restart import watch_for_restart
 from agent.console.settings import read_settings
 from agent.errors import ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
+from agent.position import POSITION_FILE, PositionFile
 from agent.profile import Profile
 from agent.sdnotify import Notifier, Watchdog
 from agent.transaction import TapOutcome, TransactionEngine
@@ -71,6 +72,7 @@ def run_agent(
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
                 clock_guard=guard,
             )
+            engine.position = PositionFile(data_dir.path / POSITION_FILE, profile).current
             log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
             status = StatusLine(notifier, guard, store.terminal_id)
             notifier.ready(status.text())

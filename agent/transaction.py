@@ -26,7 +26,10 @@ from agent.clock import ClockGuard, record_stamp
 from agent.errors import AgentError, CardError, ReaderError, TapRefused
 from agent.offline_store import OfflineStore, Record
 from agent.params import ActiveParams
+from agent.position import profile_place
 from agent.presence import PresenceGuard
+from agent.products.fare_policy import FarePolicy
+from agent.products.fares import TapPlace
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
 from agent.sam.base import Sam
@@ -103,6 +106,9 @@ class TransactionEngine:
         self.journal = Journal(store)
         self.presence = presence or PresenceGuard()
         self.fare_for: Callable[[Profile], int] = flat_fare
+        # Where the validator is, for the fare policy: the profile's line and station unless
+        # a GPS or driver-console feed replaces this (a setting the engine reads every tap).
+        self.position: Callable[[], TapPlace | None] = lambda: profile_place(profile)
         if handlers is None:
             handlers = [CpuHandler()]
             if profile.m1_purse:
@@ -120,6 +126,7 @@ class TransactionEngine:
             if handler is None:
                 raise TapRefused("unknown_card", f"no product for {presence.technology.value}")
             now = self._now_for_tap()
+            profile, policy = self.policy_in_force()
             handler.tap(
                 TapContext(
                     reader=reader,
@@ -127,13 +134,15 @@ class TransactionEngine:
                     outcome=outcome,
                     timer=timer,
                     now=now,
-                    profile=self.profile_in_force(),
+                    profile=profile,
                     store=self.store,
                     journal=self.journal,
                     sams=self.sams,
                     guard=self.presence,
                     blacklist=self.blacklist,
                     fare_for=self.fare_for,
+                    fare_policy=policy,
+                    place=self.position() if policy is not None else None,
                 )
             )
         except TapRefused as refused:
@@ -165,15 +174,21 @@ class TransactionEngine:
 
     def profile_in_force(self) -> Profile:
         """The firmware profile, with the fare and allow-list of a parameter set in force."""
+        return self.policy_in_force()[0]
+
+    def policy_in_force(self) -> tuple[Profile, FarePolicy | None]:
+        """:meth:`profile_in_force` and the fare policy of the set in force. A fare hook other
+        than the flat fare (a POS amount) takes precedence over the policy."""
         params = self.params.current() if self.params is not None else None
         if params is None:
-            return self.profile
+            return self.profile, None
+        policy = params.fare_policy if self.fare_for is flat_fare else None
         changes: dict[str, Any] = {}
         if params.flat_fare is not None:
             changes["flat_fare"] = params.flat_fare
         if params.issuer_allow_list is not None:
             changes["issuer_allow_list"] = params.issuer_allow_list
-        return dataclasses.replace(self.profile, **changes) if changes else self.profile
+        return (dataclasses.replace(self.profile, **changes) if changes else self.profile), policy
 
     def expire_stale_intents(self) -> list[Record]:
         """Turn intents older than the recovery window into ``unresolved`` records."""

@@ -62,6 +62,7 @@ from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list, list_digest
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
 from agent.offline_store.records import QuarantineNotice, Record, canonical_json
 from agent.params import MAX_PARAMS_FILE_BYTES
+from agent.products.fare_policy import publication_problem
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
@@ -568,8 +569,10 @@ class ClearingHost:
         return MerchantClearing(self.storage, self.key, self.fees, self.time_zone, self.clock)
 
     def check_params(self, published: dict[str, Any]) -> str | None:
-        """Why the agent or the daemon would refuse ``published`` once signed, else ``None``."""
-        return params_problem(self._payload(dict(published, version=1)))
+        """Why the agent or the daemon would refuse ``published`` once signed, else ``None``;
+        and, at publication only, a fare policy that would take effect in the past."""
+        payload = self._payload(dict(published, version=1))
+        return params_problem(payload) or publication_problem(payload, int(self.clock()))
 
     def _payload(self, stored: dict[str, Any]) -> dict[str, Any]:
         now = int(self.clock())

@@ -9,6 +9,8 @@ replayed or expired sets. Payload fields (all times are Unix seconds)::
     expires_at       int, > issued_at
     effective_from   int: the terminal applies the set from this moment on
     fare_table       object, e.g. {"flat_fare": 200, "currency": "CNY"}
+    fare_policy      object, optional: the fare rules (agent.products.fare_policy, validated
+                     by parse_fare_policy here, at the host's publication and in the agent)
     issuer_allow_list  list of strings (EF15[0..3] issuers / CJ/T 166 city codes)
 """
 
@@ -24,6 +26,7 @@ import structlog
 
 from agent.blacklist import BlacklistFileError, Keys, write_atomically
 from agent.params import ParamsRejected, params_content_digest, verify_envelope
+from agent.products.fare_policy import check_effective_window, parse_fare_policy
 from sync.errors import ListRejected
 
 log = structlog.get_logger(__name__)
@@ -77,6 +80,9 @@ def check_payload(payload: Mapping[str, Any]) -> None:
     allow = payload.get("issuer_allow_list", [])
     if not isinstance(allow, list) or not all(isinstance(x, str) for x in allow):
         raise ValueError("issuer_allow_list must be a list of strings")
+    check_effective_window(payload)  # FarePolicyError is a ValueError naming the field
+    if "fare_policy" in payload:
+        parse_fare_policy(payload["fare_policy"])
 
 
 class ParamsFile:

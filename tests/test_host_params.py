@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,3 +108,53 @@ def test_a_bad_stored_set_is_skipped_not_a_500(
     # what the daemon and the agent check of it
     assert verify_params(served.content, clearing.key.public_key_bytes).version == 2
     assert verify_envelope(served.content, clearing.key.public_key_bytes) == payload
+
+
+GOOD_POLICY = {
+    "mode": "section",
+    "max_fare": 400,
+    "bands": [{"from": 1, "to": 3, "price": 200}, {"from": 4, "to": 9, "price": 400}],
+    "lines": {"8": {"stops": [{"id": i, "section": i} for i in range(1, 10)]}},
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        (
+            {"bands": [{"from": 1, "to": 3, "price": 200}, {"from": 5, "to": 9, "price": 400}]},
+            "fare_policy.bands[1] leaves a gap",
+        ),
+        (
+            {"bands": [{"from": 1, "to": 3, "price": 200}, {"from": 3, "to": 9, "price": 400}]},
+            "fare_policy.bands[1] overlaps",
+        ),
+        ({"bands": [{"from": 1, "to": 9, "price": -200}]}, "fare_policy.bands[0].price"),
+        ({"bands": [{"from": 1, "to": 3, "price": 200}]}, "fare_policy.lines.8"),
+    ],
+)
+def test_publication_refuses_a_bad_fare_policy(
+    host: tuple[ClearingHost, httpx.Client], changes: dict[str, object], field: str
+) -> None:
+    clearing, client = host
+    body = {"fare_policy": {**GOOD_POLICY, **changes}}
+    answer = client.post("/v1/admin/params", json=body, headers=ADMIN)
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["detail"]
+    assert clearing.storage.latest_params() is None
+
+
+def test_fare_policy_effective_dates_at_publication(
+    host: tuple[ClearingHost, httpx.Client],
+) -> None:
+    clearing, client = host
+    now = int(time.time())
+    past = {"fare_policy": GOOD_POLICY, "effective_from": now - 2 * 86_400}
+    answer = client.post("/v1/admin/params", json=past, headers=ADMIN)
+    assert answer.status_code == 400 and "in the past" in answer.json()["detail"]
+    far = {"fare_policy": GOOD_POLICY, "effective_from": now + 3 * 365 * 86_400}
+    answer = client.post("/v1/admin/params", json=far, headers=ADMIN)
+    assert answer.status_code == 400 and "more than 400 days" in answer.json()["detail"]
+    ahead = {"fare_policy": GOOD_POLICY, "effective_from": now + 7 * 86_400}
+    assert client.post("/v1/admin/params", json=ahead, headers=ADMIN).status_code == 200
+    assert clearing.storage.latest_params() is not None

@@ -449,6 +449,19 @@ class OfflineStore:
             self._quarantine_found(row[0], problem)
             below = row[0]
 
+    def purchases_since(self, card_id: str, since: datetime) -> int:
+        """What this terminal's purchase records took from the card since ``since`` (fen):
+        the daily cap's accumulator. Quarantined records do not count."""
+        stamp = since.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        with self._read("sum the card's purchases") as conn:
+            (total,) = conn.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM records WHERE card_id = ? "
+                "AND kind = 'purchase' AND created_at >= ? "
+                "AND seq NOT IN (SELECT seq FROM quarantine)",
+                (card_id, stamp),
+            ).fetchone()
+        return int(total)
+
     def count_records(self) -> int:
         with self._read("count records") as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM records").fetchone()

@@ -588,10 +588,15 @@ def capp_update_for(
     balance_after: int,
     datetime7: bytes,
     industry: int,
+    line: int | None = None,
+    station: int | None = None,
+    record_type: int = 0,
 ) -> tuple[int, int, bytes]:
     """P1, P2 and record of the UPDATE CAPP DATA CACHE a compound purchase sends (§2.4): the
     trip record of the card's dialect (:class:`TripLayout`: T-Union EF1E, CJ/T 166 CAPP EF17)
-    filled from the terminal's parameters (line, station, vehicle, institution code)."""
+    filled from the terminal's parameters (line, station, vehicle, institution code); ``line``
+    and ``station``, when given, are the validator's current position (the fare policy's);
+    ``record_type`` (non-zero) the fare policy's boarding or alighting type."""
     layout = dialect_of(card, profile).trips
     if layout is None:
         raise ConfigurationError(
@@ -599,11 +604,11 @@ def capp_update_for(
             f"of {card.family.value} has no trip layout"
         )
     trip = cpu_logs.Trip(
-        record_type=layout.record_type,
+        record_type=record_type or layout.record_type,
         terminal=terminal.hex(),
         industry=industry,
-        line=int(profile.line),
-        station=profile.station,
+        line=int(profile.line) if line is None else line,
+        station=profile.station if station is None else station,
         vehicle=profile.vehicle,
         amount=amount,
         balance=balance_after,

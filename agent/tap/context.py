@@ -16,6 +16,16 @@ from agent.errors import AgentError, SamUnavailable, TapRefused
 from agent.merchant import MERCHANT_CATEGORY_FIELD, MERCHANT_ID_FIELD
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
+from agent.products.cpu_logs import Trip
+from agent.products.fare_policy import FarePolicy, NoFare
+from agent.products.fares import (
+    CardFacts,
+    FareDecision,
+    Passback,
+    TapPlace,
+    decide,
+    last_paid_from,
+)
 from agent.products.intents import OP_LOCK, intent_op
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader
@@ -79,6 +89,11 @@ class TapContext:
     guard: PresenceGuard
     blacklist: BlacklistLookup | None
     fare_for: Callable[[Profile], int]
+    # The fare policy of the parameter set in force (None: the flat fare of ``fare_for``) and
+    # where the validator is now (line, stop from GPS or the driver's console, role).
+    fare_policy: FarePolicy | None = None
+    place: TapPlace | None = None
+    fare_decision: FareDecision | None = None  # set by fare() under a policy: for the records
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         return self.timer.phase(name)
@@ -163,11 +178,92 @@ class TapContext:
             nothing_changed=nothing_changed,
         )
 
-    def fare(self) -> int:
-        """The amount this tap would take (today the flat fare of the profile in force)."""
-        fare = self.fare_for(self.profile)
+    def needs_trip(self) -> bool:
+        """Whether the fare depends on the card's last trip record (transfer, passback,
+        entry/exit): the handler reads it before anything that would cancel a purchase."""
+        policy = self.fare_policy
+        return policy is not None and (
+            policy.transfer is not None
+            or policy.anti_passback_s > 0
+            or policy.entry_exit is not None
+        )
+
+    def fare(
+        self,
+        *,
+        card_type: int | None = None,
+        last_trip: Trip | None = None,
+        keeps_trip_state: bool = False,
+    ) -> int:
+        """The amount this tap takes: the fare policy in force (:func:`fares.decide`, from
+        the card's type and last trip record and the validator's position), else the flat
+        fare of the profile in force. A policy that has no price here refuses the tap
+        (``no_fare``), never a silent zero; a second entry too soon is ``passback``.
+
+        ``keeps_trip_state``: the card's trip record says boarding or alighting (T-Union EF1E
+        has a record type; the CJ/T 166 CAPP record and M1 cards have none). A card that
+        cannot pays under an entry/exit policy as a single tap (the dearest ride from here),
+        logged ``fare_no_trip_state``."""
+        policy, place = self.fare_policy, self.place
+        if policy is None:
+            fare = self.fare_for(self.profile)
+        elif place is None:
+            raise TapRefused("no_fare", "fare policy in force but the validator's position unknown")
+        else:
+            if policy.entry_exit is not None and not keeps_trip_state and place.role != "single":
+                log.info("fare_no_trip_state", line=place.line, stop=place.stop)
+                place = dataclasses.replace(place, role="single")
+            card = CardFacts(
+                card_type=card_type,
+                last_trip=last_trip,
+                last_paid=last_paid_from(last_trip, place),
+                paid_today=self._paid_today(policy),
+            )
+            try:
+                decision = decide(policy, card, place, self.now.replace(tzinfo=None))
+            except NoFare as exc:
+                log.error("fare_no_price", line=place.line, stop=place.stop, error=str(exc))
+                raise TapRefused("no_fare", str(exc)) from None
+            except Passback as exc:
+                raise TapRefused("passback", str(exc)) from None
+            log.info(
+                "fare_decided",
+                kind=decision.kind,
+                base=decision.base,
+                amount=decision.amount,
+                card_type=card_type,
+                line=place.line,
+                stop=place.stop,
+                unfinished=decision.unfinished or None,
+                notes=list(decision.notes) or None,
+            )
+            fare, self.fare_decision = decision.amount, decision
         self.outcome.fare = fare
         return fare
+
+    def _paid_today(self, policy: FarePolicy) -> int:
+        """The daily cap's accumulator: this terminal's own purchase records for the card since
+        local midnight (a terminal cannot see what other terminals charged)."""
+        if policy.daily_cap is None or not self.outcome.card_id:
+            return 0
+        midnight = self.now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return self.store.purchases_since(self.outcome.card_id, midnight)
+
+    def fare_fields(self) -> dict[str, str | int | bool | None]:
+        """What the purchase record says of the fare decision (empty without a policy): the
+        rule applied to an unfinished trip is recorded as such, for the host."""
+        decision, place = self.fare_decision, self.place
+        if decision is None or place is None:
+            return {}
+        return {
+            "fare_kind": decision.kind,
+            "fare_base": decision.base,
+            "fare_line": place.line,
+            "fare_stop": place.stop,
+            "fare_unfinished": decision.unfinished or None,
+            "fare_refund_due": decision.refund_due or None,
+            "fare_still_owed": decision.still_owed or None,
+        }
 
 
 def with_merchant(body: RecordBody, profile: Profile) -> RecordBody:

@@ -16,6 +16,7 @@ logic (commands, parsing, qualification, the recovery table) lives in :mod:`agen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import structlog
@@ -30,7 +31,7 @@ from agent.errors import (
     TapRefused,
 )
 from agent.offline_store import Intent, RecordBody
-from agent.products import cpu_lock, cpu_purse
+from agent.products import cpu_lock, cpu_logs, cpu_purse
 from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
 from agent.products.cpu_recovery import (
     CpuLockIntent,
@@ -71,6 +72,10 @@ class CpuHandler:
         with ctx.phase("read"):
             card, app = self._read(ctx, card_io)
         ctx.identified(card.card_id, card.family.value)
+        trip: cpu_logs.Trip | None = None
+        if ctx.needs_trip():
+            with ctx.phase("trip"):  # before any INITIALIZE (a later command would cancel it)
+                trip = self._last_trip(ctx, card_io, card)
         ctx.outcome.printed_number = card.printed_number
         sam = ctx.sam(card.family.value)
         if card.family is Family.CJT166:
@@ -98,10 +103,36 @@ class CpuHandler:
         with ctx.phase("qualify"):
             cpu_purse.qualify(card, ctx.profile, ctx.now.date())
             ctx.check_double_tap(card.card_id)
-        fare = ctx.fare()
+        layout = cpu_purse.dialect_of(card, ctx.profile).trips
+        fare = ctx.fare(
+            card_type=card.card_type,
+            last_trip=trip,
+            keeps_trip_state=app.flow is Flow.COMPOUND
+            and layout is not None
+            and layout.type_at >= 0,
+        )
         if card.balance < fare:
             raise TapRefused("insufficient_balance", f"balance {card.balance} < fare {fare}")
+        if reusable is not None and fare != ctx.fare_for(ctx.profile):
+            reusable = None  # that INITIALIZE was for the flat probe amount, not this fare
         self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
+
+    @staticmethod
+    def _last_trip(ctx: TapContext, card_io: _Exchanger, card: CpuCard) -> cpu_logs.Trip | None:
+        """The card's newest trip record (EF1E / CAPP, by its dialect), for the fare. A record
+        the layout cannot read (another system's, damaged) is logged and not used: the fare
+        is then that of a card with no trip (no transfer discount, no open boarding)."""
+        layout = cpu_purse.dialect_of(card, ctx.profile).trips
+        if layout is None:
+            return None
+        ident = layout.identifier if layout.by_identifier else 0
+        try:
+            records = card_io.run(cpu_logs.read_records(layout.sfi, 1, 0x00, by_identifier=ident))
+            trips = cpu_logs.parse_trips(layout, records)
+        except (CardProtocolError, CardStatusError) as exc:  # a lost card still tears the tap
+            log.warning("fare_trip_unreadable", card_id=card.card_id, error=str(exc))
+            return None
+        return trips[0] if trips else None
 
     def _read(self, ctx: TapContext, card_io: _Exchanger) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
@@ -284,6 +315,9 @@ class CpuHandler:
                     balance_after=intent.balance_after,
                     datetime7=datetime7,
                     industry=industry,
+                    line=ctx.place.line if ctx.place else None,
+                    station=ctx.place.stop if ctx.place else None,
+                    record_type=ctx.fare_decision.record_type if ctx.fare_decision else 0,
                 )
                 with ctx.phase("capp"):
                     card_io.run(cpu_purse.update_capp_cache(p1, p2, record))
@@ -304,6 +338,7 @@ class CpuHandler:
                 mac2=done[0].mac2,
                 mac2_verified=done[1],
                 printed_number=card.printed_number,
+                fare=ctx.fare_fields(),
             ),
             nothing_changed=_mac1_refused,
         )
@@ -432,6 +467,7 @@ def _purchase_body(
     mac2_verified: bool,
     recovered: bool = False,
     printed_number: str = "",
+    fare: Mapping[str, str | int | bool | None] | None = None,
 ) -> RecordBody:
     """The purchase record. ``printed_number`` (issue 15) is the number printed on the card;
     records made before it existed simply lack the field (the signature covers what is there)."""
@@ -457,6 +493,7 @@ def _purchase_body(
     }
     if printed_number:
         fields["printed_number"] = printed_number
+    fields.update({k: v for k, v in (fare or {}).items() if v is not None})
     return RecordBody(kind="purchase", card_id=card_id, amount=intent.amount, fields=fields)
 
 

@@ -1,0 +1,424 @@
+"""Fare rules (issue 13): the policy validator, golden tables of real cities, the rules, and
+entry/exit settlement, all pure (agent.products.fare_policy / agent.products.fares)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.products.cpu_logs import Trip
+from agent.products.fare_policy import (
+    FarePolicy,
+    FarePolicyError,
+    check_effective_window,
+    parse_fare_policy,
+    publication_problem,
+)
+from agent.products.fares import (
+    CardFacts,
+    NoFare,
+    PaidTap,
+    Passback,
+    TapPlace,
+    band_price,
+    decide,
+    settle_trip,
+)
+
+T0 = dt.datetime(2026, 11, 30, 8, 0)
+
+# Beijing subway distance fares in force from 2014-12-28: 3 yuan up to 6 km, 4 up to 12 km,
+# 5 up to 22 km, 6 up to 32 km, then 1 yuan more per 20 km started. Source: Beijing Municipal
+# Commission of Development and Reform, public transport fare adjustment effective 2014-12-28
+# (the metro table published by Beijing Subway, bjsubway.com, "票价"). The notice's document
+# number and URL were not re-checked when this test was written.
+BEIJING_SUBWAY_2014: dict[str, Any] = {
+    "mode": "distance",
+    "max_fare": 1000,
+    "bands": [
+        {"over_m": 0, "up_to_m": 6000, "price": 300},
+        {"over_m": 6000, "up_to_m": 12000, "price": 400},
+        {"over_m": 12000, "up_to_m": 22000, "price": 500},
+        {"over_m": 22000, "up_to_m": 32000, "price": 600},
+    ],
+    "beyond": {"every": 20000, "add": 100},
+    "lines": {"1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 90000}]}},
+}
+
+# Shanghai Metro distance fares (the table in force since 2005): 3 yuan up to 6 km, 4 yuan up
+# to 16 km, then 1 yuan more per 10 km started; bus <-> metro transfers within 120 minutes on
+# the transport card: 1 yuan off the second ride. Source: Shanghai Metro (shmetro.com, "票价")
+# and the Shanghai public transport transfer discount. Recheck document numbers, URLs and dates
+# against the published notices before these tables are used for anything but tests.
+SHANGHAI_METRO: dict[str, Any] = {
+    "mode": "distance",
+    "max_fare": 1500,
+    "bands": [
+        {"over_m": 0, "up_to_m": 6000, "price": 300},
+        {"over_m": 6000, "up_to_m": 16000, "price": 400},
+    ],
+    "beyond": {"every": 10000, "add": 100},
+    "transfer": {"window_s": 7200, "discount": 100, "between": "modes"},
+    "lines": {
+        "1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 80000}]},
+        "71": {"mode": "bus", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 17000}]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("km", "yuan"),
+    [(1, 3), (6, 3), (6.001, 4), (12, 4), (12.5, 5), (22, 5), (23, 6), (32, 6), (32.1, 7),
+     (52, 7), (52.1, 8), (72, 8), (72.5, 9)],
+)  # fmt: skip
+def test_golden_beijing_subway_2014(km: float, yuan: int) -> None:
+    policy = parse_fare_policy(BEIJING_SUBWAY_2014)
+    assert band_price(policy, round(km * 1000)) == yuan * 100
+
+
+@pytest.mark.parametrize(
+    ("km", "yuan"), [(3, 3), (6, 3), (7, 4), (16, 4), (16.1, 5), (26, 5), (26.5, 6), (36, 6)]
+)
+def test_golden_shanghai_metro(km: float, yuan: int) -> None:
+    policy = parse_fare_policy(SHANGHAI_METRO)
+    assert band_price(policy, round(km * 1000)) == yuan * 100
+
+
+def test_shanghai_bus_to_metro_transfer_takes_one_yuan_off() -> None:
+    policy = parse_fare_policy({**SHANGHAI_METRO, "mode": "flat", "flat_fare": 200})
+    bus = PaidTap(when=T0, line=71, amount=200)
+    place = TapPlace(line=1, stop=1)
+    within = decide(policy, CardFacts(last_paid=bus), place, T0 + dt.timedelta(minutes=119))
+    after = decide(policy, CardFacts(last_paid=bus), place, T0 + dt.timedelta(minutes=121))
+    metro_to_metro = decide(
+        policy, CardFacts(last_paid=PaidTap(T0, 1, 200)), TapPlace(1, 2), T0
+    )  # same line: no transfer
+    assert (within.amount, after.amount, metro_to_metro.amount) == (100, 200, 200)
+
+
+# --- the validator: refused with the field named --------------------------------------------
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return {**BEIJING_SUBWAY_2014, **changes}
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        (_with(bands=[{"over_m": 0, "up_to_m": 6000, "price": 300},
+                      {"over_m": 7000, "up_to_m": 12000, "price": 400}]), "gap"),
+        (_with(bands=[{"over_m": 0, "up_to_m": 6000, "price": 300},
+                      {"over_m": 5000, "up_to_m": 12000, "price": 400}]), "overlaps"),
+        (_with(bands=[{"over_m": 0, "up_to_m": 6000, "price": -300}]), "bands[0].price"),
+        (_with(bands=[{"over_m": 0, "up_to_m": 6000, "price": 3.5}]), "integer"),
+        (_with(bands=[]), "non-empty"),
+        (_with(beyond={"every": 0, "add": 100}), "beyond.every"),
+        ({k: v for k, v in BEIJING_SUBWAY_2014.items() if k != "beyond"}, "past the table"),
+        (_with(max_fare=500), "above max_fare"),
+        (_with(mode="zone"), "fare_policy.mode"),
+        (_with(card_types={"XYZ": {"free": True}}), "card_types.XYZ"),
+        (_with(card_types={"05": {"percent": 150}}), "card_types.05.percent"),
+        (_with(transfer={"window_s": 0, "discount": 100}), "transfer.window_s"),
+        (_with(entry_exit={"unfinished": "forget"}), "entry_exit.unfinished"),
+        (_with(lines={"1": {"stops": [{"id": 1, "at_m": 500}, {"id": 2, "at_m": 0}]}}),
+         "backwards"),
+        (_with(lines={"x": {"stops": [{"id": 1}]}}), "lines.x"),
+        (_with(surprise=1), "unknown"),
+        (_with(currency="USD"), "currency"),
+        ([], "must be an object"),
+    ],
+)  # fmt: skip
+def test_bad_policies_are_refused_naming_the_field(policy: object, words: str) -> None:
+    with pytest.raises(FarePolicyError, match=words.replace(".", r"\.").replace("[", r"\[")):
+        parse_fare_policy(policy)
+
+
+def test_effective_dates() -> None:
+    day = 86_400
+    check_effective_window({"issued_at": 1000, "effective_from": 1000 + 30 * day})
+    with pytest.raises(FarePolicyError, match="more than 400 days"):
+        check_effective_window({"issued_at": 1000, "effective_from": 1000 + 3 * 365 * day})
+    now = 10 * day
+    assert publication_problem({"fare_policy": {}, "effective_from": 0}, now) is None
+    assert publication_problem({"fare_policy": {}, "effective_from": now + day}, now) is None
+    problem = publication_problem({"fare_policy": {}, "effective_from": now - day}, now)
+    assert problem is not None and "in the past" in problem
+
+
+# --- discounts and caps -------------------------------------------------------------------
+
+
+FLAT: dict[str, Any] = {
+    "mode": "flat",
+    "flat_fare": 200,
+    "max_fare": 200,
+    "card_types": {"05": {"percent": 50}, "06": {"free": True}},
+    "daily_cap": 500,
+}
+
+
+def test_card_types_and_daily_cap() -> None:
+    policy = parse_fare_policy(FLAT)
+    place = TapPlace(line=1, stop=1)
+    assert decide(policy, CardFacts(card_type=0x01), place, T0).amount == 200
+    assert decide(policy, CardFacts(card_type=0x05), place, T0).amount == 100  # student
+    assert decide(policy, CardFacts(card_type=0x06), place, T0).amount == 0  # senior
+    assert decide(policy, CardFacts(paid_today=400), place, T0).amount == 100
+    assert decide(policy, CardFacts(paid_today=600), place, T0).amount == 0
+
+
+# --- entry / exit ---------------------------------------------------------------------------
+
+BUS_LINE: dict[str, Any] = {
+    "mode": "section",
+    "max_fare": 400,
+    "bands": [
+        {"from": 1, "to": 3, "price": 200},
+        {"from": 4, "to": 6, "price": 300},
+        {"from": 7, "to": 9, "price": 400},
+    ],
+    "lines": {
+        "8": {"mode": "bus", "stops": [{"id": i, "section": i} for i in range(1, 10)]},
+        "9": {"mode": "bus", "stops": [{"id": i, "section": i} for i in range(1, 4)]},
+    },
+    "card_types": {"06": {"free": True}},
+    "anti_passback_s": 300,
+    "entry_exit": {"boarding_debit": "max", "unfinished": "max_fare", "max_trip_s": 7200},
+}
+
+
+def _entry(line: int, stop: int, amount: int, when: dt.datetime = T0, city: str = "") -> Trip:
+    return Trip(record_type=1, line=line, station=stop, amount=amount, when=when, city=city)
+
+
+def test_boarding_preauthorises_the_maximum_and_alighting_refunds_through_the_host() -> None:
+    policy = parse_fare_policy(BUS_LINE)
+    board = decide(policy, CardFacts(), TapPlace(8, 1, "both"), T0)
+    assert (board.kind, board.amount, board.record_type) == ("entry", 400, 1)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(8, 1, board.amount)),
+        TapPlace(8, 3, "both"),
+        T0 + dt.timedelta(minutes=20),
+    )
+    assert (alight.kind, alight.amount, alight.refund_due, alight.record_type) == (
+        "exit",
+        0,
+        200,
+        2,
+    )
+    assert settle_trip([board, alight]) == 200
+
+
+def test_min_boarding_debit_settles_the_difference_at_alighting() -> None:
+    policy = parse_fare_policy({**BUS_LINE, "entry_exit": {"boarding_debit": "min"}})
+    board = decide(policy, CardFacts(), TapPlace(8, 2, "entry"), T0)
+    alight = decide(
+        policy, CardFacts(last_trip=_entry(8, 2, board.amount)), TapPlace(8, 9, "exit"), T0
+    )
+    assert (board.amount, alight.amount) == (200, 200)  # 8 sections: 4 yuan
+
+
+@pytest.mark.parametrize(
+    ("rule", "extra_policy", "closing"),
+    [("max_fare", {}, 0), ("penalty", {"penalty": 300}, 0), ("host", {}, 0)],
+)
+def test_unfinished_trip_then_boarding_again(
+    rule: str, extra_policy: dict[str, Any], closing: int
+) -> None:
+    """Boarded with the minimum, never alighted: the next boarding closes the old trip by the
+    policy's rule and says so."""
+    entry_exit = {"boarding_debit": "min", "unfinished": rule, **extra_policy}
+    policy = parse_fare_policy({**BUS_LINE, "entry_exit": entry_exit})
+    later = T0 + dt.timedelta(hours=5)  # past max_trip_s: stale
+    decision = decide(policy, CardFacts(last_trip=_entry(8, 1, 200)), TapPlace(8, 1, "both"), later)
+    owed = {"max_fare": 200, "penalty": 100, "host": 0}[rule]
+    assert decision.kind == "unfinished_then_entry"
+    assert decision.unfinished == rule
+    assert decision.amount == 200 + owed
+    assert any("not alighted" in n for n in decision.notes)
+
+
+def test_alighting_without_a_boarding_record_meets_the_rule() -> None:
+    policy = parse_fare_policy(
+        {**BUS_LINE, "entry_exit": {"unfinished": "penalty", "penalty": 300}}
+    )
+    decision = decide(policy, CardFacts(), TapPlace(8, 5, "exit"), T0)
+    assert (decision.kind, decision.amount, decision.unfinished) == (
+        "exit_without_entry",
+        300,
+        "penalty",
+    )
+
+
+def test_alighting_on_another_line_closes_the_trip_as_unfinished() -> None:
+    policy = parse_fare_policy(BUS_LINE)
+    decision = decide(policy, CardFacts(last_trip=_entry(9, 1, 400)), TapPlace(8, 5, "exit"), T0)
+    assert (decision.kind, decision.unfinished, decision.amount) == (
+        "exit_unfinished",
+        "max_fare",
+        0,
+    )
+
+
+def test_foreign_trip_record_is_not_taken_for_a_boarding() -> None:
+    policy = parse_fare_policy(BUS_LINE)
+    place = TapPlace(8, 5, "both", city="1000")
+    decision = decide(policy, CardFacts(last_trip=_entry(8, 1, 400, city="5180")), place, T0)
+    assert decision.kind == "entry"
+    assert any("city 5180" in n for n in decision.notes)
+
+
+def test_anti_passback_and_unknown_stop() -> None:
+    policy = parse_fare_policy(BUS_LINE)
+    trip = _entry(8, 1, 400)
+    with pytest.raises(Passback, match="line 8"):
+        decide(
+            policy,
+            CardFacts(last_trip=trip),
+            TapPlace(8, 1, "entry"),
+            T0 + dt.timedelta(seconds=60),
+        )
+    with pytest.raises(NoFare, match="stop 42"):
+        decide(policy, CardFacts(), TapPlace(8, 42, "both"), T0)
+    with pytest.raises(NoFare, match="line 7"):
+        decide(policy, CardFacts(), TapPlace(7, 1, "both"), T0)
+
+
+def test_senior_rides_free_on_entry_exit() -> None:
+    policy = parse_fare_policy(BUS_LINE)
+    board = decide(policy, CardFacts(card_type=6), TapPlace(8, 1, "both"), T0)
+    alight = decide(
+        policy, CardFacts(card_type=6, last_trip=_entry(8, 1, 0)), TapPlace(8, 9, "both"), T0
+    )
+    assert (board.amount, alight.amount, alight.refund_due) == (0, 0, 0)
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@st.composite
+def distance_policies(draw: st.DrawFn) -> FarePolicy:
+    n = draw(st.integers(1, 5))
+    bounds = sorted(draw(st.sets(st.integers(1, 50_000), min_size=n, max_size=n)))
+    prices = sorted(draw(st.lists(st.integers(0, 2000), min_size=n, max_size=n)))
+    stops = sorted(draw(st.sets(st.integers(0, 120_000), min_size=2, max_size=8)))
+    bands, low = [], 0
+    for high, price in zip(bounds, prices, strict=True):
+        bands.append({"over_m": low, "up_to_m": high, "price": price})
+        low = high
+    raw: dict[str, Any] = {
+        "mode": "distance",
+        "max_fare": 1_000_000,
+        "bands": bands,
+        "beyond": {"every": draw(st.integers(1000, 30_000)), "add": draw(st.integers(0, 500))},
+        "lines": {"3": {"stops": [{"id": i, "at_m": m} for i, m in enumerate(stops, 1)]}},
+        "card_types": {"05": {"percent": draw(st.integers(0, 100))}},
+        "daily_cap": draw(st.integers(0, 5000)),
+        "entry_exit": {"boarding_debit": draw(st.sampled_from(["max", "min"]))},
+    }
+    policy = parse_fare_policy(raw)
+    return parse_fare_policy({**raw, "max_fare": max_of(policy)})
+
+
+def max_of(policy: FarePolicy) -> int:
+    from agent.products.fares import table_price
+
+    line = policy.lines[3]
+    return max(table_price(policy, line, a, b) for a in line.stops for b in line.stops)
+
+
+@given(policy=distance_policies(), data=st.data())
+def test_fares_are_never_negative_nor_above_the_maximum(
+    policy: FarePolicy, data: st.DataObject
+) -> None:
+    stops = [s.id for s in policy.lines[3].stops]
+    card = CardFacts(
+        card_type=data.draw(st.sampled_from([None, 5])),
+        paid_today=data.draw(st.integers(0, 6000)),
+        last_trip=data.draw(
+            st.one_of(
+                st.none(),
+                st.builds(_entry, st.just(3), st.sampled_from(stops), st.integers(0, 5000)),
+            )
+        ),
+    )
+    place = TapPlace(
+        3,
+        data.draw(st.sampled_from(stops)),
+        data.draw(st.sampled_from(["single", "entry", "exit", "both"])),
+    )
+    decision = decide(
+        policy, card, place, T0 + dt.timedelta(seconds=data.draw(st.integers(0, 20_000)))
+    )
+    assert 0 <= decision.amount <= policy.max_fare
+    assert decision.refund_due >= 0
+
+
+@given(policy=distance_policies(), data=st.data())
+def test_boarding_and_alighting_add_up_to_the_table_price(
+    policy: FarePolicy, data: st.DataObject
+) -> None:
+    from agent.products.fares import table_price
+
+    line = policy.lines[3]
+    origin, destination = (
+        data.draw(st.sampled_from(line.stops)),
+        data.draw(st.sampled_from(line.stops)),
+    )
+    board = decide(policy, CardFacts(), TapPlace(3, origin.id, "entry"), T0)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(3, origin.id, board.amount)),
+        TapPlace(3, destination.id, "exit"),
+        T0 + dt.timedelta(minutes=30),
+    )
+    assert board.kind == "entry" and alight.kind == "exit"
+    price = min(table_price(policy, line, origin, destination), policy.daily_cap or 0)
+    if policy.daily_cap is None:
+        price = table_price(policy, line, origin, destination)
+    assert settle_trip([board, alight]) == price
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+KEYS = st.sampled_from(
+    ["mode", "flat_fare", "max_fare", "bands", "beyond", "lines", "card_types", "transfer",
+     "daily_cap", "anti_passback_s", "entry_exit"]
+)  # fmt: skip
+
+
+@given(st.dictionaries(KEYS, JSON, max_size=6) | JSON)
+def test_the_validator_refuses_or_accepts_never_crashes(raw: object) -> None:
+    """Whatever a host or an attacker puts in fare_policy: a policy, or FarePolicyError."""
+    with contextlib.suppress(FarePolicyError):
+        parse_fare_policy(raw)
+
+
+@given(
+    policy=st.sampled_from([BEIJING_SUBWAY_2014, SHANGHAI_METRO]),
+    m=st.integers(0, 200_000),
+)
+def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
+    parsed = parse_fare_policy(policy)
+    assert 300 <= band_price(parsed, m) <= band_price(parsed, m + 1000)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lines": {"²": {"stops": [{"id": 1}]}}}, {"card_types": {" 5": {"free": True}}}],
+)
+def test_odd_keys_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(FarePolicyError):
+        parse_fare_policy(_with(**changes))
