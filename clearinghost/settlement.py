@@ -202,7 +202,10 @@ REGISTER_COLUMNS = ("merchant_id", "name", "category", "settlement_account")
 def parse_register(text: str) -> list[Merchant]:
     """The register CSV (header ``merchant_id,name,category,settlement_account``). Every bad
     line is reported (``line N: …``) in one :class:`SettlementError`; nothing is half-loaded."""
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # e.g. a lone carriage return inside a field
+        raise SettlementError(f"the register is not CSV: {exc}") from exc
     if not rows or [c.strip() for c in rows[0]] != list(REGISTER_COLUMNS):
         raise SettlementError(f"line 1: the header must be {','.join(REGISTER_COLUMNS)}")
     problems: list[str] = []
