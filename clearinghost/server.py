@@ -247,9 +247,11 @@ class ClearingHost:
                 status = 201 if outcome == "enrolled" else 200
                 return status, {"terminal_id": terminal_id, "ack_seq": ack, "status": outcome}
             # name the refusal from the state now (a concurrent enrolment may have used the code)
+            held = self.storage.terminal(terminal_id)
+            if held is not None and held.public_key == key:  # that concurrent enrolment was ours
+                return 200, {"terminal_id": terminal_id, "ack_seq": held.ack_seq, "status": "known"}
             entry = self.storage.terminal_entry(terminal_id) or entry
-            registered = self.storage.terminal(terminal_id) is not None
-            return self._enrolment_refused(terminal_id, entry, code_hash, registered, now)
+            return self._enrolment_refused(terminal_id, entry, code_hash, held is not None, now)
         if terminal is None and self.open_registration:
             try:  # first come, first served: the dev/demo opt-in (--open-registration)
                 self.storage.register_terminal(terminal_id, key)

@@ -202,6 +202,19 @@ def test_codes_are_single_use_expire_and_are_stored_hashed(site: Site) -> None:
         assert protocol.normalise_code(shown).encode() not in stored
 
 
+def test_one_device_racing_itself_with_its_code_is_enrolled_once(site: Site) -> None:
+    # a daemon's scheduler and a heartbeat may register at once: both send the same key and code
+    code = site.code_for("BUS-SELF")
+    device = DeviceKey.generate()
+    bodies = [enrol_body("BUS-SELF", device, code) for _ in range(8)]
+    path = site.server.url + protocol.register_path("BUS-SELF")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: httpx.post(path, json=body), bodies))
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [201], [a.text for a in answers]
+    held = site.host.storage.terminal("BUS-SELF")
+    assert held is not None and held.public_key == device.public_key_bytes.hex()
+
+
 def test_one_code_enrols_one_device_however_many_race(site: Site) -> None:
     code = site.code_for("BUS-RACE")
     devices = [DeviceKey.generate() for _ in range(8)]
