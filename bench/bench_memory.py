@@ -354,6 +354,12 @@ def hostile_app(scale: float, documents: dict[str, bytes]) -> Callable[..., Any]
         if path.startswith("/listcap"):  # a well-formed list header declaring 12 M entries
             prefix = bytearray(list_header())
             prefix[73:77] = (12_000_000).to_bytes(4, "big")  # n_add
+        if path.startswith("/listforged"):  # 12 M ascending entries, a signature of nothing
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for piece in forged_list(max(1000, int(12_000_000 * scale))):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
         if path.startswith("/huge") and mode == "declared":
             headers.append((b"content-length", str(gib).encode()))
         gone = asyncio.Event()
@@ -392,6 +398,19 @@ def list_header() -> bytes:
         sign=signer.sign,
         public_key_raw=signer.public_key_bytes,
     )[:81]
+
+
+def forged_list(count: int) -> Iterator[bytes]:
+    """A list header declaring ``count`` entries, that many ascending entries (1 MiB at a time)
+    and a trailer naming a key that is not in force: everything checks until the signature."""
+    header = bytearray(list_header())
+    header[73:77] = count.to_bytes(4, "big")  # n_add
+    yield bytes(header)
+    stride = (1 << 64) // count
+    step = MIB // 8
+    for first in range(0, count, step):
+        yield pack(range(first * stride, min(count, first + step) * stride, stride))
+    yield bytes(72)
 
 
 def genuine_lists(key: HostKey, scale: float) -> dict[str, bytes]:
@@ -477,6 +496,13 @@ DAEMON_ATTACKS = [
         "blacklist: a list header declaring 12 M entries (96 MB), then zeros",
         "pull_blacklist",
         "/listcap",
+        "",
+    ),
+    (
+        "blacklist: a list header declaring 12 M entries, 12 M ascending entries (96 MB), "
+        "a forged signature",
+        "pull_blacklist",
+        "/listforged",
         "",
     ),
     ("register + heartbeat answered with an endless stream", "send_heartbeat", "/endless", ""),
