@@ -65,7 +65,7 @@ import struct
 import sys
 import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -547,37 +547,34 @@ def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
     return _offsets_from_counts(counts), entries
 
 
-def _lower_bound(seg: bytes, key: bytes) -> int:
-    lo, hi = 0, len(seg) // _ENTRY
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if seg[_ENTRY * mid : _ENTRY * mid + _ENTRY] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[bytes, int, int]:
-    """Remove then add 6-byte keys in one sorted bucket by binary search (no full decode).
+    """Remove then add 6-byte keys (each list strictly ascending) in one sorted bucket: each key
+    is placed by binary search (``bisect`` over the slices, no decode of the bucket).
 
     Returns the new bucket and how many keys were really added and removed.
     """
     m = len(seg) // _ENTRY
+    positions = range(m)
+
+    def at(i: int) -> bytes:
+        return seg[_ENTRY * i : _ENTRY * i + _ENTRY]
+
     cuts: list[tuple[int, int, bytes]] = []  # (index, 0 = delete entry / 1 = insert before, key)
     deleted: set[bytes] = set()
-    for key in set(removes):
-        i = _lower_bound(seg, key)
-        if i < m and seg[_ENTRY * i : _ENTRY * i + _ENTRY] == key:
+    for key in removes:
+        i = bisect_left(positions, key, key=at)
+        if i < m and at(i) == key:
             cuts.append((i, 0, key))
             deleted.add(key)
     inserted = 0
-    for key in set(adds):
-        i = _lower_bound(seg, key)
-        if i < m and seg[_ENTRY * i : _ENTRY * i + _ENTRY] == key and key not in deleted:
+    for key in adds:
+        i = bisect_left(positions, key, key=at)
+        if i < m and at(i) == key and key not in deleted:
             continue  # already listed
         cuts.append((i, 1, key))
         inserted += 1
+    if not cuts:
+        return seg, 0, 0
     cuts.sort()
     out: list[bytes] = []
     pos = 0
@@ -590,7 +587,7 @@ def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[b
         else:
             out.append(key)
     out.append(seg[_ENTRY * pos :])
-    re_added = len(deleted & set(adds))
+    re_added = len(deleted.intersection(adds)) if deleted else 0
     return b"".join(out), inserted - re_added, len(deleted) - re_added
 
 
@@ -851,12 +848,13 @@ class Blacklist:
         if self._stamp is None:  # the empty list, in memory
             yield io.BytesIO(bytes(self._packed.buf[_DATA_START:]))
             return
-        with open(self.path, "rb") as file:
+        with open(self.path, "rb", buffering=_STEP) as file:
             if os.fstat(file.fileno()).st_ino != self._stamp[0]:
                 raise BlacklistFileError(
                     f"blacklist: {self.path} was replaced by another writer; not merged"
                 )
-            yield _FdReader(file.fileno(), _DATA_START)
+            file.seek(_DATA_START)
+            yield file
 
     def _check_acceptable(self, signed: ListHeader, now: float) -> bool:
         """Raise if the list must be refused; False if it changes nothing worth writing."""
@@ -970,19 +968,6 @@ class _Reader(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
 
-class _FdReader:
-    """Sequential reads of an open file from ``pos`` (``os.pread``: through the page cache, so
-    a merge does not make a mapped file's pages resident)."""
-
-    def __init__(self, fd: int, pos: int) -> None:
-        self.fd, self.pos = fd, pos
-
-    def read(self, size: int, /) -> bytes:
-        data = os.pread(self.fd, size, self.pos)
-        self.pos += len(data)
-        return data
-
-
 def _open_new(path: Path) -> BinaryIO:
     """A new local file, buffered, positioned after the room for its header and offsets."""
     out = open(path, "wb", buffering=_STEP)  # noqa: SIM115 - the caller's ``with``
@@ -1038,18 +1023,24 @@ def _merge_delta(
     add_next, remove_next = next(adds, None), next(removes, None)
     copied_to = 0  # entry index up to which the old entries are written
     added = removed = 0
+    offsets = packed.offsets
+    none: list[bytes] = []
     while add_next is not None or remove_next is not None:
-        bucket = min(g[0] for g in (add_next, remove_next) if g is not None)
-        add_keys: list[bytes] = []
-        remove_keys: list[bytes] = []
-        if add_next is not None and add_next[0] == bucket:
-            add_keys, add_next = add_next[1], next(adds, None)
-        if remove_next is not None and remove_next[0] == bucket:
-            remove_keys, remove_next = remove_next[1], next(removes, None)
-        start, end = packed.offsets[bucket], packed.offsets[bucket + 1]
-        _copy(old, out, _ENTRY * (start - copied_to))
-        segment = old.read(_ENTRY * (end - start))
-        edited, n_added, n_removed = _edit_bucket(segment, add_keys, remove_keys)
+        if remove_next is None or (add_next is not None and add_next[0] < remove_next[0]):
+            bucket, add_keys, remove_keys = add_next[0], add_next[1], none  # type: ignore[index]
+            add_next = next(adds, None)
+        elif add_next is None or remove_next[0] < add_next[0]:
+            bucket, add_keys, remove_keys = remove_next[0], none, remove_next[1]
+            remove_next = next(removes, None)
+        else:
+            bucket, add_keys, remove_keys = add_next[0], add_next[1], remove_next[1]
+            add_next, remove_next = next(adds, None), next(removes, None)
+        start, end = offsets[bucket], offsets[bucket + 1]
+        if start > copied_to:
+            _copy(old, out, _ENTRY * (start - copied_to))
+        edited, n_added, n_removed = _edit_bucket(
+            old.read(_ENTRY * (end - start)), add_keys, remove_keys
+        )
         added += n_added
         removed += n_removed
         out.write(edited)
