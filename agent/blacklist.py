@@ -547,29 +547,38 @@ def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
     return _offsets_from_counts(counts), entries
 
 
+_SPLITTERS: dict[int, struct.Struct] = {}
+
+
+def _split_entries(seg: bytes, m: int) -> tuple[bytes, ...]:
+    """The ``m`` 6-byte entries of a bucket as a tuple (one C call: ``struct``)."""
+    splitter = _SPLITTERS.get(m)
+    if splitter is None:
+        if len(_SPLITTERS) > 512:
+            _SPLITTERS.clear()
+        splitter = _SPLITTERS[m] = struct.Struct(f"{_ENTRY}s" * m)
+    return splitter.unpack(seg)
+
+
 def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[bytes, int, int]:
-    """Remove then add 6-byte keys (each list strictly ascending) in one sorted bucket: each key
-    is placed by binary search (``bisect`` over the slices, no decode of the bucket).
+    """Remove then add 6-byte keys (each list strictly ascending) in one sorted bucket: the
+    bucket is split into its entries (in C) and each key placed by ``bisect``.
 
     Returns the new bucket and how many keys were really added and removed.
     """
     m = len(seg) // _ENTRY
-    positions = range(m)
-
-    def at(i: int) -> bytes:
-        return seg[_ENTRY * i : _ENTRY * i + _ENTRY]
-
+    listed = _split_entries(seg, m)
     cuts: list[tuple[int, int, bytes]] = []  # (index, 0 = delete entry / 1 = insert before, key)
     deleted: set[bytes] = set()
     for key in removes:
-        i = bisect_left(positions, key, key=at)
-        if i < m and at(i) == key:
+        i = bisect_left(listed, key)
+        if i < m and listed[i] == key:
             cuts.append((i, 0, key))
             deleted.add(key)
     inserted = 0
     for key in adds:
-        i = bisect_left(positions, key, key=at)
-        if i < m and at(i) == key and key not in deleted:
+        i = bisect_left(listed, key)
+        if i < m and listed[i] == key and key not in deleted:
             continue  # already listed
         cuts.append((i, 1, key))
         inserted += 1
