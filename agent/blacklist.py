@@ -568,6 +568,23 @@ def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[b
     """
     m = len(seg) // _ENTRY
     listed = _split_entries(seg, m)
+    if not removes or not adds:  # the common case: one kind of change, one ascending pass
+        out: list[bytes] = []
+        pos = changed = 0
+        for key in adds or removes:
+            i = bisect_left(listed, key, pos)
+            found = i < m and listed[i] == key
+            if found == bool(adds):
+                continue  # an addition already listed, or a removal not listed
+            out.append(seg[_ENTRY * pos : _ENTRY * i])
+            if adds:
+                out.append(key)
+                pos = i
+            else:
+                pos = i + 1
+            changed += 1
+        out.append(seg[_ENTRY * pos :])
+        return b"".join(out), changed if adds else 0, 0 if adds else changed
     cuts: list[tuple[int, int, bytes]] = []  # (index, 0 = delete entry / 1 = insert before, key)
     deleted: set[bytes] = set()
     for key in removes:
@@ -585,7 +602,7 @@ def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[b
     if not cuts:
         return seg, 0, 0
     cuts.sort()
-    out: list[bytes] = []
+    out = []
     pos = 0
     for i, op, key in cuts:
         if i > pos:
