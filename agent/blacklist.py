@@ -99,6 +99,7 @@ _DATA_START = _FILE_HEADER.size + _OFFSETS_SIZE
 _STEP = 1 << 20  # bytes read, written or hashed at a time
 _ENTRY = 6
 _LOW_MASK = (1 << 48) - 1
+_SCAN = 32  # a lookup searches runs of up to this many entries with bytes.find
 ASN_MAX = (1 << 64) - 1
 
 
@@ -454,16 +455,22 @@ class _Packed:
         if lo == hi:
             return False
         key = (asn & _LOW_MASK).to_bytes(_ENTRY, "big")
-        buf, base = self.buf, self.data_start
-        while lo < hi:
+        buf, base, end = self.buf, self.data_start, hi
+        while hi - lo > _SCAN:  # binary search down to a short run...
             mid = (lo + hi) >> 1
             at = base + _ENTRY * mid
             if buf[at : at + _ENTRY] < key:
                 lo = mid + 1
             else:
                 hi = mid
-        at = base + _ENTRY * lo
-        return lo < self.offsets[bucket + 1] and buf[at : at + _ENTRY] == key
+        # the key, if listed, is at the lower bound: in lo..hi (hi included)
+        run = buf[base + _ENTRY * lo : base + _ENTRY * min(hi + 1, end)]
+        at = run.find(key)  # ...then one C search of it, at an entry boundary
+        while at >= 0:
+            if at % _ENTRY == 0:
+                return True
+            at = run.find(key, at + 1)
+        return False
 
     def counts(self) -> array[int]:
         """Entries per bucket."""

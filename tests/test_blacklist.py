@@ -383,3 +383,19 @@ def test_delta_that_does_not_give_the_signed_content_needs_a_snapshot(
     with pytest.raises(BlacklistBaseMismatch, match="signed content"):
         listed.apply(signer.delta(1, 2, add=[3]), signer.public, now=NOW)
     assert listed.version == 1 and not listed.contains_asn(3)
+
+
+def test_lookups_at_every_position_of_a_crowded_bucket(signer: Signer, path: Path) -> None:
+    """A lookup narrows a bucket by binary search, then searches a short run with bytes.find
+    at entry boundaries: every value around every listed one answers as a set does (issuers
+    crowd one bucket: the top 16 bits of real ASNs are the issuer's)."""
+    base = 0x5170_0701_0000_0000
+    listed_values = {base + 3 * k for k in range(1000)} | {base + 0x0001_0000_0000 + 7}
+    # entries whose bytes contain the key off an entry boundary must not match
+    listed_values |= {0x5170_0000_0000_0102, 0x5170_0304_0506_0000}
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(1, sorted(listed_values)), signer.public, now=NOW)
+    for probe in range(base - 5, base + 3 * 1000 + 5):
+        assert listed.contains_asn(probe) == (probe in listed_values), hex(probe)
+    assert not listed.contains_asn(0x5170_0001_0203_0405)
+    assert not listed.contains_asn(0x5170_0002_0304_0506)
