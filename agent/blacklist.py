@@ -3,11 +3,12 @@
 Lookup key: the card's 8-byte ASN (application serial EF15[12..19], cpu-purse.md §6.1 step 4) as
 an unsigned integer — the last 16 hex digits of ``CpuCard.card_id``.
 
-In memory (and on disk) the set is a *bucketed packed array*: the top 16 bits of the ASN pick
-one of 65,536 buckets, an offset table says where each bucket starts, and each entry keeps only
-the remaining 6 bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A
-lookup is one offset read plus a binary search over 6-byte slices (a few microseconds); 10
-million entries take 60 MB plus a 256 KB offset table.
+On disk the set is a *bucketed packed array*: the top 16 bits of the ASN pick one of 65,536
+buckets, an offset table says where each bucket starts, and each entry keeps only the remaining 6
+bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A lookup is one offset
+read plus a binary search over 6-byte slices (a few microseconds); 10 million entries take 60 MB
+plus a 256 KB offset table. The agent holds the file's image for its lookups; the sync daemon,
+which never looks cards up, holds only the header and offset table (``lookups=False``).
 
 Local file (``blacklist.bin`` next to the store; replaced atomically, so a delta applies
 entirely or not at all)::
@@ -17,20 +18,31 @@ entirely or not at all)::
     offsets: 65,537 x u32 little-endian (bucket b spans entries offsets[b]..offsets[b+1])
     entries: count x 6 bytes
 
-Signed list from the host (wire format, see ``clearinghost/openapi.json``). The signed bytes are the
-whole body before the trailer; the magic makes them useless as any other signed document::
+Signed list from the host (wire format, see ``clearinghost/openapi.json``)::
 
-    magic "CBLIST02" (8) | kind (1: 'S' snapshot, 'D' delta) | version u64 | base_version u64 |
+    magic "CBLIST03" (8) | kind (1: 'S' snapshot, 'D' delta) | version u64 | base_version u64 |
     issued_at u64 | expires_at u64 | content digest (32) | n_add u32 | n_remove u32
                                                                      -- big-endian, 81 bytes
     add:    n_add x u64 ASN, strictly ascending
     remove: n_remove x u64 ASN, strictly ascending (always 0 in a snapshot)
     trailer: key id (8 = first 8 bytes of SHA-256 of the host public key) | Ed25519 signature (64)
 
+The signature covers the header (the magic makes it useless as any other signed document)
+followed by the SHA-256 of the entries section (add and remove, as sent): a terminal verifies a
+list of any size while it streams past, holding only the running hash (:class:`ListReader`, sans
+I/O). ``CBLIST02`` signed the whole body, so the terminal had to hold it whole to verify it.
+
 The **content digest** binds the version to the whole list it names (snapshot or the result of
 the delta): SHA-256 of the local file's offset table and entries, the checksum the local file
 header keeps (:func:`list_digest`). A snapshot replaces the list; a delta from ``base_version``
 (= the terminal's version) adds and removes, and its result must have the signed digest.
+
+Applying (the sync daemon, :meth:`Blacklist.incoming` then :meth:`Blacklist.apply_incoming`): the
+answer streams into a file next to ``blacklist.bin`` (a snapshot already as the new file's
+entries, a delta as its sorted u64 sections) while it is hashed and checked for order; the
+signature is checked at the end, then a delta is merged bucket by bucket with the current file
+(read sequentially, never held whole), the result's digest is compared with the signed one, and
+only then is the new file renamed over the old one. Memory stays a few MB whatever the size.
 
 Refused: bad magic or length, unsorted entries, a signature that does not verify under one of
 the signing keys in force (:mod:`agent.trust`), a version below the current one (rollback), the
@@ -45,16 +57,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import itertools
+import operator
 import os
 import struct
 import sys
 import time
 from array import array
-from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import structlog
 from cryptography.exceptions import InvalidSignature
@@ -69,7 +84,7 @@ BLACKLIST_FILE = "blacklist.bin"
 KIND_SNAPSHOT = ord("S")
 KIND_DELTA = ord("D")
 
-LIST_MAGIC = b"CBLIST02"
+LIST_MAGIC = b"CBLIST03"
 _LIST_HEADER = struct.Struct(">8sBQQQQ32sII")
 DIGEST_SIZE = 32
 LIST_KEY_ID_SIZE = 8
@@ -80,8 +95,11 @@ FILE_MAGIC = b"CBLFILE1"
 _FILE_HEADER = struct.Struct(">8sQQQQQ32s")
 _BUCKETS = 1 << 16
 _OFFSETS_SIZE = 4 * (_BUCKETS + 1)
+_DATA_START = _FILE_HEADER.size + _OFFSETS_SIZE
+_STEP = 1 << 20  # bytes read, written or hashed at a time
 _ENTRY = 6
 _LOW_MASK = (1 << 48) - 1
+_SCAN = 32  # a lookup searches runs of up to this many entries with bytes.find
 ASN_MAX = (1 << 64) - 1
 
 
@@ -139,6 +157,32 @@ def keys_by_id(keys: Keys) -> dict[bytes, bytes]:
 
 
 @dataclass(frozen=True, slots=True)
+class ListHeader:
+    """The header of a signed list (not yet verified until :meth:`ListReader.finish`)."""
+
+    kind: int
+    version: int
+    base_version: int
+    issued_at: int
+    expires_at: int
+    content_digest: bytes
+    n_add: int
+    n_remove: int
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.kind == KIND_SNAPSHOT
+
+    @property
+    def kind_name(self) -> str:
+        return "snapshot" if self.is_snapshot else "delta"
+
+    @property
+    def document_size(self) -> int:
+        return int(_LIST_HEADER.size + 8 * (self.n_add + self.n_remove) + _LIST_TRAILER)
+
+
+@dataclass(frozen=True, slots=True)
 class SignedList:
     """A decoded and verified blacklist document. ``add``/``remove`` are packed u64 BE ASNs."""
 
@@ -164,6 +208,11 @@ class SignedList:
 
     def removed(self) -> list[int]:
         return _unpack_u64(self.remove)
+
+
+def signed_message(header: bytes, entries_sha256: bytes) -> bytes:
+    """The bytes a list's signature covers: its header, then SHA-256 of its entries section."""
+    return header + entries_sha256
 
 
 def encode_list(
@@ -204,66 +253,154 @@ def encode_list(
         len(added) // 8,
         len(removed) // 8,
     )
-    body = header + added + removed
-    return body + key_id_of(public_key_raw) + sign(body)
+    entries_hash = hashlib.sha256(added)
+    entries_hash.update(removed)
+    signature = sign(signed_message(header, entries_hash.digest()))
+    return b"".join((header, added, removed, key_id_of(public_key_raw), signature))
+
+
+def parse_list_header(prefix: bytes | bytearray) -> ListHeader | None:
+    """The header of a signed list from the document's first bytes; ``None`` until the whole
+    header is there. Raises :class:`BlacklistRejected` as soon as the bytes cannot be a list."""
+    if len(prefix) >= len(LIST_MAGIC) and bytes(prefix[: len(LIST_MAGIC)]) != LIST_MAGIC:
+        raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
+    if len(prefix) < _LIST_HEADER.size:
+        return None
+    _magic, kind, version, base, issued, expires, digest, n_add, n_remove = (
+        _LIST_HEADER.unpack_from(prefix)
+    )
+    if kind not in (KIND_SNAPSHOT, KIND_DELTA):
+        raise BlacklistRejected(f"blacklist: unknown document kind 0x{kind:02X}")
+    if kind == KIND_SNAPSHOT and (n_remove or base):
+        raise BlacklistRejected("blacklist: a snapshot must not carry removals or a base version")
+    if expires <= issued:
+        raise BlacklistRejected("blacklist: expires before it was issued")
+    return ListHeader(kind, version, base, issued, expires, bytes(digest), n_add, n_remove)
 
 
 def list_document_size(prefix: bytes) -> int | None:
     """The size a signed list's header declares (header, entries, key id, signature), read from
     the document's first bytes; ``None`` until the whole header is there. Raises
     :class:`BlacklistRejected` as soon as the bytes cannot be a list (a reader stops there)."""
-    if len(prefix) < _LIST_HEADER.size:
-        return None
-    magic, kind, *_, n_add, n_remove = _LIST_HEADER.unpack_from(prefix)
-    if magic != LIST_MAGIC:
-        raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
-    if kind not in (KIND_SNAPSHOT, KIND_DELTA):
-        raise BlacklistRejected(f"blacklist: unknown document kind 0x{kind:02X}")
-    return int(_LIST_HEADER.size + 8 * (n_add + n_remove) + _LIST_TRAILER)
+    header = parse_list_header(prefix)
+    return None if header is None else header.document_size
+
+
+SECTION_ADD = "add"
+SECTION_REMOVE = "remove"
+
+
+class ListReader:
+    """Reads a signed list as it streams in, sans I/O: :meth:`feed` takes bytes as they come
+    and returns the whole u64 entries they complete, by section (``add``/``remove``), checked
+    strictly ascending and hashed on the way; :meth:`finish` checks the length and verifies the
+    signature over the header and the running hash. Nothing is kept but the header, a partial
+    entry and the trailer. Every refusal is :class:`BlacklistRejected`."""
+
+    _CHUNK = 1 << 16  # entries checked per step
+
+    def __init__(self) -> None:
+        self.header: ListHeader | None = None
+        self._raw_header = b""
+        self._pending = bytearray()
+        self._hash = hashlib.sha256()
+        self._left = {SECTION_ADD: 0, SECTION_REMOVE: 0}
+        self._last = {SECTION_ADD: -1, SECTION_REMOVE: -1}
+        self._trailer = bytearray()
+        self.received = 0
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        """Take the next bytes; the complete entries they give, as (section, packed u64 BE)."""
+        self.received += len(data)
+        self._pending += data
+        out: list[tuple[str, bytes]] = []
+        if self.header is None:
+            header = parse_list_header(self._pending)
+            if header is None:
+                return out
+            self.header = header
+            self._raw_header = bytes(self._pending[: _LIST_HEADER.size])
+            del self._pending[: _LIST_HEADER.size]
+            self._left = {SECTION_ADD: header.n_add, SECTION_REMOVE: header.n_remove}
+        for section in (SECTION_ADD, SECTION_REMOVE):
+            while self._left[section] and len(self._pending) >= 8:
+                take = min(self._left[section], len(self._pending) // 8, self._CHUNK)
+                chunk = bytes(self._pending[: 8 * take])
+                del self._pending[: 8 * take]
+                self._check_ascending(section, chunk)
+                self._hash.update(chunk)
+                self._left[section] -= take
+                out.append((section, chunk))
+            if self._left[section]:
+                return out
+        self._trailer += self._pending
+        self._pending.clear()
+        if len(self._trailer) > _LIST_TRAILER:
+            raise BlacklistRejected(
+                f"blacklist: document runs past the {self.header.document_size} bytes its "
+                "header declares (padded)"
+            )
+        return out
+
+    def _check_ascending(self, section: str, chunk: bytes) -> None:
+        values = array("Q", chunk)
+        if sys.byteorder == "little":
+            values.byteswap()
+        if values[0] <= self._last[section] or not all(
+            map(operator.lt, values, itertools.islice(values, 1, None))
+        ):
+            raise BlacklistRejected(f"blacklist: {section}ed entries are not strictly ascending")
+        self._last[section] = values[-1]
+
+    def finish(self, keys: Keys) -> ListHeader:
+        """The whole document is in: check its length and verify its signature against the
+        signing keys in force. Returns the (now verified) header."""
+        header = self.header
+        if header is None or self._left[SECTION_ADD] or self._left[SECTION_REMOVE]:
+            raise BlacklistRejected(
+                f"blacklist: document of {self.received} bytes is truncated"
+                + (f" (its header says {header.document_size})" if header else "")
+            )
+        if len(self._trailer) != _LIST_TRAILER:
+            raise BlacklistRejected(
+                f"blacklist: document is {self.received} bytes, its header says "
+                f"{header.document_size} (truncated)"
+            )
+        key_id = bytes(self._trailer[:LIST_KEY_ID_SIZE])
+        signature = bytes(self._trailer[LIST_KEY_ID_SIZE:])
+        trusted = keys_by_id(keys)
+        public_key_raw = trusted.get(key_id)
+        if public_key_raw is None:
+            raise BlacklistRejected(
+                f"blacklist: signed by key {key_id.hex()}, not a signing key in force "
+                f"({', '.join(k.hex() for k in trusted)})"
+            )
+        message = signed_message(self._raw_header, self._hash.digest())
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, message)
+        except InvalidSignature:
+            raise BlacklistRejected("blacklist: bad signature (forged or corrupted list)") from None
+        return header
 
 
 def decode_list(data: bytes, keys: Keys) -> SignedList:
-    """Parse and verify a signed list against the signing keys in force. Raises
-    :class:`BlacklistRejected` with the reason."""
-    if len(data) < _LIST_HEADER.size + _LIST_TRAILER:
-        raise BlacklistRejected(f"blacklist: document of {len(data)} bytes is truncated")
-    magic, kind, version, base, issued, expires, digest, n_add, n_remove = _LIST_HEADER.unpack_from(
-        data
+    """Parse and verify a signed list held in memory (small lists, tools, tests) against the
+    signing keys in force. Raises :class:`BlacklistRejected` with the reason."""
+    reader = ListReader()
+    sections: dict[str, list[bytes]] = {SECTION_ADD: [], SECTION_REMOVE: []}
+    for section, chunk in reader.feed(data):
+        sections[section].append(chunk)
+    header = reader.finish(keys)
+    return SignedList(
+        header.kind,
+        header.version,
+        header.base_version,
+        header.issued_at,
+        header.expires_at,
+        header.content_digest,
+        b"".join(sections[SECTION_ADD]),
+        b"".join(sections[SECTION_REMOVE]),
     )
-    if magic != LIST_MAGIC:
-        raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
-    if kind not in (KIND_SNAPSHOT, KIND_DELTA):
-        raise BlacklistRejected(f"blacklist: unknown document kind 0x{kind:02X}")
-    body_len = _LIST_HEADER.size + 8 * (n_add + n_remove)
-    if len(data) != body_len + _LIST_TRAILER:
-        raise BlacklistRejected(
-            f"blacklist: document is {len(data)} bytes, its header says "
-            f"{body_len + _LIST_TRAILER} (truncated or padded)"
-        )
-    body = data[:body_len]
-    key_id = data[body_len : body_len + LIST_KEY_ID_SIZE]
-    signature = data[body_len + LIST_KEY_ID_SIZE :]
-    trusted = keys_by_id(keys)
-    public_key_raw = trusted.get(key_id)
-    if public_key_raw is None:
-        raise BlacklistRejected(
-            f"blacklist: signed by key {key_id.hex()}, not a signing key in force "
-            f"({', '.join(k.hex() for k in trusted)})"
-        )
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, body)
-    except InvalidSignature:
-        raise BlacklistRejected("blacklist: bad signature (forged or corrupted list)") from None
-    add = body[_LIST_HEADER.size : _LIST_HEADER.size + 8 * n_add]
-    remove = body[_LIST_HEADER.size + 8 * n_add :]
-    if kind == KIND_SNAPSHOT and (n_remove or base):
-        raise BlacklistRejected("blacklist: a snapshot must not carry removals or a base version")
-    for name, packed in (("added", add), ("removed", remove)):
-        if not _strictly_ascending(packed):
-            raise BlacklistRejected(f"blacklist: {name} entries are not strictly ascending")
-    if expires <= issued:
-        raise BlacklistRejected("blacklist: expires before it was issued")
-    return SignedList(kind, version, base, issued, expires, digest, bytes(add), bytes(remove))
 
 
 def list_digest(asns: Iterable[int]) -> bytes:
@@ -290,22 +427,12 @@ def _unpack_u64(packed: bytes) -> list[int]:
     return values.tolist()
 
 
-def _strictly_ascending(packed: bytes) -> bool:
-    # Big-endian fixed width: numeric order is byte order, compared 8 bytes at a time.
-    prev = b""
-    for i in range(0, len(packed), 8):
-        cur = packed[i : i + 8]
-        if cur <= prev:
-            return False
-        prev = cur
-    return True
-
-
 # --- the packed set -----------------------------------------------------------------------------
 
 
 class _Packed:
-    """The bucketed packed array inside one immutable ``bytes`` (the local file's image)."""
+    """The bucketed packed array inside one immutable ``bytes`` (the local file's image; or only
+    its header and offset table, when the entries are not loaded)."""
 
     __slots__ = ("buf", "count", "data_start", "offsets")
 
@@ -328,57 +455,74 @@ class _Packed:
         if lo == hi:
             return False
         key = (asn & _LOW_MASK).to_bytes(_ENTRY, "big")
-        buf, base = self.buf, self.data_start
-        while lo < hi:
+        buf, base, end = self.buf, self.data_start, hi
+        while hi - lo > _SCAN:  # binary search down to a short run...
             mid = (lo + hi) >> 1
             at = base + _ENTRY * mid
             if buf[at : at + _ENTRY] < key:
                 lo = mid + 1
             else:
                 hi = mid
-        at = base + _ENTRY * lo
-        return lo < self.offsets[bucket + 1] and buf[at : at + _ENTRY] == key
+        # the key, if listed, is at the lower bound: in lo..hi (hi included)
+        run = buf[base + _ENTRY * lo : base + _ENTRY * min(hi + 1, end)]
+        at = run.find(key)  # ...then one C search of it, at an entry boundary
+        while at >= 0:
+            if at % _ENTRY == 0:
+                return True
+            at = run.find(key, at + 1)
+        return False
 
-    def bucket_bytes(self, bucket: int) -> bytes:
-        start = self.data_start + _ENTRY * self.offsets[bucket]
-        return self.buf[start : self.data_start + _ENTRY * self.offsets[bucket + 1]]
+    def counts(self) -> array[int]:
+        """Entries per bucket."""
+        offsets = self.offsets
+        return array("I", (offsets[b + 1] - offsets[b] for b in range(_BUCKETS)))
 
-    def entries(self) -> bytes:
-        return self.buf[self.data_start :]
 
-    def offsets_array(self) -> array[int]:
-        return array("I", self.offsets)
+def _offsets_from_counts(counts: array[int]) -> array[int]:
+    offsets = array("I", bytes(4 * (_BUCKETS + 1)))
+    running = 0
+    for b in range(_BUCKETS):
+        offsets[b] = running
+        running += counts[b]
+    offsets[_BUCKETS] = running
+    return offsets
+
+
+def _table_bytes(offsets: array[int]) -> bytes:
+    table = array("I", offsets)
+    if sys.byteorder != "little":  # pragma: no cover
+        table.byteswap()
+    return table.tobytes()
 
 
 def _build_image(
     offsets: array[int], entries: bytes, *, version: int, issued_at: int, expires_at: int
 ) -> bytes:
     """The local file's bytes (header with checksum, offsets, entries)."""
-    count = len(entries) // _ENTRY
-    table = array("I", offsets)
-    if sys.byteorder != "little":  # pragma: no cover
-        table.byteswap()
-    table_bytes = table.tobytes()
+    table_bytes = _table_bytes(offsets)
     digest = hashlib.sha256(table_bytes)
     digest.update(entries)
-    header = _FILE_HEADER.pack(
-        FILE_MAGIC, version, issued_at, expires_at, count, int(time.time()), digest.digest()
+    header = _file_header(
+        version, issued_at, expires_at, len(entries) // _ENTRY, digest.digest(), int(time.time())
     )
     return header + table_bytes + entries
 
 
+def _file_header(
+    version: int, issued_at: int, expires_at: int, count: int, digest: bytes, applied_at: int
+) -> bytes:
+    return _FILE_HEADER.pack(FILE_MAGIC, version, issued_at, expires_at, count, applied_at, digest)
+
+
 def _image_digest(offsets: array[int], entries: bytes) -> bytes:
     """The checksum :func:`_build_image` writes: SHA-256 of offsets (u32 LE) and entries."""
-    table = array("I", offsets)
-    if sys.byteorder != "little":  # pragma: no cover
-        table.byteswap()
-    digest = hashlib.sha256(table.tobytes())
+    digest = hashlib.sha256(_table_bytes(offsets))
     digest.update(entries)
     return digest.digest()
 
 
-def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
-    """Offsets and 6-byte entries from strictly ascending u64 BE ASNs (a snapshot)."""
+def _six_byte_entries(packed: bytes) -> tuple[bytes, array[int]]:
+    """Ascending u64 BE ASNs as 6-byte low parts, and their bucket ids (ascending)."""
     n = len(packed) // 8
     entries = bytearray(_ENTRY * n)
     for k in range(_ENTRY):  # drop the 2 bucket bytes of every entry, in C
@@ -389,82 +533,83 @@ def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
     ids = array("H", bytes(buckets))
     if sys.byteorder == "little":
         ids.byteswap()
-    offsets = array("I", bytes(4 * (_BUCKETS + 1)))
-    for b in range(_BUCKETS + 1):
-        offsets[b] = bisect_left(ids, b) if b < _BUCKETS else n
-    return offsets, bytes(entries)
+    return bytes(entries), ids
 
 
-def _merge_delta(
-    packed: _Packed, add: list[int], remove: list[int]
-) -> tuple[array[int], bytes, int, int]:
-    """Apply a delta bucket by bucket; untouched runs of buckets are copied as one slice.
-
-    Returns offsets, entries, and how many entries were really added and removed.
-    """
-    changes: dict[int, tuple[list[bytes], list[bytes]]] = {}
-    for asn in add:
-        changes.setdefault(asn >> 48, ([], []))[0].append((asn & _LOW_MASK).to_bytes(_ENTRY))
-    for asn in remove:
-        changes.setdefault(asn >> 48, ([], []))[1].append((asn & _LOW_MASK).to_bytes(_ENTRY))
-    counts = [packed.offsets[b + 1] - packed.offsets[b] for b in range(_BUCKETS)]
-    pieces: list[bytes] = []
-    all_entries = packed.entries()
-    copied_to = 0  # entry index up to which the old entries are already in ``pieces``
-    added = removed = 0
-    for bucket in sorted(changes):
-        adds, removes = changes[bucket]
-        start, end = packed.offsets[bucket], packed.offsets[bucket + 1]
-        pieces.append(all_entries[_ENTRY * copied_to : _ENTRY * start])
-        edited, n_added, n_removed = _edit_bucket(packed.bucket_bytes(bucket), adds, removes)
-        added += n_added
-        removed += n_removed
-        pieces.append(edited)
-        counts[bucket] = len(edited) // _ENTRY
-        copied_to = end
-    pieces.append(all_entries[_ENTRY * copied_to :])
-    offsets = array("I", bytes(4 * (_BUCKETS + 1)))
-    running = 0
-    for b in range(_BUCKETS):
-        offsets[b] = running
-        running += counts[b]
-    offsets[_BUCKETS] = running
-    return offsets, b"".join(pieces), added, removed
+def _count_buckets(ids: array[int], counts: array[int]) -> None:
+    """Add the ascending bucket ids ``ids`` to the per-bucket ``counts``."""
+    lo = 0
+    while lo < len(ids):
+        bucket = ids[lo]
+        hi = bisect_right(ids, bucket, lo)
+        counts[bucket] += hi - lo
+        lo = hi
 
 
-def _lower_bound(seg: bytes, key: bytes) -> int:
-    lo, hi = 0, len(seg) // _ENTRY
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if seg[_ENTRY * mid : _ENTRY * mid + _ENTRY] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _image_from_sorted_u64(packed: bytes) -> tuple[array[int], bytes]:
+    """Offsets and 6-byte entries from strictly ascending u64 BE ASNs (a snapshot)."""
+    entries, ids = _six_byte_entries(packed)
+    counts = array("I", bytes(4 * _BUCKETS))
+    _count_buckets(ids, counts)
+    return _offsets_from_counts(counts), entries
+
+
+_SPLITTERS: dict[int, struct.Struct] = {}
+
+
+def _split_entries(seg: bytes, m: int) -> tuple[bytes, ...]:
+    """The ``m`` 6-byte entries of a bucket as a tuple (one C call: ``struct``)."""
+    splitter = _SPLITTERS.get(m)
+    if splitter is None:
+        if len(_SPLITTERS) > 512:
+            _SPLITTERS.clear()
+        splitter = _SPLITTERS[m] = struct.Struct(f"{_ENTRY}s" * m)
+    return splitter.unpack(seg)
 
 
 def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[bytes, int, int]:
-    """Remove then add 6-byte keys in one sorted bucket by binary search (no full decode).
+    """Remove then add 6-byte keys (each list strictly ascending) in one sorted bucket: the
+    bucket is split into its entries (in C) and each key placed by ``bisect``.
 
     Returns the new bucket and how many keys were really added and removed.
     """
     m = len(seg) // _ENTRY
+    listed = _split_entries(seg, m)
+    if not removes or not adds:  # the common case: one kind of change, one ascending pass
+        out: list[bytes] = []
+        pos = changed = 0
+        for key in adds or removes:
+            i = bisect_left(listed, key, pos)
+            found = i < m and listed[i] == key
+            if found == bool(adds):
+                continue  # an addition already listed, or a removal not listed
+            out.append(seg[_ENTRY * pos : _ENTRY * i])
+            if adds:
+                out.append(key)
+                pos = i
+            else:
+                pos = i + 1
+            changed += 1
+        out.append(seg[_ENTRY * pos :])
+        return b"".join(out), changed if adds else 0, 0 if adds else changed
     cuts: list[tuple[int, int, bytes]] = []  # (index, 0 = delete entry / 1 = insert before, key)
     deleted: set[bytes] = set()
-    for key in set(removes):
-        i = _lower_bound(seg, key)
-        if i < m and seg[_ENTRY * i : _ENTRY * i + _ENTRY] == key:
+    for key in removes:
+        i = bisect_left(listed, key)
+        if i < m and listed[i] == key:
             cuts.append((i, 0, key))
             deleted.add(key)
     inserted = 0
-    for key in set(adds):
-        i = _lower_bound(seg, key)
-        if i < m and seg[_ENTRY * i : _ENTRY * i + _ENTRY] == key and key not in deleted:
+    for key in adds:
+        i = bisect_left(listed, key)
+        if i < m and listed[i] == key and key not in deleted:
             continue  # already listed
         cuts.append((i, 1, key))
         inserted += 1
+    if not cuts:
+        return seg, 0, 0
     cuts.sort()
-    out: list[bytes] = []
+    out = []
     pos = 0
     for i, op, key in cuts:
         if i > pos:
@@ -475,7 +620,7 @@ def _edit_bucket(seg: bytes, adds: list[bytes], removes: list[bytes]) -> tuple[b
         else:
             out.append(key)
     out.append(seg[_ENTRY * pos :])
-    re_added = len(deleted & set(adds))
+    re_added = len(deleted.intersection(adds)) if deleted else 0
     return b"".join(out), inserted - re_added, len(deleted) - re_added
 
 
@@ -498,26 +643,35 @@ class Blacklist:
     agent): readers notice a replaced file within ``auto_refresh_s`` on their next lookup.
     """
 
-    def __init__(self, path: Path, *, auto_refresh_s: float | None = 1.0) -> None:
+    def __init__(
+        self, path: Path, *, auto_refresh_s: float | None = 1.0, lookups: bool = True
+    ) -> None:
         self.path = path
         self.auto_refresh_s = auto_refresh_s
+        # False (the sync daemon, status tools): only the header and offset table are held;
+        # the entries are read at the first lookup, if any
+        self.lookups = lookups
         self._packed = _Packed(_empty_image(), 0)
+        self._entries_loaded = True
         self.version = 0
         self.issued_at = 0
         self.expires_at = 0
         self.applied_at = 0
-        self.content_digest = _image_digest(self._packed.offsets_array(), b"")
+        self.content_digest = _image_digest(array("I", bytes(4 * (_BUCKETS + 1))), b"")
         self.checked_at: float | None = None  # the newest verified list from the host
         self._stamp: tuple[int, int, int] | None = None
         self._checked_at = time.monotonic()
 
     @classmethod
-    def open(cls, path: Path, *, auto_refresh_s: float | None = 1.0) -> Blacklist:
-        """Load ``path`` if it exists (an absent file is the empty list, version 0).
+    def open(
+        cls, path: Path, *, auto_refresh_s: float | None = 1.0, lookups: bool = True
+    ) -> Blacklist:
+        """Load ``path`` if it exists (an absent file is the empty list, version 0); with
+        ``lookups=False`` only its header and offset table (the file is still checked whole).
 
         Raises :class:`BlacklistFileError` if the file is corrupt or truncated.
         """
-        blacklist = cls(path, auto_refresh_s=auto_refresh_s)
+        blacklist = cls(path, auto_refresh_s=auto_refresh_s, lookups=lookups)
         blacklist.refresh(force=True)
         return blacklist
 
@@ -536,6 +690,9 @@ class Blacklist:
                     self.refresh()
                 except BlacklistFileError as exc:  # keep answering from the list in memory
                     log.error("blacklist reload failed; keeping the loaded list", error=str(exc))
+        if not self._entries_loaded:
+            self.lookups = True
+            self._load(check=True)
         return self._packed.contains(asn)
 
     def __contains__(self, card_id: object) -> bool:
@@ -570,7 +727,8 @@ class Blacklist:
         }
 
     def memory_bytes(self) -> int:
-        """Bytes held by the packed structure (file image: header, offsets, entries)."""
+        """Bytes of the packed structure (the file image: header, offsets, entries), mapped:
+        only the pages lookups touch are resident."""
         return len(self._packed.buf)
 
     # --- loading ---------------------------------------------------------------------------
@@ -586,71 +744,124 @@ class Blacklist:
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if not force and stamp == self._stamp:
             return False
-        try:
-            image = self.path.read_bytes()
-        except OSError as exc:
-            raise BlacklistFileError(f"blacklist: cannot read {self.path}: {exc}") from exc
-        self._install(image, _check_image(image, self.path))
-        self._stamp = stamp
+        self._load(check=True)
         log.info("blacklist loaded", path=str(self.path), version=self.version, count=self.count)
         return True
 
-    def _install(self, image: bytes, header: tuple[int, int, int, int, int, bytes]) -> None:
+    def _load(self, *, check: bool) -> None:
+        """Read the file (checked whole when ``check``): all of it for lookups, else its header
+        and offset table only (the rest is hashed one step at a time)."""
+        try:
+            with open(self.path, "rb") as file:
+                st = os.fstat(file.fileno())
+                if self.lookups:
+                    image = file.read()
+                    header = _check_image(image, self.path, checksum=check)
+                else:
+                    header = _check_file(file, st.st_size, self.path, checksum=check)
+                    image = os.pread(file.fileno(), _DATA_START, 0)
+        except OSError as exc:
+            raise BlacklistFileError(f"blacklist: cannot read {self.path}: {exc}") from exc
         version, issued_at, expires_at, count, applied_at, digest = header
-        self._packed = _Packed(image, count)
+        packed = _Packed(image, count)
+        if packed.offsets[_BUCKETS] != count or packed.offsets[0] != 0:
+            raise BlacklistFileError(f"blacklist: {self.path} has an inconsistent offset table")
+        self._entries_loaded = self.lookups
+        self._packed = packed
         self.version, self.issued_at, self.expires_at = version, issued_at, expires_at
         self.applied_at = applied_at
         self.content_digest = digest
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     # --- applying a signed list (the sync daemon) --------------------------------------------
 
+    def incoming(self) -> IncomingList:
+        """A list about to stream in from the host: feed it the answer's bytes as they come
+        (:meth:`IncomingList.feed`), then :meth:`apply_incoming` it (or ``discard`` it)."""
+        return IncomingList(self.path)
+
     def apply(self, document: bytes, keys: Keys, *, now: float | None = None) -> ApplyResult:
-        """Verify a signed snapshot or delta against the signing keys in force and replace the
-        local file atomically.
+        """Verify a signed snapshot or delta held in memory and apply it (see
+        :meth:`apply_incoming`)."""
+        incoming = self.incoming()
+        try:
+            view = memoryview(document)
+            for start in range(0, len(view), _STEP):
+                incoming.feed(view[start : start + _STEP])
+        except BaseException:
+            incoming.discard()
+            raise
+        return self.apply_incoming(incoming, keys, now=now)
+
+    def apply_incoming(
+        self, incoming: IncomingList, keys: Keys, *, now: float | None = None
+    ) -> ApplyResult:
+        """Verify a list that streamed in against the signing keys in force and replace the
+        local file atomically. The incoming file is removed either way.
 
         Raises :class:`BlacklistRejected` (the list is refused; nothing changes) or
         :class:`BlacklistFileError` (the disk failed; nothing changes).
         """
-        signed = decode_list(document, keys)
+        try:
+            return self._apply_incoming(incoming, keys, now)
+        finally:
+            incoming.discard()
+
+    def _apply_incoming(self, incoming: IncomingList, keys: Keys, now: float | None) -> ApplyResult:
+        signed = incoming.finish(keys)
         moment = time.time() if now is None else now
         if not self._check_acceptable(signed, moment):
             log.debug("blacklist unchanged", version=self.version)
             self.checked_at = moment
             return ApplyResult("unchanged", self.version, self.version, self.count, 0, 0)
         previous = self.version
-        if signed.version == self.version:  # a re-issue of the same content: a new expiry
-            offsets, entries = self._packed.offsets_array(), self._packed.entries()
-            added = removed = 0
-        elif signed.is_snapshot:
-            offsets, entries = _image_from_sorted_u64(signed.add)
-            added, removed = len(entries) // _ENTRY, self.count
-        else:
-            offsets, entries, added, removed = _merge_delta(
-                self._packed, signed.added(), signed.removed()
-            )
-        if _image_digest(offsets, entries) != signed.content_digest:
-            if signed.is_snapshot:
-                raise BlacklistRejected(
-                    f"blacklist: snapshot version {signed.version} does not hold the content "
-                    "its digest names (corrupt or forged by a signing key)"
+        new = self.path.with_name(f"{self.path.name}.tmp-new")
+        try:
+            if signed.version == self.version:  # a re-issue of the same content: a new expiry
+                target = new
+                with self._old_entries() as old, _open_new(new) as out:
+                    _copy(old, out, _ENTRY * self.count)
+                    out.flush()
+                counts, added, removed = self._packed.counts(), 0, 0
+            elif signed.is_snapshot:
+                target = incoming.path
+                counts, added, removed = incoming.counts, signed.n_add, self.count
+            else:
+                target = new
+                with self._old_entries() as old, _open_new(new) as out:
+                    counts, added, removed = _merge_delta(
+                        old, self._packed, incoming.path, signed.n_add, signed.n_remove, out
+                    )
+                    out.flush()
+            offsets = _offsets_from_counts(counts)
+            table = _table_bytes(offsets)
+            digest = _file_entries_digest(target, table)
+            if digest != signed.content_digest:
+                if signed.is_snapshot:
+                    raise BlacklistRejected(
+                        f"blacklist: snapshot version {signed.version} does not hold the content "
+                        "its digest names (corrupt or forged by a signing key)"
+                    )
+                # Our list at the base version is not the host's: start again from a snapshot.
+                raise BlacklistBaseMismatch(
+                    f"blacklist: delta {signed.base_version} -> {signed.version} applied to the "
+                    "loaded list does not give the signed content; a snapshot is needed"
                 )
-            # Our list at the base version is not the host's: start again from a snapshot.
-            raise BlacklistBaseMismatch(
-                f"blacklist: delta {signed.base_version} -> {signed.version} applied to the "
-                "loaded list does not give the signed content; a snapshot is needed"
+            head = _file_header(
+                signed.version,
+                signed.issued_at,
+                signed.expires_at,
+                offsets[_BUCKETS],
+                digest,
+                int(time.time()),
             )
-        image = _build_image(
-            offsets,
-            entries,
-            version=signed.version,
-            issued_at=signed.issued_at,
-            expires_at=signed.expires_at,
-        )
-        write_atomically(self.path, image)
-        self._install(image, _check_image(image, self.path))
-        with contextlib.suppress(OSError):
-            st = self.path.stat()
-            self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            _finish_file(target, head + table, self.path)
+        except OSError as exc:
+            raise BlacklistFileError(f"blacklist: could not write {self.path}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                new.unlink()
+        self._load(check=False)  # written and digested just now
         self.checked_at = moment
         result = ApplyResult(signed.kind_name, signed.version, previous, self.count, added, removed)
         log.info(
@@ -664,7 +875,21 @@ class Blacklist:
         )
         return result
 
-    def _check_acceptable(self, signed: SignedList, now: float) -> bool:
+    @contextlib.contextmanager
+    def _old_entries(self) -> Iterator[_Reader]:
+        """The loaded list's entries, read sequentially from its file (never all at once)."""
+        if self._stamp is None:  # the empty list, in memory
+            yield io.BytesIO(bytes(self._packed.buf[_DATA_START:]))
+            return
+        with open(self.path, "rb", buffering=_STEP) as file:
+            if os.fstat(file.fileno()).st_ino != self._stamp[0]:
+                raise BlacklistFileError(
+                    f"blacklist: {self.path} was replaced by another writer; not merged"
+                )
+            file.seek(_DATA_START)
+            yield file
+
+    def _check_acceptable(self, signed: ListHeader, now: float) -> bool:
         """Raise if the list must be refused; False if it changes nothing worth writing."""
         if signed.expires_at <= now:
             raise BlacklistRejected(
@@ -691,7 +916,7 @@ class Blacklist:
                     f"blacklist: version {signed.version} again with other content "
                     "(refused as an attack)"
                 )
-            if not signed.is_snapshot and (signed.add or signed.remove):
+            if not signed.is_snapshot and (signed.n_add or signed.n_remove):
                 raise BlacklistRejected(
                     f"blacklist: delta to the current version {signed.version} carries changes"
                 )
@@ -711,28 +936,218 @@ class Blacklist:
         return True
 
 
+class IncomingList:
+    """A signed list streaming in from the host, kept in a file next to ``blacklist.bin``
+    (``blacklist.bin.tmp-incoming``, one at a time: the daemon is the one writer). A snapshot is
+    written as the new local file's entries (6 bytes each, after room for the header and the
+    offset table) with its bucket counts; a delta as its u64 sections, add then remove. The
+    bytes are checked by a :class:`ListReader` on the way; nothing counts until
+    :meth:`Blacklist.apply_incoming` has verified the signature and the content digest."""
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(f"{target.name}.tmp-incoming")
+        self.reader = ListReader()
+        self.counts = array("I", bytes(4 * _BUCKETS))
+        self._file: BinaryIO | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """The answer's next bytes. Raises :class:`BlacklistRejected` when they cannot be
+        (part of) a list, :class:`BlacklistFileError` when the disk fails."""
+        chunks = self.reader.feed(bytes(data))
+        if self.reader.header is None:
+            return
+        try:
+            out = self._open()
+            for _section, chunk in chunks:
+                if self.reader.header.is_snapshot:
+                    entries, ids = _six_byte_entries(chunk)
+                    _count_buckets(ids, self.counts)
+                    out.write(entries)
+                else:
+                    out.write(chunk)
+        except OSError as exc:
+            self.discard()
+            raise BlacklistFileError(f"blacklist: could not write {self.path}: {exc}") from exc
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            self._file = open(self.path, "wb", buffering=_STEP)  # noqa: SIM115 - kept open
+            if self.reader.header is not None and self.reader.header.is_snapshot:
+                self._file.write(bytes(_DATA_START))  # room for the header and offset table
+        return self._file
+
+    def finish(self, keys: Keys) -> ListHeader:
+        """All bytes are in: verify (:meth:`ListReader.finish`) and close the file."""
+        header = self.reader.finish(keys)
+        try:
+            out = self._open()
+            out.flush()
+            out.close()
+        except OSError as exc:
+            raise BlacklistFileError(f"blacklist: could not write {self.path}: {exc}") from exc
+        return header
+
+    def discard(self) -> None:
+        """Close and remove the incoming file (after it was applied or refused)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class _Reader(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _open_new(path: Path) -> BinaryIO:
+    """A new local file, buffered, positioned after the room for its header and offsets."""
+    out = open(path, "wb", buffering=_STEP)  # noqa: SIM115 - the caller's ``with``
+    out.write(bytes(_DATA_START))
+    return out
+
+
+def _copy(old: _Reader, out: BinaryIO, size: int) -> None:
+    """``size`` bytes from ``old`` to ``out``, at most one step at a time."""
+    while size > 0:
+        piece = old.read(min(size, _STEP))
+        if not piece:
+            raise BlacklistFileError("blacklist: the loaded file ended early (truncated?)")
+        out.write(piece)
+        size -= len(piece)
+
+
+def _bucket_groups(path: Path, start: int, count: int) -> Iterator[tuple[int, list[bytes]]]:
+    """The ascending u64 ASNs stored at ``start`` in ``path``, by bucket: (bucket, 6-byte keys),
+    read one step at a time."""
+    bucket, keys = -1, list[bytes]()
+    with open(path, "rb") as file:
+        file.seek(start)
+        left = count
+        while left:
+            take = min(left, _STEP // 8)
+            chunk = file.read(8 * take)
+            if len(chunk) != 8 * take:
+                raise BlacklistFileError(f"blacklist: {path} ended early")
+            left -= take
+            entries, ids = _six_byte_entries(chunk)
+            for i, b in enumerate(ids):
+                if b != bucket:
+                    if keys:
+                        yield bucket, keys
+                    bucket, keys = b, []
+                keys.append(entries[_ENTRY * i : _ENTRY * i + _ENTRY])
+    if keys:
+        yield bucket, keys
+
+
+def _merge_delta(
+    old: _Reader, packed: _Packed, delta: Path, n_add: int, n_remove: int, out: BinaryIO
+) -> tuple[array[int], int, int]:
+    """Write the loaded list with a delta applied, bucket by bucket: the entries of untouched
+    buckets are copied from ``old`` in steps, a changed bucket is edited by binary search.
+
+    Returns the new per-bucket counts and how many entries were really added and removed.
+    """
+    counts = packed.counts()
+    adds = _bucket_groups(delta, 0, n_add)
+    removes = _bucket_groups(delta, 8 * n_add, n_remove)
+    add_next, remove_next = next(adds, None), next(removes, None)
+    copied_to = 0  # entry index up to which the old entries are written
+    added = removed = 0
+    offsets = packed.offsets
+    none: list[bytes] = []
+    while add_next is not None or remove_next is not None:
+        if remove_next is None or (add_next is not None and add_next[0] < remove_next[0]):
+            bucket, add_keys, remove_keys = add_next[0], add_next[1], none  # type: ignore[index]
+            add_next = next(adds, None)
+        elif add_next is None or remove_next[0] < add_next[0]:
+            bucket, add_keys, remove_keys = remove_next[0], none, remove_next[1]
+            remove_next = next(removes, None)
+        else:
+            bucket, add_keys, remove_keys = add_next[0], add_next[1], remove_next[1]
+            add_next, remove_next = next(adds, None), next(removes, None)
+        start, end = offsets[bucket], offsets[bucket + 1]
+        if start > copied_to:
+            _copy(old, out, _ENTRY * (start - copied_to))
+        edited, n_added, n_removed = _edit_bucket(
+            old.read(_ENTRY * (end - start)), add_keys, remove_keys
+        )
+        added += n_added
+        removed += n_removed
+        out.write(edited)
+        counts[bucket] = len(edited) // _ENTRY
+        copied_to = end
+    _copy(old, out, _ENTRY * (packed.count - copied_to))
+    return counts, added, removed
+
+
+def _file_entries_digest(path: Path, table: bytes) -> bytes:
+    """SHA-256 of ``table`` and the entries of the file at ``path`` (read in steps)."""
+    digest = hashlib.sha256(table)
+    with open(path, "rb") as file:
+        file.seek(_DATA_START)
+        while piece := file.read(_STEP):
+            digest.update(piece)
+    return digest.digest()
+
+
+def _finish_file(path: Path, head: bytes, target: Path) -> None:
+    """Write the header and offset table at the start of ``path``, fsync it, rename it over
+    ``target``, fsync the directory."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(head)
+        at = 0
+        while at < len(view):
+            at += os.pwrite(fd, view[at:], at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _check_image(
+    image: bytes, path: Path, *, checksum: bool
+) -> tuple[int, int, int, int, int, bytes]:
+    """The header of the local file held in memory, checked like :func:`_check_file`."""
+    return _check_file(io.BytesIO(image), len(image), path, checksum=checksum)
+
+
 def _empty_image() -> bytes:
     return _build_image(
         array("I", bytes(4 * (_BUCKETS + 1))), b"", version=0, issued_at=0, expires_at=0
     )
 
 
-def _check_image(image: bytes, path: Path) -> tuple[int, int, int, int, int, bytes]:
-    if len(image) < _FILE_HEADER.size + _OFFSETS_SIZE:
-        raise BlacklistFileError(f"blacklist: {path} is truncated ({len(image)} bytes)")
-    magic, version, issued, expires, count, applied, digest = _FILE_HEADER.unpack_from(image)
+def _check_file(
+    file: BinaryIO, size: int, path: Path, *, checksum: bool
+) -> tuple[int, int, int, int, int, bytes]:
+    """The header of the local file, checked against its size and (``checksum``) its checksum,
+    read one step at a time."""
+    head = file.read(_FILE_HEADER.size)
+    if size < _DATA_START or len(head) < _FILE_HEADER.size:
+        raise BlacklistFileError(f"blacklist: {path} is truncated ({size} bytes)")
+    magic, version, issued, expires, count, applied, digest = _FILE_HEADER.unpack_from(head)
     if magic != FILE_MAGIC:
         raise BlacklistFileError(f"blacklist: {path} is not a blacklist file (bad magic)")
-    expected = _FILE_HEADER.size + _OFFSETS_SIZE + _ENTRY * count
-    if len(image) != expected:
+    expected = _DATA_START + _ENTRY * count
+    if size != expected:
         raise BlacklistFileError(
-            f"blacklist: {path} is {len(image)} bytes, its header says {expected} (truncated)"
+            f"blacklist: {path} is {size} bytes, its header says {expected} (truncated)"
         )
-    if hashlib.sha256(memoryview(image)[_FILE_HEADER.size :]).digest() != digest:
-        raise BlacklistFileError(f"blacklist: {path} is corrupt (checksum mismatch)")
-    packed = _Packed(image, count)
-    if packed.offsets[_BUCKETS] != count or packed.offsets[0] != 0:
-        raise BlacklistFileError(f"blacklist: {path} has an inconsistent offset table")
+    if checksum:
+        running = hashlib.sha256()
+        while piece := file.read(_STEP):
+            running.update(piece)
+        if running.digest() != digest:
+            raise BlacklistFileError(f"blacklist: {path} is corrupt (checksum mismatch)")
     return version, issued, expires, count, applied, digest
 
 

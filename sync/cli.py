@@ -180,7 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
     finally:
         store.close()
-    figures.update(Blacklist.open(args.data_dir / BLACKLIST_FILE, auto_refresh_s=None).health())
+    figures.update(
+        Blacklist.open(args.data_dir / BLACKLIST_FILE, auto_refresh_s=None, lookups=False).health()
+    )
     figures["lists_checked_at"] = read_checks(args.data_dir / CHECKS_FILE)
     # this terminal's clock minus the host's, at the last heartbeat (positive: ahead)
     figures.update(read_clock_offset(args.data_dir / CLOCK_OFFSET_FILE))

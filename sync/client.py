@@ -8,7 +8,9 @@ Answers are read as a stream with a bounded size: the client asks for ``gzip`` o
 it itself with a cap on the output (``zlib`` ``max_length``), so neither a large body nor a small
 one that inflates to gigabytes is ever held in memory. A blacklist is also checked as it
 arrives: bytes that cannot be a signed list are refused at its header, and a list may not run
-past the size its header declares. A body past the call's cap, a
+past the size its header declares; it is handed on in steps as it arrives (``sink``: the daemon
+streams it to a file beside the blacklist, :class:`agent.blacklist.IncomingList`), never held
+whole. A body past the call's cap, a
 ``Content-Encoding`` it did not ask for, or a corrupt gzip is a :class:`ProtocolError`, raised
 before anything is parsed, verified or applied. Caps: JSON answers 1 MiB, a parameter set 4 MiB,
 a blacklist 96 MiB (a snapshot of 10 M cards is 80 MB); an error body is cut at 64 KiB.
@@ -47,6 +49,7 @@ _IDENTITY = frozenset({"", "identity"})
 _STEP = 1024 * 1024  # inflate at most this much per step
 _PREFIX_BYTES = 256  # what a size_of check is shown of a body's start
 SizeOf = Callable[[bytes], int | None]
+Sink = Callable[[bytes], None]
 
 
 @dataclass(frozen=True)
@@ -173,12 +176,16 @@ class SyncClient:
         )
         return protocol.parse_ack(self._json(response), batch, local_last_seq, host_public_key)
 
-    def fetch_blacklist(self, since: int) -> bytes:
+    def fetch_blacklist(self, since: int, sink: Sink | None = None) -> bytes:
+        """The signed list (delta from ``since`` or snapshot). With ``sink``, its decoded bytes
+        go there in steps as they arrive and nothing is returned (``b""``); a
+        :class:`BlacklistRejected` the sink raises refuses the answer (ProtocolError)."""
         response = self._send(
             "GET",
             protocol.BLACKLIST_PATH,
             limit=MAX_LIST_ANSWER_BYTES,
             size_of=list_document_size,
+            sink=sink,
             params={"since": since},
         )
         return response.content
@@ -222,6 +229,7 @@ class SyncClient:
         *,
         limit: int = MAX_JSON_ANSWER_BYTES,
         size_of: SizeOf | None = None,
+        sink: Sink | None = None,
         **kwargs: Any,
     ) -> Answer:
         try:
@@ -230,7 +238,7 @@ class SyncClient:
             self._note_host_date(response.headers.get("date"))
             try:
                 if response.status_code < 400:
-                    content = _read_bounded(response, limit, size_of=size_of)
+                    content = _read_bounded(response, limit, size_of=size_of, sink=sink)
                     return Answer(response.status_code, content, path)
                 answer = Answer(
                     response.status_code,
@@ -287,12 +295,18 @@ class SyncClient:
 
 
 def _read_bounded(
-    response: httpx.Response, limit: int, *, truncate: bool = False, size_of: SizeOf | None = None
+    response: httpx.Response,
+    limit: int,
+    *,
+    truncate: bool = False,
+    size_of: SizeOf | None = None,
+    sink: Sink | None = None,
 ) -> bytes:
     """The decoded body, at most ``limit`` bytes before and after inflation. Past the cap:
     :class:`_Refused` (or, with ``truncate``, the first ``limit`` bytes). ``size_of``: the size
     the body's first bytes declare (``None`` until it can tell; raises if they cannot be
-    right); the cap then becomes that size."""
+    right); the cap then becomes that size. ``sink``: each decoded step goes there (checked
+    against the cap first) instead of being kept; ``b""`` is returned."""
     encoding = response.headers.get("content-encoding", "").strip().lower()
     if encoding not in _IDENTITY and encoding != "gzip":
         if truncate:
@@ -302,7 +316,8 @@ def _read_bounded(
     if not truncate and declared.isdigit() and int(declared) > limit:
         raise _Refused(f"declares {declared} bytes, over the cap of {limit}")
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if encoding == "gzip" else None
-    out = bytearray()
+    out = bytearray()  # the body, or with a sink its first bytes only
+    total = 0  # decoded bytes so far
     received, raw_limit = 0, limit  # the wire bytes keep the call's cap (gzip may add a little)
     for chunk in response.iter_raw():
         received += len(chunk)
@@ -312,28 +327,37 @@ def _read_bounded(
                 data, pending = pending, b""
             else:
                 try:  # at most _STEP bytes at a time: a bomb never lands in memory whole
-                    data = inflater.decompress(pending, min(_STEP, limit + 1 - len(out)))
+                    data = inflater.decompress(pending, min(_STEP, limit + 1 - total))
                 except zlib.error as exc:
                     if truncate:
                         return bytes(out[:limit])
                     raise _Refused(f"is not valid gzip: {exc}") from None
                 pending = inflater.unconsumed_tail
-            if len(out) + len(data) > limit or received > raw_limit:
+            if total + len(data) > limit or received > raw_limit:
                 if truncate:
                     return bytes((out + data)[:limit])
                 raise _Refused(f"is over the cap of {limit} bytes (inflated or not)")
-            out += data
+            total += len(data)
+            if sink is None:
+                out += data
+            elif len(out) < _PREFIX_BYTES:
+                out += data[: _PREFIX_BYTES - len(out)]
             if size_of is not None:
                 try:
                     expected = size_of(bytes(out[:_PREFIX_BYTES]))
                 except BlacklistRejected as exc:
                     raise _Refused(f"is refused at its first bytes: {exc}") from None
                 if expected is not None:
-                    if expected > limit or len(out) > expected:
+                    if expected > limit or total > expected:
                         raise _Refused(
-                            f"declares {expected} bytes (cap {limit}); {len(out)} came already"
+                            f"declares {expected} bytes (cap {limit}); {total} came already"
                         )
                     limit, size_of = expected, None
+            if sink is not None and data:
+                try:
+                    sink(data)
+                except BlacklistRejected as exc:
+                    raise _Refused(f"is refused: {exc}") from None
     if inflater is not None and not inflater.eof and not truncate:
         raise _Refused("is a truncated gzip stream")
-    return bytes(out)
+    return b"" if sink is not None else bytes(out)

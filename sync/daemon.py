@@ -68,6 +68,7 @@ from agent.blacklist import (
     BlacklistBaseMismatch,
     BlacklistFileError,
     BlacklistRejected,
+    IncomingList,
     write_atomically,
 )
 from agent.clock import CLOCK_OFFSET_FILE
@@ -337,22 +338,37 @@ class SyncDaemon:
         return accepted
 
     def pull_blacklist(self) -> ApplyResult | None:
-        """Fetch and apply; ``None`` if the list is unchanged. Raises ListRejected."""
+        """Fetch and apply; ``None`` if the list is unchanged. Raises ListRejected.
+
+        The answer streams to a file beside the blacklist while it is checked and hashed
+        (:class:`agent.blacklist.IncomingList`); it is verified and applied only once whole."""
         self.pull_root()
         since = self.blacklist.version
-        document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(since))
         try:
             try:
-                result = self.blacklist.apply(document, self.signing_keys)
+                result = self._apply_blacklist(since)
             except BlacklistBaseMismatch:
                 log.warning("blacklist delta does not apply; asking for a snapshot", since=since)
-                document = self._retrying("blacklist", lambda: self.client.fetch_blacklist(0))
-                result = self.blacklist.apply(document, self.signing_keys)
+                result = self._apply_blacklist(0)
         except BlacklistRejected as exc:
             log.error("blacklist refused", reason=str(exc), loaded_version=self.blacklist.version)
             raise ListRejected(str(exc)) from exc
         self._checked("blacklist", self.blacklist.checked_at)
         return result
+
+    def _apply_blacklist(self, since: int) -> ApplyResult:
+        incoming = self._retrying("blacklist", lambda: self._fetch_blacklist(since))
+        return self.blacklist.apply_incoming(incoming, self.signing_keys)
+
+    def _fetch_blacklist(self, since: int) -> IncomingList:
+        """One attempt: the answer streamed into a fresh incoming file (removed on failure)."""
+        incoming = self.blacklist.incoming()
+        try:
+            self.client.fetch_blacklist(since, incoming.feed)
+        except BaseException:
+            incoming.discard()
+            raise
+        return incoming
 
     def pull_params(self) -> ParamSet | None:
         self.pull_root()
@@ -626,10 +642,13 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
     try:
         device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
         try:
-            blacklist = Blacklist.open(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
+            # the daemon looks no card up: it holds the list's header and offset table only
+            blacklist = Blacklist.open(
+                data_dir / BLACKLIST_FILE, auto_refresh_s=None, lookups=False
+            )
         except BlacklistFileError as exc:
             log.error("local blacklist unusable; a fresh snapshot will replace it", error=str(exc))
-            blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None)
+            blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None, lookups=False)
         pinned = pinned_root(
             settings.root_keys or (settings.host_public_key,), settings.root_threshold
         )

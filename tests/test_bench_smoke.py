@@ -48,7 +48,11 @@ def test_bench_memory_writes_its_figures(tmp_path: Path, capsys) -> None:
     assert "## Sync daemon under a hostile host" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "**" in line]
     attacks = len(bench_memory.HOST_ATTACKS) + len(bench_memory.DAEMON_ATTACKS)
-    assert len(rows) == attacks, report
+    assert len(rows) == attacks + len(bench_memory.GENUINE), report
+    assert "## Sync daemon applying genuine lists" in report
+    # the genuine lists are applied (streamed, verified, merged), the hostile ones never
+    assert "applied: snapshot v1, 100,000 cards" in report
+    assert "applied: delta v2, 100,000 cards" in report
     peaks = [float(line.rsplit("**", 2)[1]) for line in rows]
     # figures, not timings; a memory bound only with a wide margin (twice the budgets)
     assert all(0 < peak < 2 * bench_memory.HOST_BUDGET_MB for peak in peaks), peaks

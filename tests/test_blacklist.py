@@ -4,6 +4,7 @@ packed set against a Python set, atomic file replacement, corrupt files, a full 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import struct
@@ -160,14 +161,110 @@ def test_forged_tampered_truncated_and_unsigned_lists_are_refused(
     assert listed.version == 0 and not path.exists()
 
 
+def signed_raw(signer: Signer, header: bytes, entries: bytes) -> bytes:
+    """A list signed as CBLIST03 signs: the header, then SHA-256 of the entries section."""
+    message = bl.signed_message(header, hashlib.sha256(entries).digest())
+    return header + entries + bl.key_id_of(signer.public) + signer.key.sign(message)
+
+
 def test_unsorted_list_is_refused_even_when_signed(signer: Signer) -> None:
     header = struct.pack(
-        ">8sBQQQQ32sII", b"CBLIST02", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, bytes(32), 2, 0
+        ">8sBQQQQ32sII", b"CBLIST03", KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, bytes(32), 2, 0
     )
-    body = header + (5).to_bytes(8, "big") + (3).to_bytes(8, "big")
-    document = body + bl.key_id_of(signer.public) + signer.key.sign(body)
+    document = signed_raw(signer, header, (5).to_bytes(8, "big") + (3).to_bytes(8, "big"))
     with pytest.raises(BlacklistRejected, match="ascending"):
         decode_list(document, signer.public)
+    # across the steps a reader takes: one entry at a time
+    reader = bl.ListReader()
+    with pytest.raises(BlacklistRejected, match="ascending"):
+        for i in range(len(document)):
+            reader.feed(document[i : i + 1])
+
+
+def test_a_list_signed_the_cblist02_way_is_refused(signer: Signer) -> None:
+    """The signed bytes changed with the magic: a CBLIST02 document (signature over the whole
+    body) is refused at its magic, and a CBLIST03 header signed over the body is forged."""
+    entries = (3).to_bytes(8, "big") + (5).to_bytes(8, "big")
+    for magic, reason in ((b"CBLIST02", "bad magic"), (b"CBLIST03", "bad signature")):
+        header = struct.pack(
+            ">8sBQQQQ32sII", magic, KIND_SNAPSHOT, 1, 0, NOW, NOW + 10, bytes(32), 2, 0
+        )
+        body = header + entries
+        with pytest.raises(BlacklistRejected, match=reason):
+            decode_list(body + bl.key_id_of(signer.public) + signer.key.sign(body), signer.public)
+
+
+def test_a_list_verifies_whatever_the_steps_it_arrives_in(signer: Signer, path: Path) -> None:
+    """The reader keeps only a partial entry, the running hash and the trailer: a document fed
+    in pieces of any size gives the same verified list; bytes past its declared size are
+    refused as they come."""
+    signer.lists[1] = {1, 2, 3, 1 << 60}
+    document = signer.delta(0, 1, add=[1, 2, 3, 1 << 60])
+    rng = random.Random(3)
+    for _ in range(20):
+        reader, pos, got = bl.ListReader(), 0, []
+        while pos < len(document):
+            step = rng.randint(1, 40)
+            got += reader.feed(document[pos : pos + step])
+            pos += step
+        header = reader.finish(signer.public)
+        assert header.version == 1 and b"".join(c for _, c in got) == document[81:-72]
+    padded = bl.ListReader()
+    with pytest.raises(BlacklistRejected, match="runs past"):
+        padded.feed(document + b"\0")
+    listed = Blacklist.open(path)
+    incoming = listed.incoming()
+    for i in range(0, len(document), 7):
+        incoming.feed(document[i : i + 7])
+    assert listed.apply_incoming(incoming, signer.public, now=NOW).count == 4
+    assert not list(path.parent.glob("*.tmp-*"))  # the incoming file is gone
+
+
+def test_a_refused_stream_leaves_the_old_list_and_no_file_behind(
+    signer: Signer, path: Path
+) -> None:
+    """Streamed in, then refused at the signature, the digest or the base: the old list stays in
+    force (file and memory) and the incoming file is removed."""
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(1, [1, 2]), signer.public, now=NOW)
+    before = path.read_bytes()
+    forger = Signer()
+    forger.lists[1] = {1, 2}
+    cases = [
+        (forger.snapshot(2, [7, 8]), BlacklistRejected, "not a signing key"),
+        (
+            bl.encode_list(
+                kind=KIND_SNAPSHOT,
+                version=2,
+                base_version=0,
+                issued_at=NOW,
+                expires_at=NOW + 3600,
+                add=[7, 8],
+                content_digest=list_digest([7]),
+                sign=signer.key.sign,
+                public_key_raw=signer.public,
+            ),
+            BlacklistRejected,
+            "does not hold the content",
+        ),
+        (signer.delta(1, 2, add=[5], remove=[9]), BlacklistRejected, "."),
+    ]
+    signer.lists[2] = {1, 2, 5, 77}  # the last delta's result is not the signed content
+    cases[2] = (signer.delta(1, 2, add=[5]), BlacklistBaseMismatch, "signed content")
+    for document, error, reason in cases:
+        incoming = listed.incoming()
+        incoming.feed(document)
+        assert incoming.path.exists()
+        with pytest.raises(error, match=reason):
+            listed.apply_incoming(incoming, signer.public, now=NOW)
+        assert not list(path.parent.glob("*.tmp-*"))
+        assert path.read_bytes() == before and listed.version == 1
+        assert listed.contains_asn(1) and not listed.contains_asn(7)
+    truncated = listed.incoming()
+    truncated.feed(signer.snapshot(3, list(range(100)))[:-1])
+    with pytest.raises(BlacklistRejected, match="truncated"):
+        listed.apply_incoming(truncated, signer.public, now=NOW)
+    assert not list(path.parent.glob("*.tmp-*")) and path.read_bytes() == before
 
 
 def test_rollback_expired_replay_and_wrong_base(signer: Signer, path: Path) -> None:
@@ -286,3 +383,19 @@ def test_delta_that_does_not_give_the_signed_content_needs_a_snapshot(
     with pytest.raises(BlacklistBaseMismatch, match="signed content"):
         listed.apply(signer.delta(1, 2, add=[3]), signer.public, now=NOW)
     assert listed.version == 1 and not listed.contains_asn(3)
+
+
+def test_lookups_at_every_position_of_a_crowded_bucket(signer: Signer, path: Path) -> None:
+    """A lookup narrows a bucket by binary search, then searches a short run with bytes.find
+    at entry boundaries: every value around every listed one answers as a set does (issuers
+    crowd one bucket: the top 16 bits of real ASNs are the issuer's)."""
+    base = 0x5170_0701_0000_0000
+    listed_values = {base + 3 * k for k in range(1000)} | {base + 0x0001_0000_0000 + 7}
+    # entries whose bytes contain the key off an entry boundary must not match
+    listed_values |= {0x5170_0000_0000_0102, 0x5170_0304_0506_0000}
+    listed = Blacklist.open(path)
+    listed.apply(signer.snapshot(1, sorted(listed_values)), signer.public, now=NOW)
+    for probe in range(base - 5, base + 3 * 1000 + 5):
+        assert listed.contains_asn(probe) == (probe in listed_values), hex(probe)
+    assert not listed.contains_asn(0x5170_0001_0203_0405)
+    assert not listed.contains_asn(0x5170_0002_0304_0506)

@@ -14,11 +14,12 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.blacklist import KIND_SNAPSHOT, encode_list
+from agent.blacklist import BLACKLIST_FILE, KIND_SNAPSHOT, Blacklist, encode_list
 from clearinghost.keys import HostKey
 from clearinghost.server import HostServer
 from sync.client import SyncClient
@@ -102,3 +103,69 @@ def test_a_genuine_list_still_arrives_whole(encoded: bool) -> None:
             assert client.fetch_blacklist(0) == GENUINE
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_large_list_streams_to_disk_and_applies_without_being_held(
+    tmp_path: Path, encoded: bool
+) -> None:
+    """A 16 MB snapshot (2 M cards) streams through the client into a file beside the blacklist,
+    verifies and is applied (issue 14): the daemon's side never holds it whole (tracemalloc peak
+    well below the document's size), and the agent's view has it."""
+    entries = list(range(7, 7 + 3 * 2_000_000, 3))
+    now = int(time.time())
+    document = encode_list(
+        kind=KIND_SNAPSHOT,
+        version=1,
+        base_version=0,
+        issued_at=now,
+        expires_at=now + 3600,
+        add=entries,
+        sign=SIGNER.sign,
+        public_key_raw=SIGNER.public_key_bytes,
+    )
+    body = gzip.compress(document, 1) if encoded else document
+    del document
+    path = tmp_path / BLACKLIST_FILE
+    listed = Blacklist.open(path, auto_refresh_s=None, lookups=False)
+    with HostServer(app_answering(body, encoded), log_level="critical") as server:
+        client = SyncClient(server.url, "BUS-LIST", timeout_s=60)
+        tracemalloc.start()
+        try:
+            incoming = listed.incoming()
+            assert client.fetch_blacklist(0, incoming.feed) == b""
+            result = listed.apply_incoming(incoming, SIGNER.public_key_bytes)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            client.close()
+    assert (result.kind, result.count) == ("snapshot", len(entries))
+    assert peak < 8 * MIB, f"{peak / MIB:.0f} MiB held for a 16 MB list"
+    assert listed.memory_bytes() < 300_000  # the daemon's view: header and offsets only
+    agent_view = Blacklist.open(path, auto_refresh_s=None)
+    assert agent_view.contains_asn(7) and agent_view.contains_asn(entries[-1])
+    assert not agent_view.contains_asn(8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BLACKLIST_FILE]
+
+
+def test_a_list_refused_while_it_streams_leaves_nothing(tmp_path: Path) -> None:
+    """Entries out of order are refused as they arrive (before the rest is read); the incoming
+    file goes and the old list stays."""
+    path = tmp_path / BLACKLIST_FILE
+    listed = Blacklist.open(path, auto_refresh_s=None, lookups=False)
+    good = signed_list(10)
+    listed.apply(good, SIGNER.public_key_bytes)
+    before = path.read_bytes()
+    bad = bytearray(signed_list(400_000))
+    bad[81 + 8 * 200_000 : 81 + 8 * 200_001] = bytes(8)  # one entry goes back to 0
+    with HostServer(app_answering(bytes(bad) + bytes(8 * MIB), False), log_level="critical") as s:
+        client = SyncClient(s.url, "BUS-LIST", timeout_s=60)
+        incoming = listed.incoming()
+        try:
+            with pytest.raises(ProtocolError, match="not strictly ascending"):
+                client.fetch_blacklist(0, incoming.feed)
+        finally:
+            incoming.discard()
+            client.close()
+    assert path.read_bytes() == before and listed.version == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BLACKLIST_FILE]

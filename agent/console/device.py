@@ -178,7 +178,9 @@ class Device:
     def _list_figures(self) -> Fields:
         out: Fields = []
         try:
-            health = Blacklist.open(self.path / BLACKLIST_FILE, auto_refresh_s=None).health()
+            health = Blacklist.open(
+                self.path / BLACKLIST_FILE, auto_refresh_s=None, lookups=False
+            ).health()
             out.append(("blacklist_version", str(health["blacklist_version"])))
             out.append(("blacklist_expires_at", str(health["blacklist_expires_at"] or "-")))
             out.append(("blacklist_expired", "yes" if health["blacklist_expired"] else "no"))
