@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from agent import card_cli, doctor
-from agent.clihelp import make_parser
+from agent.clihelp import make_parser, run_command
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -27,20 +27,11 @@ DEFAULT_DATA_DIR = Path(os.environ.get("CARDAGENT_HOME", "/var/lib/cardagent"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    try:
-        return int(args.func(args))
-    except AgentError as exc:
-        print(f"cardagent: {exc.party} error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_parser(), argv, configure_logging)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = make_parser("cardagent", __doc__)
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("provision", help="create the device key and terminal identity")

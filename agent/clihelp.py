@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import sys
+from collections.abc import Callable, Sequence
 
 from agent import __version__
+from agent.errors import AgentError
+from agent.logs import LogFormat
 
 
 def plain(doc: str | None) -> str:
@@ -35,4 +39,31 @@ def make_parser(prog: str, doc: str | None, epilog: str | None = None) -> argpar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_text(prog))
+    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     return parser
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    configure_logging: Callable[[LogFormat, str], None],
+) -> int:
+    """Parse, configure logging, run the chosen command; an :class:`AgentError` becomes one
+    line on standard error naming the party that failed, and exit status 2."""
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args))
+    except AgentError as exc:
+        err(f"{parser.prog}: {exc.party} error: {exc}")
+        return 2
+
+
+def out(text: str) -> None:
+    """For the operator: standard output (logs go to standard error)."""
+    sys.stdout.write(text + "\n")
+
+
+def err(text: str) -> None:
+    sys.stderr.write(text + "\n")

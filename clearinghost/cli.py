@@ -53,8 +53,10 @@ import structlog
 import uvicorn
 
 from agent.blacklist import asn_of
-from agent.clihelp import make_parser
-from agent.errors import AgentError, ConfigurationError
+from agent.clihelp import err as _err
+from agent.clihelp import make_parser, run_command
+from agent.clihelp import out as _out
+from agent.errors import ConfigurationError
 from agent.logs import configure_logging
 from agent.profile import load_profile
 from agent.sam.keys import KeySet
@@ -94,29 +96,11 @@ log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    try:
-        return int(args.func(args))
-    except AgentError as exc:
-        _err(f"cardhost: {exc.party} error: {exc}")
-        return 2
-
-
-def _out(text: str) -> None:
-    """For the operator: standard output (logs go to standard error)."""
-    sys.stdout.write(text + "\n")
-
-
-def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    return run_command(_parser(), argv, configure_logging)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = make_parser("cardhost", __doc__)
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("host-key", help="create (if missing) and print the host's public key")

@@ -22,9 +22,10 @@ from typing import Any
 import structlog
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist
-from agent.clihelp import make_parser
+from agent.clihelp import make_parser, run_command
+from agent.clihelp import out as _out
 from agent.clock import CLOCK_OFFSET_FILE
-from agent.errors import AgentError, ConfigurationError
+from agent.errors import ConfigurationError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore
 from agent.wiring import STORE_FILE
@@ -44,29 +45,11 @@ log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    try:
-        return int(args.func(args))
-    except AgentError as exc:
-        _err(f"cardsync: {exc.party} error: {exc}")
-        return 2
-
-
-def _out(text: str) -> None:
-    """For the operator: standard output (logs go to standard error)."""
-    sys.stdout.write(text + "\n")
-
-
-def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    return run_command(_parser(), argv, configure_logging)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = make_parser("cardsync", __doc__)
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the sync daemon beside the agent")
