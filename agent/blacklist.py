@@ -76,6 +76,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import AgentError, StoreError
+from agent.files import replace_file
 
 log = structlog.get_logger(__name__)
 
@@ -1152,27 +1153,9 @@ def _check_file(
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync, rename over ``path``, fsync the directory.
-
-    Raises :class:`BlacklistFileError` (e.g. the disk is full); ``path`` is then untouched.
-    """
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """:func:`agent.files.replace_file`; raises :class:`BlacklistFileError` (e.g. the disk is
+    full), ``path`` then untouched."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise BlacklistFileError(f"blacklist: could not write {path}: {exc}") from exc

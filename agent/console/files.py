@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError
+from agent.files import replace_file
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temporary file (``mode`` whatever the umask), fsync, rename over ``path``, fsync the
-    directory. On any error ``path`` is untouched and :class:`StoreError` names the file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """:func:`agent.files.replace_file`; raises :class:`StoreError` naming the file, ``path``
+    then untouched."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, data, mode)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"store: could not write {path}: {exc.strerror or exc}") from exc
 
 
