@@ -551,11 +551,14 @@ class OfflineStore:
     # --- quarantine ------------------------------------------------------------------------
 
     def quarantine_scan(self) -> list[QuarantinedRecord]:
-        """Verify every stored record not yet quarantined (parse, terminal, hash, signature)
-        and quarantine each that fails; returns every quarantined record, old and new, and
-        logs them (an error naming terminal, seq and what failed). The agent runs this when it
-        opens its data directory, so it says at start which records it has set aside."""
-        after = -1
+        """Verify every record the clearing host does not yet hold (after the acknowledged
+        seq, not yet quarantined: parse, terminal, hash, signature) and quarantine each that
+        fails; returns every quarantined record, old and new, and logs them (an error naming
+        terminal, seq and what failed). The agent runs this when it opens its data directory,
+        so it says at start which records it has set aside. Acknowledged records are the
+        host's evidence already; re-checking them would make every start cost the whole
+        history, so :meth:`verify` (``records verify``) is the full check."""
+        after = self.acknowledged_seq()
         while True:
             with self._read("read records to check") as conn:
                 rows: list[RecordRow] = conn.execute(
