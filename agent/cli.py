@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from agent import card_cli, doctor
-from agent.clihelp import make_parser, run_command
+from agent.clihelp import err, make_parser, run_command
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -80,7 +80,44 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor.add_parser(sub, DEFAULT_DATA_DIR)
 
+    p = sub.add_parser(
+        "demo",
+        help="this agent, the sync daemon and a local clearing host against simulated cards "
+        "(runs 'cardhost demo'; needs the host extra)",
+    )
+    p.add_argument("--role", choices=DEMO_ROLES, default="bus", help="which device to show")
+    p.add_argument("--data-dir", type=Path, help="where the demo keeps its files")
+    p.add_argument("--seed", type=int, help="the simulated cards' seed")
+    p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
+
     return parser
+
+
+# The roles of 'cardhost demo --role': a bus validator (fares: boarding, alighting, transfer,
+# card types), a shop's POS counter, a self-service kiosk.
+DEMO_ROLES = ("bus", "fares", "pos", "kiosk")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo needs the clearing host, which the agent never imports (a validator does not
+    install it): run it as its own program."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("clearinghost") is None:
+        err("cardagent demo: the demo runs a local clearing host: pip install 'cardagent[host]'")
+        return 2
+    argv = [sys.executable, "-m", "clearinghost.cli"]
+    argv += ["--log-format", args.log_format, "--log-level", args.log_level]
+    argv += ["demo", "--role", args.role]
+    if args.data_dir is not None:
+        argv += ["--data-dir", str(args.data_dir)]
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
+    if args.serve:
+        argv.append("--serve")
+    return subprocess.call(argv)  # noqa: S603 - our own interpreter and module, checked options
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
