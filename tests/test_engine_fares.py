@@ -180,11 +180,11 @@ def test_bus_boarding_preauthorises_and_alighting_settles(rig: Rig, tmp_path: Pa
     on_bus(rig, 8, 1)
     board = rig.tap(card)
     assert (board.status, board.fare) == ("paid", 400)
-    assert card.record_files[0x1E].records[0][0] == 1  # the boarding record type
+    assert card.record_files[0x1E].records[0][0] == 0x03  # EF1E 进站 (entry / boarding)
     on_bus(rig, 8, 3)
     alight = rig.tap(card)
     assert (alight.status, alight.fare) == ("paid", 0)
-    assert card.record_files[0x1E].records[0][0] == 2
+    assert card.record_files[0x1E].records[0][0] == 0x04  # EF1E 出站 (exit / alighting)
     records = rig.records(kind="purchase")
     assert [r.fields["fare_kind"] for r in records] == ["entry", "exit"]
     assert records[1].fields["fare_refund_due"] == 200  # 3 sections cost 2 yuan: the host owes 2

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from agent.products.cpu_logs import Trip
 from agent.products.fare_policy import (
+    ENTRY_RECORD_TYPE,
+    EXIT_RECORD_TYPE,
     FarePolicy,
     FarePolicyError,
     check_effective_window,
@@ -194,13 +196,15 @@ BUS_LINE: dict[str, Any] = {
 
 
 def _entry(line: int, stop: int, amount: int, when: dt.datetime = T0, city: str = "") -> Trip:
-    return Trip(record_type=1, line=line, station=stop, amount=amount, when=when, city=city)
+    return Trip(
+        record_type=ENTRY_RECORD_TYPE, line=line, station=stop, amount=amount, when=when, city=city
+    )
 
 
 def test_boarding_preauthorises_the_maximum_and_alighting_refunds_through_the_host() -> None:
     policy = parse_fare_policy(BUS_LINE)
     board = decide(policy, CardFacts(), TapPlace(8, 1, "both"), T0)
-    assert (board.kind, board.amount, board.record_type) == ("entry", 400, 1)
+    assert (board.kind, board.amount, board.record_type) == ("entry", 400, 0x03)
     alight = decide(
         policy,
         CardFacts(last_trip=_entry(8, 1, board.amount)),
@@ -211,7 +215,7 @@ def test_boarding_preauthorises_the_maximum_and_alighting_refunds_through_the_ho
         "exit",
         0,
         200,
-        2,
+        0x04,
     )
     assert settle_trip([board, alight]) == 200
 
@@ -422,3 +426,31 @@ def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
 def test_odd_keys_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(FarePolicyError):
         parse_fare_policy(_with(**changes))
+
+
+def test_entry_and_exit_record_types_are_the_t_union_ef1e_codes() -> None:
+    """EF1E byte 0, the trip record's main type, as real T-Union cards carry it: 03 进站
+    (entry), 04 出站 (exit), 06 单次 (single). Source: tkerby/flipperzero-firmware-wPlugins,
+    applications/external/t_union_master/src/protocol/t_union_msg.h at
+    5afa037621267281d491325d7cf43bafe6ae8457 ("主类型 3:进站 4:出站 6:单次")."""
+    from agent.profile import TUNION_EF1E
+
+    policy = parse_fare_policy(BUS_LINE)
+    assert policy.entry_exit is not None
+    assert (policy.entry_exit.entry_record_type, policy.entry_exit.exit_record_type) == (3, 4)
+    assert (ENTRY_RECORD_TYPE, EXIT_RECORD_TYPE, TUNION_EF1E.record_type) == (0x03, 0x04, 0x06)
+    # a single-tap record (06) of this line is not an open boarding: the tap is a new entry
+    single = Trip(record_type=0x06, line=8, station=1, amount=200, when=T0)
+    board = decide(policy, CardFacts(last_trip=single), TapPlace(8, 5, "both"), T0)
+    assert (board.kind, board.record_type) == ("entry", 0x03)
+    # a city whose terminals write other codes says so in its policy
+    custom = parse_fare_policy(
+        {**BUS_LINE, "entry_exit": {"entry_record_type": 0x11, "exit_record_type": 0x12}}
+    )
+    alight = decide(
+        custom,
+        CardFacts(last_trip=Trip(record_type=0x11, line=8, station=1, amount=400, when=T0)),
+        TapPlace(8, 3, "both"),
+        T0 + dt.timedelta(minutes=10),
+    )
+    assert (alight.kind, alight.record_type) == ("exit", 0x12)
