@@ -34,11 +34,20 @@ from agent.products.fares import (
 
 T0 = dt.datetime(2026, 11, 30, 8, 0)
 
-# Beijing subway distance fares in force from 2014-12-28: 3 yuan up to 6 km, 4 up to 12 km,
-# 5 up to 22 km, 6 up to 32 km, then 1 yuan more per 20 km started. Source: Beijing Municipal
-# Commission of Development and Reform, public transport fare adjustment effective 2014-12-28
-# (the metro table published by Beijing Subway, bjsubway.com, "票价"). The notice's document
-# number and URL were not re-checked when this test was written.
+# Beijing subway distance fares in force from 2014-12-28 (all lines but the Airport Express):
+# 3 yuan up to 6 km (inclusive), 4 up to 12 km, 5 up to 22 km, 6 up to 32 km, then 1 yuan more
+# per 20 km started, no ceiling. Sources (press reports of the municipal government's
+# announcement of 2014-11-27):
+#   https://www.thenanfang.com/blog/it-will-be-more-expensive-to-ride-the-subway-and-bus-in-beijing-next-month/
+#   ("RMB 3 ... six kilometers, RMB 4 ... six and 12, RMB 5 ... 12 and 22, RMB 6 ... 22 and 32,
+#   RMB 1 for each additional 20 kilometers")
+#   http://www.bjreview.com.cn/se/txt/2014-11/28/content_655510.htm ("three yuan ... to six
+#   yuan ... below 32 km. People who go further need to pay one yuan for every 20 km")
+#   http://onestop.globaltimes.cn/beijing-public-transport-price-increases-as-of-dec-28-2014/
+# and, with the inclusive upper bounds ("6公里(含)内3元；6公里至12公里(含)4元；12公里至22公里
+# (含)5元；22公里至32公里(含)6元；32公里以上部分，每增加1元可乘坐20公里"), Chinese fare guides
+# such as https://www.bkwk.cn/article/bjdtpjjsqszwcxcbgbpjyw.html. The official notice itself
+# (Beijing Municipal Commission of Development and Reform) was not found in the sources at hand.
 BEIJING_SUBWAY_2014: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1000,
@@ -52,18 +61,32 @@ BEIJING_SUBWAY_2014: dict[str, Any] = {
     "lines": {"1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 90000}]}},
 }
 
-# Shanghai Metro distance fares (the table in force since 2005): 3 yuan up to 6 km, 4 yuan up
-# to 16 km, then 1 yuan more per 10 km started; bus <-> metro transfers within 120 minutes on
-# the transport card: 1 yuan off the second ride. Source: Shanghai Metro (shmetro.com, "票价")
-# and the Shanghai public transport transfer discount. Recheck document numbers, URLs and dates
-# against the published notices before these tables are used for anything but tests.
+# Beijing buses from the same date: 2 yuan up to 10 km, then 1 yuan more per 5 km started;
+# transport-card holders pay half, students a quarter (75 % off). Sources: the Nanfang and
+# Global Times pages above ("rides will start at two yuan for a ride within 10km, with one yuan
+# extra for every extra 5km. Adult commuters using city transportation cards get a 50 percent
+# discount, and students get 75 percent off"). Card types here: 01 adult card, 02 student.
+BEIJING_BUS_2014: dict[str, Any] = {
+    "mode": "distance",
+    "max_fare": 2000,
+    "bands": [{"over_m": 0, "up_to_m": 10000, "price": 200}],
+    "beyond": {"every": 5000, "add": 100},
+    "lines": {"300": {"mode": "bus", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 48000}]}},
+    "card_types": {"01": {"percent": 50}, "02": {"percent": 25}},
+}
+
+# Shanghai Metro: "For passengers traveling between 0-6 kilometers, the ticket price will be
+# RMB3; if their traveling mileage exceeds 6 kilometers, they shall pay RMB1 for every 10
+# kilometers" (shortest path between the stations), Shanghai Metro, "Pricing of Metro
+# Tickets", http://service.shmetro.com/en/cphc/12.htm. Bus to metro with the public
+# transportation card: "a preferential price of RMB1 when they get out of metro stations as
+# long as their time of interchange from buses is less than 2 hours",
+# http://service.shmetro.com/en/cphc/13.htm. (Line 5's own cheaper table, on the same page,
+# is not modelled.)
 SHANGHAI_METRO: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1500,
-    "bands": [
-        {"over_m": 0, "up_to_m": 6000, "price": 300},
-        {"over_m": 6000, "up_to_m": 16000, "price": 400},
-    ],
+    "bands": [{"over_m": 0, "up_to_m": 6000, "price": 300}],
     "beyond": {"every": 10000, "add": 100},
     "transfer": {"window_s": 7200, "discount": 100, "between": "modes"},
     "lines": {
@@ -89,6 +112,23 @@ def test_golden_beijing_subway_2014(km: float, yuan: int) -> None:
 def test_golden_shanghai_metro(km: float, yuan: int) -> None:
     policy = parse_fare_policy(SHANGHAI_METRO)
     assert band_price(policy, round(km * 1000)) == yuan * 100
+
+
+@pytest.mark.parametrize(
+    ("km", "cash", "adult_card", "student_card"),
+    [(3, 200, 100, 50), (10, 200, 100, 50), (10.1, 300, 150, 75), (15, 300, 150, 75),
+     (15.5, 400, 200, 100), (20, 400, 200, 100), (47, 1000, 500, 250)],
+)  # fmt: skip
+def test_golden_beijing_bus_2014(km: float, cash: int, adult_card: int, student_card: int) -> None:
+    policy = parse_fare_policy(BEIJING_BUS_2014)
+    metres = round(km * 1000)
+    assert band_price(policy, metres) == cash
+    stops = {"stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": metres}]}
+    priced = parse_fare_policy({**BEIJING_BUS_2014, "lines": {"300": {"mode": "bus", **stops}}})
+    place = TapPlace(300, 1)
+    adult = decide(priced, CardFacts(card_type=1), place, T0)
+    student = decide(priced, CardFacts(card_type=2), place, T0)
+    assert (adult.amount, student.amount) == (adult_card, student_card)
 
 
 def test_shanghai_bus_to_metro_transfer_takes_one_yuan_off() -> None:
@@ -411,7 +451,7 @@ def test_the_validator_refuses_or_accepts_never_crashes(raw: object) -> None:
 
 
 @given(
-    policy=st.sampled_from([BEIJING_SUBWAY_2014, SHANGHAI_METRO]),
+    policy=st.sampled_from([BEIJING_SUBWAY_2014, BEIJING_BUS_2014, SHANGHAI_METRO]),
     m=st.integers(0, 200_000),
 )
 def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
