@@ -495,3 +495,100 @@ def test_entry_and_exit_record_types_are_the_t_union_ef1e_codes() -> None:
         T0 + dt.timedelta(minutes=10),
     )
     assert (alight.kind, alight.record_type) == ("exit", 0x12)
+
+
+# --- a transfer into a boarding-and-alighting trip ------------------------------------------
+
+BUS_TRANSFER: dict[str, Any] = {
+    **BUS_LINE,
+    "anti_passback_s": 0,
+    "transfer": {"window_s": 3600, "discount": 100, "between": "lines"},
+    "entry_exit": {"boarding_debit": "min", "unfinished": "max_fare", "max_trip_s": 7200},
+}
+
+
+def _trip(record_type: int, line: int, stop: int, amount: int, when: dt.datetime) -> Trip:
+    return Trip(record_type=record_type, line=line, station=stop, amount=amount, when=when)
+
+
+@pytest.mark.parametrize(
+    ("earlier", "boarded_after", "expected"),
+    [
+        # alighted from line 9, boarded line 8 20 min later: 1 yuan off line 8's trip
+        ((EXIT_RECORD_TYPE, 9), dt.timedelta(minutes=20), 100),
+        # a single-tap trip on line 9 counts the same
+        ((0x06, 9), dt.timedelta(minutes=20), 100),
+        # boarded 61 min after alighting: outside the window, no discount
+        ((EXIT_RECORD_TYPE, 9), dt.timedelta(minutes=61), 200),
+        # the earlier trip was on line 8 too: not a transfer
+        ((EXIT_RECORD_TYPE, 8), dt.timedelta(minutes=20), 200),
+        # the earlier record is an open boarding (never alighted): no transfer from it
+        ((ENTRY_RECORD_TYPE, 9), dt.timedelta(minutes=20), 200),
+    ],
+)
+def test_transfer_into_a_boarding_and_alighting_trip(
+    earlier: tuple[int, int], boarded_after: dt.timedelta, expected: int
+) -> None:
+    """Alight from line A (or a single tap on it), board line B within the window: B's
+    alighting tap settles the trip at its price less the transfer discount. The window runs
+    from A's record to B's boarding (the card's two newest trip records), not to the
+    alighting."""
+    policy = parse_fare_policy(BUS_TRANSFER)
+    before = _trip(earlier[0], earlier[1], 1, 200, T0)
+    board_at = T0 + boarded_after
+    board = decide(policy, CardFacts(last_trip=before), TapPlace(8, 2, "both"), board_at)
+    assert board.record_amount == 200  # the minimum: no discount yet
+    boarding = _trip(ENTRY_RECORD_TYPE, 8, 2, board.record_amount, board_at)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=boarding, earlier_trip=before),
+        TapPlace(8, 9, "both"),
+        board_at + dt.timedelta(minutes=50),  # alighting after the window closed: still counts
+    )
+    assert alight.kind == "exit"
+    assert alight.base == 400  # 8 sections
+    assert alight.amount == expected  # 400 less the transfer, less the 200 boarding debit
+    if earlier[0] == ENTRY_RECORD_TYPE:  # the boarding also closed line 9's open trip
+        assert (board.kind, board.amount, board.unfinished) == (
+            "unfinished_then_entry",
+            400,
+            "max_fare",
+        )
+    else:
+        assert (board.kind, board.amount) == ("entry", 200)
+    assert settle_trip([board, alight]) == board.amount + expected
+
+
+def test_transfer_into_a_trip_with_a_maximum_boarding_is_refunded_through_the_host() -> None:
+    policy = parse_fare_policy({**BUS_TRANSFER, "entry_exit": {"boarding_debit": "max"}})
+    before = _trip(EXIT_RECORD_TYPE, 9, 3, 200, T0)
+    board_at = T0 + dt.timedelta(minutes=5)
+    board = decide(policy, CardFacts(last_trip=before), TapPlace(8, 1, "both"), board_at)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_trip(ENTRY_RECORD_TYPE, 8, 1, board.amount, board_at),
+                  earlier_trip=before),
+        TapPlace(8, 3, "both"),
+        board_at + dt.timedelta(minutes=10),
+    )  # fmt: skip
+    # 3 sections cost 2 yuan, 1 yuan off for the transfer: 4 yuan pre-authorised, 3 owed back
+    assert (board.amount, alight.amount, alight.refund_due) == (400, 0, 300)
+    assert settle_trip([board, alight]) == 100
+
+
+def test_an_unfinished_trips_charge_is_not_handed_back_at_the_next_alighting() -> None:
+    """Boarded line 9 and never alighted; boarding line 8 debits line 8's minimum plus the
+    unfinished rule's charge, but its trip record carries only line 8's part: alighting on
+    line 8 settles against that, so the unfinished charge stays charged."""
+    policy = parse_fare_policy({**BUS_LINE, "entry_exit": {"boarding_debit": "min"}})
+    open_trip = _entry(9, 1, 200, T0)
+    board = decide(policy, CardFacts(last_trip=open_trip), TapPlace(8, 1, "both"), T0)
+    assert (board.kind, board.amount, board.record_amount) == ("unfinished_then_entry", 400, 200)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(8, 1, board.record_amount, T0)),
+        TapPlace(8, 9, "both"),
+        T0 + dt.timedelta(minutes=30),
+    )
+    assert (alight.amount, alight.refund_due) == (200, 0)  # 4 yuan trip, 2 paid at boarding
+    assert settle_trip([board, alight]) == 200 + 400  # line 9's unfinished 2 + line 8's 4

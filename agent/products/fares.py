@@ -18,6 +18,7 @@ rule and the decision says so (``unfinished=...``) for the record and the host.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class PaidTap:
 class CardFacts:
     card_type: int | None = None
     last_trip: Trip | None = None  # the card's newest trip record
+    # The record before it (read only under an entry/exit policy with transfers): at an
+    # alighting tap ``last_trip`` is this trip's own boarding, and the trip it may be a
+    # transfer from is this one.
+    earlier_trip: Trip | None = None
     paid_today: int = 0  # what this terminal already charged the card today (the cap's sum)
     last_paid: PaidTap | None = None
 
@@ -67,6 +72,15 @@ class FareDecision:
     refund_due: int = 0  # an exit that pre-authorised more than the trip cost: owed by the host
     still_owed: int = 0  # an unfinished trip's charge beyond one tap's max_fare: for the host
     notes: tuple[str, ...] = field(default=())
+    # What the trip record written by this tap says this trip has paid (None: ``amount``). A
+    # boarding that also closes an unfinished trip debits both, but its record carries only
+    # the new trip's part, so the alighting tap settles against that and never hands the
+    # unfinished trip's charge back.
+    trip_amount: int | None = None
+
+    @property
+    def record_amount(self) -> int:
+        return self.amount if self.trip_amount is None else self.trip_amount
 
 
 # --- the table (band_price, table_price: agent.products.fare_policy) ---------------------
@@ -179,6 +193,22 @@ def last_paid_from(trip: Trip | None, place: TapPlace) -> PaidTap | None:
     return PaidTap(when=trip.when, line=trip.line, amount=trip.amount)
 
 
+def transfer_origin(
+    policy: FarePolicy, earlier: Trip | None, boarding: Trip, place: TapPlace
+) -> PaidTap | None:
+    """The trip a boarding-and-alighting trip may be a transfer from: the card's record
+    before this trip's boarding, if it is one of ours, finished (an alighting or a single
+    tap, not another open boarding: that one met the unfinished rule) and not later than the
+    boarding. The transfer rule (:func:`transfer_discount`) then measures its window from that
+    record to the boarding, and wants another line (or mode)."""
+    rules = policy.entry_exit
+    if earlier is None or rules is None or earlier.record_type == rules.entry_record_type:
+        return None
+    if earlier.when > boarding.when:
+        return None
+    return last_paid_from(earlier, place)
+
+
 def open_entry(policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.datetime) -> str:
     """What the card's last trip record means here: ``none`` (no open trip), ``open`` (an
     entry on this line, within the longest trip), ``other_line``, ``stale`` or ``foreign``
@@ -228,7 +258,13 @@ def _entry_exit(
                 notes=tuple(notes),
             )  # fmt: skip
         price = _discounted(
-            policy, card, place, now, table_price(policy, line, origin, stop)
+            policy,
+            dataclasses.replace(
+                card, last_paid=transfer_origin(policy, card.earlier_trip, trip, place)
+            ),
+            place,
+            trip.when,  # the transfer window runs from the earlier trip to this boarding
+            table_price(policy, line, origin, stop),
         )  # the trip's price for this card
         difference = price - trip.amount
         return FareDecision(
@@ -271,6 +307,7 @@ def _entry_exit(
         rule,
         still_owed=max(0, total - policy.max_fare),
         notes=tuple(notes),
+        trip_amount=debit if rule else None,
     )
 
 
