@@ -329,8 +329,10 @@ def test_bus_transfer_from_line_9_into_a_trip_on_line_8(rig: Rig, tmp_path: Path
     assert card.balance == 5000 - 500
     types = [r[0] for r in card.record_files[0x1E].records[:4]]
     assert types == [0x04, 0x03, 0x04, 0x03]  # newest first: exit, entry, exit, entry
-    kinds = [r.fields["fare_kind"] for r in rig.records(kind="purchase")]
-    assert kinds == ["entry", "exit", "entry", "exit"]
+    records = rig.records(kind="purchase")
+    assert [r.fields["fare_kind"] for r in records] == ["entry", "exit", "entry", "exit"]
+    # the record says where the discount came from, for the host
+    assert [r.fields.get("fare_transfer_from") for r in records] == [None, None, None, 9]
 
 
 def test_bus_without_a_transfer_rule_charges_the_whole_second_trip(

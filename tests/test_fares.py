@@ -141,6 +141,7 @@ def test_shanghai_bus_to_metro_transfer_takes_one_yuan_off() -> None:
         policy, CardFacts(last_paid=PaidTap(T0, 1, 200)), TapPlace(1, 2), T0
     )  # same line: no transfer
     assert (within.amount, after.amount, metro_to_metro.amount) == (100, 200, 200)
+    assert (within.transfer_from, after.transfer_from) == (71, None)
 
 
 # --- the validator: refused with the field named --------------------------------------------
@@ -548,6 +549,7 @@ def test_transfer_into_a_boarding_and_alighting_trip(
     assert alight.kind == "exit"
     assert alight.base == 400  # 8 sections
     assert alight.amount == expected  # 400 less the transfer, less the 200 boarding debit
+    assert alight.transfer_from == (9 if expected == 100 else None)
     if earlier[0] == ENTRY_RECORD_TYPE:  # the boarding also closed line 9's open trip
         assert (board.kind, board.amount, board.unfinished) == (
             "unfinished_then_entry",

@@ -77,6 +77,7 @@ class FareDecision:
     # the new trip's part, so the alighting tap settles against that and never hands the
     # unfinished trip's charge back.
     trip_amount: int | None = None
+    transfer_from: int | None = None  # the line a transfer discount came from (None: none)
 
     @property
     def record_amount(self) -> int:
@@ -155,11 +156,14 @@ def _line_and_stop(policy: FarePolicy, line_id: int, stop_id: int) -> tuple[Line
 
 def _discounted(
     policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetime, base: int
-) -> int:
+) -> tuple[int, int | None]:
+    """The amount after the rules, in their order, and the line a transfer discount came
+    from (``None``: no transfer discount taken)."""
     amount = card_discount(policy, card.card_type, base)
-    amount = transfer_discount(policy, card.last_paid, place, now, amount)
-    amount = daily_cap(policy, card.paid_today, amount)
-    return max(0, min(amount, policy.max_fare))
+    transferred = transfer_discount(policy, card.last_paid, place, now, amount)
+    origin = card.last_paid.line if card.last_paid and transferred != amount else None
+    amount = daily_cap(policy, card.paid_today, transferred)
+    return max(0, min(amount, policy.max_fare)), origin
 
 
 # --- the engine ---------------------------------------------------------------------------
@@ -176,8 +180,9 @@ def decide(policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetim
         else:
             line, stop = _line_and_stop(policy, place.line, place.stop)
             base = max_from(policy, line, stop)  # one tap, no alighting: the dearest ride
-        amount = _discounted(policy, card, place, now, base)
-        return FareDecision(amount, "flat" if policy.mode == "flat" else "single", base)
+        amount, origin = _discounted(policy, card, place, now, base)
+        kind = "flat" if policy.mode == "flat" else "single"
+        return FareDecision(amount, kind, base, transfer_from=origin)
     return _entry_exit(policy, card, place, now)
 
 
@@ -257,7 +262,7 @@ def _entry_exit(
                 extra, "exit_unfinished", policy.max_fare, rules.exit_record_type, rule,
                 notes=tuple(notes),
             )  # fmt: skip
-        price = _discounted(
+        price, transfer_from = _discounted(
             policy,
             dataclasses.replace(
                 card, last_paid=transfer_origin(policy, card.earlier_trip, trip, place)
@@ -274,6 +279,7 @@ def _entry_exit(
             rules.exit_record_type,
             refund_due=max(0, -difference),
             notes=tuple(notes),
+            transfer_from=transfer_from,
         )
     if state == "open" and place.role == "entry":
         check_passback(policy, trip, place, now, rules.entry_record_type)

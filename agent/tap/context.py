@@ -276,6 +276,7 @@ class TapContext:
             "fare_unfinished": decision.unfinished or None,
             "fare_refund_due": decision.refund_due or None,
             "fare_still_owed": decision.still_owed or None,
+            "fare_transfer_from": decision.transfer_from,
         }
 
 
