@@ -36,6 +36,7 @@ from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
 from agent.products.cpu_recovery import (
     CpuLockIntent,
     CpuPurchaseIntent,
+    encode_fare_fields,
     judge_lock,
     judge_purchase,
 )
@@ -309,6 +310,7 @@ class CpuHandler:
             terminal=terminal.hex().upper(),
             sam=sam.serial,
             factors="".join(f.hex().upper() for f in card.factors),
+            fare=encode_fare_fields(ctx.fare_fields()),
         )
 
         def operation() -> tuple[cpu_purse.Debit, bool]:
@@ -408,6 +410,7 @@ class CpuHandler:
                         mac2_verified=verified,
                         recovered=True,
                         printed_number=card.printed_number,
+                        fare=stored.fare_fields(),
                     ),
                     ctx.profile,
                 ),
