@@ -594,3 +594,25 @@ def test_an_unfinished_trips_charge_is_not_handed_back_at_the_next_alighting() -
     )
     assert (alight.amount, alight.refund_due) == (200, 0)  # 4 yuan trip, 2 paid at boarding
     assert settle_trip([board, alight]) == 200 + 400  # line 9's unfinished 2 + line 8's 4
+
+
+@pytest.mark.parametrize(
+    ("role", "paid_today", "expected"), [("both", 700, (0, 200)), ("exit", 300, (0, 200))]
+)
+def test_daily_cap_at_alighting_counts_what_was_paid_before_the_trip(
+    role: str, paid_today: int, expected: tuple[int, int]
+) -> None:
+    """Cap 5 yuan, 3 yuan paid earlier today, boarded with the 4-yuan maximum (the boarding
+    takes no cap), alighted after a 2-yuan trip: the trip fits under the cap, 2 yuan back.
+    On a bus validator (role both) the terminal's own sum already holds the boarding's 4 yuan
+    (7 in all); an exit gate's does not (3)."""
+    policy = parse_fare_policy({**BUS_LINE, "daily_cap": 500, "anti_passback_s": 0})
+    board = decide(policy, CardFacts(paid_today=300), TapPlace(8, 1, "both"), T0)
+    assert board.amount == 400
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(8, 1, 400), paid_today=paid_today),
+        TapPlace(8, 3, role),
+        T0 + dt.timedelta(minutes=15),
+    )
+    assert (alight.amount, alight.refund_due) == expected

@@ -262,10 +262,16 @@ def _entry_exit(
                 extra, "exit_unfinished", policy.max_fare, rules.exit_record_type, rule,
                 notes=tuple(notes),
             )  # fmt: skip
+        # The daily cap's sum: on a bus validator (role both) this tap's own terminal took the
+        # boarding debit, so it is in ``paid_today`` already; the trip is capped on what was
+        # paid before it. An exit gate (role exit) did not take it.
+        before_trip = card.paid_today - trip.amount if place.role == "both" else card.paid_today
         price, transfer_from = _discounted(
             policy,
             dataclasses.replace(
-                card, last_paid=transfer_origin(policy, card.earlier_trip, trip, place)
+                card,
+                last_paid=transfer_origin(policy, card.earlier_trip, trip, place),
+                paid_today=max(0, before_trip),
             ),
             place,
             trip.when,  # the transfer window runs from the earlier trip to this boarding
