@@ -169,6 +169,8 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(card_types={"05": {"percent": 150}}), "card_types.05.percent"),
         (_with(transfer={"window_s": 0, "discount": 100}), "transfer.window_s"),
         (_with(entry_exit={"unfinished": "forget"}), "entry_exit.unfinished"),
+        (_with(entry_exit={"entry_record_type": 6}), "single-tap trip record"),
+        (_with(entry_exit={"entry_record_type": 4}), "must differ"),
         (_with(lines={"1": {"stops": [{"id": 1, "at_m": 500}, {"id": 2, "at_m": 0}]}}),
          "backwards"),
         (_with(lines={"x": {"stops": [{"id": 1}]}}), "lines.x"),

@@ -302,6 +302,11 @@ def parse_fare_policy(raw: object) -> FarePolicy:
         )
         if entry_exit.entry_record_type == entry_exit.exit_record_type:
             raise FarePolicyError(f"{where}: entry and exit record types must differ")
+        if SINGLE_RECORD_TYPE in (entry_exit.entry_record_type, entry_exit.exit_record_type):
+            raise FarePolicyError(
+                f"{where}: record type {SINGLE_RECORD_TYPE:02X} is the single-tap trip record "
+                "(T-Union EF1E 单次); boarding and alighting need their own types"
+            )
         if entry_exit.unfinished == "penalty" and entry_exit.penalty > max_fare:
             raise FarePolicyError(f"{where}.penalty is above max_fare")
         if mode == "flat":
