@@ -199,7 +199,11 @@ class TripLayout:
 
 # cpu-purse.md §2.3 EF1E, with the field positions of real T-Union records (issue 15 finding
 # 5: institution = 4-byte code + FF x 4; bus line binary at bytes 10..11; bytes 12..16 carry
-# station and vehicle, non-zero in real records; which is which is M).
+# station and vehicle, non-zero in real records; which is which is M). Byte 0 is the record's
+# main type: 03 entry, 04 exit, 06 single (the type this layout writes for a single tap); source
+# in agent.products.fare_policy (tkerby/flipperzero-firmware-wPlugins, t_union_msg.h), which
+# also reads byte 9 as the record's sub-type (交易子类型): here industry_at, the profile's
+# ef1e_industry.
 TUNION_EF1E = TripLayout(
     sfi=0x1E, record_length=48, records=30, by_identifier=False, identifier=0,
     write_p1=0x00, write_p2=0xF0, header=b"", record_type=0x06, type_at=0,

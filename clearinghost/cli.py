@@ -207,6 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="agent + sync daemon + this host against simulated cards")
     p.add_argument("--data-dir", type=Path, default=Path("run/demo"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--role",
+        choices=("bus", "fares"),
+        default="bus",
+        help="bus: the validator against the card stream; fares: a bus line's fare policy",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("blacklist", help="publish a blacklist change at a host (admin API)")
@@ -573,6 +579,10 @@ def _admin_call(
 def cmd_demo(args: argparse.Namespace) -> int:
     from clearinghost.demo import run_demo  # pulls in the simulators; keep them off host's path
 
+    if args.role == "fares":
+        from clearinghost.demo_fares import run_fares_demo
+
+        return run_fares_demo(args.data_dir)
     return run_demo(args.data_dir, seed=args.seed)
 
 

@@ -60,3 +60,27 @@ def test_bench_memory_writes_its_figures(tmp_path: Path, capsys) -> None:
     assert "accepted (!)" not in report  # the daemon applied nothing a hostile host sent
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_fares_writes_its_figures(tmp_path: Path, capsys) -> None:
+    from bench import bench_fares
+
+    output = tmp_path / "RESULTS-fares.md"
+    config_before = structlog.get_config()
+
+    assert bench_fares.main(["--taps", "4", "--calls", "50", "--warmup", "1",
+                             "--output", str(output)]) == 0  # fmt: skip
+
+    report = output.read_text(encoding="utf-8")
+    for heading in ("## `decide()` alone (µs per call)", "## In real taps",
+                    "## Fraction of the tap", "## Outcomes", "## Reading"):  # fmt: skip
+        assert f"\n{heading}\n" in report
+    for case in bench_fares.CASES:
+        rows = [line for line in report.splitlines() if line.startswith(f"| {case.name} |")]
+        assert len(rows) == 3, (case.name, rows)  # decide, taps, fraction
+        assert f"- {case.name}: {{'paid': 4}}" in report  # every measured tap was paid
+    # the policies priced the taps: the section bus pre-authorises at boarding, seniors ride
+    # free, and the transfer + cap policy charged something on every card type mix
+    assert "fares 2.00: 4" in report  # flat: 2 yuan every tap
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before
