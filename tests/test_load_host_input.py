@@ -15,13 +15,14 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from agent.crypto import Algorithm, datetime7
+from agent.crypto import datetime7
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
 from agent.products import cpu_load, cpu_purse
 from agent.sam.keys import KeySet
@@ -468,7 +469,7 @@ def test_pending_load_credited_by_an_operator_is_loaded_once(
             "employer",
             "--reference",
             "welfare 2026-11",
-        )  # fmt: skip
+        )
     )
     assert made["asn"] == asn and made["source"] == "employer" and made["load_key"] is None
     client = stack.loader().host
@@ -491,9 +492,17 @@ def test_vouchers_issued_by_an_operator_are_redeemed_once(
     stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = _cli(
-        capsys, monkeypatch, "vouchers", "--host", stack.url, "issue", "--amount", str(AMOUNT),
-        "--count", "2",
-    )  # fmt: skip
+        capsys,
+        monkeypatch,
+        "vouchers",
+        "--host",
+        stack.url,
+        "issue",
+        "--amount",
+        str(AMOUNT),
+        "--count",
+        "2",
+    )
     codes = out.split()
     assert len(codes) == 2 and len(set(codes)) == 2
     first, second = stack.card(14), stack.card(15)
@@ -600,7 +609,7 @@ def test_two_kiosks_racing_for_one_voucher_exactly_one_wins(
         payment = {"kind": "voucher", "code": code}
         ra = _request(stack, stack.card(100 + 2 * n), f"race-a-{n}", payment)
         rb = _request(stack, stack.card(101 + 2 * n), f"race-b-{n}", payment)
-        results = _race([lambda: a.authorise("KIOSK-A", ra), lambda: b.authorise("KIOSK-B", rb)])
+        results = _race([partial(a.authorise, "KIOSK-A", ra), partial(b.authorise, "KIOSK-B", rb)])
         won = [r for r in results if isinstance(r, bytes)]
         lost = [r for r in results if isinstance(r, LoadRefused)]
         assert len(won) == 1 and len(lost) == 1, results
@@ -622,7 +631,7 @@ def test_two_kiosks_racing_for_one_pending_load_exactly_one_wins(
         payment = {"kind": "pending", "id": pending.id}
         ra = _request(stack, card, f"pend-a-{n}", payment)
         rb = _request(stack, card, f"pend-b-{n}", payment)
-        results = _race([lambda: a.authorise("KIOSK-A", ra), lambda: b.authorise("KIOSK-B", rb)])
+        results = _race([partial(a.authorise, "KIOSK-A", ra), partial(b.authorise, "KIOSK-B", rb)])
         won = [r for r in results if isinstance(r, bytes)]
         lost = [r for r in results if isinstance(r, LoadRefused)]
         assert len(won) == 1 and len(lost) == 1, results
