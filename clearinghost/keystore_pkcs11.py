@@ -86,11 +86,13 @@ class Pkcs11KeyStore:
         *,
         levels: int = 2,
         apdu_order_card_first: bool = True,
+        sm4_load_session_key: str = "pad80",
     ) -> None:
         self.token = pkcs11.lib(library).get_token(token_label=token_label)
         self.session = self.token.open(user_pin=pin, rw=True)
         self.levels = levels
         self.order = apdu_order_card_first
+        self.sm4_variant = sm4_load_session_key
         self._sm4 = _Sm4Unwrapper(self.session)
         # object handles found by label, kept for the session (a token search per call costs
         # more than the cryptography); handles, never key values
@@ -212,7 +214,9 @@ class Pkcs11KeyStore:
         blob = self._sm4_master(ref.usage, ref.index)
         with self._sm4.master(blob) as value:
             master = MasterKey(ref.usage, ref.index, 1, Algorithm.SM4, self.levels, value)
-            session = software_session(master, ref.factors, random4, counter, self.order)
+            session = software_session(
+                master, ref.factors, random4, counter, self.order, self.sm4_variant
+            )
         return crypto.session_mac(session, data, Algorithm.SM4)
 
     # -- KeyStore --------------------------------------------------------------------------

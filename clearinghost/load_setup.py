@@ -64,10 +64,12 @@ def load_authority_from(args: argparse.Namespace) -> LoadAuthority | None:
     max_balance = DEFAULT_MAX_BALANCE
     keys = KeySet(load_test_keys())
     order = True
+    sm4_variant = "pad80"
     if args.profile is not None:
         profile = load_profile(args.profile)
         max_balance = profile.max_balance
         order = profile.factor_order_card_first
+        sm4_variant = profile.sm4_load_session_key
         keys = KeySet([*KeySet.from_mapping(profile.test_keys or {"keys": []}), *keys])
     issuers = [i.strip() for i in str(getattr(args, "load_issuers", "") or "").split(",")]
     issuers = [i for i in issuers if i]
@@ -83,9 +85,17 @@ def load_authority_from(args: argparse.Namespace) -> LoadAuthority | None:
             raise ConfigurationError(
                 f"--load-keys pkcs11 needs --pkcs11-lib, --pkcs11-token and ${args.pkcs11_pin_env}"
             )
-        store = Pkcs11KeyStore(args.pkcs11_lib, args.pkcs11_token, pin, apdu_order_card_first=order)
+        store = Pkcs11KeyStore(
+            args.pkcs11_lib,
+            args.pkcs11_token,
+            pin,
+            apdu_order_card_first=order,
+            sm4_load_session_key=sm4_variant,
+        )
     else:
-        store = SoftwareKeyStore(keys, apdu_order_card_first=order)
+        store = SoftwareKeyStore(
+            keys, apdu_order_card_first=order, sm4_load_session_key=sm4_variant
+        )
     path = location if str(location).startswith(("postgres", "host=")) else Path(location)
     return LoadAuthority(path, store, max_balance=max_balance, issuers=issuers)
 

@@ -639,3 +639,80 @@ def test_two_kiosks_racing_for_one_pending_load_exactly_one_wins(
         (claimed,) = a.pending_loads(card.asn.hex().upper(), open_only=False)
         winner = [v for v in a.loads() if v.asn == card.asn.hex().upper()]
         assert len(winner) == 1 and claimed.load_key == winner[0].load_key
+
+
+# --- the SM4 load session key: a profile setting ----------------------------------------------
+
+
+def _authority_for(tmp_path: Path, variant: str | None) -> LoadAuthority:
+    from clearinghost.cli import _parser
+    from clearinghost.load_setup import load_authority_from
+    from tests.fake_reader.scenario import DEMO_PROFILE
+
+    profile = tmp_path / f"sm4-{variant}.toml"
+    text = DEMO_PROFILE.read_text(encoding="utf-8")
+    anchor = 'factor_order = "card-first-reversed"'
+    assert anchor in text
+    if variant is not None:
+        text = text.replace(anchor, f'{anchor}\nsm4_load_session_key = "{variant}"')
+    profile.write_text(text, encoding="utf-8")
+    args = _parser().parse_args(
+        [
+            "host", "--key", str(tmp_path / "k"), "--profile", str(profile),
+            "--loads-db", str(tmp_path / f"sm4-{variant}.db"),
+        ]
+    )  # fmt: skip
+    authority = load_authority_from(args)
+    assert authority is not None
+    return authority
+
+
+@pytest.mark.parametrize("variant", ["pad80", "complement"])
+def test_the_sm4_load_session_key_is_a_profile_setting(
+    tmp_path: Path, stack: Stack, variant: str
+) -> None:
+    """No public source gives the SM4 form of SESLK (cpu-purse.md §5.6, §10 item 1): the card's
+    profile names it (``[crypto] sm4_load_session_key``), the host follows it."""
+    from agent.crypto import Algorithm
+
+    card = stack.card(40, algorithm=Algorithm.SM4)
+    card.sm4_load_session_key = variant
+    request = _request(stack, card, f"sm4-{variant}", {"kind": "cash", "amount": AMOUNT})
+    other = "complement" if variant == "pad80" else "pad80"
+    right, wrong = _authority_for(tmp_path, variant), _authority_for(tmp_path, other)
+    try:
+        assert len(right.authorise(KIOSK, request)) == 4
+        with pytest.raises(LoadRefused) as refused:
+            wrong.authorise(KIOSK, request)
+        assert refused.value.reason == "bad_mac1"
+    finally:
+        right.close()
+        wrong.close()
+    default = _authority_for(tmp_path, None)  # a profile without the setting: pad80
+    try:
+        assert default.keystore.sm4_variant == "pad80"  # type: ignore[attr-defined]
+    finally:
+        default.close()
+
+
+def test_an_unknown_sm4_load_variant_is_refused_naming_the_field(tmp_path: Path) -> None:
+    from agent.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"crypto\.sm4_load_session_key"):
+        _authority_for(tmp_path, "guess").close()
+
+
+def test_the_sm4_load_variants_differ_and_pad80_is_the_purchase_shape() -> None:
+    from agent import crypto
+    from agent.crypto import Algorithm
+
+    dlk, random4 = bytes(range(16)), bytes.fromhex("A1B2C3D4")  # TEST values
+    pad80 = crypto.load_session_key(dlk, random4, 5, Algorithm.SM4)
+    complement = crypto.load_session_key(dlk, random4, 5, Algorithm.SM4, sm4_variant="complement")
+    assert pad80 != complement and len(pad80) == len(complement) == 16
+    block = random4 + (5).to_bytes(2, "big") + b"\x80" + bytes(9)
+    assert pad80 == crypto.sm4_encrypt(dlk, block)
+    b8 = random4 + (5).to_bytes(2, "big") + b"\x80\x00"
+    assert complement == crypto.sm4_encrypt(dlk, b8 + bytes(x ^ 0xFF for x in b8))
+    with pytest.raises(crypto.CryptoError, match="complement, pad80"):
+        crypto.load_session_key(dlk, random4, 5, Algorithm.SM4, sm4_variant="guess")

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ def test_load_killed_while_the_host_authorises(rig: Rig, keyset: KeySet) -> None
     authorise = rig.authority.authorise
     agent_box: list[subprocess.Popen[bytes]] = []
 
-    def authorise_then_kill(terminal_id: str, request: dict[str, Any]) -> bytes:
+    def authorise_then_kill(terminal_id: str, request: Mapping[str, Any]) -> bytes:
         mac2 = authorise(terminal_id, request)
         os.kill(agent_box[0].pid, signal.SIGKILL)
         return mac2
