@@ -10,7 +10,17 @@ terminal number 6 opaque bytes.
 
 Open points kept configurable (§10): padding of block-aligned MAC input (``pad_aligned``, §5.2), the
 factor order of multi-level diversification (``apdu_order_card_first``, §5.4), the SM4 session-key
-derivation (:data:`SM4_SESSION_KEY_VARIANTS`, §5.6) and the SM4 MAC/TAC format (§5.3, §5.7).
+derivations (:data:`SM4_SESSION_KEY_VARIANTS`, :data:`SM4_LOAD_SESSION_KEY_VARIANTS`, §5.6) and the
+SM4 MAC/TAC format (§5.3, §5.7).
+
+SM4 load (圈存), what is assumed (no published SM4 e-purse vector or formula was found: the public
+sources give SM4 diversification ``SM4_MK(F ‖ ¬F)`` (M, P9) and algorithm id 04 (M, S8, S14) only;
+the card commands and MAC inputs are those of 3DES, §3.4, §3.5, §5.7, which are H):
+SESLK is 16 bytes, ``SM4_DLK(random4 ‖ onlineCtr2 ‖ 80 00 … 00)`` (``pad80``) or
+``SM4_DLK(B ‖ ¬B)`` with ``B = random4 ‖ onlineCtr2 ‖ 80 00`` (``complement``), chosen per card
+profile (``[crypto] sm4_load_session_key``); MAC1 and MAC2 are the SM4 CBC-MAC of §5.3 (IV 0,
+80-padding to 16 bytes, first 4 bytes of the last block) over the 3DES inputs; the TAC is that MAC
+under the 16-byte DTK (an XOR of halves would give 8 bytes, no SM4 key).
 
 No Cipher objects are cached: building one costs microseconds, and a cache would keep session and
 card keys alive in process memory after the tap. Each MAC uses a single CBC encryptor for all of its
