@@ -650,11 +650,15 @@ def _authority_for(tmp_path: Path, variant: str | None) -> LoadAuthority:
     from tests.fake_reader.scenario import DEMO_PROFILE
 
     profile = tmp_path / f"sm4-{variant}.toml"
-    text = DEMO_PROFILE.read_text(encoding="utf-8")
-    anchor = 'factor_order = "card-first-reversed"'
-    assert anchor in text
+    lines = [
+        line
+        for line in DEMO_PROFILE.read_text(encoding="utf-8").splitlines()
+        if not line.startswith("sm4_load_session_key")
+    ]
+    anchor = lines.index("[crypto]")
     if variant is not None:
-        text = text.replace(anchor, f'{anchor}\nsm4_load_session_key = "{variant}"')
+        lines.insert(anchor + 1, f'sm4_load_session_key = "{variant}"')
+    text = "\n".join(lines) + "\n"
     profile.write_text(text, encoding="utf-8")
     args = _parser().parse_args(
         [
