@@ -720,3 +720,28 @@ def test_the_sm4_load_variants_differ_and_pad80_is_the_purchase_shape() -> None:
     assert complement == crypto.sm4_encrypt(dlk, b8 + bytes(x ^ 0xFF for x in b8))
     with pytest.raises(crypto.CryptoError, match="complement, pad80"):
         crypto.load_session_key(dlk, random4, 5, Algorithm.SM4, sm4_variant="guess")
+
+
+def test_authorise_complete_and_list_on_both_databases(
+    stack: Stack, two_hosts: tuple[LoadAuthority, LoadAuthority]
+) -> None:
+    """One load through both connections: authorised by one host process, its completion (twice)
+    and a refund's pending load by the other; the lists agree."""
+
+    a, b = two_hosts
+    card = stack.card(300)
+    request = _request(stack, card, "both-1", {"kind": "cash", "amount": AMOUNT})
+    mac2 = a.authorise("KIOSK-A", request)
+    assert b.authorise("KIOSK-A", request) == mac2  # the replay, through the other connection
+    (held,) = b.loads("unresolved")
+    assert held.load_key == "both-1" and held.state == "authorised"
+    unknown = b.complete("KIOSK-A", "both-1", "unknown", held.counter, "")
+    assert unknown.state == "unknown" and unknown.unresolved
+    bad = a.complete("KIOSK-A", "both-1", "credited", held.counter, "00000000")
+    assert bad.state == "tac_mismatch" and bad.unresolved  # a TAC that does not verify: held
+    with pytest.raises(LoadRefused) as refused:
+        b.complete("KIOSK-B", "both-1", "credited", held.counter, "00000000")
+    assert refused.value.reason == "unknown_load"  # another kiosk cannot report it
+    pending = b.credit(card.asn.hex().upper(), 500, "refund", "t", pending_id="refund-T-7")
+    again = a.credit(card.asn.hex().upper(), 500, "refund", "t", pending_id="refund-T-7")
+    assert again == pending and len(a.pending_loads(card.asn.hex().upper())) == 1
