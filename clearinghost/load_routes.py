@@ -11,6 +11,8 @@
   host could not learn yet; ``unresolved``: every load whose money is held).
 * ``POST /v1/admin/loads/credits`` (operator): a pending load for a card (employer, group
   purchase, online payment); ``GET`` (viewer): pending loads, ``?card=`` one card's.
+* ``POST /v1/admin/loads/{load_key}/resolve`` (operator): decide an unresolved load
+  (``credited`` or ``not_credited``, with a reason), once.
 * ``POST /v1/admin/vouchers`` (operator): issue voucher codes (他充); ``GET`` (viewer): vouchers.
 """
 
@@ -244,6 +246,23 @@ def load_routes(
             return failed(exc)
         return _json(201, {"amount": amount, "codes": codes})
 
+    async def resolve(request: Request) -> Response:
+        authority = authority_of()
+        payload = await admin_json(request)
+        outcome, reason = payload.get("outcome"), payload.get("reason")
+        if not isinstance(outcome, str) or not isinstance(reason, str):
+            return _json(400, error_body("bad_request", "outcome and reason are required"))
+        key = str(request.path_params["load_key"])
+        try:
+            view = await run_in_threadpool(
+                authority.resolve, key, outcome, kit.operator_name(request), reason
+            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, view.to_json())
+
     async def list_vouchers(request: Request) -> Response:
         authority = authority_of()
         try:
@@ -263,6 +282,9 @@ def load_routes(
         Route("/v1/loads", authorised(VIEWER, listing), methods=["GET"]),
         Route("/v1/admin/loads/credits", authorised(OPERATOR, add_credit), methods=["POST"]),
         Route("/v1/admin/loads/credits", authorised(VIEWER, list_credits), methods=["GET"]),
+        Route(
+            "/v1/admin/loads/{load_key}/resolve", authorised(OPERATOR, resolve), methods=["POST"]
+        ),
         Route("/v1/admin/vouchers", authorised(OPERATOR, issue_vouchers), methods=["POST"]),
         Route("/v1/admin/vouchers", authorised(VIEWER, list_vouchers), methods=["GET"]),
     ]

@@ -12,8 +12,9 @@ another city is refused ``not_loadable_here``.
 Operator commands (admin API, operator token): ``cardhost loads list [--unresolved | --state
 S]``, ``cardhost loads credit --card ASN --amount FEN [--source employer|group|online|other]
 [--reference TEXT]`` (a pending load, loadable once at any kiosk), ``cardhost loads pending
-[--card ASN] [--all]``, ``cardhost vouchers issue --amount FEN [--count N]``, ``cardhost
-vouchers list``.
+[--card ASN] [--all]``, ``cardhost loads resolve --load-key K --outcome credited|not_credited
+--reason TEXT`` (an operator's decision on an unresolved load), ``cardhost vouchers issue
+--amount FEN [--count N]``, ``cardhost vouchers list``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def register_commands(sub: Any, admin_call: AdminCall, token_help: str) -> None:
 
     p = sub.add_parser("loads", help="online loads: unresolved ones, pending loads (admin API)")
     common(p)
-    p.add_argument("action", choices=("list", "credit", "pending"))
+    p.add_argument("action", choices=("list", "credit", "pending", "resolve"))
     p.add_argument("--unresolved", action="store_true", help="list: loads whose money is held")
     p.add_argument("--state", help="list: only loads in this state")
     p.add_argument("--card", help="credit, pending: the card's ASN (16 hex digits)")
@@ -120,6 +121,9 @@ def register_commands(sub: Any, admin_call: AdminCall, token_help: str) -> None:
     p.add_argument("--source", choices=PENDING_SOURCES, default="other")
     p.add_argument("--reference", default="", help="credit: the payer's reference")
     p.add_argument("--all", action="store_true", help="pending: also those loaded already")
+    p.add_argument("--load-key", help="resolve: the unresolved load")
+    p.add_argument("--outcome", choices=("credited", "not_credited"), help="resolve")
+    p.add_argument("--reason", default="", help="resolve: why (required)")
     p.set_defaults(func=lambda args: cmd_loads(args, admin_call))
 
     p = sub.add_parser("vouchers", help="top-up vouchers (他充): issue or list (admin API)")
@@ -163,6 +167,18 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
             return 2
         for pending in answer["pending_loads"]:
             out(json.dumps(pending, ensure_ascii=False))
+        return 0
+    if args.action == "resolve":
+        if not args.load_key or not args.outcome or not args.reason:
+            raise ConfigurationError(
+                "cardhost loads resolve needs --load-key, --outcome and --reason"
+            )
+        path = f"/v1/admin/loads/{args.load_key}/resolve"
+        body = {"outcome": args.outcome, "reason": args.reason}
+        answer = _answer(admin_call(args, "POST", path, body), 200)
+        if answer is None:
+            return 2
+        out(json.dumps(answer, ensure_ascii=False))
         return 0
     if not args.card or args.amount is None:
         raise ConfigurationError("cardhost loads credit needs --card ASN and --amount FEN")

@@ -800,6 +800,30 @@ class LoadAuthority:
             raise LoadRefused("bad_request", "outcome must be credited, not_credited or unknown")
         return self._view(tx, key)
 
+    def resolve(self, key: str, outcome: str, by: str, reason: str) -> LoadView:
+        """An operator's decision on an unresolved load (authorised, unknown, tac_mismatch),
+        e.g. after reading the card: ``credited`` keeps the money, ``not_credited`` gives the
+        voucher or pending load back. Once; a closed load is refused ``load_closed``."""
+        if outcome not in ("credited", "not_credited"):
+            raise LoadRefused("bad_request", "outcome must be credited or not_credited")
+        if not reason.strip() or len(reason) > 500:
+            raise LoadRefused("bad_request", "a reason (1..500 characters) is required")
+
+        def work(tx: _Tx) -> LoadView:
+            row = tx.one("SELECT state FROM loads WHERE load_key = ?", (key,))
+            if row is None:
+                raise LoadRefused("unknown_load", f"no load {key}")
+            if row[0] not in UNRESOLVED_STATES:
+                raise LoadRefused("load_closed", f"load {key} is {row[0]}")
+            self._set(tx, key, outcome, None, f"operator {by}: {reason.strip()}")
+            if outcome == "not_credited":
+                self._release(tx, key)
+            return self._view(tx, key)
+
+        view: LoadView = self._transact(None, work)
+        log.info("load_resolved_by_operator", load_key=key, outcome=outcome, by=by)
+        return view
+
     def reconcile_record(self, terminal_id: str, kind: str, fields: Mapping[str, Any]) -> None:
         """The host's reconciliation from a kiosk's signed record arriving through sync: a
         ``load`` record carries the card's TAC (completes the load if the completion report

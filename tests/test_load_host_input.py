@@ -745,3 +745,30 @@ def test_authorise_complete_and_list_on_both_databases(
     pending = b.credit(card.asn.hex().upper(), 500, "refund", "t", pending_id="refund-T-7")
     again = a.credit(card.asn.hex().upper(), 500, "refund", "t", pending_id="refund-T-7")
     assert again == pending and len(a.pending_loads(card.asn.hex().upper())) == 1
+
+
+def test_a_load_open_at_another_kiosk_waits_for_it_or_for_the_operator(
+    stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kiosk A was authorised and went silent (it may still credit the card); the card is at
+    kiosk B: B is refused load_in_progress, nothing moves, until the operator decides."""
+    card = stack.card(60)
+    stack.authority.add_voucher("VOUCHER-A-1", AMOUNT)
+    request = _request(stack, card, "kiosk-a-1", {"kind": "voucher", "code": "VOUCHER-A-1"})
+    stack.authority.authorise("KIOSK-A", request)  # kiosk A: authorised, never reports
+    blocked = stack.present(card, "kiosk-b-1")
+    assert blocked.status == "refused" and blocked.reason == "load_in_progress", blocked
+    assert not card.loads and not stack.store.pending_intents()
+    decided = json.loads(
+        _cli(
+            capsys, monkeypatch, "loads", "--host", stack.url, "resolve", "--load-key",
+            "kiosk-a-1", "--outcome", "not_credited", "--reason", "card read: counter 0",
+        )
+    )  # fmt: skip
+    assert decided["state"] == "not_credited" and "alice" in decided["detail"]
+    assert stack.authority.vouchers()[0]["load_key"] is None  # the voucher is given back
+    again = stack.present(card, "kiosk-b-1", {"kind": "voucher", "code": "VOUCHER-A-1"})
+    assert again.status == "loaded", again
+    assert len(card.loads) == 1
+    closed = stack.signed_post("/v1/admin/loads/kiosk-a-1/resolve", {})
+    assert closed.status_code == 401  # an operator route, not a terminal's
