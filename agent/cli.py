@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import card_cli, doctor
+from agent import card_cli, doctor, load_cli
 from agent.clihelp import err, make_parser, run_command
 from agent.errors import AgentError
 from agent.logs import configure_logging
@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile_check)
 
     card_cli.register(sub)  # cardagent card read (agent/card_cli.py)
+    load_cli.register(sub, DEFAULT_DATA_DIR)  # cardagent load (agent/load_cli.py)
 
     doctor.add_parser(sub, DEFAULT_DATA_DIR)
 

@@ -401,6 +401,9 @@ class Profile:
     #   refuse_all       every card not already locked is refused (blacklist_expired)
     blacklist_expired_policy: str = "keep_and_alarm"
     blacklist_expired_refuse_issuers: tuple[str, ...] = ()
+    # crypto.sm4_load_session_key: the SM4 form of SESLK (UNCONFIRMED, cpu-purse.md §5.6, §10
+    # item 1): agent.crypto.SM4_LOAD_SESSION_KEY_VARIANTS ("pad80", "complement")
+    sm4_load_session_key: str = "pad80"
     # Issuer dialects (issue 15): the profile's own, then the standard layouts of §2.3.
     dialects: tuple[Dialect, ...] = field(default_factory=standard_dialects)
     # [pos] max_amount: the largest amount (fen) one POS purchase may take (``cardagent pos``);
@@ -511,6 +514,9 @@ def parse_profile(
         applications=applications,
         factor_order_card_first=factor_order == "card-first-reversed",
         sm4_session_key=r.choice("crypto.sm4_session_key", ("pad80",), default="pad80"),
+        sm4_load_session_key=r.choice(
+            "crypto.sm4_load_session_key", ("pad80", "complement"), default="pad80"
+        ),
         test_keys=test_keys,
         lock_key_index=r.integer("blacklist.lock_key_index", minimum=0, maximum=255, default=1),
         lock_permanent=r.boolean("blacklist.lock_permanent", default=False),

@@ -69,7 +69,7 @@ from clearinghost.keys import (
     check_root_statements,
     sign_root_statement,
 )
-from clearinghost.load_setup import add_load_options, load_authority_from
+from clearinghost.load_setup import add_load_options, load_authority_from, register_commands
 from clearinghost.operators import (
     ROLES,
     TOKEN_ENV,
@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--day", required=True, help="YYYY-MM-DD, a day over in the city's zone")
     p.add_argument("--out", type=Path, help="write the signed settlement CSV here")
     p.set_defaults(func=cmd_clear)
+
+    register_commands(sub, _admin_call, f"file holding the operator token (else {TOKEN_ENV})")
 
     for action in ("approve", "reject"):
         p = sub.add_parser(action, help=f"{action} a held blacklist change (a second operator)")
