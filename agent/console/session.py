@@ -71,16 +71,20 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("status",),
         "",
-        "terminal, software, profile, readers, queue, lists, clock",
-        "Terminal id, software version, profile name and SHA-256, reader, settings, records "
-        "queued and acknowledged, blacklist and parameter versions and expiry, the clock.",
+        "terminal, software, profile, readers, PSAMs, queue, lists, clock",
+        "Terminal id, software version, profile name and SHA-256; from the running agent's "
+        "status file: the agent (pid, start, last tap, clock), the reader and whether a card is "
+        "present, each PSAM's serial, terminal number and applications (agent=not running, "
+        "with the reason, when the file is stale); settings and the line and stop in force; "
+        "records queued and acknowledged, blacklist and parameter versions and expiry, clock.",
     ),
     Command(
         ("selftest",),
         "",
-        "store integrity and chain, clock, disk, profile",
-        "Runs every check and answers check.NAME=ok|fail|skipped; ERR selftest_failed if any "
-        "failed. Reader and PSAMs are skipped: the running agent holds them.",
+        "store, chain, clock, disk, profile, agent, reader, PSAMs",
+        "Runs every check and answers check.NAME=ok|fail; ERR selftest_failed if any failed. "
+        "The reader and PSAM checks use the running agent's status file (it holds them): a "
+        "stale or missing file (agent stopped, gone, or silent for too long) fails them.",
     ),
     Command(
         ("provision",),
