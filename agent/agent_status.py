@@ -56,14 +56,17 @@ class ReaderHealth:
     present: bool | None = None  # None: not reached yet
     card_present: bool = False
     error: str = ""
+    checked_at: float | None = None  # wall time of the last answer or failure
 
     def seen(self, *, card: bool) -> None:
         """The reader answered; ``card``: a card is in the field."""
         self.present, self.card_present, self.error = True, card, ""
+        self.checked_at = time.time()
 
     def fault(self, error: str) -> None:
         """The reader failed (unplugged, module mute, pcscd gone)."""
         self.present, self.error = False, error[:300]
+        self.checked_at = time.time()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +201,10 @@ class StatusPublisher:
             "updated_monotonic": self.monotonic(),
             "taps": self.taps,
             "last_tap_at": None if self.last_tap_at is None else _iso(self.last_tap_at),
+            # not in the stable part: the loop checks the reader every turn
+            "reader_checked_at": (
+                None if self.reader.checked_at is None else _iso(self.reader.checked_at)
+            ),
             **self._stable(),
         }
 

@@ -183,7 +183,7 @@ def test_status_and_selftest_show_the_running_agents_reader_and_psam(
         answer = console.ask("selftest")
         assert answer[-1] == "OK all checks passed", answer
         checks = fields(answer)
-        assert checks["check.reader"] == "ok yes"
+        assert checks["check.reader"].startswith(f"ok yes, socket://127.0.0.1:{sim.port} answered")
         assert checks["check.psam.psam"] == (
             f"ok serial {PSAM_SERIAL.hex().upper()} terminal {TERMINAL_NUMBER.hex().upper()}"
         )
@@ -334,3 +334,38 @@ def test_a_reused_pid_or_a_bad_file_is_not_a_running_agent(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="not an agent status"):
         (tmp_path / AGENT_STATUS_FILE).write_text('{"format": 99}')
         read_status(tmp_path / AGENT_STATUS_FILE)
+
+
+@pytest.mark.stack
+def test_cardagent_pos_publishes_its_status_too(tmp_path: Path) -> None:
+    """``cardagent pos``: the reader looked at before the first request, the PSAM's serial and
+    terminal number, a purchase counted; stopped, it says so."""
+    from tests.pos_stack import Field as PosField
+    from tests.pos_stack import PosClient, free_port, start_pos, wait_until_serving, write_profile
+
+    data_dir = provisioned(tmp_path)
+    field = PosField()
+    port = free_port()
+    pos = start_pos(write_profile(tmp_path), data_dir, field.url, port)
+    client = PosClient(f"http://127.0.0.1:{port}")
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", pos)
+        document = wait_status(data_dir, taking_cards, pos)
+        assert document["mode"] == "pos" and document["reader_checked_at"] is not None
+        device = Device(data_dir)
+        status = dict(device.status())
+        assert status["agent"] == "running" and status["agent_mode"] == "pos"
+        assert status["psam.psam.serial"] == PSAM_SERIAL.hex().upper()
+        assert status["psam.psam.terminal"] == TERMINAL_NUMBER.hex().upper()
+        field.present(make_card("tunion", 7, field.keyset))
+        answer = client.purchase("order-1", 150, wait_s=30.0)
+        assert answer.status_code == 200 and answer.json()["status"] == "paid", answer.text
+        field.take_away()
+        wait_status(data_dir, lambda d: d["taps"] == 1, pos)
+        assert stop_agent(pos) == 0
+        stopped = dict(Device(data_dir).status())
+        assert stopped["agent"] == "not running" and "it stopped at" in stopped["agent_problem"]
+    finally:
+        client.close()
+        stop_agent(pos, signal.SIGKILL)
+        field.close()

@@ -173,6 +173,7 @@ class Device:
         reader = reader if isinstance(reader, dict) else {}
         out.append(("reader", f"{reader.get('driver', '?')} {reader.get('location', '?')}"))
         out.append(("reader_present", _reader_state(reader)))
+        out.append(("reader_checked_at", str(document.get("reader_checked_at") or "-")))
         out.append(("card_present", "yes" if reader.get("card_present") else "no"))
         if document.get("hardware_error"):
             out.append(("hardware_error", str(document["hardware_error"])))
@@ -323,7 +324,11 @@ class Device:
             reader = document.get("reader")
             reader = reader if isinstance(reader, dict) else {}
             state = _reader_state(reader)
-            results.append(("reader", "ok" if reader.get("present") is True else "fail", state))
+            if reader.get("present") is True:
+                detail = f"{state}, {reader.get('location', '?')} answered at "
+                results.append(("reader", "ok", detail + str(document.get("reader_checked_at"))))
+            else:
+                results.append(("reader", "fail", state))
             slots = _slots(document)
             if not slots:
                 results.append(("psam", "fail", "the agent reports no SAM slot"))

@@ -102,6 +102,7 @@ def cmd_pos(args: argparse.Namespace) -> int:
             service = PosService(engine, hardware.reader, OrderBook(store.path))
             service.health, service.on_tap = health, publisher.tapped
             publisher.sams = hardware.sams.describe
+            service.probe_reader()  # the reader's state before the first request
             server: PosHttpServer | PosUnixServer
             if unix is not None:
                 server = PosUnixServer(unix, service)

@@ -319,6 +319,16 @@ class PosService:
             self.health.seen(card=presence is not None)
         return presence
 
+    def probe_reader(self) -> None:
+        """Look at the reader once (is it there, is a card lying on it) so that the status
+        file says so before the first request; a failure is noted, not raised. Called at
+        start, before the API serves: it never races a request for the reader."""
+        with self.exclusive():
+            try:
+                self._wait_for_card(0)
+            except ReaderError as exc:
+                log.warning("pos_reader_unavailable", error=str(exc))
+
     # --- card, transactions, refunds ----------------------------------------------------
 
     def card(self, wait_s: float) -> dict[str, Any]:
