@@ -49,7 +49,7 @@ def run_agent(
     if reader_url is None:  # the console's 'set reader_url' (agent.console.settings)
         reader_url = read_settings(data_dir.path).get("reader_url")
     try:
-        store = data_dir.open_store()
+        store = data_dir.open_store(cut_over=True)  # a new device key waiting: in force now
     except BaseException:
         notifier.stopping("stopping: the data directory cannot be opened")
         raise

@@ -22,7 +22,6 @@ import serial
 from agent import cli as agent_cli
 from agent.console.auth import FREE_ATTEMPTS, Credentials, lockout_delay
 from agent.console.device import (
-    ENROLMENT_CODE_FILE,
     FLUSH_FLAG_FILE,
     PREVIOUS_PROFILE_FILE,
     PROFILE_FILE,
@@ -35,7 +34,7 @@ from agent.console.serial_loop import serve
 from agent.console.session import Session, State
 from agent.console.settings import read_settings
 from agent.offline_store import OfflineStore, Record, RecordBody
-from agent.wiring import DataDir
+from agent.wiring import ENROLMENT_CODE_FILE, DataDir
 from sync import cli as sync_cli
 from sync import daemon as sync_daemon
 from sync.daemon import open_daemon

@@ -37,14 +37,19 @@ from agent.params import PARAMS_FILE, ActiveParams
 from agent.position import POSITION_FILE, PositionFile
 from agent.profile import Profile, load_profile, parse_profile
 from agent.terminal_id import terminal_id_problem
-from agent.wiring import DEVICE_KEY_FILE, STORE_FILE, TERMINAL_FILE, DataDir
+from agent.wiring import (
+    DEVICE_KEY_FILE,
+    ENROLMENT_CODE_FILE,
+    STORE_FILE,
+    TERMINAL_FILE,
+    DataDir,
+)
 
 log = structlog.get_logger(__name__)
 
 PROFILE_FILE = "profile.toml"
 PREVIOUS_PROFILE_FILE = "profile.previous.toml"
 PRIOR_PROFILE_FILE = "profile.prior.toml"  # the swap in progress (see _install_profile)
-ENROLMENT_CODE_FILE = "enrolment.code"
 FLUSH_FLAG_FILE = "sync.flush"  # sync.daemon.FLUSH_FLAG_FILE (the agent does not import sync)
 LOG_FILE = "agent.log"
 MAINTENANCE_KIND = "maintenance"

@@ -74,7 +74,7 @@ def cmd_pos(args: argparse.Namespace) -> int:
     data_dir = DataDir(args.data_dir)
     stop = threading.Event()
     _stop_on_signals(stop)
-    store = data_dir.open_store()
+    store = data_dir.open_store(cut_over=True)  # a new device key waiting: in force now
     health = ReaderHealth("card", profile.reader.driver, reader_location(profile, args.reader_url))
     publisher = StatusPublisher(
         data_dir.path / AGENT_STATUS_FILE,
