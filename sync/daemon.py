@@ -324,7 +324,10 @@ class SyncDaemon:
         if wanted != self.device_public_key:
             sign = self._device_key_file(wanted).sign
         if len(epochs.keys) > 1 and wanted == epochs.keys[-1]:
-            code = self._rotation_code() or code  # the operator's code for the new key
+            # a rotation: the operator's new one-time code if the technician stored one (the
+            # code of the first enrolment is used up), else none (a pre-registered key)
+            fresh = self._rotation_code()
+            code = fresh if fresh != self.settings.enrolment_code else None
         self._retrying("register", lambda: self.client.register(wanted, sign, code))
         self._registered, self._registered_key = True, wanted
         if wanted == epochs.keys[-1]:
