@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent import cli as agent_cli
+from agent.console.device import Device
 from agent.console.restart import RESTART_FLAG_FILE
 from agent.errors import StoreError
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
@@ -61,6 +62,9 @@ def test_rotation_end_to_end_against_a_real_host(
             new_key = DeviceKey.load(data_dir / NEXT_DEVICE_KEY_FILE)
             assert new_key.public_key_bytes.hex() in capsys.readouterr().out
             assert (data_dir / RESTART_FLAG_FILE).exists()  # the agent is asked to restart
+            shown = dict(Device(data_dir).status())
+            assert shown["key_rotation"].startswith("pending")
+            assert shown["device_key_next"] == new_key.key_id
             before.append(agent_store.last_seq())  # the rotation's signed maintenance record
             with pytest.raises(StoreError, match="a new device key"):
                 DataDir(data_dir).create_next_key()  # one rotation at a time
@@ -73,6 +77,7 @@ def test_rotation_end_to_end_against_a_real_host(
             assert DeviceKey.load(data_dir / DEVICE_KEY_FILE).key_id == new_key.key_id
             assert DeviceKey.load(data_dir / OLD_DEVICE_KEY_FILE).key_id == old_key.key_id
             assert not (data_dir / NEXT_DEVICE_KEY_FILE).exists()
+            assert dict(Device(data_dir).status())["key_rotation"].startswith("in progress")
             after = [tap(agent_store, n) for n in range(10, 15)]
             cut = after[0]
             assert before == list(range(1, cut))  # 7 taps and the maintenance record
@@ -101,6 +106,8 @@ def test_rotation_end_to_end_against_a_real_host(
             assert terminal is not None
             assert terminal.public_key == new_key.public_key_bytes.hex()
             assert not (data_dir / OLD_DEVICE_KEY_FILE).exists()  # retired
+            shown = dict(Device(data_dir).status())
+            assert (shown["key_rotation"], shown["device_key_id"]) == ("none", new_key.key_id)
             daemon.send_heartbeat()  # registers nothing old again
         finally:
             daemon.close()

@@ -40,6 +40,8 @@ from agent.terminal_id import terminal_id_problem
 from agent.wiring import (
     DEVICE_KEY_FILE,
     ENROLMENT_CODE_FILE,
+    NEXT_DEVICE_KEY_FILE,
+    OLD_DEVICE_KEY_FILE,
     STORE_FILE,
     TERMINAL_FILE,
     DataDir,
@@ -139,6 +141,7 @@ class Device:
         if profile is not None:
             out.extend(self._place_figures(profile, settings))
         out.extend(self._store_figures())
+        out.extend(self._key_figures())
         out.extend(self._list_figures())
         now = _now_utc(self.clock)
         out.append(("clock_utc", format_timestamp(now)))
@@ -214,6 +217,33 @@ class Device:
             ("vehicle_in_force", str(in_force.vehicle)),
             ("institution_in_force", in_force.institution.hex().upper() or "-"),
         ]
+
+    def _key_figures(self) -> Fields:
+        """The device key (its id only) and a key rotation under way (agent.wiring)."""
+        out: Fields = []
+        for name, label in (
+            (DEVICE_KEY_FILE, "device_key_id"),
+            (NEXT_DEVICE_KEY_FILE, "device_key_next"),
+            (OLD_DEVICE_KEY_FILE, "device_key_old"),
+        ):
+            path = self.path / name
+            if not path.exists():
+                continue
+            try:
+                out.append((label, DeviceKey.load(path).key_id))
+            except AgentError as exc:
+                out.append((label, f"unreadable: {exc}"))
+        labels = {label for label, _ in out}
+        if "device_key_next" in labels:
+            rotation = "pending: the new key signs from the agent's next start"
+        elif "device_key_old" in labels:
+            rotation = (
+                "in progress: the old key is kept until the host has accepted the new key "
+                "and acknowledged every record the old one signed"
+            )
+        else:
+            rotation = "none"
+        return [*out, ("key_rotation", rotation)]
 
     def _terminal_id_or(self, default: str) -> str:
         try:
