@@ -222,7 +222,8 @@ class OfflineStore:
         self._stamp: Callable[[], tuple[datetime, Mapping[str, FieldValue]]] | None = None
         self._lock = threading.Lock()
         # which device key signed which records (verify.KeyEpochs, from meta: several after a
-        # key rotation); read when first needed (never while holding the lock: _seal_problem)
+        # key rotation); read when first needed, and again when a signature does not verify
+        # under it (another process rotated the key): _seal_problem
         self._epochs: KeyEpochs | None = None
 
     @classmethod
@@ -589,7 +590,7 @@ class OfflineStore:
             (count,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
         return int(count)
 
-    def _seal_problem(self, record: Record) -> str | None:
+    def _seal_problem(self, record: Record, conn: sqlite3.Connection | None = None) -> str | None:
         """What is wrong with a parsed record's seal, or ``None`` (it verifies)."""
         if record.terminal_id != self._terminal_id:
             return f"it names terminal {record.terminal_id!r}, not this store's"
@@ -599,7 +600,8 @@ class OfflineStore:
         if self._epochs is not None and self._epochs.verifier(record.seq)(signature, digest):
             return None
         # first use, or the key was rotated by another process since: read the keys again
-        self._epochs = self.key_epochs()
+        # (inside a transaction already, ``conn``: from it, never taking the lock twice)
+        self._epochs = self.key_epochs() if conn is None else _key_epochs(_read_meta(conn))
         if not self._epochs.verifier(record.seq)(signature, digest):
             return "its signature does not verify under the device key"
         return None
@@ -715,7 +717,7 @@ class OfflineStore:
                 record = _record_from_row(following)
             except (ValueError, TypeError):
                 record = None
-            if record is not None and self._seal_problem(record) is None:
+            if record is not None and self._seal_problem(record, conn) is None:
                 return record.prev_hash
         meta = _read_meta(conn)
         if _meta_int(meta, "last_seq") == seq:
