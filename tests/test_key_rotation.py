@@ -164,3 +164,44 @@ def test_a_cut_over_cut_short_is_finished_at_the_next_start(tmp_path: Path) -> N
         assert DeviceKey.load(data_dir / DEVICE_KEY_FILE).key_id == newest.key_id
         assert tap(store, 3) == 3 and store.verify().ok
         assert len(store.key_epochs().keys) == 3
+
+
+def test_keys_rotate_at_the_console(tmp_path: Path) -> None:
+    """The technician's console: shown first, applied on confirm, one rotation at a time, a
+    signed maintenance record naming both key ids; only public keys on the line."""
+    from tests.test_console import FakeClock, fields, maintenance, provisioned, start_console
+
+    data_dir = provisioned(tmp_path)
+    old_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
+    console = start_console(tmp_path, data_dir, FakeClock())
+    try:
+        assert console.login()[-1] == "OK logged in"
+        shown = console.ask("keys rotate")
+        assert fields(shown)["old"] == old_key.key_id and fields(shown)["confirm"] == "required"
+        assert console.ask("no")[-1].startswith("ERR cancelled")
+        assert not (data_dir / NEXT_DEVICE_KEY_FILE).exists()
+        applied = console.ask("keys rotate --yes")
+        assert applied[-1] == "OK applied", applied
+        new_key = DeviceKey.load(data_dir / NEXT_DEVICE_KEY_FILE)
+        assert fields(applied)["new_key_id"] == new_key.key_id
+        assert fields(applied)["public_key"] == new_key.public_key_bytes.hex()
+        assert (data_dir / RESTART_FLAG_FILE).exists()
+        assert console.ask("keys rotate --yes")[-1].startswith("ERR rotation_in_progress")
+        transcript = "\n".join(shown + applied)
+        from cryptography.hazmat.primitives import serialization
+
+        pem = (data_dir / NEXT_DEVICE_KEY_FILE).read_bytes()
+        private = serialization.load_pem_private_key(pem, password=None).private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        assert private.hex() not in transcript.lower() and b"PRIVATE" not in transcript.encode()
+    finally:
+        console.close()
+    (record,) = maintenance(data_dir)
+    assert (record.fields["what"], record.fields["old"], record.fields["new"]) == (
+        "device key rotation",
+        old_key.key_id,
+        new_key.key_id,
+    )

@@ -577,6 +577,49 @@ class Device:
 
         return Change("technician password", "(hidden)", "(hidden)", apply)
 
+    def plan_key_rotation(self) -> Change:
+        """A new device key (agent.wiring: ``device.key.next``), in force from the agent's
+        next start (a restart is requested); the record names the old and the new key id."""
+        if not self.provisioned():
+            raise ConsoleError("not_provisioned", "no device key yet: provision TERMINAL_ID")
+        for name, why in (
+            (NEXT_DEVICE_KEY_FILE, "a new key already waits for the agent's restart"),
+            (
+                OLD_DEVICE_KEY_FILE,
+                "the previous rotation is not finished (the host has not yet accepted the new "
+                "key and acknowledged every record the old one signed)",
+            ),
+        ):
+            if (self.path / name).exists():
+                raise ConsoleError("rotation_in_progress", f"{why}; nothing changed")
+        current = DeviceKey.load(self.path / DEVICE_KEY_FILE)
+        change = Change(
+            "device key rotation",
+            current.key_id,
+            "a new key, created on confirm",
+            lambda: [],
+            [("takes_effect", "the agent's next start (a restart is requested)")],
+            record_after=True,  # the record names the new key's id
+        )
+
+        def apply() -> Fields:
+            key = self.data.create_next_key()
+            change.new = key.key_id
+            request_restart(self.path)
+            public = key.public_key_bytes.hex()
+            return [
+                ("new_key_id", key.key_id),
+                ("public_key", public),
+                ("restart", "requested"),
+                (
+                    "host_command",
+                    f"cardhost terminal rotate-key {self.data.terminal_id()} --public-key {public}",
+                ),
+            ]
+
+        change.apply = apply
+        return change
+
     def plan_restart(self) -> Change:
         def apply() -> Fields:
             return [("restart_flag", str(request_restart(self.path)))]

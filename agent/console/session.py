@@ -143,6 +143,17 @@ COMMANDS: tuple[Command, ...] = (
     Command(("log", "tail"), "[N]", f"the last N log lines (1..{LOG_TAIL_MAX})", "", 0, 1),
     Command(("records", "verify"), "", "verify the record chain and signatures", ""),
     Command(
+        ("keys", "rotate"),
+        "",
+        "create a new device key (key rotation)",
+        "Creates DATA_DIR/device.key.next and asks the agent to restart: from its start it "
+        "signs new records with the new key. The old key is kept until the sync daemon has had "
+        "every record it signed acknowledged and the clearing host has accepted the new key "
+        "(an operator authorises it: cardhost terminal rotate-key ID --public-key HEX, or a "
+        "one-time code stored with 'provision code'). Only public keys are shown.",
+        changes=True,
+    ),
+    Command(
         ("restart",),
         "",
         "ask the agent to restart",
@@ -625,6 +636,9 @@ class Session:
         if problems:
             return self._answer(self._err("records_bad", f"{len(problems)} problem(s)", fields))
         return self._answer(self._ok(fields, "chain and signatures verified"))
+
+    def _do_keys_rotate(self, args: list[str], yes: bool) -> bytes:
+        return self._propose(self.device.plan_key_rotation(), yes)
 
     def _do_restart(self, args: list[str], yes: bool) -> bytes:
         return self._propose(self.device.plan_restart(), yes)
