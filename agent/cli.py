@@ -39,6 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--terminal-id", required=True)
     p.set_defaults(func=cmd_provision)
 
+    p = sub.add_parser("keys", help="the device key: rotate it, or show the rotation's state")
+    ksub = p.add_subparsers(required=True, metavar="ACTION")
+    kp = ksub.add_parser(
+        "rotate",
+        help="create a new device key; the agent signs with it from its next start",
+        description=(
+            "Creates DATA_DIR/device.key.next and asks the running agent to restart. At its "
+            "start the agent signs every new record with the new key; the old key is kept "
+            "(device.key.old) until cardsync has had every record it signed acknowledged and "
+            "the clearing host has accepted the new key (an operator authorises it first: "
+            "cardhost terminal rotate-key ID --public-key HEX, or a one-time code stored with "
+            "the console's 'provision code')."
+        ),
+    )
+    kp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    kp.add_argument("--who", default=os.environ.get("USER", "root"), help="for the record")
+    kp.set_defaults(func=cmd_keys_rotate)
+    kp = ksub.add_parser("status", help="the device keys and which records each signs")
+    kp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    kp.set_defaults(func=cmd_keys_status)
+
     p = sub.add_parser("run", help="run the validator loop")
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -124,6 +145,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     key = DataDir(args.data_dir).provision(args.terminal_id)
     print(f"provisioned {args.terminal_id} in {args.data_dir}: device key {key.key_id}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from agent.console.restart import request_restart
+    from agent.offline_store import DeviceKey, RecordBody
+    from agent.wiring import DEVICE_KEY_FILE
+
+    data_dir = DataDir(args.data_dir)
+    current = DeviceKey.load(args.data_dir / DEVICE_KEY_FILE)
+    new = data_dir.create_next_key()
+    # a signed maintenance record (who, old and new key id), uploaded like any record
+    with OfflineStore.open(data_dir.store_path, current, data_dir.terminal_id()) as store:
+        store.append_record(
+            RecordBody(
+                "maintenance",
+                "-",
+                0,
+                {
+                    "who": f"cli:{args.who}",
+                    "what": "device key rotation",
+                    "old": current.key_id,
+                    "new": new.key_id,
+                },
+            )
+        )
+    request_restart(args.data_dir)
+    print(f"new device key {new.key_id}: public key {new.public_key_bytes.hex()}")
+    print("in force from the agent's next start (a restart has been requested); the clearing")
+    print("host must accept it first (an operator):")
+    terminal = data_dir.terminal_id()
+    print(f"  cardhost terminal rotate-key {terminal} --public-key {new.public_key_bytes.hex()}")
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from agent.offline_store import DeviceKey
+    from agent.offline_store.device_key import key_id_for
+    from agent.wiring import NEXT_DEVICE_KEY_FILE, OLD_DEVICE_KEY_FILE
+
+    with OfflineStore.open_for_reading(DataDir(args.data_dir).store_path) as store:
+        epochs = store.key_epochs()
+        acknowledged = store.acknowledged_seq()
+    for index, (first, key) in enumerate(zip(epochs.firsts, epochs.keys, strict=True)):
+        last = epochs.firsts[index + 1] - 1 if index + 1 < len(epochs.firsts) else None
+        span = f"records {max(first, 1)}..{'' if last is None else last}"
+        print(f"key {key_id_for(key)} signs {span}")
+    print(f"acknowledged by the host through {acknowledged}")
+    for name, text in (
+        (NEXT_DEVICE_KEY_FILE, "waits for the agent's next start"),
+        (OLD_DEVICE_KEY_FILE, "kept until the host accepts the new key"),
+    ):
+        path = args.data_dir / name
+        if path.exists():
+            print(f"{name}: key {DeviceKey.load(path).key_id} {text}")
     return 0
 
 
