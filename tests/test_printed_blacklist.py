@@ -36,6 +36,7 @@ from agent.blacklist import (
 )
 from agent.profile import load_dialects, standard_dialects
 from agent.runner import _open_blacklist
+from agent.sam.keys import KeySet
 from agent.sam.router import SingleSamRouter
 from agent.transaction import TransactionEngine
 from agent.wiring import DataDir
@@ -203,13 +204,13 @@ def test_host_storage_keeps_the_spaces_apart(tmp_path: Path) -> None:
 # --- end to end: operator, host, daemon, agent, card ------------------------------------------
 
 
-def shenzhen_tong_card(rig: Rig, printed: str) -> SimulatedCpuCard:
+def shenzhen_tong_card(keyset: KeySet, printed: str) -> SimulatedCpuCard:
     """A simulated Shenzhen Tong card (ADF 1001, DF name PAY.SZT, 32-byte EF15 as the real
     recording's) whose printed number is ``printed``: little-endian at EF15[16..19]."""
     asn = bytes.fromhex("51800000") + int(printed).to_bytes(4, "little")
     issuer = bytes.fromhex("1000000000000000")  # as tests.fake_reader.scenario.make_card
     card = make_legacy_1001_card(
-        keyset=rig.keyset,
+        keyset=keyset,
         asn=asn,
         balance=5000,
         issuer_id=issuer,
@@ -256,7 +257,7 @@ def test_operator_blacklists_a_printed_number_and_the_agent_locks_the_card(
         rig = Rig(tmp_path / "rig", dialects=(*load_dialects(CHINA_CITIES), *standard_dialects()))
         try:
             rig.engine = TransactionEngine(rig.profile, rig.store, rig.sam, blacklist=agent_view)
-            listed = shenzhen_tong_card(rig, SZT_PRINTED)
+            listed = shenzhen_tong_card(rig.keyset, SZT_PRINTED)
             outcome = rig.tap(listed)
             assert outcome.status == "refused" and outcome.reason.startswith("blacklisted")
             assert outcome.printed_number == SZT_PRINTED
@@ -266,7 +267,7 @@ def test_operator_blacklists_a_printed_number_and_the_agent_locks_the_card(
             assert lock.fields["printed_number"] == SZT_PRINTED
             again = rig.tap(listed)
             assert again.reason.startswith("card_locked")
-            other = rig.tap(shenzhen_tong_card(rig, "881146307"))
+            other = rig.tap(shenzhen_tong_card(rig.keyset, "881146307"))
             assert other.status == "paid", other.reason
             assert rig.store.verify().ok
         finally:
@@ -308,7 +309,7 @@ def test_read_card_shows_a_listed_printed_number_at_the_pos(tmp_path: Path) -> N
     rig = Rig(tmp_path / "rig", dialects=(*load_dialects(CHINA_CITIES), *standard_dialects()))
     try:
         lists = _lists(tmp_path / "lists", serial=[], printed=[881146306])
-        card = shenzhen_tong_card(rig, SZT_PRINTED)
+        card = shenzhen_tong_card(rig.keyset, SZT_PRINTED)
         rig.field.insert(card)
         presence = rig.reader.wait_for_card(0)
         assert presence is not None
