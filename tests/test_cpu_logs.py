@@ -117,6 +117,27 @@ def test_golden_logs_and_shown_balances(
     assert all(e.when is not None and 2015 <= e.when.year <= 2025 for e in report.log)
 
 
+def test_hangzhou_logs_as_the_published_reads_show_them() -> None:
+    """Two Hangzhou CJ/T 166 cards logged on web pages (tests/golden_cards/hangzhou-*.json):
+    EF18 as the authors split it (counter, amount, type 09, terminal 3100..., date-time), the
+    balance GET BALANCE gave (39.08 and 58.32); the missing CAPP trip record is a problem in
+    the report, not a failure."""
+    report = inspect("hangzhou-tong-youngbug")
+    assert report.shown_balance == 3908
+    assert [e.counter for e in report.log] == list(range(8, 1, -1))
+    assert [e.amount for e in report.log] == [0x16C, 0, 0xB6, 0, 0xB6, 0, 0xB6]
+    assert {e.transaction_type for e in report.log} == {0x09}
+    assert report.log[0].terminal == "310001029313"
+    assert report.log[0].when == dt.datetime(2014, 6, 14, 17, 36, 11)
+    assert report.log[-1].when == dt.datetime(2014, 6, 14, 8, 55, 25)
+    assert report.trips == []
+    other = inspect("hangzhou-cjt166-ziyan22")
+    assert other.shown_balance == 5832
+    assert other.log == [
+        cpu_logs.LogEntry(0x18, 0, 0x111, 0x09, "310001050306", dt.datetime(2016, 1, 9, 16, 44, 59))
+    ]
+
+
 def test_read_record_commands_are_the_spec_apdus() -> None:
     """§3.9: EF18 ``00 B2 nn C4 17``, EF1E ``00 B2 nn F4 00``, CAPP ``00 B2 01 B8 00``."""
     sent: list[str] = []
