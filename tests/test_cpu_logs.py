@@ -320,6 +320,38 @@ def test_tunion_trip_record_has_the_real_field_positions(tmp_path: Path) -> None
     rig.close()
 
 
+def test_a_real_tunion_trip_record_is_read_and_written_at_its_own_positions() -> None:
+    """A real EF1E record, published with its EF18 twin (T-Union_Master's format document,
+    tests/golden_records): read by the READ RECORD step and the T-Union layout, every field
+    is where T-Union_Master's parser takes it (type 0, terminal 1..8, sub-type 9, line and
+    station 10.., amount 0x11, balance 0x15, time 0x19, city 0x20, institution 0x22 as a
+    4-byte code + FF x 4); the agent's writer, given those fields, writes the same 48 bytes."""
+    golden = load(
+        ROOT / "tests" / "golden_records" / "tunion-beijing-metro-exit-t-union-master.json"
+    )
+    replay = Replay(golden["exchanges"])
+    want = golden["expect"]
+    records = cpu_purse.drive(cpu_logs.read_trips(TUNION_EF1E), replay)
+    assert replay.sent[:2] == ["00B201F400", "00B202F400"]  # record 2 not recorded: 6A82, stop
+    assert len(records) == 1 and len(records[0]) == 48
+    trip = cpu_logs.parse_trip(TUNION_EF1E, records[0])
+    expected = dict(want["trip"], when=dt.datetime.fromisoformat(want["trip"]["when"]))
+    assert trip == cpu_logs.Trip(**expected)
+    assert records[0][34:42] == bytes.fromhex("01011000FFFFFFFF")  # code + FF x 4, as ours
+    assert cpu_logs.build_trip(TUNION_EF1E, trip) == records[0]
+    log = cpu_purse.drive(cpu_logs.read_transactions(1), replay)
+    entry = cpu_logs.parse_log_entry(log[0], TimeEncoding.BCD)
+    expected_log = dict(
+        want["log"], overdraft=0, when=dt.datetime.fromisoformat(want["log"]["when"])
+    )
+    assert entry == cpu_logs.LogEntry(**expected_log)
+    # the trip and the transaction log describe one exit: same terminal, time and amount
+    assert trip.terminal.endswith(entry.terminal) and (trip.when, trip.amount) == (
+        entry.when,
+        entry.amount,
+    )
+
+
 def test_cjt166_capp_record_keeps_its_header_and_bcd_line() -> None:
     """The CJ/T 166 CAPP record (identifier 01, length 2E, lock flag 00) with the BCD line."""
     layout = CJT166_CAPP
