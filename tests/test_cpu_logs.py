@@ -70,7 +70,7 @@ def inspect(name: str) -> cpu_inspect.CardReport:
 def test_beijing_tunion_log_of_ten_records() -> None:
     """CoreExtendedNFC's logged Beijing T-Union card: ten EF18 records, newest first, counters
     00B1 down to 00A8, compound purchases (09) of 0.00 / 1.60 / 3.80 ... (§2.3 EF18)."""
-    report = inspect("tunion-beijing-coreextendednfc")
+    report = inspect("tunion-nanjing-coreextendednfc-1")
     assert [e.counter for e in report.log] == list(range(0xB1, 0xA7, -1))
     first, second, third = report.log[:3]
     assert first == cpu_logs.LogEntry(
@@ -103,7 +103,7 @@ def test_shanghai_tunion_negative_purse_is_subtracted() -> None:
         ("macau-pass-nfsee", 56100, 3, (8, 30, 0x09, "000000011735")),
         ("shenzhen-tong-cardemulator", 100, 2, (0x1A, 160, 0x09, "000031011652")),
         ("tunion-shenzhen-nfsee", 5710, 3, (2, 1000, 0x05, "000000000024")),
-        ("tunion-shenzhen-coreextendednfc", 250, 2, (0x57, 600, 0x09, "413101925969")),
+        ("tunion-nanjing-coreextendednfc-2", 250, 2, (0x57, 600, 0x09, "413101925969")),
     ],
 )
 def test_golden_logs_and_shown_balances(
