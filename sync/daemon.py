@@ -12,7 +12,9 @@ Jobs
                notice, so the upload goes on past it (:mod:`sync.protocol`).
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
                revocation of the signing keys, accepted only if the root in force signed it),
-               then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
+               then a delta (or snapshot) of each list, raw serials then printed card
+               numbers (two key spaces, two files), and applies each atomically
+               (``agent.blacklist``).
     params     the same root pull, then the signed parameter set. On start the daemon pins
                its ``--host-public-key`` (root keys, ``--root-threshold``) for the agent in
                ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
