@@ -201,6 +201,53 @@ def test_host_storage_keeps_the_spaces_apart(tmp_path: Path) -> None:
         storage.close()
 
 
+def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_place(
+    tmp_path: Path,
+) -> None:
+    """The printed-number list follows the host's version chain by deltas (added, removed);
+    an answer of the wrong space (an old host that ignores ``space``) is refused at its first
+    bytes, saying so, and the serial list pulled just before stays applied."""
+    from clearinghost.keys import HostKey
+    from clearinghost.server import HostServer, create_app
+    from sync.errors import ProtocolError
+    from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
+
+    key = HostKey.generate()
+    terminal = Terminal.provision(tmp_path, "BUS-PRN")
+    host = make_host(SqliteStorage(tmp_path / "host.db"), key)
+    try:
+        with HostServer(create_app(host)) as server:
+            daemon = daemon_for(terminal, fast_settings(server.url, key))
+            try:
+                printed = daemon.printed_blacklist
+                assert printed is not None
+                host.storage.publish_blacklist([0x42], [], printed_add=[881146306, 7])
+                daemon.pull_blacklist()
+                assert printed.version == 1 and printed.count == 2
+                host.storage.publish_blacklist([], [], printed_remove=[7])
+                daemon.pull_blacklist()
+                assert printed.version == 2 and printed.count == 1
+                view = _open_blacklist(DataDir(terminal.data_dir))
+                assert view.contains_printed(SZT_PRINTED) and not view.contains_printed("7")
+                assert view.contains(f"{0x42:016X}") and view.version == 2
+
+                serial_only = host.blacklist_document
+
+                def old_host(since: int, space: str = SPACE_SERIAL) -> bytes:
+                    return serial_only(since)  # a host that ignores ?space=
+
+                host.blacklist_document = old_host  # type: ignore[method-assign]
+                host.storage.publish_blacklist([0x43], [])
+                with pytest.raises(ProtocolError, match="a serial-number list where a printed"):
+                    daemon.pull_blacklist()
+                assert daemon.blacklist.version == 3 and printed.version == 2
+            finally:
+                daemon.close()
+    finally:
+        host.storage.close()
+        terminal.store.close()
+
+
 # --- end to end: operator, host, daemon, agent, card ------------------------------------------
 
 
