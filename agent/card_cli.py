@@ -3,6 +3,8 @@
 Waits for a card on the profile's reader (or ``--reader-url``), reads it with
 :func:`agent.products.cpu_inspect.inspect_card` (read-only: no SAM, nothing written) and prints
 its public information, printed number, balances, transaction log and trip records.
+:func:`card_summary` is the one line ``cardagent readers`` prints for the card in the
+profile's reader (its printed number, dialect and serial).
 """
 
 from __future__ import annotations
