@@ -12,9 +12,9 @@ Jobs
                notice, so the upload goes on past it (:mod:`sync.protocol`).
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
                revocation of the signing keys, accepted only if the root in force signed it),
-               then a delta (or snapshot) of each list, raw serials then printed card
-               numbers (two key spaces, two files), and applies each atomically
-               (``agent.blacklist``).
+               then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
+    printed_blacklist  the same for the printed-number list (a key space of its own, its own
+               file); a separate job, so its failures never delay the serial list.
     params     the same root pull, then the signed parameter set. On start the daemon pins
                its ``--host-public-key`` (root keys, ``--root-threshold``) for the agent in
                ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
@@ -345,17 +345,21 @@ class SyncDaemon:
         return accepted
 
     def pull_blacklist(self) -> ApplyResult | None:
-        """Fetch and apply the serial list, then the printed-number list (if this daemon keeps
-        one); returns the serial list's result. Raises ListRejected naming the list refused; a
-        refused printed-number list leaves the serial list applied.
+        """Fetch and apply the serial list. Raises ListRejected.
 
-        Each answer streams to a file beside its list while it is checked and hashed
+        The answer streams to a file beside the blacklist while it is checked and hashed
         (:class:`agent.blacklist.IncomingList`); it is verified and applied only once whole."""
         self.pull_root()
-        result = self._pull_list(self.blacklist, "blacklist")
-        if self.printed_blacklist is not None:
-            self._pull_list(self.printed_blacklist, "printed_blacklist")
-        return result
+        return self._pull_list(self.blacklist, "blacklist")
+
+    def pull_printed_blacklist(self) -> ApplyResult | None:
+        """Fetch and apply the printed-number list (``None`` if this daemon keeps none): its
+        own job, so a host that cannot serve it (an older host) or a refused answer never
+        holds back the serial list. Raises ListRejected naming it."""
+        if self.printed_blacklist is None:
+            return None
+        self.pull_root()
+        return self._pull_list(self.printed_blacklist, "printed_blacklist")
 
     def _pull_list(self, listed: Blacklist, name: str) -> ApplyResult:
         since = listed.version
@@ -576,6 +580,7 @@ class SyncDaemon:
         scheduler.add_job(self._upload_job, "interval", seconds=s.check_interval_s, id="upload")
         for name, interval, work in (
             ("blacklist", s.blacklist_interval_s, self.pull_blacklist),
+            ("printed_blacklist", s.blacklist_interval_s, self.pull_printed_blacklist),
             ("params", s.params_interval_s, self.pull_params),
             ("heartbeat", s.heartbeat_interval_s, self.send_heartbeat),
         ):

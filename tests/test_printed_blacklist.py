@@ -206,7 +206,7 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
 ) -> None:
     """The printed-number list follows the host's version chain by deltas (added, removed);
     an answer of the wrong space (an old host that ignores ``space``) is refused at its first
-    bytes, saying so, and the serial list pulled just before stays applied."""
+    bytes, saying so, and the serial list, a job of its own, goes on."""
     from clearinghost.keys import HostKey
     from clearinghost.server import HostServer, create_app
     from sync.errors import ProtocolError
@@ -223,9 +223,13 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
                 assert printed is not None
                 host.storage.publish_blacklist([0x42], [], printed_add=[881146306, 7])
                 daemon.pull_blacklist()
+                assert printed.version == 0  # a job of its own
+                assert daemon.pull_printed_blacklist() is not None
                 assert printed.version == 1 and printed.count == 2
                 host.storage.publish_blacklist([], [], printed_remove=[7])
                 daemon.pull_blacklist()
+                result = daemon.pull_printed_blacklist()
+                assert result is not None and result.kind == "delta" and result.removed == 1
                 assert printed.version == 2 and printed.count == 1
                 view = _open_blacklist(DataDir(terminal.data_dir))
                 assert view.contains_printed(SZT_PRINTED) and not view.contains_printed("7")
@@ -239,7 +243,8 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
                 host.blacklist_document = old_host  # type: ignore[method-assign]
                 host.storage.publish_blacklist([0x43], [])
                 with pytest.raises(ProtocolError, match="a serial-number list where a printed"):
-                    daemon.pull_blacklist()
+                    daemon.pull_printed_blacklist()
+                assert daemon.pull_blacklist() is not None  # the serial list is not held back
                 assert daemon.blacklist.version == 3 and printed.version == 2
             finally:
                 daemon.close()

@@ -158,8 +158,7 @@ def test_a_rotated_host_key_is_accepted_only_through_the_root(tmp_path: Path) ->
         finally:
             daemon.close()
     checked = json.loads((terminal.data_dir / CHECKS_FILE).read_text())
-    # the newest verified pulls are kept (the serial and the printed-number lists, issue 15)
-    assert set(checked) == {"blacklist", "printed_blacklist", "params"}
+    assert set(checked) == {"blacklist", "params"}  # the newest verified pulls are kept
     agent_params = ActiveParams(terminal.data_dir / "params.json")
     in_force = agent_params.current()
     assert in_force is not None and in_force.flat_fare == 150
