@@ -18,7 +18,8 @@
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
-    cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+    cardhost blacklist --host URL [--token-file F] [--printed] add|remove CARD...   (operator
+                     role; --printed: printed card numbers, e.g. 881146306)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
                                                          operator than the one who asked)
     cardhost terminal --host URL [--token-file F] add ID [--kind K --site S] [--public-key HEX]
@@ -52,7 +53,7 @@ import httpx
 import structlog
 import uvicorn
 
-from agent.blacklist import asn_of
+from agent.blacklist import asn_of, printed_key
 from agent.clihelp import err as _err
 from agent.clihelp import make_parser, run_command
 from agent.clihelp import out as _out
@@ -221,6 +222,12 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
     )
     p.add_argument("action", choices=("add", "remove"))
+    p.add_argument(
+        "--printed",
+        action="store_true",
+        help="the cards are printed card numbers (decimal, as on the card: 881146306), "
+        "listed in the printed-number list, a key space of their own",
+    )
     p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
 
@@ -432,8 +439,19 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_blacklist(args: argparse.Namespace) -> int:
-    asns = [f"{asn_of(card):016X}" for card in args.cards]
-    body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
+    adding = args.action == "add"
+    body: dict[str, list[str]] = {"add": [], "remove": []}
+    if args.printed:
+        numbers = []
+        for card in args.cards:
+            try:
+                numbers.append(str(printed_key(card)))
+            except ValueError as exc:
+                _err(f"cardhost: {exc}")
+                return 2
+        body["printed_add" if adding else "printed_remove"] = numbers
+    else:
+        body["add" if adding else "remove"] = [f"{asn_of(card):016X}" for card in args.cards]
     response = _admin_call(args, "POST", "/v1/admin/blacklist", body)
     if response is None:
         return 2

@@ -17,8 +17,10 @@ Tables::
                      first occurrence stays in ``anomalies``
     pending_changes  id PK, kind 'blacklist', payload (JSON), requested_by, requested_at,
                      state 'pending' | 'approved' | 'rejected', decided_by, decided_at, version
-    blacklist_current  asn PK (16 hex digits), added_version
-    blacklist_changes  (version, asn) PK, op 'add' | 'remove'
+    blacklist_current  asn PK (16 hex digits: a raw serial; ``p:`` + decimal digits: a printed
+                     card number, the other key space of agent.blacklist), added_version
+    blacklist_changes  (version, asn) PK, op 'add' | 'remove'; one version chain for both
+                     spaces, each space published as its own signed list
     params           version PK, payload (JSON)
     host_meta        key PK, value
     terminal_entries terminal_id PK, kind, site, created_by, created_at; the pending enrolment
@@ -58,6 +60,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from agent.blacklist import PRINTED_MAX_DIGITS, SPACE_PRINTED, SPACE_SERIAL
 from agent.offline_store.records import (
     GENESIS_HASH,
     QuarantineNotice,
@@ -680,31 +683,54 @@ class Storage:
         with self._transaction() as tx:
             return self._meta_int(tx, "blacklist_version")
 
-    def publish_blacklist(self, add: Sequence[int], remove: Sequence[int]) -> int:
-        """One new version with these changes (no-op entries are dropped); returns it."""
+    def publish_blacklist(
+        self,
+        add: Sequence[int],
+        remove: Sequence[int],
+        printed_add: Sequence[int] = (),
+        printed_remove: Sequence[int] = (),
+    ) -> int:
+        """One new version with these changes (no-op entries are dropped); returns it.
+        ``printed_*`` are printed card numbers (:func:`agent.blacklist.printed_key` values)."""
         with self._lock, self._transaction() as tx:
-            version = self._apply_blacklist(tx, add, remove)
-        log.info("blacklist published", version=version, add=len(add), remove=len(remove))
+            version = self._apply_blacklist(
+                tx, _keys(add, printed_add), _keys(remove, printed_remove)
+            )
+        log.info(
+            "blacklist published",
+            version=version,
+            add=len(add),
+            remove=len(remove),
+            printed_add=len(printed_add),
+            printed_remove=len(printed_remove),
+        )
         return version
 
-    def propose_blacklist(self, add: Sequence[int], remove: Sequence[int], by: str) -> int:
+    def propose_blacklist(
+        self,
+        add: Sequence[int],
+        remove: Sequence[int],
+        by: str,
+        printed_add: Sequence[int] = (),
+        printed_remove: Sequence[int] = (),
+    ) -> int:
         """Hold a blacklist change for a second operator's approval; returns its id."""
-        payload = json.dumps(
-            {"add": [_asn_text(a) for a in add], "remove": [_asn_text(a) for a in remove]}
-        )
+        change: dict[str, list[str]] = {
+            "add": [_asn_text(a) for a in add],
+            "remove": [_asn_text(a) for a in remove],
+        }
+        if printed_add or printed_remove:
+            change["printed_add"] = [_printed_text(p) for p in printed_add]
+            change["printed_remove"] = [_printed_text(p) for p in printed_remove]
+        entries = len(add) + len(remove) + len(printed_add) + len(printed_remove)
         with self._lock, self._transaction() as tx:
             row = tx.one(
                 "INSERT INTO pending_changes (kind, payload, entries, requested_by, requested_at, "
                 "state) VALUES ('blacklist', ?, ?, ?, ?, 'pending') RETURNING id",
-                (payload, len(add) + len(remove), by, time.time()),
+                (json.dumps(change), entries, by, time.time()),
             )
         assert row is not None
-        log.warning(
-            "blacklist change awaits approval",
-            id=int(row[0]),
-            by=by,
-            entries=len(add) + len(remove),
-        )
+        log.warning("blacklist change awaits approval", id=int(row[0]), by=by, entries=entries)
         return int(row[0])
 
     def pending_changes(self, state: str | None = "pending") -> list[dict[str, Any]]:
@@ -760,7 +786,10 @@ class Storage:
             if approve:
                 change = json.loads(payload)
                 version = self._apply_blacklist(
-                    tx, [int(a, 16) for a in change["add"]], [int(a, 16) for a in change["remove"]]
+                    tx,
+                    change["add"] + [PRINTED_PREFIX + p for p in change.get("printed_add", [])],
+                    change["remove"]
+                    + [PRINTED_PREFIX + p for p in change.get("printed_remove", [])],
                 )
             tx.run(
                 "UPDATE pending_changes SET state = ?, decided_by = ?, decided_at = ?, version = ? "
@@ -772,18 +801,17 @@ class Storage:
         )
         return version
 
-    def _apply_blacklist(self, tx: _Tx, add: Sequence[int], remove: Sequence[int]) -> int:
-        """One new blacklist version with these changes, in the caller's transaction."""
+    def _apply_blacklist(self, tx: _Tx, add: Sequence[str], remove: Sequence[str]) -> int:
+        """One new blacklist version with these changes (stored keys: :func:`_keys`), in the
+        caller's transaction."""
         version = self._meta_int(tx, "blacklist_version") + 1
-        for asn in sorted(set(remove)):
-            key = _asn_text(asn)
+        for key in sorted(set(remove)):
             if tx.run("DELETE FROM blacklist_current WHERE asn = ?", (key,)):
                 tx.run(
                     "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'remove')",
                     (version, key),
                 )
-        for asn in sorted(set(add) - set(remove)):
-            key = _asn_text(asn)
+        for key in sorted(set(add) - set(remove)):
             if tx.run(
                 "INSERT INTO blacklist_current (asn, added_version) VALUES (?, ?) "
                 "ON CONFLICT (asn) DO NOTHING",
@@ -796,17 +824,21 @@ class Storage:
         self._set_meta(tx, "blacklist_version", str(version))
         return version
 
-    def blacklist_snapshot(self) -> tuple[int, list[int]]:
+    def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
+        """The current version and the keys of one space (raw serials or printed numbers)."""
         with self._transaction() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
-        return version, [int(r[0], 16) for r in rows]
+        return version, [k for k in (_key_of(str(r[0]), space) for r in rows) if k is not None]
 
-    def blacklist_delta(self, since: int) -> tuple[int, list[int], list[int]]:
-        """Net changes from version ``since`` to the current one: (version, add, remove).
+    def blacklist_delta(
+        self, since: int, space: str = SPACE_SERIAL
+    ) -> tuple[int, list[int], list[int]]:
+        """Net changes of one key space from version ``since`` to the current one:
+        (version, add, remove).
 
-        The first change of an ASN after ``since`` tells its state at ``since`` (changes of one
-        ASN alternate add/remove), the current table its state now.
+        The first change of a key after ``since`` tells its state at ``since`` (changes of one
+        key alternate add/remove), the current table its state now.
         """
         with self._transaction() as tx:
             version = self._meta_int(tx, "blacklist_version")
@@ -819,12 +851,15 @@ class Storage:
             )
         add: list[int] = []
         remove: list[int] = []
-        for asn, first_op, now_listed in rows:
+        for text, first_op, now_listed in rows:
+            key = _key_of(str(text), space)
+            if key is None:
+                continue
             was_listed = first_op == "remove"
             if now_listed and not was_listed:
-                add.append(int(asn, 16))
+                add.append(key)
             elif not now_listed and was_listed:
-                remove.append(int(asn, 16))
+                remove.append(key)
         return version, add, remove
 
     # --- parameters ------------------------------------------------------------------------
@@ -1039,6 +1074,27 @@ def _slot_row(
         record_to_json(entry),
         now,
     )
+
+
+PRINTED_PREFIX = "p:"  # a stored printed-number key: never 16 hex digits, so never a serial's
+
+
+def _printed_text(number: int) -> str:
+    if not 0 <= number < 10**PRINTED_MAX_DIGITS:
+        raise ValueError(f"printed number {number} has more than {PRINTED_MAX_DIGITS} digits")
+    return str(number)
+
+
+def _keys(serials: Sequence[int], printed: Sequence[int]) -> list[str]:
+    """The stored keys of serials (16 hex digits) and printed numbers (``p:`` + digits)."""
+    return [_asn_text(a) for a in serials] + [PRINTED_PREFIX + _printed_text(p) for p in printed]
+
+
+def _key_of(text: str, space: str) -> int | None:
+    """The list key of a stored key in ``space``; ``None`` if it belongs to the other one."""
+    if text.startswith(PRINTED_PREFIX):
+        return int(text[len(PRINTED_PREFIX) :]) if space == SPACE_PRINTED else None
+    return int(text, 16) if space == SPACE_SERIAL else None
 
 
 def _asn_text(asn: int) -> str:
