@@ -5,6 +5,7 @@ the admin routes on a real host (uvicorn on 127.0.0.1) with their operator roles
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import random
 from collections.abc import Iterator
@@ -855,7 +856,7 @@ def test_clearing_in_sql_agrees_with_the_reference_arithmetic(
         outcome = ("paid", "void")[n % 2]
         storage.resolve_record(r.terminal_id, r.seq, outcome, "alice")
         resolved[(r.terminal_id, r.seq)] = outcome
-    everything = [DayRecord(*_key(r), *_rest(r)[:4], resolved.get(_key(r), "")) for r in everything]
+    everything = [dataclasses.replace(r, resolution=resolved.get(_key(r), "")) for r in everything]
     for day in (DAY - timedelta(days=1), DAY, DAY + timedelta(days=1)):
         register, held, tally = storage.day_tally(*day_bounds(day, ZONE))
         assert (register, held) == (REGISTER, bindings)
