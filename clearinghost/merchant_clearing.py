@@ -386,14 +386,14 @@ def page_section(storage: Storage, limit: int = 10) -> str:
                 totals.get(k, "-")
                 for k in ("purchases", "fees", "commissions", "net", "to_pay", "credits_owed")
             ]
-            + [totals.get("unresolved", "-")]
+            + [totals.get("unresolved", "-"), totals.get("unbound", "-")]
         )
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = "".join(
         f"<th>{h}</th>"
         for h in (
             "day", "version", "cleared by", "purchases", "fees", "commissions", "net",
-            "to pay", "credits owed", "unresolved",
+            "to pay", "credits owed", "unresolved", "unbound",
         )
     )  # fmt: skip
     return (

@@ -1140,7 +1140,8 @@ def _slot_row(
 
 def _add_merchant_column(tx: _Tx, has_column: str, from_body: str) -> None:
     """A database made before records had ``merchant_id``: add the column and fill it from
-    each stored record's body (once, in the opening transaction)."""
+    each stored record's body (once, in the opening transaction), as ingest fills it: the
+    field's text, or NULL when the field is absent or not text."""
     row = tx.one(has_column)
     if row is not None and int(row[0]):
         return
@@ -1246,7 +1247,8 @@ class SqliteStorage(Storage):
                 _add_merchant_column(
                     tx,
                     "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'merchant_id'",
-                    "json_extract(body, '$.fields.merchant_id')",
+                    "CASE WHEN json_type(body, '$.fields.merchant_id') = 'text' "
+                    "THEN json_extract(body, '$.fields.merchant_id') END",
                 )
         except (sqlite3.Error, StorageFailure) as exc:
             raise StorageFailure(f"host storage: cannot open {path}: {exc}") from exc
@@ -1333,7 +1335,8 @@ class PostgresStorage(Storage):
                     tx,
                     "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = "
                     "current_schema() AND table_name = 'records' AND column_name = 'merchant_id'",
-                    "body::jsonb #>> '{fields,merchant_id}'",
+                    "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
+                    "THEN body::jsonb #>> '{fields,merchant_id}' END",
                 )
         except psycopg.Error as exc:
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc

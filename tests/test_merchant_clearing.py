@@ -885,6 +885,7 @@ def test_a_database_from_before_the_merchant_column_is_filled_on_opening(
         ("2024-05-01T03:00:00.000Z", "purchase", 1_000, merchant("M-DIN")),
         ("2024-05-01T03:01:00.000Z", "refund_request", 100, REFUND),
         ("2024-05-01T03:02:00.000Z", "purchase", 50, {}),
+        ("2024-05-01T03:03:00.000Z", "purchase", 70, {"merchant_id": 7}),  # not text: none
     ]
     storage.ingest("POS-1", "b1", sealed(key, "POS-1", items), {})
     storage.load_merchants(list(REGISTER.values()), "alice")
@@ -899,9 +900,9 @@ def test_a_database_from_before_the_merchant_column_is_filled_on_opening(
     try:
         with reopened._transaction() as tx:
             rows = tx.all("SELECT seq, merchant_id FROM records ORDER BY seq")
-        assert [tuple(r) for r in rows] == [(1, "M-DIN"), (2, "M-DIN"), (3, None)]
+        assert [tuple(r) for r in rows] == [(1, "M-DIN"), (2, "M-DIN"), (3, None), (4, None)]
         _created, v1 = clearing_of(reopened).clear("2024-05-01", "alice")
         assert [(m["merchant_id"], m["purchases"]) for m in v1["merchants"]] == [("M-DIN", 1_000)]
-        assert [a["line"] for a in v1["apart"]] == ["credit_owed", "unassigned"]
+        assert [a["line"] for a in v1["apart"]] == ["credit_owed", "unassigned", "unassigned"]
     finally:
         reopened.close()
