@@ -898,7 +898,8 @@ class Storage:
 
     def day_records(self, start: str, end: str) -> list[DayRecord]:
         """Purchases, unresolved records and refund requests with ``start <= created_at <
-        end`` (record timestamps, UTC): what one business day's clearing reads."""
+        end`` (record timestamps, UTC), every one in memory: for inspection, tests and the
+        reference arithmetic; clearing itself reads :meth:`day_tally`."""
         with self._transaction() as tx:
             rows = tx.all(
                 "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
