@@ -182,6 +182,7 @@ class Generated:
     seconds: float  # COPY of every day's records
     index_seconds: float  # the primary key and created_at index built afterwards
     apart: dict[dt.date, int]  # per day: records the clearing lists apart
+    days: dict[dt.date, int] = field(default_factory=dict)  # per day: records
 
 
 def _stamps(day: dt.date, count: int) -> Iterator[str]:
@@ -267,7 +268,7 @@ def generate(dsn: str, days: Sequence[tuple[dt.date, int]]) -> Generated:
         conn.execute("CREATE INDEX records_created_at ON records (created_at)")
         conn.execute("VACUUM ANALYZE records")
         indexed = time.perf_counter() - began
-    return Generated(sum(c for _d, c in days), copied, indexed, apart)
+    return Generated(sum(c for _d, c in days), copied, indexed, apart, dict(days))
 
 
 def prepare(dsn: str) -> None:
@@ -379,16 +380,22 @@ class ClearingRun:
     figures: dict[str, Any]
 
 
-def run_clearing(directory: Path, records: int) -> list[ClearingRun]:
+def run_clearing(directory: Path, records: int, dsn: str | None = None) -> list[ClearingRun]:
     """Days of ``records // 10`` and ``records`` records, each cleared in a child process; and
-    a small day cleared by both the SQL path and the old all-in-Python path."""
+    a small day cleared by both the SQL path and the old all-in-Python path. With ``dsn``, a
+    database this bench generated before is reused (its days counted, nothing regenerated)."""
     small, large = max(1, records // 10), records
     day_small = DAY - dt.timedelta(days=1)
-    runs: list[ClearingRun] = []
-    with postgres(directory) as dsn:
-        prepare(dsn)
-        day_old, old = DAY - dt.timedelta(days=2), min(small, OLD_PATH_RECORDS)
-        generated = generate(dsn, [(day_old, old), (day_small, small), (DAY, large)])
+    day_old, old = DAY - dt.timedelta(days=2), min(small, OLD_PATH_RECORDS)
+    with contextlib.ExitStack() as stack:
+        if dsn is None:
+            dsn = stack.enter_context(postgres(directory))
+            prepare(dsn)
+            generated = generate(dsn, [(day_old, old), (day_small, small), (DAY, large)])
+        else:
+            generated = _counted(dsn, [day_old, day_small, DAY])
+            old, small, large = (generated.days[d] for d in (day_old, day_small, DAY))
+        runs: list[ClearingRun] = []
         for day, count in ((day_small, small), (DAY, large)):
             figures = clear_in_child(dsn, day, False)
             runs.append(ClearingRun("clear (SQL)", day, count, generated, figures))
@@ -397,6 +404,26 @@ def run_clearing(directory: Path, records: int) -> list[ClearingRun]:
             figures = clear_in_child(dsn, day_old, reference)
             runs.append(ClearingRun(label, day_old, old, generated, figures))
     return runs
+
+
+def _counted(dsn: str, days: Sequence[dt.date]) -> Generated:
+    """What a reused database holds per day (generation not timed in this run)."""
+    zone = city_zone("Asia/Shanghai")
+    counts: dict[dt.date, int] = {}
+    apart: dict[dt.date, int] = {}
+    with psycopg.connect(dsn) as conn:
+        for day in days:
+            start, end = day_bounds(day, zone)
+            row = conn.execute(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE r.kind <> 'purchase' OR b.merchant_id "
+                "IS NULL OR b.merchant_id <> r.merchant_id) FROM records r LEFT JOIN "
+                "merchant_terminals b ON b.terminal_id = r.terminal_id "
+                "WHERE r.created_at >= %s AND r.created_at < %s",
+                (start, end),
+            ).fetchone()
+            assert row is not None
+            counts[day], apart[day] = int(row[0]), int(row[1])
+    return Generated(sum(counts.values()), -1.0, -1.0, apart, counts)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -464,7 +491,13 @@ def report(trips: RoundTrips, runs: list[ClearingRun], purchases: int, records: 
             f"{f['base_kb'] / 1024:.1f} | {f['peak_kb'] / 1024:.1f} | "
             f"{run.generated.apart[run.day]:,} records, {apart_fen:,} fen |"
         )
-    if runs:
+    if runs and runs[0].generated.seconds < 0:
+        lines += [
+            "",
+            f"Setup: a database generated earlier by this bench (`COPY`) was reused "
+            f"(`--dsn`): {runs[0].generated.records:,} records; generation not timed in this run.",
+        ]
+    elif runs:
         g = runs[0].generated
         lines += [
             "",
@@ -524,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--dsn", help="reuse a PostgreSQL database this bench generated (skip the generation)"
+    )
     parser.add_argument("--child-clear", nargs=2, metavar=("DSN", "DAY"), help=argparse.SUPPRESS)
     parser.add_argument("--child-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -536,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trips = run_round_trips(root, args.purchases, args.warmup)
         pg_dir = Path(tempfile.mkdtemp(prefix="bench-pos-pg-"))  # its own: postgres owns it
         try:
-            runs = run_clearing(pg_dir, args.records)
+            runs = run_clearing(pg_dir, args.records, args.dsn)
         finally:
             shutil.rmtree(pg_dir, ignore_errors=True)
     text = report(trips, runs, args.purchases, args.records)

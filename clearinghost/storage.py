@@ -204,6 +204,7 @@ CREATE TABLE IF NOT EXISTS terminal_entries (
     expected_key TEXT
 );
 CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at);
+CREATE INDEX IF NOT EXISTS anomalies_record ON anomalies (terminal_id, seq, kind);
 CREATE TABLE IF NOT EXISTS merchants (
     merchant_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -992,18 +993,21 @@ class Storage:
 
     def flag_records(self, kind: str, items: Sequence[tuple[str, int, str]]) -> int:
         """An anomaly ``kind`` for each ``(terminal_id, seq, detail)`` not flagged so yet
-        (clearing may run again: a record is flagged once); returns how many are new."""
+        (clearing may run again: a record is flagged once; ``anomalies_record`` makes each
+        check an index look-up); returns how many are new, logged once."""
         now = time.time()
         added = 0
         with self._lock, self._transaction() as tx:
             for terminal_id, seq, detail in items:
-                known = tx.one(
-                    "SELECT 1 FROM anomalies WHERE terminal_id = ? AND seq = ? AND kind = ?",
-                    (terminal_id, seq, kind),
+                added += tx.run(
+                    "INSERT INTO anomalies (terminal_id, seq, kind, detail, found_at) "
+                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM anomalies "
+                    "WHERE terminal_id = ? AND seq = ? AND kind = ?)",
+                    (terminal_id, seq, kind, detail, now, terminal_id, seq, kind),
                 )
-                if known is None:
-                    self._anomaly(tx, terminal_id, seq, Finding(kind, detail), now)
-                    added += 1
+        if added:
+            first = next(iter(items))
+            log.warning("anomalies", kind=kind, new=added, first=f"{first[0]}/{first[1]}")
         return added
 
     def resolve_record(self, terminal_id: str, seq: int, outcome: str, by: str) -> str:
