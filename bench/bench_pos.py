@@ -543,8 +543,10 @@ def report(trips: RoundTrips, runs: list[ClearingRun], purchases: int, records: 
         "and PSAM exchanges dominate both. Clearing sums the day's payable purchases in the "
         "database (one `GROUP BY` over the day's range, joined with the register and the "
         "terminal bindings) and streams only the records it lists apart into Python, so its "
-        "memory is the register, the bindings and the apart lines, whatever the day's size; "
-        "its time follows the database's scan of the day. The old path parsed every record's "
+        "memory is the register, the bindings and the apart lines: it grows with the records "
+        "listed apart (here the unbound terminals' and the unresolved ones), never with the "
+        "purchases; its time follows the database's scans of the day. The old path parsed "
+        "every record's "
         "body into Python objects: its memory grows with the day.",
         "",
     ]
