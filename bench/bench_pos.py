@@ -539,8 +539,9 @@ def report(trips: RoundTrips, runs: list[ClearingRun], purchases: int, records: 
         "",
         "## Reading",
         "",
-        "The POS round trip is the bare tap plus what the front end adds around it; the card "
-        "and PSAM exchanges dominate both. Clearing sums the day's payable purchases in the "
+        "The POS round trip is the bare tap plus what the front end adds around it: the order "
+        "book's durable commits (the order's row created, marked attempted, pending, settled) "
+        "make most of the difference. Clearing sums the day's payable purchases in the "
         "database (one `GROUP BY` over the day's range, joined with the register and the "
         "terminal bindings) and streams only the records it lists apart into Python, so its "
         "memory is the register, the bindings and the apart lines: it grows with the records "
