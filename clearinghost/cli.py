@@ -14,10 +14,13 @@
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
                   [--time-zone Asia/Shanghai]
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
+    cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
+                                                      terminal -> merchant bindings
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
-    cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
+    cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk]   the whole system against
+                                                        simulated cards
     cardhost blacklist --host URL [--token-file F] [--printed] add|remove CARD...   (operator
                      role; --printed: printed card numbers, e.g. 881146306)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
@@ -210,9 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--role",
-        choices=("bus", "fares"),
+        choices=("bus", "fares", "pos"),
         default="bus",
-        help="bus: the validator against the card stream; fares: a bus line's fare policy",
+        help="bus: a validator and a stream of cards; fares: a bus line's fare policy, tap by "
+        "tap; pos: a shop counter session and its clearing",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -253,9 +257,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
     )
-    p.add_argument("action", choices=("load", "list"))
+    p.add_argument("action", choices=("load", "list", "bind", "terminals"))
     p.add_argument(
-        "file", nargs="?", type=Path, help="register CSV: merchant_id,name,category,account"
+        "file",
+        nargs="?",
+        type=Path,
+        help="load: register CSV merchant_id,name,category,settlement_account; "
+        "bind: CSV terminal_id,merchant_id (a merchant is paid only its own terminals' records)",
     )
     p.set_defaults(func=cmd_merchant)
 
@@ -531,20 +539,34 @@ def cmd_merchant(args: argparse.Namespace) -> int:
         for m in response.json()["merchants"]:
             _out(f"{m['merchant_id']}\t{m['category']}\t{m['settlement_account']}\t{m['name']}")
         return 0
+    if args.action == "terminals":
+        response = _admin_call(args, "GET", "/v1/admin/merchant-terminals", None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        for t in response.json()["terminals"]:
+            _out(f"{t['terminal_id']}\t{t['merchant_id']}")
+        return 0
     if args.file is None:
-        raise ConfigurationError("cardhost merchant load needs the register CSV file")
+        raise ConfigurationError(f"cardhost merchant {args.action} needs a CSV file")
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{args.file}: unreadable: {exc}") from exc
-    response = _admin_call(args, "POST", "/v1/admin/merchants", {"csv": text})
+    path = "/v1/admin/merchants" if args.action == "load" else "/v1/admin/merchant-terminals"
+    response = _admin_call(args, "POST", path, {"csv": text})
     if response is None:
         return 2
     if response.status_code != 200:
         _err(f"cardhost: {args.file} refused ({response.status_code}): {response.text[:2000]}")
         return 2
     answer = response.json()
-    _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    if args.action == "load":
+        _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    else:
+        _err(f"{args.file}: {answer['bound']} terminals bound, {answer['moved']} moved")
     return 0
 
 
@@ -562,7 +584,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
         f"{answer['day']} {state} v{answer['version']}: purchases {totals['purchases']} fen, "
         f"fees {totals['fees']}, commissions {totals['commissions']}, net {totals['net']}, "
         f"to pay now {totals['to_pay']}; credits owed {totals['credits_owed']}, unresolved "
-        f"{totals['unresolved']}, unassigned {totals['unassigned']}"
+        f"{totals['unresolved']}, unassigned {totals['unassigned']}, unbound "
+        f"{totals['unbound']}"
     )
     if args.out is not None:
         path = f"/v1/admin/clearing/{args.day}/file?version={answer['version']}"
@@ -603,6 +626,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from clearinghost.demo_fares import run_fares_demo
 
         return run_fares_demo(args.data_dir)
+    if args.role == "pos":
+        from clearinghost.demo_pos import run_pos_demo
+
+        return run_pos_demo(args.data_dir, seed=args.seed)
     return run_demo(args.data_dir, seed=args.seed)
 
 
