@@ -14,6 +14,8 @@
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
                   [--time-zone Asia/Shanghai]
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
+    cardhost bills --host URL [--token-file F] load FILE.csv | list [--state S] [--account A]
+                                                      the utility bill book (一帐通)
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
@@ -245,6 +247,20 @@ def _parser() -> argparse.ArgumentParser:
         "file", nargs="?", type=Path, help="register CSV: merchant_id,name,category,account"
     )
     p.set_defaults(func=cmd_merchant)
+
+    p = sub.add_parser("bills", help="load or list the utility bill book (admin API)")
+    p.add_argument("--host", required=True)
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
+    p.add_argument("action", choices=("load", "list"))
+    p.add_argument(
+        "file", nargs="?", type=Path, help="bill CSV: bill_id,account,utility,period,amount,"
+        "merchant_id"
+    )
+    p.add_argument("--state", choices=("open", "payment_pending", "paid"), help="list only these")
+    p.add_argument("--account", help="list only this utility account")
+    p.set_defaults(func=cmd_bills)
 
     p = sub.add_parser("clear", help="clear one day's merchant purchases (admin API)")
     p.add_argument("--host", required=True)
@@ -519,6 +535,50 @@ def cmd_merchant(args: argparse.Namespace) -> int:
         return 2
     answer = response.json()
     _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    return 0
+
+
+def cmd_bills(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        query = "&".join(
+            f"{name}={value}"
+            for name, value in (("state", args.state), ("account", args.account))
+            if value
+        )
+        response = _admin_call(args, "GET", "/v1/admin/bills" + (f"?{query}" if query else ""), None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        _out("bill_id\taccount\tutility\tperiod\tamount\tstate\tdetail")
+        for b in response.json()["bills"]:
+            _out(
+                f"{b['bill_id']}\t{b['account']}\t{b['utility']}\t{b['period']}\t"
+                f"{b['amount']}\t{b['state']}\t{b['detail']}"
+            )
+        return 0
+    if args.file is None:
+        raise ConfigurationError("cardhost bills load needs the bill CSV file")
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{args.file}: unreadable: {exc}") from exc
+    response = _admin_call(args, "POST", "/v1/admin/bills", {"csv": text})
+    if response is None:
+        return 2
+    if response.status_code != 200:
+        try:
+            detail = str(response.json().get("detail", response.text))
+        except ValueError:
+            detail = response.text
+        _err(f"cardhost: {args.file} refused ({response.status_code}): {detail[:4000]}")
+        return 2
+    answer = response.json()
+    _err(
+        f"{args.file}: {answer['added']} bills added, {answer['updated']} updated, "
+        f"{answer['kept']} kept (being paid or paid)"
+    )
     return 0
 
 

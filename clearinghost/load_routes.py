@@ -40,6 +40,8 @@ STATUS_OF = {
     "payment_mismatch": 422,
     "voucher_unknown": 422,
     "voucher_used": 409,
+    "pending_unknown": 422,
+    "pending_used": 409,
     "load_key_reused": 409,
     "load_unresolved": 409,
     "load_closed": 409,

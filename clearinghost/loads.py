@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS vouchers (
     amount INTEGER NOT NULL,
     load_key TEXT
 );
+CREATE TABLE IF NOT EXISTS pending_loads (
+    pending_id TEXT PRIMARY KEY,
+    asn TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    load_key TEXT
+);
 """
 
 
@@ -134,6 +141,28 @@ class LoadAuthority:
     def add_voucher(self, code: str, amount: int) -> None:
         with self._lock:
             self._db.execute("INSERT INTO vouchers (code, amount) VALUES (?, ?)", (code, amount))
+
+    def add_pending(self, pending_id: str, asn: str, amount: int, source: str) -> None:
+        """Funds credited at the host for card ``asn`` by someone else (employer, group
+        purchase, online payment), waiting to be loaded at any kiosk (payment kind
+        ``pending``, taken once like a voucher)."""
+        if amount <= 0:
+            raise LoadRefused("bad_amount", "a pending load must be positive")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO pending_loads (pending_id, asn, amount, source) VALUES (?, ?, ?, ?)",
+                (pending_id, asn.upper(), amount, source),
+            )
+
+    def pending_for(self, asn: str) -> list[dict[str, Any]]:
+        """The card's pending loads not yet taken by a load."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pending_id, amount, source FROM pending_loads"
+                " WHERE asn = ? AND load_key IS NULL ORDER BY rowid",
+                (asn.upper(),),
+            ).fetchall()
+        return [{"pending_id": r[0], "amount": r[1], "source": r[2]} for r in rows]
 
     # -- authorisation -------------------------------------------------------------------
 
@@ -237,7 +266,7 @@ class LoadAuthority:
                 "balance_limit", f"balance {balance} + {amount} above {self.max_balance}"
             )
         self._settle_open(asn.hex().upper(), counter, balance)
-        voucher = self._take_payment(key, amount, payment)
+        voucher = self._take_payment(key, amount, payment, asn.hex().upper())
         mac2_data = amount.to_bytes(4, "big") + bytes((LOAD_TYPE,)) + terminal + when
         mac2 = self.keystore.load_mac2(ref, random4, counter, mac2_data)
         self._db.execute(
@@ -285,7 +314,9 @@ class LoadAuthority:
                     f"{counter}): an operator must settle it",
                 )
 
-    def _take_payment(self, key: str, amount: int, payment: Mapping[str, Any]) -> str | None:
+    def _take_payment(
+        self, key: str, amount: int, payment: Mapping[str, Any], asn: str
+    ) -> str | None:
         kind = payment.get("kind")
         if kind == "cash":
             cash = payment.get("amount")
@@ -307,10 +338,29 @@ class LoadAuthority:
                 raise LoadRefused("payment_mismatch", f"voucher is worth {row[0]}")
             self._db.execute("UPDATE vouchers SET load_key = ? WHERE code = ?", (key, code))
             return code
-        raise LoadRefused("bad_request", "payment kind must be cash or voucher")
+        if kind == "pending":
+            pending_id = payment.get("id")
+            if not isinstance(pending_id, str) or not pending_id:
+                raise LoadRefused("bad_request", "pending load id missing")
+            row = self._db.execute(
+                "SELECT amount, load_key, asn FROM pending_loads WHERE pending_id = ?",
+                (pending_id,),
+            ).fetchone()
+            if row is None or row[2] != asn:
+                raise LoadRefused("pending_unknown", "no such pending load for this card")
+            if row[1] is not None:
+                raise LoadRefused("pending_used", "pending load already loaded")
+            if row[0] != amount:
+                raise LoadRefused("payment_mismatch", f"the pending load is {row[0]}")
+            self._db.execute(
+                "UPDATE pending_loads SET load_key = ? WHERE pending_id = ?", (key, pending_id)
+            )
+            return None
+        raise LoadRefused("bad_request", "payment kind must be cash, voucher or pending")
 
     def _refund(self, key: str) -> None:
         self._db.execute("UPDATE vouchers SET load_key = NULL WHERE load_key = ?", (key,))
+        self._db.execute("UPDATE pending_loads SET load_key = NULL WHERE load_key = ?", (key,))
 
     def _set(self, key: str, state: str, tac: str | None, detail: str) -> None:
         self._db.execute(
