@@ -255,8 +255,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("load", "list"))
     p.add_argument(
-        "file", nargs="?", type=Path, help="bill CSV: bill_id,account,utility,period,amount,"
-        "merchant_id"
+        "file",
+        nargs="?",
+        type=Path,
+        help="bill CSV: bill_id,account,utility,period,amount,merchant_id",
     )
     p.add_argument("--state", choices=("open", "payment_pending", "paid"), help="list only these")
     p.add_argument("--account", help="list only this utility account")
@@ -545,7 +547,8 @@ def cmd_bills(args: argparse.Namespace) -> int:
             for name, value in (("state", args.state), ("account", args.account))
             if value
         )
-        response = _admin_call(args, "GET", "/v1/admin/bills" + (f"?{query}" if query else ""), None)
+        path = "/v1/admin/bills" + (f"?{query}" if query else "")
+        response = _admin_call(args, "GET", path, None)
         if response is None:
             return 2
         if response.status_code != 200:

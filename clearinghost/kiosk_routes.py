@@ -158,9 +158,7 @@ def kiosk_routes(
     terminals = f"{prefix}/terminals/{{terminal_id}}"
     return [
         Route(f"{terminals}/bills/{{account}}", guarded(account_bills), methods=["GET"]),
-        Route(
-            f"{terminals}/bills/{{bill_id}}/payment", guarded(bill_payment), methods=["POST"]
-        ),
+        Route(f"{terminals}/bills/{{bill_id}}/payment", guarded(bill_payment), methods=["POST"]),
         Route(f"{terminals}/cards/{{asn}}/pending-loads", guarded(pending_loads), methods=["GET"]),
         Route(f"{prefix}/admin/bills", authorised(VIEWER, list_bills), methods=["GET"]),
         Route(f"{prefix}/admin/bills", authorised(OPERATOR, load_bills), methods=["POST"]),

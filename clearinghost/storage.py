@@ -33,8 +33,9 @@ Tables::
                      an operator's decision on an ``unresolved`` record (once, never changed)
     bills            bill_id PK, account, utility, period, amount, merchant_id, state 'open' |
                      'payment_pending' | 'paid', terminal_id, seq, card_id, detail, loaded_by,
-                     updated_at: the utility bill book (一帐通, issue 10, :mod:`clearinghost.bills`);
-                     a bill is ``paid`` only when its signed purchase record is ingested
+                     updated_at: the utility bill book (一帐通, issue 10,
+                     :mod:`clearinghost.bills`); a bill is ``paid`` only when its signed
+                     purchase record is ingested
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
@@ -62,6 +63,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from agent.kiosk import bill_of_order
 from agent.offline_store.records import (
     GENESIS_HASH,
     QuarantineNotice,
@@ -69,7 +71,6 @@ from agent.offline_store.records import (
     notice_to_json,
     record_to_json,
 )
-from agent.kiosk import bill_of_order
 from agent.pos.journal import ORDER_FIELD
 from clearinghost.bills import SELECT_BILL, Bill, bill_view
 from clearinghost.clearing import Finding, Refusal
