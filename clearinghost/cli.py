@@ -19,7 +19,8 @@
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
-    cardhost demo [--data-dir run/demo]                 the whole system against simulated cards
+    cardhost demo [--data-dir run/demo] [--role bus|kiosk] [--serve]
+                                                      the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
                                                          operator than the one who asked)
@@ -209,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="agent + sync daemon + this host against simulated cards")
     p.add_argument("--data-dir", type=Path, default=Path("run/demo"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--role", choices=("bus", "kiosk"), default="bus", help="what the demo runs")
+    p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("blacklist", help="publish a blacklist change at a host (admin API)")
@@ -636,6 +639,10 @@ def _admin_call(
 def cmd_demo(args: argparse.Namespace) -> int:
     from clearinghost.demo import run_demo  # pulls in the simulators; keep them off host's path
 
+    if args.role == "kiosk":
+        from clearinghost.demo_kiosk import run_kiosk_demo
+
+        return run_kiosk_demo(args.data_dir, serve=args.serve)
     return run_demo(args.data_dir, seed=args.seed)
 
 
