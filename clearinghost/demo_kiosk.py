@@ -198,8 +198,11 @@ class KioskApi:
         end = time.monotonic() + bound_s
         while True:
             state = self.state()
-            if (state["phase"] in phases and not state["busy"]) or (
-                match and all(_dig(state, k) == v for k, v in match.items())
+            settled = not state["busy"] or state["phase"] in ("put_back", "cash")
+            if (
+                state["phase"] in phases
+                and settled
+                and all(_dig(state, k) == v for k, v in match.items())
             ):
                 return state
             if time.monotonic() > end:
@@ -213,7 +216,10 @@ class KioskApi:
 def _dig(state: dict[str, Any], dotted: str) -> Any:
     value: Any = state
     for part in dotted.split("__"):
-        value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, list) and part.isdigit():
+            value = value[int(part)] if int(part) < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
     return value
 
 

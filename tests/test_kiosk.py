@@ -1,0 +1,351 @@
+"""The kiosk end to end through its JSON API (issue 10): a real clearing host (uvicorn on
+127.0.0.1, SQLite or PostgreSQL), the simulated card field and PSAM behind the emulated serial
+reader module reached through the real serial driver, a simulated note acceptor on a TCP socket
+reached through pyserial, and the kiosk service and page server of ``cardagent kiosk``.
+
+Top-ups by cash, voucher and pending load; note acceptor faults (garbage, jam, a note that
+times out mid-way) with every fen accounted for; a voucher used twice; a utility bill paid and
+marked paid at the host only after the upload; the card removed at each step of a load and of a
+bill debit: the page says "put the card back", and the card is credited or debited exactly once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clearinghost.demo_kiosk import KioskApi, KioskSite
+from clearinghost.storage import PostgresStorage, Storage
+from tests.fake_reader.cpu_card import SimulatedCpuCard
+from tests.fake_reader.faults import CardTorn
+from tests.fake_reader.scenario import REPO
+from tests.test_sync_storage import PgServer
+
+INIT = (0x80, 0x50)
+CREDIT = (0x80, 0x52)
+DEBIT = (0x80, 0x54)
+
+
+class TearOnce:
+    """The card, leaving the field at its first command ``cla ins`` (``p1`` if given): before
+    the card processes it, or after it committed (the answer is lost)."""
+
+    def __init__(self, card: SimulatedCpuCard, cla_ins: tuple[int, int], when: str,
+                 p1: int | None = None) -> None:  # fmt: skip
+        self.card, self.cla_ins, self.when, self.p1 = card, cla_ins, when, p1
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.card, name)
+
+    def process(self, apdu: bytes) -> bytes:
+        hit = tuple(apdu[:2]) == self.cla_ins and (self.p1 is None or apdu[2] == self.p1)
+        if hit and not self.fired:
+            self.fired = True
+            if self.when == "after":
+                self.card.process(apdu)
+            raise CardTorn(f"card left at {apdu[:4].hex()} ({self.when})")
+        return self.card.process(apdu)
+
+
+@pytest.fixture(scope="module")
+def pgserver() -> Iterator[PgServer]:
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+def _site(tmp_path: Path, storage: Storage | None = None, **options: Any) -> KioskSite:
+    options.setdefault("note_timeout_s", 1.0)
+    options.setdefault("put_back_wait_s", 120.0)
+    return KioskSite(tmp_path / "site", storage, **options)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[KioskSite]:
+    site = _site(tmp_path)
+    yield site
+    site.close()
+
+
+@pytest.fixture
+def api(site: KioskSite) -> Iterator[KioskApi]:
+    client = KioskApi(site.url)
+    yield client
+    client.close()
+
+
+def _read(api: KioskApi) -> dict[str, Any]:
+    api.post("/api/card")
+    state = api.wait("ready", "failed")
+    assert state["phase"] == "ready", state
+    return state
+
+
+def _host_loads(site: KioskSite) -> dict[str, list[int]]:
+    by_state: dict[str, list[int]] = {}
+    for view in site.authority.loads():
+        by_state.setdefault(view.state, []).append(view.amount)
+    return by_state
+
+
+def test_cash_top_up_with_note_faults_accounts_for_every_fen(
+    site: KioskSite, api: KioskApi
+) -> None:
+    card = site.card(1, balance=500)
+    site.field.insert(card)
+    state = _read(api)
+    assert state["card"]["balance"] == 500 and state["card"]["loadable"] is True
+    api.post("/api/cash")
+    site.notes.insert(2000)
+    api.wait("cash", cash__accepted=2000)
+    site.notes.garbage()
+    state = api.wait("cash", cash__accepted=2000, cash__alerts__0__code="garbage")
+    site.notes.insert(1000)
+    api.wait("cash", cash__accepted=3000)
+    site.notes.jam(5000)  # a 50-yuan note stuck in the path
+    state = api.wait("cash", cash__open=False)
+    assert [a["code"] for a in state["cash"]["alerts"]] == ["garbage", "jam"]
+    assert state["cash"]["accepted"] == 3000 and site.notes.enabled.is_set() is False
+    api.post("/api/load", {"source": "cash"})
+    state = api.wait("success", "failed")
+    assert state["phase"] == "success" and state["message"] == "loaded", state
+    assert card.balance == 3500 and len(card.loads) == 1
+    assert _host_loads(site) == {"completed": [3000]}
+    events = site.kiosk.book.cash_events()
+    kinds = [(e["kind"], e["amount"]) for e in events]
+    assert kinds == [("accepted", 2000), ("garbage", 0), ("accepted", 1000), ("disputed", 5000)]
+    load_key = site.authority.loads()[0].load_key
+    assert {e["load_key"] for e in events if e["kind"] == "accepted"} == {load_key}
+    assert site.kiosk.book.unused_cash() == 0
+    receipt = Path(site.data_dir.path / "receipts" / state["receipt"]["file"]).read_text()
+    assert "30.00 yuan" in receipt and "35.00 yuan" in receipt and load_key in receipt
+
+    # a note drawn in and never confirmed: recorded for staff, never counted, nothing loaded
+    api.post("/api/reset")
+    api.post("/api/cash")
+    site.notes.escrow_only(1000)
+    state = api.wait("cash", cash__open=False)
+    assert [a["code"] for a in state["cash"]["alerts"]] == ["note_timeout"]
+    answer = api.http.post("/api/load", json={"source": "cash"})
+    assert answer.status_code == 409 and answer.json()["error"] == "no_cash"
+    assert site.kiosk.book.cash_events()[-1]["kind"] == "disputed"
+    assert card.balance == 3500 and len(card.loads) == 1
+
+
+def test_voucher_once_unknown_and_twice(site: KioskSite, api: KioskApi) -> None:
+    card = site.card(2, balance=500)
+    site.field.insert(card)
+    site.authority.add_voucher("GIFT-0001", 5000)
+    _read(api)
+    api.post("/api/load", {"source": "voucher", "amount": 5000, "code": "GIFT-0001"})
+    assert api.wait("success", "failed")["phase"] == "success"
+    assert card.balance == 5500
+    for code, amount, refusal in [
+        ("GIFT-0001", 5000, "refused:voucher_used"),
+        ("GIFT-9999", 5000, "refused:voucher_unknown"),
+    ]:
+        api.post("/api/reset")
+        api.post("/api/load", {"source": "voucher", "amount": amount, "code": code})
+        state = api.wait("success", "failed")
+        assert (state["phase"], state["message"]) == ("failed", refusal), state
+    assert card.balance == 5500 and len(card.loads) == 1
+    assert _host_loads(site) == {"completed": [5000]}
+    bad = api.http.post("/api/load", json={"source": "voucher", "amount": 12.5, "code": "X-1"})
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_amount"
+    bad = api.http.post("/api/load", json={"source": "gift", "amount": 100})
+    assert bad.status_code == 422 and bad.json()["error"] == "bad_source"
+
+
+def test_pending_load_is_listed_and_loaded_once(site: KioskSite, api: KioskApi) -> None:
+    card = site.card(3, balance=1000)
+    site.field.insert(card)
+    site.authority.add_pending("EMP-11", card.asn.hex().upper(), 3000, "employer")
+    state = _read(api)
+    assert state["pending"] == [{"pending_id": "EMP-11", "amount": 3000, "source": "employer"}]
+    api.post("/api/load", {"source": "pending", "pending_id": "EMP-11"})
+    assert api.wait("success", "failed")["phase"] == "success"
+    assert card.balance == 4000
+    api.post("/api/reset")
+    assert _read(api)["pending"] == []
+    assert site.authority.pending_for(card.asn.hex()) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_bill_paid_at_the_host_only_after_the_upload(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    storage: Storage | None = None
+    if backend == "postgresql":
+        storage = PostgresStorage(request.getfixturevalue("pgserver").new_database())
+    site = _site(tmp_path, storage)
+    api = KioskApi(site.url)
+    try:
+        site.load_bills()
+        card = site.card(4, balance=20000)
+        site.field.insert(card)
+        bills = api.post("/api/bills/lookup", {"account": "110105-0001"})["bills"]
+        assert {b["bill_id"]: b["state"] for b in bills} == {
+            "W-2026-11-0001": "open", "E-2026-11-0001": "open",
+            "G-2026-11-0001": "open", "H-2026-Q4-0001": "open",
+        }  # fmt: skip
+        api.post("/api/bills/pay", {"bill_id": "E-2026-11-0001"})
+        state = api.wait("success", "failed")
+        assert (state["phase"], state["message"]) == ("success", "bill_paid_ok"), state
+        assert card.balance == 20000 - 12880 and len(card.debits) == 1
+        assert "128.80 yuan" in state["receipt"]["text"]
+        assert site.storage.bill("E-2026-11-0001")["state"] == "payment_pending"  # type: ignore[index]
+        assert site.upload() >= 1
+        bill = site.storage.bill("E-2026-11-0001")
+        assert bill is not None and bill["state"] == "paid" and bill["terminal_id"] == "KIOSK-0001"
+        api.post("/api/reset")
+        bills = api.post("/api/bills/lookup", {"account": "110105-0001"})["bills"]
+        assert {b["bill_id"]: b["state"] for b in bills}["E-2026-11-0001"] == "paid"
+        again = api.http.post("/api/bills/pay", json={"bill_id": "E-2026-11-0001"})
+        assert again.status_code == 409 and again.json()["error"] == "bill_paid"
+        assert len(card.debits) == 1
+        unknown = api.http.post("/api/bills/lookup", json={"account": "no/such"})
+        assert unknown.status_code == 422 and unknown.json()["error"] == "bad_account"
+    finally:
+        api.close()
+        site.close()
+
+
+def test_a_bill_above_the_balance_is_refused_and_released(site: KioskSite, api: KioskApi) -> None:
+    site.load_bills()
+    card = site.card(5, balance=1000)
+    site.field.insert(card)
+    api.post("/api/bills/lookup", {"account": "110105-0001"})
+    api.post("/api/bills/pay", {"bill_id": "H-2026-Q4-0001"})
+    state = api.wait("success", "failed")
+    assert (state["phase"], state["message"]) == ("failed", "refused:insufficient_balance")
+    assert card.balance == 1000 and not card.debits
+    assert site.storage.bill("H-2026-Q4-0001")["state"] == "open"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("command", "when", "source"),
+    [
+        (INIT, "before", "cash"),
+        (INIT, "after", "cash"),
+        (CREDIT, "before", "cash"),
+        (CREDIT, "after", "cash"),
+        (CREDIT, "before", "voucher"),
+        (CREDIT, "after", "pending"),
+    ],
+    ids=[
+        "init-before",
+        "init-after",
+        "credit-before",
+        "credit-after",
+        "voucher-credit-before",
+        "pending-credit-after",
+    ],  # fmt: skip
+)
+def test_card_removed_mid_load_is_put_back_and_loaded_once(
+    site: KioskSite, api: KioskApi, command: tuple[int, int], when: str, source: str
+) -> None:
+    card = site.card(6, balance=500)
+    site.field.insert(card)
+    site.authority.add_voucher("GIFT-0006", 2000)
+    site.authority.add_pending("EMP-06", card.asn.hex().upper(), 2000, "employer")
+    _read(api)
+    if source == "cash":
+        api.post("/api/cash")
+        site.notes.insert(2000)
+        api.wait("cash", cash__accepted=2000)
+        body: dict[str, Any] = {"source": "cash"}
+    elif source == "voucher":
+        body = {"source": "voucher", "amount": 2000, "code": "GIFT-0006"}
+    else:
+        body = {"source": "pending", "pending_id": "EMP-06"}
+    site.field.remove()
+    site.field.insert(TearOnce(card, command, when, p1=0x00 if command == INIT else None))
+    api.post("/api/load", body)
+    state = api.wait("put_back", "success", "failed")
+    assert (state["phase"], state["message"]) == ("put_back", "put_back"), state
+    site.field.insert(card)  # the customer puts the same card back
+    state = api.wait("success", "failed")
+    assert state["phase"] == "success", state
+    assert card.balance == 2500 and len(card.loads) == 1  # credited exactly once
+    loads = _host_loads(site)
+    assert loads["completed"] == [2000] and set(loads) <= {"completed", "not_credited"}
+    assert site.kiosk.book.unused_cash() == 0
+
+
+def test_card_never_back_is_settled_at_its_next_visit(tmp_path: Path) -> None:
+    site = _site(tmp_path, put_back_wait_s=1.0)
+    api = KioskApi(site.url)
+    try:
+        card = site.card(7, balance=500)
+        site.authority.add_voucher("GIFT-A", 1000)
+        site.authority.add_voucher("GIFT-B", 1000)
+        site.field.insert(TearOnce(card, CREDIT, "after"))
+        api.post("/api/load", {"source": "voucher", "amount": 1000, "code": "GIFT-A"})
+        state = api.wait("success", "failed")
+        assert (state["phase"], state["message"]) == ("failed", "card_not_back"), state
+        assert card.balance == 1500 and _host_loads(site) == {"authorised": [1000]}
+        api.post("/api/reset")
+        site.field.insert(card)  # days later, another top-up
+        api.post("/api/load", {"source": "voucher", "amount": 1000, "code": "GIFT-B"})
+        assert api.wait("success", "failed")["phase"] == "success"
+        assert card.balance == 2500 and len(card.loads) == 2
+        assert _host_loads(site) == {"completed": [1000, 1000]}
+    finally:
+        api.close()
+        site.close()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_card_removed_mid_bill_debit_is_put_back_and_debited_once(
+    site: KioskSite, api: KioskApi, when: str
+) -> None:
+    site.load_bills()
+    card = site.card(8, balance=10000)
+    site.field.insert(TearOnce(card, DEBIT, when))
+    api.post("/api/bills/lookup", {"account": "110105-0001"})
+    api.post("/api/bills/pay", {"bill_id": "W-2026-11-0001"})
+    state = api.wait("put_back", "success", "failed")
+    assert (state["phase"], state["message"]) == ("put_back", "put_back"), state
+    site.field.insert(card)
+    state = api.wait("success", "failed")
+    assert state["phase"] == "success", state
+    assert card.balance == 10000 - 4250 and len(card.debits) == 1
+    site.upload()
+    assert site.storage.bill("W-2026-11-0001")["state"] == "paid"  # type: ignore[index]
+
+
+def test_page_is_served_offline_with_its_assets(site: KioskSite, api: KioskApi) -> None:
+    page = api.http.get("/")
+    assert page.status_code == 200 and "kiosk.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web font
+    for asset in ("/kiosk.js", "/kiosk.css"):
+        body = api.http.get(asset).text
+        assert "http://" not in body and "https://" not in body and "@import" not in body
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    foreign = api.http.get("/api/state", headers={"Host": "evil.example"})
+    assert foreign.status_code == 403
+    cross = api.http.post("/api/card", json={}, headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403 and cross.json()["error"] == "foreign_origin"
+    assert api.http.get("/receipts/../kiosk.db").status_code == 404
+
+
+def test_cardhost_demo_role_kiosk(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clearinghost.cli", "demo", "--role", "kiosk",
+         "--data-dir", str(tmp_path / "demo")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, result.stderr[-3000:] + out[-3000:]
+    assert "kiosk page: http://127.0.0.1:" in out
+    assert "[ok]      cash top-up 70.00: loaded, balance 75.00 yuan" in out
+    assert "[ok]      voucher top-up 50.00 (他充): loaded, balance 125.00 yuan" in out
+    assert "[ok]      pending load 30.00: loaded, balance 155.00 yuan" in out
+    assert "[ok]      water bill 42.50 (一帐通): bill_paid_ok, balance 112.50 yuan" in out
+    assert "bill W-2026-11-0001 at the host: paid" in out
