@@ -245,7 +245,7 @@ def test_a_bill_above_the_balance_is_refused_and_released(site: KioskSite, api: 
         "credit-after",
         "voucher-credit-before",
         "pending-credit-after",
-    ],  # fmt: skip
+    ],
 )
 def test_card_removed_mid_load_is_put_back_and_loaded_once(
     site: KioskSite, api: KioskApi, command: tuple[int, int], when: str, source: str
