@@ -19,7 +19,7 @@ runs is answered 423 ``busy``.
 
 from __future__ import annotations
 
-import json
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from importlib import resources
@@ -142,6 +142,14 @@ class KioskHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that went away mid-answer (a page closed or reloaded) is not an error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("kiosk_client_gone", client=str(client_address), error=str(error))
+            return
+        super().handle_error(request, client_address)
+
     def __init__(self, address: tuple[str, int], service: KioskService) -> None:
         self.service = service
         super().__init__(address, KioskHandler)
@@ -154,5 +162,3 @@ def serve_in_thread(
     threading.Thread(target=server.serve_forever, name="kiosk-http", daemon=True).start()
     return server
 
-
-__all__ = ["KioskHttpServer", "json", "serve_in_thread"]

@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -709,14 +710,17 @@ class KioskService:
 
     def _receipt(self, session: str, kind: str, lines: list[tuple[str, str]]) -> dict[str, Any]:
         when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
-        width = max(len(label) for label, _ in lines) + 2
+        width = max(_display_width(label) for label, _ in lines) + 2
         text = "\n".join(
             [
                 "城市一卡通 自助服务终端 / City card kiosk",
                 f"Kiosk 终端: {self.kiosk_id}",
                 f"Time 时间: {when}",
                 "-" * 40,
-                *(f"{label.ljust(width)}{value}" for label, value in lines),
+                *(
+                    label + " " * (width - _display_width(label)) + value
+                    for label, value in lines
+                ),
                 "-" * 40,
                 "Keep this receipt. 请保留此凭条。",
                 "",
@@ -737,6 +741,11 @@ class KioskService:
         if self._cash is not None:
             self._cash.stop()
         self.wait_idle(30)
+
+
+def _display_width(text: str) -> int:
+    """Columns a monospaced receipt printer gives ``text`` (CJK characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def _session_id() -> str:

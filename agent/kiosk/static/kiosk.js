@@ -232,7 +232,8 @@ async function start(path, body) {
 async function poll() {
   try {
     const state = await api("/api/state");
-    if (state) render(state);
+    // redraw only what changed: a list redrawn under a finger loses the touch
+    if (state && (!last || state.version !== last.version || state.busy !== last.busy)) render(state);
   } catch (err) {
     $("detail").textContent = String(err);
   }
