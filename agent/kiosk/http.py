@@ -161,4 +161,3 @@ def serve_in_thread(
     server = KioskHttpServer((host, port), service)
     threading.Thread(target=server.serve_forever, name="kiosk-http", daemon=True).start()
     return server
-

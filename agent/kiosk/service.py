@@ -717,10 +717,7 @@ class KioskService:
                 f"Kiosk 终端: {self.kiosk_id}",
                 f"Time 时间: {when}",
                 "-" * 40,
-                *(
-                    label + " " * (width - _display_width(label)) + value
-                    for label, value in lines
-                ),
+                *(label + " " * (width - _display_width(label)) + value for label, value in lines),
                 "-" * 40,
                 "Keep this receipt. 请保留此凭条。",
                 "",
