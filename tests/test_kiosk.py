@@ -162,6 +162,26 @@ def test_voucher_once_unknown_and_twice(site: KioskSite, api: KioskApi) -> None:
     assert bad.status_code == 422 and bad.json()["error"] == "bad_source"
 
 
+def test_a_card_of_another_city_is_not_loaded(site: KioskSite, api: KioskApi) -> None:
+    from tests.fake_reader.cpu_card import make_tunion_card
+
+    card = make_tunion_card(
+        keyset=site.keyset,
+        asn=bytes.fromhex("5170070199999999"),
+        balance=500,
+        issuer_id=bytes.fromhex("03034000FFFFFFFF"),
+        city_code="4000",
+    )
+    site.field.insert(card)
+    site.authority.add_voucher("GIFT-FOREIGN", 1000)
+    state = _read(api)
+    assert state["card"]["loadable"] is False
+    api.post("/api/load", {"source": "voucher", "amount": 1000, "code": "GIFT-FOREIGN"})
+    state = api.wait("success", "failed")
+    assert (state["phase"], state["message"]) == ("failed", "refused:not_loadable"), state
+    assert card.balance == 500 and not card.loads and site.authority.loads() == []
+
+
 def test_pending_load_is_listed_and_loaded_once(site: KioskSite, api: KioskApi) -> None:
     card = site.card(3, balance=1000)
     site.field.insert(card)

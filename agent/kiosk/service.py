@@ -442,10 +442,22 @@ class KioskService:
         self._set(phase="working", message="keep_still", detail="")
         self._expire()
         try:
-            card_id = self._identify()
+            report = self._inspect()
         except AgentError as exc:
-            card_id = None
+            report = None
             log.warning("kiosk_identify_failed", error=str(exc))
+        card_id = None if report is None else report.card.card_id
+        if report is not None:
+            try:  # a card of another city, expired or disabled is not loaded here
+                cpu_purse.qualify(report.card, self.profile, dt.date.today())
+            except TapRefused as refused:
+                detail = f"card {card_id}: {refused.reason}: {refused}"
+                log.warning("kiosk_not_loadable", card=card_id, reason=refused.reason)
+                self.book.save_session(
+                    session, "load", amount, payment, card_id, "refused", {"reason": detail}
+                )
+                self._set(phase="failed", message="refused:not_loadable", detail=detail)
+                return
         if card_id is not None and self._pending(card_id, load=False):
             self.book.save_session(session, "load", amount, payment, card_id, "refused", {})
             self._set(

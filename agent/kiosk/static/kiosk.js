@@ -67,7 +67,9 @@ const TEXT = {
     "refused:load_unresolved": "An earlier top-up is unresolved: please ask staff",
     "refused:load_pending": "This card has an unfinished top-up: finish it first",
     "refused:payment_pending": "This card has an unfinished payment", "refused:pending_used": "That pending load was loaded already",
-    "refused:unknown_card": "Unknown card", refused: "Refused: no money was taken",
+    "refused:unknown_card": "Unknown card",
+    "refused:not_loadable": "This card cannot be topped up here (another city's, or disabled): nothing was taken",
+    refused: "Refused: no money was taken",
   },
 };
 
