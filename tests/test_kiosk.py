@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from agent.offline_store import DeviceKey
+from agent.sam.keys import KeySet
+from agent.wiring import DEVICE_KEY_FILE, DataDir
 from clearinghost.demo_kiosk import KioskApi, KioskSite
-from clearinghost.storage import PostgresStorage, Storage
-from tests.fake_reader.cpu_card import SimulatedCpuCard
+from clearinghost.keys import HostKey
+from clearinghost.keystore import SoftwareKeyStore, load_test_keys
+from clearinghost.loads import LoadAuthority
+from clearinghost.server import ClearingHost, HostServer, create_app
+from clearinghost.storage import PostgresStorage, SqliteStorage, Storage
+from tests.fake_reader.cpu_card import SimulatedCpuCard, make_tunion_card
 from tests.fake_reader.faults import CardTorn
-from tests.fake_reader.scenario import REPO
+from tests.fake_reader.inprocess import CardField
+from tests.fake_reader.module_server import ModuleEmulator
+from tests.fake_reader.note_acceptor import SimulatedNoteAcceptor
+from tests.fake_reader.scenario import DEMO_PROFILE, REPO, demo_keyset, make_card, make_psam
+from tests.pos_stack import free_port
 from tests.test_sync_storage import PgServer
 
 INIT = (0x80, 0x50)
@@ -163,8 +176,6 @@ def test_voucher_once_unknown_and_twice(site: KioskSite, api: KioskApi) -> None:
 
 
 def test_a_card_of_another_city_is_not_loaded(site: KioskSite, api: KioskApi) -> None:
-    from tests.fake_reader.cpu_card import make_tunion_card
-
     card = make_tunion_card(
         keyset=site.keyset,
         asn=bytes.fromhex("5170070199999999"),
@@ -369,3 +380,68 @@ def test_cardhost_demo_role_kiosk(tmp_path: Path) -> None:
     assert "[ok]      pending load 30.00: loaded, balance 155.00 yuan" in out
     assert "[ok]      water bill 42.50 (一帐通): bill_paid_ok, balance 112.50 yuan" in out
     assert "bill W-2026-11-0001 at the host: paid" in out
+
+
+def test_cardagent_kiosk_command_serves_the_page_and_loads(tmp_path: Path) -> None:
+    """``cardagent kiosk`` as a subprocess (the installed command's code path)."""
+
+    keyset = KeySet([*demo_keyset(), *load_test_keys()])
+    authority = LoadAuthority(tmp_path / "loads.db", SoftwareKeyStore(keyset), max_balance=100000)
+    host = ClearingHost(SqliteStorage(tmp_path / "host.db"), HostKey.generate(), loads=authority)
+    field = CardField()
+    emulator = ModuleEmulator(field, {1: make_psam(keyset)}, torn_exc=CardTorn)
+    _thread, reader_port = emulator.serve_tcp("127.0.0.1", 0)
+    notes = SimulatedNoteAcceptor()
+    data = DataDir(tmp_path / "kiosk")
+    data.provision("KIOSK-0002")
+    device = DeviceKey.load(data.path / DEVICE_KEY_FILE)
+    host.storage.register_terminal("KIOSK-0002", device.public_key_bytes.hex())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file = (tmp_path / "kiosk.log").open("ab")
+    try:
+        with HostServer(create_app(host), log_level="critical") as server:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "--log-format", "json", "kiosk",
+                 "--profile", str(DEMO_PROFILE), "--data-dir", str(data.path),
+                 "--reader-url", f"socket://127.0.0.1:{reader_port}",
+                 "--host-url", server.url, "--notes-url", notes.url,
+                 "--listen", f"127.0.0.1:{port}"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file,
+            )  # fmt: skip
+            api = KioskApi(url)
+            try:
+                end = time.monotonic() + 120
+                while True:
+                    assert process.poll() is None, (tmp_path / "kiosk.log").read_text()[-3000:]
+                    try:
+                        if api.http.get("/api/state").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert time.monotonic() < end, "cardagent kiosk did not serve within 120 s"
+                    time.sleep(0.1)
+                assert "kiosk.js" in api.http.get("/").text
+                card = make_card("tunion", 21, keyset, balance=500)
+                field.insert(card)
+                api.post("/api/card")
+                assert api.wait("ready", "failed")["card"]["balance"] == 500
+                api.post("/api/cash")
+                notes.insert(5000)
+                api.wait("cash", cash__accepted=5000)
+                api.post("/api/load", {"source": "cash"})
+                state = api.wait("success", "failed")
+                assert state["phase"] == "success", state
+                assert card.balance == 5500 and [v.state for v in authority.loads()] == [
+                    "completed"
+                ]
+            finally:
+                api.close()
+                process.terminate()
+                assert process.wait(60) == 0
+    finally:
+        log_file.close()
+        notes.close()
+        emulator.stop()
+        authority.close()
+        host.storage.close()
