@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.kiosk.notes import NoteEvent, parse_line
 from agent.offline_store import DeviceKey
 from agent.sam.keys import KeySet
 from agent.wiring import DEVICE_KEY_FILE, DataDir
@@ -149,6 +150,33 @@ def test_cash_top_up_with_note_faults_accounts_for_every_fen(
     assert answer.status_code == 409 and answer.json()["error"] == "no_cash"
     assert site.kiosk.book.cash_events()[-1]["kind"] == "disputed"
     assert card.balance == 3500 and len(card.loads) == 1
+
+
+def test_cash_for_a_load_above_the_limit_is_kept_for_the_customer(
+    site: KioskSite, api: KioskApi
+) -> None:
+    card = site.card(9, balance=99000)
+    site.field.insert(card)
+    _read(api)
+    api.post("/api/cash")
+    site.notes.insert(2000)
+    api.wait("cash", cash__accepted=2000)
+    api.post("/api/load", {"source": "cash"})
+    state = api.wait("success", "failed")
+    assert (state["phase"], state["message"]) == ("failed", "refused:balance_limit"), state
+    assert "cash 20.00 yuan accepted, kept for you" in state["detail"]
+    assert card.balance == 99000 and not card.loads and site.authority.loads() == []
+    assert site.kiosk.book.unused_cash() == 2000 == state["unused_cash"]
+
+
+def test_note_lines_from_the_device_are_untrusted() -> None:
+    assert parse_line(b"STACKED 2000\r") == NoteEvent("stacked", 2000, "STACKED 2000")
+    assert parse_line(b"ESCROW 10000") == NoteEvent("escrow", 10000, "ESCROW 10000")
+    assert parse_line(b"JAM") == NoteEvent("jam", 0, "JAM")
+    for raw in (b"STACKED 2001", b"STACKED -100", b"STACKED 1e3", b"stacked 100", b"\xff\x00",
+                b"", b"STACKED 100 100", b"REJECTED"):  # fmt: skip
+        event = parse_line(raw)
+        assert event.kind == "garbage" and event.amount == 0, raw
 
 
 def test_voucher_once_unknown_and_twice(site: KioskSite, api: KioskApi) -> None:

@@ -480,6 +480,8 @@ class KioskService:
                 self.book.save_session(
                     session, "load", amount, payment, expected, "refused", {"reason": reason}
                 )
+                if payment["kind"] == "cash":  # no dispenser: the notes stay the customer's
+                    reason += f" | cash {_yuan(amount)} yuan accepted, kept for you: ask staff"
                 self._set(phase="failed", message=f"refused:{code}", detail=reason)
                 return
             log.warning("kiosk_card_left", session=session, status=result.status)

@@ -31,7 +31,8 @@ const TEXT = {
     "refused:load_unresolved": "上次充值结果待确认，请联系工作人员",
     "refused:load_pending": "此卡有未完成的充值，请先完成充值", "refused:payment_pending": "此卡有未完成的支付",
     "refused:pending_used": "该笔待圈存已圈存", "refused:unknown_card": "无法识别的卡片",
-    refused: "业务被拒绝，未扣款",
+    refused: "业务被拒绝，未扣款", cash_kept: "已收现金已记录，请联系工作人员：",
+    no_cash: "尚未收到纸币", busy: "正在处理，请稍候", bad_account: "户号格式不正确",
   },
   en: {
     title: "City Card Self-Service", lang: "中文", welcome: "Welcome: choose a service",
@@ -67,7 +68,8 @@ const TEXT = {
     "refused:load_unresolved": "An earlier top-up is unresolved: please ask staff",
     "refused:load_pending": "This card has an unfinished top-up: finish it first",
     "refused:payment_pending": "This card has an unfinished payment", "refused:pending_used": "That pending load was loaded already",
-    "refused:unknown_card": "Unknown card",
+    "refused:unknown_card": "Unknown card", cash_kept: "The cash accepted is recorded for you; ask staff: ",
+    no_cash: "No note was accepted yet", busy: "Busy: please wait", bad_account: "That is not an account number",
     "refused:not_loadable": "This card cannot be topped up here (another city's, or disabled): nothing was taken",
     refused: "Refused: no money was taken",
   },
@@ -97,8 +99,8 @@ async function api(path, body) {
 }
 
 function showError(data) {
-  $("message").textContent = t("refused:" + data.error) === TEXT[lang].refused && !TEXT[lang]["refused:" + data.error]
-    ? (TEXT[lang][data.error] ?? data.error) : t("refused:" + data.error);
+  const words = TEXT[lang];
+  $("message").textContent = words["refused:" + data.error] ?? words[data.error] ?? words.refused;
   $("detail").textContent = data.detail ?? "";
   document.body.dataset.error = data.error;
 }
