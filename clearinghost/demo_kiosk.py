@@ -198,7 +198,7 @@ class KioskApi:
         end = time.monotonic() + bound_s
         while True:
             state = self.state()
-            settled = not state["busy"] or state["phase"] in ("put_back", "cash")
+            settled = not state["busy"] or state["phase"] in ("put_back", "cash", "waiting_card")
             if (
                 state["phase"] in phases
                 and settled

@@ -169,6 +169,23 @@ def test_cash_for_a_load_above_the_limit_is_kept_for_the_customer(
     assert site.kiosk.book.unused_cash() == 2000 == state["unused_cash"]
 
 
+def test_one_card_operation_at_a_time(site: KioskSite, api: KioskApi) -> None:
+    site.authority.add_voucher("GIFT-BUSY", 1000)
+    api.post("/api/load", {"source": "voucher", "amount": 1000, "code": "GIFT-BUSY"})
+    assert api.wait("waiting_card")["message"] == "present_card"
+    for path, body in [
+        ("/api/card", {}),
+        ("/api/load", {"source": "voucher", "amount": 1000, "code": "GIFT-BUSY"}),
+        ("/api/reset", {}),
+    ]:
+        answer = api.http.post(path, json=body)
+        assert answer.status_code == 423 and answer.json()["error"] == "busy", path
+    card = site.card(10, balance=500)
+    site.field.insert(card)
+    assert api.wait("success", "failed")["phase"] == "success"
+    assert card.balance == 1500 and len(card.loads) == 1
+
+
 def test_note_lines_from_the_device_are_untrusted() -> None:
     assert parse_line(b"STACKED 2000\r") == NoteEvent("stacked", 2000, "STACKED 2000")
     assert parse_line(b"ESCROW 10000") == NoteEvent("escrow", 10000, "ESCROW 10000")
