@@ -100,14 +100,16 @@ class Page:
         self.until(lambda _d: self.body("message") == message, f"message {message}")
 
     def click(self, selector: str) -> None:
-        element = self.until(
-            lambda d: next(
-                (e for e in d.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()),
-                False,
-            ),
-            f"visible {selector}",
-        )
-        element.click()
+        """Click the visible element; found again if the page redrew it meanwhile."""
+
+        def clicked(driver: WebDriver) -> bool:
+            for element in driver.find_elements(By.CSS_SELECTOR, selector):
+                if element.is_displayed():
+                    element.click()
+                    return True
+            return False
+
+        self.until(clicked, f"click {selector}")
 
     def text(self, element_id: str) -> str:
         return str(self.driver.find_element(By.ID, element_id).text)

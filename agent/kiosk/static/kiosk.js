@@ -31,7 +31,7 @@ const TEXT = {
     "refused:load_unresolved": "上次充值结果待确认，请联系工作人员",
     "refused:load_pending": "此卡有未完成的充值，请先完成充值", "refused:payment_pending": "此卡有未完成的支付",
     "refused:pending_used": "该笔待圈存已圈存", "refused:unknown_card": "无法识别的卡片",
-    refused: "业务被拒绝，未扣款", cash_kept: "已收现金已记录，请联系工作人员：",
+    refused: "业务被拒绝，未扣款", u_water: "水费", u_electricity: "电费", u_gas: "燃气费", u_heating: "供暖费", cash_kept: "已收现金已记录，请联系工作人员：",
     no_cash: "尚未收到纸币", busy: "正在处理，请稍候", bad_account: "户号格式不正确",
   },
   en: {
@@ -72,6 +72,7 @@ const TEXT = {
     no_cash: "No note was accepted yet", busy: "Busy: please wait", bad_account: "That is not an account number",
     "refused:not_loadable": "This card cannot be topped up here (another city's, or disabled): nothing was taken",
     refused: "Refused: no money was taken",
+    u_water: "Water", u_electricity: "Electricity", u_gas: "Gas", u_heating: "Heating",
   },
 };
 
@@ -152,8 +153,9 @@ function render(s) {
     rows($("trips").tBodies[0], card.trips, (e) => [e.when, e.line, e.station, yuan(e.amount)]);
   }
   const pending = $("pending-list");
-  pending.replaceChildren();
-  for (const p of s.pending ?? []) {
+  const pendingKey = lang + JSON.stringify(s.pending ?? []);
+  if (pending.dataset.drawn !== pendingKey) pending.replaceChildren();
+  for (const p of pending.dataset.drawn === pendingKey ? [] : s.pending ?? []) {
     const li = document.createElement("li");
     li.className = "pending-load";
     li.dataset.pending = p.pending_id;
@@ -166,6 +168,7 @@ function render(s) {
     li.append(label, button);
     pending.append(li);
   }
+  pending.dataset.drawn = pendingKey;
   if (s.cash) {
     $("cash-accepted").textContent = yuan(s.cash.accepted);
     $("cash-inserting").textContent = s.cash.inserting ? `… ¥${yuan(s.cash.inserting)}` : "";
@@ -196,8 +199,13 @@ function render(s) {
   for (const id of ["cash", "voucher", "pending"]) $("pay-" + id).hidden = source !== id;
 }
 
+let drawnBills = "";
+
 function renderBills(bills) {
   const list = $("bill-list");
+  const key = lang + JSON.stringify(bills);
+  if (key === drawnBills) return;  // unchanged: keep the buttons under the finger
+  drawnBills = key;
   list.replaceChildren();
   if (!bills) return;
   if (bills.bills.length === 0) {
@@ -210,7 +218,7 @@ function renderBills(bills) {
     li.className = "bill " + b.state;
     li.dataset.bill = b.bill_id;
     const label = document.createElement("span");
-    label.textContent = `${b.utility} · ${b.period} · ¥${yuan(b.amount)}`;
+    label.textContent = `${t("u_" + b.utility)} · ${b.period} · ¥${yuan(b.amount)}`;
     const state = document.createElement("span");
     state.className = "state";
     state.textContent = t("state_" + b.state);
