@@ -10,8 +10,8 @@ from pathlib import Path
 
 import structlog
 
-from agent import card_cli, doctor
-from agent.clihelp import make_parser, run_command
+from agent import card_cli, doctor, load_cli
+from agent.clihelp import err, make_parser, run_command
 from agent.errors import AgentError
 from agent.logs import configure_logging
 from agent.offline_store import OfflineStore, export_records
@@ -38,6 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--terminal-id", required=True)
     p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("keys", help="the device key: rotate it, or show the rotation's state")
+    ksub = p.add_subparsers(required=True, metavar="ACTION")
+    kp = ksub.add_parser(
+        "rotate",
+        help="create a new device key; the agent signs with it from its next start",
+        description=(
+            "Creates DATA_DIR/device.key.next and asks the running agent to restart. At its "
+            "start the agent signs every new record with the new key; the old key is kept "
+            "(device.key.old) until cardsync has had every record it signed acknowledged and "
+            "the clearing host has accepted the new key (an operator authorises it first: "
+            "cardhost terminal rotate-key ID --public-key HEX, or a one-time code stored with "
+            "the console's 'provision code')."
+        ),
+    )
+    kp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    kp.add_argument("--who", default=os.environ.get("USER", "root"), help="for the record")
+    kp.set_defaults(func=cmd_keys_rotate)
+    kp = ksub.add_parser("status", help="the device keys and which records each signs")
+    kp.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    kp.set_defaults(func=cmd_keys_status)
 
     p = sub.add_parser("run", help="run the validator loop")
     p.add_argument("--profile", type=Path, required=True)
@@ -80,15 +101,108 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile_check)
 
     card_cli.register(sub)  # cardagent card read (agent/card_cli.py)
+    load_cli.register(sub, DEFAULT_DATA_DIR)  # cardagent load (agent/load_cli.py)
 
     doctor.add_parser(sub, DEFAULT_DATA_DIR)
 
+    p = sub.add_parser(
+        "demo",
+        help="this agent, the sync daemon and a local clearing host against simulated cards "
+        "(runs 'cardhost demo'; needs the host extra)",
+    )
+    p.add_argument("--role", choices=DEMO_ROLES, default="bus", help="which device to show")
+    p.add_argument("--data-dir", type=Path, help="where the demo keeps its files")
+    p.add_argument("--seed", type=int, help="the simulated cards' seed")
+    p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
+
     return parser
+
+
+# The roles of 'cardhost demo --role': a bus validator (fares: boarding, alighting, transfer,
+# card types), a shop's POS counter, a self-service kiosk.
+DEMO_ROLES = ("bus", "fares", "pos", "kiosk")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo needs the clearing host, which the agent never imports (a validator does not
+    install it): run it as its own program."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("clearinghost") is None:
+        err("cardagent demo: the demo runs a local clearing host: pip install 'cardagent[host]'")
+        return 2
+    argv = [sys.executable, "-m", "clearinghost.cli"]
+    argv += ["--log-format", args.log_format, "--log-level", args.log_level]
+    argv += ["demo", "--role", args.role]
+    if args.data_dir is not None:
+        argv += ["--data-dir", str(args.data_dir)]
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
+    if args.serve:
+        argv.append("--serve")
+    return subprocess.call(argv)  # noqa: S603 - our own interpreter and module, checked options
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
     key = DataDir(args.data_dir).provision(args.terminal_id)
     print(f"provisioned {args.terminal_id} in {args.data_dir}: device key {key.key_id}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from agent.console.restart import request_restart
+    from agent.offline_store import DeviceKey, RecordBody
+    from agent.wiring import DEVICE_KEY_FILE
+
+    data_dir = DataDir(args.data_dir)
+    current = DeviceKey.load(args.data_dir / DEVICE_KEY_FILE)
+    new = data_dir.create_next_key()
+    # a signed maintenance record (who, old and new key id), uploaded like any record
+    with OfflineStore.open(data_dir.store_path, current, data_dir.terminal_id()) as store:
+        store.append_record(
+            RecordBody(
+                "maintenance",
+                "-",
+                0,
+                {
+                    "who": f"cli:{args.who}",
+                    "what": "device key rotation",
+                    "old": current.key_id,
+                    "new": new.key_id,
+                },
+            )
+        )
+    request_restart(args.data_dir)
+    print(f"new device key {new.key_id}: public key {new.public_key_bytes.hex()}")
+    print("in force from the agent's next start (a restart has been requested); the clearing")
+    print("host must accept it first (an operator):")
+    terminal = data_dir.terminal_id()
+    print(f"  cardhost terminal rotate-key {terminal} --public-key {new.public_key_bytes.hex()}")
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from agent.offline_store import DeviceKey
+    from agent.offline_store.device_key import key_id_for
+    from agent.wiring import NEXT_DEVICE_KEY_FILE, OLD_DEVICE_KEY_FILE
+
+    with OfflineStore.open_for_reading(DataDir(args.data_dir).store_path) as store:
+        epochs = store.key_epochs()
+        acknowledged = store.acknowledged_seq()
+    for index, (first, key) in enumerate(zip(epochs.firsts, epochs.keys, strict=True)):
+        last = epochs.firsts[index + 1] - 1 if index + 1 < len(epochs.firsts) else None
+        span = f"records {max(first, 1)}..{'' if last is None else last}"
+        print(f"key {key_id_for(key)} signs {span}")
+    print(f"acknowledged by the host through {acknowledged}")
+    for name, text in (
+        (NEXT_DEVICE_KEY_FILE, "waits for the agent's next start"),
+        (OLD_DEVICE_KEY_FILE, "kept until the host accepts the new key"),
+    ):
+        path = args.data_dir / name
+        if path.exists():
+            print(f"{name}: key {DeviceKey.load(path).key_id} {text}")
     return 0
 
 

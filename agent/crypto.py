@@ -10,7 +10,17 @@ terminal number 6 opaque bytes.
 
 Open points kept configurable (§10): padding of block-aligned MAC input (``pad_aligned``, §5.2), the
 factor order of multi-level diversification (``apdu_order_card_first``, §5.4), the SM4 session-key
-derivation (:data:`SM4_SESSION_KEY_VARIANTS`, §5.6) and the SM4 MAC/TAC format (§5.3, §5.7).
+derivations (:data:`SM4_SESSION_KEY_VARIANTS`, :data:`SM4_LOAD_SESSION_KEY_VARIANTS`, §5.6) and the
+SM4 MAC/TAC format (§5.3, §5.7).
+
+SM4 load (圈存), what is assumed (no published SM4 e-purse vector or formula was found: the public
+sources give SM4 diversification ``SM4_MK(F ‖ ¬F)`` (M, P9) and algorithm id 04 (M, S8, S14) only;
+the card commands and MAC inputs are those of 3DES, §3.4, §3.5, §5.7, which are H):
+SESLK is 16 bytes, ``SM4_DLK(random4 ‖ onlineCtr2 ‖ 80 00 … 00)`` (``pad80``) or
+``SM4_DLK(B ‖ ¬B)`` with ``B = random4 ‖ onlineCtr2 ‖ 80 00`` (``complement``), chosen per card
+profile (``[crypto] sm4_load_session_key``); MAC1 and MAC2 are the SM4 CBC-MAC of §5.3 (IV 0,
+80-padding to 16 bytes, first 4 bytes of the last block) over the 3DES inputs; the TAC is that MAC
+under the 16-byte DTK (an XOR of halves would give 8 bytes, no SM4 key).
 
 No Cipher objects are cached: building one costs microseconds, and a cache would keep session and
 card keys alive in process memory after the tap. Each MAC uses a single CBC encryptor for all of its
@@ -32,6 +42,7 @@ except ImportError:  # pragma: no cover - cryptography < 43
     from cryptography.hazmat.primitives.ciphers.algorithms import TripleDES
 
 __all__ = [
+    "SM4_LOAD_SESSION_KEY_VARIANTS",
     "SM4_SESSION_KEY_VARIANTS",
     "Algorithm",
     "CryptoError",
@@ -335,20 +346,65 @@ SM4_SESSION_KEY_VARIANTS: dict[str, SessionKeyFn] = {
 """SM4 purchase session-key derivations by name; a PSAM/card profile picks one (§10 item 1)."""
 
 
+LoadSessionKeyFn = Callable[[bytes, bytes, int], bytes]
+"""``(dlk, random4, online counter) -> SM4 SESLK`` — an SM4 load session-key derivation."""
+
+
+def load_session_key_sm4_pad80(dlk: bytes, random4: bytes, online_counter: int) -> bytes:
+    """UNCONFIRMED SM4 variant ``pad80`` (§5.6, §10 item 1): the 3DES block ``random4 ‖ ctr2 ‖
+    80 00`` padded with zeros to 16 bytes (= ``pad80(random4 ‖ ctr2)``), SM4 under DLK."""
+    key = _octets("DLK", dlk, 16)
+    block = _octets("card random", random4, 4) + _uint("online counter", online_counter, 2)
+    return _ecb_encrypt(SM4(key), pad80(block, SM4_BLOCK))
+
+
+def load_session_key_sm4_complement(dlk: bytes, random4: bytes, online_counter: int) -> bytes:
+    """UNCONFIRMED SM4 variant ``complement`` (§5.6, §10 item 1): the 3DES block ``B = random4 ‖
+    ctr2 ‖ 80 00`` completed to 16 bytes by its complement, ``SM4_DLK(B ‖ ¬B)``, the way SM4
+    diversification completes an 8-byte factor (§5.4)."""
+    key = _octets("DLK", dlk, 16)
+    block = (
+        _octets("card random", random4, 4)
+        + _uint("online counter", online_counter, 2)
+        + b"\x80\x00"
+    )
+    return _ecb_encrypt(SM4(key), block + _complement(block))
+
+
+SM4_LOAD_SESSION_KEY_VARIANTS: dict[str, LoadSessionKeyFn] = {
+    "pad80": load_session_key_sm4_pad80,
+    "complement": load_session_key_sm4_complement,
+}
+"""SM4 load session-key derivations by name (profile ``crypto.sm4_load_session_key``): no
+public source gives the SM4 form of SESLK, so it is a setting of the card's profile."""
+
+
 def load_session_key(
-    dlk: bytes, random4: bytes, online_counter: int, algorithm: Algorithm = Algorithm.TDES
+    dlk: bytes,
+    random4: bytes,
+    online_counter: int,
+    algorithm: Algorithm = Algorithm.TDES,
+    *,
+    sm4_variant: str = "pad80",
 ) -> bytes:
     """``SESLK = 3DES_DLK(random4 || onlineCtr2 || 80 00)`` (§5.6) -> 8 bytes.
 
-    SM4 (UNCONFIRMED, §5.6 gives no load form; the purchase ``pad80`` variant's shape):
-    ``SM4_DLK(random4 || onlineCtr2 || 80 00 .. 00)`` -> 16 bytes.
+    SM4 (UNCONFIRMED, §5.6 gives no load form): the ``sm4_variant`` of
+    :data:`SM4_LOAD_SESSION_KEY_VARIANTS` (default ``pad80``, the purchase variant's shape:
+    ``SM4_DLK(random4 || onlineCtr2 || 80 00 .. 00)``) -> 16 bytes.
     """
     key = _octets("DLK", dlk, 16)
     block = _octets("card random", random4, 4) + _uint("online counter", online_counter, 2)
     if algorithm == Algorithm.TDES:
         return _ecb_encrypt(_tdes_algorithm(key), block + b"\x80\x00")
     if algorithm == Algorithm.SM4:
-        return _ecb_encrypt(SM4(key), pad80(block, SM4_BLOCK))
+        variant = SM4_LOAD_SESSION_KEY_VARIANTS.get(sm4_variant)
+        if variant is None:
+            raise CryptoError(
+                f"unknown SM4 load session-key variant {sm4_variant!r}; known: "
+                f"{', '.join(sorted(SM4_LOAD_SESSION_KEY_VARIANTS))}"
+            )
+        return variant(key, random4, online_counter)
     raise CryptoError(f"unknown algorithm {algorithm!r}")
 
 

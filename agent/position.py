@@ -1,18 +1,31 @@
-"""Where the validator is now, for the fare policy: ``position.json`` in the data directory.
+"""Where the validator is now, for the fare policy and the card's trip record.
 
-A GPS feed or the driver's console writes ``{"line": 8, "stop": 3, "role": "both"}`` (whole
-file, atomically: :func:`write_position`); the engine reads it every tap through
-:meth:`PositionFile.current` (re-read only when the file changes). Without the file the
-profile's ``line`` and ``station`` stand, as a single-tap validator. A file that is not a
-valid position is logged and gives *no* position: under a fare policy the tap is then refused
-``no_fare`` (never charged a guess).
+Three sources, the first that has a value wins (line and stop; vehicle and institution come
+only from the last two):
+
+1. ``position.json`` in the data directory, the live feed: a GPS unit or the driver's console
+   writes ``{"line": 8, "stop": 3, "role": "both"}`` (whole file, atomically:
+   :func:`write_position`); it knows where the vehicle is *now*.
+2. The technician's terminal settings (``settings.json``, ``set line_id`` … at the console):
+   :class:`SiteSettings`, the device's standing configuration, over the profile's defaults.
+3. The firmware profile's ``terminal.line`` / ``station`` / ``vehicle`` / ``institution``.
+
+The engine reads both files every tap, cheaply (one ``stat`` each; re-read only when a file
+changes), so a change is in force from the next tap without a restart. Without
+``position.json`` the settings' (else the profile's) line and stop stand, as a single-tap
+validator. A ``position.json`` that is not a valid position is logged and gives *no*
+position: under a fare policy the tap is then refused ``no_fare`` (never charged a guess).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -47,6 +60,31 @@ def write_position(data_dir: Path, line: int, stop: int, role: str = "single") -
     write_atomically(data_dir / POSITION_FILE, body)
 
 
+@dataclass(frozen=True, slots=True)
+class SiteSettings:
+    """The technician's terminal settings that replace the profile's trip-record values
+    (``None``: the profile's stands). Values are validated by :mod:`agent.console.settings`."""
+
+    line: int | None = None
+    stop: int | None = None
+    vehicle: int | None = None
+    institution: bytes | None = None
+
+    def apply(self, profile: Profile) -> Profile:
+        """``profile`` with these values in its ``terminal`` section (the trip record and the
+        single-tap fare place read them there)."""
+        changes: dict[str, Any] = {}
+        if self.line is not None:
+            changes["line"] = f"{self.line:04d}"
+        if self.stop is not None:
+            changes["station"] = self.stop
+        if self.vehicle is not None:
+            changes["vehicle"] = self.vehicle
+        if self.institution is not None:
+            changes["institution"] = self.institution
+        return dataclasses.replace(profile, **changes) if changes else profile
+
+
 def profile_place(profile: Profile) -> TapPlace | None:
     """The profile's line and station, as a single-tap validator (``None``: line not a number)."""
     if not profile.line.isdigit():
@@ -55,16 +93,21 @@ def profile_place(profile: Profile) -> TapPlace | None:
 
 
 class PositionFile:
-    def __init__(self, path: Path, profile: Profile) -> None:
-        self.path, self.profile = path, profile
+    """``position.json``, read when it changes; without it, the place of ``site`` (the
+    technician's settings) over the profile."""
+
+    def __init__(
+        self, path: Path, profile: Profile, site: Callable[[], SiteSettings] = SiteSettings
+    ) -> None:
+        self.path, self.profile, self.site = path, profile, site
         self._stamp: tuple[int, int] | None = None
-        self._place: TapPlace | None = profile_place(profile)
+        self._place: TapPlace | None = profile_place(site().apply(profile))
 
     def current(self) -> TapPlace | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._stamp, self._place = None, profile_place(self.profile)
+            self._stamp, self._place = None, profile_place(self.site().apply(self.profile))
             return self._place
         except OSError as exc:
             log.error("position_unreadable", path=str(self.path), error=str(exc))

@@ -199,7 +199,11 @@ class TripLayout:
 
 # cpu-purse.md §2.3 EF1E, with the field positions of real T-Union records (issue 15 finding
 # 5: institution = 4-byte code + FF x 4; bus line binary at bytes 10..11; bytes 12..16 carry
-# station and vehicle, non-zero in real records; which is which is M).
+# station and vehicle, non-zero in real records; which is which is M). Byte 0 is the record's
+# main type: 03 entry, 04 exit, 06 single (the type this layout writes for a single tap); source
+# in agent.products.fare_policy (tkerby/flipperzero-firmware-wPlugins, t_union_msg.h), which
+# also reads byte 9 as the record's sub-type (交易子类型): here industry_at, the profile's
+# ef1e_industry.
 TUNION_EF1E = TripLayout(
     sfi=0x1E, record_length=48, records=30, by_identifier=False, identifier=0,
     write_p1=0x00, write_p2=0xF0, header=b"", record_type=0x06, type_at=0,
@@ -397,6 +401,9 @@ class Profile:
     #   refuse_all       every card not already locked is refused (blacklist_expired)
     blacklist_expired_policy: str = "keep_and_alarm"
     blacklist_expired_refuse_issuers: tuple[str, ...] = ()
+    # crypto.sm4_load_session_key: the SM4 form of SESLK (UNCONFIRMED, cpu-purse.md §5.6, §10
+    # item 1): agent.crypto.SM4_LOAD_SESSION_KEY_VARIANTS ("pad80", "complement")
+    sm4_load_session_key: str = "pad80"
     # Issuer dialects (issue 15): the profile's own, then the standard layouts of §2.3.
     dialects: tuple[Dialect, ...] = field(default_factory=standard_dialects)
     # [pos] max_amount: the largest amount (fen) one POS purchase may take (``cardagent pos``);
@@ -507,6 +514,9 @@ def parse_profile(
         applications=applications,
         factor_order_card_first=factor_order == "card-first-reversed",
         sm4_session_key=r.choice("crypto.sm4_session_key", ("pad80",), default="pad80"),
+        sm4_load_session_key=r.choice(
+            "crypto.sm4_load_session_key", ("pad80", "complement"), default="pad80"
+        ),
         test_keys=test_keys,
         lock_key_index=r.integer("blacklist.lock_key_index", minimum=0, maximum=255, default=1),
         lock_permanent=r.boolean("blacklist.lock_permanent", default=False),

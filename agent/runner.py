@@ -6,15 +6,17 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import structlog
 
+from agent.agent_status import AGENT_STATUS_FILE, ReaderHealth, StatusPublisher
 from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
 from agent.clock import CLOCK_OFFSET_FILE, ClockGuard
 from agent.console.restart import watch_for_restart
-from agent.console.settings import read_settings
-from agent.errors import ReaderError, SamError
+from agent.console.settings import SettingsFile, read_settings
+from agent.errors import AgentError, ReaderError, SamError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.position import POSITION_FILE, PositionFile
 from agent.profile import Profile
@@ -47,14 +49,25 @@ def run_agent(
     if reader_url is None:  # the console's 'set reader_url' (agent.console.settings)
         reader_url = read_settings(data_dir.path).get("reader_url")
     try:
-        store = data_dir.open_store()
+        store = data_dir.open_store(cut_over=True)  # a new device key waiting: in force now
     except BaseException:
         notifier.stopping("stopping: the data directory cannot be opened")
         raise
     end_watch = watch_for_restart(data_dir.path, stop)  # the console's 'restart'
+    health = ReaderHealth("card", profile.reader.driver, reader_location(profile, reader_url))
+    publisher = StatusPublisher(
+        data_dir.path / AGENT_STATUS_FILE,
+        mode="run",
+        profile=profile.name,
+        terminal_id=store.terminal_id,
+        reader=health,
+    )
     try:
         notifier.status("opening the reader and PSAMs")
-        hardware = _open_hardware_until_ready(profile, data_dir, reader_url, stop, watchdog)
+        publisher.tick()
+        hardware = _open_hardware_until_ready(
+            profile, data_dir, reader_url, stop, watchdog, publisher.waiting
+        )
         if hardware is None:
             return LoopStats()
         try:
@@ -72,10 +85,19 @@ def run_agent(
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
                 clock_guard=guard,
             )
-            engine.position = PositionFile(data_dir.path / POSITION_FILE, profile).current
+            # the console's settings (line, stop, vehicle, institution), looked at every tap;
+            # a live position.json (GPS) wins for line and stop (agent.position)
+            settings = SettingsFile(data_dir.path)
+            engine.site = settings.site
+            engine.position = PositionFile(
+                data_dir.path / POSITION_FILE, profile, settings.site
+            ).current
             log.info("validator_started", profile=profile.name, terminal=store.terminal_id)
             status = StatusLine(notifier, guard, store.terminal_id)
             notifier.ready(status.text())
+            publisher.sams = hardware.sams.describe  # no APDU: what the router last saw
+            publisher.clock_state = lambda: (not guard.suspect, guard.status())
+            publisher.running()
 
             offset_file = data_dir.path / CLOCK_OFFSET_FILE
             next_offset_check = [0.0]
@@ -86,18 +108,25 @@ def run_agent(
                     next_offset_check[0] = time.monotonic() + OFFSET_CHECK_EVERY_S
                     guard.confirm_from_host(offset_file)
                 status.refresh()
+                publisher.tick()
+
+            def tapped(outcome: TapOutcome) -> None:
+                print_tap(outcome)
+                publisher.tapped()
 
             return run_validator(
                 hardware.reader,
                 engine,
                 stop=stop,
                 max_taps=max_taps,
-                on_outcome=print_tap,
+                on_outcome=tapped,
                 on_tick=tick,
+                health=health,
             )
         finally:
             hardware.close()
     finally:
+        publisher.stopped()
         end_watch()
         notifier.stopping()
         store.close()
@@ -133,14 +162,22 @@ def _open_blacklist(data_dir: DataDir) -> Blacklist:
         return Blacklist(path)
 
 
+def reader_location(profile: Profile, reader_url: str | None) -> str:
+    """Where the contactless reader is: the URL in force, or the PC/SC reader name pattern."""
+    rp = profile.reader
+    return reader_url or rp.url or rp.card_reader
+
+
 def _open_hardware_until_ready(
     profile: Profile,
     data_dir: DataDir,
     reader_url: str | None,
     stop: threading.Event,
     watchdog: Watchdog,
+    on_wait: Callable[[AgentError], None] | None = None,
 ) -> Hardware | None:
-    """A validator boots before its reader module sometimes: retry with back-off until stopped."""
+    """A validator boots before its reader module sometimes: retry with back-off until stopped.
+    ``on_wait`` hears every failed attempt (the status file says what the agent waits for)."""
     backoff = 0.1
     while not stop.is_set():
         watchdog.alive()  # retrying is progress: a missing reader is not a hung agent
@@ -149,6 +186,8 @@ def _open_hardware_until_ready(
         except (ReaderError, SamError) as exc:
             log.warning("hardware_unavailable", party=exc.party, error=str(exc), retry_in_s=backoff)
             watchdog.notifier.status(f"waiting for hardware: {exc.party}: {exc}")
+            if on_wait is not None:
+                on_wait(exc)
             stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
     return None

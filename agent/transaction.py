@@ -26,7 +26,7 @@ from agent.clock import ClockGuard, record_stamp
 from agent.errors import AgentError, CardError, ReaderError, TapRefused
 from agent.offline_store import OfflineStore, Record
 from agent.params import ActiveParams
-from agent.position import profile_place
+from agent.position import SiteSettings, profile_place
 from agent.presence import PresenceGuard
 from agent.products.fare_policy import FarePolicy
 from agent.products.fares import TapPlace
@@ -106,9 +106,15 @@ class TransactionEngine:
         self.journal = Journal(store)
         self.presence = presence or PresenceGuard()
         self.fare_for: Callable[[Profile], int] = flat_fare
-        # Where the validator is, for the fare policy: the profile's line and station unless
-        # a GPS or driver-console feed replaces this (a setting the engine reads every tap).
-        self.position: Callable[[], TapPlace | None] = lambda: profile_place(profile)
+        # The technician's terminal settings (line, stop, vehicle, institution) over the
+        # profile's, read every tap (agent.position: the runner watches settings.json).
+        self.site: Callable[[], SiteSettings] = SiteSettings
+        # Where the validator is, for the fare policy and the trip record: the settings' (else
+        # the profile's) line and stop unless a GPS or driver-console feed replaces this
+        # (agent.position.PositionFile: position.json first).
+        self.position: Callable[[], TapPlace | None] = lambda: profile_place(
+            self.site().apply(self.profile)
+        )
         if handlers is None:
             handlers = [CpuHandler()]
             if profile.m1_purse:
@@ -142,7 +148,8 @@ class TransactionEngine:
                     blacklist=self.blacklist,
                     fare_for=self.fare_for,
                     fare_policy=policy,
-                    place=self.position() if policy is not None else None,
+                    # the fare policy's place, and the line and stop of the card's trip record
+                    place=self.position(),
                 )
             )
         except TapRefused as refused:
@@ -179,16 +186,17 @@ class TransactionEngine:
     def policy_in_force(self) -> tuple[Profile, FarePolicy | None]:
         """:meth:`profile_in_force` and the fare policy of the set in force. A fare hook other
         than the flat fare (a POS amount) takes precedence over the policy."""
+        base = self.site().apply(self.profile)
         params = self.params.current() if self.params is not None else None
         if params is None:
-            return self.profile, None
+            return base, None
         policy = params.fare_policy if self.fare_for is flat_fare else None
         changes: dict[str, Any] = {}
         if params.flat_fare is not None:
             changes["flat_fare"] = params.flat_fare
         if params.issuer_allow_list is not None:
             changes["issuer_allow_list"] = params.issuer_allow_list
-        return (dataclasses.replace(self.profile, **changes) if changes else self.profile), policy
+        return (dataclasses.replace(base, **changes) if changes else base), policy
 
     def expire_stale_intents(self) -> list[Record]:
         """Turn intents older than the recovery window into ``unresolved`` records."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.agent_status import ReaderHealth
 from agent.errors import AgentError, ReaderError
 from agent.readers.base import CardReader
 from agent.transaction import TapOutcome, TransactionEngine
@@ -58,11 +59,14 @@ def run_validator(
     on_outcome: Callable[[TapOutcome], None] | None = None,
     poll_timeout_s: float = 0.5,
     on_tick: Callable[[], None] | None = None,
+    health: ReaderHealth | None = None,
 ) -> LoopStats:
     """Take cards until ``stop`` is set or ``max_taps`` taps have been handled.
 
     ``on_tick`` is called from the loop on every turn (at least every ``poll_timeout_s`` while
-    it waits for a card or for one to leave): the systemd watchdog pings only from here."""
+    it waits for a card or for one to leave): the systemd watchdog pings only from here.
+    ``health`` is kept up to date with what the reader last did (answered, with or without a
+    card; failed), for the agent's status file (:mod:`agent.agent_status`)."""
     stats = LoopStats()
     backoff = 0.05
     last_expire = 0.0
@@ -80,6 +84,8 @@ def run_validator(
         try:
             expire_when_due()
             presence = reader.wait_for_card(poll_timeout_s)
+            if health is not None:
+                health.seen(card=presence is not None)
             if presence is None:
                 continue
             outcome = engine.process_tap(reader, presence)
@@ -88,9 +94,18 @@ def run_validator(
                 on_outcome(outcome)
             if max_taps is not None and stats.taps >= max_taps:
                 break
-            await_removal(reader, engine, stop=stop, poll_s=poll_timeout_s, idle=expire_when_due)
+            await_removal(
+                reader,
+                engine,
+                stop=stop,
+                poll_s=poll_timeout_s,
+                idle=expire_when_due,
+                health=health,
+            )
             backoff = 0.05
         except ReaderError as exc:
+            if health is not None:
+                health.fault(str(exc))
             stats.reader_faults += 1
             log.warning("reader_fault", error=str(exc), retry_in_s=backoff)
             stop.wait(backoff)
@@ -111,6 +126,7 @@ def await_removal(
     stop: threading.Event,
     poll_s: float,
     idle: Callable[[], None] | None = None,
+    health: ReaderHealth | None = None,
 ) -> bool:
     """Wait until the reader sees the field empty (then tell the engine's presence guard and
     return ``True``) or ``stop`` is set (``False``). Never looks for a new card meanwhile; a
@@ -119,6 +135,8 @@ def await_removal(
     overdue = False
     while not stop.is_set():
         if reader.wait_for_removal(poll_s):
+            if health is not None:
+                health.seen(card=False)
             engine.presence.left()
             if overdue:
                 log.info("card_left", after_s=round(time.monotonic() - started, 1))

@@ -35,6 +35,13 @@ from agent.sam.software import SamCore, SoftwareSam
 from agent.terminal_id import check_terminal_id
 
 DEVICE_KEY_FILE = "device.key"
+# Device key rotation (cardagent keys rotate): the new key waits in NEXT_DEVICE_KEY_FILE until
+# the agent's next start cuts over to it (open_store(cut_over=True)); the old key is then kept
+# in OLD_DEVICE_KEY_FILE until the sync daemon has had every record it signed acknowledged and
+# the host has accepted the new key (sync.daemon retires it).
+NEXT_DEVICE_KEY_FILE = "device.key.next"
+OLD_DEVICE_KEY_FILE = "device.key.old"
+ENROLMENT_CODE_FILE = "enrolment.code"  # an operator's one-time code (console 'provision code')
 TERMINAL_FILE = "terminal.json"
 STORE_FILE = "agent.db"
 SOFTWARE_SAM_TTC_FILE = "software-sam.ttc"
@@ -110,21 +117,77 @@ class DataDir:
             raise StoreError(f"store: {identity} has no terminal id")
         return terminal_id
 
-    def open_store(self) -> OfflineStore:
+    def open_store(self, *, cut_over: bool = False) -> OfflineStore:
         """Open the offline store with the device key; refuses an unsafe directory or key.
 
         Every stored record is verified once here: one that does not (a corrupted row) is
-        quarantined and named in an error log, and the agent goes on taking cards."""
+        quarantined and named in an error log, and the agent goes on taking cards.
+
+        ``cut_over`` (the agent, the process that signs taps, at start): a new key waiting in
+        :data:`NEXT_DEVICE_KEY_FILE` becomes the signing key from the next record on
+        (:meth:`OfflineStore.rotate_key`, one transaction), then the files move: the current
+        key to :data:`OLD_DEVICE_KEY_FILE` (kept for the sync daemon), the new one to
+        ``device.key``. A crash between the steps is finished at the next start."""
         terminal_id = self.terminal_id()
         self.check_permissions()
+        if cut_over:
+            self._finish_key_files()
         key = DeviceKey.load(self.path / DEVICE_KEY_FILE)
         store = OfflineStore.open(self.store_path, key, terminal_id)
         try:
             store.quarantine_scan()
+            if cut_over and (self.path / NEXT_DEVICE_KEY_FILE).exists():
+                store.rotate_key(DeviceKey.load(self.path / NEXT_DEVICE_KEY_FILE))
+                self._move_key_files()
         except BaseException:
             store.close()
             raise
         return store
+
+    def create_next_key(self) -> DeviceKey:
+        """``cardagent keys rotate``: a new device key beside the current one, in force from
+        the agent's next start. Refuses while a rotation is under way."""
+        self.check_permissions()
+        self.terminal_id()  # provisioned
+        pending = self.path / NEXT_DEVICE_KEY_FILE
+        if pending.exists():
+            raise StoreError(
+                f"store: a new device key ({DeviceKey.load(pending).key_id}) already waits in "
+                f"{pending} for the agent's restart"
+            )
+        old = self.path / OLD_DEVICE_KEY_FILE
+        if old.exists():
+            raise StoreError(
+                f"store: the previous rotation is not finished: {old} is kept until the host "
+                "has accepted the new key and acknowledged every record the old one signed "
+                "(cardsync does it)"
+            )
+        return DeviceKey.create(pending)
+
+    def _move_key_files(self) -> None:
+        os.replace(self.path / DEVICE_KEY_FILE, self.path / OLD_DEVICE_KEY_FILE)
+        os.replace(self.path / NEXT_DEVICE_KEY_FILE, self.path / DEVICE_KEY_FILE)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _finish_key_files(self) -> None:
+        """A cut-over cut short: the store signs with the new key already (its meta says so)
+        but the files did not move, or only the first did."""
+        current, pending = self.path / DEVICE_KEY_FILE, self.path / NEXT_DEVICE_KEY_FILE
+        if not pending.exists():
+            return
+        if not current.exists():  # crashed between the two renames
+            os.replace(pending, current)
+            return
+        if not self.store_path.exists():
+            return
+        with OfflineStore.open_for_reading(self.store_path) as store:
+            signing = store.key_epochs().keys[-1]
+        if signing == DeviceKey.load(pending).public_key_bytes:
+            self._move_key_files()
 
 
 @dataclass

@@ -19,7 +19,7 @@
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
-    cardhost demo [--data-dir run/demo] [--role bus|kiosk] [--serve]
+    cardhost demo [--data-dir run/demo] [--role bus|fares|kiosk] [--serve]
                                                       the whole system against simulated cards
     cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
@@ -72,7 +72,7 @@ from clearinghost.keys import (
     check_root_statements,
     sign_root_statement,
 )
-from clearinghost.load_setup import add_load_options, load_authority_from
+from clearinghost.load_setup import add_load_options, load_authority_from, register_commands
 from clearinghost.operators import (
     ROLES,
     TOKEN_ENV,
@@ -210,7 +210,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="agent + sync daemon + this host against simulated cards")
     p.add_argument("--data-dir", type=Path, default=Path("run/demo"))
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--role", choices=("bus", "kiosk"), default="bus", help="what the demo runs")
+    p.add_argument(
+        "--role",
+        choices=("bus", "fares", "kiosk"),
+        default="bus",
+        help="bus: the validator against the card stream; fares: a bus line's fare policy; "
+        "kiosk: the kiosk page (top-up, bills)",
+    )
     p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
@@ -275,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--day", required=True, help="YYYY-MM-DD, a day over in the city's zone")
     p.add_argument("--out", type=Path, help="write the signed settlement CSV here")
     p.set_defaults(func=cmd_clear)
+
+    register_commands(sub, _admin_call, f"file holding the operator token (else {TOKEN_ENV})")
 
     for action in ("approve", "reject"):
         p = sub.add_parser(action, help=f"{action} a held blacklist change (a second operator)")
@@ -639,6 +647,10 @@ def _admin_call(
 def cmd_demo(args: argparse.Namespace) -> int:
     from clearinghost.demo import run_demo  # pulls in the simulators; keep them off host's path
 
+    if args.role == "fares":
+        from clearinghost.demo_fares import run_fares_demo
+
+        return run_fares_demo(args.data_dir)
     if args.role == "kiosk":
         from clearinghost.demo_kiosk import run_kiosk_demo
 

@@ -68,9 +68,16 @@ class KeyStore(Protocol):
 class SoftwareKeyStore:
     """Masters in process memory (test keys only)."""
 
-    def __init__(self, keyset: KeySet, *, apdu_order_card_first: bool = True) -> None:
+    def __init__(
+        self,
+        keyset: KeySet,
+        *,
+        apdu_order_card_first: bool = True,
+        sm4_load_session_key: str = "pad80",
+    ) -> None:
         self.keyset = keyset
         self.order = apdu_order_card_first
+        self.sm4_variant = sm4_load_session_key
 
     def _master(self, usage: str, index: int | None, algorithm: Algorithm) -> MasterKey:
         candidates = [
@@ -84,7 +91,7 @@ class SoftwareKeyStore:
 
     def _session(self, ref: CardKeyRef, random4: bytes, counter: int) -> bytes:
         master = self._master(ref.usage, ref.index, ref.algorithm)
-        return software_session(master, ref.factors, random4, counter, self.order)
+        return software_session(master, ref.factors, random4, counter, self.order, self.sm4_variant)
 
     def load_mac1_ok(
         self, ref: CardKeyRef, random4: bytes, counter: int, mac1: bytes, data: bytes
@@ -133,11 +140,17 @@ def card_key(master: MasterKey, factors: Sequence[bytes], order: bool = True) ->
 
 
 def software_session(
-    master: MasterKey, factors: Sequence[bytes], random4: bytes, counter: int, order: bool = True
+    master: MasterKey,
+    factors: Sequence[bytes],
+    random4: bytes,
+    counter: int,
+    order: bool = True,
+    sm4_variant: str = "pad80",
 ) -> bytes:
-    """SESLK of the card whose load key derives from ``master`` (§5.6)."""
+    """SESLK of the card whose load key derives from ``master`` (§5.6; the SM4 form is the
+    profile's ``crypto.sm4_load_session_key``)."""
     dlk = card_key(master, factors, order)
-    return crypto.load_session_key(dlk, random4, counter, master.algorithm)
+    return crypto.load_session_key(dlk, random4, counter, master.algorithm, sm4_variant=sm4_variant)
 
 
 def software_load_tac(

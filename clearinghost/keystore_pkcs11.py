@@ -53,15 +53,21 @@ class _Sm4Unwrapper:
 
     def __init__(self, session: Any) -> None:
         self.session = session
+        self._key: Any = None
+
+    def _wrapping_key(self) -> Any:
+        if self._key is None:  # the handle (never the value) is kept for the session
+            self._key = self.session.get_key(label=WRAP_LABEL)
+        return self._key
 
     def wrap(self, master16: bytes) -> bytes:
-        key = self.session.get_key(label=WRAP_LABEL)
+        key = self._wrapping_key()
         iv = bytes(16)
         return bytes(key.encrypt(master16, mechanism=Mechanism.AES_CBC, mechanism_param=iv))
 
     @contextmanager
     def master(self, blob: bytes) -> Iterator[bytes]:
-        key = self.session.get_key(label=WRAP_LABEL)
+        key = self._wrapping_key()
         value = bytearray(key.decrypt(blob, mechanism=Mechanism.AES_CBC, mechanism_param=bytes(16)))
         try:
             yield bytes(value)
@@ -80,12 +86,17 @@ class Pkcs11KeyStore:
         *,
         levels: int = 2,
         apdu_order_card_first: bool = True,
+        sm4_load_session_key: str = "pad80",
     ) -> None:
         self.token = pkcs11.lib(library).get_token(token_label=token_label)
         self.session = self.token.open(user_pin=pin, rw=True)
         self.levels = levels
         self.order = apdu_order_card_first
+        self.sm4_variant = sm4_load_session_key
         self._sm4 = _Sm4Unwrapper(self.session)
+        # object handles found by label, kept for the session (a token search per call costs
+        # more than the cryptography); handles, never key values
+        self._handles: dict[str, Any] = {}
 
     def close(self) -> None:
         self.session.close()
@@ -133,10 +144,12 @@ class Pkcs11KeyStore:
 
     def _master_key(self, usage: str, index: int, algorithm: Algorithm) -> Any:
         label = master_label(usage, index, algorithm)
-        try:
-            return self.session.get_key(label=label)
-        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
-            raise KeyStoreError(f"PKCS#11 token: no single master {label!r}") from exc
+        if label not in self._handles:
+            try:
+                self._handles[label] = self.session.get_key(label=label)
+            except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
+                raise KeyStoreError(f"PKCS#11 token: no single master {label!r}") from exc
+        return self._handles[label]
 
     def _derive(self, base: Any, data: bytes, key_type: Any, *, extractable: bool = False) -> Any:
         _buffer, param = _derivation_param(data)
@@ -184,12 +197,16 @@ class Pkcs11KeyStore:
 
     def _sm4_master(self, usage: str, index: int) -> bytes:
         label = master_label(usage, index, Algorithm.SM4)
-        found = list(
-            self.session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label})
-        )
-        if len(found) != 1:
-            raise KeyStoreError(f"PKCS#11 token: no single wrapped SM4 master {label!r}")
-        return bytes(found[0][Attribute.VALUE])
+        if label not in self._handles:
+            found = list(
+                self.session.get_objects(
+                    {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}
+                )
+            )
+            if len(found) != 1:
+                raise KeyStoreError(f"PKCS#11 token: no single wrapped SM4 master {label!r}")
+            self._handles[label] = found[0]
+        return bytes(self._handles[label][Attribute.VALUE])
 
     def _mac(self, ref: CardKeyRef, random4: bytes, counter: int, data: bytes) -> bytes:
         if ref.algorithm == Algorithm.TDES:
@@ -197,7 +214,9 @@ class Pkcs11KeyStore:
         blob = self._sm4_master(ref.usage, ref.index)
         with self._sm4.master(blob) as value:
             master = MasterKey(ref.usage, ref.index, 1, Algorithm.SM4, self.levels, value)
-            session = software_session(master, ref.factors, random4, counter, self.order)
+            session = software_session(
+                master, ref.factors, random4, counter, self.order, self.sm4_variant
+            )
         return crypto.session_mac(session, data, Algorithm.SM4)
 
     # -- KeyStore --------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 :func:`clearinghost.server.create_app`; documented in ``openapi.json``.
 
 Terminal routes, signed by the terminal's enrolled device key (``X-Terminal-Signature`` as for
-the load routes, :func:`agent.tap.load_http.load_signed_bytes`; a GET signs an empty body)::
+the load routes, which also answer a card's pending loads:
+:func:`agent.tap.load_http.load_signed_bytes`; a GET signs an empty body)::
 
     GET  /v1/terminals/{terminal_id}/bills/{account}          the account's bills (一帐通)
     POST /v1/terminals/{terminal_id}/bills/{bill_id}/payment  {"action": "start" | "release",
                                                               "card_id": "..."}
-    GET  /v1/terminals/{terminal_id}/cards/{asn}/pending-loads   funds waiting for the card
 
 Operator routes::
 
@@ -18,7 +18,6 @@ Operator routes::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("clearinghost.kiosk_routes")
 MAX_BILL_BODY_BYTES = 4096
 MAX_BILL_CSV_BYTES = 8 * 1024 * 1024
-ASN = re.compile(r"[0-9A-Fa-f]{16}")
 STATUS_OF = {"unknown_bill": 404, "bill_paid": 409, "bill_payment_pending": 409}
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -122,17 +120,6 @@ def kiosk_routes(
         log.info("bill_payment", bill_id=bill_id, action=action, state=bill["state"])
         return _json(200, bill)
 
-    async def pending_loads(request: Request) -> Response:
-        await signed(request, 0)
-        authority = host.loads
-        if authority is None:
-            return _json(503, error_body("loads_disabled", "this host does not authorise loads"))
-        asn = str(request.path_params["asn"])
-        if ASN.fullmatch(asn) is None:
-            return _json(400, error_body("bad_request", "asn must be 16 hex digits"))
-        pending = await run_in_threadpool(authority.pending_for, asn)
-        return _json(200, {"asn": asn.upper(), "pending": pending})
-
     async def list_bills(request: Request) -> Response:
         state = request.query_params.get("state")
         account = request.query_params.get("account")
@@ -159,7 +146,6 @@ def kiosk_routes(
     return [
         Route(f"{terminals}/bills/{{account}}", guarded(account_bills), methods=["GET"]),
         Route(f"{terminals}/bills/{{bill_id}}/payment", guarded(bill_payment), methods=["POST"]),
-        Route(f"{terminals}/cards/{{asn}}/pending-loads", guarded(pending_loads), methods=["GET"]),
         Route(f"{prefix}/admin/bills", authorised(VIEWER, list_bills), methods=["GET"]),
         Route(f"{prefix}/admin/bills", authorised(OPERATOR, load_bills), methods=["POST"]),
     ]

@@ -5,8 +5,15 @@
   ``load_key``; signed by the terminal's enrolled device key (``X-Terminal-Signature``).
 * ``POST /v1/terminals/{terminal_id}/loads/{load_key}/completion``: the kiosk's report
   (``credited`` with the card's TAC, verified; ``not_credited``; ``unknown``); signed.
+* ``POST /v1/terminals/{terminal_id}/pending-loads``: a kiosk asks which pending loads (funds
+  credited at the host for this card by someone else) the card it holds has; signed.
 * ``GET /v1/loads?state=``: operators see every load and its state (``unknown``: the outcome the
-  host could not learn yet).
+  host could not learn yet; ``unresolved``: every load whose money is held).
+* ``POST /v1/admin/loads/credits`` (operator): a pending load for a card (employer, group
+  purchase, online payment); ``GET`` (viewer): pending loads, ``?card=`` one card's.
+* ``POST /v1/admin/loads/{load_key}/resolve`` (operator): decide an unresolved load
+  (``credited`` or ``not_credited``, with a reason), once.
+* ``POST /v1/admin/vouchers`` (operator): issue voucher codes (他充); ``GET`` (viewer): vouchers.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from starlette.routing import Route
 
 from agent.offline_store.device_key import verify_signature
 from agent.tap.load_http import SIGNATURE_HEADER, load_signed_bytes
-from clearinghost.loads import LoadAuthority, LoadRefused
+from clearinghost.loads import (
+    STATES,
+    LoadAuthority,
+    LoadRefused,
+    LoadStoreFailure,
+)
+from clearinghost.operators import OPERATOR, VIEWER
 from sync.protocol import error_body
 
 if TYPE_CHECKING:
@@ -31,7 +44,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("clearinghost.load_routes")
 MAX_LOAD_BODY_BYTES = 8192
-STATES = ("authorised", "completed", "tac_mismatch", "not_credited", "unknown", "credited")
+MAX_ADMIN_LOAD_BODY_BYTES = 65536
 STATUS_OF = {
     "bad_request": 400,
     "bad_mac1": 422,
@@ -40,12 +53,17 @@ STATUS_OF = {
     "payment_mismatch": 422,
     "voucher_unknown": 422,
     "voucher_used": 409,
-    "pending_unknown": 422,
-    "pending_used": 409,
     "load_key_reused": 409,
     "load_unresolved": 409,
     "load_closed": 409,
     "unknown_load": 404,
+    "not_loadable_here": 422,
+    "load_in_progress": 409,
+    "pending_unknown": 422,
+    "pending_other_card": 422,
+    "pending_taken": 409,
+    "pending_exists": 409,
+    "voucher_exists": 409,
 }
 
 
@@ -61,22 +79,33 @@ class RouteKit:
     read_body: Callable[[Request, int], Awaitable[bytes]]
     refusal: Callable[[int, str, str], Exception]
     parse: Callable[[bytes], Any]
+    operator_name: Callable[[Request], str]
 
 
 def load_routes(
     host: ClearingHost,
     kit: RouteKit,
     guarded: Callable[[Callable[[Request], Awaitable[Response]]], Any],
-    viewer: Callable[[Callable[[Request], Awaitable[Response]]], Any],
+    authorised: Callable[[str, Callable[[Request], Awaitable[Response]]], Any],
 ) -> list[Route]:
     terminal_of, read_body, refusal, parse = kit.terminal_of, kit.read_body, kit.refusal, kit.parse
+
+    def refused(exc: LoadRefused) -> Response:
+        return _json(STATUS_OF.get(exc.reason, 400), error_body(exc.reason, exc.detail))
+
+    def failed(exc: LoadStoreFailure) -> Response:
+        log.error("loads database failed", error=str(exc))
+        return _json(503, error_body("storage_failure", "the loads database failed; retry later"))
+
+    def authority_of() -> LoadAuthority:
+        if host.loads is None:
+            raise refusal(503, "loads_disabled", "this host does not authorise loads")
+        return host.loads
 
     async def signed_json(request: Request) -> tuple[str, LoadAuthority, dict[str, Any]]:
         terminal_id = terminal_of(request)
         body = await read_body(request, MAX_LOAD_BODY_BYTES)
-        authority = host.loads
-        if authority is None:
-            raise refusal(503, "loads_disabled", "this host does not authorise loads")
+        authority = authority_of()
         terminal = await run_in_threadpool(host.storage.terminal, terminal_id)
         if terminal is None:
             raise refusal(404, "unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
@@ -102,10 +131,10 @@ def load_routes(
         terminal_id, authority, payload = await signed_json(request)
         try:
             mac2 = await run_in_threadpool(authority.authorise, terminal_id, payload)
-        except LoadRefused as refused:
-            return _json(
-                STATUS_OF.get(refused.reason, 400), error_body(refused.reason, refused.detail)
-            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
         return _json(200, {"load_key": payload["load_key"], "mac2": mac2.hex().upper()})
 
     async def completion(request: Request) -> Response:
@@ -123,21 +152,124 @@ def load_routes(
             view = await run_in_threadpool(
                 authority.complete, terminal_id, key, outcome, counter, tac
             )
-        except LoadRefused as refused:
-            return _json(
-                STATUS_OF.get(refused.reason, 400), error_body(refused.reason, refused.detail)
-            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
         return _json(200, view.to_json())
 
+    async def card_pending(request: Request) -> Response:
+        _terminal_id, authority, payload = await signed_json(request)
+        asn = payload.get("asn")
+        if not isinstance(asn, str) or len(asn) != 16:
+            return _json(400, error_body("bad_request", "asn must be 16 hex digits"))
+        try:
+            found = await run_in_threadpool(authority.pending_loads, asn)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, {"pending_loads": [p.to_json() for p in found]})
+
     async def listing(request: Request) -> Response:
-        authority = host.loads
-        if authority is None:
-            return _json(503, error_body("loads_disabled", "this host does not authorise loads"))
+        authority = authority_of()
         state = request.query_params.get("state")
-        if state is not None and state not in STATES:
-            return _json(400, error_body("bad_request", f"state must be one of {list(STATES)}"))
-        views = await run_in_threadpool(authority.loads, state)
+        if state is not None and state not in (*STATES, "unresolved"):
+            return _json(
+                400,
+                error_body("bad_request", f"state must be one of {[*STATES, 'unresolved']}"),
+            )
+        try:
+            views = await run_in_threadpool(authority.loads, state)
+        except LoadStoreFailure as exc:
+            return failed(exc)
         return _json(200, {"loads": [v.to_json() for v in views]})
+
+    async def admin_json(request: Request) -> dict[str, Any]:
+        payload = parse(await read_body(request, MAX_ADMIN_LOAD_BODY_BYTES))
+        if not isinstance(payload, dict):
+            raise refusal(400, "bad_request", "body must be a JSON object")
+        return payload
+
+    def integer(payload: dict[str, Any], name: str) -> int:
+        value = payload.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LoadRefused("bad_request", f"{name} must be an integer")
+        return value
+
+    async def add_credit(request: Request) -> Response:
+        authority = authority_of()
+        payload = await admin_json(request)
+        try:
+            card, source = payload.get("card"), payload.get("source", "other")
+            reference = payload.get("reference", "")
+            if not isinstance(card, str) or not isinstance(source, str):
+                raise LoadRefused("bad_request", "card (ASN) and source must be strings")
+            if not isinstance(reference, str):
+                raise LoadRefused("bad_request", "reference must be a string")
+            amount = integer(payload, "amount")
+            pending = await run_in_threadpool(
+                lambda: authority.credit(
+                    card, amount, source, kit.operator_name(request), reference=reference
+                )
+            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(201, pending.to_json())
+
+    async def list_credits(request: Request) -> Response:
+        authority = authority_of()
+        card = request.query_params.get("card")
+        open_only = request.query_params.get("all") is None
+        if card is not None and len(card) != 16:
+            return _json(400, error_body("bad_request", "card must be 16 hex digits (the ASN)"))
+        try:
+            found = await run_in_threadpool(
+                lambda: authority.pending_loads(card, open_only=open_only)
+            )
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, {"pending_loads": [p.to_json() for p in found]})
+
+    async def issue_vouchers(request: Request) -> Response:
+        authority = authority_of()
+        payload = await admin_json(request)
+        try:
+            amount = integer(payload, "amount")
+            count = integer(payload, "count") if "count" in payload else 1
+            codes = await run_in_threadpool(
+                authority.issue_vouchers, amount, count, kit.operator_name(request)
+            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(201, {"amount": amount, "codes": codes})
+
+    async def resolve(request: Request) -> Response:
+        authority = authority_of()
+        payload = await admin_json(request)
+        outcome, reason = payload.get("outcome"), payload.get("reason")
+        if not isinstance(outcome, str) or not isinstance(reason, str):
+            return _json(400, error_body("bad_request", "outcome and reason are required"))
+        key = str(request.path_params["load_key"])
+        try:
+            view = await run_in_threadpool(
+                authority.resolve, key, outcome, kit.operator_name(request), reason
+            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, view.to_json())
+
+    async def list_vouchers(request: Request) -> Response:
+        authority = authority_of()
+        try:
+            rows = await run_in_threadpool(authority.vouchers)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, {"vouchers": rows})
 
     return [
         Route("/v1/terminals/{terminal_id}/loads", guarded(authorise), methods=["POST"]),
@@ -146,5 +278,13 @@ def load_routes(
             guarded(completion),
             methods=["POST"],
         ),
-        Route("/v1/loads", viewer(listing), methods=["GET"]),
+        Route("/v1/terminals/{terminal_id}/pending-loads", guarded(card_pending), methods=["POST"]),
+        Route("/v1/loads", authorised(VIEWER, listing), methods=["GET"]),
+        Route("/v1/admin/loads/credits", authorised(OPERATOR, add_credit), methods=["POST"]),
+        Route("/v1/admin/loads/credits", authorised(VIEWER, list_credits), methods=["GET"]),
+        Route(
+            "/v1/admin/loads/{load_key}/resolve", authorised(OPERATOR, resolve), methods=["POST"]
+        ),
+        Route("/v1/admin/vouchers", authorised(OPERATOR, issue_vouchers), methods=["POST"]),
+        Route("/v1/admin/vouchers", authorised(VIEWER, list_vouchers), methods=["GET"]),
     ]

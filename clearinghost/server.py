@@ -42,7 +42,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -68,7 +68,7 @@ from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, 
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
-from clearinghost.loads import LoadAuthority
+from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
 from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
@@ -402,6 +402,40 @@ class ClearingHost:
             )
         return listing
 
+    def _reconcile_loads(
+        self, terminal_id: str, accepted: Sequence[Record | QuarantineNotice], ack_seq: int
+    ) -> None:
+        """What stored records tell the load authority (idempotent, so a replayed batch is
+        harmless): a kiosk's ``load`` record completes its load (the card's TAC), an
+        ``unresolved`` load record shows it unknown, and a POS ``refund_request`` (a host-side
+        credit) becomes a pending load for that card, loadable once at any kiosk."""
+        loads = self.loads
+        assert loads is not None
+        for record in accepted:
+            if not isinstance(record, Record) or record.seq > ack_seq:
+                continue
+            try:
+                if record.kind in ("load", "unresolved") and "load_key" in record.fields:
+                    loads.reconcile_record(terminal_id, record.kind, record.fields)
+                elif record.kind == "refund_request" and record.fields.get("credit") == "host":
+                    loads.credit(
+                        record.card_id[-16:],
+                        record.amount,
+                        "refund",
+                        f"terminal {terminal_id}",
+                        reference=str(record.fields.get("refund_id", ""))[:200],
+                        pending_id=f"refund-{terminal_id}-{record.seq}",
+                    )
+            except (LoadRefused, LoadStoreFailure) as exc:
+                # the record is stored; the operator sees the refusal (anomaly-free: logged)
+                log.error(
+                    "record not applied to loads",
+                    terminal_id=terminal_id,
+                    seq=record.seq,
+                    kind=record.kind,
+                    error=str(exc),
+                )
+
     def upload(
         self, terminal_id: str, body: bytes, encoding: str | None, key: str | None
     ) -> tuple[int, dict[str, Any]]:
@@ -442,6 +476,8 @@ class ClearingHost:
         except StorageFailure as exc:
             log.error("storage failed; batch not stored", terminal_id=terminal_id, error=str(exc))
             return 503, error_body("storage_failure", "the host's storage failed; retry later")
+        if self.loads is not None:
+            self._reconcile_loads(terminal_id, screened.accepted, result.ack_seq)
         log.info(
             "batch stored",
             terminal_id=terminal_id,
@@ -1011,8 +1047,8 @@ def create_app(host: ClearingHost) -> Starlette:
         ),
         *merchant_routes(v1, host.merchant_clearing(), authorised, operator_name, read_json),
     ]
-    kit = RouteKit(terminal_of, read_body, Refusal, parse_json)
-    routes += load_routes(host, kit, guarded, lambda handler: authorised(VIEWER, handler))
+    kit = RouteKit(terminal_of, read_body, Refusal, parse_json, operator_name)
+    routes += load_routes(host, kit, guarded, authorised)
     routes += kiosk_routes(v1, host, kit, guarded, authorised, operator_name)
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s

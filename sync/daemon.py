@@ -74,11 +74,12 @@ from agent.blacklist import (
 from agent.clock import CLOCK_OFFSET_FILE
 from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore, QuarantineNotice
+from agent.offline_store.device_key import key_id_for
 from agent.params import write_host_key
 from agent.sdnotify import Notifier, Watchdog
 from agent.terminal_id import check_terminal_id
 from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
-from agent.wiring import DEVICE_KEY_FILE, DataDir
+from agent.wiring import DEVICE_KEY_FILE, ENROLMENT_CODE_FILE, OLD_DEVICE_KEY_FILE, DataDir
 from sync.client import ClientTls, SyncClient
 from sync.errors import (
     HostBusy,
@@ -170,6 +171,9 @@ class SyncDaemon:
     _flush: threading.Event = field(default_factory=threading.Event)
     _jobs: dict[str, _JobState] = field(default_factory=dict)
     _registered: bool = False
+    # the data directory (device keys after a rotation: agent.wiring), None in bare tests
+    data_dir: Path | None = None
+    _registered_key: bytes = b""  # the device key the host accepted last (this process)
     _last_upload: float = field(default_factory=time.monotonic)
     _scheduler: BackgroundScheduler | None = None
     _started_at: float = field(default_factory=time.time)
@@ -183,13 +187,22 @@ class SyncDaemon:
         Raises a :class:`sync.errors.SyncError` when the host stays unreachable or refuses.
         """
         report = UploadReport(ack_seq=self.store.acknowledged_seq())
-        self._ensure_registered()
         after = report.ack_seq
         stalls = 0
         while max_batches is None or report.batches < max_batches:
             if self._stop.is_set():
                 raise Stopping("upload stopped between batches")
+            # Key rotation (agent.wiring.DataDir.open_store): the host verifies each record
+            # under the one key it holds for this terminal, so a batch never spans a cut-over,
+            # and the new key is enrolled only once every record the old one signed is
+            # acknowledged (the host holds the old key until then).
+            epochs = self.store.key_epochs()
+            epoch = epochs.index(after + 1)
+            self._ensure_registered(epochs.keys[epoch])
+            end = epochs.firsts[epoch + 1] - 1 if epoch + 1 < len(epochs.firsts) else None
             records = self.store.unsent_entries(self.settings.batch_size, after_seq=after)
+            if end is not None:
+                records = [r for r in records if r.seq <= end]
             if not records:
                 break
             for entry in records:
@@ -284,7 +297,7 @@ class SyncDaemon:
         except HostError as exc:
             if exc.code == "unknown_terminal":  # the host forgot us: register, then retry
                 self._registered = False
-                self._ensure_registered()
+                self._ensure_registered(self.store.key_epochs().key_for(batch.first_seq))
                 return self.client.upload(batch, last_seq, key)
             raise
 
@@ -296,17 +309,72 @@ class SyncDaemon:
             log.warning("root statements unavailable", error=str(exc))
             return False
 
-    def _ensure_registered(self) -> None:
+    def _ensure_registered(self, public_key: bytes | None = None) -> None:
         """Enrol on first contact (with the operator's code, if configured); afterwards the
-        host knows the key and answers the same request 200."""
-        if not self._registered:
-            self._retrying(
-                "register",
-                lambda: self.client.register(
-                    self.device_public_key, self.device_sign, self.settings.enrolment_code
-                ),
+        host knows the key and answers the same request 200. ``public_key``: the device key
+        that signs the next records to send (after a rotation, the new key once every record
+        of the old one is acknowledged: the host's ``rotated``, then the old key is retired)."""
+        epochs = self.store.key_epochs()
+        # never a key whose records come later than the host's acknowledgement: enrolling the
+        # new key early would make the host refuse the old key's records still to come
+        wanted = public_key or epochs.key_for(self.store.acknowledged_seq() + 1)
+        if self._registered and wanted == self._registered_key:
+            return
+        sign, code = self.device_sign, self.settings.enrolment_code
+        if wanted != self.device_public_key:
+            sign = self._device_key_file(wanted).sign
+        if len(epochs.keys) > 1 and wanted == epochs.keys[-1]:
+            # a rotation: the operator's new one-time code if the technician stored one (the
+            # code of the first enrolment is used up), else none (a pre-registered key)
+            fresh = self._rotation_code()
+            code = fresh if fresh != self.settings.enrolment_code else None
+        self._retrying("register", lambda: self.client.register(wanted, sign, code))
+        self._registered, self._registered_key = True, wanted
+        if wanted == epochs.keys[-1]:
+            self._retire_old_keys(wanted)
+
+    def _device_key_file(self, public_key: bytes) -> DeviceKey:
+        """The device key file holding ``public_key`` (device.key, or the old key kept
+        during a rotation); a clear error when none does."""
+        if self.data_dir is not None:
+            for name in (DEVICE_KEY_FILE, OLD_DEVICE_KEY_FILE):
+                path = self.data_dir / name
+                if path.exists():
+                    key = DeviceKey.load(path)
+                    if key.public_key_bytes == public_key:
+                        return key
+        raise StoreError(
+            f"store: no device key file holds key {key_id_for(public_key)}, which signs the "
+            "next records to upload; they cannot be enrolled at the host"
+        )
+
+    def _rotation_code(self) -> str | None:
+        """An operator's one-time code for the new key, if the technician stored one
+        (DATA_DIR/enrolment.code, the console's 'provision code'); read when needed."""
+        if self.data_dir is None:
+            return None
+        path = self.data_dir / ENROLMENT_CODE_FILE
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"store: {path} is unreadable: {exc}") from exc
+        return text or None
+
+    def _retire_old_keys(self, accepted: bytes) -> None:
+        """The host accepted ``accepted`` and every record an older key signed is
+        acknowledged (the upload enrols a key only then): the old private key goes."""
+        if self.data_dir is None:
+            return
+        old = self.data_dir / OLD_DEVICE_KEY_FILE
+        if old.exists() and DeviceKey.load(old).public_key_bytes != accepted:
+            old.unlink()
+            log.warning(
+                "old device key retired: the host accepted the new key and acknowledged "
+                "every record the old one signed",
+                new_key_id=key_id_for(accepted),
             )
-            self._registered = True
 
     def _compact(self) -> None:
         keep = self.settings.compact_after_s
@@ -673,6 +741,7 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         params=params,
         device_public_key=device_key.public_key_bytes,
         device_sign=device_key.sign,
+        data_dir=data_dir,
         root=root,
         flush_flag=data_dir / FLUSH_FLAG_FILE,
         checks_file=data_dir / CHECKS_FILE,

@@ -60,3 +60,50 @@ def test_bench_memory_writes_its_figures(tmp_path: Path, capsys) -> None:
     assert "accepted (!)" not in report  # the daemon applied nothing a hostile host sent
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_fares_writes_its_figures(tmp_path: Path, capsys) -> None:
+    from bench import bench_fares
+
+    output = tmp_path / "RESULTS-fares.md"
+    config_before = structlog.get_config()
+
+    assert bench_fares.main(["--taps", "4", "--calls", "50", "--warmup", "1",
+                             "--output", str(output)]) == 0  # fmt: skip
+
+    report = output.read_text(encoding="utf-8")
+    for heading in ("## `decide()` alone (µs per call)", "## In real taps",
+                    "## Fraction of the tap", "## Outcomes", "## Reading"):  # fmt: skip
+        assert f"\n{heading}\n" in report
+    for case in bench_fares.CASES:
+        rows = [line for line in report.splitlines() if line.startswith(f"| {case.name} |")]
+        assert len(rows) == 3, (case.name, rows)  # decide, taps, fraction
+        assert f"- {case.name}: {{'paid': 4}}" in report  # every measured tap was paid
+    # the policies priced the taps: the section bus pre-authorises at boarding, seniors ride
+    # free, and the transfer + cap policy charged something on every card type mix
+    assert "fares 2.00: 4" in report  # flat: 2 yuan every tap
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before
+
+
+def test_bench_load_writes_its_report(tmp_path: Path, capsys) -> None:
+    from bench import bench_load
+
+    output = tmp_path / "RESULTS-load.md"
+    config_before = structlog.get_config()
+
+    assert bench_load.main(["--requests", "5", "--warmup", "1", "--output", str(output)]) == 0
+
+    report = output.read_text(encoding="utf-8")
+    for heading in ("# Load authorisation benchmark", "## Machine", "## Figures per call"):
+        assert f"\n{heading}\n" in f"\n{report}"
+    assert "N = 5 measured per variant" in report
+    for store in ("software", "SoftHSM2"):
+        for algorithm in ("TDES", "SM4"):
+            assert f"| round trip, {store}, {algorithm} |" in report
+            assert f"| round trip, {store}, {algorithm} / bare MAC, {algorithm} |" in report
+    assert "| bare MAC, TDES |" in report and "| bare MAC, SM4 |" in report
+    # every round trip was a real authorisation the host recorded
+    assert "'software': ['authorised'], 'SoftHSM2': ['authorised']" in report
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before

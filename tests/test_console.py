@@ -22,7 +22,6 @@ import serial
 from agent import cli as agent_cli
 from agent.console.auth import FREE_ATTEMPTS, Credentials, lockout_delay
 from agent.console.device import (
-    ENROLMENT_CODE_FILE,
     FLUSH_FLAG_FILE,
     PREVIOUS_PROFILE_FILE,
     PROFILE_FILE,
@@ -35,7 +34,7 @@ from agent.console.serial_loop import serve
 from agent.console.session import Session, State
 from agent.console.settings import read_settings
 from agent.offline_store import OfflineStore, Record, RecordBody
-from agent.wiring import DataDir
+from agent.wiring import ENROLMENT_CODE_FILE, DataDir
 from sync import cli as sync_cli
 from sync import daemon as sync_daemon
 from sync.daemon import open_daemon
@@ -359,11 +358,16 @@ def test_status_and_selftest(tech: Console, data_dir: Path) -> None:
     assert status["queue_depth"] == "0" and status["blacklist_version"] == "0"
     assert status["params_version"] == "none" and status["line_id"] == "-"
     assert status["clock_sane"] == "yes" and status["clock_utc"].startswith("2026-")
+    assert status["agent"] == "not running" and "no agent-status.json" in status["agent_problem"]
+    assert status["reader_present"].startswith("unknown (agent not running")
     answer = tech.ask("selftest")
-    assert answer[-1] == "OK all checks passed", answer
+    # no agent has run here: the checks that need it fail, saying why, and nothing is skipped
+    assert answer[-1] == "ERR selftest_failed 3 check(s) failed", answer
     checks = fields(answer)
     assert checks["check.record_chain"].startswith("ok")
-    assert checks["check.reader"].startswith("skipped")
+    for name in ("agent", "reader", "psam"):
+        assert checks[f"check.{name}"].startswith("fail agent not running: no agent-status")
+    assert not any("skipped" in value for value in checks.values())
     text = "\n".join(answer)
     assert "private" not in text and (data_dir / "device.key").read_bytes().hex() not in text
 
@@ -383,13 +387,16 @@ def test_set_is_validated_confirmed_and_recorded(tech: Console, data_dir: Path) 
     tech.ask("set line_id 12")
     applied = tech.ask("confirm")
     assert applied[-1] == "OK applied" and fields(applied)["line_id"] == "12"
-    assert tech.ask("set vehicle_id BUS-7 --yes")[-1] == "OK applied"
+    assert tech.ask("set vehicle_id BUS-7 --yes")[-1].startswith("ERR bad_value")  # a number
+    assert tech.ask("set vehicle_id 16777216 --yes")[-1].startswith("ERR bad_value")
+    assert tech.ask("set institution 0166331 --yes")[-1].startswith("ERR bad_value")  # odd hex
+    assert tech.ask("set vehicle_id 7 --yes")[-1] == "OK applied"
     assert fields(tech.ask("get line_id")) == {"line_id": "12"}
-    assert read_settings(data_dir) == {"line_id": "12", "vehicle_id": "BUS-7"}
+    assert read_settings(data_dir) == {"line_id": "12", "vehicle_id": "7"}
     records = maintenance(data_dir)
     assert [(r.fields["what"], r.fields["old"], r.fields["new"]) for r in records] == [
         ("set line_id", "-", "12"),
-        ("set vehicle_id", "-", "BUS-7"),
+        ("set vehicle_id", "-", "7"),
     ]
     assert {r.fields["who"] for r in records} == {"ana"}
     assert tech.ask("records verify")[-1] == "OK chain and signatures verified"
@@ -681,7 +688,7 @@ def test_changes_beside_an_agent_taking_cards(tech: Console, data_dir: Path) -> 
     try:
         tech.wait_for(lambda: len(written) >= 5)
         for n in range(5):
-            assert tech.ask(f"set stop_id S{n} --yes")[-1] == "OK applied"
+            assert tech.ask(f"set stop_id {n} --yes")[-1] == "OK applied"
     finally:
         done.set()
         thread.join(WAIT_S)

@@ -180,11 +180,11 @@ def test_bus_boarding_preauthorises_and_alighting_settles(rig: Rig, tmp_path: Pa
     on_bus(rig, 8, 1)
     board = rig.tap(card)
     assert (board.status, board.fare) == ("paid", 400)
-    assert card.record_files[0x1E].records[0][0] == 1  # the boarding record type
+    assert card.record_files[0x1E].records[0][0] == 0x03  # EF1E 进站 (entry / boarding)
     on_bus(rig, 8, 3)
     alight = rig.tap(card)
     assert (alight.status, alight.fare) == ("paid", 0)
-    assert card.record_files[0x1E].records[0][0] == 2
+    assert card.record_files[0x1E].records[0][0] == 0x04  # EF1E 出站 (exit / alighting)
     records = rig.records(kind="purchase")
     assert [r.fields["fare_kind"] for r in records] == ["entry", "exit"]
     assert records[1].fields["fare_refund_due"] == 200  # 3 sections cost 2 yuan: the host owes 2
@@ -302,3 +302,89 @@ def test_m1_cards_pay_the_policy_as_single_taps(rig: Rig, tmp_path: Path) -> Non
     field.insert(other)
     outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(other))
     assert (outcome.status, outcome.fare) == ("paid", 400)
+
+
+def test_bus_transfer_from_line_9_into_a_trip_on_line_8(rig: Rig, tmp_path: Path) -> None:
+    """Alight from line 9, board line 8 within the window, alight: the alighting tap reads the
+    card's two newest EF1E records (its boarding, and line 9's alighting before it) and takes
+    the transfer yuan off line 8's trip."""
+    write_params(
+        tmp_path / "params.json",
+        fare_policy={
+            **BUS,
+            "transfer": {"window_s": 3600, "discount": 100, "between": "lines"},
+            "entry_exit": {"boarding_debit": "min"},
+        },
+    )
+    card = make_card("tunion", 50, rig.keyset, balance=5000)
+    fares = []
+    for line, stop in ((9, 1), (9, 3), (8, 1), (8, 9)):
+        on_bus(rig, line, stop)
+        outcome = rig.tap(card)
+        assert outcome.status == "paid", outcome
+        fares.append(outcome.fare)
+    # line 9: 2 yuan at boarding, 3 sections cost 2: nothing more; line 8: 2 yuan at boarding,
+    # 9 sections cost 4, less the transfer yuan: 1 more
+    assert fares == [200, 0, 200, 100]
+    assert card.balance == 5000 - 500
+    types = [r[0] for r in card.record_files[0x1E].records[:4]]
+    assert types == [0x04, 0x03, 0x04, 0x03]  # newest first: exit, entry, exit, entry
+    records = rig.records(kind="purchase")
+    assert [r.fields["fare_kind"] for r in records] == ["entry", "exit", "entry", "exit"]
+    # the record says where the discount came from, for the host
+    assert [r.fields.get("fare_transfer_from") for r in records] == [None, None, None, 9]
+
+
+def test_bus_without_a_transfer_rule_charges_the_whole_second_trip(
+    rig: Rig, tmp_path: Path
+) -> None:
+    write_params(
+        tmp_path / "params.json", fare_policy={**BUS, "entry_exit": {"boarding_debit": "min"}}
+    )
+    card = make_card("tunion", 51, rig.keyset, balance=5000)
+    fares = []
+    for line, stop in ((9, 1), (9, 3), (8, 1), (8, 9)):
+        on_bus(rig, line, stop)
+        fares.append(rig.tap(card).fare)
+    assert fares == [200, 0, 200, 200]
+
+
+def test_unfinished_charge_stays_charged_after_the_next_alighting(rig: Rig, tmp_path: Path) -> None:
+    """Boarded line 8, never alighted; boarded line 9 (the unfinished rule takes line 8's
+    maximum) and alighted: the alighting settles line 9's trip only."""
+    write_params(
+        tmp_path / "params.json", fare_policy={**BUS, "entry_exit": {"boarding_debit": "min"}}
+    )
+    card = make_card("tunion", 52, rig.keyset, balance=5000)
+    on_bus(rig, 8, 1)
+    assert rig.tap(card).fare == 200
+    on_bus(rig, 9, 1)
+    assert rig.tap(card).fare == 400  # line 9's 2 yuan + the rest of line 8's 4-yuan maximum
+    assert int.from_bytes(card.record_files[0x1E].records[0][17:21], "big") == 200
+    on_bus(rig, 9, 3)
+    alight = rig.tap(card)
+    assert (alight.fare, rig.records(kind="purchase")[-1].fields.get("fare_refund_due")) == (
+        0,
+        None,
+    )
+    assert card.balance == 5000 - 600
+
+
+def test_m1_card_types_take_the_policys_discounts(rig: Rig) -> None:
+    """The M1 card type (issuance sector, per the [m1_purse] layout) prices like a CPU
+    card's: type 04 pays half, type 05 rides free, others the full fare."""
+    from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field, presence_of
+    from tests.fake_reader.scenario import make_m1_card
+
+    field = M1Field()
+    at(rig, 2, 7)
+    paid: dict[int, tuple[int, int | None]] = {}
+    for number, card_type in ((510, 0x01), (511, 0x04), (512, 0x05)):
+        card = make_m1_card(number, balance=1000, card_type=card_type)
+        field.insert(card)
+        outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(card))
+        field.remove()
+        rig.engine.presence.left()
+        assert outcome.status == "paid", outcome
+        paid[card_type] = (outcome.fare, outcome.balance_after)
+    assert paid == {0x01: (300, 700), 0x04: (150, 850), 0x05: (0, 1000)}

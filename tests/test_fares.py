@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from agent.products.cpu_logs import Trip
 from agent.products.fare_policy import (
+    ENTRY_RECORD_TYPE,
+    EXIT_RECORD_TYPE,
     FarePolicy,
     FarePolicyError,
     check_effective_window,
@@ -32,11 +34,20 @@ from agent.products.fares import (
 
 T0 = dt.datetime(2026, 11, 30, 8, 0)
 
-# Beijing subway distance fares in force from 2014-12-28: 3 yuan up to 6 km, 4 up to 12 km,
-# 5 up to 22 km, 6 up to 32 km, then 1 yuan more per 20 km started. Source: Beijing Municipal
-# Commission of Development and Reform, public transport fare adjustment effective 2014-12-28
-# (the metro table published by Beijing Subway, bjsubway.com, "票价"). The notice's document
-# number and URL were not re-checked when this test was written.
+# Beijing subway distance fares in force from 2014-12-28 (all lines but the Airport Express):
+# 3 yuan up to 6 km (inclusive), 4 up to 12 km, 5 up to 22 km, 6 up to 32 km, then 1 yuan more
+# per 20 km started, no ceiling. Sources (press reports of the municipal government's
+# announcement of 2014-11-27):
+#   https://www.thenanfang.com/blog/it-will-be-more-expensive-to-ride-the-subway-and-bus-in-beijing-next-month/
+#   ("RMB 3 ... six kilometers, RMB 4 ... six and 12, RMB 5 ... 12 and 22, RMB 6 ... 22 and 32,
+#   RMB 1 for each additional 20 kilometers")
+#   http://www.bjreview.com.cn/se/txt/2014-11/28/content_655510.htm ("three yuan ... to six
+#   yuan ... below 32 km. People who go further need to pay one yuan for every 20 km")
+#   http://onestop.globaltimes.cn/beijing-public-transport-price-increases-as-of-dec-28-2014/
+# and, with the inclusive upper bounds ("6公里(含)内3元；6公里至12公里(含)4元；12公里至22公里
+# (含)5元；22公里至32公里(含)6元；32公里以上部分，每增加1元可乘坐20公里"), Chinese fare guides
+# such as https://www.bkwk.cn/article/bjdtpjjsqszwcxcbgbpjyw.html. The official notice itself
+# (Beijing Municipal Commission of Development and Reform) was not found in the sources at hand.
 BEIJING_SUBWAY_2014: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1000,
@@ -50,18 +61,32 @@ BEIJING_SUBWAY_2014: dict[str, Any] = {
     "lines": {"1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 90000}]}},
 }
 
-# Shanghai Metro distance fares (the table in force since 2005): 3 yuan up to 6 km, 4 yuan up
-# to 16 km, then 1 yuan more per 10 km started; bus <-> metro transfers within 120 minutes on
-# the transport card: 1 yuan off the second ride. Source: Shanghai Metro (shmetro.com, "票价")
-# and the Shanghai public transport transfer discount. Recheck document numbers, URLs and dates
-# against the published notices before these tables are used for anything but tests.
+# Beijing buses from the same date: 2 yuan up to 10 km, then 1 yuan more per 5 km started;
+# transport-card holders pay half, students a quarter (75 % off). Sources: the Nanfang and
+# Global Times pages above ("rides will start at two yuan for a ride within 10km, with one yuan
+# extra for every extra 5km. Adult commuters using city transportation cards get a 50 percent
+# discount, and students get 75 percent off"). Card types here: 01 adult card, 02 student.
+BEIJING_BUS_2014: dict[str, Any] = {
+    "mode": "distance",
+    "max_fare": 2000,
+    "bands": [{"over_m": 0, "up_to_m": 10000, "price": 200}],
+    "beyond": {"every": 5000, "add": 100},
+    "lines": {"300": {"mode": "bus", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 48000}]}},
+    "card_types": {"01": {"percent": 50}, "02": {"percent": 25}},
+}
+
+# Shanghai Metro: "For passengers traveling between 0-6 kilometers, the ticket price will be
+# RMB3; if their traveling mileage exceeds 6 kilometers, they shall pay RMB1 for every 10
+# kilometers" (shortest path between the stations), Shanghai Metro, "Pricing of Metro
+# Tickets", http://service.shmetro.com/en/cphc/12.htm. Bus to metro with the public
+# transportation card: "a preferential price of RMB1 when they get out of metro stations as
+# long as their time of interchange from buses is less than 2 hours",
+# http://service.shmetro.com/en/cphc/13.htm. (Line 5's own cheaper table, on the same page,
+# is not modelled.)
 SHANGHAI_METRO: dict[str, Any] = {
     "mode": "distance",
     "max_fare": 1500,
-    "bands": [
-        {"over_m": 0, "up_to_m": 6000, "price": 300},
-        {"over_m": 6000, "up_to_m": 16000, "price": 400},
-    ],
+    "bands": [{"over_m": 0, "up_to_m": 6000, "price": 300}],
     "beyond": {"every": 10000, "add": 100},
     "transfer": {"window_s": 7200, "discount": 100, "between": "modes"},
     "lines": {
@@ -89,6 +114,23 @@ def test_golden_shanghai_metro(km: float, yuan: int) -> None:
     assert band_price(policy, round(km * 1000)) == yuan * 100
 
 
+@pytest.mark.parametrize(
+    ("km", "cash", "adult_card", "student_card"),
+    [(3, 200, 100, 50), (10, 200, 100, 50), (10.1, 300, 150, 75), (15, 300, 150, 75),
+     (15.5, 400, 200, 100), (20, 400, 200, 100), (47, 1000, 500, 250)],
+)  # fmt: skip
+def test_golden_beijing_bus_2014(km: float, cash: int, adult_card: int, student_card: int) -> None:
+    policy = parse_fare_policy(BEIJING_BUS_2014)
+    metres = round(km * 1000)
+    assert band_price(policy, metres) == cash
+    stops = {"stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": metres}]}
+    priced = parse_fare_policy({**BEIJING_BUS_2014, "lines": {"300": {"mode": "bus", **stops}}})
+    place = TapPlace(300, 1)
+    adult = decide(priced, CardFacts(card_type=1), place, T0)
+    student = decide(priced, CardFacts(card_type=2), place, T0)
+    assert (adult.amount, student.amount) == (adult_card, student_card)
+
+
 def test_shanghai_bus_to_metro_transfer_takes_one_yuan_off() -> None:
     policy = parse_fare_policy({**SHANGHAI_METRO, "mode": "flat", "flat_fare": 200})
     bus = PaidTap(when=T0, line=71, amount=200)
@@ -99,6 +141,7 @@ def test_shanghai_bus_to_metro_transfer_takes_one_yuan_off() -> None:
         policy, CardFacts(last_paid=PaidTap(T0, 1, 200)), TapPlace(1, 2), T0
     )  # same line: no transfer
     assert (within.amount, after.amount, metro_to_metro.amount) == (100, 200, 200)
+    assert (within.transfer_from, after.transfer_from) == (71, None)
 
 
 # --- the validator: refused with the field named --------------------------------------------
@@ -126,6 +169,8 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(card_types={"05": {"percent": 150}}), "card_types.05.percent"),
         (_with(transfer={"window_s": 0, "discount": 100}), "transfer.window_s"),
         (_with(entry_exit={"unfinished": "forget"}), "entry_exit.unfinished"),
+        (_with(entry_exit={"entry_record_type": 6}), "single-tap trip record"),
+        (_with(entry_exit={"entry_record_type": 4}), "must differ"),
         (_with(lines={"1": {"stops": [{"id": 1, "at_m": 500}, {"id": 2, "at_m": 0}]}}),
          "backwards"),
         (_with(lines={"x": {"stops": [{"id": 1}]}}), "lines.x"),
@@ -194,13 +239,15 @@ BUS_LINE: dict[str, Any] = {
 
 
 def _entry(line: int, stop: int, amount: int, when: dt.datetime = T0, city: str = "") -> Trip:
-    return Trip(record_type=1, line=line, station=stop, amount=amount, when=when, city=city)
+    return Trip(
+        record_type=ENTRY_RECORD_TYPE, line=line, station=stop, amount=amount, when=when, city=city
+    )
 
 
 def test_boarding_preauthorises_the_maximum_and_alighting_refunds_through_the_host() -> None:
     policy = parse_fare_policy(BUS_LINE)
     board = decide(policy, CardFacts(), TapPlace(8, 1, "both"), T0)
-    assert (board.kind, board.amount, board.record_type) == ("entry", 400, 1)
+    assert (board.kind, board.amount, board.record_type) == ("entry", 400, 0x03)
     alight = decide(
         policy,
         CardFacts(last_trip=_entry(8, 1, board.amount)),
@@ -211,7 +258,7 @@ def test_boarding_preauthorises_the_maximum_and_alighting_refunds_through_the_ho
         "exit",
         0,
         200,
-        2,
+        0x04,
     )
     assert settle_trip([board, alight]) == 200
 
@@ -407,12 +454,13 @@ def test_the_validator_refuses_or_accepts_never_crashes(raw: object) -> None:
 
 
 @given(
-    policy=st.sampled_from([BEIJING_SUBWAY_2014, SHANGHAI_METRO]),
+    policy=st.sampled_from([BEIJING_SUBWAY_2014, BEIJING_BUS_2014, SHANGHAI_METRO]),
     m=st.integers(0, 200_000),
 )
 def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
     parsed = parse_fare_policy(policy)
-    assert 300 <= band_price(parsed, m) <= band_price(parsed, m + 1000)
+    start = parsed.bands[0].price  # the table's lowest price (3 yuan metro, 2 yuan bus)
+    assert start <= band_price(parsed, m) <= band_price(parsed, m + 1000)
 
 
 @pytest.mark.parametrize(
@@ -422,3 +470,151 @@ def test_golden_tables_are_monotone(policy: dict[str, Any], m: int) -> None:
 def test_odd_keys_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(FarePolicyError):
         parse_fare_policy(_with(**changes))
+
+
+def test_entry_and_exit_record_types_are_the_t_union_ef1e_codes() -> None:
+    """EF1E byte 0, the trip record's main type, as real T-Union cards carry it: 03 进站
+    (entry), 04 出站 (exit), 06 单次 (single). Source: tkerby/flipperzero-firmware-wPlugins,
+    applications/external/t_union_master/src/protocol/t_union_msg.h at
+    5afa037621267281d491325d7cf43bafe6ae8457 ("主类型 3:进站 4:出站 6:单次")."""
+    from agent.profile import TUNION_EF1E
+
+    policy = parse_fare_policy(BUS_LINE)
+    assert policy.entry_exit is not None
+    assert (policy.entry_exit.entry_record_type, policy.entry_exit.exit_record_type) == (3, 4)
+    assert (ENTRY_RECORD_TYPE, EXIT_RECORD_TYPE, TUNION_EF1E.record_type) == (0x03, 0x04, 0x06)
+    # a single-tap record (06) of this line is not an open boarding: the tap is a new entry
+    single = Trip(record_type=0x06, line=8, station=1, amount=200, when=T0)
+    board = decide(policy, CardFacts(last_trip=single), TapPlace(8, 5, "both"), T0)
+    assert (board.kind, board.record_type) == ("entry", 0x03)
+    # a city whose terminals write other codes says so in its policy
+    custom = parse_fare_policy(
+        {**BUS_LINE, "entry_exit": {"entry_record_type": 0x11, "exit_record_type": 0x12}}
+    )
+    alight = decide(
+        custom,
+        CardFacts(last_trip=Trip(record_type=0x11, line=8, station=1, amount=400, when=T0)),
+        TapPlace(8, 3, "both"),
+        T0 + dt.timedelta(minutes=10),
+    )
+    assert (alight.kind, alight.record_type) == ("exit", 0x12)
+
+
+# --- a transfer into a boarding-and-alighting trip ------------------------------------------
+
+BUS_TRANSFER: dict[str, Any] = {
+    **BUS_LINE,
+    "anti_passback_s": 0,
+    "transfer": {"window_s": 3600, "discount": 100, "between": "lines"},
+    "entry_exit": {"boarding_debit": "min", "unfinished": "max_fare", "max_trip_s": 7200},
+}
+
+
+def _trip(record_type: int, line: int, stop: int, amount: int, when: dt.datetime) -> Trip:
+    return Trip(record_type=record_type, line=line, station=stop, amount=amount, when=when)
+
+
+@pytest.mark.parametrize(
+    ("earlier", "boarded_after", "expected"),
+    [
+        # alighted from line 9, boarded line 8 20 min later: 1 yuan off line 8's trip
+        ((EXIT_RECORD_TYPE, 9), dt.timedelta(minutes=20), 100),
+        # a single-tap trip on line 9 counts the same
+        ((0x06, 9), dt.timedelta(minutes=20), 100),
+        # boarded 61 min after alighting: outside the window, no discount
+        ((EXIT_RECORD_TYPE, 9), dt.timedelta(minutes=61), 200),
+        # the earlier trip was on line 8 too: not a transfer
+        ((EXIT_RECORD_TYPE, 8), dt.timedelta(minutes=20), 200),
+        # the earlier record is an open boarding (never alighted): no transfer from it
+        ((ENTRY_RECORD_TYPE, 9), dt.timedelta(minutes=20), 200),
+    ],
+)
+def test_transfer_into_a_boarding_and_alighting_trip(
+    earlier: tuple[int, int], boarded_after: dt.timedelta, expected: int
+) -> None:
+    """Alight from line A (or a single tap on it), board line B within the window: B's
+    alighting tap settles the trip at its price less the transfer discount. The window runs
+    from A's record to B's boarding (the card's two newest trip records), not to the
+    alighting."""
+    policy = parse_fare_policy(BUS_TRANSFER)
+    before = _trip(earlier[0], earlier[1], 1, 200, T0)
+    board_at = T0 + boarded_after
+    board = decide(policy, CardFacts(last_trip=before), TapPlace(8, 2, "both"), board_at)
+    assert board.record_amount == 200  # the minimum: no discount yet
+    boarding = _trip(ENTRY_RECORD_TYPE, 8, 2, board.record_amount, board_at)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=boarding, earlier_trip=before),
+        TapPlace(8, 9, "both"),
+        board_at + dt.timedelta(minutes=50),  # alighting after the window closed: still counts
+    )
+    assert alight.kind == "exit"
+    assert alight.base == 400  # 8 sections
+    assert alight.amount == expected  # 400 less the transfer, less the 200 boarding debit
+    assert alight.transfer_from == (9 if expected == 100 else None)
+    if earlier[0] == ENTRY_RECORD_TYPE:  # the boarding also closed line 9's open trip
+        assert (board.kind, board.amount, board.unfinished) == (
+            "unfinished_then_entry",
+            400,
+            "max_fare",
+        )
+    else:
+        assert (board.kind, board.amount) == ("entry", 200)
+    assert settle_trip([board, alight]) == board.amount + expected
+
+
+def test_transfer_into_a_trip_with_a_maximum_boarding_is_refunded_through_the_host() -> None:
+    policy = parse_fare_policy({**BUS_TRANSFER, "entry_exit": {"boarding_debit": "max"}})
+    before = _trip(EXIT_RECORD_TYPE, 9, 3, 200, T0)
+    board_at = T0 + dt.timedelta(minutes=5)
+    board = decide(policy, CardFacts(last_trip=before), TapPlace(8, 1, "both"), board_at)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_trip(ENTRY_RECORD_TYPE, 8, 1, board.amount, board_at),
+                  earlier_trip=before),
+        TapPlace(8, 3, "both"),
+        board_at + dt.timedelta(minutes=10),
+    )  # fmt: skip
+    # 3 sections cost 2 yuan, 1 yuan off for the transfer: 4 yuan pre-authorised, 3 owed back
+    assert (board.amount, alight.amount, alight.refund_due) == (400, 0, 300)
+    assert settle_trip([board, alight]) == 100
+
+
+def test_an_unfinished_trips_charge_is_not_handed_back_at_the_next_alighting() -> None:
+    """Boarded line 9 and never alighted; boarding line 8 debits line 8's minimum plus the
+    unfinished rule's charge, but its trip record carries only line 8's part: alighting on
+    line 8 settles against that, so the unfinished charge stays charged."""
+    policy = parse_fare_policy({**BUS_LINE, "entry_exit": {"boarding_debit": "min"}})
+    open_trip = _entry(9, 1, 200, T0)
+    board = decide(policy, CardFacts(last_trip=open_trip), TapPlace(8, 1, "both"), T0)
+    assert (board.kind, board.amount, board.record_amount) == ("unfinished_then_entry", 400, 200)
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(8, 1, board.record_amount, T0)),
+        TapPlace(8, 9, "both"),
+        T0 + dt.timedelta(minutes=30),
+    )
+    assert (alight.amount, alight.refund_due) == (200, 0)  # 4 yuan trip, 2 paid at boarding
+    assert settle_trip([board, alight]) == 200 + 400  # line 9's unfinished 2 + line 8's 4
+
+
+@pytest.mark.parametrize(
+    ("role", "paid_today", "expected"), [("both", 700, (0, 200)), ("exit", 300, (0, 200))]
+)
+def test_daily_cap_at_alighting_counts_what_was_paid_before_the_trip(
+    role: str, paid_today: int, expected: tuple[int, int]
+) -> None:
+    """Cap 5 yuan, 3 yuan paid earlier today, boarded with the 4-yuan maximum (the boarding
+    takes no cap), alighted after a 2-yuan trip: the trip fits under the cap, 2 yuan back.
+    On a bus validator (role both) the terminal's own sum already holds the boarding's 4 yuan
+    (7 in all); an exit gate's does not (3)."""
+    policy = parse_fare_policy({**BUS_LINE, "daily_cap": 500, "anti_passback_s": 0})
+    board = decide(policy, CardFacts(paid_today=300), TapPlace(8, 1, "both"), T0)
+    assert board.amount == 400
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(8, 1, 400), paid_today=paid_today),
+        TapPlace(8, 3, role),
+        T0 + dt.timedelta(minutes=15),
+    )
+    assert (alight.amount, alight.refund_due) == expected

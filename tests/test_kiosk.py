@@ -241,7 +241,7 @@ def test_a_card_of_another_city_is_not_loaded(site: KioskSite, api: KioskApi) ->
 def test_pending_load_is_listed_and_loaded_once(site: KioskSite, api: KioskApi) -> None:
     card = site.card(3, balance=1000)
     site.field.insert(card)
-    site.authority.add_pending("EMP-11", card.asn.hex().upper(), 3000, "employer")
+    site.authority.credit(card.asn.hex().upper(), 3000, "employer", "test", pending_id="EMP-11")
     state = _read(api)
     assert state["pending"] == [{"pending_id": "EMP-11", "amount": 3000, "source": "employer"}]
     api.post("/api/load", {"source": "pending", "pending_id": "EMP-11"})
@@ -249,7 +249,7 @@ def test_pending_load_is_listed_and_loaded_once(site: KioskSite, api: KioskApi) 
     assert card.balance == 4000
     api.post("/api/reset")
     assert _read(api)["pending"] == []
-    assert site.authority.pending_for(card.asn.hex()) == []
+    assert site.authority.pending_loads(card.asn.hex()) == []
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -329,7 +329,7 @@ def test_card_removed_mid_load_is_put_back_and_loaded_once(
     card = site.card(6, balance=500)
     site.field.insert(card)
     site.authority.add_voucher("GIFT-0006", 2000)
-    site.authority.add_pending("EMP-06", card.asn.hex().upper(), 2000, "employer")
+    site.authority.credit(card.asn.hex().upper(), 2000, "employer", "test", pending_id="EMP-06")
     _read(api)
     if source == "cash":
         api.post("/api/cash")

@@ -205,7 +205,7 @@ def test_voucher_used_twice_says_so(page: Page, site: KioskSite) -> None:
 def test_pending_load(page: Page, site: KioskSite) -> None:
     page.english()
     card = site.card(13, balance=1000)
-    site.authority.add_pending("EMP-13", card.asn.hex().upper(), 3000, "employer")
+    site.authority.credit(card.asn.hex().upper(), 3000, "employer", "test", pending_id="EMP-13")
     site.field.insert(card)
     _read_card(page)
     page.click('.tab[data-source="pending"]')
@@ -213,7 +213,7 @@ def test_pending_load(page: Page, site: KioskSite) -> None:
     page.shot("pending-load")
     page.click('.pending-load[data-pending="EMP-13"] button')
     assert page.wait_phase("success", "failed") == "success"
-    assert card.balance == 4000 and site.authority.pending_for(card.asn.hex()) == []
+    assert card.balance == 4000 and site.authority.pending_loads(card.asn.hex()) == []
 
 
 @pytest.mark.parametrize(

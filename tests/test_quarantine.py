@@ -310,3 +310,20 @@ def test_forged_notices_are_refused_and_replace_nothing(tmp_path: Path) -> None:
         daemon.close()
     host.storage.close()
     terminal.store.close()
+
+
+def test_the_start_scan_checks_what_the_host_does_not_hold_yet(rig: Rig) -> None:
+    """Records the host has acknowledged are its evidence already: the start scan covers the
+    unacknowledged backlog (its cost does not grow with history); ``records verify`` checks all."""
+    for n in (1, 2, 3):
+        assert rig.tap(make_card("tunion", n, rig.keyset)).status == "paid"
+    assert rig.store.mark_acknowledged(2) >= 0
+    corrupt(rig.db_path, FAULTS["amount"][1], 1)  # acknowledged: the host holds the original
+    corrupt(rig.db_path, FAULTS["signature"][1], 3)  # not acknowledged: must be caught at start
+    with capture_logs() as logs:
+        store = start_agent(rig)
+    assert [e["seq"] for e in quarantine_errors(logs)] == [3]
+    assert [q.seq for q in store.quarantined()] == [3]
+    report = store.verify()
+    assert not report.ok
+    assert any(p.startswith("record 1 ") for p in report.problems), report.problems

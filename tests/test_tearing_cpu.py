@@ -169,3 +169,135 @@ def test_second_pending_intent_supersedes_nothing_is_lost(rig: Rig) -> None:
     assert len(card.debits) == 1
     assert len(rig.records(kind="purchase")) == 1
     assert not rig.store.pending_intents()
+
+
+# --- the compound purchase with boarding and alighting records (issue 13) -------------------
+
+# A section bus line (tests/test_engine_fares.py BUS): the minimum (2 yuan) at boarding, the
+# rest at alighting; stop 1 to stop 9 is 9 sections, 4 yuan.
+BOARD_FARE, ALIGHT_FARE = 200, 200
+ENTRY_TYPE, EXIT_TYPE = 0x03, 0x04  # EF1E byte 0 (agent.products.fare_policy)
+
+
+def fare_rig(directory: Path) -> Rig:
+    from agent.params import ActiveParams
+    from tests.test_engine_fares import BUS, HOST_KEY, write_params
+
+    rig = Rig(directory)
+    path = directory / "params.json"
+    write_params(path, fare_policy={**BUS, "entry_exit": {"boarding_debit": "min"}})
+
+    def configure() -> None:
+        rig.engine.params = ActiveParams(path, HOST_KEY.public_key_bytes)
+
+    configure()
+    rig.configure = configure  # type: ignore[attr-defined]  # again after a restart
+    return rig
+
+
+def on_bus(rig: Rig, stop: int) -> None:
+    from agent.products.fares import TapPlace
+
+    rig.engine.position = lambda: TapPlace(8, stop, "both", "1000")
+
+
+def newest_trip(card: object) -> tuple[int, int, int]:
+    """(record type, stop, amount) of the card's newest EF1E record."""
+    record = card.record_files[0x1E].records[0]  # type: ignore[attr-defined]
+    return record[0], int.from_bytes(record[12:14], "big"), int.from_bytes(record[17:21], "big")
+
+
+@pytest.fixture(scope="module")
+def entry_exit_counts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """Card APDUs of a clean boarding and a clean alighting tap (the trip-record read
+    included): PPSE, AID, EF17, balance, READ RECORD EF1E, INIT, 80DC, DEBIT."""
+    rig = fare_rig(tmp_path_factory.mktemp("probe-entry-exit"))
+    try:
+        card = make_card("tunion", 98, rig.keyset, balance=BALANCE)
+        counts = {}
+        for leg, stop in (("board", 1), ("alight", 9)):
+            on_bus(rig, stop)
+            before = len(rig.reader.transmitted)
+            assert rig.tap(card).status == "paid"
+            counts[leg] = len(rig.reader.transmitted) - before
+        return counts
+    finally:
+        rig.close()
+
+
+def test_entry_exit_taps_have_the_expected_length(entry_exit_counts: dict[str, int]) -> None:
+    assert entry_exit_counts == {"board": 8, "alight": 8}
+
+
+@pytest.mark.parametrize("leg", ["board", "alight"])
+@pytest.mark.parametrize("mode", ["tear_before", "tear_after"])
+@pytest.mark.parametrize("comeback", ["at_once", "after_kill", "never"])
+def test_tearing_matrix_with_boarding_and_alighting_records(
+    tmp_path: Path, entry_exit_counts: dict[str, int], leg: str, mode: str, comeback: str
+) -> None:
+    """The compound purchase of a boarding tap and of an alighting tap, torn at every card
+    command: the card is debited once when it comes back, its newest trip record is the
+    boarding (03) or alighting (04) record of that one debit, the purchase record (recovered
+    ones too) carries the fare decision, and the trip adds up to the table's price."""
+    for position in range(1, entry_exit_counts[leg] + 1):
+        rig = fare_rig(tmp_path / f"{position}")
+        try:
+            check_one_entry_exit_tear(rig, leg, position, mode, comeback)
+        finally:
+            rig.close()
+
+
+def check_one_entry_exit_tear(rig: Rig, leg: str, position: int, mode: str, comeback: str) -> None:
+    card = make_card("tunion", position, rig.keyset, balance=BALANCE)
+    label = f"{leg} command {position} {mode} {comeback}"
+    if leg == "alight":
+        on_bus(rig, 1)
+        assert rig.tap(card).fare == BOARD_FARE, label
+    clean_debits = len(card.debits)
+    stop, fare, kind, record_type = (
+        (1, BOARD_FARE, "entry", ENTRY_TYPE)
+        if leg == "board"
+        else (9, ALIGHT_FARE, "exit", EXIT_TYPE)
+    )
+    on_bus(rig, stop)
+    card.reset_command_count()
+    card.faults.add(position, mode)  # type: ignore[arg-type]
+
+    torn = rig.tap(card)
+    assert torn.status in ("torn", "failed", "refused"), (label, torn)
+    debited = len(card.debits) - clean_debits
+    assert debited <= 1, label
+    if debited == 0 and leg == "board":  # a fresh card: no boarding record half-written
+        assert not card.record_files[0x1E].records, label
+    elif debited == 0:  # the card still shows the boarding it had
+        assert newest_trip(card) == (ENTRY_TYPE, 1, BOARD_FARE), label
+    intent_written = bool(rig.store.pending_intents())
+
+    if comeback == "after_kill":
+        rig.restart()
+        rig.configure()  # type: ignore[attr-defined]
+        on_bus(rig, stop)
+    if comeback in ("at_once", "after_kill"):
+        again = rig.tap(card)
+        assert again.status == ("recovered" if debited else "paid"), (label, again)
+        assert len(card.debits) - clean_debits == 1, label
+        assert newest_trip(card) == (record_type, stop, fare), label
+        purchases = [r for r in rig.records(kind="purchase") if r.fields.get("fare_kind") == kind]
+        assert len(purchases) == 1, (label, [r.fields for r in rig.records()])
+        assert purchases[0].fields["fare_line"] == 8 and purchases[0].fields["fare_stop"] == stop
+        assert purchases[0].amount == fare, label
+        assert not rig.records(kind="unresolved"), label
+        if leg == "board":  # the trip goes on as if nothing happened
+            on_bus(rig, 9)
+            assert rig.tap(card).fare == ALIGHT_FARE, label
+        assert card.balance == BALANCE - BOARD_FARE - ALIGHT_FARE, label  # the table's 4 yuan
+    else:
+        rig.expire()
+        assert not rig.store.pending_intents(), label
+        assert not [r for r in rig.records(kind="purchase") if r.fields.get("fare_kind") == kind]
+        unresolved = rig.records(kind="unresolved")
+        assert len(unresolved) == (1 if intent_written else 0), label
+        if debited:
+            assert len(unresolved) == 1, label
+    report = rig.store.verify()
+    assert report.ok, (label, report.problems)

@@ -4,6 +4,8 @@ The card simulator (real 3DES / SM4) is reached through the in-process reader dr
 side is a real :class:`clearinghost.loads.LoadAuthority` on real SQLite with the software key
 store. For each card command of a load, the card removed before / after that command's commit,
 re-presented at once or never, on 3DES and SM4 cards: never a double load, never a lost one.
+The third column, re-presented after a kill -9 of the agent process, is
+``tests/test_load_kill9.py`` (the real ``cardagent load`` process).
 """
 
 from __future__ import annotations

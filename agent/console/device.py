@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 import agent
+from agent.agent_status import AGENT_STATUS_FILE, read_status, staleness
 from agent.blacklist import BLACKLIST_FILE, Blacklist
 from agent.console import settings as settings_mod
 from agent.console.auth import Credentials, password_problem
@@ -32,16 +34,24 @@ from agent.errors import AgentError, ConfigurationError
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
 from agent.offline_store.records import format_timestamp, parse_timestamp
 from agent.params import PARAMS_FILE, ActiveParams
+from agent.position import POSITION_FILE, PositionFile
 from agent.profile import Profile, load_profile, parse_profile
 from agent.terminal_id import terminal_id_problem
-from agent.wiring import DEVICE_KEY_FILE, STORE_FILE, TERMINAL_FILE, DataDir
+from agent.wiring import (
+    DEVICE_KEY_FILE,
+    ENROLMENT_CODE_FILE,
+    NEXT_DEVICE_KEY_FILE,
+    OLD_DEVICE_KEY_FILE,
+    STORE_FILE,
+    TERMINAL_FILE,
+    DataDir,
+)
 
 log = structlog.get_logger(__name__)
 
 PROFILE_FILE = "profile.toml"
 PREVIOUS_PROFILE_FILE = "profile.previous.toml"
 PRIOR_PROFILE_FILE = "profile.prior.toml"  # the swap in progress (see _install_profile)
-ENROLMENT_CODE_FILE = "enrolment.code"
 FLUSH_FLAG_FILE = "sync.flush"  # sync.daemon.FLUSH_FLAG_FILE (the agent does not import sync)
 LOG_FILE = "agent.log"
 MAINTENANCE_KIND = "maintenance"
@@ -94,10 +104,12 @@ class Device:
         *,
         wall_clock: Callable[[], float] = time.time,
         log_file: Path | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.data = DataDir(data_dir)
         self.path = data_dir
         self.clock = wall_clock
+        self.monotonic = monotonic  # the agent status file's age (agent.agent_status)
         self.credentials = Credentials(data_dir, wall_clock)
         self.log_file = log_file or data_dir / LOG_FILE
         self._finish_profile_swap()
@@ -123,16 +135,115 @@ class Device:
             out.append(("reader_driver", rp.driver))
             out.append(("reader_url", settings.get("reader_url") or rp.url or rp.card_reader))
             out.append(("sam", profile.sam_kind))
-        out.append(("reader_present", "unknown (the running agent holds the reader)"))
-        for name in ("line_id", "stop_id", "vehicle_id"):
+        out.extend(self._agent_figures())
+        for name in ("line_id", "stop_id", "vehicle_id", "institution"):
             out.append((name, settings.get(name, "-")))
+        if profile is not None:
+            out.extend(self._place_figures(profile, settings))
         out.extend(self._store_figures())
+        out.extend(self._key_figures())
         out.extend(self._list_figures())
         now = _now_utc(self.clock)
         out.append(("clock_utc", format_timestamp(now)))
         out.append(("clock_sane", "yes" if EARLIEST_SANE <= now < LATEST_SANE else "no"))
         out.append(("restart_pending", "yes" if (self.path / RESTART_FLAG_FILE).exists() else "no"))
         return out
+
+    def agent_status(self) -> tuple[dict[str, Any] | None, str]:
+        """The running agent's status file and ``""``, or what it last said (or ``None``) and
+        why it does not describe a running agent (:func:`agent.agent_status.staleness`)."""
+        try:
+            document = read_status(self.path / AGENT_STATUS_FILE)
+        except ValueError as exc:
+            return None, f"agent status unreadable: {exc}"
+        if document is None:
+            return None, (
+                f"agent not running: no {AGENT_STATUS_FILE} (the agent has not run on this "
+                "data directory)"
+            )
+        return document, staleness(document, monotonic_now=self.monotonic())
+
+    def _agent_figures(self) -> Fields:
+        document, problem = self.agent_status()
+        out: Fields = [("agent", "not running" if problem else "running")]
+        if problem:
+            out.append(("agent_problem", problem))
+        if document is not None:
+            for key in ("pid", "mode", "version", "started_at", "updated_at", "state"):
+                out.append((f"agent_{key}", str(document.get(key, "-"))))
+            out.append(("agent_taps", str(document.get("taps", "-"))))
+            out.append(("agent_last_tap_at", str(document.get("last_tap_at") or "-")))
+            out.append(("agent_clock", str(document.get("clock", "-"))))
+        if problem or document is None:
+            out.append(("reader_present", f"unknown ({problem})"))
+            return out
+        reader = document.get("reader")
+        reader = reader if isinstance(reader, dict) else {}
+        out.append(("reader", f"{reader.get('driver', '?')} {reader.get('location', '?')}"))
+        out.append(("reader_present", _reader_state(reader)))
+        out.append(("reader_checked_at", str(document.get("reader_checked_at") or "-")))
+        out.append(("card_present", "yes" if reader.get("card_present") else "no"))
+        if document.get("hardware_error"):
+            out.append(("hardware_error", str(document["hardware_error"])))
+        for slot in _slots(document):
+            name = slot.get("name", "?")
+            out.append((f"psam.{name}.state", str(slot.get("state", "?"))))
+            out.append((f"psam.{name}.location", str(slot.get("location", "-"))))
+            out.append((f"psam.{name}.serial", str(slot.get("serial") or "-")))
+            out.append((f"psam.{name}.terminal", str(slot.get("terminal") or "-")))
+            apps = slot.get("applications") or []
+            out.append((f"psam.{name}.applications", ",".join(map(str, apps)) or "-"))
+            out.append((f"psam.{name}.selected", str(slot.get("application") or "-")))
+            if slot.get("error"):
+                out.append((f"psam.{name}.error", str(slot["error"])))
+        return out
+
+    def _place_figures(self, profile: Profile, settings: dict[str, str]) -> Fields:
+        """Line and stop the agent uses at the next tap, and where they come from
+        (agent.position: position.json, else the settings, else the profile)."""
+        site = settings_mod.site_settings(settings)
+        place = PositionFile(self.path / POSITION_FILE, profile, lambda: site).current()
+        if (self.path / POSITION_FILE).exists():
+            source = POSITION_FILE
+        elif site.line is not None or site.stop is not None:
+            source = "settings"
+        else:
+            source = "profile"
+        in_force = site.apply(profile)
+        return [
+            ("line_in_force", "-" if place is None else str(place.line)),
+            ("stop_in_force", "-" if place is None else str(place.stop)),
+            ("place_source", source if place is not None else f"{source} (invalid: no place)"),
+            ("vehicle_in_force", str(in_force.vehicle)),
+            ("institution_in_force", in_force.institution.hex().upper() or "-"),
+        ]
+
+    def _key_figures(self) -> Fields:
+        """The device key (its id only) and a key rotation under way (agent.wiring)."""
+        out: Fields = []
+        for name, label in (
+            (DEVICE_KEY_FILE, "device_key_id"),
+            (NEXT_DEVICE_KEY_FILE, "device_key_next"),
+            (OLD_DEVICE_KEY_FILE, "device_key_old"),
+        ):
+            path = self.path / name
+            if not path.exists():
+                continue
+            try:
+                out.append((label, DeviceKey.load(path).key_id))
+            except AgentError as exc:
+                out.append((label, f"unreadable: {exc}"))
+        labels = {label for label, _ in out}
+        if "device_key_next" in labels:
+            rotation = "pending: the new key signs from the agent's next start"
+        elif "device_key_old" in labels:
+            rotation = (
+                "in progress: the old key is kept until the host has accepted the new key "
+                "and acknowledged every record the old one signed"
+            )
+        else:
+            rotation = "none"
+        return [*out, ("key_rotation", rotation)]
 
     def _terminal_id_or(self, default: str) -> str:
         try:
@@ -237,7 +348,33 @@ class Device:
         check("clock", self._check_clock)
         check("disk_space", self._check_disk)
         check("profile", self._check_profile)
-        results.append(("reader", "skipped", "the running agent holds the reader and PSAMs"))
+        # The reader and the PSAMs are the running agent's: judged from its status file, and
+        # failed (never skipped, never silently OK) when the file is stale or absent.
+        document, problem = self.agent_status()
+        if problem or document is None:
+            for name in ("agent", "reader", "psam"):
+                results.append((name, "fail", problem))
+        else:
+            results.append(("agent", "ok", _agent_line(document)))
+            reader = document.get("reader")
+            reader = reader if isinstance(reader, dict) else {}
+            state = _reader_state(reader)
+            if reader.get("present") is True:
+                detail = f"{state}, {reader.get('location', '?')} answered at "
+                results.append(("reader", "ok", detail + str(document.get("reader_checked_at"))))
+            else:
+                results.append(("reader", "fail", state))
+            slots = _slots(document)
+            if not slots:
+                results.append(("psam", "fail", "the agent reports no SAM slot"))
+            for slot in slots:
+                name = f"psam.{slot.get('name', '?')}"
+                if slot.get("open") is True and slot.get("terminal"):
+                    detail = f"serial {slot.get('serial')} terminal {slot.get('terminal')}"
+                    results.append((name, "ok", detail))
+                else:
+                    why = slot.get("error") or "not open"
+                    results.append((name, "fail", f"no answer from the PSAM: {why}"))
         fields = [(f"check.{n}", f"{state} {detail}".strip()) for n, state, detail in results]
         return fields, sum(1 for _, state, _ in results if state == "fail")
 
@@ -350,12 +487,21 @@ class Device:
         settings = settings_mod.read_settings(self.path)
         old = settings.get(name, "-")
         new_settings = {**settings, name: value}
+        effect: Fields = [("takes_effect", settings_mod.SETTINGS[name].takes_effect)]
+        if name in ("line_id", "stop_id") and (self.path / POSITION_FILE).exists():
+            effect.append(
+                (
+                    "note",
+                    f"{POSITION_FILE} (the live position feed) is present and wins for line "
+                    "and stop while it is",
+                )
+            )
 
         def apply() -> Fields:
             settings_mod.write_settings(self.path, new_settings)
-            return [(name, value)]
+            return [(name, value), *effect]
 
-        return Change(f"set {name}", old, value, apply, [("setting", name)])
+        return Change(f"set {name}", old, value, apply, [("setting", name), *effect])
 
     def plan_provision(self, terminal_id: str) -> Change:
         if self.provisioned():
@@ -430,6 +576,49 @@ class Device:
             return [("technician", name)]
 
         return Change("technician password", "(hidden)", "(hidden)", apply)
+
+    def plan_key_rotation(self) -> Change:
+        """A new device key (agent.wiring: ``device.key.next``), in force from the agent's
+        next start (a restart is requested); the record names the old and the new key id."""
+        if not self.provisioned():
+            raise ConsoleError("not_provisioned", "no device key yet: provision TERMINAL_ID")
+        for name, why in (
+            (NEXT_DEVICE_KEY_FILE, "a new key already waits for the agent's restart"),
+            (
+                OLD_DEVICE_KEY_FILE,
+                "the previous rotation is not finished (the host has not yet accepted the new "
+                "key and acknowledged every record the old one signed)",
+            ),
+        ):
+            if (self.path / name).exists():
+                raise ConsoleError("rotation_in_progress", f"{why}; nothing changed")
+        current = DeviceKey.load(self.path / DEVICE_KEY_FILE)
+        change = Change(
+            "device key rotation",
+            current.key_id,
+            "a new key, created on confirm",
+            lambda: [],
+            [("takes_effect", "the agent's next start (a restart is requested)")],
+            record_after=True,  # the record names the new key's id
+        )
+
+        def apply() -> Fields:
+            key = self.data.create_next_key()
+            change.new = key.key_id
+            request_restart(self.path)
+            public = key.public_key_bytes.hex()
+            return [
+                ("new_key_id", key.key_id),
+                ("public_key", public),
+                ("restart", "requested"),
+                (
+                    "host_command",
+                    f"cardhost terminal rotate-key {self.data.terminal_id()} --public-key {public}",
+                ),
+            ]
+
+        change.apply = apply
+        return change
 
     def plan_restart(self) -> Change:
         def apply() -> Fields:
@@ -523,6 +712,27 @@ class Device:
             prior.unlink()  # crashed before the new profile was in place: nothing happened
         else:
             prior.replace(self.path / PREVIOUS_PROFILE_FILE)
+
+
+def _reader_state(reader: dict[str, Any]) -> str:
+    present = reader.get("present")
+    if present is True:
+        return "yes"
+    if present is None:
+        return "not checked yet (the agent is opening it)"
+    return f"no: {reader.get('error') or 'failed'}"
+
+
+def _slots(document: dict[str, Any]) -> list[dict[str, Any]]:
+    sams = document.get("sams")
+    return [s for s in sams if isinstance(s, dict)] if isinstance(sams, list) else []
+
+
+def _agent_line(document: dict[str, Any]) -> str:
+    return (
+        f"{document.get('mode', '?')} pid {document.get('pid')} since "
+        f"{document.get('started_at')}, status of {document.get('updated_at')}"
+    )
 
 
 def _line_of(text: str, message: str) -> int | None:

@@ -71,16 +71,20 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("status",),
         "",
-        "terminal, software, profile, readers, queue, lists, clock",
-        "Terminal id, software version, profile name and SHA-256, reader, settings, records "
-        "queued and acknowledged, blacklist and parameter versions and expiry, the clock.",
+        "terminal, software, profile, readers, PSAMs, queue, lists, clock",
+        "Terminal id, software version, profile name and SHA-256; from the running agent's "
+        "status file: the agent (pid, start, last tap, clock), the reader and whether a card is "
+        "present, each PSAM's serial, terminal number and applications (agent=not running, "
+        "with the reason, when the file is stale); settings and the line and stop in force; "
+        "records queued and acknowledged, blacklist and parameter versions and expiry, clock.",
     ),
     Command(
         ("selftest",),
         "",
-        "store integrity and chain, clock, disk, profile",
-        "Runs every check and answers check.NAME=ok|fail|skipped; ERR selftest_failed if any "
-        "failed. Reader and PSAMs are skipped: the running agent holds them.",
+        "store, chain, clock, disk, profile, agent, reader, PSAMs",
+        "Runs every check and answers check.NAME=ok|fail; ERR selftest_failed if any failed. "
+        "The reader and PSAM checks use the running agent's status file (it holds them): a "
+        "stale or missing file (agent stopped, gone, or silent for too long) fails them.",
     ),
     Command(
         ("provision",),
@@ -138,6 +142,17 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(("log", "tail"), "[N]", f"the last N log lines (1..{LOG_TAIL_MAX})", "", 0, 1),
     Command(("records", "verify"), "", "verify the record chain and signatures", ""),
+    Command(
+        ("keys", "rotate"),
+        "",
+        "create a new device key (key rotation)",
+        "Creates DATA_DIR/device.key.next and asks the agent to restart: from its start it "
+        "signs new records with the new key. The old key is kept until the sync daemon has had "
+        "every record it signed acknowledged and the clearing host has accepted the new key "
+        "(an operator authorises it: cardhost terminal rotate-key ID --public-key HEX, or a "
+        "one-time code stored with 'provision code'). Only public keys are shown.",
+        changes=True,
+    ),
     Command(
         ("restart",),
         "",
@@ -621,6 +636,9 @@ class Session:
         if problems:
             return self._answer(self._err("records_bad", f"{len(problems)} problem(s)", fields))
         return self._answer(self._ok(fields, "chain and signatures verified"))
+
+    def _do_keys_rotate(self, args: list[str], yes: bool) -> bytes:
+        return self._propose(self.device.plan_key_rotation(), yes)
 
     def _do_restart(self, args: list[str], yes: bool) -> bytes:
         return self._propose(self.device.plan_restart(), yes)

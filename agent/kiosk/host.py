@@ -60,13 +60,17 @@ class KioskHost(HttpLoadHost):
         return self._call("POST", path, {"action": action, "card_id": card_id})
 
     def pending_loads(self, asn: str) -> list[dict[str, Any]]:
-        data = self._call(
-            "GET", f"/v1/terminals/{self.terminal_id}/cards/{asn}/pending-loads", None
-        )
-        pending = data.get("pending")
+        """The card's pending loads (``pending_id``, ``amount``, ``source``), from the load
+        routes' ``POST /v1/terminals/{id}/pending-loads``."""
+        data = self._call("POST", f"/v1/terminals/{self.terminal_id}/pending-loads", {"asn": asn})
+        pending = data.get("pending_loads")
         if not isinstance(pending, list):
-            raise HostUnavailable("clearing host: pending-loads answer without pending")
-        return [p for p in pending if isinstance(p, dict)]
+            raise HostUnavailable("clearing host: pending-loads answer without pending_loads")
+        return [
+            {"pending_id": str(p["id"]), "amount": int(p["amount"]), "source": str(p["source"])}
+            for p in pending
+            if isinstance(p, dict) and "id" in p and isinstance(p.get("amount"), int)
+        ]
 
 
 __all__ = ["HostCallFailed", "HostRefused", "HostUnavailable", "KioskHost"]

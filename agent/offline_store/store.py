@@ -30,7 +30,7 @@ import structlog
 from sqlite_utils import Database
 
 from agent.errors import StoreError
-from agent.offline_store.device_key import DeviceKey, key_id_for, signature_verifier
+from agent.offline_store.device_key import DeviceKey, key_id_for
 from agent.offline_store.records import (
     GENESIS_HASH,
     INT64_MAX,
@@ -49,7 +49,7 @@ from agent.offline_store.records import (
     seal_notice,
     seal_record,
 )
-from agent.offline_store.verify import ChainChecker, VerifyReport
+from agent.offline_store.verify import ChainChecker, KeyEpochs, VerifyReport
 
 log = structlog.get_logger(__name__)
 
@@ -221,11 +221,10 @@ class OfflineStore:
         self._clock = clock
         self._stamp: Callable[[], tuple[datetime, Mapping[str, FieldValue]]] | None = None
         self._lock = threading.Lock()
-        # the device key's verifier; a store open for reading only takes the key from meta
-        # when it first needs it (never while holding the lock: see _seal_problem)
-        self._seal_ok: Callable[[bytes, bytes], bool] | None = (
-            None if device_key is None else signature_verifier(device_key.public_key_bytes)
-        )
+        # which device key signed which records (verify.KeyEpochs, from meta: several after a
+        # key rotation); read when first needed, and again when a signature does not verify
+        # under it (another process rotated the key): _seal_problem
+        self._epochs: KeyEpochs | None = None
 
     @classmethod
     def open(
@@ -551,11 +550,14 @@ class OfflineStore:
     # --- quarantine ------------------------------------------------------------------------
 
     def quarantine_scan(self) -> list[QuarantinedRecord]:
-        """Verify every stored record not yet quarantined (parse, terminal, hash, signature)
-        and quarantine each that fails; returns every quarantined record, old and new, and
-        logs them (an error naming terminal, seq and what failed). The agent runs this when it
-        opens its data directory, so it says at start which records it has set aside."""
-        after = -1
+        """Verify every record the clearing host does not yet hold (after the acknowledged
+        seq, not yet quarantined: parse, terminal, hash, signature) and quarantine each that
+        fails; returns every quarantined record, old and new, and logs them (an error naming
+        terminal, seq and what failed). The agent runs this when it opens its data directory,
+        so it says at start which records it has set aside. Acknowledged records are the
+        host's evidence already; re-checking them would make every start cost the whole
+        history, so :meth:`verify` (``records verify``) is the full check."""
+        after = self.acknowledged_seq()
         while True:
             with self._read("read records to check") as conn:
                 rows: list[RecordRow] = conn.execute(
@@ -591,22 +593,65 @@ class OfflineStore:
             (count,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
         return int(count)
 
-    def _seal_problem(self, record: Record) -> str | None:
+    def _seal_problem(self, record: Record, conn: sqlite3.Connection | None = None) -> str | None:
         """What is wrong with a parsed record's seal, or ``None`` (it verifies)."""
         if record.terminal_id != self._terminal_id:
             return f"it names terminal {record.terminal_id!r}, not this store's"
         if hash_hex(record.canonical_bytes()) != record.hash:
             return "its content does not match its hash"
-        if self._seal_ok is None:
-            with self._read("read the device public key") as conn:
-                public_key = _meta_text(_read_meta(conn), "public_key")
-            try:
-                self._seal_ok = signature_verifier(bytes.fromhex(public_key))
-            except ValueError as exc:
-                raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
-        if not self._seal_ok(bytes.fromhex(record.signature), bytes.fromhex(record.hash)):
+        signature, digest = bytes.fromhex(record.signature), bytes.fromhex(record.hash)
+        if self._epochs is not None and self._epochs.verifier(record.seq)(signature, digest):
+            return None
+        # first use, or the key was rotated by another process since: read the keys again
+        # (inside a transaction already, ``conn``: from it, never taking the lock twice)
+        self._epochs = self.key_epochs() if conn is None else _key_epochs(_read_meta(conn))
+        if not self._epochs.verifier(record.seq)(signature, digest):
             return "its signature does not verify under the device key"
         return None
+
+    def key_epochs(self) -> KeyEpochs:
+        """Which device key signs which records, from meta (``key_history`` after a rotation,
+        else the one ``public_key``)."""
+        with self._read("read the device public keys") as conn:
+            meta = _read_meta(conn)
+        return _key_epochs(meta)
+
+    def rotate_key(self, new_key: DeviceKey) -> int:
+        """Sign every record from the next one on with ``new_key``; returns the first seq it
+        signs (the cut-over). One transaction: the key history in meta gains the new key from
+        ``last_seq + 1``, ``public_key`` becomes it; earlier records stay verifiable under
+        their own key. Repeating the rotation to the same key changes nothing. Only the
+        process that signs taps (the agent, at start) may call this: another handle still
+        holding the old key is refused at its next append (it must reopen)."""
+        if self._key is None:
+            raise StoreError(f"store: {self._path} is open for reading only")
+        new_hex = new_key.public_key_bytes.hex()
+        with self._write("rotate the device key") as conn:
+            meta = _read_meta(conn)
+            history = _key_history(meta)
+            if history[-1][1] == new_hex:
+                first = history[-1][0]
+            else:
+                if _meta_text(meta, "public_key") != self._key.public_key_bytes.hex():
+                    raise StoreError(
+                        f"store: cannot rotate from key {self._key.key_id}: the store is "
+                        f"signed by {_stored_key_id(_meta_text(meta, 'public_key'))} now"
+                    )
+                first = _meta_int(meta, "last_seq") + 1
+                history.append((first, new_hex))
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('key_history', ?)",
+                    (json.dumps(history),),
+                )
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'public_key'", (new_hex,))
+        log.warning(
+            "device key rotated: records from the cut-over on are signed with the new key",
+            old_key_id=self._key.key_id,
+            new_key_id=new_key.key_id,
+            first_seq=first,
+        )
+        self._key, self._epochs = new_key, None
+        return first
 
     def _checked(self, row: RecordRow) -> tuple[Record | None, str]:
         """The row as a verified record, or ``None`` and what failed."""
@@ -675,7 +720,7 @@ class OfflineStore:
                 record = _record_from_row(following)
             except (ValueError, TypeError):
                 record = None
-            if record is not None and self._seal_problem(record) is None:
+            if record is not None and self._seal_problem(record, conn) is None:
                 return record.prev_hash
         meta = _read_meta(conn)
         if _meta_int(meta, "last_seq") == seq:
@@ -779,15 +824,11 @@ class OfflineStore:
         with self._read("read the chain state") as conn:
             meta = _read_meta(conn)
         last_seq = _meta_int(meta, "last_seq")
-        try:
-            public_key = bytes.fromhex(_meta_text(meta, "public_key"))
-            checker = ChainChecker(
-                public_key,
-                anchor_seq=_meta_int(meta, "chain_anchor_seq"),
-                anchor_hash=_meta_text(meta, "chain_anchor_hash"),
-            )
-        except ValueError as exc:
-            raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
+        checker = ChainChecker(
+            _key_epochs(meta),
+            anchor_seq=_meta_int(meta, "chain_anchor_seq"),
+            anchor_hash=_meta_text(meta, "chain_anchor_hash"),
+        )
         after = -1
         after_anchor = _meta_int(meta, "chain_anchor_seq")
         while True:
@@ -956,9 +997,17 @@ class OfflineStore:
             raise StoreError(f"store: {self._path} is open for reading only")
         chain = dict(
             conn.execute(
-                "SELECT key, value FROM meta WHERE key IN ('last_seq', 'last_hash')"
+                "SELECT key, value FROM meta WHERE key IN ('last_seq', 'last_hash', 'public_key')"
             ).fetchall()
         )
+        if chain.get("public_key") != self._key.public_key_bytes.hex():
+            # the device key was rotated (rotate_key, by the agent) since this handle opened:
+            # a record signed with the old key after the cut-over would be refused by the host
+            raise StoreError(
+                f"store: the device key of {self._path} is now "
+                f"{_stored_key_id(chain.get('public_key', ''))}, not {self._key.key_id} (a key "
+                "rotation): reopen the store with the new key; nothing was written"
+            )
         if self._stamp is None:
             when = self._clock()
         else:
@@ -1016,6 +1065,28 @@ def _meta_int(meta: Mapping[str, str], key: str) -> int:
         return int(meta[key])
     except (KeyError, ValueError) as exc:
         raise StoreError(f"store: meta {key} is missing or corrupt") from exc
+
+
+def _key_history(meta: Mapping[str, str]) -> list[tuple[int, str]]:
+    """``[(first seq, public key hex), ...]``: meta ``key_history`` (a JSON list, written by
+    :meth:`OfflineStore.rotate_key`), else the one ``public_key`` from the start."""
+    raw = meta.get("key_history")
+    if raw is None:
+        return [(0, _meta_text(meta, "public_key"))]
+    try:
+        history = [(int(first), str(key)) for first, key in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"store: meta key_history is corrupt: {exc}") from exc
+    if not history or history[-1][1] != meta.get("public_key"):
+        raise StoreError("store: meta key_history does not end with the store's public_key")
+    return history
+
+
+def _key_epochs(meta: Mapping[str, str]) -> KeyEpochs:
+    try:
+        return KeyEpochs([(first, bytes.fromhex(key)) for first, key in _key_history(meta)])
+    except ValueError as exc:
+        raise StoreError(f"store: meta public_key is corrupt: {exc}") from exc
 
 
 def _meta_text(meta: Mapping[str, str], key: str) -> str:

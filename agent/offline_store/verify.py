@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import bisect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -50,11 +51,40 @@ def verify_chain(
     )
 
 
+class KeyEpochs:
+    """Which device key signed which records: ``[(first seq, raw public key), ...]`` in seq
+    order. One epoch until a key rotation; the new key signs from the cut-over on
+    (:meth:`agent.offline_store.store.OfflineStore.rotate_key`)."""
+
+    def __init__(self, epochs: Sequence[tuple[int, bytes]]) -> None:
+        if not epochs:
+            raise ValueError("at least one device key")
+        self.firsts = [first for first, _ in epochs]
+        self.keys = [key for _, key in epochs]
+        self._verifiers = [signature_verifier(key) for key in self.keys]
+
+    def index(self, seq: int) -> int:
+        return max(0, bisect.bisect_right(self.firsts, seq) - 1)
+
+    def verifier(self, seq: int) -> Callable[[bytes, bytes], bool]:
+        """The signature check of the key that signs record ``seq``."""
+        return self._verifiers[self.index(seq)]
+
+    def key_for(self, seq: int) -> bytes:
+        return self.keys[self.index(seq)]
+
+
 class ChainChecker:
     """Incremental form of :func:`verify_chain`, which also accepts rows that failed to parse."""
 
-    def __init__(self, public_key_raw: bytes, *, anchor_seq: int, anchor_hash: str) -> None:
-        self._signature_ok = signature_verifier(public_key_raw)
+    def __init__(
+        self, public_key_raw: bytes | KeyEpochs, *, anchor_seq: int, anchor_hash: str
+    ) -> None:
+        self._epochs = (
+            public_key_raw
+            if isinstance(public_key_raw, KeyEpochs)
+            else KeyEpochs([(0, public_key_raw)])
+        )
         self._anchor_seq = anchor_seq
         self._last_seq = anchor_seq
         self._last_hash: str | None = anchor_hash
@@ -137,7 +167,9 @@ class ChainChecker:
             self._problems.append(
                 f"record {record.seq} altered: its contents do not match its hash"
             )
-        elif not self._signature_ok(bytes.fromhex(record.signature), bytes.fromhex(record.hash)):
+        elif not self._epochs.verifier(record.seq)(
+            bytes.fromhex(record.signature), bytes.fromhex(record.hash)
+        ):
             self._problems.append(
                 f"record {record.seq} has a bad signature (forged, or signed by another key)"
             )

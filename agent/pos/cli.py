@@ -10,13 +10,20 @@ from typing import Any
 
 import structlog
 
+from agent.agent_status import AGENT_STATUS_FILE, ReaderHealth, StatusPublisher
+from agent.console.settings import SettingsFile
 from agent.errors import ConfigurationError
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.pos.http import PosHttpServer, PosUnixServer
 from agent.pos.orders import OrderBook
 from agent.pos.service import PosService
 from agent.profile import load_profile
-from agent.runner import _open_blacklist, _open_hardware_until_ready, _stop_on_signals
+from agent.runner import (
+    _open_blacklist,
+    _open_hardware_until_ready,
+    _stop_on_signals,
+    reader_location,
+)
 from agent.sdnotify import Notifier, Watchdog
 from agent.transaction import TransactionEngine
 from agent.wiring import DataDir
@@ -24,6 +31,7 @@ from agent.wiring import DataDir
 log = structlog.get_logger("agent.pos")
 
 DEFAULT_LISTEN = "127.0.0.1:8800"
+STATUS_TICK_S = 1.0  # how often the POS looks whether its status file is due
 
 
 def register(sub: Any, default_data_dir: Path) -> None:
@@ -66,10 +74,19 @@ def cmd_pos(args: argparse.Namespace) -> int:
     data_dir = DataDir(args.data_dir)
     stop = threading.Event()
     _stop_on_signals(stop)
-    store = data_dir.open_store()
+    store = data_dir.open_store(cut_over=True)  # a new device key waiting: in force now
+    health = ReaderHealth("card", profile.reader.driver, reader_location(profile, args.reader_url))
+    publisher = StatusPublisher(
+        data_dir.path / AGENT_STATUS_FILE,
+        mode="pos",
+        profile=profile.name,
+        terminal_id=store.terminal_id,
+        reader=health,
+    )
     try:
+        publisher.tick()
         hardware = _open_hardware_until_ready(
-            profile, data_dir, args.reader_url, stop, Watchdog(Notifier())
+            profile, data_dir, args.reader_url, stop, Watchdog(Notifier()), publisher.waiting
         )
         if hardware is None:
             return 0
@@ -81,7 +98,11 @@ def cmd_pos(args: argparse.Namespace) -> int:
                 blacklist=_open_blacklist(data_dir),
                 params=ActiveParams(data_dir.path / PARAMS_FILE),
             )
+            engine.site = SettingsFile(data_dir.path).site  # the console's terminal settings
             service = PosService(engine, hardware.reader, OrderBook(store.path))
+            service.health, service.on_tap = health, publisher.tapped
+            publisher.sams = hardware.sams.describe
+            service.probe_reader()  # the reader's state before the first request
             server: PosHttpServer | PosUnixServer
             if unix is not None:
                 server = PosUnixServer(unix, service)
@@ -93,7 +114,9 @@ def cmd_pos(args: argparse.Namespace) -> int:
                 thread = threading.Thread(target=server.serve_forever, name="pos-http")
                 thread.start()
                 log.info("pos_listening", url=where, terminal=store.terminal_id)
-                stop.wait()
+                publisher.running()
+                while not stop.wait(STATUS_TICK_S):
+                    publisher.tick()  # changes at once, taps throttled, the heartbeat
                 server.shutdown()
                 thread.join(10)
             finally:
@@ -102,5 +125,6 @@ def cmd_pos(args: argparse.Namespace) -> int:
         finally:
             hardware.close()
     finally:
+        publisher.stopped()
         store.close()
     return 0

@@ -28,12 +28,13 @@ from typing import Any
 
 import structlog
 
-from agent.errors import AgentError, ConfigurationError
+from agent.agent_status import ReaderHealth
+from agent.errors import AgentError, ConfigurationError, ReaderError
 from agent.offline_store import Intent, OfflineStore, Record, RecordBody
 from agent.pos.card_info import read_card
 from agent.pos.journal import ORDER_FIELD, PosGuard, PosJournal, evidence
 from agent.pos.orders import OrderBook, OrderRow
-from agent.readers.base import CardReader
+from agent.readers.base import CardPresence, CardReader
 from agent.tap.context import merchant_fields
 from agent.tap.outcome import TapOutcome, TapStatus
 from agent.transaction import TransactionEngine
@@ -97,6 +98,9 @@ class PosService:
         self.journal = PosJournal(engine.journal.store, on_intent=self._linked)
         engine.journal = self.journal
         self._lock = threading.Lock()
+        # what the reader last did, for the status file (agent.agent_status); set by the CLI
+        self.health: ReaderHealth | None = None
+        self.on_tap: Callable[[], None] | None = None
         self.settle_all()
 
     def close(self) -> None:
@@ -138,7 +142,7 @@ class PosService:
                 row = self._settle(row)
                 if row.status in ("paid", "unresolved"):
                     return self.answer(row)
-            presence = self.reader.wait_for_card(min(wait_s, MAX_CARD_WAIT_S))
+            presence = self._wait_for_card(wait_s)
             if presence is None:
                 if row.status == "pending":
                     return self.answer(row)
@@ -156,6 +160,8 @@ class PosService:
             finally:
                 self.journal.order = None
                 self.guard.expected_card = None
+            if self.on_tap is not None:
+                self.on_tap()
             return self.answer(self._settle(self.orders.get(order_id) or row, outcome))
 
     def order(self, order_id: str) -> dict[str, Any] | None:
@@ -301,11 +307,33 @@ class PosService:
             body["message"] += f" (card {row.card_id})"
         return body
 
+    def _wait_for_card(self, wait_s: float) -> CardPresence | None:
+        """The reader's ``wait_for_card``, noting what it did in :attr:`health`."""
+        try:
+            presence = self.reader.wait_for_card(min(wait_s, MAX_CARD_WAIT_S))
+        except ReaderError as exc:
+            if self.health is not None:
+                self.health.fault(str(exc))
+            raise
+        if self.health is not None:
+            self.health.seen(card=presence is not None)
+        return presence
+
+    def probe_reader(self) -> None:
+        """Look at the reader once (is it there, is a card lying on it) so that the status
+        file says so before the first request; a failure is noted, not raised. Called at
+        start, before the API serves: it never races a request for the reader."""
+        with self.exclusive():
+            try:
+                self._wait_for_card(0)
+            except ReaderError as exc:
+                log.warning("pos_reader_unavailable", error=str(exc))
+
     # --- card, transactions, refunds ----------------------------------------------------
 
     def card(self, wait_s: float) -> dict[str, Any]:
         with self.exclusive():
-            presence = self.reader.wait_for_card(min(wait_s, MAX_CARD_WAIT_S))
+            presence = self._wait_for_card(wait_s)
             if presence is None:
                 raise PosRequestError(404, "no_card", f"no card on the reader within {wait_s:g} s")
             try:

@@ -20,6 +20,7 @@ A lock intent (APPLICATION BLOCK, §6.6) is proven by the application answering 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,10 @@ class CpuPurchaseIntent:
     terminal: str
     sam: str
     factors: str = ""  # absent in intents written before factors were recorded
+    # The fare decision's record fields (fare_kind, fare_refund_due, ...) as compact JSON, so
+    # a purchase finalized on the card's next tap records them as the clean tap would have
+    # (the host settles boarding/alighting refunds from them). "" without a fare policy.
+    fare: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         return to_payload(OP_PURCHASE, self)
@@ -62,9 +67,35 @@ class CpuPurchaseIntent:
     def from_payload(cls, payload: Mapping[str, Any]) -> CpuPurchaseIntent:
         return from_payload(cls, OP_PURCHASE, payload)
 
+    def fare_fields(self) -> dict[str, str | int | bool | None]:
+        """The fare fields stored with the intent; an unreadable value gives none (the record
+        is still made, without them), never an exception."""
+        return decode_fare_fields(self.fare)
+
     @property
     def balance_after(self) -> int:
         return self.balance_before - self.amount
+
+
+def encode_fare_fields(fields: Mapping[str, str | int | bool | None]) -> str:
+    present = {k: v for k, v in fields.items() if v is not None}
+    return json.dumps(present, sort_keys=True, separators=(",", ":")) if present else ""
+
+
+def decode_fare_fields(text: str) -> dict[str, str | int | bool | None]:
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: v
+        for k, v in raw.items()
+        if isinstance(k, str) and k.startswith("fare_") and isinstance(v, str | int | bool)
+    }
 
 
 @dataclass(frozen=True, slots=True)

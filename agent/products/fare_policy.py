@@ -24,8 +24,18 @@ Shape (money in integer fen, distances in metres, times in seconds)::
       "anti_passback_s": 600,
       "entry_exit": {"boarding_debit": "max" | "min", "max_trip_s": 14400,
                      "unfinished": "max_fare" | "penalty" | "host", "penalty": 500,
-                     "entry_record_type": 1, "exit_record_type": 2}
+                     "entry_record_type": 3, "exit_record_type": 4}
     }
+
+The record types default to the T-Union EF1E trip record's own codes (byte 0, the record's
+main type): 03 entry (进站 / boarding), 04 exit (出站 / alighting), 06 a single tap (单次,
+``agent.profile.TUNION_EF1E.record_type``). Source: the T-Union Master reader for the Flipper
+Zero, ``applications/external/t_union_master/src/protocol/t_union_msg.h`` ("主类型 3:进站
+4:出站 6:单次") and ``src/view_modules/app_elements.c`` (the entry/exit arrows drawn for
+types 03 / 04), repository tkerby/flipperzero-firmware-wPlugins, commits
+5afa037621267281d491325d7cf43bafe6ae8457 and 0bc372cda19d9cef5a9452b13c61e70cd21d6368.
+JT/T 978 itself was not available to check; a city whose terminals write other codes sets
+them in the policy.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ MAX_FEN = 1_000_000  # 10 000 yuan: no fare, cap or penalty is above this
 MAX_DAYS_AHEAD = 400  # a set effective further than this after its issue is refused
 PUBLICATION_GRACE_S = 3600  # a fare_policy may not take effect earlier than this before publication
 UNFINISHED = ("max_fare", "penalty", "host")
+ENTRY_RECORD_TYPE = 0x03  # T-Union EF1E main type 03: 进站 (entry / boarding)
+EXIT_RECORD_TYPE = 0x04  # T-Union EF1E main type 04: 出站 (exit / alighting)
+SINGLE_RECORD_TYPE = 0x06  # T-Union EF1E main type 06: 单次 (a single-tap trip)
 
 
 class NoFare(ValueError):
@@ -96,8 +109,9 @@ class EntryExit:
     max_trip_s: int = 4 * 3600
     unfinished: str = "max_fare"
     penalty: int = 0
-    entry_record_type: int = 1
-    exit_record_type: int = 2
+    # T-Union EF1E byte 0: 03 entry (进站), 04 exit (出站); sources in the module docstring.
+    entry_record_type: int = ENTRY_RECORD_TYPE
+    exit_record_type: int = EXIT_RECORD_TYPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,13 +295,18 @@ def parse_fare_policy(raw: object) -> FarePolicy:
             penalty=_int(e, "penalty", where) if "penalty" in e else 0,
             entry_record_type=_int(e, "entry_record_type", where, high=255)
             if "entry_record_type" in e
-            else 1,
+            else ENTRY_RECORD_TYPE,
             exit_record_type=_int(e, "exit_record_type", where, high=255)
             if "exit_record_type" in e
-            else 2,
+            else EXIT_RECORD_TYPE,
         )
         if entry_exit.entry_record_type == entry_exit.exit_record_type:
             raise FarePolicyError(f"{where}: entry and exit record types must differ")
+        if SINGLE_RECORD_TYPE in (entry_exit.entry_record_type, entry_exit.exit_record_type):
+            raise FarePolicyError(
+                f"{where}: record type {SINGLE_RECORD_TYPE:02X} is the single-tap trip record "
+                "(T-Union EF1E 单次); boarding and alighting need their own types"
+            )
         if entry_exit.unfinished == "penalty" and entry_exit.penalty > max_fare:
             raise FarePolicyError(f"{where}.penalty is above max_fare")
         if mode == "flat":

@@ -18,6 +18,7 @@ rule and the decision says so (``unfinished=...``) for the record and the host.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class PaidTap:
 class CardFacts:
     card_type: int | None = None
     last_trip: Trip | None = None  # the card's newest trip record
+    # The record before it (read only under an entry/exit policy with transfers): at an
+    # alighting tap ``last_trip`` is this trip's own boarding, and the trip it may be a
+    # transfer from is this one.
+    earlier_trip: Trip | None = None
     paid_today: int = 0  # what this terminal already charged the card today (the cap's sum)
     last_paid: PaidTap | None = None
 
@@ -67,6 +72,16 @@ class FareDecision:
     refund_due: int = 0  # an exit that pre-authorised more than the trip cost: owed by the host
     still_owed: int = 0  # an unfinished trip's charge beyond one tap's max_fare: for the host
     notes: tuple[str, ...] = field(default=())
+    # What the trip record written by this tap says this trip has paid (None: ``amount``). A
+    # boarding that also closes an unfinished trip debits both, but its record carries only
+    # the new trip's part, so the alighting tap settles against that and never hands the
+    # unfinished trip's charge back.
+    trip_amount: int | None = None
+    transfer_from: int | None = None  # the line a transfer discount came from (None: none)
+
+    @property
+    def record_amount(self) -> int:
+        return self.amount if self.trip_amount is None else self.trip_amount
 
 
 # --- the table (band_price, table_price: agent.products.fare_policy) ---------------------
@@ -141,11 +156,14 @@ def _line_and_stop(policy: FarePolicy, line_id: int, stop_id: int) -> tuple[Line
 
 def _discounted(
     policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetime, base: int
-) -> int:
+) -> tuple[int, int | None]:
+    """The amount after the rules, in their order, and the line a transfer discount came
+    from (``None``: no transfer discount taken)."""
     amount = card_discount(policy, card.card_type, base)
-    amount = transfer_discount(policy, card.last_paid, place, now, amount)
-    amount = daily_cap(policy, card.paid_today, amount)
-    return max(0, min(amount, policy.max_fare))
+    transferred = transfer_discount(policy, card.last_paid, place, now, amount)
+    origin = card.last_paid.line if card.last_paid and transferred != amount else None
+    amount = daily_cap(policy, card.paid_today, transferred)
+    return max(0, min(amount, policy.max_fare)), origin
 
 
 # --- the engine ---------------------------------------------------------------------------
@@ -162,8 +180,9 @@ def decide(policy: FarePolicy, card: CardFacts, place: TapPlace, now: dt.datetim
         else:
             line, stop = _line_and_stop(policy, place.line, place.stop)
             base = max_from(policy, line, stop)  # one tap, no alighting: the dearest ride
-        amount = _discounted(policy, card, place, now, base)
-        return FareDecision(amount, "flat" if policy.mode == "flat" else "single", base)
+        amount, origin = _discounted(policy, card, place, now, base)
+        kind = "flat" if policy.mode == "flat" else "single"
+        return FareDecision(amount, kind, base, transfer_from=origin)
     return _entry_exit(policy, card, place, now)
 
 
@@ -177,6 +196,22 @@ def last_paid_from(trip: Trip | None, place: TapPlace) -> PaidTap | None:
     if trip is None or not _ours(trip, place):
         return None
     return PaidTap(when=trip.when, line=trip.line, amount=trip.amount)
+
+
+def transfer_origin(
+    policy: FarePolicy, earlier: Trip | None, boarding: Trip, place: TapPlace
+) -> PaidTap | None:
+    """The trip a boarding-and-alighting trip may be a transfer from: the card's record
+    before this trip's boarding, if it is one of ours, finished (an alighting or a single
+    tap, not another open boarding: that one met the unfinished rule) and not later than the
+    boarding. The transfer rule (:func:`transfer_discount`) then measures its window from that
+    record to the boarding, and wants another line (or mode)."""
+    rules = policy.entry_exit
+    if earlier is None or rules is None or earlier.record_type == rules.entry_record_type:
+        return None
+    if earlier.when > boarding.when:
+        return None
+    return last_paid_from(earlier, place)
 
 
 def open_entry(policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.datetime) -> str:
@@ -227,8 +262,20 @@ def _entry_exit(
                 extra, "exit_unfinished", policy.max_fare, rules.exit_record_type, rule,
                 notes=tuple(notes),
             )  # fmt: skip
-        price = _discounted(
-            policy, card, place, now, table_price(policy, line, origin, stop)
+        # The daily cap's sum: on a bus validator (role both) this tap's own terminal took the
+        # boarding debit, so it is in ``paid_today`` already; the trip is capped on what was
+        # paid before it. An exit gate (role exit) did not take it.
+        before_trip = card.paid_today - trip.amount if place.role == "both" else card.paid_today
+        price, transfer_from = _discounted(
+            policy,
+            dataclasses.replace(
+                card,
+                last_paid=transfer_origin(policy, card.earlier_trip, trip, place),
+                paid_today=max(0, before_trip),
+            ),
+            place,
+            trip.when,  # the transfer window runs from the earlier trip to this boarding
+            table_price(policy, line, origin, stop),
         )  # the trip's price for this card
         difference = price - trip.amount
         return FareDecision(
@@ -238,6 +285,7 @@ def _entry_exit(
             rules.exit_record_type,
             refund_due=max(0, -difference),
             notes=tuple(notes),
+            transfer_from=transfer_from,
         )
     if state == "open" and place.role == "entry":
         check_passback(policy, trip, place, now, rules.entry_record_type)
@@ -271,6 +319,7 @@ def _entry_exit(
         rule,
         still_owed=max(0, total - policy.max_fare),
         notes=tuple(notes),
+        trip_amount=debit if rule else None,
     )
 
 

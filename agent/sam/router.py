@@ -49,6 +49,7 @@ class SamSlotStatus:
     application: str | None  # the application currently selected
     routes: tuple[str, ...]
     error: str = ""  # why it is not open
+    applications: tuple[str, ...] = ()  # the PSAM applications its routes use (profile order)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -59,6 +60,7 @@ class SamSlotStatus:
             "terminal": self.terminal,
             "application": self.application,
             "routes": list(self.routes),
+            "applications": list(self.applications),
             "error": self.error,
         }
 
@@ -264,6 +266,9 @@ class PsamRouter(SamRouter):
                     application=application,
                     routes=tuple(r for r, t in self._routes.items() if t.slot == slot.name),
                     error="" if driver.is_open else slot.error,
+                    applications=tuple(
+                        dict.fromkeys(t.name for t in self._routes.values() if t.slot == slot.name)
+                    ),
                 )
             )
         return out

@@ -188,11 +188,23 @@ class TapContext:
             or policy.entry_exit is not None
         )
 
+    def trips_needed(self) -> int:
+        """How many of the card's newest trip records the fare reads: none without a rule that
+        looks at them; two under an entry/exit policy with transfers (at an alighting tap the
+        newest is the trip's own boarding, the one before it the trip it may transfer from);
+        else one."""
+        if not self.needs_trip():
+            return 0
+        policy = self.fare_policy
+        assert policy is not None
+        return 2 if policy.entry_exit is not None and policy.transfer is not None else 1
+
     def fare(
         self,
         *,
         card_type: int | None = None,
         last_trip: Trip | None = None,
+        earlier_trip: Trip | None = None,
         keeps_trip_state: bool = False,
     ) -> int:
         """The amount this tap takes: the fare policy in force (:func:`fares.decide`, from
@@ -216,6 +228,7 @@ class TapContext:
             card = CardFacts(
                 card_type=card_type,
                 last_trip=last_trip,
+                earlier_trip=earlier_trip,
                 last_paid=last_paid_from(last_trip, place),
                 paid_today=self._paid_today(policy),
             )
@@ -263,6 +276,7 @@ class TapContext:
             "fare_unfinished": decision.unfinished or None,
             "fare_refund_due": decision.refund_due or None,
             "fare_still_owed": decision.still_owed or None,
+            "fare_transfer_from": decision.transfer_from,
         }
 
 

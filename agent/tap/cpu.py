@@ -36,6 +36,7 @@ from agent.products.cpu_purse import CpuCard, PurchaseInit, Step
 from agent.products.cpu_recovery import (
     CpuLockIntent,
     CpuPurchaseIntent,
+    encode_fare_fields,
     judge_lock,
     judge_purchase,
 )
@@ -72,10 +73,10 @@ class CpuHandler:
         with ctx.phase("read"):
             card, app = self._read(ctx, card_io)
         ctx.identified(card.card_id, card.family.value)
-        trip: cpu_logs.Trip | None = None
+        trips: list[cpu_logs.Trip] = []
         if ctx.needs_trip():
             with ctx.phase("trip"):  # before any INITIALIZE (a later command would cancel it)
-                trip = self._last_trip(ctx, card_io, card)
+                trips = self._last_trips(ctx, card_io, card, ctx.trips_needed())
         ctx.outcome.printed_number = card.printed_number
         sam = ctx.sam(card.family.value)
         if card.family is Family.CJT166:
@@ -106,7 +107,8 @@ class CpuHandler:
         layout = cpu_purse.dialect_of(card, ctx.profile).trips
         fare = ctx.fare(
             card_type=card.card_type,
-            last_trip=trip,
+            last_trip=trips[0] if trips else None,
+            earlier_trip=trips[1] if len(trips) > 1 else None,
             keeps_trip_state=app.flow is Flow.COMPOUND
             and layout is not None
             and layout.type_at >= 0,
@@ -118,21 +120,26 @@ class CpuHandler:
         self._purchase(ctx, card_io, sam, card, app.flow, fare, reusable, app.ef1e_industry)
 
     @staticmethod
-    def _last_trip(ctx: TapContext, card_io: _Exchanger, card: CpuCard) -> cpu_logs.Trip | None:
-        """The card's newest trip record (EF1E / CAPP, by its dialect), for the fare. A record
-        the layout cannot read (another system's, damaged) is logged and not used: the fare
-        is then that of a card with no trip (no transfer discount, no open boarding)."""
+    def _last_trips(
+        ctx: TapContext, card_io: _Exchanger, card: CpuCard, count: int
+    ) -> list[cpu_logs.Trip]:
+        """The card's ``count`` newest trip records (EF1E / CAPP, by its dialect; the CAPP
+        record is one), newest first, for the fare. Records the layout cannot read (another
+        system's, damaged) are logged and not used: the fare is then that of a card with no
+        trip (no transfer discount, no open boarding)."""
         layout = cpu_purse.dialect_of(card, ctx.profile).trips
         if layout is None:
-            return None
+            return []
         ident = layout.identifier if layout.by_identifier else 0
+        count = 1 if layout.by_identifier else min(count, layout.records)
         try:
-            records = card_io.run(cpu_logs.read_records(layout.sfi, 1, 0x00, by_identifier=ident))
-            trips = cpu_logs.parse_trips(layout, records)
+            records = card_io.run(
+                cpu_logs.read_records(layout.sfi, count, 0x00, by_identifier=ident)
+            )
+            return cpu_logs.parse_trips(layout, records)
         except (CardProtocolError, CardStatusError) as exc:  # a lost card still tears the tap
             log.warning("fare_trip_unreadable", card_id=card.card_id, error=str(exc))
-            return None
-        return trips[0] if trips else None
+            return []
 
     def _read(self, ctx: TapContext, card_io: _Exchanger) -> tuple[CpuCard, ApplicationProfile]:
         last_error: CardProtocolError | None = None
@@ -303,6 +310,7 @@ class CpuHandler:
             terminal=terminal.hex().upper(),
             sam=sam.serial,
             factors="".join(f.hex().upper() for f in card.factors),
+            fare=encode_fare_fields(ctx.fare_fields()),
         )
 
         def operation() -> tuple[cpu_purse.Debit, bool]:
@@ -311,7 +319,9 @@ class CpuHandler:
                     card,
                     ctx.profile,
                     terminal=terminal,
-                    amount=fare,
+                    # the trip's own part of the debit (a boarding that also closed an
+                    # unfinished trip: without that trip's charge), for the alighting tap
+                    amount=ctx.fare_decision.record_amount if ctx.fare_decision else fare,
                     balance_after=intent.balance_after,
                     datetime7=datetime7,
                     industry=industry,
@@ -400,6 +410,7 @@ class CpuHandler:
                         mac2_verified=verified,
                         recovered=True,
                         printed_number=card.printed_number,
+                        fare=stored.fare_fields(),
                     ),
                     ctx.profile,
                 ),

@@ -234,6 +234,13 @@ class KioskLoader:
     ) -> None:
         if amount <= 0:
             raise TapRefused("bad_amount", f"load amount {amount}")
+        if card.city_code != self.profile.operator_city:
+            # a card of another city: its load key is its own city's (nothing asked, nothing paid)
+            raise TapRefused(
+                "not_loadable_here",
+                f"card of city {card.city_code}: this kiosk loads cards of city "
+                f"{self.profile.operator_city} only",
+            )
         init: LoadInit = card_io.run(
             cpu_load.initialize_for_load(
                 self.key_index, amount, self.terminal, self.profile.max_balance

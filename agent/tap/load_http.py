@@ -14,11 +14,13 @@ import json
 from typing import Any
 
 import httpx
+import structlog
 
 from agent.offline_store import DeviceKey
 from agent.tap.load import LoadRefusedByHost, LoadRequest
 
 SIGNATURE_HEADER = "X-Terminal-Signature"
+log = structlog.get_logger("agent.load_http")
 _DOMAIN = b"cardagent-terminal-request-v1\n"
 
 
@@ -39,27 +41,42 @@ class HttpLoadHost:
     """:class:`agent.tap.load.LoadHost` over HTTP."""
 
     def __init__(
-        self, base_url: str, terminal_id: str, device_key: DeviceKey, *, timeout_s: float = 10.0
+        self,
+        base_url: str,
+        terminal_id: str,
+        device_key: DeviceKey,
+        *,
+        timeout_s: float = 10.0,
+        attempts: int = 3,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.terminal_id = terminal_id
         self.device_key = device_key
         self.client = httpx.Client(timeout=timeout_s)
+        self.attempts = max(1, attempts)
 
     def close(self) -> None:
         self.client.close()
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST the signed request; a request that got no answer (timeout, reset) is sent
+        again, byte for byte: every route is idempotent (an authorisation by its load key)."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         signature = self.device_key.sign(load_signed_bytes(self.terminal_id, "POST", path, body))
-        try:
-            answer = self.client.post(
-                self.base_url + path,
-                content=body,
-                headers={"Content-Type": "application/json", SIGNATURE_HEADER: signature.hex()},
-            )
-        except httpx.HTTPError as exc:
-            raise HostCallFailed(f"clearing host {path}: {exc}") from exc
+        for attempt in range(1, self.attempts + 1):
+            try:
+                answer = self.client.post(
+                    self.base_url + path,
+                    content=body,
+                    headers={"Content-Type": "application/json", SIGNATURE_HEADER: signature.hex()},
+                )
+                break
+            except httpx.HTTPError as exc:
+                log.warning("load_host_no_answer", path=path, attempt=attempt, error=str(exc))
+                if attempt == self.attempts:
+                    raise HostCallFailed(
+                        f"clearing host {path}: no answer after {attempt} attempts: {exc}"
+                    ) from exc
         try:
             data = answer.json()
         except ValueError as exc:
@@ -79,6 +96,15 @@ class HttpLoadHost:
         if not isinstance(mac2, str) or len(mac2) != 8:
             raise HostCallFailed("clearing host: authorisation without a MAC2")
         return bytes.fromhex(mac2)
+
+    def pending_loads(self, asn: str) -> list[dict[str, Any]]:
+        """Funds credited at the host for this card (``payment = {"kind": "pending", "id":
+        …}`` loads one of them)."""
+        data = self._post(f"/v1/terminals/{self.terminal_id}/pending-loads", {"asn": asn})
+        found = data.get("pending_loads")
+        if not isinstance(found, list):
+            raise HostCallFailed("clearing host: pending loads answer without a list")
+        return [p for p in found if isinstance(p, dict)]
 
     def complete(self, load_key: str, outcome: str, counter: int, tac: str) -> None:
         path = f"/v1/terminals/{self.terminal_id}/loads/{load_key}/completion"

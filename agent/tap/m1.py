@@ -181,7 +181,10 @@ class M1Handler:
                 self.layout, card.issuance, state, ctx.now.date(), ctx.profile.max_balance
             )
             ctx.check_double_tap(card.card_id)
-        fare = ctx.fare()
+        # The M1 card type (issuance sector, ``[m1_purse]`` layout) prices like the CPU card's:
+        # the policy's card_types discounts apply (an M1 purse keeps no trip record: no
+        # boarding/alighting, no transfer read from the card).
+        fare = ctx.fare(card_type=card.issuance.card_type)
         balance = state.purse_p
         assert balance is not None and state.pub_p is not None
         if balance < fare:

@@ -189,6 +189,7 @@ class SimulatedCpuCard:
         security_code: bytes | None = None,
         max_balance: int = 0x7FFFFFFF,
         sm4_session_key: str = "pad80",
+        sm4_load_session_key: str = "pad80",
         fci_when_locked: bool = False,
         ef18_counter_after: bool = False,
         prove_accepts_counter_before: bool = False,
@@ -212,6 +213,7 @@ class SimulatedCpuCard:
         self.security_code = security_code
         self.max_balance = max_balance
         self.sm4_session_key = sm4_session_key
+        self.sm4_load_session_key = sm4_load_session_key
         self.fci_when_locked = fci_when_locked
         self.ef18_counter_after = ef18_counter_after
         self.prove_accepts_counter_before = prove_accepts_counter_before
@@ -537,7 +539,9 @@ class SimulatedCpuCard:
             return _sw(0x9402)
         random4 = self._random(4)
         alg = Algorithm(key.algorithm)
-        seslk = crypto.load_session_key(key.key, random4, self._online_counter, alg)
+        seslk = crypto.load_session_key(
+            key.key, random4, self._online_counter, alg, sm4_variant=self.sm4_load_session_key
+        )
         mac1 = crypto.load_mac1(seslk, self._balance, amount, LOAD_TYPE, terminal, alg)
         self._pending = _Pending(
             kind="load",
@@ -662,7 +666,13 @@ class SimulatedCpuCard:
             return _sw(0x6985)
         when, mac2 = cmd.data[0:7], cmd.data[7:11]
         alg = Algorithm(pending.key.algorithm)
-        seslk = crypto.load_session_key(pending.key.key, pending.random, pending.counter, alg)
+        seslk = crypto.load_session_key(
+            pending.key.key,
+            pending.random,
+            pending.counter,
+            alg,
+            sm4_variant=self.sm4_load_session_key,
+        )
         expected = crypto.load_mac2(seslk, pending.amount, LOAD_TYPE, pending.terminal, when, alg)
         if not hmac.compare_digest(expected, mac2):
             return _sw(0x9302)
