@@ -27,6 +27,16 @@ Signed list from the host (wire format, see ``clearinghost/openapi.json``)::
     remove: n_remove x u64 ASN, strictly ascending (always 0 in a snapshot)
     trailer: key id (8 = first 8 bytes of SHA-256 of the host public key) | Ed25519 signature (64)
 
+**Two key spaces** (issue 15): the card's raw serial (above) and its *printed* number, the
+digits on the card that an operator or a customer quotes (``CpuCard.printed_number``: Shenzhen
+Tong 881146306 is not its ASN). They are two separate lists, each in this format with its own
+magic, version chain and local file: ``CBLIST03`` / ``blacklist.bin`` for serials,
+``CBLPRN03`` / ``blacklist-printed.bin`` for printed numbers, keyed by the number's value
+(:func:`printed_key`: 1 to 19 decimal digits, so it fits a u64). A printed number therefore
+never meets a raw serial: they are never looked up in the same set, and the magic (signed)
+keeps a list of one space from being accepted as the other. A lookup costs one search per
+space; a terminal that only knows ``CBLIST03`` ignores printed numbers and keeps working.
+
 The signature covers the header (the magic makes it useless as any other signed document)
 followed by the SHA-256 of the entries section (add and remove, as sent): a terminal verifies a
 list of any size while it streams past, holding only the running hash (:class:`ListReader`, sans
@@ -86,6 +96,12 @@ KIND_SNAPSHOT = ord("S")
 KIND_DELTA = ord("D")
 
 LIST_MAGIC = b"CBLIST03"
+SPACE_SERIAL = "serial"
+SPACE_PRINTED = "printed"
+# the signed magic of each key space's list: a list of one space is refused as the other
+LIST_MAGICS = {SPACE_SERIAL: LIST_MAGIC, SPACE_PRINTED: b"CBLPRN03"}
+PRINTED_BLACKLIST_FILE = "blacklist-printed.bin"
+PRINTED_MAX_DIGITS = 19  # 10**19 - 1 < 2**64: every printed number of up to 19 digits fits
 _LIST_HEADER = struct.Struct(">8sBQQQQ32sII")
 DIGEST_SIZE = 32
 LIST_KEY_ID_SIZE = 8
@@ -136,6 +152,30 @@ def uid_key(uid: bytes) -> int:
     if len(uid) not in (4, 7, 10):
         raise ValueError(f"a UID is 4, 7 or 10 bytes, not {len(uid)}")
     return int.from_bytes(uid, "big")
+
+
+def printed_key(number: str) -> int:
+    """The lookup key of a printed card number (the printed-number list, a space of its own):
+    its decimal value. 1 to 19 digits; spaces are ignored, so ``8811 4630 6`` is ``881146306``,
+    and leading zeros do not count (``0881146306`` is the same entry, as people quote it).
+    Raises ValueError, naming the number, for anything else (hex serials belong in the serial
+    list)."""
+    text = "".join(number.split())
+    if not text or not text.isascii() or not text.isdigit():
+        raise ValueError(f"printed card number {number!r} is not decimal digits")
+    if len(text) > PRINTED_MAX_DIGITS:
+        raise ValueError(
+            f"printed card number {number!r} has {len(text)} digits, at most "
+            f"{PRINTED_MAX_DIGITS} are listed"
+        )
+    return int(text)
+
+
+def _magic_of(space: str) -> bytes:
+    try:
+        return LIST_MAGICS[space]
+    except KeyError:
+        raise ValueError(f"unknown blacklist key space {space!r}") from None
 
 
 def key_id_of(public_key_raw: bytes) -> bytes:
@@ -228,8 +268,10 @@ def encode_list(
     content_digest: bytes | None = None,
     sign: Callable[[bytes], bytes],
     public_key_raw: bytes,
+    space: str = SPACE_SERIAL,
 ) -> bytes:
-    """Build a signed list (host side). ``add``/``remove`` are sorted and de-duplicated here.
+    """Build a signed list (host side) of one key space (its magic). ``add``/``remove`` are
+    sorted and de-duplicated here.
 
     ``content_digest`` is :func:`list_digest` of the whole list at ``version``; a snapshot's
     is computed here, a delta must be given it (the host knows the list it names)."""
@@ -244,7 +286,7 @@ def encode_list(
     if content_digest is None or len(content_digest) != DIGEST_SIZE:
         raise ValueError("a delta needs the content digest of the list it leads to")
     header = _LIST_HEADER.pack(
-        LIST_MAGIC,
+        _magic_of(space),
         kind,
         version,
         base_version,
@@ -260,10 +302,17 @@ def encode_list(
     return b"".join((header, added, removed, key_id_of(public_key_raw), signature))
 
 
-def parse_list_header(prefix: bytes | bytearray) -> ListHeader | None:
-    """The header of a signed list from the document's first bytes; ``None`` until the whole
-    header is there. Raises :class:`BlacklistRejected` as soon as the bytes cannot be a list."""
-    if len(prefix) >= len(LIST_MAGIC) and bytes(prefix[: len(LIST_MAGIC)]) != LIST_MAGIC:
+def parse_list_header(prefix: bytes | bytearray, space: str = SPACE_SERIAL) -> ListHeader | None:
+    """The header of a signed list of ``space`` from the document's first bytes; ``None`` until
+    the whole header is there. Raises :class:`BlacklistRejected` as soon as the bytes cannot be
+    a list of that space."""
+    magic = _magic_of(space)
+    if len(prefix) >= len(magic) and bytes(prefix[: len(magic)]) != magic:
+        other = [n for n, m in LIST_MAGICS.items() if m == bytes(prefix[: len(magic)])]
+        if other:
+            raise BlacklistRejected(
+                f"blacklist: a {other[0]}-number list where a {space}-number list was expected"
+            )
         raise BlacklistRejected("blacklist: not a signed blacklist (bad magic)")
     if len(prefix) < _LIST_HEADER.size:
         return None
@@ -279,11 +328,11 @@ def parse_list_header(prefix: bytes | bytearray) -> ListHeader | None:
     return ListHeader(kind, version, base, issued, expires, bytes(digest), n_add, n_remove)
 
 
-def list_document_size(prefix: bytes) -> int | None:
+def list_document_size(prefix: bytes, space: str = SPACE_SERIAL) -> int | None:
     """The size a signed list's header declares (header, entries, key id, signature), read from
     the document's first bytes; ``None`` until the whole header is there. Raises
     :class:`BlacklistRejected` as soon as the bytes cannot be a list (a reader stops there)."""
-    header = parse_list_header(prefix)
+    header = parse_list_header(prefix, space)
     return None if header is None else header.document_size
 
 
@@ -300,7 +349,9 @@ class ListReader:
 
     _CHUNK = 1 << 16  # entries checked per step
 
-    def __init__(self) -> None:
+    def __init__(self, space: str = SPACE_SERIAL) -> None:
+        _magic_of(space)
+        self.space = space
         self.header: ListHeader | None = None
         self._raw_header = b""
         self._pending = bytearray()
@@ -316,7 +367,7 @@ class ListReader:
         self._pending += data
         out: list[tuple[str, bytes]] = []
         if self.header is None:
-            header = parse_list_header(self._pending)
+            header = parse_list_header(self._pending, self.space)
             if header is None:
                 return out
             self.header = header
@@ -384,10 +435,10 @@ class ListReader:
         return header
 
 
-def decode_list(data: bytes, keys: Keys) -> SignedList:
-    """Parse and verify a signed list held in memory (small lists, tools, tests) against the
-    signing keys in force. Raises :class:`BlacklistRejected` with the reason."""
-    reader = ListReader()
+def decode_list(data: bytes, keys: Keys, space: str = SPACE_SERIAL) -> SignedList:
+    """Parse and verify a signed list of ``space`` held in memory (small lists, tools, tests)
+    against the signing keys in force. Raises :class:`BlacklistRejected` with the reason."""
+    reader = ListReader(space)
     sections: dict[str, list[bytes]] = {SECTION_ADD: [], SECTION_REMOVE: []}
     for section, chunk in reader.feed(data):
         sections[section].append(chunk)
@@ -645,9 +696,16 @@ class Blacklist:
     """
 
     def __init__(
-        self, path: Path, *, auto_refresh_s: float | None = 1.0, lookups: bool = True
+        self,
+        path: Path,
+        *,
+        auto_refresh_s: float | None = 1.0,
+        lookups: bool = True,
+        space: str = SPACE_SERIAL,
     ) -> None:
+        _magic_of(space)
         self.path = path
+        self.space = space
         self.auto_refresh_s = auto_refresh_s
         # False (the sync daemon, status tools): only the header and offset table are held;
         # the entries are read at the first lookup, if any
@@ -665,21 +723,29 @@ class Blacklist:
 
     @classmethod
     def open(
-        cls, path: Path, *, auto_refresh_s: float | None = 1.0, lookups: bool = True
+        cls,
+        path: Path,
+        *,
+        auto_refresh_s: float | None = 1.0,
+        lookups: bool = True,
+        space: str = SPACE_SERIAL,
     ) -> Blacklist:
         """Load ``path`` if it exists (an absent file is the empty list, version 0); with
         ``lookups=False`` only its header and offset table (the file is still checked whole).
 
         Raises :class:`BlacklistFileError` if the file is corrupt or truncated.
         """
-        blacklist = cls(path, auto_refresh_s=auto_refresh_s, lookups=lookups)
+        blacklist = cls(path, auto_refresh_s=auto_refresh_s, lookups=lookups, space=space)
         blacklist.refresh(force=True)
         return blacklist
 
     # --- lookups ---------------------------------------------------------------------------
 
     def contains(self, card_id: str) -> bool:
-        """True if the card (hex application serial, as ``CpuCard.card_id``) is blacklisted."""
+        """True if the card is blacklisted: ``card_id`` is the hex application serial (as
+        ``CpuCard.card_id``) in the serial space, the printed number in the printed space."""
+        if self.space == SPACE_PRINTED:
+            return self.contains_asn(printed_key(card_id))
         return self.contains_asn(asn_of(card_id))
 
     def contains_asn(self, asn: int) -> bool:
@@ -718,13 +784,14 @@ class Blacklist:
     def health(self) -> dict[str, Any]:
         """Figures for the heartbeat."""
         age = self.age_s()
+        name = "blacklist" if self.space == SPACE_SERIAL else f"{self.space}_blacklist"
         return {
-            "blacklist_version": self.version,
-            "blacklist_count": self.count,
-            "blacklist_age_s": None if age is None else round(age, 1),
-            "blacklist_expired": self.is_expired(),
-            "blacklist_expires_at": self.expires_at or None,
-            "blacklist_checked_at": self.checked_at,
+            f"{name}_version": self.version,
+            f"{name}_count": self.count,
+            f"{name}_age_s": None if age is None else round(age, 1),
+            f"{name}_expired": self.is_expired(),
+            f"{name}_expires_at": self.expires_at or None,
+            f"{name}_checked_at": self.checked_at,
         }
 
     def memory_bytes(self) -> int:
@@ -779,7 +846,7 @@ class Blacklist:
     def incoming(self) -> IncomingList:
         """A list about to stream in from the host: feed it the answer's bytes as they come
         (:meth:`IncomingList.feed`), then :meth:`apply_incoming` it (or ``discard`` it)."""
-        return IncomingList(self.path)
+        return IncomingList(self.path, self.space)
 
     def apply(self, document: bytes, keys: Keys, *, now: float | None = None) -> ApplyResult:
         """Verify a signed snapshot or delta held in memory and apply it (see
@@ -937,6 +1004,48 @@ class Blacklist:
         return True
 
 
+class CardBlacklist:
+    """The agent's lookup over both key spaces: a card is listed if its raw serial is in the
+    serial list or its printed number in the printed-number list (each searched only in its
+    own set, see the module docstring). ``version`` / ``expires_at`` / :meth:`is_expired` are
+    the serial list's, which every host publishes; an expired printed-number list (one the host
+    has published, version > 0) counts as expired too."""
+
+    def __init__(self, serial: Blacklist, printed: Blacklist) -> None:
+        if serial.space != SPACE_SERIAL or printed.space != SPACE_PRINTED:
+            raise ValueError("CardBlacklist takes a serial list and a printed-number list")
+        self.serial = serial
+        self.printed = printed
+
+    @property
+    def version(self) -> int:
+        return self.serial.version
+
+    @property
+    def expires_at(self) -> int:
+        return self.serial.expires_at
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return self.serial.is_expired(now) or (
+            self.printed.version > 0 and self.printed.is_expired(now)
+        )
+
+    def contains(self, card_id: str) -> bool:
+        return self.serial.contains(card_id)
+
+    def contains_printed(self, number: str) -> bool:
+        """True if this printed number is listed; a number that cannot be listed (not 1 to 19
+        decimal digits, e.g. a hex serial shown as the number) is never in the list."""
+        try:
+            key = printed_key(number)
+        except ValueError:
+            return False
+        return self.printed.contains_asn(key)
+
+    def health(self) -> dict[str, Any]:
+        return self.serial.health() | self.printed.health()
+
+
 class IncomingList:
     """A signed list streaming in from the host, kept in a file next to ``blacklist.bin``
     (``blacklist.bin.tmp-incoming``, one at a time: the daemon is the one writer). A snapshot is
@@ -945,9 +1054,9 @@ class IncomingList:
     bytes are checked by a :class:`ListReader` on the way; nothing counts until
     :meth:`Blacklist.apply_incoming` has verified the signature and the content digest."""
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, space: str = SPACE_SERIAL) -> None:
         self.path = target.with_name(f"{target.name}.tmp-incoming")
-        self.reader = ListReader()
+        self.reader = ListReader(space)
         self.counts = array("I", bytes(4 * _BUCKETS))
         self._file: BinaryIO | None = None
 

@@ -3,6 +3,8 @@
 Waits for a card on the profile's reader (or ``--reader-url``), reads it with
 :func:`agent.products.cpu_inspect.inspect_card` (read-only: no SAM, nothing written) and prints
 its public information, printed number, balances, transaction log and trip records.
+:func:`card_summary` is the one line ``cardagent readers`` prints for the card in the
+profile's reader (its printed number, dialect and serial).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.apdu import Command, Party, Response, parse_response
-from agent.errors import ReaderTimeout
+from agent.errors import AgentError, ReaderTimeout
 from agent.products import cpu_purse
 from agent.products.cpu_inspect import CardReport, profile_inspection
-from agent.profile import PURSES, load_profile
+from agent.profile import PURSES, Profile, load_profile
 from agent.readers.base import CardTechnology
 from agent.wiring import open_card_reader
 
@@ -57,6 +59,43 @@ def cmd_card_read(args: argparse.Namespace) -> int:
         reader.close()
     print_report(report)
     return 0
+
+
+def card_summary(profile: Profile, reader_url: str | None = None, wait: float = 1.0) -> str:
+    """One line on the card in the profile's reader, for ``cardagent readers``: a CPU card's
+    printed number, dialect and serial (read-only: SELECT and the public files, no SAM), an M1
+    card's UID, or why the card could not be read (the error names who failed)."""
+    reader = open_card_reader(profile, reader_url)
+    try:
+        presence = reader.wait_for_card(wait)
+        if presence is None:
+            return "no card"
+        if presence.technology is not CardTechnology.ISO_DEP:
+            return f"{presence.technology.value} card, UID {presence.uid.hex().upper()}"
+
+        def exchange(command: Command) -> Response:
+            return parse_response(reader.transmit(command.to_bytes()), command, Party.CARD)
+
+        try:
+            card = cpu_purse.drive(_public_information(profile), exchange)
+        except AgentError as exc:
+            return f"CPU card, UID {presence.uid.hex().upper()}: not read ({exc.party}: {exc})"
+    finally:
+        reader.close()
+    return f"number {card.printed_number} (dialect {card.dialect}, serial {card.card_id})"
+
+
+def _public_information(profile: Profile) -> cpu_purse.Step[cpu_purse.CpuCard]:
+    """The first of the profile's applications the card carries, read by its dialect."""
+    missing: list[str] = []
+    for app in profile.applications:
+        try:
+            fci = yield from cpu_purse.select_application(app)
+        except cpu_purse.ApplicationNotFound as exc:
+            missing.append(str(exc))
+            continue
+        return (yield from cpu_purse.read_card(app, fci, profile.dialects))
+    raise cpu_purse.ApplicationNotFound("; ".join(missing) or "no application in the profile")
 
 
 def _money(fen: int) -> str:

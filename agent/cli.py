@@ -277,16 +277,32 @@ def cmd_readers(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile) if args.profile else None
     rp = profile.reader if profile else None
     print(f"{'driver':<7} {'reader':<40} {'type':<28} contents")
-    for line in _pcsc_lines(rp, _sam_readers(profile)):
+    pcsc = _pcsc_lines(rp, _sam_readers(profile))
+    for line in pcsc:
         print(line)
-    if profile is None or rp is None or rp.driver == "pcsc":
+    if profile is None or rp is None:
         return 0
-    try:
-        line = _serial_line(rp, _sam_slots(profile)) if rp.driver == "serial" else _nfc_line(rp)
-    except AgentError as exc:
-        print(f"{rp.driver:<7} {rp.url:<40} {'unreachable':<28} {exc.party} error: {exc}")
-        return 1
-    print(line)
+    if rp.driver == "pcsc":
+        card_present = any(
+            "contactless (card reader)" in line and "card present" in line for line in pcsc
+        )
+        name = rp.card_reader
+    else:
+        try:
+            line = _serial_line(rp, _sam_slots(profile)) if rp.driver == "serial" else _nfc_line(rp)
+        except AgentError as exc:
+            print(f"{rp.driver:<7} {rp.url:<40} {'unreachable':<28} {exc.party} error: {exc}")
+            return 1
+        print(line)
+        card_present = "card present" in line
+        name = rp.url
+    if card_present:
+        # the card in the profile's reader, read-only: its printed number (issue 15)
+        try:
+            summary = card_cli.card_summary(profile)
+        except AgentError as exc:
+            summary = f"not read ({exc.party}: {exc})"
+        print(f"{'card':<7} {name:<40} {'in the profile reader':<28} {summary}")
     return 0
 
 

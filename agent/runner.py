@@ -12,7 +12,15 @@ from types import FrameType
 import structlog
 
 from agent.agent_status import AGENT_STATUS_FILE, ReaderHealth, StatusPublisher
-from agent.blacklist import BLACKLIST_FILE, Blacklist, BlacklistFileError
+from agent.blacklist import (
+    BLACKLIST_FILE,
+    PRINTED_BLACKLIST_FILE,
+    SPACE_PRINTED,
+    SPACE_SERIAL,
+    Blacklist,
+    BlacklistFileError,
+    CardBlacklist,
+)
 from agent.clock import CLOCK_OFFSET_FILE, ClockGuard
 from agent.console.restart import watch_for_restart
 from agent.console.settings import SettingsFile, read_settings
@@ -152,14 +160,18 @@ class StatusLine:
             self.notifier.status(text)
 
 
-def _open_blacklist(data_dir: DataDir) -> Blacklist:
-    """The blacklist the sync daemon maintains; a corrupt file is replaced by its next pull."""
-    path = data_dir.path / BLACKLIST_FILE
-    try:
-        return Blacklist.open(path)
-    except BlacklistFileError as exc:
-        log.error("blacklist_unusable", path=str(path), error=str(exc))
-        return Blacklist(path)
+def _open_blacklist(data_dir: DataDir) -> CardBlacklist:
+    """The blacklists the sync daemon maintains (raw serials and printed numbers, two key
+    spaces); a corrupt file is replaced by its next pull."""
+    lists = []
+    for name, space in ((BLACKLIST_FILE, SPACE_SERIAL), (PRINTED_BLACKLIST_FILE, SPACE_PRINTED)):
+        path = data_dir.path / name
+        try:
+            lists.append(Blacklist.open(path, space=space))
+        except BlacklistFileError as exc:
+            log.error("blacklist_unusable", path=str(path), error=str(exc))
+            lists.append(Blacklist(path, space=space))
+    return CardBlacklist(*lists)
 
 
 def reader_location(profile: Profile, reader_url: str | None) -> str:

@@ -14,14 +14,17 @@
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
                   [--time-zone Asia/Shanghai]
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
+    cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
+                                                      terminal -> merchant bindings
     cardhost bills --host URL [--token-file F] load FILE.csv | list [--state S] [--account A]
                                                       the utility bill book (一帐通)
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
-    cardhost demo [--data-dir run/demo] [--role bus|fares|kiosk] [--serve]
-                                                      the whole system against simulated cards
-    cardhost blacklist --host URL [--token-file F] add|remove CARD...   (operator role)
+    cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk] [--serve]   the whole
+                                                      system against simulated cards
+    cardhost blacklist --host URL [--token-file F] [--printed] add|remove CARD...   (operator
+                     role; --printed: printed card numbers, e.g. 881146306)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
                                                          operator than the one who asked)
     cardhost terminal --host URL [--token-file F] add ID [--kind K --site S] [--public-key HEX]
@@ -55,7 +58,7 @@ import httpx
 import structlog
 import uvicorn
 
-from agent.blacklist import asn_of
+from agent.blacklist import asn_of, printed_key
 from agent.clihelp import err as _err
 from agent.clihelp import make_parser, run_command
 from agent.clihelp import out as _out
@@ -212,10 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--role",
-        choices=("bus", "fares", "kiosk"),
+        choices=("bus", "fares", "pos", "kiosk"),
         default="bus",
-        help="bus: the validator against the card stream; fares: a bus line's fare policy; "
-        "kiosk: the kiosk page (top-up, bills)",
+        help="bus: a validator and a stream of cards; fares: a bus line's fare policy, tap by "
+        "tap; pos: a shop counter session and its clearing; kiosk: the kiosk page (top-up, bills)",
     )
     p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
     p.set_defaults(func=cmd_demo)
@@ -226,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
     )
     p.add_argument("action", choices=("add", "remove"))
+    p.add_argument(
+        "--printed",
+        action="store_true",
+        help="the cards are printed card numbers (decimal, as on the card: 881146306), "
+        "listed in the printed-number list, a key space of their own",
+    )
     p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
 
@@ -251,9 +260,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
     )
-    p.add_argument("action", choices=("load", "list"))
+    p.add_argument("action", choices=("load", "list", "bind", "terminals"))
     p.add_argument(
-        "file", nargs="?", type=Path, help="register CSV: merchant_id,name,category,account"
+        "file",
+        nargs="?",
+        type=Path,
+        help="load: register CSV merchant_id,name,category,settlement_account; "
+        "bind: CSV terminal_id,merchant_id (a merchant is paid only its own terminals' records)",
     )
     p.set_defaults(func=cmd_merchant)
 
@@ -453,8 +466,19 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_blacklist(args: argparse.Namespace) -> int:
-    asns = [f"{asn_of(card):016X}" for card in args.cards]
-    body = {"add": asns if args.action == "add" else [], "remove": asns * (args.action == "remove")}
+    adding = args.action == "add"
+    body: dict[str, list[str]] = {"add": [], "remove": []}
+    if args.printed:
+        numbers = []
+        for card in args.cards:
+            try:
+                numbers.append(str(printed_key(card)))
+            except ValueError as exc:
+                _err(f"cardhost: {exc}")
+                return 2
+        body["printed_add" if adding else "printed_remove"] = numbers
+    else:
+        body["add" if adding else "remove"] = [f"{asn_of(card):016X}" for card in args.cards]
     response = _admin_call(args, "POST", "/v1/admin/blacklist", body)
     if response is None:
         return 2
@@ -534,20 +558,34 @@ def cmd_merchant(args: argparse.Namespace) -> int:
         for m in response.json()["merchants"]:
             _out(f"{m['merchant_id']}\t{m['category']}\t{m['settlement_account']}\t{m['name']}")
         return 0
+    if args.action == "terminals":
+        response = _admin_call(args, "GET", "/v1/admin/merchant-terminals", None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        for t in response.json()["terminals"]:
+            _out(f"{t['terminal_id']}\t{t['merchant_id']}")
+        return 0
     if args.file is None:
-        raise ConfigurationError("cardhost merchant load needs the register CSV file")
+        raise ConfigurationError(f"cardhost merchant {args.action} needs a CSV file")
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{args.file}: unreadable: {exc}") from exc
-    response = _admin_call(args, "POST", "/v1/admin/merchants", {"csv": text})
+    path = "/v1/admin/merchants" if args.action == "load" else "/v1/admin/merchant-terminals"
+    response = _admin_call(args, "POST", path, {"csv": text})
     if response is None:
         return 2
     if response.status_code != 200:
         _err(f"cardhost: {args.file} refused ({response.status_code}): {response.text[:2000]}")
         return 2
     answer = response.json()
-    _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    if args.action == "load":
+        _err(f"{args.file}: {answer['added']} merchants added, {answer['updated']} updated")
+    else:
+        _err(f"{args.file}: {answer['bound']} terminals bound, {answer['moved']} moved")
     return 0
 
 
@@ -610,7 +648,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
         f"{answer['day']} {state} v{answer['version']}: purchases {totals['purchases']} fen, "
         f"fees {totals['fees']}, commissions {totals['commissions']}, net {totals['net']}, "
         f"to pay now {totals['to_pay']}; credits owed {totals['credits_owed']}, unresolved "
-        f"{totals['unresolved']}, unassigned {totals['unassigned']}"
+        f"{totals['unresolved']}, unassigned {totals['unassigned']}, unbound "
+        f"{totals['unbound']}"
     )
     if args.out is not None:
         path = f"/v1/admin/clearing/{args.day}/file?version={answer['version']}"
@@ -651,6 +690,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from clearinghost.demo_fares import run_fares_demo
 
         return run_fares_demo(args.data_dir)
+    if args.role == "pos":
+        from clearinghost.demo_pos import run_pos_demo
+
+        return run_pos_demo(args.data_dir, seed=args.seed)
     if args.role == "kiosk":
         from clearinghost.demo_kiosk import run_kiosk_demo
 

@@ -102,12 +102,12 @@ def run_fares_demo(data_dir: Path, *, out: Callable[[str], None] = print) -> int
     if not (REPO / "tests" / "fake_reader" / "scenario.py").is_file():
         raise ConfigurationError("the fares demo needs a source checkout (tests/fake_reader)")
     # The simulators: test code, imported only here (never on the host's own path).
-    from tests.fake_reader.inprocess import (  # noqa: PLC0415
+    from tests.fake_reader.inprocess import (
         CardField,
         InProcessReader,
         InProcessSamSlot,
     )
-    from tests.fake_reader.scenario import demo_keyset, make_card, make_psam  # noqa: PLC0415
+    from tests.fake_reader.scenario import demo_keyset, make_card, make_psam
 
     parse_fare_policy(FARE_POLICY)  # the demo's own table is valid before anything starts
     if data_dir.exists():

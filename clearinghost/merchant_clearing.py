@@ -5,6 +5,9 @@ Routes (operator-authenticated, see ``clearinghost/openapi.json``)::
 
     GET  /v1/admin/merchants                  viewer    the register
     POST /v1/admin/merchants                  operator  {"csv": "..."}: load (add or replace)
+    GET  /v1/admin/merchant-terminals         viewer    which terminal is bound to which merchant
+    POST /v1/admin/merchant-terminals         operator  {"csv": "terminal_id,merchant_id ..."}:
+                                                        bind (or move) terminals
     GET  /v1/admin/clearing                   viewer    cleared days, newest first
     POST /v1/admin/clearing/{day}             operator  clear the day (a new version if the
                                                         figures changed, else the last one)
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -36,13 +40,15 @@ from clearinghost.operators import OPERATOR, VIEWER
 from clearinghost.settlement import (
     RESOLUTIONS,
     FeeSchedule,
+    Settlement,
     SettlementError,
     business_day,
     city_zone,
     day_bounds,
+    parse_bindings,
     parse_day,
     parse_register,
-    settle_day,
+    settle_tally,
     settlement_csv,
     settlement_view,
     signed_message,
@@ -50,7 +56,10 @@ from clearinghost.settlement import (
 from clearinghost.storage import PendingChangeRefused, Storage, StorageFailure
 from sync.protocol import error_body
 
+log = structlog.get_logger(__name__)
+
 MAX_REGISTER_BYTES = 4 * 1024 * 1024
+UNBOUND_ANOMALY = "merchant_not_bound"
 SIGNATURE_HEADER = "X-Settlement-Signature"
 VERSION_HEADER = "X-Settlement-Version"
 KEY_HEADER = "X-Host-Key"
@@ -110,14 +119,14 @@ class MerchantClearing:
             raise ClearingRefused(
                 409, "day_not_over", f"{day} is not over yet in {self.time_zone} (today {today})"
             )
-        register = {m.merchant_id: m for m in self.storage.merchants()}
-        records = self.storage.day_records(*day_bounds(day, zone))
+        register, bindings, tally = self.storage.day_tally(*day_bounds(day, zone))
         previous = self.storage.latest_settlement(day.isoformat())
         version = 1 if previous is None else int(previous["version"]) + 1
         paid = {} if previous is None else _nets(previous["view"])
-        settlement = settle_day(
-            day, records, register, self.fees, zone, version=version, paid_before=paid
+        settlement = settle_tally(
+            day, tally, register, self.fees, version=version, paid_before=paid
         )
+        self._flag_unbound(settlement, bindings)
         view = settlement_view(settlement)
         if previous is not None and _figures(previous["view"]) == _figures(view):
             return False, self._answer(day.isoformat(), previous)
@@ -134,6 +143,46 @@ class MerchantClearing:
         stored = self.storage.settlement(day.isoformat(), version)
         assert stored is not None
         return True, self._answer(day.isoformat(), stored)
+
+    def _flag_unbound(self, settlement: Settlement, bindings: dict[str, str]) -> None:
+        """Each record naming a merchant its terminal is not bound to is an anomaly (once)."""
+        items = []
+        for a in settlement.apart:
+            if a.line == "unbound":
+                bound = bindings.get(a.terminal_id)
+                where = f"bound to {bound}" if bound else "bound to no merchant"
+                items.append(
+                    (
+                        a.terminal_id,
+                        a.seq,
+                        f"record {a.terminal_id}/{a.seq} names merchant {a.merchant_id!r} but "
+                        f"the terminal is {where}: kept, not paid to {a.merchant_id!r}",
+                    )
+                )
+        if items:
+            added = self.storage.flag_records(UNBOUND_ANOMALY, items)
+            log.warning("unbound records", day=settlement.day.isoformat(), new=added)
+
+    def bind_terminals(self, csv_text: str, by: str) -> dict[str, int]:
+        """Bind terminals to merchants from ``terminal_id,merchant_id`` lines: every bad line
+        is named, nothing is half-bound; the merchant must be in the register."""
+        try:
+            pairs = parse_bindings(csv_text)
+        except SettlementError as exc:
+            raise ClearingRefused(422, "bad_bindings", str(exc)) from None
+        known = {m.merchant_id for m in self.storage.merchants()}
+        unknown = [
+            f"line {n}: merchant {mid!r} is not in the register"
+            for n, (_tid, mid) in enumerate(pairs, start=2)
+            if mid not in known
+        ]
+        if unknown:
+            raise ClearingRefused(422, "bad_bindings", "; ".join(unknown))
+        bound, moved = self.storage.bind_terminals(pairs, by)
+        return {"bound": bound, "moved": moved}
+
+    def bindings(self) -> list[dict[str, str]]:
+        return [{"terminal_id": t, "merchant_id": m} for t, m in self.storage.terminal_bindings()]
 
     def stored(self, day_text: str, version: int | None) -> dict[str, Any]:
         day = self._day(day_text).isoformat()
@@ -243,6 +292,21 @@ def merchant_routes(
         )
         return JSONResponse(answer)
 
+    async def list_bindings(request: Request) -> Response:
+        rows = await run_in_threadpool(clearing.bindings)
+        return JSONResponse({"terminals": rows})
+
+    async def bind(request: Request) -> Response:
+        payload = await read_json(request, MAX_REGISTER_BYTES)
+        if not isinstance(payload, dict) or not isinstance(payload.get("csv"), str):
+            raise ClearingRefused(
+                400, "bad_request", 'body must be {"csv": "terminal_id,merchant_id lines"}'
+            )
+        answer = await run_in_threadpool(
+            clearing.bind_terminals, payload["csv"], operator_name(request)
+        )
+        return JSONResponse(answer)
+
     async def cleared_days(request: Request) -> Response:
         rows = await run_in_threadpool(clearing.storage.cleared_days)
         return JSONResponse({"days": rows, "time_zone": clearing.time_zone})
@@ -286,6 +350,12 @@ def merchant_routes(
     return [
         Route(f"{admin}/merchants", authorised(VIEWER, caught(list_merchants)), methods=["GET"]),
         Route(f"{admin}/merchants", authorised(OPERATOR, caught(load_merchants)), methods=["POST"]),
+        Route(
+            f"{admin}/merchant-terminals",
+            authorised(VIEWER, caught(list_bindings)),
+            methods=["GET"],
+        ),
+        Route(f"{admin}/merchant-terminals", authorised(OPERATOR, caught(bind)), methods=["POST"]),
         Route(f"{admin}/clearing", authorised(VIEWER, caught(cleared_days)), methods=["GET"]),
         Route(
             f"{admin}/clearing/{{day}}", authorised(OPERATOR, caught(clear_day)), methods=["POST"]
@@ -316,14 +386,14 @@ def page_section(storage: Storage, limit: int = 10) -> str:
                 totals.get(k, "-")
                 for k in ("purchases", "fees", "commissions", "net", "to_pay", "credits_owed")
             ]
-            + [totals.get("unresolved", "-")]
+            + [totals.get("unresolved", "-"), totals.get("unbound", "-")]
         )
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = "".join(
         f"<th>{h}</th>"
         for h in (
             "day", "version", "cleared by", "purchases", "fees", "commissions", "net",
-            "to pay", "credits owed", "unresolved",
+            "to pay", "credits owed", "unresolved", "unbound",
         )
     )  # fmt: skip
     return (

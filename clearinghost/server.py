@@ -58,7 +58,15 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.blacklist import KIND_DELTA, KIND_SNAPSHOT, encode_list, list_digest
+from agent.blacklist import (
+    KIND_DELTA,
+    KIND_SNAPSHOT,
+    LIST_MAGICS,
+    SPACE_SERIAL,
+    encode_list,
+    list_digest,
+    printed_key,
+)
 from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
 from agent.offline_store.records import QuarantineNotice, Record, canonical_json
 from agent.params import MAX_PARAMS_FILE_BYTES
@@ -173,7 +181,8 @@ class ClearingHost:
     time_zone: str = DEFAULT_TIME_ZONE
     loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
-    _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
+    # (key space, blacklist version) -> content digest
+    _digests: dict[tuple[str, int], bytes] = field(default_factory=dict)
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
         default_factory=dict
     )
@@ -531,19 +540,22 @@ class ClearingHost:
 
     # --- signed lists ---------------------------------------------------------------------
 
-    def blacklist_document(self, since: int) -> bytes:
-        """A signed delta from ``since`` (empty re-issue when current), else a snapshot."""
+    def blacklist_document(self, since: int, space: str = SPACE_SERIAL) -> bytes:
+        """A signed list of one key space (raw serials, or printed numbers: agent.blacklist):
+        a delta from ``since`` (empty re-issue when current), else a snapshot. Both spaces
+        share the version chain; each is its own signed list (its own magic)."""
         now = int(self.clock())
         common = {
             "issued_at": now,
             "expires_at": now + self.list_ttl_s,
             "sign": self.key.sign,
             "public_key_raw": self.key.public_key_bytes,
+            "space": space,
         }
         current = self.storage.blacklist_version()
         if 0 < since <= current:
-            version, add, remove = self.storage.blacklist_delta(since)
-            digest = self._blacklist_digest(version)
+            version, add, remove = self.storage.blacklist_delta(since, space)
+            digest = self._blacklist_digest(version, space)
             if digest is not None:
                 return encode_list(
                     kind=KIND_DELTA,
@@ -555,7 +567,7 @@ class ClearingHost:
                     **common,  # type: ignore[arg-type]
                 )
             # a list was published meanwhile: a snapshot is consistent by itself
-        version, entries = self.storage.blacklist_snapshot()
+        version, entries = self.storage.blacklist_snapshot(space)
         return encode_list(
             kind=KIND_SNAPSHOT,
             version=version,
@@ -564,15 +576,16 @@ class ClearingHost:
             **common,  # type: ignore[arg-type]
         )
 
-    def _blacklist_digest(self, version: int) -> bytes | None:
-        """The content digest of blacklist ``version`` (it binds the version to the whole list
-        it names, agent.blacklist); ``None`` if the current list is no longer that version."""
-        digest = self._digests.get(version)
+    def _blacklist_digest(self, version: int, space: str = SPACE_SERIAL) -> bytes | None:
+        """The content digest of blacklist ``version`` in ``space`` (it binds the version to the
+        whole list it names, agent.blacklist); ``None`` if the current list is no longer that
+        version."""
+        digest = self._digests.get((space, version))
         if digest is None:
-            at, entries = self.storage.blacklist_snapshot()
+            at, entries = self.storage.blacklist_snapshot(space)
             if len(self._digests) > 16:
                 self._digests.clear()
-            digest = self._digests[at] = list_digest(entries)
+            digest = self._digests[(space, at)] = list_digest(entries)
             if at != version:
                 return None
         return digest
@@ -726,6 +739,23 @@ def query_number(request: Request, name: str, default: int) -> int:
     return int(text)
 
 
+def parse_printed(payload: dict[str, Any], name: str) -> list[int]:
+    """``printed_add``/``printed_remove`` of a blacklist publication: printed card numbers,
+    1 to 19 decimal digits each (:func:`agent.blacklist.printed_key`)."""
+    values = payload.get(name, [])
+    if not isinstance(values, list):
+        raise Refusal(400, "bad_request", f"{name} must be a list of printed card numbers")
+    keys = []
+    for value in values:
+        try:
+            if not isinstance(value, str):
+                raise ValueError(f"{str(value)[:40]!r} is not a string")
+            keys.append(printed_key(value))
+        except ValueError as exc:
+            raise Refusal(400, "bad_printed_number", f"{name}: {exc}") from None
+    return keys
+
+
 def parse_asns(payload: dict[str, Any], name: str) -> list[int]:
     """``add``/``remove`` of a blacklist publication: a list of ASNs, 1-16 hex digits each."""
     values = payload.get(name, [])
@@ -869,7 +899,14 @@ def create_app(host: ClearingHost) -> Starlette:
 
     async def blacklist(request: Request) -> Response:
         since = query_number(request, "since", 0)
-        document = await run_in_threadpool(host.blacklist_document, since)
+        space = request.query_params.get("space", SPACE_SERIAL)
+        if space not in LIST_MAGICS:
+            raise Refusal(
+                400,
+                "bad_request",
+                f"space must be {' or '.join(LIST_MAGICS)}, not {space[:40]!r}",
+            )
+        document = await run_in_threadpool(host.blacklist_document, since, space)
         headers = {"Cache-Control": "no-store"}
         if len(document) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
             document = gzip.compress(document, compresslevel=5, mtime=0)
@@ -897,10 +934,21 @@ def create_app(host: ClearingHost) -> Starlette:
                 400, error_body("bad_request", 'body must be {"add": [...], "remove": [...]}')
             )
         add, remove = parse_asns(payload, "add"), parse_asns(payload, "remove")
-        entries = len(set(add) | set(remove))
+        printed_add = parse_printed(payload, "printed_add")
+        printed_remove = parse_printed(payload, "printed_remove")
+        entries = len(set(add) | set(remove)) + len(set(printed_add) | set(printed_remove))
         if entries > host.approval_threshold:
             by = operator_name(request)
-            change = await run_in_threadpool(host.storage.propose_blacklist, add, remove, by)
+            change = await run_in_threadpool(
+                partial(
+                    host.storage.propose_blacklist,
+                    add,
+                    remove,
+                    by,
+                    printed_add=printed_add,
+                    printed_remove=printed_remove,
+                )
+            )
             detail = (
                 f"{entries} entries is above {host.approval_threshold}: change {change} waits "
                 f"for another operator's approval (POST {v1}/admin/blacklist/pending/{change}"
@@ -916,7 +964,9 @@ def create_app(host: ClearingHost) -> Starlette:
                     "detail": detail,
                 },
             )
-        version = await run_in_threadpool(host.storage.publish_blacklist, add, remove)
+        version = await run_in_threadpool(
+            host.storage.publish_blacklist, add, remove, printed_add, printed_remove
+        )
         return _json(200, {"version": version})
 
     async def pending_blacklist(request: Request) -> Response:
@@ -1350,6 +1400,16 @@ class HostServer:
         self.stop()
 
 
-def blacklist_publish_body(add: list[str], remove: list[str]) -> bytes:
-    """Body of ``POST /v1/admin/blacklist`` (used by the CLI)."""
-    return json.dumps({"add": add, "remove": remove}).encode()
+def blacklist_publish_body(
+    add: list[str],
+    remove: list[str],
+    printed_add: list[str] | None = None,
+    printed_remove: list[str] | None = None,
+) -> bytes:
+    """Body of ``POST /v1/admin/blacklist`` (used by the CLI): hex serials in ``add`` /
+    ``remove``, printed card numbers in ``printed_add`` / ``printed_remove``."""
+    body: dict[str, list[str]] = {"add": add, "remove": remove}
+    if printed_add or printed_remove:
+        body["printed_add"] = printed_add or []
+        body["printed_remove"] = printed_remove or []
+    return json.dumps(body).encode()

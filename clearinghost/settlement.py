@@ -20,6 +20,11 @@ clearing of that day is a new version with the adjustment; ``void``: dropped);
 ``refund_request`` records are listed as credits owed to the card holder, per merchant, never
 netted from the merchant's payout silently. A purchase without a merchant (a terminal with no
 ``[merchant]``) or of a merchant not in the register is listed apart as ``unassigned``.
+
+Terminal binding: the host binds each terminal to one merchant (``merchant_terminals``, loaded
+by an operator). A purchase or refund request naming a merchant that its terminal is not bound
+to (a terminal of another shop, or one bound to none) is kept but listed apart as ``unbound``
+and flagged as an anomaly: the host never pays a merchant for another terminal's records.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import csv
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from types import MappingProxyType
@@ -41,6 +46,7 @@ from agent.merchant import (
     category_problem,
     merchant_id_problem,
 )
+from agent.terminal_id import terminal_id_problem
 
 BP_DENOMINATOR = 10_000
 MAX_RATE_BP = 1_000  # 10 %: a rate above this is a typo, refused
@@ -239,6 +245,43 @@ def parse_register(text: str) -> list[Merchant]:
     return merchants
 
 
+BINDING_COLUMNS = ("terminal_id", "merchant_id")
+
+
+def parse_bindings(text: str) -> list[tuple[str, str]]:
+    """Terminal bindings CSV (header ``terminal_id,merchant_id``): every bad line is reported
+    (``line N: …``) in one :class:`SettlementError`; a terminal may appear once."""
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise SettlementError(f"the bindings are not CSV: {exc}") from exc
+    if not rows or [c.strip() for c in rows[0]] != list(BINDING_COLUMNS):
+        raise SettlementError(f"line 1: the header must be {','.join(BINDING_COLUMNS)}")
+    problems: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(BINDING_COLUMNS):
+            problems.append(f"line {number}: expected 2 fields, got {len(row)}")
+            continue
+        terminal_id, merchant_id = (c.strip() for c in row)
+        if (problem := terminal_id_problem(terminal_id)) is not None:
+            problems.append(f"line {number}: {problem}")
+        elif terminal_id in seen:
+            problems.append(
+                f"line {number}: terminal_id {terminal_id!r} already on line {seen[terminal_id]}"
+            )
+        if (problem := merchant_id_problem(merchant_id)) is not None:
+            problems.append(f"line {number}: merchant_id {merchant_id!r} {problem}")
+        seen.setdefault(terminal_id, number)
+        pairs.append((terminal_id, merchant_id))
+    if problems:
+        raise SettlementError("; ".join(problems))
+    return pairs
+
+
 # --- one day's settlement ---------------------------------------------------------------------
 
 
@@ -273,7 +316,9 @@ class MerchantLine:
 
 @dataclass(frozen=True, slots=True)
 class ApartLine:
-    """A record listed apart: ``unresolved``, ``unassigned`` or ``credit_owed``."""
+    """A record listed apart: ``unresolved``, ``unassigned``, ``credit_owed`` or ``unbound``
+    (a record naming a merchant its terminal is not bound to at the host: kept, flagged as an
+    anomaly, never paid to that merchant)."""
 
     line: str
     terminal_id: str
@@ -316,12 +361,65 @@ class Settlement:
             "credits_owed": sum(a.amount for a in self.apart if a.line == "credit_owed"),
             "unresolved": sum(a.amount for a in self.apart if a.line == "unresolved"),
             "unassigned": sum(a.amount for a in self.apart if a.line == "unassigned"),
+            "unbound": sum(a.amount for a in self.apart if a.line == "unbound"),
         }
 
 
 def _text(fields: Mapping[str, Any], name: str) -> str:
     value = fields.get(name)
     return value if isinstance(value, str) else ""
+
+
+PAYABLE_KINDS = ("purchase", "unresolved", "refund_request")
+
+
+@dataclass(slots=True)
+class DayTally:
+    """One day's records reduced to what a settlement needs: per merchant ``[count, sum]`` of
+    the payable purchases, and the records listed apart. Memory is one entry per merchant plus
+    one per record listed apart, whatever the number of purchases (the host sums those in SQL
+    and hands :meth:`add` only the records that may not be payable)."""
+
+    sums: dict[str, list[int]] = field(default_factory=dict)
+    apart: list[ApartLine] = field(default_factory=list)
+
+    def pay(self, merchant_id: str, count: int, amount: int) -> None:
+        entry = self.sums.setdefault(merchant_id, [0, 0])
+        entry[0] += count
+        entry[1] += amount
+
+    def add(self, rec: DayRecord, register: Container[str], bindings: Mapping[str, str]) -> None:
+        """Classify one record of the day (the day is the caller's to check)."""
+        merchant_id = _text(rec.fields, MERCHANT_ID_FIELD)
+        reference = _text(rec.fields, "pos_order")
+        kind = rec.kind
+        if kind == "unresolved" and rec.resolution == "void":
+            return  # resolved: the card was never debited
+        if kind == "unresolved" and rec.resolution == "paid":
+            kind = "purchase"  # resolved: the debit happened, the merchant is paid for it
+        bound = bindings.get(rec.terminal_id, "")
+
+        def apart(line: str, ref: str) -> None:
+            self.apart.append(
+                ApartLine(line, rec.terminal_id, rec.seq, rec.amount, merchant_id, ref)
+            )
+
+        if kind == "unresolved":
+            apart("unresolved", "")
+        elif kind == "refund_request":
+            refund = _text(rec.fields, "refund_id")
+            ref = f"{reference}/{refund}" if refund else reference
+            if merchant_id and merchant_id != bound:
+                apart("unbound", f"{ref};bound={bound or '-'}")
+            else:
+                apart("credit_owed", ref)
+        elif kind == "purchase":
+            if merchant_id not in register:
+                apart("unassigned", reference)
+            elif merchant_id != bound:
+                apart("unbound", f"{reference};bound={bound or '-'}")
+            else:
+                self.pay(merchant_id, 1, rec.amount)
 
 
 def settle_day(
@@ -331,53 +429,36 @@ def settle_day(
     fees: FeeSchedule,
     zone: ZoneInfo,
     *,
+    bindings: Mapping[str, str],
     version: int = 1,
     paid_before: Mapping[str, int] | None = None,
 ) -> Settlement:
-    """The settlement of ``day``: records of other days are ignored (by their own time).
+    """The settlement of ``day`` from its records (the reference the host's SQL path must
+    agree with): records of other days are ignored (by their own time).
 
     The merchant's category (hence its rate) is the register's, not the record's: a terminal
-    cannot choose its own fee. ``paid_before`` is each merchant's net in the previous version.
+    cannot choose its own fee. ``bindings`` maps each terminal id to the merchant it is bound
+    to at the host: a record naming another merchant is listed apart as ``unbound``, never
+    paid. ``paid_before`` is each merchant's net in the previous version.
     """
-    sums: dict[str, list[int]] = {}
-    apart: list[ApartLine] = []
+    tally = DayTally()
     for rec in records:
-        if business_day(rec.created_at, zone) != day:
-            continue
-        merchant_id = _text(rec.fields, MERCHANT_ID_FIELD)
-        reference = _text(rec.fields, "pos_order")
-        kind = rec.kind
-        if kind == "unresolved" and rec.resolution == "void":
-            continue  # resolved: the card was never debited
-        if kind == "unresolved" and rec.resolution == "paid":
-            kind = "purchase"  # resolved: the debit happened, the merchant is paid for it
-        if kind == "unresolved":
-            apart.append(
-                ApartLine("unresolved", rec.terminal_id, rec.seq, rec.amount, merchant_id, "")
-            )
-        elif kind == "refund_request":
-            refund = _text(rec.fields, "refund_id")
-            apart.append(
-                ApartLine(
-                    "credit_owed",
-                    rec.terminal_id,
-                    rec.seq,
-                    rec.amount,
-                    merchant_id,
-                    f"{reference}/{refund}" if refund else reference,
-                )
-            )
-        elif kind == "purchase":
-            if merchant_id not in register:
-                apart.append(
-                    ApartLine(
-                        "unassigned", rec.terminal_id, rec.seq, rec.amount, merchant_id, reference
-                    )
-                )
-                continue
-            entry = sums.setdefault(merchant_id, [0, 0])
-            entry[0] += 1
-            entry[1] += rec.amount
+        if business_day(rec.created_at, zone) == day:
+            tally.add(rec, register, bindings)
+    return settle_tally(day, tally, register, fees, version=version, paid_before=paid_before)
+
+
+def settle_tally(
+    day: date,
+    tally: DayTally,
+    register: Mapping[str, Merchant],
+    fees: FeeSchedule,
+    *,
+    version: int = 1,
+    paid_before: Mapping[str, int] | None = None,
+) -> Settlement:
+    """The merchant lines of a day's :class:`DayTally` (fees on each merchant's day sum)."""
+    sums = tally.sums
     before = paid_before or {}
     lines = []
     for merchant_id in sorted(set(sums) | set(before)):
@@ -393,7 +474,7 @@ def settle_day(
         lines.append(
             MerchantLine(merchant, count, purchases, rate, fee, commission, net, paid, net - paid)
         )
-    apart.sort(key=lambda a: (a.line, a.terminal_id, a.seq))
+    apart = sorted(tally.apart, key=lambda a: (a.line, a.terminal_id, a.seq))
     return Settlement(day, version, tuple(lines), tuple(apart))
 
 

@@ -5,7 +5,8 @@ Tables::
     terminals        terminal_id PK, public_key, registered_at, ack_seq, ack_hash, last_seen,
                      heartbeat (JSON)
     records          (terminal_id, seq) PK — the uniqueness that makes uploads idempotent —
-                     hash, created_at, kind, card_id, amount, body (the record's JSON line);
+                     hash, created_at, kind, card_id, amount, body (the record's JSON line),
+                     merchant_id (the record's ``fields.merchant_id``, for clearing in SQL);
                      a slot filled by a terminal's quarantine notice has kind ``quarantined``,
                      hash = the notice's ``chain_hash``, no card, amount 0, body the notice
     batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
@@ -17,8 +18,10 @@ Tables::
                      first occurrence stays in ``anomalies``
     pending_changes  id PK, kind 'blacklist', payload (JSON), requested_by, requested_at,
                      state 'pending' | 'approved' | 'rejected', decided_by, decided_at, version
-    blacklist_current  asn PK (16 hex digits), added_version
-    blacklist_changes  (version, asn) PK, op 'add' | 'remove'
+    blacklist_current  asn PK (16 hex digits: a raw serial; ``p:`` + decimal digits: a printed
+                     card number, the other key space of agent.blacklist), added_version
+    blacklist_changes  (version, asn) PK, op 'add' | 'remove'; one version chain for both
+                     spaces, each space published as its own signed list
     params           version PK, payload (JSON)
     host_meta        key PK, value
     terminal_entries terminal_id PK, kind, site, created_by, created_at; the pending enrolment
@@ -26,6 +29,9 @@ Tables::
                      code_expires_at and code_used_at, or expected_key (a pre-registered key)
     merchants        merchant_id PK, name, category, settlement_account, loaded_by, loaded_at:
                      the merchant register (issue 11), loaded whole from a CSV by an operator
+    merchant_terminals  terminal_id PK, merchant_id, bound_by, bound_at: the merchant each
+                     terminal is bound to (clearing pays a merchant only its own terminals'
+                     records)
     settlements      (day, version) PK, content (the settlement CSV), signature (host key, hex),
                      view (JSON figures), cleared_by, cleared_at: every clearing run of a day;
                      a re-run after late records is the next version
@@ -63,7 +69,9 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from agent.blacklist import PRINTED_MAX_DIGITS, SPACE_PRINTED, SPACE_SERIAL
 from agent.kiosk import bill_of_order
+from agent.merchant import MERCHANT_ID_FIELD
 from agent.offline_store.records import (
     GENESIS_HASH,
     QuarantineNotice,
@@ -74,7 +82,7 @@ from agent.offline_store.records import (
 from agent.pos.journal import ORDER_FIELD
 from clearinghost.bills import SELECT_BILL, Bill, bill_view
 from clearinghost.clearing import Finding, Refusal
-from clearinghost.settlement import DayRecord, Merchant
+from clearinghost.settlement import DayRecord, DayTally, Merchant
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +118,7 @@ class _Tx(Protocol):
     def run(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+    def each(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]: ...
 
 
 _SCHEMA = """
@@ -133,6 +142,7 @@ CREATE TABLE IF NOT EXISTS records (
     amount BIGINT NOT NULL,
     body TEXT NOT NULL,
     received_at DOUBLE PRECISION NOT NULL,
+    merchant_id TEXT,
     PRIMARY KEY (terminal_id, seq)
 );
 CREATE TABLE IF NOT EXISTS batches (
@@ -205,6 +215,7 @@ CREATE TABLE IF NOT EXISTS terminal_entries (
     expected_key TEXT
 );
 CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at);
+CREATE INDEX IF NOT EXISTS anomalies_record ON anomalies (terminal_id, seq, kind);
 CREATE TABLE IF NOT EXISTS merchants (
     merchant_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -222,6 +233,12 @@ CREATE TABLE IF NOT EXISTS settlements (
     cleared_by TEXT NOT NULL,
     cleared_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (day, version)
+);
+CREATE TABLE IF NOT EXISTS merchant_terminals (
+    terminal_id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    bound_by TEXT NOT NULL,
+    bound_at DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS resolutions (
     terminal_id TEXT NOT NULL,
@@ -581,7 +598,8 @@ class Storage:
                 )
                 tx.run(
                     "INSERT INTO records (terminal_id, seq, hash, prev_hash, created_at, kind, "
-                    "card_id, amount, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "card_id, amount, body, received_at, merchant_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _slot_row(terminal_id, record, ack_hash, now),
                 )
                 result.stored += 1
@@ -706,31 +724,54 @@ class Storage:
         with self._transaction() as tx:
             return self._meta_int(tx, "blacklist_version")
 
-    def publish_blacklist(self, add: Sequence[int], remove: Sequence[int]) -> int:
-        """One new version with these changes (no-op entries are dropped); returns it."""
+    def publish_blacklist(
+        self,
+        add: Sequence[int],
+        remove: Sequence[int],
+        printed_add: Sequence[int] = (),
+        printed_remove: Sequence[int] = (),
+    ) -> int:
+        """One new version with these changes (no-op entries are dropped); returns it.
+        ``printed_*`` are printed card numbers (:func:`agent.blacklist.printed_key` values)."""
         with self._lock, self._transaction() as tx:
-            version = self._apply_blacklist(tx, add, remove)
-        log.info("blacklist published", version=version, add=len(add), remove=len(remove))
+            version = self._apply_blacklist(
+                tx, _keys(add, printed_add), _keys(remove, printed_remove)
+            )
+        log.info(
+            "blacklist published",
+            version=version,
+            add=len(add),
+            remove=len(remove),
+            printed_add=len(printed_add),
+            printed_remove=len(printed_remove),
+        )
         return version
 
-    def propose_blacklist(self, add: Sequence[int], remove: Sequence[int], by: str) -> int:
+    def propose_blacklist(
+        self,
+        add: Sequence[int],
+        remove: Sequence[int],
+        by: str,
+        printed_add: Sequence[int] = (),
+        printed_remove: Sequence[int] = (),
+    ) -> int:
         """Hold a blacklist change for a second operator's approval; returns its id."""
-        payload = json.dumps(
-            {"add": [_asn_text(a) for a in add], "remove": [_asn_text(a) for a in remove]}
-        )
+        change: dict[str, list[str]] = {
+            "add": [_asn_text(a) for a in add],
+            "remove": [_asn_text(a) for a in remove],
+        }
+        if printed_add or printed_remove:
+            change["printed_add"] = [_printed_text(p) for p in printed_add]
+            change["printed_remove"] = [_printed_text(p) for p in printed_remove]
+        entries = len(add) + len(remove) + len(printed_add) + len(printed_remove)
         with self._lock, self._transaction() as tx:
             row = tx.one(
                 "INSERT INTO pending_changes (kind, payload, entries, requested_by, requested_at, "
                 "state) VALUES ('blacklist', ?, ?, ?, ?, 'pending') RETURNING id",
-                (payload, len(add) + len(remove), by, time.time()),
+                (json.dumps(change), entries, by, time.time()),
             )
         assert row is not None
-        log.warning(
-            "blacklist change awaits approval",
-            id=int(row[0]),
-            by=by,
-            entries=len(add) + len(remove),
-        )
+        log.warning("blacklist change awaits approval", id=int(row[0]), by=by, entries=entries)
         return int(row[0])
 
     def pending_changes(self, state: str | None = "pending") -> list[dict[str, Any]]:
@@ -786,7 +827,10 @@ class Storage:
             if approve:
                 change = json.loads(payload)
                 version = self._apply_blacklist(
-                    tx, [int(a, 16) for a in change["add"]], [int(a, 16) for a in change["remove"]]
+                    tx,
+                    change["add"] + [PRINTED_PREFIX + p for p in change.get("printed_add", [])],
+                    change["remove"]
+                    + [PRINTED_PREFIX + p for p in change.get("printed_remove", [])],
                 )
             tx.run(
                 "UPDATE pending_changes SET state = ?, decided_by = ?, decided_at = ?, version = ? "
@@ -798,18 +842,17 @@ class Storage:
         )
         return version
 
-    def _apply_blacklist(self, tx: _Tx, add: Sequence[int], remove: Sequence[int]) -> int:
-        """One new blacklist version with these changes, in the caller's transaction."""
+    def _apply_blacklist(self, tx: _Tx, add: Sequence[str], remove: Sequence[str]) -> int:
+        """One new blacklist version with these changes (stored keys: :func:`_keys`), in the
+        caller's transaction."""
         version = self._meta_int(tx, "blacklist_version") + 1
-        for asn in sorted(set(remove)):
-            key = _asn_text(asn)
+        for key in sorted(set(remove)):
             if tx.run("DELETE FROM blacklist_current WHERE asn = ?", (key,)):
                 tx.run(
                     "INSERT INTO blacklist_changes (version, asn, op) VALUES (?, ?, 'remove')",
                     (version, key),
                 )
-        for asn in sorted(set(add) - set(remove)):
-            key = _asn_text(asn)
+        for key in sorted(set(add) - set(remove)):
             if tx.run(
                 "INSERT INTO blacklist_current (asn, added_version) VALUES (?, ?) "
                 "ON CONFLICT (asn) DO NOTHING",
@@ -822,17 +865,21 @@ class Storage:
         self._set_meta(tx, "blacklist_version", str(version))
         return version
 
-    def blacklist_snapshot(self) -> tuple[int, list[int]]:
+    def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
+        """The current version and the keys of one space (raw serials or printed numbers)."""
         with self._transaction() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
-        return version, [int(r[0], 16) for r in rows]
+        return version, [k for k in (_key_of(str(r[0]), space) for r in rows) if k is not None]
 
-    def blacklist_delta(self, since: int) -> tuple[int, list[int], list[int]]:
-        """Net changes from version ``since`` to the current one: (version, add, remove).
+    def blacklist_delta(
+        self, since: int, space: str = SPACE_SERIAL
+    ) -> tuple[int, list[int], list[int]]:
+        """Net changes of one key space from version ``since`` to the current one:
+        (version, add, remove).
 
-        The first change of an ASN after ``since`` tells its state at ``since`` (changes of one
-        ASN alternate add/remove), the current table its state now.
+        The first change of a key after ``since`` tells its state at ``since`` (changes of one
+        key alternate add/remove), the current table its state now.
         """
         with self._transaction() as tx:
             version = self._meta_int(tx, "blacklist_version")
@@ -845,12 +892,15 @@ class Storage:
             )
         add: list[int] = []
         remove: list[int] = []
-        for asn, first_op, now_listed in rows:
+        for text, first_op, now_listed in rows:
+            key = _key_of(str(text), space)
+            if key is None:
+                continue
             was_listed = first_op == "remove"
             if now_listed and not was_listed:
-                add.append(int(asn, 16))
+                add.append(key)
             elif not now_listed and was_listed:
-                remove.append(int(asn, 16))
+                remove.append(key)
         return version, add, remove
 
     # --- parameters ------------------------------------------------------------------------
@@ -910,7 +960,8 @@ class Storage:
 
     def day_records(self, start: str, end: str) -> list[DayRecord]:
         """Purchases, unresolved records and refund requests with ``start <= created_at <
-        end`` (record timestamps, UTC): what one business day's clearing reads."""
+        end`` (record timestamps, UTC), every one in memory: for inspection, tests and the
+        reference arithmetic; clearing itself reads :meth:`day_tally`."""
         with self._transaction() as tx:
             rows = tx.all(
                 "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
@@ -921,21 +972,104 @@ class Storage:
                 "ORDER BY r.terminal_id, r.seq",
                 (start, end),
             )
-        out = []
-        for terminal_id, seq, created_at, kind, amount, body, outcome in rows:
-            fields = json.loads(body).get("fields")
-            out.append(
-                DayRecord(
-                    str(terminal_id),
-                    int(seq),
-                    str(created_at),
-                    str(kind),
-                    int(amount),
-                    fields if isinstance(fields, dict) else {},
-                    str(outcome or ""),
+        return [_day_record(row) for row in rows]
+
+    def day_tally(
+        self, start: str, end: str
+    ) -> tuple[dict[str, Merchant], dict[str, str], DayTally]:
+        """One business day reduced in SQL (one transaction, so register, bindings and records
+        agree): the register, the terminal bindings, and the :class:`DayTally` whose payable
+        purchases (registered merchant, terminal bound to it) are counted and summed by the
+        database; only the records that may not be payable (unresolved, refund requests,
+        purchases of an unknown merchant or from an unbound terminal) come to Python, one at
+        a time. Memory does not grow with the day's purchases."""
+        tally = DayTally()
+        with self._transaction() as tx:
+            register = {
+                str(a): Merchant(str(a), str(b), str(c), str(d))
+                for a, b, c, d in tx.all(
+                    "SELECT merchant_id, name, category, settlement_account FROM merchants"
                 )
+            }
+            bindings = {
+                str(t): str(m)
+                for t, m in tx.all("SELECT terminal_id, merchant_id FROM merchant_terminals")
+            }
+            for merchant_id, count, amount in tx.all(
+                "SELECT r.merchant_id, COUNT(*), SUM(r.amount) FROM records r "
+                "JOIN merchant_terminals b ON b.terminal_id = r.terminal_id "
+                "AND b.merchant_id = r.merchant_id "
+                "JOIN merchants m ON m.merchant_id = r.merchant_id "
+                "WHERE r.created_at >= ? AND r.created_at < ? AND r.kind = 'purchase' "
+                "GROUP BY r.merchant_id",
+                (start, end),
+            ):
+                tally.pay(str(merchant_id), int(count), int(amount))
+            for row in tx.each(
+                "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
+                "s.outcome FROM records r "
+                "LEFT JOIN resolutions s ON s.terminal_id = r.terminal_id AND s.seq = r.seq "
+                "LEFT JOIN merchant_terminals b ON b.terminal_id = r.terminal_id "
+                "LEFT JOIN merchants m ON m.merchant_id = r.merchant_id "
+                "WHERE r.created_at >= ? AND r.created_at < ? AND ("
+                "r.kind IN ('unresolved', 'refund_request') OR (r.kind = 'purchase' AND ("
+                "m.merchant_id IS NULL OR b.merchant_id IS NULL "
+                "OR b.merchant_id <> r.merchant_id)))",
+                (start, end),
+            ):
+                tally.add(_day_record(row), register, bindings)
+        return register, bindings, tally
+
+    def bind_terminals(self, pairs: Sequence[tuple[str, str]], by: str) -> tuple[int, int]:
+        """Bind each terminal to a merchant (one transaction; a terminal bound again is moved
+        to the new merchant): ``(bound, moved)``."""
+        bound = moved = 0
+        now = time.time()
+        with self._lock, self._transaction() as tx:
+            for terminal_id, merchant_id in pairs:
+                known = tx.one(
+                    "SELECT merchant_id FROM merchant_terminals WHERE terminal_id = ?",
+                    (terminal_id,),
+                )
+                tx.run(
+                    "INSERT INTO merchant_terminals (terminal_id, merchant_id, bound_by, bound_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (terminal_id) DO UPDATE SET "
+                    "merchant_id = excluded.merchant_id, bound_by = excluded.bound_by, "
+                    "bound_at = excluded.bound_at",
+                    (terminal_id, merchant_id, by, now),
+                )
+                if known is None:
+                    bound += 1
+                elif known[0] != merchant_id:
+                    moved += 1
+        return bound, moved
+
+    def terminal_bindings(self) -> list[tuple[str, str]]:
+        """Every ``(terminal_id, merchant_id)`` binding, by terminal."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT terminal_id, merchant_id FROM merchant_terminals ORDER BY terminal_id"
             )
-        return out
+        return [(str(t), str(m)) for t, m in rows]
+
+    def flag_records(self, kind: str, items: Sequence[tuple[str, int, str]]) -> int:
+        """An anomaly ``kind`` for each ``(terminal_id, seq, detail)`` not flagged so yet
+        (clearing may run again: a record is flagged once; ``anomalies_record`` makes each
+        check an index look-up); returns how many are new, logged once."""
+        now = time.time()
+        added = 0
+        with self._lock, self._transaction() as tx:
+            for terminal_id, seq, detail in items:
+                added += tx.run(
+                    "INSERT INTO anomalies (terminal_id, seq, kind, detail, found_at) "
+                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM anomalies "
+                    "WHERE terminal_id = ? AND seq = ? AND kind = ?)",
+                    (terminal_id, seq, kind, detail, now, terminal_id, seq, kind),
+                )
+        if added:
+            first = next(iter(items))
+            log.warning("anomalies", kind=kind, new=added, first=f"{first[0]}/{first[1]}")
+        return added
 
     def resolve_record(self, terminal_id: str, seq: int, outcome: str, by: str) -> str:
         """Record an operator's decision on an ``unresolved`` record; answers its
@@ -1207,7 +1341,9 @@ def _slot_row(
             0,
             notice_to_json(entry),
             now,
+            None,
         )
+    merchant = entry.fields.get(MERCHANT_ID_FIELD)
     return (
         terminal_id,
         entry.seq,
@@ -1219,7 +1355,58 @@ def _slot_row(
         entry.amount,
         record_to_json(entry),
         now,
+        merchant if isinstance(merchant, str) else None,
     )
+
+
+def _add_merchant_column(tx: _Tx, has_column: str, from_body: str) -> None:
+    """A database made before records had ``merchant_id``: add the column and fill it from
+    each stored record's body (once, in the opening transaction), as ingest fills it: the
+    field's text, or NULL when the field is absent or not text."""
+    row = tx.one(has_column)
+    if row is not None and int(row[0]):
+        return
+    tx.run("ALTER TABLE records ADD COLUMN merchant_id TEXT")
+    filled = tx.run(
+        f"UPDATE records SET merchant_id = {from_body} "  # noqa: S608 - our constant SQL
+        "WHERE kind IN ('purchase', 'unresolved', 'refund_request')"
+    )
+    log.info("records.merchant_id added", filled=filled)
+
+
+def _day_record(row: Row) -> DayRecord:
+    terminal_id, seq, created_at, kind, amount, body, outcome = row
+    fields = json.loads(body).get("fields")
+    return DayRecord(
+        str(terminal_id),
+        int(seq),
+        str(created_at),
+        str(kind),
+        int(amount),
+        fields if isinstance(fields, dict) else {},
+        str(outcome or ""),
+    )
+
+
+PRINTED_PREFIX = "p:"  # a stored printed-number key: never 16 hex digits, so never a serial's
+
+
+def _printed_text(number: int) -> str:
+    if not 0 <= number < 10**PRINTED_MAX_DIGITS:
+        raise ValueError(f"printed number {number} has more than {PRINTED_MAX_DIGITS} digits")
+    return str(number)
+
+
+def _keys(serials: Sequence[int], printed: Sequence[int]) -> list[str]:
+    """The stored keys of serials (16 hex digits) and printed numbers (``p:`` + digits)."""
+    return [_asn_text(a) for a in serials] + [PRINTED_PREFIX + _printed_text(p) for p in printed]
+
+
+def _key_of(text: str, space: str) -> int | None:
+    """The list key of a stored key in ``space``; ``None`` if it belongs to the other one."""
+    if text.startswith(PRINTED_PREFIX):
+        return int(text[len(PRINTED_PREFIX) :]) if space == SPACE_PRINTED else None
+    return int(text, 16) if space == SPACE_SERIAL else None
 
 
 def _asn_text(asn: int) -> str:
@@ -1274,6 +1461,10 @@ class _SqliteTx:
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return list(self._conn.execute(sql, tuple(params)).fetchall())
 
+    def each(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        """Rows one at a time (SQLite steps the statement as they are read)."""
+        yield from self._conn.execute(sql, tuple(params))
+
 
 class SqliteStorage(Storage):
     """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut."""
@@ -1295,6 +1486,12 @@ class SqliteStorage(Storage):
                 ):
                     if statement.strip():
                         tx.run(statement)
+                _add_merchant_column(
+                    tx,
+                    "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'merchant_id'",
+                    "CASE WHEN json_type(body, '$.fields.merchant_id') = 'text' "
+                    "THEN json_extract(body, '$.fields.merchant_id') END",
+                )
         except (sqlite3.Error, StorageFailure) as exc:
             raise StorageFailure(f"host storage: cannot open {path}: {exc}") from exc
 
@@ -1356,6 +1553,10 @@ class _PgTx:
         self._cur.execute(self._sql(sql), tuple(params))
         return list(self._cur.fetchall())
 
+    def each(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        """Rows one at a time (libpq single-row mode), never the whole result in memory."""
+        yield from self._cur.stream(self._sql(sql), tuple(params))
+
 
 class PostgresStorage(Storage):
     """PostgreSQL through psycopg 3 (``dsn`` as libpq understands it)."""
@@ -1372,6 +1573,13 @@ class PostgresStorage(Storage):
                 for statement in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
                     if statement.strip():
                         tx.run(statement)
+                _add_merchant_column(
+                    tx,
+                    "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = "
+                    "current_schema() AND table_name = 'records' AND column_name = 'merchant_id'",
+                    "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
+                    "THEN body::jsonb #>> '{fields,merchant_id}' END",
+                )
         except psycopg.Error as exc:
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
 

@@ -26,13 +26,14 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
 
-from agent.blacklist import BlacklistRejected, Keys, list_document_size
+from agent.blacklist import SPACE_SERIAL, BlacklistRejected, Keys, list_document_size
 from sync import protocol
 from sync.errors import HostBusy, HostError, HostUnreachable, ProtocolError
 from sync.protocol import Ack, UploadBatch
@@ -176,17 +177,23 @@ class SyncClient:
         )
         return protocol.parse_ack(self._json(response), batch, local_last_seq, host_public_key)
 
-    def fetch_blacklist(self, since: int, sink: Sink | None = None) -> bytes:
-        """The signed list (delta from ``since`` or snapshot). With ``sink``, its decoded bytes
-        go there in steps as they arrive and nothing is returned (``b""``); a
+    def fetch_blacklist(
+        self, since: int, sink: Sink | None = None, *, space: str = SPACE_SERIAL
+    ) -> bytes:
+        """The signed list of a key space (delta from ``since`` or snapshot): raw serials, or
+        printed numbers (``space=printed``, query ``space=printed``). With ``sink``, its
+        decoded bytes go there in steps as they arrive and nothing is returned (``b""``); a
         :class:`BlacklistRejected` the sink raises refuses the answer (ProtocolError)."""
+        params: dict[str, Any] = {"since": since}
+        if space != SPACE_SERIAL:
+            params["space"] = space
         response = self._send(
             "GET",
             protocol.BLACKLIST_PATH,
             limit=MAX_LIST_ANSWER_BYTES,
-            size_of=list_document_size,
+            size_of=partial(list_document_size, space=space),
             sink=sink,
-            params={"since": since},
+            params=params,
         )
         return response.content
 

@@ -13,6 +13,8 @@ Jobs
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
                revocation of the signing keys, accepted only if the root in force signed it),
                then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
+    printed_blacklist  the same for the printed-number list (a key space of its own, its own
+               file); a separate job, so its failures never delay the serial list.
     params     the same root pull, then the signed parameter set. On start the daemon pins
                its ``--host-public-key`` (root keys, ``--root-threshold``) for the agent in
                ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
@@ -63,6 +65,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.blacklist import (
     BLACKLIST_FILE,
+    PRINTED_BLACKLIST_FILE,
+    SPACE_PRINTED,
+    SPACE_SERIAL,
     ApplyResult,
     Blacklist,
     BlacklistBaseMismatch,
@@ -161,6 +166,8 @@ class SyncDaemon:
     device_public_key: bytes
     device_sign: Callable[[bytes], bytes]  # the device key's: proof of possession at enrolment
     root: RootFile | None = None
+    # the printed-number list (agent.blacklist, its own key space); None: not pulled
+    printed_blacklist: Blacklist | None = None
     flush_flag: Path | None = None
     checks_file: Path | None = None
     rng: random.Random = field(default_factory=random.Random)
@@ -406,33 +413,45 @@ class SyncDaemon:
         return accepted
 
     def pull_blacklist(self) -> ApplyResult | None:
-        """Fetch and apply; ``None`` if the list is unchanged. Raises ListRejected.
+        """Fetch and apply the serial list. Raises ListRejected.
 
         The answer streams to a file beside the blacklist while it is checked and hashed
         (:class:`agent.blacklist.IncomingList`); it is verified and applied only once whole."""
         self.pull_root()
-        since = self.blacklist.version
+        return self._pull_list(self.blacklist, "blacklist")
+
+    def pull_printed_blacklist(self) -> ApplyResult | None:
+        """Fetch and apply the printed-number list (``None`` if this daemon keeps none): its
+        own job, so a host that cannot serve it (an older host) or a refused answer never
+        holds back the serial list. Raises ListRejected naming it."""
+        if self.printed_blacklist is None:
+            return None
+        self.pull_root()
+        return self._pull_list(self.printed_blacklist, "printed_blacklist")
+
+    def _pull_list(self, listed: Blacklist, name: str) -> ApplyResult:
+        since = listed.version
         try:
             try:
-                result = self._apply_blacklist(since)
+                result = self._apply_blacklist(listed, since)
             except BlacklistBaseMismatch:
-                log.warning("blacklist delta does not apply; asking for a snapshot", since=since)
-                result = self._apply_blacklist(0)
+                log.warning(f"{name} delta does not apply; asking for a snapshot", since=since)
+                result = self._apply_blacklist(listed, 0)
         except BlacklistRejected as exc:
-            log.error("blacklist refused", reason=str(exc), loaded_version=self.blacklist.version)
-            raise ListRejected(str(exc)) from exc
-        self._checked("blacklist", self.blacklist.checked_at)
+            log.error(f"{name} refused", reason=str(exc), loaded_version=listed.version)
+            raise ListRejected(f"{name}: {exc}") from exc
+        self._checked(name, listed.checked_at)
         return result
 
-    def _apply_blacklist(self, since: int) -> ApplyResult:
-        incoming = self._retrying("blacklist", lambda: self._fetch_blacklist(since))
-        return self.blacklist.apply_incoming(incoming, self.signing_keys)
+    def _apply_blacklist(self, listed: Blacklist, since: int) -> ApplyResult:
+        incoming = self._retrying("blacklist", lambda: self._fetch_blacklist(listed, since))
+        return listed.apply_incoming(incoming, self.signing_keys)
 
-    def _fetch_blacklist(self, since: int) -> IncomingList:
+    def _fetch_blacklist(self, listed: Blacklist, since: int) -> IncomingList:
         """One attempt: the answer streamed into a fresh incoming file (removed on failure)."""
-        incoming = self.blacklist.incoming()
+        incoming = listed.incoming()
         try:
-            self.client.fetch_blacklist(since, incoming.feed)
+            self.client.fetch_blacklist(since, incoming.feed, space=listed.space)
         except BaseException:
             incoming.discard()
             raise
@@ -486,6 +505,8 @@ class SyncDaemon:
             "errors": {n: s.last_error for n, s in self._jobs.items() if s.last_error},
         }
         figures.update(self.blacklist.health())
+        if self.printed_blacklist is not None:
+            figures.update(self.printed_blacklist.health())
         return figures
 
     def _clock_offset_figures(self) -> dict[str, Any]:
@@ -627,6 +648,7 @@ class SyncDaemon:
         scheduler.add_job(self._upload_job, "interval", seconds=s.check_interval_s, id="upload")
         for name, interval, work in (
             ("blacklist", s.blacklist_interval_s, self.pull_blacklist),
+            ("printed_blacklist", s.blacklist_interval_s, self.pull_printed_blacklist),
             ("params", s.params_interval_s, self.pull_params),
             ("heartbeat", s.heartbeat_interval_s, self.send_heartbeat),
         ):
@@ -709,14 +731,8 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
     store = data.open_store()
     try:
         device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
-        try:
-            # the daemon looks no card up: it holds the list's header and offset table only
-            blacklist = Blacklist.open(
-                data_dir / BLACKLIST_FILE, auto_refresh_s=None, lookups=False
-            )
-        except BlacklistFileError as exc:
-            log.error("local blacklist unusable; a fresh snapshot will replace it", error=str(exc))
-            blacklist = Blacklist(data_dir / BLACKLIST_FILE, auto_refresh_s=None, lookups=False)
+        blacklist = _open_list(data_dir / BLACKLIST_FILE, SPACE_SERIAL)
+        printed = _open_list(data_dir / PRINTED_BLACKLIST_FILE, SPACE_PRINTED)
         pinned = pinned_root(
             settings.root_keys or (settings.host_public_key,), settings.root_threshold
         )
@@ -738,6 +754,7 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         store=store,
         client=client,
         blacklist=blacklist,
+        printed_blacklist=printed,
         params=params,
         device_public_key=device_key.public_key_bytes,
         device_sign=device_key.sign,
@@ -749,6 +766,20 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         clock_offset_file=data_dir / CLOCK_OFFSET_FILE,
         **options,
     )
+
+
+def _open_list(path: Path, space: str) -> Blacklist:
+    """One of the agent's list files; the daemon looks no card up: it holds the list's header
+    and offset table only. A corrupt file is replaced by the next snapshot."""
+    try:
+        return Blacklist.open(path, auto_refresh_s=None, lookups=False, space=space)
+    except BlacklistFileError as exc:
+        log.error(
+            "local blacklist unusable; a fresh snapshot will replace it",
+            path=str(path),
+            error=str(exc),
+        )
+        return Blacklist(path, auto_refresh_s=None, lookups=False, space=space)
 
 
 def read_clock_offset(path: Path) -> dict[str, Any]:

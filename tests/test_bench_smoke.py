@@ -107,3 +107,29 @@ def test_bench_load_writes_its_report(tmp_path: Path, capsys) -> None:
     assert "'software': ['authorised'], 'SoftHSM2': ['authorised']" in report
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_pos_writes_round_trips_and_clearing(tmp_path: Path, capsys) -> None:
+    """A tiny run of the POS bench: the purchase round trip beside the bare tap on the same
+    simulated field, and a day's clearing on a real PostgreSQL server (figures, no timings)."""
+    from bench import bench_pos
+
+    output = tmp_path / "RESULTS-pos.md"
+    config_before = structlog.get_config()
+
+    args = ["--purchases", "4", "--warmup", "1", "--records", "300", "--output", str(output)]
+    assert bench_pos.main(args) == 0
+
+    report = output.read_text(encoding="utf-8")
+    for heading in ("# POS benchmark", "## Round trip", "## Round-trip ratios", "## Clearing"):
+        assert f"\n{heading}\n" in f"\n{report}"
+    assert "N = 4 measured purchases" in report
+    assert report.count("{'paid': 4}") == 2  # the POS and the bare tap both paid every time
+    assert "POS / bare tap, p50" in report and "POS / bare tap, p99" in report
+    assert "`--records 300`" in report
+    rows = [line for line in report.splitlines() if line.startswith("| clear (SQL) |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["30", "300", "30"]
+    assert "| old path: all records in Python | 30 |" in report
+    assert report.count(": reconciles") == 2 and "DOES NOT RECONCILE" not in report
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before

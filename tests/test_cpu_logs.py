@@ -70,7 +70,7 @@ def inspect(name: str) -> cpu_inspect.CardReport:
 def test_beijing_tunion_log_of_ten_records() -> None:
     """CoreExtendedNFC's logged Beijing T-Union card: ten EF18 records, newest first, counters
     00B1 down to 00A8, compound purchases (09) of 0.00 / 1.60 / 3.80 ... (§2.3 EF18)."""
-    report = inspect("tunion-beijing-coreextendednfc")
+    report = inspect("tunion-nanjing-coreextendednfc-1")
     assert [e.counter for e in report.log] == list(range(0xB1, 0xA7, -1))
     first, second, third = report.log[:3]
     assert first == cpu_logs.LogEntry(
@@ -103,7 +103,7 @@ def test_shanghai_tunion_negative_purse_is_subtracted() -> None:
         ("macau-pass-nfsee", 56100, 3, (8, 30, 0x09, "000000011735")),
         ("shenzhen-tong-cardemulator", 100, 2, (0x1A, 160, 0x09, "000031011652")),
         ("tunion-shenzhen-nfsee", 5710, 3, (2, 1000, 0x05, "000000000024")),
-        ("tunion-shenzhen-coreextendednfc", 250, 2, (0x57, 600, 0x09, "413101925969")),
+        ("tunion-nanjing-coreextendednfc-2", 250, 2, (0x57, 600, 0x09, "413101925969")),
     ],
 )
 def test_golden_logs_and_shown_balances(
@@ -115,6 +115,27 @@ def test_golden_logs_and_shown_balances(
     entry = report.log[0]
     assert (entry.counter, entry.amount, entry.transaction_type, entry.terminal) == first
     assert all(e.when is not None and 2015 <= e.when.year <= 2025 for e in report.log)
+
+
+def test_hangzhou_logs_as_the_published_reads_show_them() -> None:
+    """Two Hangzhou CJ/T 166 cards logged on web pages (tests/golden_cards/hangzhou-*.json):
+    EF18 as the authors split it (counter, amount, type 09, terminal 3100..., date-time), the
+    balance GET BALANCE gave (39.08 and 58.32); the missing CAPP trip record is a problem in
+    the report, not a failure."""
+    report = inspect("hangzhou-tong-youngbug")
+    assert report.shown_balance == 3908
+    assert [e.counter for e in report.log] == list(range(8, 1, -1))
+    assert [e.amount for e in report.log] == [0x16C, 0, 0xB6, 0, 0xB6, 0, 0xB6]
+    assert {e.transaction_type for e in report.log} == {0x09}
+    assert report.log[0].terminal == "310001029313"
+    assert report.log[0].when == dt.datetime(2014, 6, 14, 17, 36, 11)
+    assert report.log[-1].when == dt.datetime(2014, 6, 14, 8, 55, 25)
+    assert report.trips == []
+    other = inspect("hangzhou-cjt166-ziyan22")
+    assert other.shown_balance == 5832
+    assert other.log == [
+        cpu_logs.LogEntry(0x18, 0, 0x111, 0x09, "310001050306", dt.datetime(2016, 1, 9, 16, 44, 59))
+    ]
 
 
 def test_read_record_commands_are_the_spec_apdus() -> None:
@@ -297,6 +318,38 @@ def test_tunion_trip_record_has_the_real_field_positions(tmp_path: Path) -> None
         "01663310",
     )
     rig.close()
+
+
+def test_a_real_tunion_trip_record_is_read_and_written_at_its_own_positions() -> None:
+    """A real EF1E record, published with its EF18 twin (T-Union_Master's format document,
+    tests/golden_records): read by the READ RECORD step and the T-Union layout, every field
+    is where T-Union_Master's parser takes it (type 0, terminal 1..8, sub-type 9, line and
+    station 10.., amount 0x11, balance 0x15, time 0x19, city 0x20, institution 0x22 as a
+    4-byte code + FF x 4); the agent's writer, given those fields, writes the same 48 bytes."""
+    golden = load(
+        ROOT / "tests" / "golden_records" / "tunion-beijing-metro-exit-t-union-master.json"
+    )
+    replay = Replay(golden["exchanges"])
+    want = golden["expect"]
+    records = cpu_purse.drive(cpu_logs.read_trips(TUNION_EF1E), replay)
+    assert replay.sent[:2] == ["00B201F400", "00B202F400"]  # record 2 not recorded: 6A82, stop
+    assert len(records) == 1 and len(records[0]) == 48
+    trip = cpu_logs.parse_trip(TUNION_EF1E, records[0])
+    expected = dict(want["trip"], when=dt.datetime.fromisoformat(want["trip"]["when"]))
+    assert trip == cpu_logs.Trip(**expected)
+    assert records[0][34:42] == bytes.fromhex("01011000FFFFFFFF")  # code + FF x 4, as ours
+    assert cpu_logs.build_trip(TUNION_EF1E, trip) == records[0]
+    log = cpu_purse.drive(cpu_logs.read_transactions(1), replay)
+    entry = cpu_logs.parse_log_entry(log[0], TimeEncoding.BCD)
+    expected_log = dict(
+        want["log"], overdraft=0, when=dt.datetime.fromisoformat(want["log"]["when"])
+    )
+    assert entry == cpu_logs.LogEntry(**expected_log)
+    # the trip and the transaction log describe one exit: same terminal, time and amount
+    assert trip.terminal.endswith(entry.terminal) and (trip.when, trip.amount) == (
+        entry.when,
+        entry.amount,
+    )
 
 
 def test_cjt166_capp_record_keeps_its_header_and_bcd_line() -> None:

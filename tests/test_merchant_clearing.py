@@ -5,7 +5,9 @@ the admin routes on a real host (uvicorn on 127.0.0.1) with their operator roles
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import random
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
@@ -27,6 +29,7 @@ from agent.tap.context import with_merchant
 from agent.tap.journal import unresolved_body
 from clearinghost import cli
 from clearinghost.keys import HostKey
+from clearinghost.merchant_clearing import MerchantClearing
 from clearinghost.operators import OPERATOR, VIEWER, Operators, add_operator
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.settlement import (
@@ -43,10 +46,11 @@ from clearinghost.settlement import (
     parse_day,
     parse_register,
     settle_day,
+    settle_tally,
     settlement_csv,
     signed_message,
 )
-from clearinghost.storage import SqliteStorage, Storage
+from clearinghost.storage import PostgresStorage, SqliteStorage, Storage
 from tests import pos_stack
 from tests.fake_reader.scenario import make_card
 from tests.test_profile import raw_demo
@@ -209,20 +213,33 @@ def day_records(draw: st.DrawFn) -> list[DayRecord]:
     return out
 
 
-@given(day_records(), st.dictionaries(st.sampled_from(CATEGORIES), st.integers(0, 1000)))
+TERMINALS = ("T0", "T1", "T2")
+bindings_of = st.dictionaries(st.sampled_from(TERMINALS), st.sampled_from([*REGISTER]))
+
+
+def is_bound(r: DayRecord, bindings: dict[str, str]) -> bool:
+    return bindings.get(r.terminal_id) == r.fields.get("merchant_id")
+
+
+@given(
+    day_records(),
+    st.dictionaries(st.sampled_from(CATEGORIES), st.integers(0, 1000)),
+    bindings_of,
+)
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_settlement_totals_reconcile_to_the_fen(
-    records: list[DayRecord], rates: dict[str, int]
+    records: list[DayRecord], rates: dict[str, int], bindings: dict[str, str]
 ) -> None:
     fees = FeeSchedule.from_mapping({"rates_bp": rates})
-    s = settle_day(DAY, records, REGISTER, fees, ZONE)
+    s = settle_day(DAY, records, REGISTER, fees, ZONE, bindings=bindings)
     todays = [
         r
         for r in records
         if business_day(r.created_at, ZONE) == DAY and r.resolution != "void" and r.kind != "lock"
     ]
     debits = [r for r in todays if r.kind == "purchase" or r.resolution == "paid"]
-    paid = [r for r in debits if r.fields.get("merchant_id") in REGISTER]
+    registered = [r for r in debits if r.fields.get("merchant_id") in REGISTER]
+    paid = [r for r in registered if is_bound(r, bindings)]
     # purchases = net payouts + fees (+ utility commissions), to the fen
     assert s.purchases == s.net + s.fees + s.commissions
     assert s.purchases == sum(r.amount for r in paid)
@@ -239,7 +256,10 @@ def test_settlement_totals_reconcile_to_the_fen(
         if r.kind == "unresolved" and not r.resolution:
             assert apart[(r.terminal_id, r.seq)] == "unresolved"
         elif r.kind == "refund_request":
-            assert apart[(r.terminal_id, r.seq)] == "credit_owed"
+            foreign = "merchant_id" in r.fields and not is_bound(r, bindings)
+            assert apart[(r.terminal_id, r.seq)] == ("unbound" if foreign else "credit_owed")
+        elif r in registered and r not in paid:  # a terminal not bound to that merchant
+            assert apart[(r.terminal_id, r.seq)] == "unbound"
         elif r in debits and r not in paid:
             assert apart[(r.terminal_id, r.seq)] == "unassigned"
     assert len(apart) == len(todays) - len(paid)
@@ -250,16 +270,18 @@ def test_settlement_totals_reconcile_to_the_fen(
     assert int(total[6]) == int(total[8]) + int(total[9]) + int(total[10])
 
 
-@given(day_records(), day_records())
+@given(day_records(), day_records(), bindings_of)
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_late_records_make_a_version_whose_adjustments_reconcile(
-    first: list[DayRecord], late: list[DayRecord]
+    first: list[DayRecord], late: list[DayRecord], bindings: dict[str, str]
 ) -> None:
     fees = FeeSchedule()
-    v1 = settle_day(DAY, first, REGISTER, fees, ZONE)
+    v1 = settle_day(DAY, first, REGISTER, fees, ZONE, bindings=bindings)
     late = [DayRecord(r.terminal_id, r.seq + 1000, *_rest(r)) for r in late]
     nets = {m.merchant.merchant_id: m.net for m in v1.merchants}
-    v2 = settle_day(DAY, first + late, REGISTER, fees, ZONE, version=2, paid_before=nets)
+    v2 = settle_day(
+        DAY, first + late, REGISTER, fees, ZONE, bindings=bindings, version=2, paid_before=nets
+    )
     assert sum(m.paid_before for m in v2.merchants) == v1.net
     assert sum(m.to_pay for m in v2.merchants) == v2.net - v1.net
     assert v2.purchases == v2.net + v2.fees + v2.commissions
@@ -279,7 +301,7 @@ def test_the_register_decides_the_rate_not_the_record() -> None:
         "T1", 1, "2024-05-01T04:00:00.000Z", "purchase", 10_000,
         {"merchant_id": "M-DIN", "merchant_category": "department_store"},
     )  # fmt: skip
-    s = settle_day(DAY, [record], REGISTER, FeeSchedule(), ZONE)
+    s = settle_day(DAY, [record], REGISTER, FeeSchedule(), ZONE, bindings={"T1": "M-DIN"})
     assert (s.merchants[0].rate_bp, s.merchants[0].fee, s.merchants[0].net) == (225, 225, 9775)
 
 
@@ -389,15 +411,24 @@ class Site:
             clock=lambda: NOW,
         )
         self.server = HostServer(create_app(self.host))
-        self.device = DeviceKey.generate()
-        self.host.storage.register_terminal("POS-1", self.device.public_key_bytes.hex())
-        self.records: list[tuple[str, str, int, dict[str, Any]]] = []
+        self.devices: dict[str, DeviceKey] = {}
+        self.records: dict[str, list[tuple[str, str, int, dict[str, Any]]]] = {}
 
-    def add(self, *items: tuple[str, str, int, dict[str, Any]]) -> None:
-        """Records arriving now (a later batch re-sends the chain from seq 1: idempotent)."""
-        self.records.extend(items)
-        records = sealed(self.device, "POS-1", self.records)
-        self.host.storage.ingest("POS-1", f"b{len(self.records)}", records, {})
+    def bind(self, terminal: str, merchant_id: str) -> None:
+        """The operator binds the terminal to its merchant (the register must hold it)."""
+        self.host.storage.bind_terminals([(terminal, merchant_id)], "alice")
+
+    def add(self, *items: tuple[str, str, int, dict[str, Any]], terminal: str = "POS-1") -> None:
+        """Records of ``terminal`` arriving now (a later batch re-sends the chain from seq 1:
+        idempotent)."""
+        if terminal not in self.devices:
+            self.devices[terminal] = DeviceKey.generate()
+            key = self.devices[terminal].public_key_bytes.hex()
+            self.host.storage.register_terminal(terminal, key)
+        mine = self.records.setdefault(terminal, [])
+        mine.extend(items)
+        records = sealed(self.devices[terminal], terminal, mine)
+        self.host.storage.ingest(terminal, f"b{len(mine)}", records, {})
 
     def url(self, path: str) -> str:
         return self.server.url + "/v1/admin" + path
@@ -449,10 +480,12 @@ REFUND = {"pos_order": "o1", "refund_id": "r1", **merchant("M-DIN")}
 
 def test_clearing_a_day_signs_its_file_and_a_late_record_makes_version_2(site: Site) -> None:
     httpx.post(site.url("/merchants"), json={"csv": REGISTER_CSV}, headers=site.operator)
+    for terminal, mid in (("POS-1", "M-DIN"), ("POS-2", "M-TOU"), ("POS-3", "M-UTL")):
+        site.bind(terminal, mid)
+    site.add(("2024-05-01T03:00:00.000Z", "purchase", 333, merchant("M-TOU")), terminal="POS-2")
+    site.add(("2024-05-01T04:00:00.000Z", "purchase", 20_000, merchant("M-UTL")), terminal="POS-3")
     site.add(
         ("2024-04-30T17:00:00.000Z", "purchase", 10_000, merchant("M-DIN")),
-        ("2024-05-01T03:00:00.000Z", "purchase", 333, merchant("M-TOU")),
-        ("2024-05-01T04:00:00.000Z", "purchase", 20_000, merchant("M-UTL")),
         ("2024-05-01T05:00:00.000Z", "unresolved", 700, {"merchant_id": "M-DIN"}),
         ("2024-05-01T06:00:00.000Z", "refund_request", 1_000, REFUND),
         ("2024-05-01T16:30:00.000Z", "purchase", 999, merchant("M-DIN")),  # 2024-05-02
@@ -482,10 +515,11 @@ def test_clearing_a_day_signs_its_file_and_a_late_record_makes_version_2(site: S
         "credits_owed": 1_000,
         "unresolved": 700,
         "unassigned": 0,
+        "unbound": 0,
     }
     assert [(a["line"], a["seq"], a["reference"]) for a in v1["apart"]] == [
-        ("credit_owed", 5, "o1/r1"),
-        ("unresolved", 4, ""),
+        ("credit_owed", 3, "o1/r1"),
+        ("unresolved", 2, ""),
     ]
     # the file verifies with the host's public key
     file = httpx.get(site.url("/clearing/2024-05-01/file"), headers=site.viewer)
@@ -548,6 +582,7 @@ def test_a_day_not_over_and_bad_input_are_refused_naming_the_problem(site: Site)
 
 def test_an_unresolved_record_is_settled_when_an_operator_resolves_it(site: Site) -> None:
     httpx.post(site.url("/merchants"), json={"csv": REGISTER_CSV}, headers=site.operator)
+    site.bind("POS-1", "M-SUP")
     site.add(
         ("2024-05-01T03:00:00.000Z", "purchase", 1_000, merchant("M-SUP")),
         ("2024-05-01T04:00:00.000Z", "unresolved", 500, merchant("M-SUP")),
@@ -595,6 +630,13 @@ def test_cardhost_merchant_and_clear_commands(site: Site, tmp_path: Path) -> Non
     assert cli.main(["merchant", *base, "load", str(good)]) == 0
     assert [m.merchant_id for m in site.host.storage.merchants()] == sorted(REGISTER)
     assert cli.main(["merchant", *base, "list"]) == 0
+    bindings = tmp_path / "terminals.csv"
+    bindings.write_text("terminal_id,merchant_id\nPOS-1,M-NOPE\n", encoding="utf-8")
+    assert cli.main(["merchant", *base, "bind", str(bindings)]) == 2  # not in the register
+    bindings.write_text("terminal_id,merchant_id\nPOS-1,M-DIN\n", encoding="utf-8")
+    assert cli.main(["merchant", *base, "bind", str(bindings)]) == 0
+    assert site.host.storage.terminal_bindings() == [("POS-1", "M-DIN")]
+    assert cli.main(["merchant", *base, "terminals"]) == 0
     site.add(("2024-05-01T03:00:00.000Z", "purchase", 10_000, merchant("M-DIN")))
     out = tmp_path / "2024-05-01.csv"
     assert cli.main(["clear", *base, "--day", "2024-05-01", "--out", str(out)]) == 0
@@ -666,3 +708,201 @@ def test_any_register_text_loads_or_is_refused_naming_the_problem(text: str) -> 
 def test_a_register_with_crlf_line_ends_loads() -> None:
     text = "merchant_id,name,category,settlement_account\r\nM-1,Noodles,dining,ACCT1234\r\n"
     assert [m.merchant_id for m in parse_register(text)] == ["M-1"]
+
+
+# --- terminal binding, clearing in SQL (SQLite and PostgreSQL) ------------------------------------
+
+
+def clearing_of(storage: Storage) -> MerchantClearing:  # noqa: F811
+    return MerchantClearing(
+        storage, HostKey.generate(), FeeSchedule(), "Asia/Shanghai", lambda: NOW
+    )
+
+
+def test_a_merchant_is_never_paid_for_a_terminal_not_bound_to_it(storage: Storage) -> None:  # noqa: F811
+    """Records of a terminal bound to another merchant, or to none, are kept, listed apart as
+    ``unbound`` and flagged once as anomalies; the merchant's settlement leaves them out."""
+    storage.load_merchants(list(REGISTER.values()), "alice")
+    assert storage.bind_terminals([("POS-DIN", "M-DIN"), ("POS-SUP", "M-SUP")], "alice") == (2, 0)
+    keys = {t: DeviceKey.generate() for t in ("POS-DIN", "POS-SUP", "POS-NEW")}
+    claims = {
+        "POS-DIN": [("2024-05-01T03:00:00.000Z", "purchase", 10_000, merchant("M-DIN"))],
+        # a supermarket terminal claiming the restaurant's money, and its refund credit
+        "POS-SUP": [
+            ("2024-05-01T03:01:00.000Z", "purchase", 2_000, merchant("M-SUP")),
+            ("2024-05-01T03:02:00.000Z", "purchase", 5_000, merchant("M-DIN")),
+            ("2024-05-01T03:03:00.000Z", "refund_request", 300, {**REFUND, "refund_id": "r9"}),
+        ],
+        # an enrolled terminal nobody bound yet
+        "POS-NEW": [("2024-05-01T03:04:00.000Z", "purchase", 7_000, merchant("M-DIN"))],
+    }
+    for terminal, items in claims.items():
+        storage.register_terminal(terminal, keys[terminal].public_key_bytes.hex())
+        storage.ingest(terminal, "b1", sealed(keys[terminal], terminal, items), {})
+    clearing = clearing_of(storage)
+    created, v1 = clearing.clear("2024-05-01", "alice")
+    assert created
+    lines = {m["merchant_id"]: (m["count"], m["purchases"]) for m in v1["merchants"]}
+    assert lines == {"M-DIN": (1, 10_000), "M-SUP": (1, 2_000)}
+    apart = [
+        (a["line"], a["terminal_id"], a["seq"], a["amount"], a["reference"]) for a in v1["apart"]
+    ]
+    assert apart == [
+        ("unbound", "POS-NEW", 1, 7_000, ";bound=-"),
+        ("unbound", "POS-SUP", 2, 5_000, ";bound=M-SUP"),
+        ("unbound", "POS-SUP", 3, 300, "o1/r9;bound=M-SUP"),
+    ]  # fmt: skip
+    totals = v1["totals"]
+    assert totals["unbound"] == 12_300 and totals["purchases"] == 12_000
+    assert totals["purchases"] == totals["net"] + totals["fees"] + totals["commissions"]
+    # nothing lost: every record is still held, and each unbound one is an anomaly
+    assert storage.count_records() == 5
+    flagged = [a for a in storage.anomalies(limit=100) if a["kind"] == "merchant_not_bound"]
+    assert sorted((a["terminal_id"], a["seq"]) for a in flagged) == [
+        ("POS-NEW", 1), ("POS-SUP", 2), ("POS-SUP", 3),
+    ]  # fmt: skip
+    assert (
+        "bound to no merchant"
+        in next(a for a in flagged if a["terminal_id"] == "POS-NEW")["detail"]
+    )
+    # clearing again flags nothing twice; binding the new terminal pays its record (version 2)
+    assert clearing.clear("2024-05-01", "alice")[0] is False
+    assert storage.bind_terminals([("POS-NEW", "M-DIN")], "alice") == (1, 0)
+    created, v2 = clearing.clear("2024-05-01", "alice")
+    din = {m["merchant_id"]: m for m in v2["merchants"]}["M-DIN"]
+    assert created and (din["count"], din["purchases"], din["paid_before"]) == (2, 17_000, 9_775)
+    assert [a["terminal_id"] for a in v2["apart"]] == ["POS-SUP", "POS-SUP"]
+    assert len([a for a in storage.anomalies(limit=100) if a["kind"] == "merchant_not_bound"]) == 3
+    # moving a terminal is counted as a move
+    assert storage.bind_terminals([("POS-NEW", "M-SUP"), ("POS-DIN", "M-DIN")], "bob") == (0, 1)
+
+
+def test_bindings_csv_names_every_bad_line_and_binds_nothing(site: Site) -> None:
+    httpx.post(site.url("/merchants"), json={"csv": REGISTER_CSV}, headers=site.operator)
+    bad = "terminal_id,merchant_id\nPOS-1,M-DIN\nPOS-1,M-SUP\nPOS 2,M-SUP\nPOS-3\nPOS-4,M-GONE\n"
+    path = "/merchant-terminals"
+    answer = httpx.post(site.url(path), json={"csv": bad}, headers=site.operator)
+    assert (answer.status_code, answer.json()["error"]) == (422, "bad_bindings")
+    detail = answer.json()["detail"]
+    assert "line 3: terminal_id 'POS-1' already on line 2" in detail
+    assert "line 4:" in detail and "'POS 2'" in detail
+    assert "line 5: expected 2 fields, got 1" in detail
+    assert site.host.storage.terminal_bindings() == []
+    answer = httpx.post(
+        site.url(path), json={"csv": bad.split("POS-1,M-SUP", maxsplit=1)[0]}, headers=site.viewer
+    )
+    assert answer.status_code == 403
+    only_unknown = "terminal_id,merchant_id\nPOS-4,M-GONE\n"
+    answer = httpx.post(site.url(path), json={"csv": only_unknown}, headers=site.operator)
+    assert answer.status_code == 422
+    assert "line 2: merchant 'M-GONE' is not in the register" in answer.json()["detail"]
+    good = "terminal_id,merchant_id\nPOS-1,M-DIN\nPOS-2,M-SUP\n"
+    answer = httpx.post(site.url(path), json={"csv": good}, headers=site.operator)
+    assert answer.json() == {"bound": 2, "moved": 0}
+    listed = httpx.get(site.url(path), headers=site.viewer).json()["terminals"]
+    assert listed == [
+        {"terminal_id": "POS-1", "merchant_id": "M-DIN"},
+        {"terminal_id": "POS-2", "merchant_id": "M-SUP"},
+    ]
+
+
+def random_day(
+    seed: int,
+) -> tuple[dict[str, list[tuple[str, str, int, dict[str, Any]]]], dict[str, str]]:
+    """Records of four terminals around ``DAY`` (every kind, registered, unknown and missing
+    merchants) and bindings of three of them, from ``seed``."""
+    rng = random.Random(seed)
+    terminals = ("T-A", "T-B", "T-C", "T-D")
+    bindings = {t: rng.choice([*REGISTER]) for t in terminals[:3]}
+    per: dict[str, list[tuple[str, str, int, dict[str, Any]]]] = {t: [] for t in terminals}
+    for n in range(400):
+        terminal = rng.choice(terminals)
+        kind = rng.choice(["purchase"] * 6 + ["unresolved", "refund_request", "lock"])
+        mid = rng.choice([bindings.get(terminal, "M-DIN")] * 4 + [*REGISTER, "M-GONE", None])
+        fields: dict[str, Any] = {"pos_order": f"o{n}"}
+        if mid is not None:
+            fields["merchant_id"] = mid
+        if kind == "refund_request":
+            fields["refund_id"] = f"r{n}"
+        moment = DAY_START + timedelta(milliseconds=rng.randrange(-86_400_000, 2 * 86_400_000))
+        amount = rng.randrange(1, 500_000) if kind != "lock" else 0
+        per[terminal].append((stamp(moment), kind, amount, fields))
+    for items in per.values():
+        items.sort(key=lambda item: item[0])
+    return per, bindings
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_clearing_in_sql_agrees_with_the_reference_arithmetic(
+    storage: Storage,  # noqa: F811
+    seed: int,
+) -> None:
+    """The host's SQL path (sums in the database, only the records listed apart in Python)
+    gives exactly the settlement of the pure reference over the same records, for the day and
+    its neighbours, with resolutions and bindings."""
+    per, bindings = random_day(seed)
+    storage.load_merchants(list(REGISTER.values()), "alice")
+    storage.bind_terminals(sorted(bindings.items()), "alice")
+    everything: list[DayRecord] = []
+    for terminal, items in per.items():
+        key = DeviceKey.generate()
+        storage.register_terminal(terminal, key.public_key_bytes.hex())
+        storage.ingest(terminal, "b1", sealed(key, terminal, items), {})
+        for seq, (created_at, kind, amount, fields) in enumerate(items, start=1):
+            everything.append(DayRecord(terminal, seq, created_at, kind, amount, fields))
+    unresolved = [r for r in everything if r.kind == "unresolved"]
+    resolved = {}
+    for n, r in enumerate(unresolved[: len(unresolved) // 2]):
+        outcome = ("paid", "void")[n % 2]
+        storage.resolve_record(r.terminal_id, r.seq, outcome, "alice")
+        resolved[(r.terminal_id, r.seq)] = outcome
+    everything = [dataclasses.replace(r, resolution=resolved.get(_key(r), "")) for r in everything]
+    for day in (DAY - timedelta(days=1), DAY, DAY + timedelta(days=1)):
+        register, held, tally = storage.day_tally(*day_bounds(day, ZONE))
+        assert (register, held) == (REGISTER, bindings)
+        in_sql = settle_tally(day, tally, register, FeeSchedule())
+        reference = settle_day(day, everything, REGISTER, FeeSchedule(), ZONE, bindings=bindings)
+        assert in_sql == reference
+        assert settlement_csv(in_sql) == settlement_csv(reference)
+        assert reference.merchants and {a.line for a in reference.apart} >= {
+            "unbound",
+            "unassigned",
+        }
+
+
+def _key(r: DayRecord) -> tuple[str, int]:
+    return r.terminal_id, r.seq
+
+
+def test_a_database_from_before_the_merchant_column_is_filled_on_opening(
+    storage: Storage,  # noqa: F811
+) -> None:
+    """A host database whose records have no ``merchant_id`` column (made by an older host)
+    gets it on opening, filled from each record's body; clearing then pays as before."""
+    key = DeviceKey.generate()
+    storage.register_terminal("POS-1", key.public_key_bytes.hex())
+    items = [
+        ("2024-05-01T03:00:00.000Z", "purchase", 1_000, merchant("M-DIN")),
+        ("2024-05-01T03:01:00.000Z", "refund_request", 100, REFUND),
+        ("2024-05-01T03:02:00.000Z", "purchase", 50, {}),
+        ("2024-05-01T03:03:00.000Z", "purchase", 70, {"merchant_id": 7}),  # not text: none
+    ]
+    storage.ingest("POS-1", "b1", sealed(key, "POS-1", items), {})
+    storage.load_merchants(list(REGISTER.values()), "alice")
+    storage.bind_terminals([("POS-1", "M-DIN")], "alice")
+    with storage._transaction() as tx:
+        tx.run("ALTER TABLE records DROP COLUMN merchant_id")
+    if isinstance(storage, SqliteStorage):
+        reopened: Storage = SqliteStorage(storage.path)
+    else:
+        assert isinstance(storage, PostgresStorage)
+        reopened = PostgresStorage(storage.dsn)
+    try:
+        with reopened._transaction() as tx:
+            rows = tx.all("SELECT seq, merchant_id FROM records ORDER BY seq")
+        assert [tuple(r) for r in rows] == [(1, "M-DIN"), (2, "M-DIN"), (3, None), (4, None)]
+        _created, v1 = clearing_of(reopened).clear("2024-05-01", "alice")
+        assert [(m["merchant_id"], m["purchases"]) for m in v1["merchants"]] == [("M-DIN", 1_000)]
+        assert [a["line"] for a in v1["apart"]] == ["credit_owed", "unassigned", "unassigned"]
+    finally:
+        reopened.close()

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from agent.apdu import Command, Party, Response, parse_response
 from agent.errors import CardRemovedError, ConfigurationError, ReaderError, SamMuteError
+from agent.products import cpu_purse
 from agent.profile import parse_profile
 from agent.readers.base import CardReader, CardTechnology, SamSlot
 from agent.readers.pcsc import PcscCardReader, PcscSamSlot, parse_atr_historical, survey
@@ -174,8 +176,20 @@ def test_sam_slot_reset_transmit_and_absence(pcsc: PcscStack) -> None:
     assert answer[-2] in (0x90, 0x61)
 
 
+def _printed_number(card: Any) -> str:
+    """What the card steps read as the card's printed number (straight from the simulator)."""
+    app = demo_profile().applications[0]
+
+    def exchange(command: Command) -> Response:
+        return parse_response(card.process(command.to_bytes()), command, Party.CARD)
+
+    fci = cpu_purse.drive(cpu_purse.select_application(app), exchange)
+    return cpu_purse.drive(cpu_purse.read_card(app, fci), exchange).printed_number
+
+
 def test_survey_and_cardagent_readers(pcsc: PcscStack, tmp_path: Path) -> None:
     _insert_card(pcsc)
+    printed = _printed_number(make_card("tunion", 1, demo_keyset()))  # a twin, not touched
     pcsc.wait_card(CARD_READER, present=True)
     text = Path(demo_profile().source).read_text(encoding="utf-8")
     head, rest = text.split("[reader]", 1)
@@ -197,6 +211,8 @@ def test_survey_and_cardagent_readers(pcsc: PcscStack, tmp_path: Path) -> None:
     assert CARD_READER in out
     assert "contactless (card reader)" in out
     assert "card present, ATR 3B" in out
+    # the card in the profile's reader, read-only: its printed number (issue 15)
+    assert f"number {printed} (dialect t-union" in out
     assert SAM_READER in out
     assert "contact (PSAM reader)" in out
 

@@ -18,7 +18,7 @@ from agent.products.m1_purse import M1Session, M1Step, Recovery
 from agent.profile import Profile
 from agent.readers.base import CardPresence, CardReader, CardTechnology
 from agent.readers.storage import StorageCardReader
-from agent.tap.context import BlacklistLookup, SamRoutes
+from agent.tap.context import BlacklistLookup, PrintedLookup, SamRoutes
 from agent.tap.m1 import M1Handler, execute
 
 T = TypeVar("T")
@@ -61,6 +61,12 @@ def read_card(
         status, reason = "ok", ""
         if blacklist is not None and blacklist.contains(card.card_id):
             status, reason = "blacklisted", "on the blacklist in force"
+        elif (
+            blacklist is not None
+            and isinstance(blacklist, PrintedLookup)
+            and blacklist.contains_printed(card.printed_number)
+        ):
+            status, reason = "blacklisted", "printed number on the blacklist in force"
         else:
             try:
                 cpu_purse.qualify(card, profile, today)

@@ -44,6 +44,14 @@ class BlacklistLookup(Protocol):
 
 
 @runtime_checkable
+class PrintedLookup(Protocol):
+    """A blacklist that also lists printed card numbers, in a key space of their own
+    (:class:`agent.blacklist.CardBlacklist`)."""
+
+    def contains_printed(self, number: str) -> bool: ...
+
+
+@runtime_checkable
 class ExpiringList(Protocol):
     """A blacklist that knows when it expires (:class:`agent.blacklist.Blacklist` does)."""
 
@@ -112,14 +120,24 @@ class TapContext:
         except SamUnavailable as exc:
             raise TapRefused("sam_unavailable", str(exc)) from exc
 
-    def blacklisted(self, card_id: str, *, issuer: str = "", city: str = "") -> bool:
-        """True if the card is listed (the handler locks it). A card not listed while the
+    def blacklisted(
+        self, card_id: str, *, issuer: str = "", city: str = "", printed_number: str = ""
+    ) -> bool:
+        """True if the card is listed (the handler locks it): by its serial ``card_id``, or by
+        its ``printed_number`` in the printed-number list. A card not listed while the
         list has expired meets the profile's ``[blacklist] expired_policy``: kept with an
         alarm, or refused ``blacklist_expired`` (all cards, or those of the listed issuers)."""
         if self.blacklist is None:
             return False
         if self.blacklist.contains(card_id):
             return True  # a listed card is locked on any list, expired or not
+        if (
+            printed_number
+            and isinstance(self.blacklist, PrintedLookup)
+            and self.blacklist.contains_printed(printed_number)
+        ):
+            log.info("blacklisted_by_printed_number", card_id=card_id, printed=printed_number)
+            return True
         listed = self.blacklist
         if not isinstance(listed, ExpiringList) or not listed.is_expired(self.now.timestamp()):
             return False

@@ -98,7 +98,12 @@ class CpuHandler:
             if isinstance(recovered, TapOutcome):
                 return
             reusable = recovered
-        if ctx.blacklisted(card.card_id, issuer=card.issuer_id.hex().upper(), city=card.city_code):
+        if ctx.blacklisted(
+            card.card_id,
+            issuer=card.issuer_id.hex().upper(),
+            city=card.city_code,
+            printed_number=card.printed_number,
+        ):
             with ctx.phase("lock"):
                 self._lock(ctx, card_io, sam, card)
         with ctx.phase("qualify"):
