@@ -240,6 +240,9 @@ def test_utility_bills_clear_with_the_agency_commission(site: Site) -> None:
     site.host.storage.load_merchants(
         [Merchant("WATER-01", "City Water", "utility", "6222000000000001")], "alice"
     )
+    # the terminal binding of merchant clearing: this kiosk collects for the water company
+    # (a kiosk collecting for several utilities is not expressible as one binding yet)
+    site.host.storage.bind_terminals([(KIOSK, "WATER-01")], "alice")
     site.host.storage.load_bills(parse_bills(BILLS), "alice")
     records = _records(site.device, [("purchase", 4250, _paying("W-1", "WATER-01"))])
     site.host.storage.ingest(KIOSK, "b1", records, {})
