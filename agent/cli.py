@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_readers)
 
     register_pos(sub, DEFAULT_DATA_DIR)
+    from agent.kiosk.cli import register as register_kiosk
+
+    register_kiosk(sub, DEFAULT_DATA_DIR)
     from agent.console.cli import register as register_console
 
     register_console(sub, DEFAULT_DATA_DIR)

@@ -16,11 +16,13 @@
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
     cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
                                                       terminal -> merchant bindings
+    cardhost bills --host URL [--token-file F] load FILE.csv | list [--state S] [--account A]
+                                                      the utility bill book (一帐通)
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
-    cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk]   the whole system against
-                                                        simulated cards
+    cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk] [--serve]   the whole
+                                                      system against simulated cards
     cardhost blacklist --host URL [--token-file F] [--printed] add|remove CARD...   (operator
                      role; --printed: printed card numbers, e.g. 881146306)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
@@ -213,11 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--role",
-        choices=("bus", "fares", "pos"),
+        choices=("bus", "fares", "pos", "kiosk"),
         default="bus",
         help="bus: a validator and a stream of cards; fares: a bus line's fare policy, tap by "
-        "tap; pos: a shop counter session and its clearing",
+        "tap; pos: a shop counter session and its clearing; kiosk: the kiosk page (top-up, bills)",
     )
+    p.add_argument("--serve", action="store_true", help="kiosk: keep the page up until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("blacklist", help="publish a blacklist change at a host (admin API)")
@@ -266,6 +269,22 @@ def _parser() -> argparse.ArgumentParser:
         "bind: CSV terminal_id,merchant_id (a merchant is paid only its own terminals' records)",
     )
     p.set_defaults(func=cmd_merchant)
+
+    p = sub.add_parser("bills", help="load or list the utility bill book (admin API)")
+    p.add_argument("--host", required=True)
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
+    )
+    p.add_argument("action", choices=("load", "list"))
+    p.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        help="bill CSV: bill_id,account,utility,period,amount,merchant_id",
+    )
+    p.add_argument("--state", choices=("open", "payment_pending", "paid"), help="list only these")
+    p.add_argument("--account", help="list only this utility account")
+    p.set_defaults(func=cmd_bills)
 
     p = sub.add_parser("clear", help="clear one day's merchant purchases (admin API)")
     p.add_argument("--host", required=True)
@@ -570,6 +589,51 @@ def cmd_merchant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bills(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        query = "&".join(
+            f"{name}={value}"
+            for name, value in (("state", args.state), ("account", args.account))
+            if value
+        )
+        path = "/v1/admin/bills" + (f"?{query}" if query else "")
+        response = _admin_call(args, "GET", path, None)
+        if response is None:
+            return 2
+        if response.status_code != 200:
+            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+            return 2
+        _out("bill_id\taccount\tutility\tperiod\tamount\tstate\tdetail")
+        for b in response.json()["bills"]:
+            _out(
+                f"{b['bill_id']}\t{b['account']}\t{b['utility']}\t{b['period']}\t"
+                f"{b['amount']}\t{b['state']}\t{b['detail']}"
+            )
+        return 0
+    if args.file is None:
+        raise ConfigurationError("cardhost bills load needs the bill CSV file")
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{args.file}: unreadable: {exc}") from exc
+    response = _admin_call(args, "POST", "/v1/admin/bills", {"csv": text})
+    if response is None:
+        return 2
+    if response.status_code != 200:
+        try:
+            detail = str(response.json().get("detail", response.text))
+        except ValueError:
+            detail = response.text
+        _err(f"cardhost: {args.file} refused ({response.status_code}): {detail[:4000]}")
+        return 2
+    answer = response.json()
+    _err(
+        f"{args.file}: {answer['added']} bills added, {answer['updated']} updated, "
+        f"{answer['kept']} kept (being paid or paid)"
+    )
+    return 0
+
+
 def cmd_clear(args: argparse.Namespace) -> int:
     response = _admin_call(args, "POST", f"/v1/admin/clearing/{args.day}", {})
     if response is None:
@@ -630,6 +694,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from clearinghost.demo_pos import run_pos_demo
 
         return run_pos_demo(args.data_dir, seed=args.seed)
+    if args.role == "kiosk":
+        from clearinghost.demo_kiosk import run_kiosk_demo
+
+        return run_kiosk_demo(args.data_dir, serve=args.serve)
     return run_demo(args.data_dir, seed=args.seed)
 
 

@@ -74,6 +74,7 @@ from agent.products.fare_policy import publication_problem
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
 from clearinghost.keys import HostKey, sign_params
+from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
 from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
@@ -1098,6 +1099,7 @@ def create_app(host: ClearingHost) -> Starlette:
     ]
     kit = RouteKit(terminal_of, read_body, Refusal, parse_json, operator_name)
     routes += load_routes(host, kit, guarded, authorised)
+    routes += kiosk_routes(v1, host, kit, guarded, authorised, operator_name)
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
     return app

@@ -37,6 +37,11 @@ Tables::
                      a re-run after late records is the next version
     resolutions      (terminal_id, seq) PK, outcome 'paid' | 'void', resolved_by, resolved_at:
                      an operator's decision on an ``unresolved`` record (once, never changed)
+    bills            bill_id PK, account, utility, period, amount, merchant_id, state 'open' |
+                     'payment_pending' | 'paid', terminal_id, seq, card_id, detail, loaded_by,
+                     updated_at: the utility bill book (一帐通, issue 10,
+                     :mod:`clearinghost.bills`); a bill is ``paid`` only when its signed
+                     purchase record is ingested
 
 ``ack_seq``/``ack_hash`` is each terminal's cumulative acknowledgement: the records stored are
 exactly ``1..ack_seq``, each signed by the terminal's key and linked to its predecessor, and
@@ -65,6 +70,7 @@ import psycopg
 import structlog
 
 from agent.blacklist import PRINTED_MAX_DIGITS, SPACE_PRINTED, SPACE_SERIAL
+from agent.kiosk import bill_of_order
 from agent.merchant import MERCHANT_ID_FIELD
 from agent.offline_store.records import (
     GENESIS_HASH,
@@ -73,6 +79,8 @@ from agent.offline_store.records import (
     notice_to_json,
     record_to_json,
 )
+from agent.pos.journal import ORDER_FIELD
+from clearinghost.bills import SELECT_BILL, Bill, bill_view
 from clearinghost.clearing import Finding, Refusal
 from clearinghost.settlement import DayRecord, DayTally, Merchant
 
@@ -239,7 +247,23 @@ CREATE TABLE IF NOT EXISTS resolutions (
     resolved_by TEXT NOT NULL,
     resolved_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (terminal_id, seq)
-)
+);
+CREATE TABLE IF NOT EXISTS bills (
+    bill_id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    utility TEXT NOT NULL,
+    period TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    merchant_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    terminal_id TEXT,
+    seq BIGINT,
+    card_id TEXT,
+    detail TEXT NOT NULL,
+    loaded_by TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bills_by_account ON bills (account)
 """
 
 
@@ -580,6 +604,8 @@ class Storage:
                 )
                 result.stored += 1
                 ack_seq, ack_hash = record.seq, record.hash
+                if isinstance(record, Record):
+                    self._bill_evidence(tx, terminal_id, record, now)
                 for finding in findings.get(record.seq, ()):
                     self._anomaly(tx, terminal_id, record.seq, finding, now)
                     result.findings.append(finding)
@@ -1074,6 +1100,22 @@ class Storage:
                 "VALUES (?, ?, ?, ?, ?)",
                 (terminal_id, seq, outcome, by, time.time()),
             )
+            body = tx.one(
+                "SELECT body FROM records WHERE terminal_id = ? AND seq = ?", (terminal_id, seq)
+            )
+            fields = json.loads(str(body[0])).get("fields") if body is not None else None
+            bill_id = bill_of_order(fields.get(ORDER_FIELD)) if isinstance(fields, dict) else None
+            if bill_id is not None:  # an unresolved bill payment: the operator's word settles it
+                tx.run(
+                    "UPDATE bills SET state = ?, detail = ?, updated_at = ? WHERE bill_id = ? "
+                    "AND state = 'payment_pending'",
+                    (
+                        "paid" if outcome == "paid" else "open",
+                        f"record {terminal_id}/{seq} resolved {outcome} by {by}",
+                        time.time(),
+                        bill_id,
+                    ),
+                )
         return str(row[1])
 
     def latest_settlement(self, day: str) -> dict[str, Any] | None:
@@ -1126,6 +1168,145 @@ class Storage:
                 (limit,),
             )
         return [{"day": str(d), "version": int(v)} for d, v in rows]
+
+    # --- utility bills (一帐通, issue 10) ---------------------------------------------------
+
+    def load_bills(self, bills: Sequence[Bill], by: str) -> dict[str, int]:
+        """Add bills, or replace the details of bills still ``open`` (one transaction); a bill
+        being paid or paid is kept as it is. ``{"added", "updated", "kept"}``."""
+        counts = {"added": 0, "updated": 0, "kept": 0}
+        now = time.time()
+        with self._lock, self._transaction() as tx:
+            for bill in bills:
+                held = tx.one("SELECT state FROM bills WHERE bill_id = ?", (bill.bill_id,))
+                values = (bill.account, bill.utility, bill.period, bill.amount, bill.merchant_id)
+                if held is None:
+                    tx.run(
+                        "INSERT INTO bills (bill_id, account, utility, period, amount, "
+                        "merchant_id, state, detail, loaded_by, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'open', '', ?, ?)",
+                        (bill.bill_id, *values, by, now),
+                    )
+                    counts["added"] += 1
+                elif held[0] == "open":
+                    tx.run(
+                        "UPDATE bills SET account = ?, utility = ?, period = ?, amount = ?, "
+                        "merchant_id = ?, loaded_by = ?, updated_at = ? WHERE bill_id = ?",
+                        (*values, by, now, bill.bill_id),
+                    )
+                    counts["updated"] += 1
+                else:
+                    counts["kept"] += 1
+        return counts
+
+    def bills(self, account: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        where, params = [], []
+        if account is not None:
+            where.append("account = ?")
+            params.append(account)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        sql = SELECT_BILL + (" WHERE " + " AND ".join(where) if where else "")
+        with self._transaction() as tx:
+            rows = tx.all(sql + " ORDER BY account, period, bill_id", params)
+        return [bill_view(r) for r in rows]
+
+    def bill(self, bill_id: str) -> dict[str, Any] | None:
+        with self._transaction() as tx:
+            row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+        return None if row is None else bill_view(row)
+
+    def start_bill_payment(self, bill_id: str, terminal_id: str, card_id: str) -> dict[str, Any]:
+        """A kiosk starts paying ``bill_id``: ``open`` → ``payment_pending``. Again by the same
+        terminal: the bill as it is. :class:`PendingChangeRefused` ``unknown_bill``,
+        ``bill_paid`` or ``bill_payment_pending`` (another terminal is paying it)."""
+        with self._lock, self._transaction() as tx:
+            row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+            if row is None:
+                raise PendingChangeRefused("unknown_bill", f"no bill {bill_id}")
+            bill = bill_view(row)
+            if bill["state"] == "paid":
+                raise PendingChangeRefused(
+                    "bill_paid",
+                    f"bill {bill_id} is already paid (record {bill['terminal_id']}/{bill['seq']})",
+                )
+            if bill["state"] == "payment_pending" and bill["terminal_id"] != terminal_id:
+                raise PendingChangeRefused(
+                    "bill_payment_pending",
+                    f"bill {bill_id} is being paid at terminal {bill['terminal_id']}",
+                )
+            if bill["state"] == "open":
+                tx.run(
+                    "UPDATE bills SET state = 'payment_pending', terminal_id = ?, card_id = ?, "
+                    "seq = NULL, detail = ?, updated_at = ? WHERE bill_id = ?",
+                    (
+                        terminal_id,
+                        card_id,
+                        f"payment started at {terminal_id}: waiting for its signed record",
+                        time.time(),
+                        bill_id,
+                    ),
+                )
+            row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+        assert row is not None
+        return bill_view(row)
+
+    def release_bill_payment(self, bill_id: str, terminal_id: str) -> dict[str, Any]:
+        """The kiosk's payment was refused (no money moved): ``payment_pending`` → ``open``,
+        unless a record of it arrived (then it stays as the record says)."""
+        with self._lock, self._transaction() as tx:
+            row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+            if row is None:
+                raise PendingChangeRefused("unknown_bill", f"no bill {bill_id}")
+            bill = bill_view(row)
+            if bill["state"] == "paid":
+                raise PendingChangeRefused("bill_paid", f"bill {bill_id} is already paid")
+            if bill["terminal_id"] not in (None, terminal_id):
+                raise PendingChangeRefused(
+                    "bill_payment_pending",
+                    f"bill {bill_id} is being paid at terminal {bill['terminal_id']}",
+                )
+            if bill["state"] == "payment_pending" and bill["seq"] is None:
+                tx.run(
+                    "UPDATE bills SET state = 'open', terminal_id = NULL, card_id = NULL, "
+                    "detail = ?, updated_at = ? WHERE bill_id = ?",
+                    (f"payment at {terminal_id} refused, no money moved", time.time(), bill_id),
+                )
+            row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+        assert row is not None
+        return bill_view(row)
+
+    @staticmethod
+    def _bill_evidence(tx: _Tx, terminal_id: str, record: Record, now: float) -> None:
+        """A stored record that pays a bill (its POS order ``bill-<id>``): a ``purchase`` of
+        the bill's amount to the bill's merchant marks it ``paid``; an ``unresolved`` record
+        (or a purchase that does not match) leaves it ``payment_pending`` for the operator."""
+        bill_id = bill_of_order(record.fields.get(ORDER_FIELD))
+        if bill_id is None or record.kind not in ("purchase", "unresolved"):
+            return
+        row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
+        if row is None or row[6] == "paid":
+            return
+        where = f"record {terminal_id}/{record.seq}"
+        if record.kind == "purchase":
+            if record.amount == int(row[4]) and record.fields.get("merchant_id") == row[5]:
+                state, detail = "paid", f"paid: {where}"
+            else:
+                state = "payment_pending"
+                detail = (
+                    f"{where} paid {record.amount} fen to {record.fields.get('merchant_id')!r}, "
+                    f"not the bill's {row[4]} fen to {row[5]!r}: an operator must settle it"
+                )
+        else:
+            state = "payment_pending"
+            detail = f"{where} is unresolved: the clearing centre settles it"
+        tx.run(
+            "UPDATE bills SET state = ?, terminal_id = ?, seq = ?, card_id = ?, detail = ?, "
+            "updated_at = ? WHERE bill_id = ?",
+            (state, terminal_id, record.seq, record.card_id, detail, now, bill_id),
+        )
+        log.info("bill_evidence", bill_id=bill_id, state=state, detail=detail)
 
     # --- meta ------------------------------------------------------------------------------
 
