@@ -263,8 +263,20 @@ CREATE TABLE IF NOT EXISTS bills (
     loaded_by TEXT NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL
 );
-CREATE INDEX IF NOT EXISTS bills_by_account ON bills (account)
+CREATE INDEX IF NOT EXISTS bills_by_account ON bills (account);
+CREATE INDEX IF NOT EXISTS bills_by_record ON bills (terminal_id, seq)
 """
+
+# A purchase is paid to the merchant it names when its terminal is bound to that merchant, or
+# when it is the recorded payment of one of that merchant's bills (a kiosk collects for every
+# utility of the bill book, not for one merchant): a bill names its record (terminal, seq) only
+# once ingest has checked the record's amount and merchant against it.
+_PAYABLE_PURCHASE = (
+    "(EXISTS (SELECT 1 FROM merchant_terminals b WHERE b.terminal_id = r.terminal_id "
+    "AND b.merchant_id = r.merchant_id) OR EXISTS (SELECT 1 FROM bills x "
+    "WHERE x.terminal_id = r.terminal_id AND x.seq = r.seq AND x.merchant_id = r.merchant_id "
+    "AND x.state = 'paid'))"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -996,25 +1008,21 @@ class Storage:
                 for t, m in tx.all("SELECT terminal_id, merchant_id FROM merchant_terminals")
             }
             for merchant_id, count, amount in tx.all(
-                "SELECT r.merchant_id, COUNT(*), SUM(r.amount) FROM records r "
-                "JOIN merchant_terminals b ON b.terminal_id = r.terminal_id "
-                "AND b.merchant_id = r.merchant_id "
+                "SELECT r.merchant_id, COUNT(*), SUM(r.amount) FROM records r "  # noqa: S608
                 "JOIN merchants m ON m.merchant_id = r.merchant_id "
                 "WHERE r.created_at >= ? AND r.created_at < ? AND r.kind = 'purchase' "
-                "GROUP BY r.merchant_id",
+                f"AND {_PAYABLE_PURCHASE} GROUP BY r.merchant_id",
                 (start, end),
             ):
                 tally.pay(str(merchant_id), int(count), int(amount))
             for row in tx.each(
-                "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "
+                "SELECT r.terminal_id, r.seq, r.created_at, r.kind, r.amount, r.body, "  # noqa: S608
                 "s.outcome FROM records r "
                 "LEFT JOIN resolutions s ON s.terminal_id = r.terminal_id AND s.seq = r.seq "
-                "LEFT JOIN merchant_terminals b ON b.terminal_id = r.terminal_id "
                 "LEFT JOIN merchants m ON m.merchant_id = r.merchant_id "
                 "WHERE r.created_at >= ? AND r.created_at < ? AND ("
                 "r.kind IN ('unresolved', 'refund_request') OR (r.kind = 'purchase' AND ("
-                "m.merchant_id IS NULL OR b.merchant_id IS NULL "
-                "OR b.merchant_id <> r.merchant_id)))",
+                f"m.merchant_id IS NULL OR NOT {_PAYABLE_PURCHASE})))",
                 (start, end),
             ):
                 tally.add(_day_record(row), register, bindings)

@@ -236,20 +236,36 @@ def test_cardhost_bills_load_and_list(
 
 def test_utility_bills_clear_with_the_agency_commission(site: Site) -> None:
     """A bill's purchase names its utility as merchant: the clearing takes the utility
-    category's commission (not a fee)."""
+    category's commission (not a fee). A kiosk collects for every utility of the bill book
+    without being bound to any of them: a purchase is paid to a utility because it is the
+    recorded payment of that utility's bill; another purchase naming a utility is not."""
     site.host.storage.load_merchants(
-        [Merchant("WATER-01", "City Water", "utility", "6222000000000001")], "alice"
+        [
+            Merchant("WATER-01", "City Water", "utility", "6222000000000001"),
+            Merchant("POWER-01", "City Power", "utility", "6222000000000002"),
+        ],
+        "alice",
     )
-    # the terminal binding of merchant clearing: this kiosk collects for the water company
-    # (a kiosk collecting for several utilities is not expressible as one binding yet)
-    site.host.storage.bind_terminals([(KIOSK, "WATER-01")], "alice")
     site.host.storage.load_bills(parse_bills(BILLS), "alice")
-    records = _records(site.device, [("purchase", 4250, _paying("W-1", "WATER-01"))])
+    records = _records(
+        site.device,
+        [
+            ("purchase", 4250, _paying("W-1", "WATER-01")),
+            ("purchase", 12880, _paying("E-1", "POWER-01")),
+            # names the water company but pays no bill: the kiosk is bound to nobody
+            ("purchase", 999, {**_paying("none", "WATER-01"), "pos_order": "A-7"}),
+        ],
+    )
     site.host.storage.ingest(KIOSK, "b1", records, {})
     answer = httpx.post(
         site.server.url + "/v1/admin/clearing/2026-11-30", json={}, headers=site.operator
     )
     assert answer.status_code in (200, 201), answer.text
-    (line,) = answer.json()["merchants"]
-    assert line["merchant_id"] == "WATER-01" and line["fee"] == 0
-    assert line["commission"] == round(4250 * line["rate_bp"] / 10000) > 0
+    lines = {line["merchant_id"]: line for line in answer.json()["merchants"]}
+    assert sorted(lines) == ["POWER-01", "WATER-01"]
+    for merchant, amount in (("WATER-01", 4250), ("POWER-01", 12880)):
+        line = lines[merchant]
+        assert (line["purchases"], line["fee"]) == (amount, 0), line
+        assert line["commission"] == round(amount * line["rate_bp"] / 10000) > 0
+    unbound = [a for a in site.host.storage.anomalies(KIOSK) if a["kind"] == "merchant_not_bound"]
+    assert [a["seq"] for a in unbound] == [3]
