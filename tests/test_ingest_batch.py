@@ -425,7 +425,9 @@ def record_values(draw: st.DrawFn) -> dict[str, Any]:
         if name == "extra":
             value["extra"] = 1
         elif name == "fields.x":
-            value["fields"] = {**value["fields"], draw(st.text(max_size=2)): draw(_VALUE)}
+            fields = value.get("fields")
+            fields = fields if isinstance(fields, dict) else {}
+            value["fields"] = {**fields, draw(st.text(max_size=2)): draw(_VALUE)}
         elif draw(st.booleans()):
             del value[name]
         else:
