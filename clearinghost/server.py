@@ -534,9 +534,8 @@ class ClearingHost:
         if result.refused is not None:
             refused = result.refused
             status = 409 if refused.reason in ("gap", "conflict") else 422
-            code = "bad_batch_signature" if refused.reason == "bad_batch_signature" else None
             return status, {
-                **error_body(code or "record_refused", refused.detail),
+                **error_body("record_refused", refused.detail),
                 "seq": refused.seq,
                 "reason": refused.reason,
                 "ack_seq": result.ack_seq,

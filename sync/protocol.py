@@ -30,8 +30,9 @@ Upload (``POST /v1/terminals/{terminal_id}/records``)
     terminal's evidence, stored verbatim and re-verified by ``cardhost audit``). A missing
     header is the v1 upload (every record's signature verified, slower) unless the host
     requires batch signatures (422 ``batch_signature_required``); a header that does not verify
-    (forged, another key, made for another terminal, batch or body) is 422
-    ``bad_batch_signature`` and nothing of the batch is stored.
+    (forged, another key, made for another terminal, batch or body) is 422 ``record_refused``
+    with reason ``bad_batch_signature`` naming the first seq, and nothing of the batch is
+    stored.
     Quarantine notices: a record the terminal found corrupted in its own store (content that no
     longer matches its hash or signature, or does not parse) is sent as a line
     ``{"notice": "quarantine", "seq", "terminal_id", "quarantined_at", "reason", "chain_hash",

@@ -229,7 +229,7 @@ def test_a_batch_whose_head_does_not_verify_is_refused_whole(served: Served, cas
         head = {"last_hash": records[-2].hash}
     answer = served.post(*raw_batch(records, sign=sign, head=head, signature=signature))
     refused(served, answer, 1, "bad_batch_signature")
-    assert answer.json()["error"] == "bad_batch_signature"
+    assert answer.json()["error"] == "record_refused"
     assert served.held() == []
     terminal = served.host.storage.terminal(TERMINAL)
     assert terminal is not None and terminal.ack_seq == 0
