@@ -361,7 +361,7 @@ def _body_lines(
             raise BadBatch(f"line {number} is not UTF-8") from exc
         if number > max_records:  # blank lines count too: a bomb of newlines stops here
             raise BatchTooLarge(f"more than {max_records} records in one batch (line {number})")
-        if line.strip():
+        if line and not line.isspace():  # blank lines are allowed and skipped
             yield number, line
 
 
@@ -411,6 +411,31 @@ def decode_batch(
 _CANONICAL = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )  # the encoder of agent.offline_store.records.canonical_json, built once
+
+
+def _no_default(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# The C encoder that JSONEncoder.encode builds on every call, built once with the same
+# settings as _CANONICAL (sorted keys, "," and ":", no ASCII escaping, no NaN): the same bytes
+# without the per-call setup. None where the C accelerator is missing (then _CANONICAL).
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_CANONICAL: Callable[[Any, int], Sequence[str]] | None = (
+    None
+    if _C_MAKE_ENCODER is None
+    else _C_MAKE_ENCODER(
+        None, _no_default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _canonical_text(value: dict[str, Any]) -> str:
+    if _C_CANONICAL is None:
+        return _CANONICAL.encode(value)
+    return "".join(_C_CANONICAL(value, 0))
+
+
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
@@ -420,6 +445,8 @@ def _reject(name: str) -> None:
 
 
 _DECODE = json.JSONDecoder(parse_constant=_reject)
+# the decoder's scanner, without decode()'s whitespace handling
+_SCAN: Callable[[str, int], tuple[Any, int]] = getattr(_DECODE, "scan_once")  # noqa: B009
 
 
 @dataclass(slots=True)
@@ -454,10 +481,10 @@ def parse_record_line(line: str) -> RecordLine | QuarantineNotice:
     checks below do not pass whole goes through the full parser, which either names what is
     wrong or (an unusual but valid record) gives the record."""
     try:
-        value = _DECODE.decode(line)
-    except RecursionError as exc:
-        raise ValueError("record JSON is nested too deeply") from exc
-    parsed = _quick_record(value, line) if type(value) is dict else None
+        value, end = _SCAN(line, 0)
+    except (StopIteration, ValueError, RecursionError):
+        value, end = None, -1  # the full parser below names what is wrong
+    parsed = _quick_record(value, line) if type(value) is dict and end == len(line) else None
     if parsed is not None:
         return parsed
     entry = entry_from_json(line)
@@ -526,7 +553,7 @@ def _quick_record(value: dict[str, Any], line: str) -> RecordLine | None:
     try:
         datetime.fromisoformat(created_at)
         # every key and text value encodes as UTF-8 (no lone surrogates): Record's rule
-        canonical = _CANONICAL.encode(value).encode("utf-8")
+        canonical = _canonical_text(value).encode("utf-8")
     except (ValueError, UnicodeEncodeError):
         return None
     return RecordLine(
