@@ -234,9 +234,28 @@ def daemon_upload(root: Path, count: int, batch_size: int) -> dict[str, float]:
     return {"wall_s": t[0].wall_s, "cpu_s": t[0].cpu_s}
 
 
+def ingest_section(path: Path) -> list[str]:
+    """The ``## Ingest`` section of a results file as it stands (``[]`` when absent): what
+    ``bench.bench_sync``, which rewrites the file, keeps."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = lines[start:end]
+    while section and not section[-1]:
+        section.pop()
+    return [*section, ""]
+
+
 def replace_section(path: Path, section: list[str]) -> str:
     """The file's text with its ``## Ingest`` section replaced by ``section`` (appended when
     absent); every other section is kept as it is."""
+    section = list(section)
+    while section and not section[-1]:
+        section.pop()
     old = path.read_text(encoding="utf-8") if path.exists() else "# Sync benchmark\n"
     lines = old.rstrip("\n").split("\n")
     start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
