@@ -14,7 +14,8 @@
   held, against a Python ``set`` of the same integers (latency and size).
 * delta apply: a 1,000-entry and a 100,000-entry delta (half added, half removed) on each size.
 
-The report goes to ``bench/RESULTS-sync.md`` (overwritten) and to stdout.
+The report goes to ``bench/RESULTS-sync.md`` (overwritten, but the ``## Ingest`` section of
+:mod:`bench.bench_ingest` is kept) and to stdout.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from agent.blacklist import (
 )
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
+from bench.bench_ingest import ingest_section
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -338,6 +340,7 @@ def main() -> None:
         "reading and checking the whole file after a change.",
         "",
     ]
+    lines += ingest_section(args.output)  # bench.bench_ingest's section is kept
     args.output.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

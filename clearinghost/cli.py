@@ -12,7 +12,7 @@
                   [--operators-file operators.txt] [--root-statements root-1.json ...]
                   [--approval-threshold 1000] [--max-connections 512] [--body-timeout 60]
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
-                  [--time-zone Asia/Shanghai]
+                  [--time-zone Asia/Shanghai] [--require-batch-signature]
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
     cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
                                                       terminal -> merchant bindings
@@ -20,6 +20,8 @@
                                                       the utility bill book (一帐通)
     cardhost clear --host URL [--token-file F] --day YYYY-MM-DD [--out FILE.csv]
                                                       clear a day (merchant-alliance 清分)
+    cardhost audit --db host.db [--terminal ID]       re-verify stored records (own signatures,
+                                                      hashes, chain, batch signatures)
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk] [--serve]   the whole
                                                       system against simulated cards
@@ -68,6 +70,7 @@ from agent.profile import load_profile
 from agent.sam.keys import KeySet
 from agent.terminal_id import check_terminal_id
 from agent.trust import root_payload
+from clearinghost.audit import audit_storage
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
 from clearinghost.keys import (
     HostKey,
@@ -200,8 +203,20 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.keep_alive_s,
         help="seconds an idle keep-alive connection stays open",
     )
+    p.add_argument(
+        "--require-batch-signature",
+        action="store_true",
+        help="refuse v1 uploads: every batch must carry the device key's batch signature",
+    )
     add_load_options(p)
     p.set_defaults(func=cmd_host)
+
+    p = sub.add_parser(
+        "audit", help="re-verify stored records: own signatures, hashes, chain, batch signatures"
+    )
+    p.add_argument("--db", default="host.db", help="SQLite path or postgresql:// DSN")
+    p.add_argument("--terminal", help="audit this terminal only")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("operator", help="add, remove or list the host's operators")
     p.add_argument("action", choices=("add", "remove", "list"))
@@ -382,6 +397,7 @@ def build_host(args: argparse.Namespace, operators: Operators | None = None) -> 
         approval_threshold=args.approval_threshold,
         **clearing_settings(args),
         loads=load_authority_from(args),
+        require_batch_signature=getattr(args, "require_batch_signature", False),
     )
 
 
@@ -445,6 +461,20 @@ def cmd_host(args: argparse.Namespace) -> int:
     asyncio.run(uvicorn.Server(config).serve())
     host.storage.close()
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Re-verify what the host stored since the last audit (``clearinghost.audit``); prints a
+    JSON report; exit 1 when anything was flagged (the findings are anomalies too)."""
+    storage = open_storage(args.db)
+    try:
+        if args.terminal is not None:
+            check_terminal_id(args.terminal)
+        report = audit_storage(storage, args.terminal)
+    finally:
+        storage.close()
+    _out(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    return 1 if report.findings else 0
 
 
 def cmd_operator(args: argparse.Namespace) -> int:

@@ -67,12 +67,26 @@ from agent.blacklist import (
     list_digest,
     printed_key,
 )
-from agent.offline_store.device_key import PUBLIC_KEY_SIZE, key_id_for, verify_signature
+from agent.offline_store.device_key import (
+    PUBLIC_KEY_SIZE,
+    key_id_for,
+    signature_verifier,
+    verify_signature,
+)
 from agent.offline_store.records import QuarantineNotice, Record, canonical_json
 from agent.params import MAX_PARAMS_FILE_BYTES
 from agent.products.fare_policy import publication_problem
 from agent.terminal_id import terminal_id_problem
-from clearinghost.clearing import Finding, TacVerifier, notice_checker, screen, seal_checker
+from clearinghost.clearing import (
+    Finding,
+    Screened,
+    TacVerifier,
+    batch_signature_refusal,
+    notice_checker,
+    screen,
+    screen_signed,
+    seal_checker,
+)
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
@@ -82,6 +96,7 @@ from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
 from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule
 from clearinghost.storage import (
+    BatchHead,
     PendingChangeRefused,
     Storage,
     StorageFailure,
@@ -92,7 +107,7 @@ from clearinghost.storage import (
 )
 from sync import protocol
 from sync.params import check_payload
-from sync.protocol import BadBatch, BatchTooLarge, error_body
+from sync.protocol import BadBatch, BatchTooLarge, RecordLine, error_body
 
 log = structlog.get_logger(__name__)
 
@@ -180,12 +195,15 @@ class ClearingHost:
     fees: FeeSchedule = field(default_factory=FeeSchedule)
     time_zone: str = DEFAULT_TIME_ZONE
     loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
+    # refuse v1 uploads (no batch signature): for a city whose terminals all sign batches
+    require_batch_signature: bool = False
     _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
     # (key space, blacklist version) -> content digest
     _digests: dict[tuple[str, int], bytes] = field(default_factory=dict)
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
         default_factory=dict
     )
+    _verifiers: dict[str, Callable[[bytes, bytes], bool]] = field(default_factory=dict)
 
     # --- terminals -------------------------------------------------------------------------
 
@@ -412,7 +430,10 @@ class ClearingHost:
         return listing
 
     def _reconcile_loads(
-        self, terminal_id: str, accepted: Sequence[Record | QuarantineNotice], ack_seq: int
+        self,
+        terminal_id: str,
+        accepted: Sequence[Record | QuarantineNotice | RecordLine],
+        ack_seq: int,
     ) -> None:
         """What stored records tell the load authority (idempotent, so a replayed batch is
         harmless): a kiosk's ``load`` record completes its load (the card's TAC), an
@@ -421,7 +442,7 @@ class ClearingHost:
         loads = self.loads
         assert loads is not None
         for record in accepted:
-            if not isinstance(record, Record) or record.seq > ack_seq:
+            if isinstance(record, QuarantineNotice) or record.seq > ack_seq:
                 continue
             try:
                 if record.kind in ("load", "unresolved") and "load_key" in record.fields:
@@ -446,14 +467,31 @@ class ClearingHost:
                 )
 
     def upload(
-        self, terminal_id: str, body: bytes, encoding: str | None, key: str | None
+        self,
+        terminal_id: str,
+        body: bytes,
+        encoding: str | None,
+        key: str | None,
+        batch_signature: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         terminal = self.storage.terminal(terminal_id)
         if terminal is None:
             return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
+        records: Sequence[Record | QuarantineNotice] | Sequence[protocol.SignedEntry]
         try:
+            signature = protocol.parse_batch_signature(batch_signature)
+            if signature is None and self.require_batch_signature:
+                log.warning("unsigned batch refused", terminal_id=terminal_id)
+                return 422, error_body(
+                    "batch_signature_required",
+                    f"this host requires the {protocol.BATCH_SIGNATURE_HEADER} header "
+                    f"(terminal {terminal_id!r} sent a v1 upload)",
+                )
             # terminal binding is checked per record below (a refusal that names the seq)
-            records, digest = protocol.decode_batch(body, encoding, None)
+            if signature is None:
+                records, digest = protocol.decode_batch(body, encoding, None)
+            else:
+                records, digest = protocol.decode_signed_batch(body, encoding)
             protocol.check_idempotency_key(key, records, digest)
         except BatchTooLarge as exc:
             log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
@@ -461,23 +499,65 @@ class ClearingHost:
         except BadBatch as exc:
             log.warning("batch refused", terminal_id=terminal_id, reason=str(exc))
             return 400, error_body("bad_batch", str(exc))
-        seal = self._seal_checkers.get(terminal.public_key)
-        if seal is None:
-            seal = seal_checker(bytes.fromhex(terminal.public_key))
-            self._seal_checkers[terminal.public_key] = seal
         notice_seal = self._notice_checkers.get(terminal.public_key)
         if notice_seal is None:
             notice_seal = notice_checker(bytes.fromhex(terminal.public_key))
             self._notice_checkers[terminal.public_key] = notice_seal
-        # Records must verify to count: the first record that fails (binding, hash, signature
-        # here; chain, gap, conflict in the storage) and every later one is not stored. A
-        # quarantine notice counts when the terminal's device key signed it (binding and
-        # signature here; gap and "never replaces a held record" in the storage).
-        screened = screen(records, terminal_id, seal, self.tac, notice_seal)
+        head: BatchHead | None = None
+        if signature is None:
+            seal = self._seal_checkers.get(terminal.public_key)
+            if seal is None:
+                seal = seal_checker(bytes.fromhex(terminal.public_key))
+                self._seal_checkers[terminal.public_key] = seal
+            # Records must verify to count: the first record that fails (binding, hash,
+            # signature here; chain, gap, conflict in the storage) and every later one is not
+            # stored. A quarantine notice counts when the terminal's device key signed it
+            # (binding and signature here; gap and "never replaces a held record" in the
+            # storage).
+            screened = screen(
+                records,  # type: ignore[arg-type]  # decode_batch's entries
+                terminal_id,
+                seal,
+                self.tac,
+                notice_seal,
+            )
+        else:
+            # A signed batch: one device signature over the head (terminal, range, count,
+            # chain head, body digest) proves every line came from this terminal; then each
+            # record's hash and, in the storage, every link of the chain.
+            signed = records  # decode_signed_batch's entries
+            refused = batch_signature_refusal(
+                signed,  # type: ignore[arg-type]
+                terminal_id,
+                digest,
+                signature,
+                self._verifier(terminal.public_key),
+            )
+            if refused is not None:  # nothing of the batch is stored; the refusal is noted
+                screened = Screened([], {}, refused)
+            else:
+                screened = screen_signed(
+                    signed,  # type: ignore[arg-type]
+                    terminal_id,
+                    self.tac,
+                    notice_seal,
+                )
+            head = BatchHead(
+                protocol.batch_head(
+                    terminal_id,
+                    records[0].seq,
+                    records[-1].seq,
+                    len(records),
+                    records[-1].hash,
+                    digest,
+                ),
+                signature.hex(),
+                terminal.public_key,
+            )
         assert key is not None
         try:
             result = self.storage.ingest(
-                terminal_id, key, screened.accepted, screened.findings, screened.refusal
+                terminal_id, key, screened.accepted, screened.findings, screened.refusal, head
             )
         except StorageFull as exc:
             log.error("storage full; batch not stored", terminal_id=terminal_id, error=str(exc))
@@ -523,6 +603,13 @@ class ClearingHost:
             "anomalies": result.anomalies,
         }
         return 200, protocol.sign_ack(answer, self.key.sign, self.key.key_id)
+
+    def _verifier(self, public_key_hex: str) -> Callable[[bytes, bytes], bool]:
+        verify = self._verifiers.get(public_key_hex)
+        if verify is None:
+            verify = signature_verifier(bytes.fromhex(public_key_hex))
+            self._verifiers[public_key_hex] = verify
+        return verify
 
     def heartbeat(self, terminal_id: str, figures: Any) -> tuple[int, dict[str, Any]]:
         if not isinstance(figures, dict):
@@ -868,6 +955,7 @@ def create_app(host: ClearingHost) -> Starlette:
             body,
             request.headers.get("content-encoding"),
             request.headers.get(protocol.IDEMPOTENCY_HEADER),
+            request.headers.get(protocol.BATCH_SIGNATURE_HEADER),
         )
         return _json(status, answer)
 

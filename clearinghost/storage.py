@@ -10,6 +10,10 @@ Tables::
                      a slot filled by a terminal's quarantine notice has kind ``quarantined``,
                      hash = the notice's ``chain_hash``, no card, amount 0, body the notice
     batches          (terminal_id, idem_key) PK: every distinct upload, for audit and replays
+    batch_signatures (terminal_id, idem_key) PK: a signed batch's head (first/last seq, entries,
+                     last_hash, body_sha256), its device signature and the key it verified
+                     under: the evidence that the records it stored came from the terminal
+    audit_cursors    terminal_id PK, seq, hash: how far ``cardhost audit`` has re-verified
     anomalies        bad TACs, unresolved records; refused records (bad signature/hash, wrong
                      terminal, chain break, gap, conflict), which are never stored
     anomaly_repeats  (terminal_id, kind) PK, repeats, last_seen, last_seq, last_detail: a
@@ -51,7 +55,9 @@ cannot be checked, its content being lost). A record that does not verify or lin
 (never stored, never takes a seq, never moves the acknowledgement); a record beyond
 ``ack_seq + 1`` is refused as a gap (a terminal sends from its acknowledgement on).
 Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
-``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL).
+``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL). A batch's records go in with one
+statement (``executemany`` on SQLite, ``COPY`` on PostgreSQL), its repeats are looked up with
+one query, and the body stored is the line as the terminal sent it.
 """
 
 from __future__ import annotations
@@ -81,8 +87,22 @@ from agent.offline_store.records import (
 )
 from agent.pos.journal import ORDER_FIELD
 from clearinghost.bills import SELECT_BILL, Bill, bill_view
-from clearinghost.clearing import Finding, Refusal
+from clearinghost.clearing import AuditRow, Finding, Refusal
 from clearinghost.settlement import DayRecord, DayTally, Merchant
+from sync.protocol import BATCH_SIGNED_FIELDS, RecordLine
+
+Slot = Record | QuarantineNotice | RecordLine  # what ingest stores in one (terminal, seq) slot
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHead:
+    """A signed batch's head as the host verified it (:data:`sync.protocol.BATCH_SIGNED_FIELDS`),
+    the device signature (hex) and the terminal's key it verified under (hex)."""
+
+    fields: dict[str, Any]
+    signature: str
+    public_key: str
+
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +139,23 @@ class _Tx(Protocol):
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
     def each(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]: ...
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None: ...
+
+
+# The columns of a ``records`` row, in :func:`_slot_row`'s order.
+_RECORD_ROW_COLUMNS = (
+    "terminal_id",
+    "seq",
+    "hash",
+    "prev_hash",
+    "created_at",
+    "kind",
+    "card_id",
+    "amount",
+    "body",
+    "received_at",
+    "merchant_id",
+)
 
 
 _SCHEMA = """
@@ -153,6 +190,26 @@ CREATE TABLE IF NOT EXISTS batches (
     received_at DOUBLE PRECISION NOT NULL,
     replays BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (terminal_id, idem_key)
+);
+CREATE TABLE IF NOT EXISTS batch_signatures (
+    terminal_id TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    entries BIGINT NOT NULL,
+    last_hash TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (terminal_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS batch_signatures_last ON batch_signatures (terminal_id, last_seq);
+CREATE TABLE IF NOT EXISTS audit_cursors (
+    terminal_id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL,
+    audited_at DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS anomalies (
     id {autoid},
@@ -532,14 +589,17 @@ class Storage:
         self,
         terminal_id: str,
         idem_key: str,
-        records: Sequence[Record | QuarantineNotice],
+        records: Sequence[Slot],
         findings: dict[int, list[Finding]],
         refusal: Refusal | None = None,
+        head: BatchHead | None = None,
     ) -> IngestResult:
         """Store a batch in one transaction and advance the terminal's acknowledgement.
 
-        The caller has checked each record's terminal binding, hash and device signature; this
-        checks each record against what the host holds, in batch order: a seq already held must
+        The caller has checked each record's terminal binding, hash and device signature (or,
+        for a signed batch, the batch signature: ``head``, kept as evidence when the batch
+        stores anything); this checks each record against what the host holds, in batch order:
+        a seq already held must
         carry the held hash (a duplicate), the next seq must link to the acknowledged record
         (``prev_hash``), and nothing may leave a gap. The first record that fails stops the
         batch (:attr:`IngestResult.refused`): the records before it are stored, none from it on,
@@ -571,13 +631,20 @@ class Storage:
                     "idem_key = ?",
                     (terminal_id, idem_key),
                 )
+            held = self._held_hashes(tx, terminal_id, records, ack_seq)
+            rows: list[Row] = []
+            noted: list[tuple[int, Finding]] = []
+            paid: list[Record | RecordLine] = []  # stored now: may pay a bill
             for record in records:
                 if record.seq <= ack_seq:
-                    held = tx.one(
-                        "SELECT hash FROM records WHERE terminal_id = ? AND seq = ?",
-                        (terminal_id, record.seq),
-                    )
-                    if held is not None and held[0] == record.hash:
+                    held_hash = held.get(record.seq)
+                    if held_hash is None and record.seq not in held:
+                        found = tx.one(
+                            "SELECT hash FROM records WHERE terminal_id = ? AND seq = ?",
+                            (terminal_id, record.seq),
+                        )
+                        held_hash = None if found is None else str(found[0])
+                    if held_hash == record.hash:
                         result.duplicates += 1
                         continue
                     what = "quarantine notice" if isinstance(record, QuarantineNotice) else "record"
@@ -585,7 +652,7 @@ class Storage:
                         record.seq,
                         "conflict",
                         f"{what} {record.seq} differs from the record the host holds at that seq "
-                        f"({record.hash[:16]}…, held {str(held[0] if held else '?')[:16]}…)",
+                        f"({record.hash[:16]}…, held {str(held_hash or '?')[:16]}…)",
                     )
                     break
                 if record.seq != ack_seq + 1:
@@ -595,7 +662,7 @@ class Storage:
                         f"record {record.seq} does not follow the acknowledged record {ack_seq}",
                     )
                     break
-                if isinstance(record, Record) and record.prev_hash != ack_hash:
+                if not isinstance(record, QuarantineNotice) and record.prev_hash != ack_hash:
                     result.refused = Refusal(
                         record.seq,
                         "chain_break",
@@ -603,24 +670,44 @@ class Storage:
                         "(prev_hash mismatch)",
                     )
                     break
+                rows.append(_slot_row(terminal_id, record, ack_hash, now))
+                if not isinstance(record, QuarantineNotice):
+                    paid.append(record)
+                held[record.seq] = record.hash  # a later line of this batch repeating it
+                ack_seq, ack_hash = record.seq, record.hash
+                noted.extend((record.seq, f) for f in findings.get(record.seq, ()))
+            if rows:
                 # A row left beyond the acknowledgement by an older host version is replaced.
                 tx.run(
-                    "DELETE FROM records WHERE terminal_id = ? AND seq = ?",
-                    (terminal_id, record.seq),
+                    "DELETE FROM records WHERE terminal_id = ? AND seq >= ? AND seq <= ?",
+                    (terminal_id, rows[0][1], rows[-1][1]),
                 )
+                tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows)
+                result.stored = len(rows)
+                for entry in paid:
+                    self._bill_evidence(tx, terminal_id, entry, now)
+            for seq, finding in noted:
+                self._anomaly(tx, terminal_id, seq, finding, now)
+                result.findings.append(finding)
+            if head is not None and new_batch and rows:
                 tx.run(
-                    "INSERT INTO records (terminal_id, seq, hash, prev_hash, created_at, kind, "
-                    "card_id, amount, body, received_at, merchant_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _slot_row(terminal_id, record, ack_hash, now),
+                    "INSERT INTO batch_signatures (terminal_id, idem_key, first_seq, last_seq, "
+                    "entries, last_hash, body_sha256, signature, public_key, received_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (terminal_id, idem_key) DO NOTHING",
+                    (
+                        terminal_id,
+                        idem_key,
+                        head.fields["first_seq"],
+                        head.fields["last_seq"],
+                        head.fields["count"],
+                        head.fields["last_hash"],
+                        head.fields["body_sha256"],
+                        head.signature,
+                        head.public_key,
+                        now,
+                    ),
                 )
-                result.stored += 1
-                ack_seq, ack_hash = record.seq, record.hash
-                if isinstance(record, Record):
-                    self._bill_evidence(tx, terminal_id, record, now)
-                for finding in findings.get(record.seq, ()):
-                    self._anomaly(tx, terminal_id, record.seq, finding, now)
-                    result.findings.append(finding)
             result.refused = result.refused or refusal
             if result.refused is not None:
                 refusal = result.refused
@@ -635,6 +722,27 @@ class Storage:
             )
         result.anomalies = len(result.findings)
         return result
+
+    @staticmethod
+    def _held_hashes(
+        tx: _Tx, terminal_id: str, records: Sequence[Slot], ack_seq: int
+    ) -> dict[int, str | None]:
+        """The hashes the host holds at the seqs of ``records`` it has acknowledged, in one
+        query when they form a compact range (a resent batch); a scattered set is looked up
+        seq by seq in :meth:`ingest` (absent here)."""
+        repeated = [r.seq for r in records if r.seq <= ack_seq]
+        if not repeated:
+            return {}
+        low, high = min(repeated), max(repeated)
+        if high - low >= 2 * len(records):
+            return {}
+        found = tx.all(
+            "SELECT seq, hash FROM records WHERE terminal_id = ? AND seq >= ? AND seq <= ?",
+            (terminal_id, low, high),
+        )
+        held: dict[int, str | None] = dict.fromkeys(range(low, high + 1))
+        held.update((int(seq), str(h)) for seq, h in found)
+        return held
 
     @staticmethod
     def _anomaly(tx: _Tx, terminal_id: str, seq: int | None, finding: Finding, now: float) -> None:
@@ -689,6 +797,76 @@ class Storage:
                 "SELECT seq, hash FROM records WHERE terminal_id = ? ORDER BY seq", (terminal_id,)
             )
         return [(int(s), str(h)) for s, h in rows]
+
+    # --- the audit (clearinghost.audit) ------------------------------------------------------
+
+    def audit_cursor(self, terminal_id: str) -> tuple[int, str]:
+        """How far the audit of a terminal has gone: the last seq re-verified and its hash."""
+        with self._transaction() as tx:
+            row = tx.one(
+                "SELECT seq, hash FROM audit_cursors WHERE terminal_id = ?", (terminal_id,)
+            )
+        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    def audit_rows(self, terminal_id: str, after: int, through: int, limit: int) -> list[AuditRow]:
+        """Stored slots ``after < seq <= through`` of a terminal, in seq order, at most
+        ``limit``."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT seq, kind, hash, prev_hash, body FROM records WHERE terminal_id = ? "
+                "AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (terminal_id, after, through, limit),
+            )
+        return [AuditRow(int(q), str(k), str(h), str(p), str(b)) for q, k, h, p, b in rows]
+
+    def batch_heads(
+        self, terminal_id: str, after: int, through: int
+    ) -> list[tuple[BatchHead, str | None]]:
+        """The stored batch signatures of a terminal whose last seq is in ``after..through``
+        (exclusive, inclusive), each with the hash the host holds at that seq."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT b.first_seq, b.last_seq, b.entries, b.last_hash, b.body_sha256, "
+                "b.signature, b.public_key, r.hash FROM batch_signatures b LEFT JOIN records r "
+                "ON r.terminal_id = b.terminal_id AND r.seq = b.last_seq "
+                "WHERE b.terminal_id = ? AND b.last_seq > ? AND b.last_seq <= ? "
+                "ORDER BY b.last_seq, b.first_seq",
+                (terminal_id, after, through),
+            )
+        heads = []
+        for first, last, count, last_hash, body_sha256, signature, key, held in rows:
+            values = (terminal_id, int(first), int(last), int(count), str(last_hash))
+            fields = dict(zip(BATCH_SIGNED_FIELDS, (*values, str(body_sha256)), strict=True))
+            heads.append(
+                (BatchHead(fields, str(signature), str(key)), None if held is None else str(held))
+            )
+        return heads
+
+    def batch_keys(self, terminal_id: str, low: int, high: int) -> list[tuple[int, int, str]]:
+        """``(first_seq, last_seq, public_key)`` of the signed batches that stored records of a
+        terminal in ``low..high``: the key each record came under."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT first_seq, last_seq, public_key FROM batch_signatures "
+                "WHERE terminal_id = ? AND last_seq >= ? AND first_seq <= ? ORDER BY first_seq",
+                (terminal_id, low, high),
+            )
+        return [(int(f), int(t), str(k)) for f, t, k in rows]
+
+    def save_audit(
+        self, terminal_id: str, seq: int, hash_: str, findings: Sequence[tuple[int, Finding]]
+    ) -> None:
+        """Advance a terminal's audit cursor and record its findings as anomalies, together."""
+        now = time.time()
+        with self._lock, self._transaction() as tx:
+            for at, finding in findings:
+                self._anomaly(tx, terminal_id, at, finding, now)
+            tx.run(
+                "INSERT INTO audit_cursors (terminal_id, seq, hash, audited_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (terminal_id) DO UPDATE SET "
+                "seq = excluded.seq, hash = excluded.hash, audited_at = excluded.audited_at",
+                (terminal_id, seq, hash_, now),
+            )
 
     def count_records(self, terminal_id: str | None = None) -> int:
         with self._transaction() as tx:
@@ -1286,7 +1464,7 @@ class Storage:
         return bill_view(row)
 
     @staticmethod
-    def _bill_evidence(tx: _Tx, terminal_id: str, record: Record, now: float) -> None:
+    def _bill_evidence(tx: _Tx, terminal_id: str, record: Record | RecordLine, now: float) -> None:
         """A stored record that pays a bill (its POS order ``bill-<id>``): a ``purchase`` of
         the bill's amount to the bill's merchant marks it ``paid``; an ``unresolved`` record
         (or a purchase that does not match) leaves it ``payment_pending`` for the operator."""
@@ -1332,9 +1510,7 @@ class Storage:
         )
 
 
-def _slot_row(
-    terminal_id: str, entry: Record | QuarantineNotice, ack_hash: str, now: float
-) -> tuple[Any, ...]:
+def _slot_row(terminal_id: str, entry: Slot, ack_hash: str, now: float) -> tuple[Any, ...]:
     """The ``records`` row of a stored record, or of a slot a quarantine notice fills (its
     ``prev_hash`` is the host's previous hash: where the slot sits, not a checked link)."""
     if isinstance(entry, QuarantineNotice):
@@ -1361,7 +1537,9 @@ def _slot_row(
         entry.kind,
         entry.card_id,
         entry.amount,
-        record_to_json(entry),
+        # a signed batch's line as the terminal sent it (its bytes are under the batch
+        # signature); a v1 record re-encoded (canonical JSON)
+        entry.line if isinstance(entry, RecordLine) else record_to_json(entry),
         now,
         merchant if isinstance(merchant, str) else None,
     )
@@ -1473,6 +1651,13 @@ class _SqliteTx:
         """Rows one at a time (SQLite steps the statement as they are read)."""
         yield from self._conn.execute(sql, tuple(params))
 
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        marks = ", ".join("?" * len(columns))
+        self._conn.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
+            rows,
+        )
+
 
 class SqliteStorage(Storage):
     """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut."""
@@ -1564,6 +1749,12 @@ class _PgTx:
     def each(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         """Rows one at a time (libpq single-row mode), never the whole result in memory."""
         yield from self._cur.stream(self._sql(sql), tuple(params))
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        # COPY: one round trip for the whole batch (psycopg streams the rows)
+        with self._cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 class PostgresStorage(Storage):

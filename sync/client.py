@@ -169,11 +169,7 @@ class SyncClient:
             "POST",
             protocol.records_path(self.terminal_id),
             content=batch.body,
-            headers={
-                "Content-Type": protocol.NDJSON,
-                "Content-Encoding": "gzip",
-                protocol.IDEMPOTENCY_HEADER: batch.idempotency_key,
-            },
+            headers=batch.headers(),  # with the batch signature when the batch carries one
         )
         return protocol.parse_ack(self._json(response), batch, local_last_seq, host_public_key)
 

@@ -226,7 +226,8 @@ class SyncDaemon:
                     host_ack=after,
                     first_available=records[0].seq,
                 )
-            batch = encode_batch(self.store.terminal_id, records)
+            # signed by the device key: the host verifies this one signature and the chain
+            batch = encode_batch(self.store.terminal_id, records, sign=self.device_sign)
             last_seq = self.store.last_seq()
             ack = self._retrying("upload", functools.partial(self._upload, batch, last_seq))
             if self.after_send_hook is not None:

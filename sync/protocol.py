@@ -19,6 +19,20 @@ Upload (``POST /v1/terminals/{terminal_id}/records``)
     batch before it are stored (they verified and link to the acknowledgement); none from it on.
     A refused record never takes a ``(terminal_id, seq)`` slot and never moves the
     acknowledgement.
+    Batch signature (optional header ``Cardsync-Batch-Signature``, 128 hex digits): the device
+    key's Ed25519 signature over :data:`BATCH_DOMAIN` + canonical JSON of
+    :data:`BATCH_SIGNED_FIELDS`: ``terminal_id``, ``first_seq``, ``last_seq``, ``count`` (lines
+    that are entries), ``last_hash`` (the last entry's hash: the chain head) and ``body_sha256``
+    (SHA-256 hex of the whole uncompressed body). The host rebuilds these fields from the body
+    it received and verifies the one signature under the terminal's registered key, then the
+    hash of every record (the SHA-256 of its canonical encoding) and every link of the chain;
+    it does not verify each record's own signature at upload (each stays in the record as the
+    terminal's evidence, stored verbatim and re-verified by ``cardhost audit``). A missing
+    header is the v1 upload (every record's signature verified, slower) unless the host
+    requires batch signatures (422 ``batch_signature_required``); a header that does not verify
+    (forged, another key, made for another terminal, batch or body) is 422 ``record_refused``
+    with reason ``bad_batch_signature`` naming the first seq, and nothing of the batch is
+    stored.
     Quarantine notices: a record the terminal found corrupted in its own store (content that no
     longer matches its hash or signature, or does not parse) is sent as a line
     ``{"notice": "quarantine", "seq", "terminal_id", "quarantined_at", "reason", "chain_hash",
@@ -86,6 +100,7 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -94,11 +109,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.blacklist import Keys, keys_by_id
 from agent.offline_store.records import (
+    INT64_MAX,
+    INT64_MIN,
+    RECORD_KEYS,
+    FieldValue,
     QuarantineNotice,
     Record,
     canonical_json,
     entry_from_json,
     notice_to_json,
+    record_from_json,
     record_to_json,
 )
 from sync.errors import ProtocolError, UnknownSigner
@@ -108,6 +128,7 @@ PROTOCOL_VERSION = 1
 NDJSON = "application/x-ndjson"
 BLACKLIST_MEDIA_TYPE = "application/vnd.cardsync.blacklist"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+BATCH_SIGNATURE_HEADER = "Cardsync-Batch-Signature"
 
 MAX_BATCH_RECORDS = 5000
 MAX_BATCH_BYTES = 32 * 1024 * 1024  # uncompressed
@@ -149,15 +170,68 @@ class UploadBatch:
     raw_size: int
     idempotency_key: str
     last_hash: str = ""  # hash of the batch's last record (bound into the signed ack)
+    signature: str = ""  # the device key's batch signature (hex), "" for a v1 upload
+
+    def headers(self) -> dict[str, str]:
+        """The request headers of this upload."""
+        headers = {
+            "Content-Type": NDJSON,
+            "Content-Encoding": "gzip",
+            IDEMPOTENCY_HEADER: self.idempotency_key,
+        }
+        if self.signature:
+            headers[BATCH_SIGNATURE_HEADER] = self.signature
+        return headers
+
+
+BATCH_DOMAIN = b"CARDSYNC-BATCH-V1\n"
+BATCH_SIGNED_FIELDS = ("terminal_id", "first_seq", "last_seq", "count", "last_hash", "body_sha256")
+_SIGNATURE_HEX = re.compile(r"[0-9a-f]{128}")
+
+
+def batch_head(
+    terminal_id: str, first_seq: int, last_seq: int, count: int, last_hash: str, body_sha256: str
+) -> dict[str, Any]:
+    """The fields a batch signature covers (:data:`BATCH_SIGNED_FIELDS`)."""
+    return {
+        "terminal_id": terminal_id,
+        "first_seq": first_seq,
+        "last_seq": last_seq,
+        "count": count,
+        "last_hash": last_hash,
+        "body_sha256": body_sha256,
+    }
+
+
+def batch_signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    """The bytes a terminal signs for one upload (domain prefix + canonical JSON). The domain
+    keeps a batch signature from ever verifying as a record's (a bare 32-byte digest), a
+    notice's, an enrolment's or the host's answer."""
+    return BATCH_DOMAIN + canonical_json({n: fields[n] for n in BATCH_SIGNED_FIELDS}).encode(
+        "utf-8"
+    )
+
+
+def parse_batch_signature(value: str | None) -> bytes | None:
+    """The header's signature as 64 bytes; ``None`` when absent; :class:`BadBatch` when it is
+    not 128 lowercase hex digits."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not _SIGNATURE_HEX.fullmatch(text):
+        raise BadBatch(f"malformed {BATCH_SIGNATURE_HEADER} {text[:40]!r}")
+    return bytes.fromhex(text)
 
 
 def entry_to_json(entry: Entry) -> str:
     return record_to_json(entry) if isinstance(entry, Record) else notice_to_json(entry)
 
 
-def encode_batch(terminal_id: str, records: Sequence[Entry]) -> UploadBatch:
+def encode_batch(
+    terminal_id: str, records: Sequence[Entry], sign: Callable[[bytes], bytes] | None = None
+) -> UploadBatch:
     """Encode consecutive records (or quarantine notices) of one terminal, ascending seq, as
-    one upload."""
+    one upload; with ``sign`` (the device key's) the batch carries its batch signature."""
     if not records:
         raise ValueError("an upload batch needs at least one record")
     for previous, record in itertools.pairwise(records):
@@ -166,8 +240,13 @@ def encode_batch(terminal_id: str, records: Sequence[Entry]) -> UploadBatch:
     if any(r.terminal_id != terminal_id for r in records):
         raise ValueError(f"every record of the batch must belong to terminal {terminal_id!r}")
     raw = "".join(entry_to_json(r) + "\n" for r in records).encode("utf-8")
-    digest = hashlib.sha256(raw).hexdigest()[:32]
+    body_sha256 = hashlib.sha256(raw).hexdigest()
+    digest = body_sha256[:32]
     first, last = records[0].seq, records[-1].seq
+    signature = ""
+    if sign is not None:
+        head = batch_head(terminal_id, first, last, len(records), records[-1].hash, body_sha256)
+        signature = sign(batch_signed_bytes(head)).hex()
     return UploadBatch(
         terminal_id=terminal_id,
         first_seq=first,
@@ -177,6 +256,7 @@ def encode_batch(terminal_id: str, records: Sequence[Entry]) -> UploadBatch:
         raw_size=len(raw),
         idempotency_key=f"{first}-{last}-{digest}",
         last_hash=records[-1].hash,
+        signature=signature,
     )
 
 
@@ -237,15 +317,52 @@ def _lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[tuple[int, 
                 if len(partial) > max_line_bytes:
                     raise BatchTooLarge(f"line {number + 1} is longer than {max_line_bytes} bytes")
                 break
-            partial += chunk[start:end]
             number += 1
-            if len(partial) > max_line_bytes:
+            if partial:
+                partial += chunk[start:end]
+                line = bytes(partial)
+                partial.clear()
+            else:  # the common case: the whole line is in this chunk, no copy
+                line = chunk[start:end]
+            if len(line) > max_line_bytes:
                 raise BatchTooLarge(f"line {number} is longer than {max_line_bytes} bytes")
-            yield number, bytes(partial)
-            partial.clear()
+            yield number, line
             start = end + 1
     if partial:
         yield number + 1, bytes(partial)
+
+
+def _body_lines(
+    body: bytes,
+    content_encoding: str | None,
+    digest: Any,
+    *,
+    max_bytes: int,
+    max_records: int,
+    max_line_bytes: int,
+) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of an upload, decoded, with every limit applied while the body is
+    read; ``digest`` (a hashlib object) is fed every uncompressed byte."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding not in ("gzip", "identity"):
+        raise BadBatch(f"unsupported Content-Encoding {encoding[:40]!r}")
+
+    def hashed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    for number, raw_line in _lines(
+        hashed(_inflated_chunks(body, encoding, max_bytes)), max_line_bytes
+    ):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadBatch(f"line {number} is not UTF-8") from exc
+        if number > max_records:  # blank lines count too: a bomb of newlines stops here
+            raise BatchTooLarge(f"more than {max_records} records in one batch (line {number})")
+        if line and not line.isspace():  # blank lines are allowed and skipped
+            yield number, line
 
 
 def decode_batch(
@@ -264,28 +381,16 @@ def decode_batch(
     stops at ``max_bytes``, a line at ``max_line_bytes``, parsing at line ``max_records + 1``;
     the whole body is never inflated, decoded or split at once.
     ``terminal_id=None``: the caller checks each record's terminal binding itself."""
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding not in ("gzip", "identity"):
-        raise BadBatch(f"unsupported Content-Encoding {encoding[:40]!r}")
     digest = hashlib.sha256()
-
-    def hashed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            digest.update(chunk)
-            yield chunk
-
     records: list[Entry] = []
-    for number, raw_line in _lines(
-        hashed(_inflated_chunks(body, encoding, max_bytes)), max_line_bytes
+    for number, line in _body_lines(
+        body,
+        content_encoding,
+        digest,
+        max_bytes=max_bytes,
+        max_records=max_records,
+        max_line_bytes=max_line_bytes,
     ):
-        try:
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadBatch(f"line {number} is not UTF-8") from exc
-        if number > max_records:  # blank lines count too: a bomb of newlines stops here
-            raise BatchTooLarge(f"more than {max_records} records in one batch (line {number})")
-        if not line.strip():
-            continue
         try:
             record = entry_from_json(line)
         except (ValueError, TypeError, RecursionError) as exc:
@@ -301,13 +406,215 @@ def decode_batch(
     return records, digest.hexdigest()[:32]
 
 
-def check_idempotency_key(key: str | None, records: Sequence[Entry], digest: str) -> str:
+# --- the host's fast path for signed batches ---------------------------------------------------
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)  # the encoder of agent.offline_store.records.canonical_json, built once
+
+
+def _no_default(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# The C encoder that JSONEncoder.encode builds on every call, built once with the same
+# settings as _CANONICAL (sorted keys, "," and ":", no ASCII escaping, no NaN): the same bytes
+# without the per-call setup. None where the C accelerator is missing (then _CANONICAL).
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_CANONICAL: Callable[[Any, int], Sequence[str]] | None = (
+    None
+    if _C_MAKE_ENCODER is None
+    else _C_MAKE_ENCODER(
+        None, _no_default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _canonical_text(value: dict[str, Any]) -> str:
+    if _C_CANONICAL is None:
+        return _CANONICAL.encode(value)
+    return "".join(_C_CANONICAL(value, 0))
+
+
+_HASH_HEX = re.compile(r"[0-9a-f]{64}")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+def _reject(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a record")
+
+
+_DECODE = json.JSONDecoder(parse_constant=_reject)
+# the decoder's scanner, without decode()'s whitespace handling
+_SCAN: Callable[[str, int], tuple[Any, int]] = getattr(_DECODE, "scan_once")  # noqa: B009
+
+
+@dataclass(slots=True)
+class RecordLine:
+    """One record line of an upload, its shape checked exactly as :class:`Record` checks it
+    but not built into one (the host's fast path: no frozen mapping, no second encoding of
+    the whole line). ``digest`` is the SHA-256 hex of the record's canonical encoding (all
+    fields but ``hash`` and ``signature``): the record verifies its hash when ``digest ==
+    hash``. ``line`` is the line as received, which the host stores as the record's body;
+    :meth:`record` builds the full :class:`Record` from it when one is needed (TACs)."""
+
+    seq: int
+    created_at: str
+    terminal_id: str
+    kind: str
+    card_id: str
+    amount: int
+    fields: dict[str, FieldValue]
+    prev_hash: str
+    hash: str
+    signature: str
+    digest: str
+    line: str
+
+    def record(self) -> Record:
+        return record_from_json(self.line)
+
+
+def parse_record_line(line: str) -> RecordLine | QuarantineNotice:
+    """One upload line as a :class:`RecordLine` (or a quarantine notice). Raises
+    ``ValueError``/``TypeError`` for anything :func:`entry_from_json` refuses: a line the quick
+    checks below do not pass whole goes through the full parser, which either names what is
+    wrong or (an unusual but valid record) gives the record."""
+    try:
+        value, end = _SCAN(line, 0)
+    except (StopIteration, ValueError, RecursionError):
+        value, end = None, -1  # the full parser below names what is wrong
+    parsed = _quick_record(value, line) if type(value) is dict and end == len(line) else None
+    if parsed is not None:
+        return parsed
+    entry = entry_from_json(line)
+    if isinstance(entry, QuarantineNotice):
+        return entry
+    canonical = entry.canonical_bytes()
+    return RecordLine(
+        entry.seq,
+        entry.created_at,
+        entry.terminal_id,
+        entry.kind,
+        entry.card_id,
+        entry.amount,
+        dict(entry.fields),
+        entry.prev_hash,
+        entry.hash,
+        entry.signature,
+        hashlib.sha256(canonical).hexdigest(),
+        line,
+    )
+
+
+def _quick_record(value: dict[str, Any], line: str) -> RecordLine | None:
+    """The checks of :class:`Record` (``agent.offline_store.records``) for a parsed JSON object,
+    written for speed; ``None`` when any does not pass (the caller then runs the full parser
+    for its message). JSON gives only dict, list, str, int, float, bool and None, so
+    ``type(x) is int`` is Record's "int and not bool"; text must encode as UTF-8, which the
+    canonical encoding below checks for every text field at once."""
+    if value.keys() != RECORD_KEYS:
+        return None
+    seq, amount, created_at = value["seq"], value["amount"], value["created_at"]
+    terminal_id, kind, card_id = value["terminal_id"], value["kind"], value["card_id"]
+    fields, prev_hash = value["fields"], value["prev_hash"]
+    hash_, signature = value.pop("hash"), value.pop("signature")
+    if not (
+        type(seq) is int
+        and 1 <= seq <= INT64_MAX
+        and type(amount) is int
+        and 0 <= amount <= INT64_MAX
+        and type(created_at) is str
+        and _TIMESTAMP.fullmatch(created_at)
+        and type(terminal_id) is str
+        and terminal_id
+        and type(kind) is str
+        and kind
+        and type(card_id) is str
+        and card_id
+        and type(fields) is dict
+        and type(prev_hash) is str
+        and _HASH_HEX.fullmatch(prev_hash)
+        and type(hash_) is str
+        and _HASH_HEX.fullmatch(hash_)
+        and type(signature) is str
+        and _SIGNATURE_HEX.fullmatch(signature)
+    ):
+        return None
+    for name, item in fields.items():
+        kind_of = type(item)
+        if not name:
+            return None
+        if kind_of is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return None
+        elif kind_of is not str and kind_of is not bool and item is not None:
+            return None
+    try:
+        datetime.fromisoformat(created_at)
+        # every key and text value encodes as UTF-8 (no lone surrogates): Record's rule
+        canonical = _canonical_text(value).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return RecordLine(
+        seq,
+        created_at,
+        terminal_id,
+        kind,
+        card_id,
+        amount,
+        fields,
+        prev_hash,
+        hash_,
+        signature,
+        hashlib.sha256(canonical).hexdigest(),
+        line,
+    )
+
+
+SignedEntry = RecordLine | QuarantineNotice
+
+
+def decode_signed_batch(
+    body: bytes,
+    content_encoding: str | None,
+    *,
+    max_bytes: int = MAX_BATCH_BYTES,
+    max_records: int = MAX_BATCH_RECORDS,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> tuple[list[SignedEntry], str]:
+    """Host side, an upload with a batch signature: like :func:`decode_batch` (the same limits
+    while reading, the same :class:`BadBatch` refusals), each record as a :class:`RecordLine`;
+    returns the entries and the body's full SHA-256 hex (the batch signature covers it). The
+    caller checks the terminal binding and hash of each record."""
+    digest = hashlib.sha256()
+    entries: list[SignedEntry] = []
+    for number, line in _body_lines(
+        body,
+        content_encoding,
+        digest,
+        max_bytes=max_bytes,
+        max_records=max_records,
+        max_line_bytes=max_line_bytes,
+    ):
+        try:
+            entries.append(parse_record_line(line))
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise BadBatch(f"line {number} is not a record: {str(exc)[:200]}") from exc
+    if not entries:
+        raise BadBatch("the batch holds no records")
+    return entries, digest.hexdigest()
+
+
+def check_idempotency_key(
+    key: str | None, records: Sequence[Entry] | Sequence[SignedEntry], digest: str
+) -> str:
     """Host side: the key must name this batch (first and last seq, body digest)."""
     if key is None:
         raise BadBatch(f"missing {IDEMPOTENCY_HEADER} header")
     if not _KEY_PATTERN.fullmatch(key):
         raise BadBatch(f"malformed {IDEMPOTENCY_HEADER} {key[:80]!r}")
-    expected = f"{records[0].seq}-{records[-1].seq}-{digest}"
+    expected = f"{records[0].seq}-{records[-1].seq}-{digest[:32]}"
     if key != expected:
         raise BadBatch(f"{IDEMPOTENCY_HEADER} does not match the body (expected {expected})")
     return key

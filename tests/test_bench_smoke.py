@@ -133,3 +133,34 @@ def test_bench_pos_writes_round_trips_and_clearing(tmp_path: Path, capsys) -> No
     assert report.count(": reconciles") == 2 and "DOES NOT RECONCILE" not in report
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, capsys) -> None:
+    """A tiny run of the ingest benchmark on both backends: every figure is there (no
+    timings checked), and the other sections of the results file are kept."""
+    from bench import bench_ingest
+
+    output = tmp_path / "RESULTS-sync.md"
+    output.write_text("# Sync benchmark\n\n## Upload\n\nkept\n\n## Blacklist\n\nkept too\n")
+    config_before = structlog.get_config()
+
+    argv = ["--records", "60", "--batch-size", "20", "--output", str(output)]
+    assert bench_ingest.main(argv) == 0
+    assert bench_ingest.main(argv) == 0  # a second run replaces its section, once
+
+    report = output.read_text(encoding="utf-8")
+    assert report.count("## Ingest: 60 records") == 1
+    assert "## Upload\n\nkept\n" in report and "## Blacklist\n\nkept too\n" in report
+    for backend in ("sqlite", "postgresql"):
+        assert (
+            f"| signed batches (1 batch signature + hash chain; executemany/COPY) | {backend} |"
+            in report
+        )
+        assert f"| v1: every record's Ed25519 signature verified | {backend} |" in report
+        assert f"| bare httpx POST loop, same bodies, sink endpoint | {backend} |" in report
+        assert f"`cardhost audit` of the 60 stored records ({backend}" in report
+    assert "Ed25519 verify x 60 (one per record: v1)" in report
+    assert "Ed25519 verify x 3 (one per batch: signed)" in report
+    assert "end to end: `cardsync` `upload_pending`" in report
+    assert "## Ingest" in capsys.readouterr().out
+    assert structlog.get_config() == config_before

@@ -1,0 +1,471 @@
+"""Signed batches (issue 14): one device signature over the batch head, the hash chain of every
+record, bulk inserts, and the audit that re-verifies each record's own signature.
+
+Against the real host (uvicorn on 127.0.0.1) on SQLite and on a real PostgreSQL server
+(``tests/test_sync_storage.PgServer``), over HTTP with httpx, and the real sync daemon:
+
+* a genuine signed batch is stored with its head as evidence and its lines verbatim;
+* a head signature forged, made by another terminal's key, made for another terminal, another
+  range or another body, or missing where the host requires one, is refused (422) and nothing
+  of the batch is stored;
+* a record altered inside a batch the terminal key signed again (a thief or a bug) breaks the
+  hash check or the chain: refused at that seq, nothing from it on stored;
+* a record whose own signature is bad under a good chain and head (a terminal bug) is stored
+  and flagged by ``cardhost audit``, once; tampering with the host's database after the fact
+  (a body, a batch signature) is flagged too;
+* the host's quick record parser accepts exactly what the full one accepts (hypothesis).
+
+Device and host keys are generated per test: TEST KEYS ONLY.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.offline_store import DeviceKey, RecordBody
+from agent.offline_store.records import Record, entry_from_json, record_to_json, seal_record
+from clearinghost import cli as host_cli
+from clearinghost.audit import audit_storage
+from clearinghost.keys import HostKey
+from clearinghost.server import ClearingHost, HostServer, create_app
+from clearinghost.storage import PostgresStorage, SqliteStorage, Storage
+from sync import protocol
+from tests.test_sync_storage import PgServer
+from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
+
+TERMINAL = "BUS-B1"
+OTHER = "BUS-B2"
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "sqlite":
+        store: Storage = SqliteStorage(tmp_path / "host.db")
+    else:
+        store = PostgresStorage(request.getfixturevalue("pg").new_database())
+    yield store
+    store.close()
+
+
+def chain(
+    key: DeviceKey,
+    count: int,
+    *,
+    start: int = 1,
+    prev: str = "0" * 64,
+    terminal: str = TERMINAL,
+    sign: Callable[[bytes], bytes] | None = None,
+) -> list[Record]:
+    records: list[Record] = []
+    for seq in range(start, start + count):
+        record = seal_record(
+            seq=seq,
+            created_at=f"2024-05-01T08:{seq // 60 % 60:02d}:{seq % 60:02d}.000Z",
+            terminal_id=terminal,
+            body=RecordBody("purchase", f"0310{seq:016X}", 200, {"n": seq, "product": "test"}),
+            prev_hash=prev,
+            sign=sign or key.sign,
+        )
+        records.append(record)
+        prev = record.hash
+    return records
+
+
+def raw_batch(
+    records: list[Record] | list[str],
+    *,
+    terminal: str = TERMINAL,
+    sign: Callable[[bytes], bytes] | None,
+    head: dict[str, Any] | None = None,
+    signature: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A gzip body and its headers; ``head`` overrides fields of the signed head (a head made
+    for another terminal, range or body), ``signature`` replaces the signature outright."""
+    lines = [r if isinstance(r, str) else record_to_json(r) for r in records]
+    raw = "".join(line + "\n" for line in lines).encode()
+    entries = [entry_from_json(line) for line in lines]
+    digest = hashlib.sha256(raw).hexdigest()
+    headers = {
+        "Content-Encoding": "gzip",
+        "Content-Type": protocol.NDJSON,
+        protocol.IDEMPOTENCY_HEADER: f"{entries[0].seq}-{entries[-1].seq}-{digest[:32]}",
+    }
+    fields = protocol.batch_head(
+        terminal, entries[0].seq, entries[-1].seq, len(entries), entries[-1].hash, digest
+    )
+    fields.update(head or {})
+    if signature is not None:
+        headers[protocol.BATCH_SIGNATURE_HEADER] = signature
+    elif sign is not None:
+        headers[protocol.BATCH_SIGNATURE_HEADER] = sign(protocol.batch_signed_bytes(fields)).hex()
+    return gzip.compress(raw), headers
+
+
+@dataclasses.dataclass
+class Served:
+    host: ClearingHost
+    client: httpx.Client
+    key: DeviceKey  # TERMINAL's device key
+    other: DeviceKey  # OTHER's device key
+
+    def post(self, body: bytes, headers: dict[str, str], terminal: str = TERMINAL) -> Any:
+        return self.client.post(protocol.records_path(terminal), content=body, headers=headers)
+
+    def held(self, terminal: str = TERMINAL) -> list[int]:
+        return [seq for seq, _hash in self.host.storage.record_keys(terminal)]
+
+
+@pytest.fixture
+def served(storage: Storage) -> Iterator[Served]:
+    host = make_host(storage, HostKey.generate())
+    key, other = DeviceKey.generate(), DeviceKey.generate()
+    storage.register_terminal(TERMINAL, key.public_key_bytes.hex())
+    storage.register_terminal(OTHER, other.public_key_bytes.hex())
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        yield Served(host, client, key, other)
+
+
+# --- genuine batches ---------------------------------------------------------------------------
+
+
+def test_a_signed_batch_is_stored_with_its_head_and_lines_verbatim(served: Served) -> None:
+    records = chain(served.key, 6)
+    answer = served.post(*raw_batch(records, sign=served.key.sign))
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["ack_seq"], answer.json()["stored"]) == (6, 6)
+    assert served.held() == list(range(1, 7))
+    stored = served.host.storage.records(TERMINAL, 0, 10)
+    assert stored == [r.to_dict() for r in records]
+    ((head, held),) = served.host.storage.batch_heads(TERMINAL, 0, 6)
+    assert head.fields["first_seq"] == 1 and head.fields["last_seq"] == 6
+    assert held == records[-1].hash == head.fields["last_hash"]
+    assert head.public_key == served.key.public_key_bytes.hex()
+    # the next batch chains on; a replay is a duplicate, nothing stored twice
+    more = chain(served.key, 3, start=7, prev=records[-1].hash)
+    assert served.post(*raw_batch(more, sign=served.key.sign)).json()["ack_seq"] == 9
+    again = served.post(*raw_batch(records, sign=served.key.sign)).json()
+    assert (again["stored"], again["duplicates"], again["ack_seq"]) == (0, 6, 9)
+    assert served.held() == list(range(1, 10))
+    assert audit_storage(served.host.storage).findings == []
+
+
+def test_the_daemon_signs_its_batches(tmp_path: Path) -> None:
+    terminal = Terminal.provision(tmp_path, "BUS-D1")
+    for _ in range(12):
+        terminal.tap()
+    host_key = HostKey.generate()
+    host = make_host(SqliteStorage(tmp_path / "host.db"), host_key, require_batch_signature=True)
+    with HostServer(create_app(host)) as server:
+        daemon = daemon_for(terminal, fast_settings(server.url, host_key, batch_size=5))
+        report = daemon.upload_pending()
+        daemon.close()
+    assert (report.ack_seq, report.batches) == (12, 3)
+    heads = host.storage.batch_heads("BUS-D1", 0, 12)
+    assert [(h.fields["first_seq"], h.fields["last_seq"]) for h, _ in heads] == [
+        (1, 5),
+        (6, 10),
+        (11, 12),
+    ]
+    assert host.storage.record_keys("BUS-D1") == sorted(terminal.written.items())
+    assert audit_storage(host.storage).records == 12
+    host.storage.close()
+
+
+# --- refused heads -----------------------------------------------------------------------------
+
+
+def refused(served: Served, answer: httpx.Response, seq: int, reason: str) -> None:
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert (body["seq"], body["reason"], body["stored"]) == (seq, reason, 0), body
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "forged",  # random bytes
+        "other_terminals_key",  # a head made with another terminal's device key
+        "made_for_another_terminal",  # the right key, the head names another terminal
+        "another_range",  # the right key, the head names other seqs
+        "another_body",  # the right key over another body: the batch was altered in transit
+        "ack_hash_not_last",  # the right key, another chain head
+    ],
+)
+def test_a_batch_whose_head_does_not_verify_is_refused_whole(served: Served, case: str) -> None:
+    records = chain(served.key, 5)
+    sign: Callable[[bytes], bytes] | None = served.key.sign
+    head: dict[str, Any] = {}
+    signature = None
+    if case == "forged":
+        signature = "5a" * 64
+    elif case == "other_terminals_key":
+        sign = served.other.sign
+    elif case == "made_for_another_terminal":
+        head = {"terminal_id": OTHER}
+    elif case == "another_range":
+        head = {"first_seq": 2}
+    elif case == "another_body":
+        head = {"body_sha256": hashlib.sha256(b"another body").hexdigest()}
+    else:
+        head = {"last_hash": records[-2].hash}
+    answer = served.post(*raw_batch(records, sign=sign, head=head, signature=signature))
+    refused(served, answer, 1, "bad_batch_signature")
+    assert answer.json()["error"] == "record_refused"
+    assert served.held() == []
+    terminal = served.host.storage.terminal(TERMINAL)
+    assert terminal is not None and terminal.ack_seq == 0
+    kinds = [a["kind"] for a in served.host.storage.anomalies(TERMINAL)]
+    assert kinds == ["bad_batch_signature"]
+    # the genuine batch still goes in
+    assert served.post(*raw_batch(records, sign=served.key.sign)).status_code == 200
+    assert served.held() == [1, 2, 3, 4, 5]
+
+
+def test_a_head_signed_by_another_terminal_for_itself_does_not_count_here(served: Served) -> None:
+    """OTHER's key signs a genuine head for its own id; posted at TERMINAL's URL it fails."""
+    records = chain(served.other, 3, terminal=OTHER)
+    body, headers = raw_batch(records, terminal=OTHER, sign=served.other.sign)
+    assert served.post(body, headers, terminal=OTHER).status_code == 200
+    refused(served, served.post(body, headers, terminal=TERMINAL), 1, "bad_batch_signature")
+    assert served.held() == [] and served.held(OTHER) == [1, 2, 3]
+
+
+def test_a_missing_head_signature_is_refused_where_required(tmp_path: Path) -> None:
+    storage = SqliteStorage(tmp_path / "host.db")
+    host = make_host(storage, HostKey.generate(), require_batch_signature=True)
+    key = DeviceKey.generate()
+    storage.register_terminal(TERMINAL, key.public_key_bytes.hex())
+    records = chain(key, 3)
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        body, headers = raw_batch(records, sign=None)
+        answer = client.post(protocol.records_path(TERMINAL), content=body, headers=headers)
+        assert answer.status_code == 422 and answer.json()["error"] == "batch_signature_required"
+        assert storage.count_records() == 0
+        body, headers = raw_batch(records, sign=key.sign)
+        assert (
+            client.post(protocol.records_path(TERMINAL), content=body, headers=headers).json()[
+                "ack_seq"
+            ]
+            == 3
+        )
+    storage.close()
+
+
+def test_without_a_head_every_record_signature_is_verified(served: Served) -> None:
+    """A v1 upload (no header) of records whose own signatures are bad: the first is refused
+    (the host falls back to per-record verification, never to trusting the chain alone)."""
+    records = chain(served.key, 4, sign=served.other.sign)
+    refused(served, served.post(*raw_batch(records, sign=None)), 1, "bad_signature")
+    assert served.held() == []
+
+
+def test_a_malformed_head_signature_is_a_bad_batch(served: Served) -> None:
+    records = chain(served.key, 2)
+    answer = served.post(*raw_batch(records, sign=None, signature="not hex"))
+    assert answer.status_code == 400 and answer.json()["error"] == "bad_batch"
+    assert served.held() == []
+
+
+# --- altered records under a re-signed head ----------------------------------------------------
+
+
+def test_a_record_altered_under_a_resigned_head_breaks_its_hash(served: Served) -> None:
+    records = chain(served.key, 6)
+    lines = [record_to_json(r) for r in records]
+    altered = records[3].to_dict()
+    altered["amount"] = 1  # the hash no longer covers the content
+    lines[3] = json.dumps(altered, sort_keys=True, separators=(",", ":"))
+    answer = served.post(*raw_batch(lines, sign=served.key.sign))
+    assert answer.status_code == 422 and answer.json()["reason"] == "bad_hash", answer.text
+    assert (answer.json()["seq"], answer.json()["stored"]) == (4, 3)
+    assert served.held() == [1, 2, 3], "the records before it verified and link: stored"
+
+
+def test_a_record_rehashed_under_a_resigned_head_breaks_the_chain(served: Served) -> None:
+    """Record 4 replaced by another, hashed and signed properly: record 5 no longer links."""
+    records = chain(served.key, 6)
+    forged = seal_record(
+        seq=4,
+        created_at=records[3].created_at,
+        terminal_id=TERMINAL,
+        body=RecordBody("purchase", records[3].card_id, 1, {"n": 4, "product": "test"}),
+        prev_hash=records[2].hash,
+        sign=served.key.sign,
+    )
+    answer = served.post(*raw_batch([*records[:3], forged, *records[4:]], sign=served.key.sign))
+    assert answer.status_code == 422 and answer.json()["reason"] == "chain_break", answer.text
+    assert (answer.json()["seq"], answer.json()["stored"]) == (5, 4)
+    assert served.held() == [1, 2, 3, 4]
+
+
+# --- the audit ---------------------------------------------------------------------------------
+
+
+def test_a_bad_record_signature_under_a_good_chain_is_flagged_by_the_audit(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A terminal bug: records 3 and 4 carry signatures of another key, the chain and the head
+    are good. The host stores them (the head proved where they come from); the audit flags
+    exactly those, once."""
+    good = chain(served.key, 2)
+    bad = chain(served.key, 2, start=3, prev=good[-1].hash, sign=served.other.sign)
+    tail = chain(served.key, 2, start=5, prev=bad[-1].hash)
+    answer = served.post(*raw_batch([*good, *bad, *tail], sign=served.key.sign))
+    assert answer.status_code == 200 and answer.json()["ack_seq"] == 6, answer.text
+
+    report = audit_storage(served.host.storage)
+    assert (report.records, report.batches) == (6, 1)
+    assert [(t, s, f.kind) for t, s, f in report.findings] == [
+        (TERMINAL, 3, "audit_bad_signature"),
+        (TERMINAL, 4, "audit_bad_signature"),
+    ]
+    flagged = [(a["seq"], a["kind"]) for a in served.host.storage.anomalies(TERMINAL)]
+    assert sorted(flagged) == [(3, "audit_bad_signature"), (4, "audit_bad_signature")]
+    again = audit_storage(served.host.storage)
+    assert (again.records, again.findings) == (0, []), "the cursor moved: nothing twice"
+    # the next records are audited from the cursor on
+    more = chain(served.key, 2, start=7, prev=tail[-1].hash)
+    assert served.post(*raw_batch(more, sign=served.key.sign)).status_code == 200
+    assert audit_storage(served.host.storage).records == 2
+    assert len(served.host.storage.anomalies(TERMINAL)) == 2
+
+
+def test_the_audit_cli_flags_a_host_database_changed_after_the_fact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "host.db"
+    storage = SqliteStorage(db)
+    host = make_host(storage, HostKey.generate())
+    key = DeviceKey.generate()
+    storage.register_terminal(TERMINAL, key.public_key_bytes.hex())
+    first = chain(key, 4)
+    second = chain(key, 4, start=5, prev=first[-1].hash)
+    with HostServer(create_app(host)) as server, httpx.Client(base_url=server.url) as client:
+        for batch in (first, second):
+            body, headers = raw_batch(batch, sign=key.sign)
+            assert client.post(protocol.records_path(TERMINAL), content=body, headers=headers)
+    storage.close()
+    capsys.readouterr()
+    assert host_cli.main(["audit", "--db", str(db)]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 8
+    # someone edits the host's database: a stored amount, a stored batch signature
+    raw = sqlite3.connect(db)
+    body = json.loads(raw.execute("SELECT body FROM records WHERE seq = 6").fetchone()[0])
+    body["amount"] = 1
+    raw.execute("UPDATE records SET body = ? WHERE seq = 6", (json.dumps(body),))
+    raw.execute("UPDATE batch_signatures SET signature = ? WHERE first_seq = 1", ("00" * 64,))
+    raw.execute("DELETE FROM audit_cursors")  # and an audit from the start
+    raw.commit()
+    raw.close()
+
+    assert host_cli.main(["audit", "--db", str(db), "--terminal", TERMINAL]) == 1
+    report = json.loads(capsys.readouterr().out)
+    found = sorted((f["seq"], f["kind"]) for f in report["findings"])
+    # the edited record's signature still covers its (unchanged) hash field: a bad hash
+    assert found == [(4, "audit_bad_batch_signature"), (6, "audit_bad_hash")], report
+
+
+# --- the quick parser is the full parser -------------------------------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from(["\ud800", '"', "\\", "\n"]))
+_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False),
+    _TEXT,
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@st.composite
+def record_values(draw: st.DrawFn) -> dict[str, Any]:
+    key = DeviceKey.generate()
+    record = seal_record(
+        seq=draw(st.integers(min_value=1, max_value=2**63 - 1)),
+        created_at="2024-05-01T08:00:00.000Z",
+        terminal_id=TERMINAL,
+        body=RecordBody(
+            draw(st.sampled_from(["purchase", "unresolved", "维护"])),
+            "0310000000000001",
+            draw(st.integers(min_value=0, max_value=2**63 - 1)),
+            draw(
+                st.dictionaries(
+                    st.text(st.characters(codec="utf-8"), min_size=1, max_size=4),
+                    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                    max_size=3,
+                )
+            ),
+        ),
+        prev_hash="0" * 64,
+        sign=key.sign,
+    )
+    value = record.to_dict()
+    for _ in range(draw(st.integers(min_value=0, max_value=2))):
+        name = draw(st.sampled_from([*value, "fields.x", "extra"]))
+        if name == "extra":
+            value["extra"] = 1
+        elif name == "fields.x":
+            fields = value.get("fields")
+            fields = fields if isinstance(fields, dict) else {}
+            value["fields"] = {**fields, draw(st.text(max_size=2)): draw(_VALUE)}
+        elif draw(st.booleans()):
+            del value[name]
+        else:
+            value[name] = draw(
+                _VALUE
+                | st.sampled_from(
+                    ["2024-13-01T00:00:00.000Z", "2024-05-01T08:00:00.000Z", "A" * 64, "a" * 128]
+                )
+            )
+    return value
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(record_values())
+def test_the_quick_record_parser_accepts_exactly_what_the_full_one_accepts(
+    value: dict[str, Any],
+) -> None:
+    line = json.dumps(value, ensure_ascii=False)
+    try:
+        expected: Any = entry_from_json(line)
+    except (ValueError, TypeError) as exc:
+        expected = exc
+    try:
+        got: Any = protocol.parse_record_line(line)
+    except (ValueError, TypeError) as exc:
+        got = exc
+    if isinstance(expected, Exception):
+        assert isinstance(got, Exception), (line, got)
+        return
+    assert isinstance(got, protocol.RecordLine), (line, got)
+    assert got.record() == expected
+    assert got.digest == hashlib.sha256(expected.canonical_bytes()).hexdigest()
+    assert (got.seq, got.hash, got.prev_hash, got.amount, got.kind, got.card_id) == (
+        expected.seq,
+        expected.hash,
+        expected.prev_hash,
+        expected.amount,
+        expected.kind,
+        expected.card_id,
+    )
+    assert got.fields == dict(expected.fields)
