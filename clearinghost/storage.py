@@ -40,7 +40,12 @@ cannot be checked, its content being lost). A record that does not verify or lin
 (never stored, never takes a seq, never moves the acknowledgement); a record beyond
 ``ack_seq + 1`` is refused as a gap (a terminal sends from its acknowledgement on).
 Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
-``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL).
+``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL). Several host processes may share
+one database (``cardhost host --workers N``): an upload commits whole or not at all (a process
+killed mid-batch leaves nothing), the terminal row lock orders a retry racing its original on
+another process (the second sees the first's records as duplicates), and the blacklist and
+parameter version counters are taken under a transaction-scoped lock (PostgreSQL advisory
+lock; SQLite's write transaction), so two publications never share a version.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 import structlog
@@ -296,6 +301,11 @@ class Storage:
 
     # The row lock that serialises two host processes ingesting for one terminal (PostgreSQL).
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ?"
+
+    def _serialise(self, tx: _Tx, what: str) -> None:
+        """Hold ``what`` (a version counter: ``blacklist``, ``params``) for the rest of the
+        transaction against every other host process. SQLite: nothing to do, a write
+        transaction (``BEGIN IMMEDIATE``) already excludes every other writer of the file."""
 
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -683,6 +693,7 @@ class Storage:
     def publish_blacklist(self, add: Sequence[int], remove: Sequence[int]) -> int:
         """One new version with these changes (no-op entries are dropped); returns it."""
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "blacklist")
             version = self._apply_blacklist(tx, add, remove)
         log.info("blacklist published", version=version, add=len(add), remove=len(remove))
         return version
@@ -737,6 +748,7 @@ class Storage:
         Raises :class:`PendingChangeRefused`: no such change, already decided, or ``by`` is
         the operator who asked for it (a second operator must decide)."""
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "blacklist")  # before reading the state: one decision wins
             row = tx.one(
                 "SELECT payload, requested_by, state FROM pending_changes "
                 "WHERE id = ? AND kind = 'blacklist'",
@@ -831,6 +843,7 @@ class Storage:
 
     def publish_params(self, payload: dict[str, Any]) -> int:
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "params")
             row = tx.one("SELECT MAX(version) FROM params")
             version = int(row[0] or 0) + 1 if row else 1
             stored = dict(payload, version=version)
@@ -1195,6 +1208,15 @@ class PostgresStorage(Storage):
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
 
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ? FOR UPDATE"
+    # transaction-scoped advisory locks, one per version counter (the schema's is 7355608)
+    _ADVISORY_KEYS: ClassVar[dict[str, int]] = {"blacklist": 7355609, "params": 7355610}
+
+    def _serialise(self, tx: _Tx, what: str) -> None:
+        """A transaction-scoped advisory lock: a second host process publishing (or approving)
+        at the same moment waits, then reads the version this one wrote, so no two lists or
+        parameter sets ever share a version number (READ COMMITTED alone would let both read
+        the same counter)."""
+        tx.run("SELECT pg_advisory_xact_lock(?)", (self._ADVISORY_KEYS[what],))
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
