@@ -51,6 +51,7 @@ lock; SQLite's write transaction), so two publications never share a version.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -1198,7 +1199,9 @@ class PostgresStorage(Storage):
         super().__init__()
         self.dsn = dsn
         try:
-            self._conn = psycopg.connect(dsn, autocommit=False)
+            # the process shows in pg_stat_activity (several host processes share a database)
+            name = f"cardhost[{os.getpid()}]"
+            self._conn = psycopg.connect(dsn, autocommit=False, application_name=name)
             with self._transaction() as tx:
                 tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
                 for statement in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
