@@ -536,13 +536,13 @@ class SyncDaemon:
         ``Retry-After`` (:class:`HostBusy`), capped at ``retry_after_max_s``, plus a uniform
         jitter of up to ``retry_after_spread`` of it: a thousand terminals told the same
         delay come back spread over half as long again, not all in the same second."""
-        delay = self._backoff(failures)
         asked = getattr(exc, "retry_after_s", None)
-        if isinstance(asked, int | float) and asked > 0:
-            honoured = min(float(asked), self.settings.retry_after_max_s)
-            spread = honoured * self.settings.retry_after_spread
-            delay = max(delay, honoured + self.rng.uniform(0, spread))
-        return delay
+        return honour_retry_after(
+            self._backoff(failures),
+            asked if isinstance(asked, int | float) else None,
+            self.settings,
+            self.rng,
+        )
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """Repeat a call the protocol makes safe to repeat, on link or transient host errors."""
@@ -646,6 +646,19 @@ class SyncDaemon:
         self.client.close()
         self.store.close()
         self.notifier.close()
+
+
+def honour_retry_after(
+    backoff_s: float, asked_s: float | None, settings: SyncSettings, rng: random.Random
+) -> float:
+    """The delay before the next attempt: ``backoff_s``, and never less than the host's
+    ``Retry-After`` (``asked_s``) capped at ``settings.retry_after_max_s``, plus a uniform
+    jitter of up to ``settings.retry_after_spread`` of it (the daemon's rule; the city bench's
+    simulated terminals use it too)."""
+    if asked_s is None or asked_s <= 0:
+        return backoff_s
+    honoured = min(float(asked_s), settings.retry_after_max_s)
+    return max(backoff_s, honoured + rng.uniform(0, honoured * settings.retry_after_spread))
 
 
 def _now_for_scheduler() -> datetime:
