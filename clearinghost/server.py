@@ -669,7 +669,7 @@ RETRY_LATER_STATUS = frozenset({429, 503, 507})
 
 def _json(status: int, body: dict[str, Any], retry_after_s: int | None = None) -> JSONResponse:
     answer = JSONResponse(body, status_code=status)
-    if status in RETRY_LATER_STATUS and body.get("error") != "loads_disabled":
+    if status in RETRY_LATER_STATUS:
         answer.headers["Retry-After"] = str(retry_after_s or HostLimits.retry_after_s)
     return answer
 
