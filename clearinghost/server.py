@@ -129,6 +129,22 @@ def new_enrolment_code() -> str:
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
+CHECKER_CACHE_SIZE = 8192  # device keys whose signature checkers a host process keeps
+
+
+class BoundedCache(dict[Any, Any]):
+    """A dict that forgets its oldest entry beyond ``capacity`` (first in, first out)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self and len(self) >= self.capacity:
+            del self[next(iter(self))]
+        super().__setitem__(key, value)
+
+
 DEFAULT_APPROVAL_THRESHOLD = 1000  # blacklist entries in one change above which a second
 # operator must approve it
 
@@ -247,10 +263,15 @@ class ClearingHost:
     fees: FeeSchedule = field(default_factory=FeeSchedule)
     time_zone: str = DEFAULT_TIME_ZONE
     loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
-    _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
+    # Per-process caches, keyed by what they are derived from (a device key, a list version
+    # whose content the storage fixes): several host processes on one database never
+    # disagree through them, and they are bounded (a city has tens of thousands of keys).
+    _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(
+        default_factory=lambda: BoundedCache(CHECKER_CACHE_SIZE)
+    )
     _digests: dict[int, bytes] = field(default_factory=dict)  # blacklist version -> digest
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
-        default_factory=dict
+        default_factory=lambda: BoundedCache(CHECKER_CACHE_SIZE)
     )
 
     # --- terminals -------------------------------------------------------------------------

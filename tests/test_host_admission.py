@@ -26,7 +26,14 @@ import pytest
 from agent.offline_store import DeviceKey
 from agent.wiring import DEVICE_KEY_FILE
 from clearinghost.keys import HostKey
-from clearinghost.server import ClearingHost, HostLimits, HostServer, UploadGate, create_app
+from clearinghost.server import (
+    BoundedCache,
+    ClearingHost,
+    HostLimits,
+    HostServer,
+    UploadGate,
+    create_app,
+)
 from clearinghost.storage import SqliteStorage
 from sync import protocol
 from sync.client import SyncClient, retry_after_seconds
@@ -317,3 +324,38 @@ def test_a_crowd_of_terminals_uploading_at_once_is_stored_exactly_once(tmp_path:
             daemon.close()
         server.stop()
         host.storage.close()
+
+
+def test_the_per_key_signature_checkers_are_bounded(tmp_path: Path) -> None:
+    """A host process keeps a signature checker per device key; with tens of thousands of
+    terminals that cache must not grow without end (it forgets the oldest, and a forgotten
+    key's records still verify: the checker is made again)."""
+    cache = BoundedCache(2)
+    for n in range(5):
+        cache[n] = str(n)
+    assert cache == {3: "3", 4: "4"}
+    host = ClearingHost(SqliteStorage(tmp_path / "host.db"), HostKey.generate())
+    assert isinstance(host._seal_checkers, BoundedCache)
+    assert isinstance(host._notice_checkers, BoundedCache)
+    host._seal_checkers = BoundedCache(2)
+    terminals = [enrolled(host, tmp_path / "terminals", f"B{n}", 2) for n in range(3)]
+    for _round in range(2):  # the second round finds B0's checker forgotten
+        for terminal in terminals:
+            key = DeviceKey.load(terminal.data_dir / DEVICE_KEY_FILE)
+            host.register(
+                terminal.terminal_id,
+                protocol.enrolment_request(
+                    terminal.terminal_id, key.public_key_bytes, key.sign, None, int(time.time())
+                ),
+            )
+            batch = encode_batch(terminal.terminal_id, list(terminal.store.unsent_entries(2)))
+            status, answer = host.upload(
+                terminal.terminal_id, batch.body, "gzip", batch.idempotency_key
+            )
+            assert status == 200 and answer["ack_seq"] == 2
+            assert len(host._seal_checkers) <= 2
+    for terminal in terminals:
+        assert host.storage.record_keys(terminal.terminal_id) == sorted(terminal.written.items())
+    for terminal in terminals:
+        terminal.store.close()
+    host.storage.close()
