@@ -71,6 +71,8 @@ HOURLY_SHARE = (
     0.042, 0.040, 0.040, 0.045, 0.060, 0.085, 0.090, 0.060, 0.045, 0.035, 0.025, 0.013,
 )  # fmt: skip
 BATCH = 25
+# a terminal waiting out its Retry-After keeps its connection (the host's default is 5 s)
+KEEP_ALIVE_S = 75
 
 
 @dataclass
@@ -209,6 +211,7 @@ class HostProcess:
             "--log-level", "warning", "host", "--db", db, "--key", str(key),
             "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers),
             "--max-connections", "4096", "--max-uploads", str(max_uploads),
+            "--keep-alive", str(KEEP_ALIVE_S), "--header-timeout", str(KEEP_ALIVE_S),
         ]  # fmt: skip
         env = dict(os.environ, **{TOKEN_ENV: TOKEN})
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=self.log, env=env)
@@ -276,20 +279,25 @@ async def enrol_all(url: str, fleet: Fleet) -> None:
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         gate = asyncio.Semaphore(32)
 
+        async def post(path: str, body: dict[str, Any], **options: Any) -> httpx.Response:
+            for _attempt in range(10):  # a keep-alive connection the host just closed
+                try:
+                    return await client.post(path, json=body, **options)
+                except httpx.TransportError:
+                    await asyncio.sleep(0.5)
+            raise SystemExit(f"bench_city: POST {path}: the host does not answer")
+
         async def one(terminal_id: str, key: DeviceKey) -> None:
             async with gate:
                 public = key.public_key_bytes
-                added = await client.post(
-                    "/v1/admin/terminals",
-                    json={"terminal_id": terminal_id, "kind": "bus", "public_key": public.hex()},
-                    headers=auth,
-                )
-                if added.status_code != 201:
+                entry = {"terminal_id": terminal_id, "kind": "bus", "public_key": public.hex()}
+                added = await post("/v1/admin/terminals", entry, headers=auth)
+                if added.status_code not in (201, 409):  # 409: a retry after a lost answer
                     raise SystemExit(f"bench_city: add {terminal_id}: {added.text}")
                 body = protocol.enrolment_request(
                     terminal_id, public, key.sign, None, int(time.time())
                 )
-                enrolled = await client.post(protocol.register_path(terminal_id), json=body)
+                enrolled = await post(protocol.register_path(terminal_id), body)
                 if enrolled.status_code not in (200, 201):
                     raise SystemExit(f"bench_city: enrol {terminal_id}: {enrolled.text}")
 
@@ -476,7 +484,8 @@ def report(runs: list[Run], fleet: Fleet, args: argparse.Namespace) -> str:
         "hourly shape (peaks 07–09 h and 17–19 h); every terminal pre-registered by an operator "
         "and enrolled with its own device key, then **all upload their whole backlog at once** "
         f"(batches of {BATCH}, one connection each, `Retry-After` honoured with the daemon's "
-        f"rule). Host: `cardhost host --workers N --max-uploads {args.max_uploads}` per worker.",
+        f"rule). Host: `cardhost host --workers N --max-uploads {args.max_uploads} --keep-alive "
+        f"{KEEP_ALIVE_S}` (a terminal waiting out its Retry-After keeps its connection).",
         "",
         "## The storm",
         "",
