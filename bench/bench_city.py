@@ -317,8 +317,10 @@ async def storm(url: str, fleet: Fleet, host_key: bytes, tally: Tally, seed: int
         async with httpx.AsyncClient(base_url=url, transport=transport, timeout=300) as client:
             await start.wait()
             ack, failures = 0, 0
+            batch = None
             while ack < len(records):
-                batch = protocol.encode_batch(terminal_id, records[ack : ack + BATCH])
+                if batch is None or batch.first_seq != ack + 1:  # re-sent as is after a 503
+                    batch = protocol.encode_batch(terminal_id, records[ack : ack + BATCH])
                 asked: float | None = None
                 try:
                     answer = await client.post(
@@ -581,6 +583,8 @@ def _main(args: argparse.Namespace) -> int:
                     runs.append(run_one(root, fleet, backend, db, workers, args.max_uploads))
                     done = {"run": backend, "workers": workers, "drain_s": runs[-1].drain_s}
                     print(json.dumps(done), file=sys.stderr)
+                    # the report so far, after each run (a long bench keeps what it measured)
+                    args.output.write_text(report(runs, fleet, args), encoding="utf-8")
         finally:
             if cluster is not None:
                 cluster.stop()
