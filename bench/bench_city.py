@@ -388,6 +388,7 @@ class Run:
     exactly_once: bool
     problems: list[str]
     bytes_per_record: dict[str, float]
+    load: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load average, start / end
 
 
 def check_storage(db: str, fleet: Fleet) -> list[str]:
@@ -451,7 +452,9 @@ def run_one(root: Path, fleet: Fleet, backend: str, db: str, workers: int, max_u
         asyncio.run(enrol_all(host.url, fleet))
         base = database_bytes(backend, db)
         rss_before = host.memory_mb("VmRSS")
+        load_before = os.getloadavg()[0]
         drain_s = asyncio.run(storm(host.url, fleet, host_key.public_key_bytes, tally, seed=7))
+        load_after = os.getloadavg()[0]
         peak = host.memory_mb("VmHWM")
     finally:
         host.stop()
@@ -471,6 +474,7 @@ def run_one(root: Path, fleet: Fleet, backend: str, db: str, workers: int, max_u
         exactly_once=not problems,
         problems=problems,
         bytes_per_record=stored_bytes(backend, db, base, fleet.count),
+        load=(load_before, load_after),
     )
 
 
@@ -493,8 +497,8 @@ def report(runs: list[Run], fleet: Fleet, args: argparse.Namespace) -> str:
         "",
         "| backend | workers | drain (s) | records/s | host RSS before (MB) | **peak host RSS "
         "(MB)** | 200 | 503 busy (Retry-After) | other answers | transport errors | exactly "
-        "once |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "once | load avg (start / end) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for run in runs:
         t = run.tally
@@ -505,7 +509,8 @@ def report(runs: list[Run], fleet: Fleet, args: argparse.Namespace) -> str:
             f"{run.records / run.drain_s:,.0f} | {run.rss_before_mb:.0f} | "
             f"**{run.peak_rss_mb:.0f}** | {t.statuses.get(200, 0):,} | {busy:,} "
             f"({t.without_retry_after} without) | {other} | {t.transport_errors} | "
-            f"{'yes' if run.exactly_once else 'NO: ' + '; '.join(run.problems[:3])} |"
+            f"{'yes' if run.exactly_once else 'NO: ' + '; '.join(run.problems[:3])} | "
+            f"{run.load[0]:.1f} / {run.load[1]:.1f} |"
         )
     lines += [
         "",
