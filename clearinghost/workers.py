@@ -12,11 +12,13 @@ A worker that dies (a crash, SIGKILL) is started again; the connections it held 
 their terminals retry on another worker (an upload is one transaction: nothing of it is kept,
 or all of it is and the retry is answered as duplicates). A worker that exits with status 2 (a
 configuration error) stops the supervisor with status 2. SIGTERM or SIGINT: the workers get
-SIGTERM (uvicorn finishes its requests), then SIGKILL after ``stop_timeout_s``.
+SIGTERM (uvicorn finishes its requests), then SIGKILL after ``stop_timeout_s``. A supervisor
+that dies itself (even by SIGKILL) takes its workers with it (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import socket
 import subprocess
@@ -66,6 +68,16 @@ def worker_argv(argv: Sequence[str], fd: int) -> list[str]:
     return [sys.executable, "-m", "clearinghost.cli", *out, "--listen-fd", str(fd)]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_supervisor() -> None:
+    """In a worker, before exec: SIGTERM when the supervisor dies, however it dies (even by
+    SIGKILL), so no worker keeps serving the address alone (Linux ``prctl``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class _Worker:
     index: int
@@ -110,8 +122,13 @@ class Supervisor:
 
     def _start(self, index: int, quick_deaths: int) -> _Worker:
         command = worker_argv(self.argv, self.sock.fileno())
-        # our own interpreter and module, the supervisor's own arguments: no outside input
-        process = subprocess.Popen(command, pass_fds=(self.sock.fileno(),))  # noqa: S603
+        # our own interpreter and module, the supervisor's own arguments: no outside input;
+        # preexec_fn is safe here: the supervisor runs no other thread
+        process = subprocess.Popen(  # noqa: S603
+            command,
+            pass_fds=(self.sock.fileno(),),
+            preexec_fn=_die_with_supervisor,  # noqa: PLW1509
+        )
         log.info("worker started", worker=index, pid=process.pid)
         return _Worker(index, process, time.monotonic(), quick_deaths)
 
