@@ -13,6 +13,8 @@
                   [--approval-threshold 1000] [--max-connections 512] [--body-timeout 60]
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
                   [--time-zone Asia/Shanghai] [--require-batch-signature]
+                  [--max-uploads 8] [--upload-wait 2]
+                  [--workers N]   N processes on one address, one database (PostgreSQL)
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
     cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
                                                       terminal -> merchant bindings
@@ -50,6 +52,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -99,13 +102,17 @@ from clearinghost.server import (
 )
 from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule, SettlementError, city_zone
 from clearinghost.storage import open_storage
+from clearinghost.workers import Supervisor, listening_socket
 from sync.keys import parse_public_key
 
 log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(_parser(), argv, configure_logging)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    parser.set_defaults(raw_argv=arguments)  # what `host --workers N` starts each worker with
+    return run_command(parser, arguments, configure_logging)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,6 +215,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse v1 uploads: every batch must carry the device key's batch signature",
     )
+    p.add_argument(
+        "--max-uploads",
+        type=int,
+        default=defaults.max_uploads,
+        help="uploads verified and stored at once per process; more wait, then 503 busy",
+    )
+    p.add_argument(
+        "--upload-wait",
+        type=float,
+        default=defaults.upload_wait_s,
+        help="seconds an upload waits for a slot before 503 busy with Retry-After",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="host processes serving the one address (share --db: use PostgreSQL)",
+    )
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's socket
     add_load_options(p)
     p.set_defaults(func=cmd_host)
 
@@ -427,6 +453,8 @@ def host_limits(args: argparse.Namespace) -> HostLimits:
             header_timeout_s=args.header_timeout,
             keep_alive_s=args.keep_alive,
             max_connections=args.max_connections,
+            max_uploads=args.max_uploads,
+            upload_wait_s=args.upload_wait,
         )
     except ValueError as exc:
         raise ConfigurationError(f"cardhost host: {exc}") from exc
@@ -443,9 +471,30 @@ def cmd_host(args: argparse.Namespace) -> int:
     check_exposure(address or "127.0.0.1", tls=tls is not None, operators=operators)
     if not operators:
         log.warning("no operators configured: the read API, the page and admin answer 401")
+    if args.workers < 1:
+        raise ConfigurationError(f"cardhost host: --workers must be at least 1, not {args.workers}")
     host = build_host(args, operators)
+    if args.workers > 1 and args.listen_fd is None:
+        # the supervisor: the configuration (storage, schema, key) is checked and the key
+        # created once, here, before the workers start; then it only keeps them running
+        host.storage.close()
+        sock = listening_socket(address or "127.0.0.1", int(port))
+        log.info(
+            "clearing host listening",
+            listen=args.listen,
+            workers=args.workers,
+            key_id=host.key.key_id,
+            public_key=host.key.public_key_hex(),
+        )
+        return Supervisor(args.raw_argv, sock, args.workers).run()
     config = uvicorn_config(create_app(host), tls=tls, log_level="warning", limits=host.limits)
     config.host, config.port = address or "127.0.0.1", int(port)
+    if args.listen_fd is not None:  # a worker of `--workers N`: the supervisor's socket
+        inherited = socket.socket(fileno=args.listen_fd)
+        log.info("worker serving", listen=args.listen, storage=host.storage.backend)
+        asyncio.run(uvicorn.Server(config).serve(sockets=[inherited]))
+        host.storage.close()
+        return 0
     log.info(
         "clearing host listening",
         listen=args.listen,

@@ -22,7 +22,10 @@ opt-in.
 
 Bounds (:class:`HostLimits`): each route caps its body (413) and the time it may take to arrive
 (408, connection closed); a connection must send a request head within the header timeout and
-connections beyond the cap are answered 503 and closed (:func:`bounded_protocol`). A blacklist
+connections beyond the cap are answered 503 and closed (:func:`bounded_protocol`). Uploads pass
+an admission gate (:class:`UploadGate`): beyond ``max_uploads`` at once they wait briefly, then
+are answered 503 ``busy`` with ``Retry-After`` (every 503/507 that asks to come back later carries
+one; the daemon honours it, :mod:`sync.daemon`). A blacklist
 change of more entries than ``approval_threshold`` is held (202) until another operator approves
 it; a parameter set is checked at publication as the daemon and the agent will check it.
 """
@@ -45,6 +48,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from math import ceil
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +153,22 @@ def new_enrolment_code() -> str:
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
+CHECKER_CACHE_SIZE = 8192  # device keys whose signature checkers a host process keeps
+
+
+class BoundedCache(dict[Any, Any]):
+    """A dict that forgets its oldest entry beyond ``capacity`` (first in, first out)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self and len(self) >= self.capacity:
+            del self[next(iter(self))]
+        super().__setitem__(key, value)
+
+
 DEFAULT_APPROVAL_THRESHOLD = 1000  # blacklist entries in one change above which a second
 # operator must approve it
 
@@ -162,18 +182,90 @@ class HostLimits:
     request head within this after it opens or after its previous answer (closed otherwise).
     ``keep_alive_s``: an idle keep-alive connection is closed after this (uvicorn).
     ``max_connections``: connections beyond this are answered 503 and closed at once.
+    ``max_uploads``: uploads this process receives, verifies and stores at once (admission
+    control: each holds its body, its parsed records and a database transaction).
+    ``upload_wait_s``: how long an upload beyond that waits for a slot (its body unread, in
+    the kernel's and uvicorn's bounded buffers) before it is answered 503 ``busy``.
+    ``retry_after_s``: the least ``Retry-After`` of a 503/507 answer; a busy answer asks for
+    more when many uploads wait (:class:`UploadGate`), up to ``max_retry_after_s``.
+    All of them are per process: with ``--workers N`` the host holds N times as much.
     """
 
     body_timeout_s: float = 60.0
     header_timeout_s: float = 20.0
     keep_alive_s: int = 5
     max_connections: int = 512
+    max_uploads: int = 8
+    upload_wait_s: float = 2.0
+    retry_after_s: int = 2
+    max_retry_after_s: int = 60
 
     def __post_init__(self) -> None:
         if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0):
             raise ValueError("host timeouts must be positive")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.max_uploads < 1:
+            raise ValueError("max_uploads must be at least 1")
+        if self.upload_wait_s < 0:
+            raise ValueError("upload_wait_s must not be negative")
+        if not 1 <= self.retry_after_s <= self.max_retry_after_s:
+            raise ValueError("retry_after_s must be 1..max_retry_after_s")
+
+
+class UploadGate:
+    """Admission control of uploads in one host process (asyncio, the server's event loop).
+
+    At most ``limits.max_uploads`` uploads are received, verified and stored at once; one
+    beyond waits up to ``limits.upload_wait_s`` for a slot, else :meth:`enter` says no and the
+    route answers 503 ``busy`` with ``Retry-After``. The delay asked for is an estimate of when
+    the uploads now waiting will be through: waiting / slots × the mean time of an upload,
+    between ``retry_after_s`` and ``max_retry_after_s`` (the daemon adds its own jitter).
+    ``admitted`` / ``refused`` count answers since start (bench and tests read them)."""
+
+    def __init__(self, limits: HostLimits) -> None:
+        self.limits = limits
+        self._slots = asyncio.Semaphore(limits.max_uploads)
+        self.waiting = 0
+        self.active = 0
+        self.admitted = 0
+        self.refused = 0
+        self._mean_s = 0.05  # running mean of one admitted upload's time (EWMA)
+
+    async def enter(self) -> bool:
+        """Take a slot (waiting up to ``upload_wait_s``); False: the host is busy."""
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.limits.upload_wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            self.refused += 1
+            return False
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        self.admitted += 1
+        return True
+
+    def leave(self, took_s: float) -> None:
+        self.active -= 1
+        self._mean_s = 0.8 * self._mean_s + 0.2 * max(0.0, took_s)
+        self._slots.release()
+
+    def retry_after(self) -> int:
+        """Seconds a refused upload should wait: the backlog in front of it, drained."""
+        backlog = self.waiting + self.active + 1
+        estimate = backlog * self._mean_s / self.limits.max_uploads
+        return max(self.limits.retry_after_s, min(self.limits.max_retry_after_s, ceil(estimate)))
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "max_uploads": self.limits.max_uploads,
+            "active": self.active,
+            "waiting": self.waiting,
+            "admitted": self.admitted,
+            "refused": self.refused,
+        }
 
 
 @dataclass
@@ -197,11 +289,16 @@ class ClearingHost:
     loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
     # refuse v1 uploads (no batch signature): for a city whose terminals all sign batches
     require_batch_signature: bool = False
-    _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(default_factory=dict)
+    # Per-process caches, keyed by what they are derived from (a device key, a list version
+    # whose content the storage fixes): several host processes on one database never
+    # disagree through them, and they are bounded (a city has tens of thousands of keys).
+    _seal_checkers: dict[str, Callable[[Record], Finding | None]] = field(
+        default_factory=lambda: BoundedCache(CHECKER_CACHE_SIZE)
+    )
     # (key space, blacklist version) -> content digest
     _digests: dict[tuple[str, int], bytes] = field(default_factory=dict)
     _notice_checkers: dict[str, Callable[[QuarantineNotice], Finding | None]] = field(
-        default_factory=dict
+        default_factory=lambda: BoundedCache(CHECKER_CACHE_SIZE)
     )
     _verifiers: dict[str, Callable[[bytes, bytes], bool]] = field(default_factory=dict)
 
@@ -724,8 +821,15 @@ class ClearingHost:
 # --- HTTP ------------------------------------------------------------------------------------
 
 
-def _json(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(body, status_code=status)
+# Answers that ask the terminal to come back later carry Retry-After (RFC 9110 10.2.3)
+RETRY_LATER_STATUS = frozenset({429, 503, 507})
+
+
+def _json(status: int, body: dict[str, Any], retry_after_s: int | None = None) -> JSONResponse:
+    answer = JSONResponse(body, status_code=status)
+    if status in RETRY_LATER_STATUS:
+        answer.headers["Retry-After"] = str(retry_after_s or HostLimits.retry_after_s)
+    return answer
 
 
 class Refusal(Exception):
@@ -775,6 +879,24 @@ async def read_body(request: Request, cap: int) -> bytes:
             408, "body_timeout", f"body not received within {timeout:g} s ({size} bytes came)"
         ) from None
     return b"".join(chunks)
+
+
+async def drain_body(request: Request, cap: int) -> int:
+    """Read a body away without keeping it (a refused upload): its size, bounded like
+    :func:`read_body` (413 past ``cap``, 408 past the body timeout)."""
+    size = 0
+    timeout = _body_timeout(request)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise Refusal(413, "too_large", f"body above {cap} bytes")
+    except TimeoutError:
+        raise Refusal(
+            408, "body_timeout", f"body not received within {timeout:g} s ({size} bytes came)"
+        ) from None
+    return size
 
 
 def json_depth_exceeds(value: Any, limit: int) -> bool:
@@ -948,16 +1070,37 @@ def create_app(host: ClearingHost) -> Starlette:
 
     async def upload(request: Request) -> Response:
         terminal_id = terminal_of(request)
-        body = await read_body(request, MAX_UPLOAD_BYTES)
-        status, answer = await run_in_threadpool(
-            host.upload,
-            terminal_id,
-            body,
-            request.headers.get("content-encoding"),
-            request.headers.get(protocol.IDEMPOTENCY_HEADER),
-            request.headers.get(protocol.BATCH_SIGNATURE_HEADER),
-        )
-        return _json(status, answer)
+        gate: UploadGate = request.app.state.upload_gate
+        if not await gate.enter():
+            # refused before its body is held: read it away in steps (the answer then reaches
+            # the client, which writes its whole body before it reads), keep none of it
+            await drain_body(request, MAX_UPLOAD_BYTES)
+            wait = gate.retry_after()
+            log.warning(
+                "upload refused: host busy",
+                terminal_id=terminal_id,
+                retry_after_s=wait,
+                **gate.figures(),
+            )
+            detail = (
+                f"the host is verifying {gate.limits.max_uploads} uploads and "
+                f"{gate.waiting} more wait; retry after {wait} s"
+            )
+            return _json(503, error_body("busy", detail), retry_after_s=wait)
+        started = time.monotonic()
+        try:
+            body = await read_body(request, MAX_UPLOAD_BYTES)
+            status, answer = await run_in_threadpool(
+                host.upload,
+                terminal_id,
+                body,
+                request.headers.get("content-encoding"),
+                request.headers.get(protocol.IDEMPOTENCY_HEADER),
+                request.headers.get(protocol.BATCH_SIGNATURE_HEADER),
+            )
+        finally:
+            gate.leave(time.monotonic() - started)
+        return _json(status, answer, retry_after_s=host.limits.retry_after_s)
 
     async def heartbeat(request: Request) -> Response:
         terminal_id = terminal_of(request)
@@ -1190,6 +1333,7 @@ def create_app(host: ClearingHost) -> Starlette:
     routes += kiosk_routes(v1, host, kit, guarded, authorised, operator_name)
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
+    app.state.upload_gate = UploadGate(host.limits)
     return app
 
 
@@ -1339,7 +1483,7 @@ class PeerCertProtocol(H11Protocol):
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"connection: close\r\nretry-after: 5\r\ncontent-length: %d\r\n\r\n%s"
+    b"connection: close\r\nretry-after: %d\r\ncontent-length: %d\r\n\r\n%s"
 )
 
 
@@ -1359,7 +1503,8 @@ def bounded_protocol(limits: HostLimits) -> type[H11Protocol]:
             if len(self.connections) > limits.max_connections:
                 detail = f"the host holds {limits.max_connections} connections; retry later"
                 body = json.dumps(error_body("busy", detail)).encode()
-                transport.write(_BUSY % (len(body), body))
+                wait = max(limits.retry_after_s, 5)
+                transport.write(_BUSY % (wait, len(body), body))
                 transport.close()
                 log.warning("connection refused: too many open", limit=limits.max_connections)
                 return

@@ -57,12 +57,19 @@ cannot be checked, its content being lost). A record that does not verify or lin
 Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
 ``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL). A batch's records go in with one
 statement (``executemany`` on SQLite, ``COPY`` on PostgreSQL), its repeats are looked up with
-one query, and the body stored is the line as the terminal sent it.
+one query, and the body stored is the line as the terminal sent it. Several host processes
+may share one database (``cardhost host --workers N``): an upload commits whole or not at all
+(a process killed mid-batch leaves nothing), the terminal row lock orders a retry racing its
+original on another process (the second sees the first's records as duplicates), and the
+blacklist and parameter version counters are taken under a transaction-scoped lock
+(PostgreSQL advisory lock; SQLite's write transaction), so two publications never share a
+version.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -70,7 +77,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 import structlog
@@ -406,6 +413,11 @@ class Storage:
 
     # The row lock that serialises two host processes ingesting for one terminal (PostgreSQL).
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ?"
+
+    def _serialise(self, tx: _Tx, what: str) -> None:
+        """Hold ``what`` (a version counter: ``blacklist``, ``params``) for the rest of the
+        transaction against every other host process. SQLite: nothing to do, a write
+        transaction (``BEGIN IMMEDIATE``) already excludes every other writer of the file."""
 
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -924,6 +936,7 @@ class Storage:
         """One new version with these changes (no-op entries are dropped); returns it.
         ``printed_*`` are printed card numbers (:func:`agent.blacklist.printed_key` values)."""
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "blacklist")
             version = self._apply_blacklist(
                 tx, _keys(add, printed_add), _keys(remove, printed_remove)
             )
@@ -994,6 +1007,7 @@ class Storage:
         Raises :class:`PendingChangeRefused`: no such change, already decided, or ``by`` is
         the operator who asked for it (a second operator must decide)."""
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "blacklist")  # before reading the state: one decision wins
             row = tx.one(
                 "SELECT payload, requested_by, state FROM pending_changes "
                 "WHERE id = ? AND kind = 'blacklist'",
@@ -1097,6 +1111,7 @@ class Storage:
 
     def publish_params(self, payload: dict[str, Any]) -> int:
         with self._lock, self._transaction() as tx:
+            self._serialise(tx, "params")
             row = tx.one("SELECT MAX(version) FROM params")
             version = int(row[0] or 0) + 1 if row else 1
             stored = dict(payload, version=version)
@@ -1766,7 +1781,9 @@ class PostgresStorage(Storage):
         super().__init__()
         self.dsn = dsn
         try:
-            self._conn = psycopg.connect(dsn, autocommit=False)
+            # the process shows in pg_stat_activity (several host processes share a database)
+            name = f"cardhost[{os.getpid()}]"
+            self._conn = psycopg.connect(dsn, autocommit=False, application_name=name)
             with self._transaction() as tx:
                 tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
                 for statement in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
@@ -1783,6 +1800,15 @@ class PostgresStorage(Storage):
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
 
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ? FOR UPDATE"
+    # transaction-scoped advisory locks, one per version counter (the schema's is 7355608)
+    _ADVISORY_KEYS: ClassVar[dict[str, int]] = {"blacklist": 7355609, "params": 7355610}
+
+    def _serialise(self, tx: _Tx, what: str) -> None:
+        """A transaction-scoped advisory lock: a second host process publishing (or approving)
+        at the same moment waits, then reads the version this one wrote, so no two lists or
+        parameter sets ever share a version number (READ COMMITTED alone would let both read
+        the same counter)."""
+        tx.run("SELECT pg_advisory_xact_lock(?)", (self._ADVISORY_KEYS[what],))
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:

@@ -239,6 +239,7 @@ class SyncClient:
             request = self._http.build_request(method, path, **kwargs)
             response = self._http.send(request, stream=True)
             self._note_host_date(response.headers.get("date"))
+            retry_after = response.headers.get("retry-after")
             try:
                 if response.status_code < 400:
                     content = _read_bounded(response, limit, size_of=size_of, sink=sink)
@@ -268,7 +269,10 @@ class SyncClient:
             pass
         message = f"host: {method} {path} answered {answer.status_code} {code}: {detail}"
         if answer.status_code in RETRYABLE_STATUS:
-            raise HostBusy(message, answer.status_code, code)
+            after = retry_after_seconds(retry_after, self._wall())
+            if after is not None:
+                message += f" (retry after {after:g} s)"
+            raise HostBusy(message, answer.status_code, code, after)
         raise HostError(message, answer.status_code, code)
 
     def _note_host_date(self, header: str | None) -> None:
@@ -295,6 +299,26 @@ class SyncClient:
         if not isinstance(value, dict):
             raise ProtocolError(f"host: answer to {response.path} is not an object")
         return value
+
+
+MAX_RETRY_AFTER_S = 24 * 3600.0  # a larger Retry-After is read as this (the daemon caps lower)
+
+
+def retry_after_seconds(header: str | None, now: float) -> float | None:
+    """A ``Retry-After`` value (RFC 9110: delay-seconds or an HTTP-date) as seconds from
+    ``now``, within 0..:data:`MAX_RETRY_AFTER_S`; ``None`` if absent or unreadable."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.isascii() and text.isdigit():
+        return min(float(int(text[:12])), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER_S)
 
 
 def _read_bounded(

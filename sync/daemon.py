@@ -32,7 +32,10 @@ Jobs
 Failures
     Link and transient host failures (timeouts, resets, 5xx, 507 disk full) are retried with
     exponential backoff and full jitter, within a call (``retries``) and across runs of the
-    job. Uploads are always safe to retry: the batch has an idempotency key and the host keeps
+    job; a ``Retry-After`` from the host (503 ``busy`` when its upload slots are full) is a
+    floor on that delay, capped at ``retry_after_max_s`` and spread by up to
+    ``retry_after_spread`` of itself so terminals told the same delay do not return together.
+    Uploads are always safe to retry: the batch has an idempotency key and the host keeps
     ``(terminal_id, seq)`` unique. A refused list (forged, rolled back, expired) is logged and
     never applied. Every answer is read with a bounded size and bounded inflation
     (:mod:`sync.client`): a larger one is a :class:`ProtocolError`, nothing applied. SIGTERM
@@ -128,6 +131,10 @@ class SyncSettings:
     retries: int = 3
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
+    # a host's Retry-After is honoured up to this (a hostile or confused host cannot park the
+    # terminal longer), plus up to ``retry_after_spread`` of itself as jitter (no herd)
+    retry_after_max_s: float = 300.0
+    retry_after_spread: float = 0.5
     tls: ClientTls | None = None
     # the one-time code an operator issued for this terminal (``--enrolment-code-file``); sent
     # only in the enrolment request, never logged or shown in a repr
@@ -591,7 +598,7 @@ class SyncDaemon:
             return None
         except (AgentError, OSError) as exc:
             state.failures += 1
-            delay = self._backoff(state.failures)
+            delay = self._retry_delay(state.failures, exc)
             state.not_before = time.monotonic() + delay
             state.last_error = f"{getattr(exc, 'party', 'os')}: {exc}"
             log.warning(
@@ -614,6 +621,19 @@ class SyncDaemon:
         )
         return self.rng.uniform(0, ceiling)
 
+    def _retry_delay(self, failures: int, exc: BaseException) -> float:
+        """The backoff after ``failures`` failures, and never less than the host's
+        ``Retry-After`` (:class:`HostBusy`), capped at ``retry_after_max_s``, plus a uniform
+        jitter of up to ``retry_after_spread`` of it: a thousand terminals told the same
+        delay come back spread over half as long again, not all in the same second."""
+        asked = getattr(exc, "retry_after_s", None)
+        return honour_retry_after(
+            self._backoff(failures),
+            asked if isinstance(asked, int | float) else None,
+            self.settings,
+            self.rng,
+        )
+
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """Repeat a call the protocol makes safe to repeat, on link or transient host errors."""
         attempt = 0
@@ -624,7 +644,7 @@ class SyncDaemon:
                 attempt += 1
                 if attempt > self.settings.retries or self._stop.is_set():
                     raise
-                delay = self._backoff(attempt)
+                delay = self._retry_delay(attempt, exc)
                 log.warning(
                     "call failed; retrying",
                     call=what,
@@ -717,6 +737,19 @@ class SyncDaemon:
         self.client.close()
         self.store.close()
         self.notifier.close()
+
+
+def honour_retry_after(
+    backoff_s: float, asked_s: float | None, settings: SyncSettings, rng: random.Random
+) -> float:
+    """The delay before the next attempt: ``backoff_s``, and never less than the host's
+    ``Retry-After`` (``asked_s``) capped at ``settings.retry_after_max_s``, plus a uniform
+    jitter of up to ``settings.retry_after_spread`` of it (the daemon's rule; the city bench's
+    simulated terminals use it too)."""
+    if asked_s is None or asked_s <= 0:
+        return backoff_s
+    honoured = min(float(asked_s), settings.retry_after_max_s)
+    return max(backoff_s, honoured + rng.uniform(0, honoured * settings.retry_after_spread))
 
 
 def _now_for_scheduler() -> datetime:

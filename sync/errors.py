@@ -41,7 +41,14 @@ class HostError(SyncError):
 
 
 class HostBusy(HostError):
-    """A transient host failure (5xx, 429, 507 disk full): retry with backoff."""
+    """A transient host failure (5xx, 429, 507 disk full): retry with backoff, and not before
+    ``retry_after_s`` when the host said when (its ``Retry-After``)."""
+
+    def __init__(
+        self, message: str, status: int, code: str = "", retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status, code)
+        self.retry_after_s = retry_after_s
 
 
 class ProtocolError(SyncError):

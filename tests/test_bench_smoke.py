@@ -164,3 +164,28 @@ def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, ca
     assert "end to end: `cardsync` `upload_pending`" in report
     assert "## Ingest" in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
+    from bench import bench_city
+
+    output = tmp_path / "RESULTS-city.md"
+    config_before = structlog.get_config()
+
+    argv = ["--terminals", "12", "--records", "30", "--workers", "2", "--output", str(output)]
+    assert bench_city.main(argv) == 0  # 0: every record acknowledged and stored exactly once
+
+    report = output.read_text(encoding="utf-8")
+    assert "## The storm" in report and "## Stored bytes per record" in report
+    rows = [line for line in report.splitlines() if line.startswith("| sqlite |")]
+    rows += [line for line in report.splitlines() if line.startswith("| postgresql |")]
+    storms = [r for r in rows if r.count("|") > 8]
+    assert [r.split("|")[1:3] for r in storms] == [[" sqlite ", " 1 "], [" postgresql ", " 2 "]]
+    for row in storms:
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[7] == "24" and cells[-3] == "yes", row  # 30 records: 2 batches of <= 25
+    assert "12 terminals × 30 records = 360 signed purchase records" in report
+    assert "| sqlite | file growth / record |" in report
+    assert "| postgresql | records table + indexes / record |" in report
+    assert report in capsys.readouterr().out
+    assert structlog.get_config() == config_before

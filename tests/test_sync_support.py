@@ -73,6 +73,8 @@ def fast_settings(url: str, host_key: HostKey, **overrides: Any) -> SyncSettings
         "retries": 2,
         "backoff_base_s": 0.001,
         "backoff_max_s": 0.01,
+        # these tests inject 503/507s by the hundred: honour the host's Retry-After, briefly
+        "retry_after_max_s": 0.01,
     }
     values.update(overrides)
     return SyncSettings(url, host_key.public_key_bytes, **values)
