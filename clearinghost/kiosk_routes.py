@@ -28,10 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent.kiosk import ACCOUNT, BILL_ID
-from agent.offline_store.device_key import verify_signature
-from agent.tap.load_http import SIGNATURE_HEADER, load_signed_bytes
 from clearinghost.bills import STATES, BillBookError, parse_bills
-from clearinghost.load_routes import RouteKit
+from clearinghost.load_routes import RouteKit, signed_request
 from clearinghost.operators import OPERATOR, VIEWER
 from clearinghost.storage import PendingChangeRefused
 from sync.protocol import error_body
@@ -59,29 +57,10 @@ def kiosk_routes(
     authorised: Callable[[str, Handler], Any],
     operator_name: Callable[[Request], str],
 ) -> list[Route]:
-    terminal_of, read_body, refusal, parse = kit.terminal_of, kit.read_body, kit.refusal, kit.parse
+    read_body, parse = kit.read_body, kit.parse
 
     async def signed(request: Request, cap: int) -> tuple[str, bytes]:
-        """The terminal id and body of a request its enrolled device key signed."""
-        terminal_id = terminal_of(request)
-        body = await read_body(request, cap)
-        terminal = await run_in_threadpool(host.storage.terminal, terminal_id)
-        if terminal is None:
-            raise refusal(404, "unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
-        try:
-            signature = bytes.fromhex(request.headers.get(SIGNATURE_HEADER, ""))
-        except ValueError:
-            signature = b""
-        message = load_signed_bytes(terminal_id, request.method, request.url.path, body)
-        if not verify_signature(bytes.fromhex(terminal.public_key), signature, message):
-            log.warning("kiosk request: bad signature", terminal_id=terminal_id)
-            raise refusal(
-                401,
-                "bad_signature",
-                f"terminal {terminal_id!r}: {SIGNATURE_HEADER} does not verify under the "
-                "device key enrolled for this terminal",
-            )
-        return terminal_id, body
+        return await signed_request(host, kit, request, cap)
 
     async def account_bills(request: Request) -> Response:
         await signed(request, 0)

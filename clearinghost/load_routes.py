@@ -82,13 +82,41 @@ class RouteKit:
     operator_name: Callable[[Request], str]
 
 
+async def signed_request(
+    host: ClearingHost, kit: RouteKit, request: Request, cap: int
+) -> tuple[str, bytes]:
+    """The terminal id and body of a kiosk's request (loads, pending loads, bills): its
+    ``SIGNATURE_HEADER`` must verify, under the device key enrolled for the terminal of the
+    URL, over :func:`load_signed_bytes` (terminal, method, path, body). 404 for a terminal the
+    host does not know, 401 for a signature that does not verify."""
+    terminal_id = kit.terminal_of(request)
+    body = await kit.read_body(request, cap)
+    terminal = await run_in_threadpool(host.storage.terminal, terminal_id)
+    if terminal is None:
+        raise kit.refusal(404, "unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
+    try:
+        signature = bytes.fromhex(request.headers.get(SIGNATURE_HEADER, ""))
+    except ValueError:
+        signature = b""
+    signed = load_signed_bytes(terminal_id, request.method, request.url.path, body)
+    if not verify_signature(bytes.fromhex(terminal.public_key), signature, signed):
+        log.warning("kiosk request: bad signature", terminal_id=terminal_id, path=request.url.path)
+        raise kit.refusal(
+            401,
+            "bad_signature",
+            f"terminal {terminal_id!r}: {SIGNATURE_HEADER} does not verify under the "
+            "device key enrolled for this terminal",
+        )
+    return terminal_id, body
+
+
 def load_routes(
     host: ClearingHost,
     kit: RouteKit,
     guarded: Callable[[Callable[[Request], Awaitable[Response]]], Any],
     authorised: Callable[[str, Callable[[Request], Awaitable[Response]]], Any],
 ) -> list[Route]:
-    terminal_of, read_body, refusal, parse = kit.terminal_of, kit.read_body, kit.refusal, kit.parse
+    read_body, refusal, parse = kit.read_body, kit.refusal, kit.parse
 
     def refused(exc: LoadRefused) -> Response:
         return _json(STATUS_OF.get(exc.reason, 400), error_body(exc.reason, exc.detail))
@@ -103,25 +131,8 @@ def load_routes(
         return host.loads
 
     async def signed_json(request: Request) -> tuple[str, LoadAuthority, dict[str, Any]]:
-        terminal_id = terminal_of(request)
-        body = await read_body(request, MAX_LOAD_BODY_BYTES)
+        terminal_id, body = await signed_request(host, kit, request, MAX_LOAD_BODY_BYTES)
         authority = authority_of()
-        terminal = await run_in_threadpool(host.storage.terminal, terminal_id)
-        if terminal is None:
-            raise refusal(404, "unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
-        try:
-            signature = bytes.fromhex(request.headers.get(SIGNATURE_HEADER, ""))
-        except ValueError:
-            signature = b""
-        signed = load_signed_bytes(terminal_id, request.method, request.url.path, body)
-        if not verify_signature(bytes.fromhex(terminal.public_key), signature, signed):
-            log.warning("load request: bad signature", terminal_id=terminal_id)
-            raise refusal(
-                401,
-                "bad_signature",
-                f"terminal {terminal_id!r}: {SIGNATURE_HEADER} does not verify under the "
-                "device key enrolled for this terminal",
-            )
         payload = parse(body)
         if not isinstance(payload, dict):
             raise refusal(400, "bad_request", "body must be a JSON object")

@@ -54,6 +54,7 @@ import structlog
 
 from agent.crypto import Algorithm
 from clearinghost.keystore import CardKeyRef, KeyStore
+from clearinghost.storage import PgTx, SqliteTx
 
 log = structlog.get_logger("clearinghost.loads")
 LOAD_TYPE = 0x02  # transaction type of an EP load, §3.10 (MAC1, MAC2 and TAC cover it, §5.7)
@@ -146,39 +147,6 @@ class _Tx(Protocol):
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
 
-class _SqliteTx:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return self._conn.execute(sql, tuple(params)).rowcount
-
-    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        row: Row | None = self._conn.execute(sql, tuple(params)).fetchone()
-        return row
-
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return list(self._conn.execute(sql, tuple(params)).fetchall())
-
-
-class _PgTx:
-    def __init__(self, cursor: Any) -> None:
-        self._cur = cursor
-
-    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
-        self._cur.execute(sql.replace("?", "%s"), tuple(params))
-        return int(self._cur.rowcount)
-
-    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        self._cur.execute(sql.replace("?", "%s"), tuple(params))
-        row: Row | None = self._cur.fetchone()
-        return row
-
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        self._cur.execute(sql.replace("?", "%s"), tuple(params))
-        return list(self._cur.fetchall())
-
-
 class _Database(Protocol):
     where: str
 
@@ -214,7 +182,7 @@ class _SqliteDatabase:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    yield _SqliteTx(self._conn)
+                    yield SqliteTx(self._conn)
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:
@@ -253,7 +221,7 @@ class _PostgresDatabase:
         with self._lock:
             try:
                 with self._conn.transaction(), self._conn.cursor() as cur:
-                    tx = _PgTx(cur)
+                    tx = PgTx(cur)
                     if card is not None:
                         digest = hashlib.sha256(b"cardhost-load-card\n" + card.encode()).digest()
                         lock_id = int.from_bytes(digest[:8], "big", signed=True)

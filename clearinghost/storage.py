@@ -1648,7 +1648,9 @@ def _terminal(row: Row) -> Terminal:
 # --- SQLite ------------------------------------------------------------------------------------
 
 
-class _SqliteTx:
+class SqliteTx:
+    """One SQLite transaction's statements (``?`` placeholders); also the loads database's."""
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
@@ -1709,7 +1711,7 @@ class SqliteStorage(Storage):
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    yield _SqliteTx(self._conn)
+                    yield SqliteTx(self._conn)
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:
@@ -1740,7 +1742,10 @@ class SqliteStorage(Storage):
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-class _PgTx:
+class PgTx:
+    """One PostgreSQL transaction's statements, written with ``?`` placeholders as for SQLite;
+    also the loads database's."""
+
     def __init__(self, cursor: Any) -> None:
         self._cur = cursor
 
@@ -1815,7 +1820,7 @@ class PostgresStorage(Storage):
         with self._lock:
             try:
                 with self._conn.transaction(), self._conn.cursor() as cur:
-                    yield _PgTx(cur)
+                    yield PgTx(cur)
             except psycopg.errors.DiskFull as exc:
                 raise StorageFull(f"host storage: PostgreSQL: {exc}") from exc
             except psycopg.Error as exc:

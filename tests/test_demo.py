@@ -1,5 +1,6 @@
-"""``cardhost demo`` end to end in a subprocess (a hang bounded by a timeout, no speed
-assumed): the default bus role and the POS shop counter, their exit codes and key lines."""
+"""``cardhost demo`` (and ``cardagent demo``, which runs it) end to end in a subprocess (a
+hang bounded by a timeout, no speed assumed): the default bus role and the POS shop counter,
+their exit codes and key lines."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_BOUND_S = 600
 
 
-def run_demo(tmp_path: Path, *role: str) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    tmp_path: Path, *role: str, program: str = "clearinghost.cli"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "clearinghost.cli", "--log-format", "json", "demo",
+        [sys.executable, "-m", program, "--log-format", "json", "demo",
          "--data-dir", str(tmp_path / "demo"), *role],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -27,7 +30,8 @@ def run_demo(tmp_path: Path, *role: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_bus_demo_is_the_default_role(tmp_path: Path) -> None:
-    done = run_demo(tmp_path)
+    """Through ``cardagent demo``, which runs ``cardhost demo`` as its own program."""
+    done = run_demo(tmp_path, program="agent.cli")
     out = done.stdout
     assert done.returncode == 0, out + done.stderr[-4000:]
     assert re.search(r"card 03105170070100000009 blacklisted there \(list version \d+\)", out)
