@@ -47,7 +47,7 @@ from agent.tap.load_http import HttpLoadHost
 from bench.bench_tap import percentile
 from clearinghost.keys import HostKey
 from clearinghost.keystore import CardKeyRef, KeyStore, SoftwareKeyStore, load_test_keys
-from clearinghost.keystore_pkcs11 import Pkcs11KeyStore
+from clearinghost.keystore_pkcs11 import Pkcs11KeyStore, reread_library_configuration
 from clearinghost.loads import LOAD_TYPE, LoadAuthority
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -94,6 +94,7 @@ def softhsm_token(root: Path, keys: KeySet) -> str:
          "--pin", TOKEN_PIN, "--so-pin", "5678"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
+    reread_library_configuration(library)  # a library already initialised knows another token
     store = Pkcs11KeyStore(library, TOKEN_LABEL, TOKEN_PIN)
     store.create_wrapping_key()
     for master in keys:

@@ -75,6 +75,16 @@ class _Sm4Unwrapper:
             value[:] = bytes(len(value))
 
 
+def reread_library_configuration(library: str) -> None:
+    """Make the PKCS#11 library read its configuration again (SoftHSM2: ``SOFTHSM2_CONF``,
+    its token directory). A library reads it once, when it is initialised in a process; a
+    process that points it at another token directory (a test's or a benchmark's own token)
+    calls this first. Sessions opened before are invalid afterwards."""
+    lib = pkcs11.lib(library)
+    if lib.initialized:
+        lib.reinitialize()
+
+
 class Pkcs11KeyStore:
     """:class:`clearinghost.keystore.KeyStore` on a PKCS#11 token."""
 

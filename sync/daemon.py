@@ -233,8 +233,10 @@ class SyncDaemon:
                     host_ack=after,
                     first_available=records[0].seq,
                 )
-            # signed by the device key: the host verifies this one signature and the chain
-            batch = encode_batch(self.store.terminal_id, records, sign=self.device_sign)
+            # signed by the key that signed these records (the one the host holds for them):
+            # the host verifies this one signature and the chain
+            signer = self._signer_for(epochs.keys[epoch])
+            batch = encode_batch(self.store.terminal_id, records, sign=signer)
             last_seq = self.store.last_seq()
             ack = self._retrying("upload", functools.partial(self._upload, batch, last_seq))
             if self.after_send_hook is not None:
@@ -335,9 +337,7 @@ class SyncDaemon:
         wanted = public_key or epochs.key_for(self.store.acknowledged_seq() + 1)
         if self._registered and wanted == self._registered_key:
             return
-        sign, code = self.device_sign, self.settings.enrolment_code
-        if wanted != self.device_public_key:
-            sign = self._device_key_file(wanted).sign
+        sign, code = self._signer_for(wanted), self.settings.enrolment_code
         if len(epochs.keys) > 1 and wanted == epochs.keys[-1]:
             # a rotation: the operator's new one-time code if the technician stored one (the
             # code of the first enrolment is used up), else none (a pre-registered key)
@@ -347,6 +347,13 @@ class SyncDaemon:
         self._registered, self._registered_key = True, wanted
         if wanted == epochs.keys[-1]:
             self._retire_old_keys(wanted)
+
+    def _signer_for(self, public_key: bytes) -> Callable[[bytes], bytes]:
+        """What signs for ``public_key``: the daemon's device key, or (across a rotation) the
+        key file that holds it."""
+        if public_key == self.device_public_key:
+            return self.device_sign
+        return self._device_key_file(public_key).sign
 
     def _device_key_file(self, public_key: bytes) -> DeviceKey:
         """The device key file holding ``public_key`` (device.key, or the old key kept

@@ -45,9 +45,9 @@ TOKEN = "workers-operator-token-0123456789abcdef"
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
+    give_up_at = time.monotonic() + WAIT_S
     while not condition():
-        if time.monotonic() > deadline:
+        if time.monotonic() > give_up_at:
             pytest.fail(f"gave up waiting for {what}")
         time.sleep(0.05)
 
@@ -151,8 +151,8 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
             daemons.append(daemon_for(terminal, settings))
 
         def drain(daemon: SyncDaemon) -> None:
-            deadline = time.monotonic() + WAIT_S
-            while daemon.store.count_unsent() and time.monotonic() < deadline:
+            give_up_at = time.monotonic() + WAIT_S
+            while daemon.store.count_unsent() and time.monotonic() < give_up_at:
                 if daemon._job("upload", daemon.upload_pending) is None:
                     time.sleep(0.02)
 

@@ -59,9 +59,10 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         capture_output=True,
         timeout=120,
     )
-    from clearinghost.keystore_pkcs11 import Pkcs11KeyStore
+    from clearinghost.keystore_pkcs11 import Pkcs11KeyStore, reread_library_configuration
 
     assert LIBRARY is not None
+    reread_library_configuration(LIBRARY)  # another test or bench may have used another token
     store = Pkcs11KeyStore(LIBRARY, LABEL, PIN)
     store.create_wrapping_key()
     for master in [*demo_keyset(), *load_test_keys()]:
