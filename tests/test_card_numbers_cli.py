@@ -14,7 +14,16 @@ from tests.fake_reader.faults import CardTorn
 from tests.fake_reader.inprocess import CardField
 from tests.fake_reader.module_server import ModuleEmulator
 from tests.fake_reader.scenario import DEMO_PROFILE, demo_keyset, make_card
+from tests.stacks import PcscStack
 from tests.test_printed_blacklist import CHINA_CITIES, SZT_PRINTED, shenzhen_tong_card
+
+
+@pytest.fixture(autouse=True)
+def _session_pcscd_named(pcsc_stack: PcscStack) -> None:
+    """``cardagent readers`` also surveys PC/SC, in this process, and libpcsclite reads
+    ``PCSCLITE_CSOCK_NAME`` once per process: the session's pcscd stack must have named its
+    socket before (else every later pcscd test of this process talks to the default one)."""
+
 
 DIALECT_COMMENT = '# [cpu_purse]\n# dialect_files = ["dialects/china-cities.toml"]'
 
