@@ -36,6 +36,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent import crypto
 from agent.crypto import Algorithm, CryptoError
@@ -239,32 +240,54 @@ def screen(
     binding and signature), in order, up to the first that fails (the chain is checked
     against the host's records by the storage). Without ``notice_seal`` every notice is
     refused."""
+
+    def sealed(record: Record) -> Refusal | None:
+        failed = seal(record)
+        return None if failed is None else Refusal(record.seq, failed.kind, failed.detail)
+
+    return _screen(records, terminal_id, sealed, tac, notice_seal)
+
+
+_Entry = TypeVar("_Entry", Record, RecordLine)
+
+
+def _screen(
+    entries: Sequence[_Entry | QuarantineNotice],
+    terminal_id: str,
+    refuse: Callable[[_Entry], Refusal | None],
+    tac: TacVerifier | None,
+    notice_seal: Callable[[QuarantineNotice], Finding | None] | None,
+) -> Screened:
+    """The walk both screens share: each notice's binding and signature, each record's
+    binding and ``refuse`` (its own seal check), in order, up to the first that fails; the
+    findings of each accepted entry."""
     screened = Screened([], {})
-    for record in records:
-        if isinstance(record, QuarantineNotice):
-            failed = _notice_refusal(record, terminal_id, notice_seal)
+    for entry in entries:
+        if isinstance(entry, QuarantineNotice):
+            failed = _notice_refusal(entry, terminal_id, notice_seal)
             if failed is not None:
                 screened.refusal = failed
                 return screened
-            screened.findings[record.seq] = [quarantine_finding(record)]
-            screened.accepted.append(record)
+            screened.findings[entry.seq] = [quarantine_finding(entry)]
+            screened.accepted.append(entry)
             continue
-        if record.terminal_id != terminal_id:
+        if entry.terminal_id != terminal_id:
             screened.refusal = Refusal(
-                record.seq,
+                entry.seq,
                 "wrong_terminal",
-                f"record {record.seq} belongs to terminal {record.terminal_id!r}, uploaded for "
+                f"record {entry.seq} belongs to terminal {entry.terminal_id!r}, uploaded for "
                 f"{terminal_id!r}",
             )
             return screened
-        sealed = seal(record)
-        if sealed is not None:
-            screened.refusal = Refusal(record.seq, sealed.kind, sealed.detail)
+        refused = refuse(entry)
+        if refused is not None:
+            screened.refusal = refused
             return screened
-        found = review(record, lambda _record: None, tac)
-        if found:
-            screened.findings[record.seq] = found
-        screened.accepted.append(record)
+        if tac is not None or entry.kind == "unresolved":
+            found = review(entry, _no_seal, tac)
+            if found:
+                screened.findings[entry.seq] = found
+        screened.accepted.append(entry)
     return screened
 
 
@@ -330,35 +353,13 @@ def screen_signed(
     binding and device signature, in order, up to the first that fails; TAC and unresolved
     findings as :func:`screen` makes them. Records' own signatures are not verified here (the
     batch signature covers their bytes): the audit does that."""
-    screened = Screened([], {})
-    for entry in entries:
-        if isinstance(entry, QuarantineNotice):
-            failed = _notice_refusal(entry, terminal_id, notice_seal)
-            if failed is not None:
-                screened.refusal = failed
-                return screened
-            screened.findings[entry.seq] = [quarantine_finding(entry)]
-            screened.accepted.append(entry)
-            continue
-        if entry.terminal_id != terminal_id:
-            screened.refusal = Refusal(
-                entry.seq,
-                "wrong_terminal",
-                f"record {entry.seq} belongs to terminal {entry.terminal_id!r}, uploaded for "
-                f"{terminal_id!r}",
-            )
-            return screened
-        if entry.digest != entry.hash:
-            screened.refusal = Refusal(
-                entry.seq, "bad_hash", f"record {entry.seq}: contents do not match its hash"
-            )
-            return screened
-        if tac is not None or entry.kind == "unresolved":
-            found = review(entry, _no_seal, tac)
-            if found:
-                screened.findings[entry.seq] = found
-        screened.accepted.append(entry)
-    return screened
+
+    def hashed(entry: RecordLine) -> Refusal | None:
+        if entry.digest == entry.hash:
+            return None
+        return Refusal(entry.seq, "bad_hash", f"record {entry.seq}: contents do not match its hash")
+
+    return _screen(entries, terminal_id, hashed, tac, notice_seal)
 
 
 def _no_seal(_record: Record) -> Finding | None:
