@@ -44,6 +44,7 @@ from bench.bench_tap import Stopwatch, disk_directory, filesystem_of, p50, p99, 
 from clearinghost.keys import HostKey, sign_params
 from tests.fake_reader.scenario import make_card
 from tests.rig import Rig
+from tests.test_fares import BEIJING_SUBWAY_2014
 
 DEFAULT_TAPS = 200
 DEFAULT_CALLS = 5000
@@ -53,15 +54,7 @@ STOPS = 30  # stops per line: max_from() walks the line, so the cost grows with 
 
 # Beijing subway 2014 distance bands (sources in tests/test_fares.py), on a 30-stop line.
 DISTANCE: dict[str, Any] = {
-    "mode": "distance",
-    "max_fare": 1000,
-    "bands": [
-        {"over_m": 0, "up_to_m": 6000, "price": 300},
-        {"over_m": 6000, "up_to_m": 12000, "price": 400},
-        {"over_m": 12000, "up_to_m": 22000, "price": 500},
-        {"over_m": 22000, "up_to_m": 32000, "price": 600},
-    ],
-    "beyond": {"every": 20000, "add": 100},
+    **BEIJING_SUBWAY_2014,  # its "lines" replaced below
     "lines": {"1": {"mode": "metro",
                     "stops": [{"id": i, "at_m": 1500 * i} for i in range(1, STOPS + 1)]}},
     "card_types": {"02": {"percent": 50}, "03": {"free": True}},

@@ -18,21 +18,14 @@ from agent.products.fares import TapPlace
 from clearinghost.keys import HostKey, sign_params
 from tests.fake_reader.scenario import make_card
 from tests.rig import Rig
+from tests.test_fares import BEIJING_SUBWAY_2014
 
 HOST_KEY = HostKey.generate()  # TEST KEY ONLY
 
 # Beijing subway 2014 distance bands (see tests/test_fares.py for the source), on two test
 # lines; the bus line 2 takes transfers from line 1 with 1 yuan off within 90 minutes.
 POLICY: dict[str, Any] = {
-    "mode": "distance",
-    "max_fare": 1000,
-    "bands": [
-        {"over_m": 0, "up_to_m": 6000, "price": 300},
-        {"over_m": 6000, "up_to_m": 12000, "price": 400},
-        {"over_m": 12000, "up_to_m": 22000, "price": 500},
-        {"over_m": 22000, "up_to_m": 32000, "price": 600},
-    ],
-    "beyond": {"every": 20000, "add": 100},
+    **BEIJING_SUBWAY_2014,  # its "lines" replaced below
     "lines": {
         "1": {"mode": "metro", "stops": [{"id": 1, "at_m": 0}, {"id": 2, "at_m": 5000},
                                          {"id": 3, "at_m": 20000}]},
