@@ -45,7 +45,10 @@ class Bill:
 def parse_bills(text: str) -> list[Bill]:
     """Every bill of the CSV, or :class:`BillBookError` naming every bad line (nothing is
     loaded from a file with one bad line)."""
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # e.g. a lone carriage return inside a field
+        raise BillBookError(f"the bill book is not CSV: {exc}") from exc
     if not rows or tuple(c.strip() for c in rows[0]) != BILL_COLUMNS:
         raise BillBookError(f"line 1: the header must be {','.join(BILL_COLUMNS)}")
     problems: list[str] = []

@@ -269,3 +269,10 @@ def test_utility_bills_clear_with_the_agency_commission(site: Site) -> None:
         assert line["commission"] == round(amount * line["rate_bp"] / 10000) > 0
     unbound = [a for a in site.host.storage.anomalies(KIOSK) if a["kind"] == "merchant_not_bound"]
     assert [a["seq"] for a in unbound] == [3]
+
+
+def test_a_bill_book_with_a_lone_carriage_return_is_refused_by_line() -> None:
+    """Found by the fuzzer: a lone carriage return inside a field was a 500 at the host (an
+    uncaught csv.Error); it now ends a line like any newline, and the book is refused."""
+    with pytest.raises(BillBookError, match="line 1: the header must be"):
+        parse_bills("\r\u00b6\u0011t")
