@@ -43,7 +43,15 @@ from tests.fake_reader.inprocess import CardField
 from tests.fake_reader.module_server import ModuleEmulator
 from tests.fake_reader.scenario import DEMO_PROFILE, demo_profile, make_card
 from tests.rig import Rig
-from tests.test_golden_cards import ALL_DIALECTS, ROOT, Replay, application, load
+from tests.test_golden_cards import (
+    ALL_DIALECTS,
+    ROOT,
+    Replay,
+    application,
+    dump_files,
+    load,
+    read_dump,
+)
 from tests.test_profile import DEMO_TEXT
 
 GOLDEN = ROOT / "tests" / "golden_cards"
@@ -350,6 +358,59 @@ def test_a_real_tunion_trip_record_is_read_and_written_at_its_own_positions() ->
         entry.when,
         entry.amount,
     )
+
+
+ZIBO_RECORDS = load(ROOT / "tests" / "golden_records" / "tunion-zibo-validators-ef1e.json")
+
+
+@pytest.mark.parametrize(
+    "real", ZIBO_RECORDS["cards"], ids=[c["card"] for c in ZIBO_RECORDS["cards"]]
+)
+def test_real_tunion_trip_records_of_zibo_validators(real: dict[str, Any]) -> None:
+    """Three more real EF1E records (Dongying, Liaocheng and Zibo cards read by a Zibo bus
+    validator, tests/golden_records): the T-Union layout reads every field where the public
+    parser (haofighter/zibo File1EJTBInfoEntity) takes it; what that parser reads as one
+    8-byte field at 9..16 is our sub-type, line, station and vehicle, in order; the EF18 twin
+    is the same purchase; the agent's writer reproduces bytes 0..41 from the parsed fields.
+    Bytes 42..47 (reserved in that parser) are non-zero in the real records and written as
+    zeros by the agent: their meaning is not published."""
+    card = load(ROOT / "tests" / "golden_cards" / f"{real['card']}.json")
+    files = dump_files(card)
+    record, log_record = bytes.fromhex(real["ef1e"]), bytes.fromhex(real["ef18"])
+    assert (record, log_record) == (files["ef1e"], files["ef18"])  # verbatim slices of the dump
+    _, dialect, _ = read_dump(card)
+    assert dialect.trips is TUNION_EF1E
+    trip = cpu_logs.parse_trip(TUNION_EF1E, record)
+    assert trip is not None
+    want = real["expect"]["trip"]
+    assert trip == cpu_logs.Trip(**dict(want, when=dt.datetime.fromisoformat(want["when"])))
+    public = real["public_parser"]
+    assert f"{trip.record_type:02X}" == public["transaction_type_1e"]
+    assert trip.terminal == public["terminal_number_1e"]
+    middle = (
+        bytes((trip.industry,))
+        + trip.line.to_bytes(2, "big")
+        + trip.station.to_bytes(2, "big")
+        + trip.vehicle.to_bytes(3, "big")
+    )
+    assert middle.hex().upper() == public["trade_serial_number_1e"]
+    assert f"{trip.amount:08X}" == public["transaction_amount_1e"]
+    assert f"{trip.balance:08X}" == public["transaction_balance_1e"]
+    assert trip.when.strftime("%Y%m%d%H%M%S") == public["transaction_time_1e"]
+    assert trip.city == public["transaction_city_code_1e"]
+    assert f"{trip.institution}FFFFFFFF" == public["institutional_identity_1e"]
+    built = cpu_logs.build_trip(TUNION_EF1E, trip)
+    assert built[:42] == record[:42]
+    assert built[42:] == bytes(6) and record[42:].hex().upper() == public["reserve2_1e"] != "0" * 12
+    entry = cpu_logs.parse_log_entry(log_record, dialect.log_time)
+    want_log = real["expect"]["log"]
+    assert entry == cpu_logs.LogEntry(
+        **dict(want_log, overdraft=0, when=dt.datetime.fromisoformat(want_log["when"]))
+    )
+    # one purchase: the log's amount and time are the trip's, and the trip's balance is the
+    # purse the module read after it
+    assert (entry.amount, entry.when) == (trip.amount, trip.when)
+    assert trip.balance == int.from_bytes(files["balance"], "big")
 
 
 def test_cjt166_capp_record_keeps_its_header_and_bcd_line() -> None:

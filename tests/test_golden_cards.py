@@ -8,6 +8,12 @@ for (what both public mocks do); a SELECT recorded without Le (``00 A4 04 00 Lc 
 the same SELECT sent with Le 00 (ISO 7816-4: Le only bounds the answer's length); a command
 nobody recorded is answered 6A82, as the mocks do.
 
+A recording may also be a reader module's dump (``dump``: three T-Union cards read by a Zibo
+bus validator): no APDU transcript but the files the module read, concatenated in an order
+the public parser states (``frame_fields``: each name and length as that parser takes them).
+There is no SELECT answer to replay, so the dump's files are parsed by the agent's own
+parsers, the dialect chosen from the info file as :func:`cpu_purse.read_card` chooses it.
+
 Sources: a repository file (``repository``, ``path``, ``commit``) or, for a recording
 published only on a web page (two Hangzhou cards), the page (``page``: its address, and
 ``retrieved``): a page has no commit, so the bytes are kept verbatim and the page named.
@@ -102,6 +108,35 @@ def read(card: dict[str, Any], dialects: tuple[Dialect, ...] = ALL_DIALECTS) -> 
     return cpu_purse.drive(cpu_purse.read_card(app, fci, dialects), replay)
 
 
+def dump_files(card: dict[str, Any]) -> dict[str, bytes]:
+    """The files of a reader module's dump, cut where ``frame_fields`` says; a dump that holds
+    its frame more than once must hold the same frame each time."""
+    raw = bytes.fromhex(card["dump"])
+    files: dict[str, bytes] = {}
+    at = 0
+    for name, length in card["frame_fields"]:
+        files[name] = raw[at : at + length]
+        at += length
+    assert at and len(raw) % at == 0 and raw == raw[:at] * (len(raw) // at), "frame"
+    return files
+
+
+def read_dump(
+    card: dict[str, Any], dialects: tuple[Dialect, ...] = ALL_DIALECTS
+) -> tuple[cpu_purse.CpuCard, Dialect, dict[str, bytes]]:
+    """A dumped card read by the agent's parsers: the info file checked for a non-transit
+    issuer, the first dialect that fits it (no FCI: no DF name), its management data and
+    the balance (top bit masked, as read_card does)."""
+    app = application(card)
+    files = dump_files(card)
+    info = files["ef15"]
+    cpu_purse.not_a_transit_purse(cpu_purse.parse_fci(b""), info)
+    dialect = next(d for d in dialects if d.matches(app.family, None, info))
+    balance = int.from_bytes(files["balance"], "big") & 0x7FFFFFFF
+    got = cpu_purse.parse_card(app, info, files["ef17"], balance, dialect=dialect)
+    return got, dialect, files
+
+
 def check_fields(got: cpu_purse.CpuCard, want: dict[str, Any]) -> None:
     assert got.dialect == want["dialect"]
     assert got.card_id == want["card_id"]
@@ -150,6 +185,14 @@ def test_golden_card(path: Path) -> None:
     the stated reason."""
     card = load(path)
     want = card["expect"]
+    if "dump" in card:
+        got, _, files = read_dump(card)
+        # putDate: selector 01 is the 交通部 (T-Union) application; the module's card_pan is
+        # the ASN, the last 8 bytes of the EF15 serial the PSAM diversifies with (§2.3)
+        assert files["selete_aid"] == b"\x01"
+        assert got.asn.hex() == files["card_pan"].hex() == want["card_pan"]
+        check_fields(got, want)
+        return
     if "refused" in want:
         with pytest.raises(TapRefused) as refused:
             read(card)
