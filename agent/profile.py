@@ -183,10 +183,13 @@ class TripLayout:
     institution_at: int
     institution_length: int
     institution_code_length: int
+    # the amount field's length: 4 bytes in the T-Union and CJ/T 166 layouts; Zibo's own
+    # segmented-fare record keeps its fare in 2 (firmware_profiles/dialects, zibo-cjt166)
+    amount_length: int = 4
 
     def span(self, name: str) -> tuple[int, int]:
         """(offset, length) of a field; offset -1: absent."""
-        fixed = {"type": 1, "industry": 1, "amount": 4, "balance": 4, "city": 2}
+        fixed = {"type": 1, "industry": 1, "amount": self.amount_length, "balance": 4, "city": 2}
         at: int = getattr(self, f"{name}_at")
         if name == "time":
             length = 7 if self.time_encoding is TimeEncoding.BCD else 4
@@ -1058,7 +1061,13 @@ def check_trip_layout(
         raise fail("record_length", "must be in 8..255", layout.record_length)
     if not 1 <= layout.records <= 0xFF:
         raise fail("records", "must be in 1..255", layout.records)
-    limits = {"terminal": (1, 8), "line": (1, 4), "station": (1, 4), "vehicle": (1, 4)}
+    limits = {
+        "terminal": (1, 8),
+        "line": (1, 4),
+        "station": (1, 4),
+        "vehicle": (1, 4),
+        "amount": (1, 4),
+    }
     for name, (low, high) in limits.items():
         at, length = layout.span(name)
         if at >= 0 and not low <= length <= high:

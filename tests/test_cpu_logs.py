@@ -413,6 +413,54 @@ def test_real_tunion_trip_records_of_zibo_validators(real: dict[str, Any]) -> No
     assert trip.balance == int.from_bytes(files["balance"], "big")
 
 
+ZIBO_CAPP = load(ROOT / "tests" / "golden_records" / "zibo-cjt166-capp-zibo-validator.json")
+
+
+@pytest.mark.parametrize("real", ZIBO_CAPP["cards"], ids=[c["card"] for c in ZIBO_CAPP["cards"]])
+def test_real_cjt166_compound_records_of_zibo_cards(real: dict[str, Any]) -> None:
+    """Two real CJ/T 166 compound records (Zibo MOHURD cards, tests/golden_records): the card
+    is read with the zibo-cjt166 dialect, whose trip layout takes every modelled field where
+    the public parser (haofighter/zibo File17NewCPUInfoEntity) does; it is read by its
+    identifier 06 (``00 B2 06 B8 00``); the writer reproduces the header and every modelled
+    field, leaving the bytes it does not model (completion flag, direction, driver, fare
+    before discount, reserved) 00."""
+    card = load(ROOT / "tests" / "golden_cards" / f"{real['card']}.json")
+    files = dump_files(card)
+    record = bytes.fromhex(real["record"])
+    assert record == files["ef17"]  # a verbatim slice of the dump
+    _, dialect, _ = read_dump(card)
+    layout = dialect.trips
+    assert dialect.name == "zibo-cjt166" and layout is not None
+    assert cpu_logs.read_record_command(0x17, 6, 0, by_identifier=True).to_bytes() == bytes.fromhex(
+        "00B206B800"
+    )
+    replay = Replay([{"command": "00B206B800", "response": real["record"] + "9000"}])
+    assert cpu_purse.drive(cpu_logs.read_trips(layout), replay) == [record]
+    trip = cpu_logs.parse_trip(layout, record)
+    assert trip is not None
+    want = real["expect"]["trip"]
+    assert trip == cpu_logs.Trip(**dict(want, when=dt.datetime.fromisoformat(want["when"])))
+    public = real["public_parser"]
+    assert record[:3].hex().upper() == (
+        public["compound_consumption_logo"] + public["record_length"] + public["record_unlock"]
+    )
+    assert f"{trip.line:06X}" == public["link_number"]
+    assert f"{trip.station:02X}" == public["boarding_site_index"]
+    assert f"{trip.amount:04X}" == public["pre_preferential_amount"]
+    assert trip.when.strftime("%Y%m%d%H%M%S") == public["boarding_time"]
+    assert f"{trip.vehicle:06X}" == public["vehicle_number"]
+    assert trip.terminal == public["pose_id"]
+    built = cpu_logs.build_trip(layout, trip)
+    modelled = [*range(0, 3), *range(4, 7), 8, *range(9, 18), *range(18, 27)]
+    assert [built[i] for i in modelled] == [record[i] for i in modelled]
+    assert all(built[i] == 0 for i in range(48) if i not in modelled)
+    # the standard CAPP layout (identifier 01, time at 21) does not fit this issuer's record
+    assert CJT166_CAPP.identifier != record[0]
+    # a fare the 2-byte field cannot hold is refused by name, not truncated
+    with pytest.raises(ConfigurationError, match="amount 65536 does not fit 2 bytes"):
+        cpu_logs.build_trip(layout, dataclasses.replace(trip, amount=0x10000))
+
+
 def test_cjt166_capp_record_keeps_its_header_and_bcd_line() -> None:
     """The CJ/T 166 CAPP record (identifier 01, length 2E, lock flag 00) with the BCD line."""
     layout = CJT166_CAPP
@@ -446,6 +494,8 @@ def _dialect_file(tmp_path: Path, extra: str) -> Path:
         ('trips = { time_encoding = "unix" }', "dialect[0].trips.time_encoding"),
         ('trips = { line_encoding = "ascii" }', "dialect[0].trips.line_encoding"),
         ("trips = { line_length = 5 }", "dialect[0].trips.line_length"),
+        ("trips = { amount_length = 5 }", "dialect[0].trips.amount_length"),
+        ("trips = { amount_length = 0 }", "dialect[0].trips.amount_length"),
         ("trips = { institution_code_length = 9 }", "dialect[0].trips.institution_code_length"),
         ("trips = { colour = 1 }", "dialect[0].trips.colour"),
         ('trips = { base = "none", sfi = 3 }', "dialect[0].trips.base"),

@@ -187,10 +187,14 @@ def test_golden_card(path: Path) -> None:
     want = card["expect"]
     if "dump" in card:
         got, _, files = read_dump(card)
-        # putDate: selector 01 is the 交通部 (T-Union) application; the module's card_pan is
-        # the ASN, the last 8 bytes of the EF15 serial the PSAM diversifies with (§2.3)
-        assert files["selete_aid"] == b"\x01"
-        assert got.asn.hex() == files["card_pan"].hex() == want["card_pan"]
+        # putDate's selector: 01 the 交通部 (T-Union) application, 02 a 住建部 (CJ/T 166) card
+        assert files["selete_aid"].hex() == want["selector"]
+        if "card_pan" in want:  # T-Union: the module's card_pan is the ASN, the last 8 bytes
+            # of the EF15 serial the PSAM diversifies with (§2.3)
+            assert got.asn.hex() == files["card_pan"].hex() == want["card_pan"]
+        if "ef05_serial" in want:  # CJ/T 166: the public parser's cardNo, EF05 serial_number
+            # (bytes 10..17), is the number the standard layout prints (the ASN, EF15[12..19])
+            assert files["ef05"][10:18].hex() == want["ef05_serial"] == got.printed_number
         check_fields(got, want)
         return
     if "refused" in want:

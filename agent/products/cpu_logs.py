@@ -247,11 +247,11 @@ def build_trip(layout: TripLayout, trip: Trip) -> bytes:
         ("line", trip.line, layout.line_length, layout.line_encoding),
         ("station", trip.station, layout.station_length, FieldEncoding.BINARY),
         ("vehicle", trip.vehicle, layout.vehicle_length, FieldEncoding.BINARY),
+        ("amount", trip.amount, layout.amount_length, FieldEncoding.BINARY),
     )
     for name, value, length, encoding in numbers:
         if has(name):
             put(name, _put_number(value, length, encoding, name))
-    put("amount", trip.amount.to_bytes(4, "big"))
     put("balance", trip.balance.to_bytes(4, "big"))
     put("time", encode_time(trip.when, layout.time_encoding))
     if has("city"):
