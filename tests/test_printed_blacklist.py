@@ -161,7 +161,7 @@ def test_a_list_of_one_space_is_refused_as_the_other() -> None:
         decode_list(printed, public)
 
 
-def test_an_unscoped_printed_list_is_refused_by_name() -> None:
+def test_an_unscoped_printed_list_is_refused_by_name(tmp_path: Path) -> None:
     """An old host's CBLPRN03 list (entries: the numbers alone) is refused at its first bytes,
     saying why: its entries name no issuer."""
     key, public = _signer()
@@ -169,7 +169,7 @@ def test_an_unscoped_printed_list_is_refused_by_name() -> None:
     with pytest.raises(BlacklistRejected, match=r"unscoped printed-number list \(CBLPRN03"):
         decode_list(old, public, SPACE_PRINTED)
     with pytest.raises(BlacklistRejected, match="unscoped printed-number list"):
-        Blacklist(Path("unused"), space=SPACE_PRINTED).incoming().feed(old[:8])
+        Blacklist(tmp_path / PRINTED_BLACKLIST_FILE, space=SPACE_PRINTED).incoming().feed(old[:8])
 
 
 def _lists(tmp_path: Path, serial: list[int], printed: list[int]) -> CardBlacklist:
