@@ -31,11 +31,26 @@ Signed list from the host (wire format, see ``clearinghost/openapi.json``)::
 digits on the card that an operator or a customer quotes (``CpuCard.printed_number``: Shenzhen
 Tong 881146306 is not its ASN). They are two separate lists, each in this format with its own
 magic, version chain and local file: ``CBLIST03`` / ``blacklist.bin`` for serials,
-``CBLPRN03`` / ``blacklist-printed.bin`` for printed numbers, keyed by the number's value
-(:func:`printed_key`: 1 to 19 decimal digits, so it fits a u64). A printed number therefore
+``CBLPRN04`` / ``blacklist-printed-issuer.bin`` for printed numbers. A printed number therefore
 never meets a raw serial: they are never looked up in the same set, and the magic (signed)
 keeps a list of one space from being accepted as the other. A lookup costs one search per
 space; a terminal that only knows ``CBLIST03`` ignores printed numbers and keeps working.
+
+**Printed numbers are scoped by issuer** (issue 15): they are unique only within their issuer
+(Shenzhen Tong 881146306 and another city's card printed 881146306 are two cards). An entry
+names the issuer's 4-digit city code (``CpuCard.issuer_code``: the dialect's ``issuer_city``,
+else the card's city code, T-Union EF17[6..7], CJ/T 166 EF15[2..3]) and the number, and
+:func:`printed_key` packs them into the list's u64 key::
+
+    key = issuer code as 4 BCD digits (16 bits) << 48 | the number's value (48 bits)
+
+The top 16 bits of a key are the packed set's bucket, so the bucket *is* the issuer: the offset
+table is a per-issuer index and a lookup searches only its own issuer's entries (nothing in the
+lookup changes). 48 bits hold every number of up to 14 digits; longer printed numbers (T-Union's
+19 digits, the 16-digit CJ/T 166 and Beijing numbers) are the card's serial itself and are
+listed in the serial list. ``CBLPRN03`` (unscoped: the key was the number alone) is refused by
+name, and its local file ``blacklist-printed.bin`` is never read: an unscoped key read as a
+scoped one would name issuer 0000.
 
 The signature covers the header (the magic makes it useless as any other signed document)
 followed by the SHA-256 of the entries section (add and remove, as sent): a terminal verifies a
@@ -99,9 +114,17 @@ LIST_MAGIC = b"CBLIST03"
 SPACE_SERIAL = "serial"
 SPACE_PRINTED = "printed"
 # the signed magic of each key space's list: a list of one space is refused as the other
-LIST_MAGICS = {SPACE_SERIAL: LIST_MAGIC, SPACE_PRINTED: b"CBLPRN03"}
-PRINTED_BLACKLIST_FILE = "blacklist-printed.bin"
-PRINTED_MAX_DIGITS = 19  # 10**19 - 1 < 2**64: every printed number of up to 19 digits fits
+LIST_MAGICS = {SPACE_SERIAL: LIST_MAGIC, SPACE_PRINTED: b"CBLPRN04"}
+# signed magics of lists this terminal no longer takes, with the reason it says
+RETIRED_MAGICS = {
+    b"CBLPRN03": "an unscoped printed-number list (CBLPRN03, from a host before issuer scoping): "
+    "refused, printed numbers are listed with their issuer (CBLPRN04)"
+}
+PRINTED_BLACKLIST_FILE = "blacklist-printed-issuer.bin"
+UNSCOPED_PRINTED_FILE = "blacklist-printed.bin"  # CBLPRN03's local file: never read
+ISSUER_DIGITS = 4  # a city code: 4 decimal digits, packed as BCD in a printed key's top 16 bits
+PRINTED_NUMBER_BITS = 48  # the low bits of a printed key: the number's value
+PRINTED_MAX_DIGITS = 14  # 10**14 - 1 < 2**48: every printed number of up to 14 digits fits
 _LIST_HEADER = struct.Struct(">8sBQQQQ32sII")
 DIGEST_SIZE = 32
 LIST_KEY_ID_SIZE = 8
@@ -154,21 +177,45 @@ def uid_key(uid: bytes) -> int:
     return int.from_bytes(uid, "big")
 
 
-def printed_key(number: str) -> int:
-    """The lookup key of a printed card number (the printed-number list, a space of its own):
-    its decimal value. 1 to 19 digits; spaces are ignored, so ``8811 4630 6`` is ``881146306``,
-    and leading zeros do not count (``0881146306`` is the same entry, as people quote it).
-    Raises ValueError, naming the number, for anything else (hex serials belong in the serial
-    list)."""
+def issuer_code(issuer: str) -> str:
+    """An issuer code as the printed-number list names issuers: the issuer's 4-digit city code
+    (``5180``). Raises ValueError, naming the code, for anything else."""
+    text = issuer.strip()
+    if len(text) != ISSUER_DIGITS or not text.isascii() or not text.isdigit():
+        raise ValueError(f"issuer {issuer!r} is not a {ISSUER_DIGITS}-digit city code (e.g. 5180)")
+    return text
+
+
+def printed_key(issuer: str, number: str) -> int:
+    """The lookup key of a printed card number of one issuer (the printed-number list, a space
+    of its own): the issuer's city code as BCD in the top 16 bits, the number's decimal value
+    in the low 48 (module docstring). The number has 1 to 14 digits; spaces are ignored, so
+    ``8811 4630 6`` is ``881146306``, and leading zeros do not count (``0881146306`` is the
+    same entry, as people quote it). Raises ValueError, naming the issuer or the number, for
+    anything else (hex serials and longer numbers belong in the serial list)."""
+    code = issuer_code(issuer)
     text = "".join(number.split())
     if not text or not text.isascii() or not text.isdigit():
         raise ValueError(f"printed card number {number!r} is not decimal digits")
-    if len(text) > PRINTED_MAX_DIGITS:
+    digits = len(text.lstrip("0")) or 1
+    if digits > PRINTED_MAX_DIGITS:
         raise ValueError(
-            f"printed card number {number!r} has {len(text)} digits, at most "
-            f"{PRINTED_MAX_DIGITS} are listed"
+            f"printed card number {number!r} has {digits} digits, at most "
+            f"{PRINTED_MAX_DIGITS} are listed with an issuer (a longer number, T-Union's 19 "
+            "digits or a 16-digit CJ/T 166 one, is the card's serial: list it by serial)"
         )
-    return int(text)
+    return int(code, 16) << PRINTED_NUMBER_BITS | int(text)
+
+
+def printed_entry(key: int) -> tuple[str, str]:
+    """The (issuer code, number) a printed key names: :func:`printed_key` read back."""
+    if not 0 <= key <= ASN_MAX:
+        raise ValueError(f"printed key {key} is outside 0..2^64-1")
+    issuer = f"{key >> PRINTED_NUMBER_BITS:04X}"
+    number = key & ((1 << PRINTED_NUMBER_BITS) - 1)
+    if not issuer.isdigit() or number >= 10**PRINTED_MAX_DIGITS:
+        raise ValueError(f"printed key {key:016X} names no issuer and printed number")
+    return issuer, str(number)
 
 
 def _magic_of(space: str) -> bytes:
@@ -309,6 +356,9 @@ def parse_list_header(prefix: bytes | bytearray, space: str = SPACE_SERIAL) -> L
     magic = _magic_of(space)
     if len(prefix) >= len(magic) and bytes(prefix[: len(magic)]) != magic:
         other = [n for n, m in LIST_MAGICS.items() if m == bytes(prefix[: len(magic)])]
+        retired = RETIRED_MAGICS.get(bytes(prefix[: len(magic)]))
+        if retired is not None:
+            raise BlacklistRejected(f"blacklist: {retired}")
         if other:
             raise BlacklistRejected(
                 f"blacklist: a {other[0]}-number list where a {space}-number list was expected"
@@ -743,9 +793,11 @@ class Blacklist:
 
     def contains(self, card_id: str) -> bool:
         """True if the card is blacklisted: ``card_id`` is the hex application serial (as
-        ``CpuCard.card_id``) in the serial space, the printed number in the printed space."""
+        ``CpuCard.card_id``) in the serial space, ``ISSUER:NUMBER`` (``5180:881146306``) in the
+        printed space."""
         if self.space == SPACE_PRINTED:
-            return self.contains_asn(printed_key(card_id))
+            issuer, _, number = card_id.partition(":")
+            return self.contains_asn(printed_key(issuer, number))
         return self.contains_asn(asn_of(card_id))
 
     def contains_asn(self, asn: int) -> bool:
@@ -1033,11 +1085,13 @@ class CardBlacklist:
     def contains(self, card_id: str) -> bool:
         return self.serial.contains(card_id)
 
-    def contains_printed(self, number: str) -> bool:
-        """True if this printed number is listed; a number that cannot be listed (not 1 to 19
-        decimal digits, e.g. a hex serial shown as the number) is never in the list."""
+    def contains_printed(self, issuer: str, number: str) -> bool:
+        """True if this printed number is listed for this issuer (a city code, as
+        ``CpuCard.issuer_code``); only entries of the card's own issuer match. A number that
+        cannot be listed (not 1 to 14 decimal digits, e.g. a hex serial shown as the number)
+        or a card without an issuer code is never in the list."""
         try:
-            key = printed_key(number)
+            key = printed_key(issuer, number)
         except ValueError:
             return False
         return self.printed.contains_asn(key)

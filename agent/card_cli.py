@@ -115,7 +115,10 @@ def print_report(report: CardReport, out: TextIO | None = None) -> None:
     where = f"AID {card.aid.hex().upper()}" if card.aid else "ADF FID 1001"
     line(f"card        {card.family.value} (dialect {dialect.name}), {where}")
     line(f"number      {card.printed_number} (serial {card.card_id}, ASN {card.asn.hex().upper()})")
-    line(f"issuer      {card.issuer_id.hex().upper()}, city {card.city_code}")
+    line(
+        f"issuer      {card.issuer_id.hex().upper()}, city {card.city_code}; "
+        f"blacklisted by printed number as issuer {card.issuer_code or '-'}"
+    )
     line(f"valid       {card.start} .. {card.expiry}")
     extra = [f"card type {card.card_type}"] if card.card_type is not None else []
     if card.interop_flag is not None:

@@ -271,6 +271,10 @@ class Dialect:
     balance_scale: int = 1
     balance_offset: int = 0
     negative_purse_p1: int = 0
+    # The city code naming the issuer of the printed number (issue 15: a printed-number
+    # blacklist entry is issuer + number), for a dialect whose cards carry no reliable city
+    # code (Shenzhen Tong's EF15[2..3] is 0000); empty: the card's city code.
+    issuer_city: str = ""
     payment: bool = True  # False: read for a technician, refused at a tap (campus ED-only card)
 
     def display_balance(self, raw: int, negative: int = 0) -> int:
@@ -860,7 +864,7 @@ _DIALECT_KEYS = frozenset(
         "expiry_date_at",
         "city_at", "management", "purse", "number_at", "number_length", "number_encoding",
         "number_drop_digits", "number_check_digit", "number_file", "log_time", "trips",
-        "balance_scale", "balance_offset", "negative_purse_p1", "payment",
+        "balance_scale", "balance_offset", "negative_purse_p1", "payment", "issuer_city",
     }
 )  # fmt: skip
 MAX_INFO_LENGTH = 0xFF  # one short READ BINARY
@@ -994,6 +998,14 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
     payment = raw.get("payment", True)
     if not isinstance(payment, bool):
         raise r.fail(f"{at}.payment", "must be true or false", payment)
+    issuer_city = raw.get("issuer_city", "")
+    if issuer_city != "" and not (
+        isinstance(issuer_city, str)
+        and len(issuer_city) == 4
+        and issuer_city.isascii()
+        and issuer_city.isdigit()
+    ):
+        raise r.fail(f"{at}.issuer_city", "must be a 4-digit city code (e.g. 5180)", issuer_city)
     return replace(
         dialect,
         log_time=choice("log_time", TimeEncoding, TimeEncoding.BCD),
@@ -1004,6 +1016,7 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
             "negative_purse_p1", 0, 3, 1 if dialect.family is Family.TUNION else 0
         ),
         payment=payment,
+        issuer_city=issuer_city,
     )
 
 

@@ -37,11 +37,13 @@ import structlog
 from agent.blacklist import (
     KIND_DELTA,
     KIND_SNAPSHOT,
+    PRINTED_MAX_DIGITS,
     SPACE_PRINTED,
     Blacklist,
     CardBlacklist,
     encode_list,
     list_digest,
+    printed_key,
 )
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
@@ -193,8 +195,15 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
     for card in card_ids:
         by_card(card)
     card_lookup_us = (time.perf_counter() - started) / len(card_ids) * 1e6
-    # a CPU tap asks both key spaces: the serial list, then the printed-number list (issue 15)
-    printed_entries = sorted({rng.randrange(10**19) for _ in range(max(1, size // 10))})
+    # a CPU tap asks both key spaces: the serial list, then the printed-number list (issue 15),
+    # scoped by issuer: 20 cities' numbers of up to 14 digits, each city a bucket of its own
+    cities = [f"{1000 + 250 * i:04d}" for i in range(20)]
+    printed_pairs = {
+        (rng.choice(cities), str(rng.randrange(10**PRINTED_MAX_DIGITS)))
+        for _ in range(max(1, size // 10))
+    }
+    printed_entries = sorted(printed_key(c, n) for c, n in printed_pairs)
+    listed_pairs = sorted(printed_pairs)
     printed = Blacklist(root / f"printed-{size}.bin", auto_refresh_s=None, space=SPACE_PRINTED)
     printed.apply(
         encode_list(
@@ -212,14 +221,16 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
     )
     both = CardBlacklist(listed, printed)
     numbers = [
-        str(printed_entries[rng.randrange(len(printed_entries))] if i % 4 == 0 else n)
+        listed_pairs[rng.randrange(len(listed_pairs))]
+        if i % 4 == 0
+        else (cities[i % len(cities)], str(n % 10**PRINTED_MAX_DIGITS))
         for i, n in enumerate(probes[: len(card_ids)])
     ]
     started = time.perf_counter()
-    for card, number in zip(card_ids, numbers, strict=True):
-        both.contains(card) or both.contains_printed(number)
+    for card, (city, number) in zip(card_ids, numbers, strict=True):
+        both.contains(card) or both.contains_printed(city, number)
     tap_lookup_us = (time.perf_counter() - started) / len(card_ids) * 1e6
-    del printed, both, printed_entries
+    del printed, both, printed_entries, printed_pairs, listed_pairs
     packed_bytes = listed.memory_bytes()
     del listed
     host_list = set(entries)

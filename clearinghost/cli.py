@@ -27,8 +27,12 @@
     cardhost operator add|remove|list NAME --role viewer|operator --file operators.txt
     cardhost demo [--data-dir run/demo] [--role bus|fares|pos|kiosk] [--serve]   the whole
                                                       system against simulated cards
-    cardhost blacklist --host URL [--token-file F] [--printed] add|remove CARD...   (operator
-                     role; --printed: printed card numbers, e.g. 881146306)
+    cardhost blacklist --host URL [--token-file F] add|remove CARD...   serials (operator role)
+    cardhost blacklist --host URL --printed --issuer CITY|DIALECT add|remove NUMBER...
+                     printed card numbers of one issuer (--issuer 5180 or shenzhen-tong)
+    cardhost blacklist --host URL --printed list        the listed printed numbers (viewer)
+    cardhost blacklist --host URL --printed --unscoped remove NUMBER...   drop a printed
+                     number listed before issuer scoping (never published since)
     cardhost approve|reject ID --host URL [--token-file F]   a held blacklist change (another
                                                          operator than the one who asked)
     cardhost terminal --host URL [--token-file F] add ID [--kind K --site S] [--public-key HEX]
@@ -63,13 +67,13 @@ import httpx
 import structlog
 import uvicorn
 
-from agent.blacklist import asn_of, printed_key
+from agent.blacklist import asn_of, issuer_code, printed_entry, printed_key
 from agent.clihelp import err as _err
 from agent.clihelp import make_parser, run_command
 from agent.clihelp import out as _out
 from agent.errors import ConfigurationError
 from agent.logs import configure_logging
-from agent.profile import load_profile
+from agent.profile import Dialect, load_dialects, load_profile, standard_dialects
 from agent.sam.keys import KeySet
 from agent.terminal_id import check_terminal_id
 from agent.trust import root_payload
@@ -269,14 +273,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-file", type=Path, help=f"file holding the operator token (else {TOKEN_ENV})"
     )
-    p.add_argument("action", choices=("add", "remove"))
+    p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument(
         "--printed",
         action="store_true",
-        help="the cards are printed card numbers (decimal, as on the card: 881146306), "
-        "listed in the printed-number list, a key space of their own",
+        help="the cards are printed card numbers (decimal, as on the card: 881146306) of the "
+        "issuer --issuer names, listed in the printed-number list, a key space of its own",
     )
-    p.add_argument("cards", nargs="+", help="card ids (hex application serials) or ASNs")
+    p.add_argument(
+        "--issuer",
+        help="with --printed: the issuer of the numbers, a 4-digit city code (5180) or the "
+        "name of a dialect that names its issuer (shenzhen-tong); printed numbers are unique "
+        "only within their issuer",
+    )
+    p.add_argument(
+        "--unscoped",
+        action="store_true",
+        help="with --printed remove: numbers listed before issuer scoping (no issuer)",
+    )
+    p.add_argument(
+        "--dialects",
+        type=Path,
+        action="append",
+        help="dialect files whose issuer_city --issuer may name (default: the shipped "
+        "firmware_profiles/dialects/*.toml)",
+    )
+    p.add_argument("cards", nargs="*", help="card ids (hex application serials) or ASNs")
     p.set_defaults(func=cmd_blacklist)
 
     p = sub.add_parser("terminal", help="add, list or rotate the key of terminals (admin API)")
@@ -544,18 +566,73 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+SHIPPED_DIALECTS = Path(__file__).resolve().parent.parent / "firmware_profiles" / "dialects"
+
+
+def resolve_issuer(issuer: str, dialect_files: Sequence[Path] | None = None) -> str:
+    """The city code ``--issuer`` names: a 4-digit city code as it is, or the ``issuer_city``
+    of the dialect of that name (in ``dialect_files``, default the shipped ones). Raises
+    ConfigurationError saying what is known for anything else."""
+    text = issuer.strip()
+    if text.isascii() and text.isdigit():
+        try:
+            return issuer_code(text)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+    files = list(dialect_files) if dialect_files else sorted(SHIPPED_DIALECTS.glob("*.toml"))
+    dialects: list[Dialect] = list(standard_dialects())
+    for path in files:
+        dialects.extend(load_dialects(path))
+    named = {d.name: d.issuer_city for d in dialects if d.issuer_city}
+    if text in named:
+        return named[text]
+    if any(d.name == text for d in dialects):
+        raise ConfigurationError(
+            f"issuer {issuer!r}: that dialect names no issuer_city, its cards give their own "
+            "city code (cardagent card read shows it): give that 4-digit code"
+        )
+    known = ", ".join(f"{n} ({c})" for n, c in sorted(named.items())) or "none"
+    raise ConfigurationError(
+        f"unknown issuer {issuer!r}: give a 4-digit city code or a dialect that names its "
+        f"issuer ({known})"
+    )
+
+
 def cmd_blacklist(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return _list_printed(args)
+    if not args.cards:
+        raise ConfigurationError(f"cardhost blacklist {args.action} needs at least one card")
+    if (args.issuer or args.unscoped) and not args.printed:
+        raise ConfigurationError("--issuer and --unscoped go with --printed")
     adding = args.action == "add"
-    body: dict[str, list[str]] = {"add": [], "remove": []}
-    if args.printed:
-        numbers = []
+    body: dict[str, list[Any]] = {"add": [], "remove": []}
+    if args.printed and args.unscoped:
+        if adding or args.issuer:
+            raise ConfigurationError(
+                "--unscoped only removes numbers listed before issuer scoping; a number is "
+                "added with --issuer"
+            )
+        for card in args.cards:
+            if not (card.isascii() and card.isdigit() and len(card) <= 19):
+                raise ConfigurationError(f"printed card number {card!r} is not 1 to 19 digits")
+        body["printed_remove_unscoped"] = list(args.cards)
+    elif args.printed:
+        if not args.issuer:
+            raise ConfigurationError(
+                "--printed needs --issuer (a 4-digit city code such as 5180, or a dialect name "
+                "such as shenzhen-tong): printed numbers are unique only within their issuer"
+            )
+        code = resolve_issuer(args.issuer, args.dialects)
+        entries = []
         for card in args.cards:
             try:
-                numbers.append(str(printed_key(card)))
+                issuer, number = printed_entry(printed_key(code, card))
             except ValueError as exc:
                 _err(f"cardhost: {exc}")
                 return 2
-        body["printed_add" if adding else "printed_remove"] = numbers
+            entries.append({"issuer": issuer, "number": number})
+        body["printed_add" if adding else "printed_remove"] = entries
     else:
         body["add" if adding else "remove"] = [f"{asn_of(card):016X}" for card in args.cards]
     response = _admin_call(args, "POST", "/v1/admin/blacklist", body)
@@ -569,6 +646,31 @@ def cmd_blacklist(args: argparse.Namespace) -> int:
             f"`cardhost approve {change} --host {args.host}` (or reject it)"
         )
     return 0 if response.status_code in (200, 202) else 2
+
+
+def _list_printed(args: argparse.Namespace) -> int:
+    """``cardhost blacklist --printed list``: one line per entry, issuer then number."""
+    if not args.printed:
+        raise ConfigurationError("cardhost blacklist list shows the printed-number list: --printed")
+    response = _admin_call(args, "GET", "/v1/admin/blacklist/printed", None)
+    if response is None:
+        return 2
+    if response.status_code != 200:
+        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+        return 2
+    listing = response.json()
+    _out(f"# version {listing['version']}: issuer\tprinted number")
+    for entry in listing["printed"]:
+        _out(f"{entry['issuer']}\t{entry['number']}")
+    for number in listing["unscoped"]:
+        _out(f"unscoped\t{number}")
+    if listing["unscoped"]:
+        _err(
+            f"cardhost: {len(listing['unscoped'])} printed numbers were listed before issuer "
+            "scoping and are published to no terminal: list each again with --issuer, then "
+            "drop the old entry with --printed --unscoped remove"
+        )
+    return 0
 
 
 def cmd_decide(args: argparse.Namespace) -> int:

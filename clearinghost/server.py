@@ -949,20 +949,54 @@ def query_number(request: Request, name: str, default: int) -> int:
 
 
 def parse_printed(payload: dict[str, Any], name: str) -> list[int]:
-    """``printed_add``/``printed_remove`` of a blacklist publication: printed card numbers,
-    1 to 19 decimal digits each (:func:`agent.blacklist.printed_key`)."""
+    """``printed_add``/``printed_remove`` of a blacklist publication: printed card numbers of
+    one issuer each, ``{"issuer": "5180", "number": "881146306"}`` (a 4-digit city code and 1
+    to 14 decimal digits, :func:`agent.blacklist.printed_key`). A bare number is refused:
+    printed numbers are unique only within their issuer (issue 15)."""
     values = payload.get(name, [])
     if not isinstance(values, list):
         raise Refusal(400, "bad_request", f"{name} must be a list of printed card numbers")
     keys = []
-    for value in values:
+    for i, value in enumerate(values):
         try:
-            if not isinstance(value, str):
-                raise ValueError(f"{str(value)[:40]!r} is not a string")
-            keys.append(printed_key(value))
+            if isinstance(value, str):
+                raise ValueError(
+                    f"{value[:40]!r} names no issuer (a printed number is unique only within "
+                    'its issuer): send {"issuer": "5180", "number": "881146306"}'
+                )
+            if (
+                not isinstance(value, dict)
+                or not isinstance(value.get("issuer"), str)
+                or not isinstance(value.get("number"), str)
+                or set(value) != {"issuer", "number"}
+            ):
+                raise ValueError(
+                    f"{str(value)[:60]} is not {{'issuer': CITY CODE, 'number': DIGITS}}"
+                )
+            keys.append(printed_key(value["issuer"], value["number"]))
         except ValueError as exc:
-            raise Refusal(400, "bad_printed_number", f"{name}: {exc}") from None
+            raise Refusal(400, "bad_printed_number", f"{name}[{i}]: {exc}") from None
     return keys
+
+
+def parse_unscoped(payload: dict[str, Any], name: str) -> list[int]:
+    """``printed_remove_unscoped``: printed numbers listed before issuer scoping (``p:NUMBER``
+    rows, never published since) to remove, 1 to 19 decimal digits each."""
+    values = payload.get(name, [])
+    if not isinstance(values, list):
+        raise Refusal(400, "bad_request", f"{name} must be a list of printed card numbers")
+    numbers = []
+    for i, value in enumerate(values):
+        if not (
+            isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19
+        ):
+            raise Refusal(
+                400,
+                "bad_printed_number",
+                f"{name}[{i}]: {str(value)[:40]!r} is not 1 to 19 decimal digits",
+            )
+        numbers.append(int(value))
+    return numbers
 
 
 def parse_asns(payload: dict[str, Any], name: str) -> list[int]:
@@ -1167,7 +1201,12 @@ def create_app(host: ClearingHost) -> Starlette:
         add, remove = parse_asns(payload, "add"), parse_asns(payload, "remove")
         printed_add = parse_printed(payload, "printed_add")
         printed_remove = parse_printed(payload, "printed_remove")
-        entries = len(set(add) | set(remove)) + len(set(printed_add) | set(printed_remove))
+        unscoped_remove = parse_unscoped(payload, "printed_remove_unscoped")
+        entries = (
+            len(set(add) | set(remove))
+            + len(set(printed_add) | set(printed_remove))
+            + len(set(unscoped_remove))
+        )
         if entries > host.approval_threshold:
             by = operator_name(request)
             change = await run_in_threadpool(
@@ -1178,6 +1217,7 @@ def create_app(host: ClearingHost) -> Starlette:
                     by,
                     printed_add=printed_add,
                     printed_remove=printed_remove,
+                    unscoped_remove=unscoped_remove,
                 )
             )
             detail = (
@@ -1196,9 +1236,25 @@ def create_app(host: ClearingHost) -> Starlette:
                 },
             )
         version = await run_in_threadpool(
-            host.storage.publish_blacklist, add, remove, printed_add, printed_remove
+            host.storage.publish_blacklist,
+            add,
+            remove,
+            printed_add,
+            printed_remove,
+            unscoped_remove,
         )
         return _json(200, {"version": version})
+
+    async def printed_entries(request: Request) -> Response:
+        version, scoped, unscoped = await run_in_threadpool(host.storage.printed_blacklist_entries)
+        return _json(
+            200,
+            {
+                "version": version,
+                "printed": [{"issuer": i, "number": n} for i, n in scoped],
+                "unscoped": unscoped,
+            },
+        )
 
     async def pending_blacklist(request: Request) -> Response:
         changes = await run_in_threadpool(host.storage.pending_changes, "pending")
@@ -1307,6 +1363,7 @@ def create_app(host: ClearingHost) -> Starlette:
         Route(f"{v1}/root", guarded(root)),
         Route(f"{v1}/anomalies", authorised(VIEWER, anomalies)),
         Route(f"{v1}/admin/blacklist", authorised(OPERATOR, publish_blacklist), methods=["POST"]),
+        Route(f"{v1}/admin/blacklist/printed", authorised(VIEWER, printed_entries)),
         Route(f"{v1}/admin/params", authorised(OPERATOR, publish_params), methods=["POST"]),
         Route(f"{v1}/admin/terminals", authorised(VIEWER, terminal_entries), methods=["GET"]),
         Route(f"{v1}/admin/terminals", authorised(OPERATOR, add_terminal), methods=["POST"]),
@@ -1636,12 +1693,13 @@ class HostServer:
 def blacklist_publish_body(
     add: list[str],
     remove: list[str],
-    printed_add: list[str] | None = None,
-    printed_remove: list[str] | None = None,
+    printed_add: list[dict[str, str]] | None = None,
+    printed_remove: list[dict[str, str]] | None = None,
 ) -> bytes:
-    """Body of ``POST /v1/admin/blacklist`` (used by the CLI): hex serials in ``add`` /
-    ``remove``, printed card numbers in ``printed_add`` / ``printed_remove``."""
-    body: dict[str, list[str]] = {"add": add, "remove": remove}
+    """Body of ``POST /v1/admin/blacklist``: hex serials in ``add`` / ``remove``, printed card
+    numbers of one issuer each (``{"issuer": "5180", "number": "881146306"}``) in
+    ``printed_add`` / ``printed_remove``."""
+    body: dict[str, list[Any]] = {"add": add, "remove": remove}
     if printed_add or printed_remove:
         body["printed_add"] = printed_add or []
         body["printed_remove"] = printed_remove or []

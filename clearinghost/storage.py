@@ -22,8 +22,10 @@ Tables::
                      first occurrence stays in ``anomalies``
     pending_changes  id PK, kind 'blacklist', payload (JSON), requested_by, requested_at,
                      state 'pending' | 'approved' | 'rejected', decided_by, decided_at, version
-    blacklist_current  asn PK (16 hex digits: a raw serial; ``p:`` + decimal digits: a printed
-                     card number, the other key space of agent.blacklist), added_version
+    blacklist_current  asn PK (16 hex digits: a raw serial; ``p:ISSUER:NUMBER``, e.g.
+                     ``p:5180:881146306``: a printed card number of one issuer, the other key
+                     space of agent.blacklist; ``p:NUMBER``: an unscoped printed number listed
+                     before issuer scoping, kept but never published), added_version
     blacklist_changes  (version, asn) PK, op 'add' | 'remove'; one version chain for both
                      spaces, each space published as its own signed list
     params           version PK, payload (JSON)
@@ -82,7 +84,7 @@ from typing import Any, ClassVar, Protocol
 import psycopg
 import structlog
 
-from agent.blacklist import PRINTED_MAX_DIGITS, SPACE_PRINTED, SPACE_SERIAL
+from agent.blacklist import SPACE_PRINTED, SPACE_SERIAL, printed_entry, printed_key
 from agent.kiosk import bill_of_order
 from agent.merchant import MERCHANT_ID_FIELD
 from agent.offline_store.records import (
@@ -932,13 +934,18 @@ class Storage:
         remove: Sequence[int],
         printed_add: Sequence[int] = (),
         printed_remove: Sequence[int] = (),
+        unscoped_remove: Sequence[int] = (),
     ) -> int:
         """One new version with these changes (no-op entries are dropped); returns it.
-        ``printed_*`` are printed card numbers (:func:`agent.blacklist.printed_key` values)."""
+        ``printed_*`` are printed card numbers of one issuer each
+        (:func:`agent.blacklist.printed_key` values); ``unscoped_remove`` removes printed
+        numbers listed before issuer scoping (never published since)."""
         with self._lock, self._transaction() as tx:
             self._serialise(tx, "blacklist")
             version = self._apply_blacklist(
-                tx, _keys(add, printed_add), _keys(remove, printed_remove)
+                tx,
+                _keys(add, printed_add),
+                _keys(remove, printed_remove) + [_unscoped_text(n) for n in unscoped_remove],
             )
         log.info(
             "blacklist published",
@@ -957,6 +964,7 @@ class Storage:
         by: str,
         printed_add: Sequence[int] = (),
         printed_remove: Sequence[int] = (),
+        unscoped_remove: Sequence[int] = (),
     ) -> int:
         """Hold a blacklist change for a second operator's approval; returns its id."""
         change: dict[str, list[str]] = {
@@ -966,7 +974,11 @@ class Storage:
         if printed_add or printed_remove:
             change["printed_add"] = [_printed_text(p) for p in printed_add]
             change["printed_remove"] = [_printed_text(p) for p in printed_remove]
-        entries = len(add) + len(remove) + len(printed_add) + len(printed_remove)
+        if unscoped_remove:
+            change["printed_remove_unscoped"] = [_unscoped_text(n) for n in unscoped_remove]
+        entries = (
+            len(add) + len(remove) + len(printed_add) + len(printed_remove) + len(unscoped_remove)
+        )
         with self._lock, self._transaction() as tx:
             row = tx.one(
                 "INSERT INTO pending_changes (kind, payload, entries, requested_by, requested_at, "
@@ -1034,7 +1046,8 @@ class Storage:
                     tx,
                     change["add"] + [PRINTED_PREFIX + p for p in change.get("printed_add", [])],
                     change["remove"]
-                    + [PRINTED_PREFIX + p for p in change.get("printed_remove", [])],
+                    + [PRINTED_PREFIX + p for p in change.get("printed_remove", [])]
+                    + change.get("printed_remove_unscoped", []),
                 )
             tx.run(
                 "UPDATE pending_changes SET state = ?, decided_by = ?, decided_at = ?, version = ? "
@@ -1068,6 +1081,25 @@ class Storage:
                 )
         self._set_meta(tx, "blacklist_version", str(version))
         return version
+
+    def printed_blacklist_entries(self) -> tuple[int, list[tuple[str, str]], list[str]]:
+        """The current version, the listed printed numbers as (issuer code, number), and the
+        unscoped printed numbers listed before issuer scoping (kept, never published)."""
+        with self._transaction() as tx:
+            version = self._meta_int(tx, "blacklist_version")
+            rows = tx.all(
+                "SELECT asn FROM blacklist_current WHERE asn LIKE ? ORDER BY asn",
+                (PRINTED_PREFIX + "%",),
+            )
+        scoped: list[tuple[str, str]] = []
+        unscoped: list[str] = []
+        for (text,) in rows:
+            key = _key_of(str(text), SPACE_PRINTED)
+            if key is None:
+                unscoped.append(str(text)[len(PRINTED_PREFIX) :])
+            else:
+                scoped.append(printed_entry(key))
+        return version, sorted(scoped), unscoped
 
     def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
         """The current version and the keys of one space (raw serials or printed numbers)."""
@@ -1592,10 +1624,17 @@ def _day_record(row: Row) -> DayRecord:
 PRINTED_PREFIX = "p:"  # a stored printed-number key: never 16 hex digits, so never a serial's
 
 
-def _printed_text(number: int) -> str:
-    if not 0 <= number < 10**PRINTED_MAX_DIGITS:
-        raise ValueError(f"printed number {number} has more than {PRINTED_MAX_DIGITS} digits")
-    return str(number)
+def _printed_text(key: int) -> str:
+    """The stored text of a printed key (after ``p:``): ``ISSUER:NUMBER``."""
+    issuer, number = printed_entry(key)
+    return f"{issuer}:{number}"
+
+
+def _unscoped_text(number: int) -> str:
+    """The stored key of a printed number listed before issuer scoping: ``p:NUMBER``."""
+    if not 0 <= number < 10**19:
+        raise ValueError(f"unscoped printed number {number} has more than 19 digits")
+    return f"{PRINTED_PREFIX}{number}"
 
 
 def _keys(serials: Sequence[int], printed: Sequence[int]) -> list[str]:
@@ -1604,9 +1643,14 @@ def _keys(serials: Sequence[int], printed: Sequence[int]) -> list[str]:
 
 
 def _key_of(text: str, space: str) -> int | None:
-    """The list key of a stored key in ``space``; ``None`` if it belongs to the other one."""
+    """The list key of a stored key in ``space``; ``None`` if it belongs to the other one, or
+    is an unscoped printed number (``p:NUMBER``, listed before issuer scoping: it names no
+    issuer, so no issuer-scoped list can carry it)."""
     if text.startswith(PRINTED_PREFIX):
-        return int(text[len(PRINTED_PREFIX) :]) if space == SPACE_PRINTED else None
+        issuer, scoped, number = text[len(PRINTED_PREFIX) :].partition(":")
+        if space != SPACE_PRINTED or not scoped:
+            return None
+        return printed_key(issuer, number)
     return int(text, 16) if space == SPACE_SERIAL else None
 
 

@@ -13,8 +13,9 @@ Jobs
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
                revocation of the signing keys, accepted only if the root in force signed it),
                then a delta (or snapshot), and applies it atomically (``agent.blacklist``).
-    printed_blacklist  the same for the printed-number list (a key space of its own, its own
-               file); a separate job, so its failures never delay the serial list.
+    printed_blacklist  the same for the printed-number list (a key space of its own, scoped by
+               issuer, its own file); a separate job, so its failures never delay the serial
+               list (an old host's unscoped CBLPRN03 list is refused there, by name).
     params     the same root pull, then the signed parameter set. On start the daemon pins
                its ``--host-public-key`` (root keys, ``--root-threshold``) for the agent in
                ``root.json`` with the accepted statements, and ``host-key.pub`` (the agent
@@ -71,6 +72,7 @@ from agent.blacklist import (
     PRINTED_BLACKLIST_FILE,
     SPACE_PRINTED,
     SPACE_SERIAL,
+    UNSCOPED_PRINTED_FILE,
     ApplyResult,
     Blacklist,
     BlacklistBaseMismatch,
@@ -774,6 +776,14 @@ def open_daemon(data_dir: Path, settings: SyncSettings, **options: Any) -> SyncD
         device_key = DeviceKey.load(data_dir / DEVICE_KEY_FILE)
         blacklist = _open_list(data_dir / BLACKLIST_FILE, SPACE_SERIAL)
         printed = _open_list(data_dir / PRINTED_BLACKLIST_FILE, SPACE_PRINTED)
+        if (data_dir / UNSCOPED_PRINTED_FILE).exists():
+            # issue 15: its keys name no issuer; the issuer-scoped list is pulled anew
+            log.warning(
+                "unscoped_printed_list_ignored",
+                path=str(data_dir / UNSCOPED_PRINTED_FILE),
+                detail="a printed-number list from before issuer scoping is never read; the "
+                f"issuer-scoped list is pulled into {PRINTED_BLACKLIST_FILE}",
+            )
         pinned = pinned_root(
             settings.root_keys or (settings.host_public_key,), settings.root_threshold
         )

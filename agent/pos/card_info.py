@@ -64,9 +64,13 @@ def read_card(
         elif (
             blacklist is not None
             and isinstance(blacklist, PrintedLookup)
-            and blacklist.contains_printed(card.printed_number)
+            and blacklist.contains_printed(card.issuer_code, card.printed_number)
         ):
-            status, reason = "blacklisted", "printed number on the blacklist in force"
+            status, reason = (
+                "blacklisted",
+                f"printed number {card.printed_number} of issuer {card.issuer_code} on the "
+                "blacklist in force",
+            )
         else:
             try:
                 cpu_purse.qualify(card, profile, today)
@@ -77,6 +81,7 @@ def read_card(
             "technology": "cpu",
             "card_id": card.card_id,
             "printed_number": card.printed_number,
+            "issuer_code": card.issuer_code,
             "product": card.family.value,
             "balance": card.balance,
             "valid_from": card.start.isoformat(),

@@ -80,6 +80,9 @@ class CpuCard:
     dialect: str = ""
     purse: int = 0x02  # GET BALANCE / INITIALIZE P2: 02 EP, 01 ED
     payment: bool = True  # the dialect's ``payment``: False refuses the tap (a campus card)
+    # the issuer the printed number belongs to (issue 15: printed numbers are unique only
+    # within their issuer): the dialect's ``issuer_city``, else ``city_code``
+    issuer_code: str = ""
 
     @property
     def asn(self) -> bytes:
@@ -448,6 +451,7 @@ def parse_card(
         dialect=dialect.name,
         purse=dialect.purse,
         payment=dialect.payment,
+        issuer_code=dialect.issuer_city or city,
     )
 
 

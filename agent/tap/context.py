@@ -45,10 +45,10 @@ class BlacklistLookup(Protocol):
 
 @runtime_checkable
 class PrintedLookup(Protocol):
-    """A blacklist that also lists printed card numbers, in a key space of their own
-    (:class:`agent.blacklist.CardBlacklist`)."""
+    """A blacklist that also lists printed card numbers, in a key space of their own and
+    scoped by issuer (:class:`agent.blacklist.CardBlacklist`)."""
 
-    def contains_printed(self, number: str) -> bool: ...
+    def contains_printed(self, issuer: str, number: str) -> bool: ...
 
 
 @runtime_checkable
@@ -121,10 +121,17 @@ class TapContext:
             raise TapRefused("sam_unavailable", str(exc)) from exc
 
     def blacklisted(
-        self, card_id: str, *, issuer: str = "", city: str = "", printed_number: str = ""
+        self,
+        card_id: str,
+        *,
+        issuer: str = "",
+        city: str = "",
+        printed_number: str = "",
+        printed_issuer: str = "",
     ) -> bool:
         """True if the card is listed (the handler locks it): by its serial ``card_id``, or by
-        its ``printed_number`` in the printed-number list. A card not listed while the
+        its ``printed_number`` in the printed-number list, among the entries of its own issuer
+        ``printed_issuer`` (``CpuCard.issuer_code``) only. A card not listed while the
         list has expired meets the profile's ``[blacklist] expired_policy``: kept with an
         alarm, or refused ``blacklist_expired`` (all cards, or those of the listed issuers)."""
         if self.blacklist is None:
@@ -134,9 +141,14 @@ class TapContext:
         if (
             printed_number
             and isinstance(self.blacklist, PrintedLookup)
-            and self.blacklist.contains_printed(printed_number)
+            and self.blacklist.contains_printed(printed_issuer, printed_number)
         ):
-            log.info("blacklisted_by_printed_number", card_id=card_id, printed=printed_number)
+            log.info(
+                "blacklisted_by_printed_number",
+                card_id=card_id,
+                issuer=printed_issuer,
+                printed=printed_number,
+            )
             return True
         listed = self.blacklist
         if not isinstance(listed, ExpiringList) or not listed.is_expired(self.now.timestamp()):

@@ -103,6 +103,7 @@ class CpuHandler:
             issuer=card.issuer_id.hex().upper(),
             city=card.city_code,
             printed_number=card.printed_number,
+            printed_issuer=card.issuer_code,
         ):
             with ctx.phase("lock"):
                 self._lock(ctx, card_io, sam, card)
