@@ -91,10 +91,17 @@ from clearinghost.clearing import (
     screen_signed,
     seal_checker,
 )
+from clearinghost.fare_refunds import (
+    FARE_SOURCE,
+    REFUND_FIELD,
+    FareCredit,
+    FareCreditError,
+    refund_credit,
+)
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
-from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure
+from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure, PendingLoad
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
 from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
@@ -266,6 +273,16 @@ class UploadGate:
             "admitted": self.admitted,
             "refused": self.refused,
         }
+
+
+def _acts_on_loads(record: Record | RecordLine) -> bool:
+    """Whether a stored record may change the load authority's state (loads, pending loads)."""
+    fields = record.fields
+    return (
+        (record.kind in ("load", "unresolved") and "load_key" in fields)
+        or (record.kind == "refund_request" and fields.get("credit") == "host")
+        or (record.kind == "purchase" and fields.get(REFUND_FIELD) is not None)
+    )
 
 
 @dataclass
@@ -534,12 +551,32 @@ class ClearingHost:
     ) -> None:
         """What stored records tell the load authority (idempotent, so a replayed batch is
         harmless): a kiosk's ``load`` record completes its load (the card's TAC), an
-        ``unresolved`` load record shows it unknown, and a POS ``refund_request`` (a host-side
-        credit) becomes a pending load for that card, loadable once at any kiosk."""
+        ``unresolved`` load record shows it unknown, a POS ``refund_request`` (a host-side
+        credit) becomes a pending load for that card, loadable once at any kiosk, and so does a
+        purchase record's ``fare_refund_due`` (:mod:`clearinghost.fare_refunds`).
+
+        Only a record the host holds acts: same seq, kind and hash as the stored slot. A record
+        that conflicts with the slot at its seq (the batch is refused there, 409), anything
+        after a refusal and a quarantined slot act on nothing."""
         loads = self.loads
         assert loads is not None
-        for record in accepted:
-            if isinstance(record, QuarantineNotice) or record.seq > ack_seq:
+        wanted = [
+            r
+            for r in accepted
+            if not isinstance(r, QuarantineNotice) and r.seq <= ack_seq and _acts_on_loads(r)
+        ]
+        if not wanted:
+            return
+        held = self.storage.held_slots(terminal_id, [r.seq for r in wanted])
+        for record in wanted:
+            if held.get(record.seq) != (record.kind, record.hash):
+                log.warning(
+                    "record not applied to loads: the host holds another slot at its seq",
+                    terminal_id=terminal_id,
+                    seq=record.seq,
+                    kind=record.kind,
+                    held_kind=held.get(record.seq, ("none", ""))[0],
+                )
                 continue
             try:
                 if record.kind in ("load", "unresolved") and "load_key" in record.fields:
@@ -553,7 +590,13 @@ class ClearingHost:
                         reference=str(record.fields.get("refund_id", ""))[:200],
                         pending_id=f"refund-{terminal_id}-{record.seq}",
                     )
-            except (LoadRefused, LoadStoreFailure) as exc:
+                else:
+                    fare = refund_credit(
+                        terminal_id, record.seq, record.kind, record.card_id, record.fields
+                    )
+                    if fare is not None:
+                        self._credit_fare(loads, fare, f"terminal {terminal_id}")
+            except (LoadRefused, LoadStoreFailure, FareCreditError) as exc:
                 # the record is stored; the operator sees the refusal (anomaly-free: logged)
                 log.error(
                     "record not applied to loads",
@@ -562,6 +605,18 @@ class ClearingHost:
                     kind=record.kind,
                     error=str(exc),
                 )
+
+    @staticmethod
+    def _credit_fare(loads: LoadAuthority, fare: FareCredit, by: str) -> PendingLoad:
+        """One pending load per fare record (its id is the record's: idempotent)."""
+        return loads.credit(
+            fare.asn,
+            fare.amount,
+            FARE_SOURCE,
+            by,
+            reference=fare.reference[:200],
+            pending_id=fare.pending_id,
+        )
 
     def upload(
         self,

@@ -802,6 +802,21 @@ class Storage:
             )
         return [json.loads(r[0]) for r in rows]
 
+    def held_slots(self, terminal_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """``seq -> (kind, hash)`` of the slots the host holds among ``seqs`` (a quarantined
+        slot's kind is ``quarantined``): what an uploaded record must match to act on anything
+        beyond the records table (pending loads: clearinghost.server._reconcile_loads)."""
+        if not seqs:
+            return {}
+        wanted = set(seqs)
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT seq, kind, hash FROM records WHERE terminal_id = ? AND seq >= ? "
+                "AND seq <= ?",
+                (terminal_id, min(wanted), max(wanted)),
+            )
+        return {int(q): (str(k), str(h)) for q, k, h in rows if int(q) in wanted}
+
     def record_keys(self, terminal_id: str) -> list[tuple[int, str]]:
         """Every ``(seq, hash)`` stored for a terminal (tests, reconciliation)."""
         with self._transaction() as tx:
