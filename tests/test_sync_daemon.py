@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from structlog.testing import capture_logs
 from agent.blacklist import BLACKLIST_FILE, Blacklist
 from agent.errors import StoreError
 from agent.offline_store import RecordBody
+from agent.offline_store.records import FieldValue
+from agent.products.fare_policy import month_start, parse_fare_policy
 from agent.sam.keys import KeySet
 from agent.wiring import TERMINAL_FILE
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
@@ -434,6 +437,45 @@ def test_pulling_the_params_in_force_again_is_quiet_an_older_version_is_refused(
         assert daemon.params.version == 2
         daemon.close()
     old_storage.close()
+    terminal.store.close()
+
+
+def _stamped(at: dt.datetime) -> tuple[dt.datetime, dict[str, FieldValue]]:
+    return at, {}
+
+
+def test_compaction_keeps_the_records_a_monthly_cap_counts(
+    tmp_path: Path, host_key: HostKey
+) -> None:
+    """The monthly cap's accumulator is the terminal's own records of the month
+    (agent.products.fare_policy): while such a policy is in force the daemon compacts only what
+    is older than the month's start in the city's time zone, whatever ``compact_after_s``."""
+    terminal = Terminal.provision(tmp_path, "T-CAP")
+    storage = SqliteStorage(tmp_path / "host.db")
+    host = make_host(storage, host_key)
+    policy = {"mode": "flat", "flat_fare": 200, "max_fare": 200, "monthly_cap": 5000}
+    storage.publish_params({"fare_policy": policy, "effective_from": 0})
+    now = dt.datetime.now(dt.UTC)
+    begun = month_start(parse_fare_policy(policy), now)
+    stamps = [now - dt.timedelta(days=40), begun - dt.timedelta(seconds=1), begun, now]
+    for at in stamps:
+        terminal.store.set_stamp(partial(_stamped, at))
+        terminal.tap()
+    with HostServer(create_app(host)) as server:
+        daemon = daemon_for(terminal, fast_settings(server.url, host_key, compact_after_s=0.0))
+        assert daemon.pull_params() is not None
+        daemon.upload_pending()
+        assert terminal.store.acknowledged_seq() == 4
+        assert [r.seq for r in terminal.store.records()] == [3, 4]  # this month's, kept
+        # a set without the cap: the same setting compacts every acknowledged record
+        uncapped = {k: v for k, v in policy.items() if k != "monthly_cap"}
+        storage.publish_params({"fare_policy": uncapped, "effective_from": 0})
+        assert daemon.pull_params() is not None
+        terminal.tap()
+        daemon.upload_pending()
+        assert terminal.store.acknowledged_seq() == 5 and terminal.store.count_records() == 0
+        daemon.close()
+    storage.close()
     terminal.store.close()
 
 
