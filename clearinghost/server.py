@@ -79,7 +79,12 @@ from agent.offline_store.device_key import (
 )
 from agent.offline_store.records import QuarantineNotice, Record, canonical_json
 from agent.params import MAX_PARAMS_FILE_BYTES
-from agent.products.fare_policy import publication_problem
+from agent.products.fare_policy import (
+    MAX_FEN,
+    FarePolicyError,
+    parse_fare_policy,
+    publication_problem,
+)
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import (
     Finding,
@@ -96,8 +101,10 @@ from clearinghost.fare_refunds import (
     REFUND_FIELD,
     FareCredit,
     FareCreditError,
+    correction_credit,
     refund_credit,
 )
+from clearinghost.fare_refunds import pending_id as fare_pending_id
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
@@ -605,6 +612,89 @@ class ClearingHost:
                     kind=record.kind,
                     error=str(exc),
                 )
+
+    def correct_unfinished_trip(
+        self, terminal_id: str, seq: int, amount: int, by: str, reason: str
+    ) -> PendingLoad:
+        """The host's later correction of an unfinished trip (issue 13: the policy's
+        ``unfinished: "host"``): ``amount`` fen back to the card of the record the host holds
+        at ``terminal_id`` / ``seq``, as one pending load whose id is the record's
+        (:mod:`clearinghost.fare_refunds`): the same correction again is the same pending load,
+        another amount for the same record is refused ``pending_exists``. Raises
+        :class:`LoadRefused` (``unknown_record``, ``not_correctable``, ``loads_disabled``)."""
+        loads = self.loads
+        if loads is None:
+            raise LoadRefused("loads_disabled", "this host does not keep pending loads")
+        found = self.storage.records(terminal_id, after=seq - 1, limit=1)
+        body = found[0] if found and found[0].get("seq") == seq else None
+        if body is None or "notice" in body:  # none, or a quarantined slot: no record to trust
+            raise LoadRefused(
+                "unknown_record", f"the host holds no record {seq} of terminal {terminal_id!r}"
+            )
+        fields = body.get("fields")
+        try:
+            credit = correction_credit(
+                terminal_id,
+                seq,
+                str(body.get("kind")),
+                str(body.get("card_id")),
+                fields if isinstance(fields, dict) else {},
+                amount,
+                self._max_fare(),
+                reason,
+            )
+        except FareCreditError as exc:
+            raise LoadRefused("not_correctable", str(exc)) from None
+        pending = self._credit_fare(loads, credit, f"operator {by}")
+        log.info(
+            "unfinished trip corrected",
+            terminal_id=terminal_id,
+            seq=seq,
+            amount=amount,
+            by=by,
+            pending_id=pending.id,
+        )
+        return pending
+
+    def unfinished_trips(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Records left to the host's correction (``fare_unfinished: "host"``), newest first,
+        each with the pending load that corrected it (``corrected``: its id, or ``None``)."""
+        loads = self.loads
+        done = (
+            {p.id for p in loads.pending_loads(open_only=False) if p.source == FARE_SOURCE}
+            if loads is not None
+            else set()
+        )
+        listed = []
+        for terminal_id, seq, body in self.storage.unfinished_for_host(limit):
+            fields = body.get("fields", {})
+            ident = fare_pending_id(terminal_id, seq)
+            listed.append(
+                {
+                    "terminal_id": terminal_id,
+                    "seq": seq,
+                    "card_id": body.get("card_id"),
+                    "created_at": body.get("created_at"),
+                    "amount": body.get("amount"),
+                    "fare_kind": fields.get("fare_kind"),
+                    "fare_line": fields.get("fare_line"),
+                    "fare_stop": fields.get("fare_stop"),
+                    "corrected": ident if ident in done else None,
+                }
+            )
+        return listed
+
+    def _max_fare(self) -> int:
+        """The ``max_fare`` of the newest published fare policy (no trip took more), else the
+        largest amount any fare policy allows."""
+        latest = self.storage.latest_params()
+        raw = None if latest is None else latest.get("fare_policy")
+        if raw is None:
+            return MAX_FEN
+        try:
+            return parse_fare_policy(raw).max_fare
+        except FarePolicyError:
+            return MAX_FEN
 
     @staticmethod
     def _credit_fare(loads: LoadAuthority, fare: FareCredit, by: str) -> PendingLoad:

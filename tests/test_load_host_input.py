@@ -985,3 +985,73 @@ def test_two_workers_storing_one_fare_refund_at_once_make_one_pending_load(
         assert pending.amount == 100 + n and pending.id == f"fare-{KIOSK}-{n + 1}"
         assert b.loads.pending_loads(asn, open_only=False) == [pending]
     assert len(b.loads.pending_loads()) == ROUNDS
+
+
+def test_an_unfinished_trip_left_to_the_host_is_corrected_once_by_an_operator(
+    stack: Stack,
+) -> None:
+    """The policy's ``unfinished: "host"`` rule debits nothing more at the terminal and records
+    the trip as the host's to correct; the host lists such records, and an operator's
+    correction makes one pending load per record (the same again: the same one; another
+    amount: refused), which the card then loads at a kiosk. Other records cannot be
+    "corrected"; a correction above the fare policy's max_fare is refused."""
+    stack.host.storage.publish_params(
+        {"fare_policy": {"mode": "flat", "flat_fare": 200, "max_fare": 400}}
+    )
+    card = stack.card(44)
+    asn = card.asn.hex().upper()
+    plain = stack.store.append_record(RecordBody("purchase", asn, 200, {"product": "cpu"}))
+    refunded = stack.store.append_record(RecordBody("purchase", asn, 0, _fare_fields(100)))
+    unfinished = stack.store.append_record(
+        RecordBody(
+            "purchase",
+            asn,
+            400,
+            _fare_fields(None, fare_kind="unfinished_then_entry", fare_unfinished="host"),
+        )
+    )
+    assert _upload(stack, list(stack.store.records())).status_code == 200
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    viewer = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    path = stack.url + "/v1/admin/loads/fare-corrections"
+
+    listed = httpx.get(path, headers=viewer)
+    assert listed.status_code == 200
+    (trip,) = listed.json()["unfinished_trips"]
+    assert (trip["terminal_id"], trip["seq"], trip["corrected"]) == (KIOSK, unfinished.seq, None)
+    assert trip["fare_kind"] == "unfinished_then_entry" and trip["card_id"] == asn
+
+    def correct(seq: int, amount: int, reason: str = "rider's alighting seen on camera") -> Any:
+        body = {"terminal_id": KIOSK, "seq": seq, "amount": amount, "reason": reason}
+        return httpx.post(path, json=body, headers=operator)
+
+    assert httpx.post(path, json={}, headers=viewer).status_code == 403
+    for seq, amount, status, code in (
+        (plain.seq, 100, 422, "not_correctable"),  # not an unfinished trip
+        (refunded.seq, 100, 422, "not_correctable"),
+        (unfinished.seq, 401, 422, "not_correctable"),  # above max_fare
+        (unfinished.seq, 0, 422, "not_correctable"),
+        (99, 100, 404, "unknown_record"),
+    ):
+        answer = correct(seq, amount)
+        assert (answer.status_code, answer.json()["error"]) == (status, code), answer.text
+    assert correct(unfinished.seq, 150, reason=" ").json()["error"] == "not_correctable"
+
+    first = correct(unfinished.seq, 150)
+    assert first.status_code == 201, first.text
+    assert correct(unfinished.seq, 150).json() == first.json()  # the same correction again
+    again = correct(unfinished.seq, 200)
+    assert (again.status_code, again.json()["error"]) == (409, "pending_exists")
+    pending = first.json()
+    assert pending["id"] == f"fare-{KIOSK}-{unfinished.seq}" and pending["source"] == "fare"
+    assert pending["created_by"] == "operator alice" and "camera" in pending["reference"]
+    (trip,) = httpx.get(path, headers=viewer).json()["unfinished_trips"]
+    assert trip["corrected"] == pending["id"]
+
+    # the refund and the correction, each its own pending load, both loaded at the kiosk
+    owed = {p.id: p.amount for p in stack.authority.pending_loads(asn)}
+    assert owed == {f"fare-{KIOSK}-{refunded.seq}": 100, pending["id"]: 150}
+    for n, (ident, amount) in enumerate(sorted(owed.items())):
+        result = stack.present(card, f"fare-{n}", {"kind": "pending", "id": ident}, amount=amount)
+        assert result.status == "loaded", result
+    assert card.balance == BALANCE + 250 and stack.authority.pending_loads(asn) == []
