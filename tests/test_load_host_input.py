@@ -988,7 +988,7 @@ def test_two_workers_storing_one_fare_refund_at_once_make_one_pending_load(
 
 
 def test_an_unfinished_trip_left_to_the_host_is_corrected_once_by_an_operator(
-    stack: Stack,
+    stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The policy's ``unfinished: "host"`` rule debits nothing more at the terminal and records
     the trip as the host's to correct; the host lists such records, and an operator's
@@ -1047,6 +1047,16 @@ def test_an_unfinished_trip_left_to_the_host_is_corrected_once_by_an_operator(
     assert pending["created_by"] == "operator alice" and "camera" in pending["reference"]
     (trip,) = httpx.get(path, headers=viewer).json()["unfinished_trips"]
     assert trip["corrected"] == pending["id"]
+
+    # what the operator's command line shows and does (cardhost loads unfinished / correct)
+    listing = _cli(capsys, monkeypatch, "loads", "--host", stack.url, "unfinished")
+    assert listing == (
+        f"{KIOSK}\t{unfinished.seq}\t{asn}\tunfinished_then_entry\tline 8 stop 3\t{pending['id']}\n"
+    )
+    argv = ["--terminal", KIOSK, "--seq", str(unfinished.seq), "--amount", "150"]
+    shown = _cli(capsys, monkeypatch, "loads", "--host", stack.url, "correct", *argv,
+                 "--reason", "rider's alighting seen on camera")  # fmt: skip
+    assert json.loads(shown) == pending  # the same correction: the same pending load
 
     # the refund and the correction, each its own pending load, both loaded at the kiosk
     owed = {p.id: p.amount for p in stack.authority.pending_loads(asn)}
