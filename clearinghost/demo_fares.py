@@ -15,6 +15,12 @@ riding in a few seconds), so the transfer window, the double-tap window and the 
 are met as on a real day. Every tap's decision is printed from the signed purchase record the
 agent wrote (``fare_kind``, ``fare_base``, ``fare_refund_due``, ``fare_unfinished``,
 ``fare_transfer_from``); the records are then uploaded to the host and counted there.
+
+Each alighting tap that pre-authorised more than the trip cost becomes, at the host, one
+pending load for that card (:mod:`clearinghost.fare_refunds`), listed as the operator sees it
+(``GET /v1/admin/loads/credits``); the adult rider then takes their refunds at a kiosk (an
+online load paid by the pending load: :class:`agent.tap.load.KioskLoader` over the host's load
+API, the card's load key from the test key store).
 """
 
 from __future__ import annotations
@@ -26,26 +32,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from agent.errors import ConfigurationError
-from agent.offline_store import OfflineStore, Record
+from agent.offline_store import DeviceKey, OfflineStore, Record
 from agent.params import PARAMS_FILE, ActiveParams
 from agent.position import POSITION_FILE, PositionFile, write_position
 from agent.products import cpu_logs
 from agent.products.cpu_logs import Trip
 from agent.products.fare_policy import parse_fare_policy
-from agent.profile import TUNION_EF1E, load_profile
+from agent.profile import TUNION_EF1E, Profile, load_profile
+from agent.sam.keys import KeySet
 from agent.sam.psam import PsamConfig, PsamDriver
+from agent.tap.load import KioskLoader
+from agent.tap.load_http import HttpLoadHost
 from agent.transaction import TapOutcome, TransactionEngine
 from agent.wiring import DataDir
+from clearinghost.keystore import SoftwareKeyStore, load_test_keys
+from clearinghost.loads import LoadAuthority
 from clearinghost.local import LocalSync, start_local_sync
+
+if TYPE_CHECKING:  # the simulators are test code, imported at run time only by the demo
+    from tests.fake_reader.cpu_card import SimulatedCpuCard
+    from tests.fake_reader.inprocess import CardField, InProcessReader
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "firmware_profiles" / "test-city-demo.toml"
 TERMINAL_ID = "DEMO-FARES-1"
+KIOSK_ID = "DEMO-FARES-KIOSK"  # where the adult rider takes the refunds
+KIOSK_TERMINAL_NUMBER = bytes.fromhex("000000000024")  # the kiosk's terminal number (load MACs)
 
 # The demo city's bus fares: a section table (sections travelled, inclusive), boarding and
 # alighting taps with the maximum pre-authorised, card types (EF15 card type, hex), a
@@ -115,9 +132,26 @@ def run_fares_demo(data_dir: Path, *, out: Callable[[str], None] = print) -> int
     device = DataDir(data_dir)
     device.provision(TERMINAL_ID)
     profile = load_profile(PROFILE)
-    local = start_local_sync(
-        data_dir, profile=profile, params_interval_s=3600.0, upload_interval_s=0.5
+    # the cards' and the PSAM's test keys, and the load keys the host's key store derives from
+    keyset = KeySet([*demo_keyset(profile), *load_test_keys()])
+    host_dir = data_dir / "clearing-host"
+    host_dir.mkdir(parents=True)
+    authority = LoadAuthority(
+        host_dir / "loads.db",
+        SoftwareKeyStore(keyset, apdu_order_card_first=profile.factor_order_card_first),
+        max_balance=profile.max_balance,
     )
+    try:
+        local = start_local_sync(
+            data_dir,
+            profile=profile,
+            params_interval_s=3600.0,
+            upload_interval_s=0.5,
+            loads=authority,
+        )
+    except BaseException:
+        authority.close()
+        raise
     try:
         version = _publish_policy(local)
         out(
@@ -127,7 +161,6 @@ def run_fares_demo(data_dir: Path, *, out: Callable[[str], None] = print) -> int
         local.daemon.pull_params()  # the daemon's params job, now rather than in an hour
         _wait_for_params(data_dir / PARAMS_FILE, version)
         _describe_policy(out)
-        keyset = demo_keyset(profile)
         psam = make_psam(keyset)
         sam = PsamDriver(InProcessSamSlot(psam), PsamConfig.tunion())
         sam.open()
@@ -177,22 +210,102 @@ def run_fares_demo(data_dir: Path, *, out: Callable[[str], None] = print) -> int
             sam.close()
         total = _wait_for_upload(local, device)
         at_host = local.records_at_host()
-    finally:
-        local.stop()
-    with OfflineStore.open_for_reading(device.store_path) as reading:
-        report = reading.verify()
-        purchases = [r for r in reading.records() if r.kind == "purchase"]
+        with OfflineStore.open_for_reading(device.store_path) as reading:
+            report = reading.verify()
+            purchases = [r for r in reading.records() if r.kind == "purchase"]
         refunds = sum(int(r.fields.get("fare_refund_due") or 0) for r in purchases)
         taken = sum(r.amount for r in purchases)
-    out(
-        f"\n{total} records signed, chain {'verified' if report.ok else 'BROKEN'}; "
-        f"the clearing host received and verified {at_host}"
-    )
-    out(
-        f"fares taken from the cards {taken / 100:.2f}; refunds due from the host "
-        f"{refunds / 100:.2f}; net {(taken - refunds) / 100:.2f}"
-    )
+        out(
+            f"\n{total} records signed, chain {'verified' if report.ok else 'BROKEN'}; "
+            f"the clearing host received and verified {at_host}"
+        )
+        out(
+            f"fares taken from the cards {taken / 100:.2f}; refunds due from the host "
+            f"{refunds / 100:.2f}; net {(taken - refunds) / 100:.2f}"
+        )
+        owed = sum(1 for r in purchases if r.fields.get("fare_refund_due"))
+        pending = _wait_for_pending(local, owed)
+        credited = sum(int(p["amount"]) for p in pending)
+        ok &= len(pending) == owed and credited == refunds
+        riders = {cards[name].asn.hex().upper(): name for name in RIDERS}
+        out(f"\npending loads at the clearing host (what the operator lists), {len(pending)}:")
+        for p in pending:
+            rider = riders.get(str(p["asn"]), "?")
+            out(f"  {p['id']}  {rider} card  {_yuan(int(p['amount']))}  ({p['reference']})")
+        ok &= _kiosk_refunds(data_dir, local, profile, field, reader, cards["adult"], pending, out)
+    finally:
+        local.stop()
+        authority.close()
     return 0 if ok and report.ok and at_host == total else 1
+
+
+def _wait_for_pending(
+    local: LocalSync, count: int, timeout_s: float = 20.0
+) -> list[dict[str, Any]]:
+    """The host's open pending loads, as an operator lists them (``GET
+    /v1/admin/loads/credits``), once ``count`` are there (they are made as the upload that
+    carries their records is stored) or the bound has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = httpx.get(
+            f"{local.url}/v1/admin/loads/credits",
+            headers={"Authorization": f"Bearer {local.operator_token}"},
+            timeout=10,
+        )
+        answer.raise_for_status()
+        found: list[dict[str, Any]] = answer.json()["pending_loads"]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def _kiosk_refunds(
+    data_dir: Path,
+    local: LocalSync,
+    profile: Profile,
+    field: CardField,
+    reader: InProcessReader,
+    card: SimulatedCpuCard,
+    pending: list[dict[str, Any]],
+    out: Callable[[str], None],
+) -> bool:
+    """The adult rider at a kiosk: each of the card's pending loads is loaded onto the card
+    (an online load paid by the pending load). True if every one was loaded."""
+    kiosk_dir = data_dir / "kiosk"
+    kiosk_dir.mkdir()
+    key = DeviceKey.create(kiosk_dir / "device.key")
+    local.host.storage.register_terminal(KIOSK_ID, key.public_key_bytes.hex())
+    asn = card.asn.hex().upper()
+    mine = [p for p in pending if p["asn"] == asn]
+    store = OfflineStore.open(kiosk_dir / "agent.db", key, KIOSK_ID)
+    client = HttpLoadHost(local.url, KIOSK_ID, key)
+    ok = bool(mine)
+    try:
+        loader = KioskLoader(profile, store, client, KIOSK_TERMINAL_NUMBER)
+        out("\nthe adult rider at a kiosk: the card's pending loads are loaded onto it")
+        for n, p in enumerate(mine, start=1):
+            before = card.balance
+            field.insert(card)
+            try:
+                if reader.wait_for_card(1.0) is None:
+                    raise ConfigurationError("the simulated card did not answer at the kiosk")
+                result = loader.load(
+                    reader, int(p["amount"]), {"kind": "pending", "id": p["id"]}, f"fare-{n}"
+                )
+            finally:
+                field.remove()
+            ok &= result.status == "loaded"
+            out(
+                f"  {p['id']}: {result.status} {_yuan(int(p['amount']))}, balance "
+                f"{_yuan(before)} -> {_yuan(card.balance)}"
+                + (f" ({result.reason})" if result.reason else "")
+            )
+    finally:
+        client.close()
+        store.close()
+    left = [p for p in _wait_for_pending(local, 0, 0.0) if p["asn"] == asn]
+    out(f"  the adult card's open pending loads now: {len(left)}")
+    return ok and not left
 
 
 class _SimulatedClock:

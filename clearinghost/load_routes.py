@@ -14,6 +14,11 @@
 * ``POST /v1/admin/loads/{load_key}/resolve`` (operator): decide an unresolved load
   (``credited`` or ``not_credited``, with a reason), once.
 * ``POST /v1/admin/vouchers`` (operator): issue voucher codes (他充); ``GET`` (viewer): vouchers.
+* ``POST /v1/admin/loads/fare-corrections`` (operator): the host's later correction of an
+  unfinished trip (a record with ``fare_unfinished: "host"``): a pending load for its card, one
+  per record (:mod:`clearinghost.fare_refunds`); ``GET`` (viewer): such records, newest first,
+  each with the pending load that corrected it. Fare refunds need no operator: the upload that
+  stores a record with ``fare_refund_due`` makes its pending load.
 """
 
 from __future__ import annotations
@@ -64,7 +69,11 @@ STATUS_OF = {
     "pending_taken": 409,
     "pending_exists": 409,
     "voucher_exists": 409,
+    "unknown_record": 404,
+    "not_correctable": 422,
+    "loads_disabled": 503,
 }
+MAX_SEQ = 2**63 - 1  # what the records table's BIGINT holds
 
 
 def _json(status: int, body: dict[str, Any]) -> JSONResponse:
@@ -242,6 +251,40 @@ def load_routes(
             return failed(exc)
         return _json(200, {"pending_loads": [p.to_json() for p in found]})
 
+    async def correct_fare(request: Request) -> Response:
+        """An unfinished trip left to the host (``fare_unfinished: "host"``) corrected by an
+        operator: a pending load for the record's card (:mod:`clearinghost.fare_refunds`)."""
+        authority_of()
+        payload = await admin_json(request)
+        try:
+            terminal_id, reason = payload.get("terminal_id"), payload.get("reason")
+            if not isinstance(terminal_id, str) or not isinstance(reason, str):
+                raise LoadRefused("bad_request", "terminal_id and reason must be strings")
+            seq, amount = integer(payload, "seq"), integer(payload, "amount")
+            if not 1 <= seq <= MAX_SEQ:
+                raise LoadRefused("bad_request", f"seq must be 1..{MAX_SEQ}")
+            pending = await run_in_threadpool(
+                host.correct_unfinished_trip,
+                terminal_id,
+                seq,
+                amount,
+                kit.operator_name(request),
+                reason,
+            )
+        except LoadRefused as exc:
+            return refused(exc)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(201, pending.to_json())
+
+    async def list_unfinished(request: Request) -> Response:
+        authority_of()
+        try:
+            found = await run_in_threadpool(host.unfinished_trips)
+        except LoadStoreFailure as exc:
+            return failed(exc)
+        return _json(200, {"unfinished_trips": found})
+
     async def issue_vouchers(request: Request) -> Response:
         authority = authority_of()
         payload = await admin_json(request)
@@ -295,6 +338,16 @@ def load_routes(
         Route("/v1/admin/loads/credits", authorised(VIEWER, list_credits), methods=["GET"]),
         Route(
             "/v1/admin/loads/{load_key}/resolve", authorised(OPERATOR, resolve), methods=["POST"]
+        ),
+        Route(
+            "/v1/admin/loads/fare-corrections",
+            authorised(OPERATOR, correct_fare),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/admin/loads/fare-corrections",
+            authorised(VIEWER, list_unfinished),
+            methods=["GET"],
         ),
         Route("/v1/admin/vouchers", authorised(OPERATOR, issue_vouchers), methods=["POST"]),
         Route("/v1/admin/vouchers", authorised(VIEWER, list_vouchers), methods=["GET"]),

@@ -13,7 +13,10 @@ Operator commands (admin API, operator token): ``cardhost loads list [--unresolv
 S]``, ``cardhost loads credit --card ASN --amount FEN [--source employer|group|online|other]
 [--reference TEXT]`` (a pending load, loadable once at any kiosk), ``cardhost loads pending
 [--card ASN] [--all]``, ``cardhost loads resolve --load-key K --outcome credited|not_credited
---reason TEXT`` (an operator's decision on an unresolved load), ``cardhost vouchers issue
+--reason TEXT`` (an operator's decision on an unresolved load), ``cardhost loads unfinished``
+(trips left to the host's correction by the fare policy's ``unfinished: "host"`` rule),
+``cardhost loads correct --terminal T --seq N --amount FEN --reason TEXT`` (the host's
+correction of one: a pending load for its card, once per record), ``cardhost vouchers issue
 --amount FEN [--count N]``, ``cardhost vouchers list``.
 """
 
@@ -113,17 +116,21 @@ def register_commands(sub: Any, admin_call: AdminCall, token_help: str) -> None:
 
     p = sub.add_parser("loads", help="online loads: unresolved ones, pending loads (admin API)")
     common(p)
-    p.add_argument("action", choices=("list", "credit", "pending", "resolve"))
+    p.add_argument(
+        "action", choices=("list", "credit", "pending", "resolve", "unfinished", "correct")
+    )
     p.add_argument("--unresolved", action="store_true", help="list: loads whose money is held")
     p.add_argument("--state", help="list: only loads in this state")
     p.add_argument("--card", help="credit, pending: the card's ASN (16 hex digits)")
-    p.add_argument("--amount", type=int, help="credit: fen")
+    p.add_argument("--amount", type=int, help="credit, correct: fen")
     p.add_argument("--source", choices=PENDING_SOURCES, default="other")
     p.add_argument("--reference", default="", help="credit: the payer's reference")
     p.add_argument("--all", action="store_true", help="pending: also those loaded already")
     p.add_argument("--load-key", help="resolve: the unresolved load")
     p.add_argument("--outcome", choices=("credited", "not_credited"), help="resolve")
-    p.add_argument("--reason", default="", help="resolve: why (required)")
+    p.add_argument("--reason", default="", help="resolve, correct: why (required)")
+    p.add_argument("--terminal", help="correct: the terminal that wrote the record")
+    p.add_argument("--seq", type=int, help="correct: the record's seq")
     p.set_defaults(func=lambda args: cmd_loads(args, admin_call))
 
     p = sub.add_parser("vouchers", help="top-up vouchers (他充): issue or list (admin API)")
@@ -180,6 +187,8 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
             return 2
         out(json.dumps(answer, ensure_ascii=False))
         return 0
+    if args.action in ("unfinished", "correct"):
+        return _fare_corrections(args, admin_call)
     if not args.card or args.amount is None:
         raise ConfigurationError("cardhost loads credit needs --card ASN and --amount FEN")
     body = {
@@ -189,6 +198,38 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
         "reference": args.reference,
     }
     answer = _answer(admin_call(args, "POST", "/v1/admin/loads/credits", body), 201)
+    if answer is None:
+        return 2
+    out(json.dumps(answer, ensure_ascii=False))
+    return 0
+
+
+def _fare_corrections(args: argparse.Namespace, admin_call: AdminCall) -> int:
+    """``loads unfinished`` (one line per record: terminal, seq, card, fare kind, line, stop,
+    the pending load that corrected it or ``-``) and ``loads correct``."""
+    path = "/v1/admin/loads/fare-corrections"
+    if args.action == "unfinished":
+        answer = _answer(admin_call(args, "GET", path, None), 200)
+        if answer is None:
+            return 2
+        for trip in answer["unfinished_trips"]:
+            out(
+                f"{trip['terminal_id']}\t{trip['seq']}\t{trip.get('card_id')}\t"
+                f"{trip.get('fare_kind')}\tline {trip.get('fare_line')} stop "
+                f"{trip.get('fare_stop')}\t{trip.get('corrected') or '-'}"
+            )
+        return 0
+    if not args.terminal or args.seq is None or args.amount is None or not args.reason:
+        raise ConfigurationError(
+            "cardhost loads correct needs --terminal, --seq, --amount FEN and --reason"
+        )
+    body = {
+        "terminal_id": args.terminal,
+        "seq": args.seq,
+        "amount": args.amount,
+        "reason": args.reason,
+    }
+    answer = _answer(admin_call(args, "POST", path, body), 201)
     if answer is None:
         return 2
     out(json.dumps(answer, ensure_ascii=False))

@@ -118,7 +118,8 @@ _ADDED_COLUMNS = (
     ("vouchers", "issued_by", "TEXT NOT NULL DEFAULT ''"),
     ("vouchers", "issued_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
 )
-PENDING_SOURCES = ("employer", "group", "online", "refund", "other")
+# fare: a fare refund or an unfinished trip's correction (clearinghost.fare_refunds)
+PENDING_SOURCES = ("employer", "group", "online", "refund", "fare", "other")
 
 
 class LoadRefused(Exception):
@@ -493,12 +494,12 @@ class LoadAuthority:
             raise LoadRefused("bad_request", "reference is at most 200 characters")
         ident = pending_id or _new_code("P")
 
-        def work(tx: _Tx) -> Row:
+        def work(tx: _Tx) -> tuple[Row, bool]:
             row = tx.one(_SELECT_PENDING + " WHERE id = ?", (ident,))
             if row is not None:
                 if (row[1], row[2]) != (asn, amount):
                     raise LoadRefused("pending_exists", f"pending load {ident} is another credit")
-                return row
+                return row, False
             tx.run(
                 "INSERT INTO pending_loads (id, asn, amount, source, reference, created_by,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -506,10 +507,15 @@ class LoadAuthority:
             )
             found = tx.one(_SELECT_PENDING + " WHERE id = ?", (ident,))
             assert found is not None
-            return found
+            return found, True
 
-        row: Row = self._transact(None, work)
-        log.info("pending_load_credited", id=ident, asn=asn, amount=amount, source=source, by=by)
+        row, created = self._transact(None, work)
+        if created:
+            log.info(
+                "pending_load_credited", id=ident, asn=asn, amount=amount, source=source, by=by
+            )
+        else:  # the same credit again (a re-uploaded record, a retried request): one credit
+            log.debug("pending_load_exists", id=ident, asn=asn, amount=amount, source=source)
         return PendingLoad(*row)
 
     def pending_loads(self, asn: str | None = None, *, open_only: bool = True) -> list[PendingLoad]:

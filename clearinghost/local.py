@@ -29,6 +29,7 @@ from agent.sam.keys import KeySet
 from agent.wiring import DataDir
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
 from clearinghost.keys import HostKey
+from clearinghost.loads import LoadAuthority
 from clearinghost.operators import OPERATOR, Operators, new_token
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -86,11 +87,14 @@ def start_local_sync(
     blacklist_interval_s: float = 2.0,
     params_interval_s: float = 30.0,
     heartbeat_interval_s: float = 5.0,
+    loads: LoadAuthority | None = None,
     **settings: Any,
 ) -> LocalSync:
     """Start the host (SQLite, 127.0.0.1, a free port) and the daemon for ``data_dir``.
 
     With a test ``profile``, the host recomputes TACs from its test keys (demo cards' factors).
+    With ``loads``, the host authorises online loads and keeps pending loads (the caller closes
+    it after :meth:`LocalSync.stop`).
     """
     host_dir = host_dir or data_dir / "clearing-host"
     host_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,7 @@ def start_local_sync(
         key,
         tac=tac,
         operators=Operators.with_token("local-sync", OPERATOR, token),
+        loads=loads,
     )
     server = HostServer(create_app(host), log_level="critical").start()
     try:

@@ -79,7 +79,12 @@ from agent.offline_store.device_key import (
 )
 from agent.offline_store.records import QuarantineNotice, Record, canonical_json
 from agent.params import MAX_PARAMS_FILE_BYTES
-from agent.products.fare_policy import publication_problem
+from agent.products.fare_policy import (
+    MAX_FEN,
+    FarePolicyError,
+    parse_fare_policy,
+    publication_problem,
+)
 from agent.terminal_id import terminal_id_problem
 from clearinghost.clearing import (
     Finding,
@@ -91,10 +96,19 @@ from clearinghost.clearing import (
     screen_signed,
     seal_checker,
 )
+from clearinghost.fare_refunds import (
+    FARE_SOURCE,
+    REFUND_FIELD,
+    FareCredit,
+    FareCreditError,
+    correction_credit,
+    refund_credit,
+)
+from clearinghost.fare_refunds import pending_id as fare_pending_id
 from clearinghost.keys import HostKey, sign_params
 from clearinghost.kiosk_routes import kiosk_routes
 from clearinghost.load_routes import RouteKit, load_routes
-from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure
+from clearinghost.loads import LoadAuthority, LoadRefused, LoadStoreFailure, PendingLoad
 from clearinghost.merchant_clearing import MerchantClearing, merchant_routes
 from clearinghost.merchant_clearing import page_section as merchant_page_section
 from clearinghost.operators import OPERATOR, VIEWER, Operators
@@ -266,6 +280,16 @@ class UploadGate:
             "admitted": self.admitted,
             "refused": self.refused,
         }
+
+
+def _acts_on_loads(record: Record | RecordLine) -> bool:
+    """Whether a stored record may change the load authority's state (loads, pending loads)."""
+    fields = record.fields
+    return (
+        (record.kind in ("load", "unresolved") and "load_key" in fields)
+        or (record.kind == "refund_request" and fields.get("credit") == "host")
+        or (record.kind == "purchase" and fields.get(REFUND_FIELD) is not None)
+    )
 
 
 @dataclass
@@ -534,12 +558,32 @@ class ClearingHost:
     ) -> None:
         """What stored records tell the load authority (idempotent, so a replayed batch is
         harmless): a kiosk's ``load`` record completes its load (the card's TAC), an
-        ``unresolved`` load record shows it unknown, and a POS ``refund_request`` (a host-side
-        credit) becomes a pending load for that card, loadable once at any kiosk."""
+        ``unresolved`` load record shows it unknown, a POS ``refund_request`` (a host-side
+        credit) becomes a pending load for that card, loadable once at any kiosk, and so does a
+        purchase record's ``fare_refund_due`` (:mod:`clearinghost.fare_refunds`).
+
+        Only a record the host holds acts: same seq, kind and hash as the stored slot. A record
+        that conflicts with the slot at its seq (the batch is refused there, 409), anything
+        after a refusal and a quarantined slot act on nothing."""
         loads = self.loads
         assert loads is not None
-        for record in accepted:
-            if isinstance(record, QuarantineNotice) or record.seq > ack_seq:
+        wanted = [
+            r
+            for r in accepted
+            if not isinstance(r, QuarantineNotice) and r.seq <= ack_seq and _acts_on_loads(r)
+        ]
+        if not wanted:
+            return
+        held = self.storage.held_slots(terminal_id, [r.seq for r in wanted])
+        for record in wanted:
+            if held.get(record.seq) != (record.kind, record.hash):
+                log.warning(
+                    "record not applied to loads: the host holds another slot at its seq",
+                    terminal_id=terminal_id,
+                    seq=record.seq,
+                    kind=record.kind,
+                    held_kind=held.get(record.seq, ("none", ""))[0],
+                )
                 continue
             try:
                 if record.kind in ("load", "unresolved") and "load_key" in record.fields:
@@ -553,7 +597,13 @@ class ClearingHost:
                         reference=str(record.fields.get("refund_id", ""))[:200],
                         pending_id=f"refund-{terminal_id}-{record.seq}",
                     )
-            except (LoadRefused, LoadStoreFailure) as exc:
+                else:
+                    fare = refund_credit(
+                        terminal_id, record.seq, record.kind, record.card_id, record.fields
+                    )
+                    if fare is not None:
+                        self._credit_fare(loads, fare, f"terminal {terminal_id}")
+            except (LoadRefused, LoadStoreFailure, FareCreditError) as exc:
                 # the record is stored; the operator sees the refusal (anomaly-free: logged)
                 log.error(
                     "record not applied to loads",
@@ -562,6 +612,101 @@ class ClearingHost:
                     kind=record.kind,
                     error=str(exc),
                 )
+
+    def correct_unfinished_trip(
+        self, terminal_id: str, seq: int, amount: int, by: str, reason: str
+    ) -> PendingLoad:
+        """The host's later correction of an unfinished trip (issue 13: the policy's
+        ``unfinished: "host"``): ``amount`` fen back to the card of the record the host holds
+        at ``terminal_id`` / ``seq``, as one pending load whose id is the record's
+        (:mod:`clearinghost.fare_refunds`): the same correction again is the same pending load,
+        another amount for the same record is refused ``pending_exists``. Raises
+        :class:`LoadRefused` (``unknown_record``, ``not_correctable``, ``loads_disabled``)."""
+        loads = self.loads
+        if loads is None:
+            raise LoadRefused("loads_disabled", "this host does not keep pending loads")
+        found = self.storage.records(terminal_id, after=seq - 1, limit=1)
+        body = found[0] if found and found[0].get("seq") == seq else None
+        if body is None or "notice" in body:  # none, or a quarantined slot: no record to trust
+            raise LoadRefused(
+                "unknown_record", f"the host holds no record {seq} of terminal {terminal_id!r}"
+            )
+        fields = body.get("fields")
+        try:
+            credit = correction_credit(
+                terminal_id,
+                seq,
+                str(body.get("kind")),
+                str(body.get("card_id")),
+                fields if isinstance(fields, dict) else {},
+                amount,
+                self._max_fare(),
+                reason,
+            )
+        except FareCreditError as exc:
+            raise LoadRefused("not_correctable", str(exc)) from None
+        pending = self._credit_fare(loads, credit, f"operator {by}")
+        log.info(
+            "unfinished trip corrected",
+            terminal_id=terminal_id,
+            seq=seq,
+            amount=amount,
+            by=by,
+            pending_id=pending.id,
+        )
+        return pending
+
+    def unfinished_trips(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Records left to the host's correction (``fare_unfinished: "host"``), newest first,
+        each with the pending load that corrected it (``corrected``: its id, or ``None``)."""
+        loads = self.loads
+        done = (
+            {p.id for p in loads.pending_loads(open_only=False) if p.source == FARE_SOURCE}
+            if loads is not None
+            else set()
+        )
+        listed = []
+        for terminal_id, seq, body in self.storage.unfinished_for_host(limit):
+            fields = body.get("fields", {})
+            ident = fare_pending_id(terminal_id, seq)
+            listed.append(
+                {
+                    "terminal_id": terminal_id,
+                    "seq": seq,
+                    "card_id": body.get("card_id"),
+                    "created_at": body.get("created_at"),
+                    "amount": body.get("amount"),
+                    "fare_kind": fields.get("fare_kind"),
+                    "fare_line": fields.get("fare_line"),
+                    "fare_stop": fields.get("fare_stop"),
+                    "corrected": ident if ident in done else None,
+                }
+            )
+        return listed
+
+    def _max_fare(self) -> int:
+        """The ``max_fare`` of the newest published fare policy (no trip took more), else the
+        largest amount any fare policy allows."""
+        latest = self.storage.latest_params()
+        raw = None if latest is None else latest.get("fare_policy")
+        if raw is None:
+            return MAX_FEN
+        try:
+            return parse_fare_policy(raw).max_fare
+        except FarePolicyError:
+            return MAX_FEN
+
+    @staticmethod
+    def _credit_fare(loads: LoadAuthority, fare: FareCredit, by: str) -> PendingLoad:
+        """One pending load per fare record (its id is the record's: idempotent)."""
+        return loads.credit(
+            fare.asn,
+            fare.amount,
+            FARE_SOURCE,
+            by,
+            reference=fare.reference[:200],
+            pending_id=fare.pending_id,
+        )
 
     def upload(
         self,

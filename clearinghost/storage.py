@@ -804,6 +804,41 @@ class Storage:
             )
         return [json.loads(r[0]) for r in rows]
 
+    def held_slots(self, terminal_id: str, seqs: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """``seq -> (kind, hash)`` of the slots the host holds among ``seqs`` (a quarantined
+        slot's kind is ``quarantined``): what an uploaded record must match to act on anything
+        beyond the records table (pending loads: clearinghost.server._reconcile_loads)."""
+        if not seqs:
+            return {}
+        wanted = set(seqs)
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT seq, kind, hash FROM records WHERE terminal_id = ? AND seq >= ? "
+                "AND seq <= ?",
+                (terminal_id, min(wanted), max(wanted)),
+            )
+        return {int(q): (str(k), str(h)) for q, k, h in rows if int(q) in wanted}
+
+    def unfinished_for_host(self, limit: int = 200) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(terminal_id, seq, body)`` of purchase records whose fare decision left an
+        unfinished trip to the host's correction (``fare_unfinished: "host"``), newest first,
+        at most ``limit``. The stored line is the terminal's canonical JSON
+        (``agent.offline_store.records.canonical_json``), so the field reads
+        ``"fare_unfinished":"host"`` there; each match is confirmed on the parsed body."""
+        with self._transaction() as tx:
+            rows = tx.all(
+                "SELECT terminal_id, seq, body FROM records WHERE kind = 'purchase' "
+                "AND body LIKE ? ORDER BY received_at DESC, terminal_id, seq DESC LIMIT ?",
+                ('%"fare_unfinished":"host"%', limit),
+            )
+        found = []
+        for terminal_id, seq, body in rows:
+            parsed = json.loads(body)
+            fields = parsed.get("fields") if isinstance(parsed, dict) else None
+            if isinstance(fields, dict) and fields.get("fare_unfinished") == "host":
+                found.append((str(terminal_id), int(seq), parsed))
+        return found
+
     def record_keys(self, terminal_id: str) -> list[tuple[int, str]]:
         """Every ``(seq, hash)`` stored for a terminal (tests, reconciliation)."""
         with self._transaction() as tx:

@@ -7,7 +7,8 @@ Jobs
                backlog ``batch_size`` records at a time (memory stays bounded), marks only what
                the host acknowledged in an answer signed by the pinned host key (an unsigned,
                forged or inconsistent answer marks nothing: logged, backed off), then
-               compacts acknowledged records older than ``compact_after_s``. A record the
+               compacts acknowledged records older than ``compact_after_s`` (but never the
+               records a fare cap in force counts: today's, this month's). A record the
                store has quarantined (or finds corrupted now) goes as its signed quarantine
                notice, so the upload goes on past it (:mod:`sync.protocol`).
     blacklist  pulls the host's newer root statements (``agent.trust``: a rotation or
@@ -59,7 +60,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -86,6 +87,7 @@ from agent.errors import AgentError, StoreError
 from agent.offline_store import DeviceKey, OfflineStore, QuarantineNotice
 from agent.offline_store.device_key import key_id_for
 from agent.params import write_host_key
+from agent.products.fare_policy import FarePolicyError, accumulator_since, parse_fare_policy
 from agent.sdnotify import Notifier, Watchdog
 from agent.terminal_id import check_terminal_id
 from agent.trust import ROOT_FILE, RootFile, RootRejected, pinned_root
@@ -404,10 +406,25 @@ class SyncDaemon:
         keep = self.settings.compact_after_s
         if keep is None:
             return
-        cutoff = time.time() - keep
-        self.store.compact(
-            self.store.acknowledged_seq(), created_before=datetime.fromtimestamp(cutoff, UTC)
-        )
+        cutoff = datetime.fromtimestamp(time.time() - keep, UTC)
+        counted = self._cap_records_since()
+        if counted is not None and counted < cutoff:
+            cutoff = counted  # the fare caps' accumulators are these records: keep them
+        self.store.compact(self.store.acknowledged_seq(), created_before=cutoff)
+
+    def _cap_records_since(self) -> datetime | None:
+        """The oldest record a daily or monthly cap of the parameter set in force counts
+        (``agent.products.fare_policy.accumulator_since``); ``None`` without a cap."""
+        current = self.params.current
+        raw = None if current is None else current.payload.get("fare_policy")
+        if raw is None:
+            return None
+        try:
+            policy = parse_fare_policy(raw)
+        except FarePolicyError as exc:  # verified when stored; a newer validator may differ
+            log.error("fare policy in force unreadable; compaction keeps the month", error=str(exc))
+            return datetime.now(UTC) - timedelta(days=31)
+        return accumulator_since(policy, datetime.now(UTC))
 
     # --- lists -------------------------------------------------------------------------------
 

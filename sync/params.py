@@ -1,8 +1,9 @@
 """Signed parameter sets: fare tables, issuer allow-lists, effective-from times.
 
 The host signs ``agent.params.params_signed_bytes(payload)``; the terminal keeps the last accepted
-envelope in ``params.json`` next to the store (atomic replace) and refuses unsigned, older,
-replayed or expired sets. Payload fields (all times are Unix seconds)::
+envelope in ``params.json`` next to the store (atomic replace) and refuses unsigned, older or
+expired sets (the set in force, answered again, is kept quietly). Payload fields (all times are
+Unix seconds)::
 
     version          int, >= 1, strictly increasing
     issued_at        int
@@ -104,7 +105,9 @@ class ParamsFile:
         return self.current.version if self.current else 0
 
     def apply(self, data: bytes, *, now: float | None = None) -> ParamSet:
-        """Verify and store a set. Raises :class:`ListRejected` or ``BlacklistFileError``."""
+        """Verify and store a set; the set in force answered again changes nothing and is
+        returned quietly. Raises :class:`ListRejected` (an older version, the same version with
+        other content, an expired or forged set) or ``BlacklistFileError``."""
         new = verify_params(data, self.keys)
         moment = time.time() if now is None else now
         if new.expires_at <= moment:
@@ -130,7 +133,13 @@ class ParamsFile:
                         "(refused as an attack)"
                     )
                 if new.issued_at <= current.issued_at:
-                    raise ListRejected(f"params: version {new.version} replayed")
+                    # The set in force, answered again (a pull within the same second of the
+                    # last, or a host worker whose clock is behind): normal and harmless, as
+                    # for the blacklist (agent.blacklist, "blacklist unchanged"). The newer
+                    # envelope on disk stays; only an older *version* is a rollback.
+                    log.debug("params unchanged", version=new.version)
+                    self.checked_at = moment
+                    return current
         try:
             write_atomically(self.path, data)
         except BlacklistFileError as exc:

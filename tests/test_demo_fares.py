@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,27 @@ def test_fares_demo_prices_boarding_alighting_transfer_card_types_and_an_unfinis
         assert words in tap, (words, tap)
     assert "11 records signed, chain verified; the clearing host received and verified 11" in out
     assert "fares taken from the cards 16.00; refunds due from the host 4.50; net 11.50" in out
+    # every refund is a pending load at the host, one per alighting record; the adult takes
+    # theirs at a kiosk (online loads paid by the pending loads)
+    assert "pending loads at the clearing host (what the operator lists), 4:" in out
+    for line in (
+        "fare-DEMO-FARES-1-2  adult card  2.00",
+        "fare-DEMO-FARES-1-4  adult card  1.00",
+        "fare-DEMO-FARES-1-8  student card  0.50",
+        "fare-DEMO-FARES-1-11  forgetful card  1.00",
+        "fare-DEMO-FARES-1-2: loaded 2.00, balance 43.00 -> 45.00",
+        "fare-DEMO-FARES-1-4: loaded 1.00, balance 45.00 -> 46.00",
+        "the adult card's open pending loads now: 0",
+    ):
+        assert line in out, (line, out)
+    with sqlite3.connect(data_dir / "clearing-host" / "loads.db") as db:
+        rows = db.execute("SELECT id, amount, source, load_key FROM pending_loads ORDER BY id")
+        assert sorted(rows) == [
+            ("fare-DEMO-FARES-1-11", 100, "fare", None),
+            ("fare-DEMO-FARES-1-2", 200, "fare", "fare-1"),
+            ("fare-DEMO-FARES-1-4", 100, "fare", "fare-2"),
+            ("fare-DEMO-FARES-1-8", 50, "fare", None),
+        ]
 
     # what the demo left behind: the signed records say the same, the files are the real ones
     with OfflineStore.open_for_reading(data_dir / "agent.db") as store:

@@ -4,6 +4,7 @@ anti-passback read from the card's trip record, refusals that say why."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -247,6 +248,52 @@ def test_daily_cap_from_the_terminals_own_records(rig: Rig, tmp_path: Path) -> N
     card = make_card("tunion", 30, rig.keyset, balance=5000)
     assert [rig.tap(card).fare for _ in range(4)] == [200, 200, 100, 0]
     other = make_card("tunion", 31, rig.keyset, balance=5000)
+    assert rig.tap(other).fare == 200  # the accumulator is per card
+
+
+def test_monthly_cap_from_the_terminals_own_records_in_the_citys_month(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The monthly cap's accumulator is this terminal's purchase records for the card since
+    the first of the month, 00:00 Beijing time: a tap at 23:50 on 31 October (15:50 UTC) is
+    October's, one at 00:10 on 1 November (16:10 UTC the day before) is November's, and at
+    00:00:30 on 1 December the card pays again."""
+    utc = dt.UTC
+    taps = [
+        (dt.datetime(2026, 10, 31, 15, 50, tzinfo=utc), 200),  # 31 Oct 23:50 in Beijing
+        (dt.datetime(2026, 10, 31, 16, 10, tzinfo=utc), 200),  # 1 Nov 00:10: a new month
+        (dt.datetime(2026, 11, 10, 1, 0, tzinfo=utc), 200),
+        (dt.datetime(2026, 11, 20, 1, 0, tzinfo=utc), 100),  # 500 a month: 100 left
+        (dt.datetime(2026, 11, 30, 15, 59, tzinfo=utc), 0),  # 30 Nov 23:59 in Beijing
+        (dt.datetime(2026, 11, 30, 16, 0, 30, tzinfo=utc), 200),  # 1 Dec 00:00:30
+    ]
+    first, last = int(taps[0][0].timestamp()), int(taps[-1][0].timestamp())
+    write_params(
+        tmp_path / "params.json",
+        issued_at=first - 60,
+        expires_at=max(last, int(time.time())) + 3600,
+        effective_from=0,
+        fare_policy={
+            "mode": "flat",
+            "flat_fare": 200,
+            "max_fare": 200,
+            "monthly_cap": 500,
+            "time_zone": "Asia/Shanghai",
+        },
+    )
+    clock = [taps[0][0]]
+    rig.engine.clock = lambda: clock[0]
+    rig.store.set_stamp(lambda: (clock[0], {}))
+    card = make_card("tunion", 32, rig.keyset, balance=5000)
+    charged = []
+    for when, _expected in taps:
+        clock[0] = when
+        outcome = rig.tap(card)
+        assert outcome.status == "paid", outcome
+        charged.append(outcome.fare)
+    assert charged == [expected for _when, expected in taps]
+    assert card.balance == 5000 - sum(charged)
+    other = make_card("tunion", 33, rig.keyset, balance=5000)
     assert rig.tap(other).fare == 200  # the accumulator is per card
 
 

@@ -4,6 +4,7 @@ entry/exit settlement, all pure (agent.products.fare_policy / agent.products.far
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -17,7 +18,9 @@ from agent.products.fare_policy import (
     EXIT_RECORD_TYPE,
     FarePolicy,
     FarePolicyError,
+    accumulator_since,
     check_effective_window,
+    month_start,
     parse_fare_policy,
     publication_problem,
 )
@@ -442,7 +445,7 @@ JSON = st.recursive(
 )
 KEYS = st.sampled_from(
     ["mode", "flat_fare", "max_fare", "bands", "beyond", "lines", "card_types", "transfer",
-     "daily_cap", "anti_passback_s", "entry_exit"]
+     "daily_cap", "anti_passback_s", "entry_exit", "monthly_cap", "time_zone"]
 )  # fmt: skip
 
 
@@ -618,3 +621,148 @@ def test_daily_cap_at_alighting_counts_what_was_paid_before_the_trip(
         T0 + dt.timedelta(minutes=15),
     )
     assert (alight.amount, alight.refund_due) == expected
+
+
+# --- the monthly cap (issue 13: "daily and monthly caps") ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"monthly_cap": -1}, "fare_policy.monthly_cap must be in 0..1000000, got -1"),
+        ({"monthly_cap": "150.00"}, "fare_policy.monthly_cap must be an integer"),
+        ({"monthly_cap": 15.5}, "fare_policy.monthly_cap must be an integer"),
+        ({"monthly_cap": True}, "fare_policy.monthly_cap must be an integer"),
+        ({"monthly_cap": 10**7}, "fare_policy.monthly_cap must be in 0..1000000"),
+        ({"time_zone": "Mars/Olympus_Mons"}, "fare_policy.time_zone: unknown time zone"),
+        ({"time_zone": "../../etc/passwd"}, "fare_policy.time_zone: unknown time zone"),
+        ({"time_zone": 8}, "fare_policy.time_zone must be an IANA time zone name"),
+        ({"time_zone": ""}, "fare_policy.time_zone must be an IANA time zone name"),
+    ],
+)
+def test_a_bad_monthly_cap_or_time_zone_is_refused_naming_the_field(
+    changes: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(FarePolicyError) as refused:
+        parse_fare_policy({**FLAT, **changes})
+    assert field in str(refused.value)
+
+
+def test_the_monthly_cap_is_policy_data_in_fen_with_the_citys_time_zone() -> None:
+    policy = parse_fare_policy({**FLAT, "monthly_cap": 15_000})
+    assert (policy.monthly_cap, policy.time_zone) == (15_000, "Asia/Shanghai")
+    other = parse_fare_policy({**FLAT, "monthly_cap": 0, "time_zone": "Asia/Urumqi"})
+    assert (other.monthly_cap, other.time_zone) == (0, "Asia/Urumqi")
+    assert parse_fare_policy(FLAT).monthly_cap is None  # no cap unless the policy says so
+
+
+@pytest.mark.parametrize(
+    ("zone", "utc", "start"),
+    [
+        # 16:00 UTC on the last of the month is midnight in Beijing time: a new month there
+        ("Asia/Shanghai", dt.datetime(2026, 11, 30, 15, 59, 59, tzinfo=dt.UTC), (2026, 11, 1)),
+        ("Asia/Shanghai", dt.datetime(2026, 11, 30, 16, 0, 0, tzinfo=dt.UTC), (2026, 12, 1)),
+        ("Asia/Shanghai", dt.datetime(2026, 12, 31, 16, 30, tzinfo=dt.UTC), (2027, 1, 1)),
+        # the same instants in a city two hours behind Beijing (UTC+6): still November
+        ("Asia/Urumqi", dt.datetime(2026, 11, 30, 16, 0, 0, tzinfo=dt.UTC), (2026, 11, 1)),
+        ("Asia/Urumqi", dt.datetime(2026, 11, 30, 18, 0, 0, tzinfo=dt.UTC), (2026, 12, 1)),
+    ],
+)
+def test_the_month_begins_at_midnight_on_the_first_in_the_citys_time_zone(
+    zone: str, utc: dt.datetime, start: tuple[int, int, int]
+) -> None:
+    policy = parse_fare_policy({**FLAT, "monthly_cap": 15_000, "time_zone": zone})
+    begun = month_start(policy, utc)
+    assert (begun.year, begun.month, begun.day, begun.hour, begun.minute) == (*start, 0, 0)
+    assert begun.utcoffset() == dt.timedelta(hours=8 if zone == "Asia/Shanghai" else 6)
+    assert begun <= utc < begun + dt.timedelta(days=31)
+    # what the store keeps for the caps: from the month's start (or the day's, if earlier)
+    monthly_only = parse_fare_policy({**FLAT, "monthly_cap": 15_000, "time_zone": zone})
+    assert accumulator_since(dataclasses.replace(monthly_only, daily_cap=None), utc) == begun
+    since = accumulator_since(policy, utc)
+    assert since is not None and since <= begun
+    assert (
+        accumulator_since(dataclasses.replace(policy, daily_cap=None, monthly_cap=None), utc)
+        is None
+    )
+
+
+def test_the_monthly_cap_takes_what_is_left_of_the_month() -> None:
+    policy = parse_fare_policy({**FLAT, "daily_cap": 100_000, "monthly_cap": 1000})
+    place = TapPlace(line=1, stop=1)
+    assert decide(policy, CardFacts(paid_this_month=700), place, T0).amount == 200
+    assert decide(policy, CardFacts(paid_this_month=900), place, T0).amount == 100
+    assert decide(policy, CardFacts(paid_this_month=1000), place, T0).amount == 0
+    assert decide(policy, CardFacts(paid_this_month=5000), place, T0).amount == 0  # never < 0
+    # the lower of the two caps wins
+    both = parse_fare_policy({**FLAT, "daily_cap": 500, "monthly_cap": 1000})
+    assert decide(both, CardFacts(paid_today=400, paid_this_month=500), place, T0).amount == 100
+    assert decide(both, CardFacts(paid_today=0, paid_this_month=950), place, T0).amount == 50
+
+
+@st.composite
+def capped_policies(draw: st.DrawFn) -> FarePolicy:
+    """Distance tables with a monthly cap (and sometimes a daily cap and a transfer)."""
+    base = draw(distance_policies())
+    raw: dict[str, Any] = {
+        "mode": "distance",
+        "max_fare": base.max_fare,
+        "bands": [{"over_m": b.low, "up_to_m": b.high, "price": b.price} for b in base.bands],
+        "lines": {"3": {"stops": [{"id": s.id, "at_m": s.at_m} for s in base.lines[3].stops]}},
+        "card_types": {"05": {"percent": base.card_types[5].percent}},
+        "monthly_cap": draw(st.integers(0, 20_000)),
+        "entry_exit": {"boarding_debit": draw(st.sampled_from(["max", "min"]))},
+    }
+    if base.beyond is not None:
+        raw["beyond"] = {"every": base.beyond.every, "add": base.beyond.add}
+    if draw(st.booleans()):
+        raw["daily_cap"] = draw(st.integers(0, 5000))
+    return parse_fare_policy(raw)
+
+
+@given(policy=capped_policies(), data=st.data())
+def test_a_month_of_single_taps_never_pays_beyond_the_monthly_cap(
+    policy: FarePolicy, data: st.DataObject
+) -> None:
+    """Tap after tap through a month (days and stops drawn): every charge is >= 0 and the
+    month's total never passes the cap; a day's never passes the daily cap."""
+    assert policy.monthly_cap is not None
+    stops = [s.id for s in policy.lines[3].stops]
+    card_type = data.draw(st.sampled_from([None, 5]))
+    month, days = 0, dict[int, int]()
+    for _ in range(data.draw(st.integers(1, 40))):
+        day = data.draw(st.integers(1, 28))
+        place = TapPlace(3, data.draw(st.sampled_from(stops)), "single")
+        card = CardFacts(card_type=card_type, paid_today=days.get(day, 0), paid_this_month=month)
+        decision = decide(policy, card, place, dt.datetime(2026, 11, day, 8, 0))
+        assert decision.amount >= 0
+        month += decision.amount
+        days[day] = days.get(day, 0) + decision.amount
+        assert month <= policy.monthly_cap
+        assert policy.daily_cap is None or days[day] <= policy.daily_cap
+
+
+@given(policy=capped_policies(), data=st.data())
+def test_a_boarding_and_alighting_trip_settles_within_the_monthly_cap(
+    policy: FarePolicy, data: st.DataObject
+) -> None:
+    """What a trip costs once settled (boarding + alighting - the host's refund) never takes
+    the month past the cap, nor below what was paid before it; no charge or refund < 0."""
+    assert policy.monthly_cap is not None
+    line = policy.lines[3]
+    origin = data.draw(st.sampled_from(line.stops))
+    destination = data.draw(st.sampled_from(line.stops))
+    before = data.draw(st.integers(0, 25_000))
+    role = data.draw(st.sampled_from(["both", "exit"]))
+    board = decide(policy, CardFacts(paid_this_month=before), TapPlace(3, origin.id, "entry"), T0)
+    after_board = before + board.amount if role == "both" else before
+    alight = decide(
+        policy,
+        CardFacts(last_trip=_entry(3, origin.id, board.amount), paid_this_month=after_board),
+        TapPlace(3, destination.id, role),
+        T0 + dt.timedelta(minutes=30),
+    )
+    assert min(board.amount, alight.amount, alight.refund_due) >= 0
+    trip = settle_trip([board, alight])
+    assert trip >= 0
+    assert before + trip <= max(policy.monthly_cap, before)

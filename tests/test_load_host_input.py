@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -21,9 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from agent.crypto import datetime7
 from agent.offline_store import DeviceKey, OfflineStore, RecordBody
+from agent.offline_store.records import FieldValue
 from agent.products import cpu_load, cpu_purse
 from agent.sam.keys import KeySet
 from agent.tap.load import KioskLoader, LoadRequest, LoadResult, _Exchanger
@@ -34,7 +37,7 @@ from clearinghost.keystore import SoftwareKeyStore, load_test_keys
 from clearinghost.loads import LoadAuthority, LoadRefused
 from clearinghost.operators import OPERATOR, TOKEN_ENV, VIEWER, Operator, Operators, hash_token
 from clearinghost.server import ClearingHost, HostServer, create_app
-from clearinghost.storage import SqliteStorage
+from clearinghost.storage import SqliteStorage, open_storage
 from sync import protocol
 from tests.fake_reader.cpu_card import SimulatedCpuCard
 from tests.fake_reader.inprocess import CardField, InProcessReader
@@ -772,3 +775,293 @@ def test_a_load_open_at_another_kiosk_waits_for_it_or_for_the_operator(
     assert len(card.loads) == 1
     closed = stack.signed_post("/v1/admin/loads/kiosk-a-1/resolve", {})
     assert closed.status_code == 401  # an operator route, not a terminal's
+
+
+# --- fare refunds and unfinished-trip corrections become pending loads (issue 13) ----------------
+
+
+def _fare_fields(refund: int | None, **extra: Any) -> dict[str, Any]:
+    """A purchase record's fare fields as an alighting tap writes them
+    (agent.tap.context.TapContext.fare_fields)."""
+    return {
+        "product": "cpu",
+        "fare_kind": "exit",
+        "fare_base": 200,
+        "fare_line": 8,
+        "fare_stop": 3,
+        "fare_unfinished": None,
+        "fare_refund_due": refund,
+        "fare_still_owed": None,
+        "fare_transfer_from": None,
+        **extra,
+    }
+
+
+def _upload(stack: Stack, records: list[Any]) -> httpx.Response:
+    batch = protocol.encode_batch(KIOSK, records)
+    return httpx.post(
+        stack.url + protocol.records_path(KIOSK),
+        content=batch.body,
+        headers={"Content-Encoding": "gzip", protocol.IDEMPOTENCY_HEADER: batch.idempotency_key},
+    )
+
+
+def test_a_fare_refund_becomes_one_pending_load_credited_at_the_next_kiosk_load(
+    stack: Stack,
+) -> None:
+    """An alighting tap that pre-authorised more than the trip cost records ``fare_refund_due``;
+    at the host it becomes exactly one pending load for that card (re-uploads, a batch sent
+    again in another split, a retry: still one), listed for the operator and loaded once at the
+    kiosk. A record without the field, or with it null, owes nothing."""
+    card, other = stack.card(40), stack.card(41)
+    asn, other_asn = card.asn.hex().upper(), other.asn.hex().upper()
+    boarding = stack.store.append_record(
+        RecordBody("purchase", asn, 400, _fare_fields(None, fare_kind="entry", fare_stop=1))
+    )
+    alighting = stack.store.append_record(RecordBody("purchase", asn, 0, _fare_fields(200)))
+    stack.store.append_record(RecordBody("purchase", other_asn, 200, {"product": "cpu"}))
+    first = list(stack.store.records())
+    assert _upload(stack, first[:2]).status_code == 200
+    for _ in range(2):  # the same batch again (a lost answer), then the whole backlog
+        assert _upload(stack, first[:2]).status_code == 200
+        assert _upload(stack, first).status_code == 200
+    assert _upload(stack, first[1:2]).status_code == 200  # the refund's record alone
+    (pending,) = stack.authority.pending_loads(asn)
+    assert (pending.source, pending.amount) == ("fare", 200)
+    assert pending.id == f"fare-{KIOSK}-{alighting.seq}" and boarding.seq == alighting.seq - 1
+    assert f"seq {alighting.seq}" in pending.reference and "line 8 stop 3" in pending.reference
+    assert stack.authority.pending_loads(other_asn, open_only=False) == []
+    assert len(stack.authority.pending_loads(open_only=False)) == 1
+
+    listed = httpx.get(
+        stack.url + "/v1/admin/loads/credits",
+        params={"card": asn},
+        headers={"Authorization": f"Bearer {VIEWER_TOKEN}"},
+    )
+    assert listed.status_code == 200
+    assert [p["id"] for p in listed.json()["pending_loads"]] == [pending.id]
+
+    result = stack.present(
+        card, "fare-refund-load", {"kind": "pending", "id": pending.id}, amount=200
+    )
+    assert result.status == "loaded" and card.balance == BALANCE + 200
+    assert stack.authority.pending_loads(asn) == []  # loaded: no longer open
+    assert _upload(stack, first).status_code == 200
+    (taken,) = stack.authority.pending_loads(asn, open_only=False)
+    assert taken.load_key == "fare-refund-load"  # a re-upload never makes a second one
+
+
+def test_forged_conflicting_or_quarantined_fare_records_make_no_pending_load(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Only a record the host holds credits anything: a record altered after signing (refused
+    at screening), a record signed by the terminal's key but conflicting with the record the
+    host holds at its seq (a store restored from an old copy), and a quarantined record (its
+    notice fills the slot) never become a pending load."""
+    card = stack.card(42)
+    asn = card.asn.hex().upper()
+    held = stack.store.append_record(RecordBody("purchase", asn, 200, {"product": "cpu"}))
+    assert _upload(stack, [held]).status_code == 200
+
+    # a copy of the store from before record 1, the same device key: another record 1 (a fare
+    # refund; a POS refund, which the host also credits, likewise)
+    pos_refund: dict[str, FieldValue] = {
+        "order_id": "ORD-1",
+        "refund_id": "RF-1",
+        "original_seq": 1,
+        "credit": "host",
+    }
+    for n, body in enumerate(
+        (
+            RecordBody("purchase", asn, 0, _fare_fields(300)),
+            RecordBody("refund_request", asn, 200, pos_refund),
+        )
+    ):
+        clone = OfflineStore.open(tmp_path / f"clone-{n}.db", stack.device, KIOSK)
+        other = clone.append_record(body)
+        clone.close()
+        assert other.seq == held.seq and other.hash != held.hash
+        answer = _upload(stack, [other])
+        assert answer.status_code == 409 and answer.json()["reason"] == "conflict", answer.text
+    assert stack.authority.pending_loads(asn, open_only=False) == []
+
+    # altered after signing: the fare refund raised from 100 to 900
+    honest = stack.store.append_record(RecordBody("purchase", asn, 0, _fare_fields(100)))
+    forged = dataclasses.replace(honest, fields=_fare_fields(900))
+    answer = _upload(stack, [forged])
+    assert answer.status_code == 422, answer.text
+
+    # quarantined at the terminal (its row changed behind the store's back): the notice goes
+    with sqlite3.connect(tmp_path / "agent.db") as conn:
+        conn.execute("UPDATE records SET amount = amount + 1 WHERE seq = ?", (honest.seq,))
+    assert [q.seq for q in stack.store.quarantine_scan()] == [honest.seq]
+    entries = stack.store.unsent_entries(10)
+    answer = _upload(stack, entries)
+    assert answer.status_code == 200 and answer.json()["ack_seq"] == honest.seq, answer.text
+    assert _upload(stack, entries).status_code == 200
+    assert stack.authority.pending_loads(asn, open_only=False) == []
+
+
+def test_a_bad_fare_refund_value_is_logged_naming_the_record_and_credits_nothing(
+    stack: Stack,
+) -> None:
+    """A refund that is not whole fen (a terminal bug): stored as sent, never a pending load of
+    a guessed amount; the error names terminal and seq."""
+    card = stack.card(43)
+    asn = card.asn.hex().upper()
+    record = stack.store.append_record(
+        RecordBody("purchase", asn, 0, _fare_fields(None, fare_refund_due="2.00"))
+    )
+    with capture_logs() as logs:
+        assert _upload(stack, [record]).status_code == 200
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert errors and errors[0]["seq"] == record.seq and errors[0]["terminal_id"] == KIOSK
+    assert "fare_refund_due must be a whole number of fen" in errors[0]["error"]
+    assert stack.authority.pending_loads(asn, open_only=False) == []
+    assert stack.host.storage.count_records(KIOSK) == 1
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_workers(
+    request: pytest.FixtureRequest, tmp_path: Path, stack: Stack
+) -> Iterator[tuple[ClearingHost, ClearingHost]]:
+    """Two host workers (``cardhost host --workers 2``: each its own connections) on one
+    records database and one loads database."""
+    if request.param == "sqlite":
+        records: str = f"sqlite:///{tmp_path / 'shared-host.db'}"
+        loads: Path | str = tmp_path / "shared-loads.db"
+    else:
+        pg = request.getfixturevalue("pg")
+        records, loads = pg.new_database(), pg.new_database()
+    key = HostKey.generate()
+    workers = []
+    for _ in range(2):
+        authority = LoadAuthority(loads, SoftwareKeyStore(stack.keyset), max_balance=MAX_BALANCE)
+        workers.append(ClearingHost(open_storage(records), key, loads=authority))
+    workers[0].storage.register_terminal(KIOSK, stack.device.public_key_bytes.hex())
+    yield workers[0], workers[1]
+    for worker in workers:
+        worker.storage.close()
+        assert worker.loads is not None
+        worker.loads.close()
+
+
+def test_two_workers_storing_one_fare_refund_at_once_make_one_pending_load(
+    stack: Stack, two_workers: tuple[ClearingHost, ClearingHost]
+) -> None:
+    """The daemon's batch reaches two host workers at once (a retry after a timeout lands on
+    the other worker): both store or see it, both reconcile it; one pending load per record."""
+    a, b = two_workers
+    cards = [stack.card(500 + n) for n in range(ROUNDS)]
+    for n, card in enumerate(cards):
+        stack.store.append_record(
+            RecordBody("purchase", card.asn.hex().upper(), 0, _fare_fields(100 + n))
+        )
+        batch = protocol.encode_batch(KIOSK, [list(stack.store.records())[-1]])
+        barrier = threading.Barrier(2)
+        answers: list[int] = []
+
+        def send(
+            worker: ClearingHost,
+            batch: protocol.UploadBatch,
+            barrier: threading.Barrier,
+            answers: list[int],
+        ) -> None:
+            barrier.wait(30)
+            status, _ = worker.upload(KIOSK, batch.body, "gzip", batch.idempotency_key)
+            answers.append(status)
+
+        threads = [threading.Thread(target=send, args=(w, batch, barrier, answers)) for w in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "an upload hung"
+        assert answers == [200, 200]
+    assert a.loads is not None and b.loads is not None
+    for n, card in enumerate(cards):
+        asn = card.asn.hex().upper()
+        (pending,) = a.loads.pending_loads(asn, open_only=False)
+        assert pending.amount == 100 + n and pending.id == f"fare-{KIOSK}-{n + 1}"
+        assert b.loads.pending_loads(asn, open_only=False) == [pending]
+    assert len(b.loads.pending_loads()) == ROUNDS
+
+
+def test_an_unfinished_trip_left_to_the_host_is_corrected_once_by_an_operator(
+    stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy's ``unfinished: "host"`` rule debits nothing more at the terminal and records
+    the trip as the host's to correct; the host lists such records, and an operator's
+    correction makes one pending load per record (the same again: the same one; another
+    amount: refused), which the card then loads at a kiosk. Other records cannot be
+    "corrected"; a correction above the fare policy's max_fare is refused."""
+    stack.host.storage.publish_params(
+        {"fare_policy": {"mode": "flat", "flat_fare": 200, "max_fare": 400}}
+    )
+    card = stack.card(44)
+    asn = card.asn.hex().upper()
+    plain = stack.store.append_record(RecordBody("purchase", asn, 200, {"product": "cpu"}))
+    refunded = stack.store.append_record(RecordBody("purchase", asn, 0, _fare_fields(100)))
+    unfinished = stack.store.append_record(
+        RecordBody(
+            "purchase",
+            asn,
+            400,
+            _fare_fields(None, fare_kind="unfinished_then_entry", fare_unfinished="host"),
+        )
+    )
+    assert _upload(stack, list(stack.store.records())).status_code == 200
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    viewer = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    path = stack.url + "/v1/admin/loads/fare-corrections"
+
+    listed = httpx.get(path, headers=viewer)
+    assert listed.status_code == 200
+    (trip,) = listed.json()["unfinished_trips"]
+    assert (trip["terminal_id"], trip["seq"], trip["corrected"]) == (KIOSK, unfinished.seq, None)
+    assert trip["fare_kind"] == "unfinished_then_entry" and trip["card_id"] == asn
+
+    def correct(seq: int, amount: int, reason: str = "rider's alighting seen on camera") -> Any:
+        body = {"terminal_id": KIOSK, "seq": seq, "amount": amount, "reason": reason}
+        return httpx.post(path, json=body, headers=operator)
+
+    assert httpx.post(path, json={}, headers=viewer).status_code == 403
+    for seq, amount, status, code in (
+        (plain.seq, 100, 422, "not_correctable"),  # not an unfinished trip
+        (refunded.seq, 100, 422, "not_correctable"),
+        (unfinished.seq, 401, 422, "not_correctable"),  # above max_fare
+        (unfinished.seq, 0, 422, "not_correctable"),
+        (99, 100, 404, "unknown_record"),
+    ):
+        answer = correct(seq, amount)
+        assert (answer.status_code, answer.json()["error"]) == (status, code), answer.text
+    assert correct(unfinished.seq, 150, reason=" ").json()["error"] == "not_correctable"
+
+    first = correct(unfinished.seq, 150)
+    assert first.status_code == 201, first.text
+    assert correct(unfinished.seq, 150).json() == first.json()  # the same correction again
+    again = correct(unfinished.seq, 200)
+    assert (again.status_code, again.json()["error"]) == (409, "pending_exists")
+    pending = first.json()
+    assert pending["id"] == f"fare-{KIOSK}-{unfinished.seq}" and pending["source"] == "fare"
+    assert pending["created_by"] == "operator alice" and "camera" in pending["reference"]
+    (trip,) = httpx.get(path, headers=viewer).json()["unfinished_trips"]
+    assert trip["corrected"] == pending["id"]
+
+    # what the operator's command line shows and does (cardhost loads unfinished / correct)
+    listing = _cli(capsys, monkeypatch, "loads", "--host", stack.url, "unfinished")
+    assert listing == (
+        f"{KIOSK}\t{unfinished.seq}\t{asn}\tunfinished_then_entry\tline 8 stop 3\t{pending['id']}\n"
+    )
+    argv = ["--terminal", KIOSK, "--seq", str(unfinished.seq), "--amount", "150"]
+    shown = _cli(capsys, monkeypatch, "loads", "--host", stack.url, "correct", *argv,
+                 "--reason", "rider's alighting seen on camera")  # fmt: skip
+    assert json.loads(shown) == pending  # the same correction: the same pending load
+
+    # the refund and the correction, each its own pending load, both loaded at the kiosk
+    owed = {p.id: p.amount for p in stack.authority.pending_loads(asn)}
+    assert owed == {f"fare-{KIOSK}-{refunded.seq}": 100, pending["id"]: 150}
+    for n, (ident, amount) in enumerate(sorted(owed.items())):
+        result = stack.present(card, f"fare-{n}", {"kind": "pending", "id": ident}, amount=amount)
+        assert result.status == "loaded", result
+    assert card.balance == BALANCE + 250 and stack.authority.pending_loads(asn) == []

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from structlog.testing import capture_logs
 
 from agent.blacklist import BLACKLIST_FILE, Blacklist
 from agent.errors import StoreError
 from agent.offline_store import RecordBody
+from agent.offline_store.records import FieldValue
+from agent.products.fare_policy import month_start, parse_fare_policy
 from agent.sam.keys import KeySet
 from agent.wiring import TERMINAL_FILE
 from clearinghost.clearing import DEMO_FACTOR2, TacVerifier
@@ -36,6 +40,7 @@ from clearinghost.storage import SqliteStorage
 from sync.client import ClientTls
 from sync.daemon import FLUSH_FLAG_FILE
 from sync.errors import HostUnreachable, ListRejected
+from sync.params import PARAMS_FILE
 from tests.fake_reader.scenario import Family, make_card
 from tests.rig import TERMINAL_ID, Rig
 from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
@@ -374,6 +379,103 @@ def test_blacklist_faults_are_refused(tmp_path: Path, host_key: HostKey) -> None
         daemon.close()
     assert Blacklist.open(path).contains_asn(asn + 99)
     host.storage.close()
+    terminal.store.close()
+
+
+# --- parameter sets: the set in force, pulled again ---------------------------------------------
+
+
+def test_pulling_the_params_in_force_again_is_quiet_an_older_version_is_refused(
+    tmp_path: Path, host_key: HostKey
+) -> None:
+    """Issue 13: with a short pull interval the daemon logged "params: version N replayed" as an
+    error each time the host answered the set it already held within the same second (the host
+    signs with ``issued_at`` = its clock, whole seconds). The host's clock is held still here,
+    so every pull answers the same envelope; then it moves on (a renewal, written), and then
+    a host restored from an old backup serves an older version (refused, loudly)."""
+    terminal = Terminal.provision(tmp_path, "T-PARAMS")
+    clock = [float(int(time.time()))]
+    storage = SqliteStorage(tmp_path / "host.db")
+    host = make_host(storage, host_key, clock=lambda: clock[0])
+    storage.publish_params({"fare_table": {"flat_fare": 200}})
+    storage.publish_params({"fare_table": {"flat_fare": 250}})
+    with HostServer(create_app(host)) as server:
+        daemon = daemon_for(terminal, fast_settings(server.url, host_key))
+        params_file = terminal.data_dir / PARAMS_FILE
+        first = daemon._job("params", daemon.pull_params)
+        assert first is not None and first.version == 2
+        written = params_file.read_bytes()
+        with capture_logs() as logs:
+            for _ in range(3):  # what a short params_interval_s does within one host second
+                again = daemon._job("params", daemon.pull_params)
+                assert again is not None and again.version == 2
+        assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
+        assert any(e["event"] == "params unchanged" and e["version"] == 2 for e in logs), logs
+        assert daemon._jobs["params"].failures == 0
+        assert params_file.read_bytes() == written  # nothing rewritten
+        clock[0] += 60  # the host signs the same set later: a renewal (a later expiry), kept
+        renewed = daemon._job("params", daemon.pull_params)
+        assert renewed is not None and renewed.issued_at == first.issued_at + 60
+        assert json.loads(params_file.read_bytes())["payload"]["issued_at"] == renewed.issued_at
+        daemon.close()
+    storage.close()
+
+    # A host restored from a backup that knows only version 1: a genuine rollback, refused.
+    old_storage = SqliteStorage(tmp_path / "old-host.db")
+    old_host = make_host(old_storage, host_key, clock=lambda: clock[0] + 60)
+    old_storage.publish_params({"fare_table": {"flat_fare": 200}})
+    with HostServer(create_app(old_host)) as server:
+        daemon = daemon_for(terminal, fast_settings(server.url, host_key))
+        with pytest.raises(ListRejected, match="older than the loaded version 2"):
+            daemon.pull_params()
+        with capture_logs() as logs:
+            assert daemon._job("params", daemon.pull_params) is None
+        assert any(
+            e["log_level"] == "error" and e["event"] == "parameter set refused" for e in logs
+        ), logs
+        assert daemon._jobs["params"].failures == 1
+        assert daemon.params.version == 2
+        daemon.close()
+    old_storage.close()
+    terminal.store.close()
+
+
+def _stamped(at: dt.datetime) -> tuple[dt.datetime, dict[str, FieldValue]]:
+    return at, {}
+
+
+def test_compaction_keeps_the_records_a_monthly_cap_counts(
+    tmp_path: Path, host_key: HostKey
+) -> None:
+    """The monthly cap's accumulator is the terminal's own records of the month
+    (agent.products.fare_policy): while such a policy is in force the daemon compacts only what
+    is older than the month's start in the city's time zone, whatever ``compact_after_s``."""
+    terminal = Terminal.provision(tmp_path, "T-CAP")
+    storage = SqliteStorage(tmp_path / "host.db")
+    host = make_host(storage, host_key)
+    policy = {"mode": "flat", "flat_fare": 200, "max_fare": 200, "monthly_cap": 5000}
+    storage.publish_params({"fare_policy": policy, "effective_from": 0})
+    now = dt.datetime.now(dt.UTC)
+    begun = month_start(parse_fare_policy(policy), now)
+    stamps = [now - dt.timedelta(days=40), begun - dt.timedelta(seconds=1), begun, now]
+    for at in stamps:
+        terminal.store.set_stamp(partial(_stamped, at))
+        terminal.tap()
+    with HostServer(create_app(host)) as server:
+        daemon = daemon_for(terminal, fast_settings(server.url, host_key, compact_after_s=0.0))
+        assert daemon.pull_params() is not None
+        daemon.upload_pending()
+        assert terminal.store.acknowledged_seq() == 4
+        assert [r.seq for r in terminal.store.records()] == [3, 4]  # this month's, kept
+        # a set without the cap: the same setting compacts every acknowledged record
+        uncapped = {k: v for k, v in policy.items() if k != "monthly_cap"}
+        storage.publish_params({"fare_policy": uncapped, "effective_from": 0})
+        assert daemon.pull_params() is not None
+        terminal.tap()
+        daemon.upload_pending()
+        assert terminal.store.acknowledged_seq() == 5 and terminal.store.count_records() == 0
+        daemon.close()
+    storage.close()
     terminal.store.close()
 
 

@@ -20,7 +20,9 @@ Shape (money in integer fen, distances in metres, times in seconds)::
       "lines": {"1": {"mode": "bus", "stops": [{"id": 1, "at_m": 0, "section": 1}, ...]}},
       "card_types": {"05": {"percent": 50}, "06": {"free": true}},   # EF15/EF17 card type, hex
       "transfer": {"window_s": 7200, "discount": 100, "between": "lines" | "modes"},
-      "daily_cap": 1500,
+      "daily_cap": 1500,                   # fen a card pays in one day at most
+      "monthly_cap": 20000,                # fen a card pays in one calendar month at most
+      "time_zone": "Asia/Shanghai",        # the city's zone: where a month begins (IANA name)
       "anti_passback_s": 600,
       "entry_exit": {"boarding_debit": "max" | "min", "max_trip_s": 14400,
                      "unfinished": "max_fare" | "penalty" | "host", "penalty": 500,
@@ -36,15 +38,27 @@ types 03 / 04), repository tkerby/flipperzero-firmware-wPlugins, commits
 5afa037621267281d491325d7cf43bafe6ae8457 and 0bc372cda19d9cef5a9452b13c61e70cd21d6368.
 JT/T 978 itself was not available to check; a city whose terminals write other codes sets
 them in the policy.
+
+The caps' accumulators are the terminal's own purchase records for the card (the daily cap
+since local midnight, the monthly cap since the first of the month at 00:00 in ``time_zone``;
+``agent.tap.context.TapContext``): none of the card families priced here gives this system a
+field to keep a running total in (the T-Union EF1E / EF1A trip records, the CJ/T 166 CAPP
+record and the M1 trip records carry one trip each, no sum), so a cap is per terminal: a card
+that rides several validators in a month can pay up to the cap at each. The sync daemon keeps
+the records of the cap's period in the store while such a policy is in force
+(:func:`accumulator_since`), so compaction never empties the accumulator.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_FEN = 1_000_000  # 10 000 yuan: no fare, cap or penalty is above this
+DEFAULT_TIME_ZONE = "Asia/Shanghai"  # China keeps one zone (UTC+8); a policy may name another
 MAX_DAYS_AHEAD = 400  # a set effective further than this after its issue is refused
 PUBLICATION_GRACE_S = 3600  # a fare_policy may not take effect earlier than this before publication
 UNFINISHED = ("max_fare", "penalty", "host")
@@ -127,6 +141,8 @@ class FarePolicy:
     daily_cap: int | None = None
     anti_passback_s: int = 0
     entry_exit: EntryExit | None = None
+    monthly_cap: int | None = None  # fen in one calendar month of ``time_zone``
+    time_zone: str = DEFAULT_TIME_ZONE
 
 
 def _int(obj: Mapping[str, Any], key: str, where: str, *, low: int = 0, high: int = MAX_FEN) -> int:
@@ -219,6 +235,7 @@ def parse_fare_policy(raw: object) -> FarePolicy:
         {
             "mode", "flat_fare", "max_fare", "bands", "beyond", "lines", "card_types",
             "transfer", "daily_cap", "anti_passback_s", "entry_exit", "currency",
+            "monthly_cap", "time_zone",
         },
         "fare_policy",
     )  # fmt: skip
@@ -269,6 +286,8 @@ def parse_fare_policy(raw: object) -> FarePolicy:
             str(between),
         )
     daily_cap = _int(obj, "daily_cap", "fare_policy") if "daily_cap" in obj else None
+    monthly_cap = _int(obj, "monthly_cap", "fare_policy") if "monthly_cap" in obj else None
+    time_zone = _time_zone(obj.get("time_zone", DEFAULT_TIME_ZONE))
     passback = (
         _int(obj, "anti_passback_s", "fare_policy", high=86_400) if "anti_passback_s" in obj else 0
     )
@@ -323,9 +342,43 @@ def parse_fare_policy(raw: object) -> FarePolicy:
         daily_cap=daily_cap,
         anti_passback_s=passback,
         entry_exit=entry_exit,
+        monthly_cap=monthly_cap,
+        time_zone=time_zone,
     )
     _check_coverage(policy)
     return policy
+
+
+def _time_zone(value: object) -> str:
+    """An IANA time zone name this system's tz database knows (``Asia/Shanghai``)."""
+    where = "fare_policy.time_zone"
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable():
+        raise FarePolicyError(f"{where} must be an IANA time zone name, got {value!r}")
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise FarePolicyError(f"{where}: unknown time zone {value!r}") from None
+    return value
+
+
+def month_start(policy: FarePolicy, now: dt.datetime) -> dt.datetime:
+    """The first instant of ``now``'s calendar month in the policy's time zone (aware): the
+    monthly cap's accumulator counts from here. A naive ``now`` is taken as local time."""
+    local = now.astimezone(zoneinfo.ZoneInfo(policy.time_zone))
+    return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def accumulator_since(policy: FarePolicy, now: dt.datetime) -> dt.datetime | None:
+    """The oldest record a cap of the policy counts (aware), ``None`` without a cap: what the
+    store must keep (the sync daemon compacts nothing newer). The daily cap counts from local
+    midnight of ``now`` (its own zone), the monthly cap from :func:`month_start`."""
+    starts: list[dt.datetime] = []
+    if policy.daily_cap is not None:
+        local = now.astimezone()
+        starts.append(local.replace(hour=0, minute=0, second=0, microsecond=0))
+    if policy.monthly_cap is not None:
+        starts.append(month_start(policy, now))
+    return min(starts) if starts else None
 
 
 def band_price(policy: FarePolicy, value: int) -> int:

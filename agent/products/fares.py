@@ -11,9 +11,9 @@ Nothing here reads a card, a clock or a file. The tap layer gives :func:`decide`
 
 The policy (:mod:`agent.products.fare_policy`) decides; :func:`decide` applies the rules in one
 order, each a small function: table price → card-type discount → transfer discount → daily
-cap → never above ``max_fare``, never below 0. Entry/exit pricing settles on the alighting tap
-what the boarding tap pre-authorised; an unfinished trip meets the policy's ``unfinished``
-rule and the decision says so (``unfinished=...``) for the record and the host.
+cap → monthly cap → never above ``max_fare``, never below 0. Entry/exit pricing settles on the
+alighting tap what the boarding tap pre-authorised; an unfinished trip meets the policy's
+``unfinished`` rule and the decision says so (``unfinished=...``) for the record and the host.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class CardFacts:
     earlier_trip: Trip | None = None
     paid_today: int = 0  # what this terminal already charged the card today (the cap's sum)
     last_paid: PaidTap | None = None
+    paid_this_month: int = 0  # the same since the month began (the monthly cap's sum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,14 @@ def daily_cap(policy: FarePolicy, paid_today: int, amount: int) -> int:
     return max(0, min(amount, policy.daily_cap - paid_today))
 
 
+def monthly_cap(policy: FarePolicy, paid_this_month: int, amount: int) -> int:
+    """The amount after the monthly cap: nothing beyond the cap in one calendar month (of the
+    policy's time zone) on this terminal."""
+    if policy.monthly_cap is None:
+        return amount
+    return max(0, min(amount, policy.monthly_cap - paid_this_month))
+
+
 def check_passback(
     policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.datetime, entry_type: int
 ) -> None:
@@ -163,6 +172,7 @@ def _discounted(
     transferred = transfer_discount(policy, card.last_paid, place, now, amount)
     origin = card.last_paid.line if card.last_paid and transferred != amount else None
     amount = daily_cap(policy, card.paid_today, transferred)
+    amount = monthly_cap(policy, card.paid_this_month, amount)
     return max(0, min(amount, policy.max_fare)), origin
 
 
@@ -265,13 +275,15 @@ def _entry_exit(
         # The daily cap's sum: on a bus validator (role both) this tap's own terminal took the
         # boarding debit, so it is in ``paid_today`` already; the trip is capped on what was
         # paid before it. An exit gate (role exit) did not take it.
-        before_trip = card.paid_today - trip.amount if place.role == "both" else card.paid_today
+        taken = trip.amount if place.role == "both" else 0  # the monthly cap's sum likewise
+        before_trip = card.paid_today - taken
         price, transfer_from = _discounted(
             policy,
             dataclasses.replace(
                 card,
                 last_paid=transfer_origin(policy, card.earlier_trip, trip, place),
                 paid_today=max(0, before_trip),
+                paid_this_month=max(0, card.paid_this_month - taken),
             ),
             place,
             trip.when,  # the transfer window runs from the earlier trip to this boarding

@@ -17,7 +17,7 @@ from agent.merchant import MERCHANT_CATEGORY_FIELD, MERCHANT_ID_FIELD
 from agent.offline_store import OfflineStore, Record, RecordBody
 from agent.presence import PresenceGuard
 from agent.products.cpu_logs import Trip
-from agent.products.fare_policy import FarePolicy, NoFare
+from agent.products.fare_policy import FarePolicy, NoFare, month_start
 from agent.products.fares import (
     CardFacts,
     FareDecision,
@@ -261,6 +261,7 @@ class TapContext:
                 earlier_trip=earlier_trip,
                 last_paid=last_paid_from(last_trip, place),
                 paid_today=self._paid_today(policy),
+                paid_this_month=self._paid_this_month(policy),
             )
             try:
                 decision = decide(policy, card, place, self.now.replace(tzinfo=None))
@@ -291,6 +292,13 @@ class TapContext:
             return 0
         midnight = self.now.replace(hour=0, minute=0, second=0, microsecond=0)
         return self.store.purchases_since(self.outcome.card_id, midnight)
+
+    def _paid_this_month(self, policy: FarePolicy) -> int:
+        """The monthly cap's accumulator: this terminal's own purchase records for the card
+        since the month began in the policy's time zone (``fare_policy.month_start``)."""
+        if policy.monthly_cap is None or not self.outcome.card_id:
+            return 0
+        return self.store.purchases_since(self.outcome.card_id, month_start(policy, self.now))
 
     def fare_fields(self) -> dict[str, str | int | bool | None]:
         """What the purchase record says of the fare decision (empty without a policy): the
