@@ -415,3 +415,48 @@ def test_m1_trip_block_reads_back(
     block = cpu_logs.build_trip(M1_TRIP, trip)
     assert len(block) == 16
     assert cpu_logs.parse_trip(M1_TRIP, block) == trip
+
+
+# --- the CJ/T 166 boarding torn at every command -------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["tear_before", "tear_after"])
+def test_a_torn_cjt166_boarding_is_charged_once_and_its_capp_record_kept(
+    tmp_path: Path, mode: str
+) -> None:
+    """Every command of a CJ/T 166 boarding (the CAPP update is staged by the card and
+    committed with the DEBIT, cpu-purse.md §2.4) torn, the card back at once: one boarding
+    debit, a CAPP record that says so (or, when the DEBIT never happened, neither), and the
+    alighting settles to the table's price."""
+    probe = Rig(tmp_path / "probe", applications=compound_everywhere())
+    try:
+        write_params(tmp_path / "params.json", fare_policy=BUS)
+        probe.engine.params = ActiveParams(tmp_path / "params.json", HOST_KEY.public_key_bytes)
+        clean = rider(probe, "cjt166")
+        before = len(probe.reader.transmitted)
+        assert clean.tap(8, 1).status == "paid"
+        commands = len(probe.reader.transmitted) - before
+    finally:
+        probe.close()
+    assert commands == 9  # the clean tap: 7 (tests/test_tearing_cpu.py) + CAPP read + 80DC
+    for position in range(1, commands + 1):
+        rig = Rig(tmp_path / f"{mode}{position}", applications=compound_everywhere())
+        try:
+            rig.engine.params = ActiveParams(tmp_path / "params.json", HOST_KEY.public_key_bytes)
+            card = rider(rig, "cjt166")
+            card.cpu.reset_command_count()
+            card.cpu.faults.add(position, mode)  # type: ignore[arg-type]
+            card.tap(8, 1)
+            again = card.tap(8, 1)
+            label = f"{mode} at command {position}"
+            assert again.status in ("paid", "recovered"), (label, again)
+            assert len(card.cpu.debits) == 1, label
+            assert card.balance == 5000 - 400, label
+            trip = card.trip()
+            assert trip is not None and (trip.record_type, trip.amount) == (0x03, 400), label
+            assert card.tap(8, 3).fare == 0, label
+            records = rig.records(kind="purchase")
+            assert [r.fields["fare_kind"] for r in records] == ["entry", "exit"], label
+            assert charged(rig, card) == 200, label
+        finally:
+            rig.close()
