@@ -170,7 +170,7 @@ class TripBlock:
     public-info copy or record slot uses; ``layout`` the fields (:data:`M1_TRIP`, overridable
     key by key). The block is written after the purse debit and before the "done" flag
     (agent.products.m1_purse.debit), so a card whose last debit was torn before that flag
-    (recovery B/C or D) shows a trip block that may be the previous trip's."""
+    (recovery B/C) shows a trip block that may be the previous trip's."""
 
     enabled: bool = True
     sector: int | None = None  # None: the public-info sector

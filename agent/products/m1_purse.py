@@ -637,8 +637,8 @@ def debit(layout: M1Layout, session: M1Session, plan: DebitPlan) -> M1Step[int]:
     record_sector, record_blk = layout.record_block(plan.pointer)
     yield from _ensure(session, record_sector)
     yield from _write_checked(record_blk, plan.record)
-    # C': the trip block (issue 13), before the flag says "done": a card torn up to here is
-    # rolled forward (B/C, D), and such a card's trip block is not trusted (read_trip's
+    # C': the trip block (issue 13), before the flag says "done": a card torn from B to here
+    # is rolled forward (B/C), and such a card's trip block is not trusted (read_trip's
     # caller) until the journal that holds its bytes writes it again (write_trip).
     if plan.trip is not None:
         yield from write_trip(layout, session, plan.trip)

@@ -215,13 +215,15 @@ class M1Handler:
     def _last_trip(self, card: _Card) -> Trip | None:
         """The card's last trip from its trip block (``[m1_purse.trip]``). Not used, and logged,
         when it cannot be trusted: a block the layout cannot read (another system's, damaged),
-        or a card whose last debit was torn before its "done" flag and rolled forward here
-        (recovery B/C, D: that debit's trip block write may not have landed, and no journal
-        of this terminal holds it). The fare is then that of a card with no trip record, as
-        for a CPU card whose trip record is unreadable; the record's fare kind says so."""
+        or a card whose last debit was torn after the purse and before the "done" flag write
+        began, rolled forward here (recovery B/C: that debit's trip block write may not have
+        landed, and no journal of this terminal holds it; recovery D, a tear in the flag
+        write itself, comes after the trip block was read back). The fare is then that of a
+        card with no trip record, as for a CPU card whose trip record is unreadable; the
+        record's fare kind says so."""
         layout = self.layout
         kind = card.classification.kind
-        if kind in (Recovery.BC, Recovery.D):
+        if kind is Recovery.BC:
             log.warning(
                 "fare_trip_untrusted", card_id=card.card_id, recovery=kind.value,
                 reason="last debit torn before its trip block was confirmed",
