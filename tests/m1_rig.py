@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class M1Rig:
         profile: Profile | None = None,
         reader: str = "inprocess",
         directory: Path | None = None,
+        engine_setup: Callable[[TransactionEngine], None] | None = None,
     ) -> None:
         self.profile = profile or demo_profile()
         self.layout = layout or m1_layout(self.profile)
@@ -78,6 +80,7 @@ class M1Rig:
         else:
             self.reader = InProcessM1Reader(self.field)
         self._frame_cards: dict[int, M1FrameCard] = {}
+        self.engine_setup = engine_setup  # applied to every engine (after kill9 too)
         self.store = self._open_store()
         self.handler = self._handler()
         self.abandoned: list[Any] = []
@@ -86,7 +89,10 @@ class M1Rig:
         return OfflineStore.open(self.path, self.key, TERMINAL, clock=self.clock)
 
     def _handler(self) -> TransactionEngine:
-        return m1_engine(self.profile, self.store, self.sam, self.layout, clock=self.clock)
+        engine = m1_engine(self.profile, self.store, self.sam, self.layout, clock=self.clock)
+        if self.engine_setup is not None:
+            self.engine_setup(engine)
+        return engine
 
     def kill9(self) -> None:
         """Abandon the agent's objects (no close, no cleanup) and start a new agent."""

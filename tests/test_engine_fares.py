@@ -197,8 +197,9 @@ def test_bus_min_boarding_then_the_difference(rig: Rig, tmp_path: Path) -> None:
 
 
 def test_a_card_without_trip_state_pays_a_single_tap(rig: Rig, tmp_path: Path) -> None:
-    """The CJ/T 166 CAPP record has no record type: boarding and alighting cannot be told
-    apart on the card, so it pays the dearest ride from its stop, once per tap."""
+    """A CJ/T 166 application on the simple flow (the demo profile's) writes no CAPP record:
+    boarding and alighting cannot be told apart on the card, so it pays the dearest ride from
+    its stop, once per tap (on the compound flow: tests/test_fares_families.py)."""
     write_params(tmp_path / "params.json", fare_policy=BUS)
     card = make_card("cjt166", 24, rig.keyset, balance=5000)
     on_bus(rig, 8, 7)
@@ -324,9 +325,10 @@ def test_a_torn_tap_under_the_policy_is_charged_once_at_the_policys_fare(
             rig.close()
 
 
-def test_m1_cards_pay_the_policy_as_single_taps(rig: Rig, tmp_path: Path) -> None:
-    """An M1 purse has no trip record: distance fare from its stop; under an entry/exit policy
-    the dearest ride from here (logged fare_no_trip_state)."""
+def test_m1_cards_pay_the_policy(rig: Rig, tmp_path: Path) -> None:
+    """An M1 purse pays the distance fare from its stop; under an entry/exit policy its trip
+    block (``[m1_purse.trip]``) makes the tap a boarding, which pre-authorises the dearest
+    ride from here (the alighting: tests/test_fares_families.py)."""
     from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field, presence_of
     from tests.fake_reader.scenario import make_m1_card
 
@@ -342,6 +344,7 @@ def test_m1_cards_pay_the_policy_as_single_taps(rig: Rig, tmp_path: Path) -> Non
     field.insert(other)
     outcome = rig.engine.process_tap(InProcessM1Reader(field), presence_of(other))
     assert (outcome.status, outcome.fare) == ("paid", 400)
+    assert rig.records(kind="purchase")[-1].fields["fare_kind"] == "entry"
 
 
 def test_bus_transfer_from_line_9_into_a_trip_on_line_8(rig: Rig, tmp_path: Path) -> None:

@@ -10,17 +10,26 @@ for a card that never came back.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from structlog.testing import capture_logs
 
+from agent.params import ActiveParams
+from agent.products import cpu_logs
+from agent.products.cpu_logs import Trip
+from agent.products.fares import TapPlace
+from agent.products.m1_layout import M1Layout
 from agent.products.m1_purse import Recovery
+from agent.transaction import TransactionEngine
 from tests.fake_reader.m1_card import TEAR_MODES, M1Card
 from tests.fake_reader.scenario import m1_layout, m1_purse_of, make_m1_card
 from tests.m1_rig import M1Rig, card_classification
+from tests.test_engine_fares import BUS, HOST_KEY, write_params
 
 OLD = 1000
 FARE = 200  # the demo profile's flat fare
@@ -202,3 +211,121 @@ TestM1Stateful.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# --- boarding and alighting (issue 13): the trip block is one more write ---------------------
+
+BOARDING = 400  # line 8 stop 1: the dearest ride from there (tests/test_engine_fares.py BUS)
+TRIP_LAYOUTS: dict[str, dict[str, Any]] = {
+    "public-6.2": {},  # the default: public-info sector block 2, seconds since 2000
+    "records-5.2": {  # a record sector's spare block, BCD time, a 4-byte amount
+        "record_blocks_per_sector": 2,
+        "trip": {
+            "sector": 5, "block": 2, "time_encoding": "bcd", "time_at": 5, "amount_at": 12,
+            "amount_length": 4, "transfer_at": -1, "city_at": -1,
+        },
+    },
+}  # fmt: skip
+_TRIP_LAYOUT_CACHE = {name: m1_layout(**overrides) for name, overrides in TRIP_LAYOUTS.items()}
+
+
+def bus_rig(tmp_path: Path, layout_name: str) -> tuple[M1Rig, list[TapPlace]]:
+    """An M1 rig under the entry/exit bus policy; the returned list is where the validator
+    is (its last item), kept across kill -9."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = tmp_path / "params.json"
+    write_params(params, fare_policy=BUS)
+    where = [TapPlace(8, 1, "both", "1000")]
+
+    def setup(engine: TransactionEngine) -> None:
+        engine.params = ActiveParams(params, HOST_KEY.public_key_bytes)
+        engine.position = lambda: where[-1]
+
+    return M1Rig(_TRIP_LAYOUT_CACHE[layout_name], engine_setup=setup), where
+
+
+def trip_of(card: M1Card, layout: M1Layout) -> Trip | None:
+    return cpu_logs.parse_trip(layout.trip.layout, card.get_block(layout.trip_block))
+
+
+@pytest.mark.parametrize("layout_name", sorted(TRIP_LAYOUTS))
+@pytest.mark.parametrize("mode", TEAR_MODES)
+@pytest.mark.parametrize("write", range(1, DEBIT_WRITES + 2))
+@pytest.mark.parametrize("represent", ["at_once", "after_kill9", "never"])
+def test_tear_matrix_of_a_boarding(
+    tmp_path: Path, layout_name: str, mode: str, write: int, represent: str
+) -> None:
+    """A boarding writes the trip block between the record (C) and the "done" flag (D): seven
+    writes. Torn at each, in each mode: re-presented at this terminal, the card ends with one
+    boarding debit and its trip block (restored from the journal when the tear lost it), and
+    the alighting settles to the table's price; never re-presented, the intent becomes an
+    unresolved record, and another terminal does not trust a trip block that a torn debit may
+    not have written (recovery B/C): it logs ``fare_trip_untrusted``."""
+    rig, where = bus_rig(tmp_path, layout_name)
+    layout = rig.layout
+    card = make_m1_card(next(_numbers), layout, balance=OLD * 5)
+    before = card.get_block(layout.trip_block)
+    card.arm_tear(write, mode)  # type: ignore[arg-type]
+    torn = rig.tap(card)
+    assert torn.status == "torn", torn.reason
+    assert rig.pending(card) == 1
+    if represent == "never":
+        assert [r.kind for r in rig.expire_all()] == ["unresolved"]
+        elsewhere, _ = bus_rig(tmp_path / "elsewhere", layout_name)
+        with capture_logs() as logs:
+            outcome = elsewhere.tap(card)
+        assert outcome.status == "paid", outcome.reason
+        kind = card_classification(card, layout).kind
+        assert kind is Recovery.NORMAL
+        untrusted = [e for e in logs if e["event"] == "fare_trip_untrusted"]
+        repaired = [e["recovery"] for e in logs if e["event"] == "m1_repair"]
+        assert bool(untrusted) == ("B/C" in repaired), (repaired, untrusted)
+        if card.get_block(layout.trip_block) == before or untrusted:
+            # the boarding is lost to this terminal: this tap is a boarding (the host holds
+            # the unresolved record of the torn one)
+            assert elsewhere.records("purchase")[0].fields["fare_kind"] == "entry"
+        return
+    if represent == "after_kill9":
+        rig.kill9()
+    again = rig.tap(card)
+    assert again.status in ("recovered", "paid"), again.reason
+    assert rig.pending() == 0 and not rig.records("unresolved")
+    p, b = m1_purse_of(card, layout)
+    assert p == b == OLD * 5 - BOARDING
+    trip = trip_of(card, layout)
+    assert trip is not None
+    assert (trip.record_type, trip.line, trip.station, trip.amount) == (0x03, 8, 1, BOARDING)
+    purchases = rig.records("purchase", card)
+    assert [r.fields["fare_kind"] for r in purchases] == ["entry"]
+    where.append(TapPlace(8, 3, "both", "1000"))
+    alight = rig.tap(card)
+    assert (alight.status, alight.fare) == ("paid", 0), alight.reason
+    settled = rig.records("purchase", card)
+    assert [r.fields["fare_kind"] for r in settled] == ["entry", "exit"]
+    assert settled[-1].fields["fare_refund_due"] == 200  # 4 yuan pre-authorised, 2 the ride
+    assert sum(r.amount for r in settled) == BOARDING
+    assert card_classification(card, layout).kind is Recovery.NORMAL
+
+
+@pytest.mark.parametrize("mode", TEAR_MODES)
+@pytest.mark.parametrize("write", [3, 4])  # the record (C), the trip block (C')
+def test_a_boarding_torn_after_its_debit_is_not_trusted_elsewhere(
+    tmp_path: Path, mode: str, write: int
+) -> None:
+    """The debit landed, the trip block maybe not, and the card never came back here: another
+    terminal rolls the debit forward (B/C) and does not read the trip block as this trip's
+    boarding (it may be the previous trip's); the tap there is a boarding, logged."""
+    rig, _ = bus_rig(tmp_path / "here", "public-6.2")
+    card = make_m1_card(next(_numbers), rig.layout, balance=OLD * 5)
+    card.arm_tear(write, mode)  # type: ignore[arg-type]
+    assert rig.tap(card).status == "torn"
+    elsewhere, _ = bus_rig(tmp_path / "elsewhere", "public-6.2")
+    with capture_logs() as logs:
+        outcome = elsewhere.tap(card)
+    assert (outcome.status, outcome.fare) == ("paid", BOARDING), outcome.reason
+    assert [e["recovery"] for e in logs if e["event"] == "m1_repair"] == ["B/C"]
+    untrusted = [e for e in logs if e["event"] == "fare_trip_untrusted"]
+    assert untrusted and untrusted[0]["recovery"] == "B/C"
+    assert elsewhere.records("purchase")[0].fields["fare_kind"] == "entry"
+    trip = trip_of(card, elsewhere.layout)
+    assert trip is not None and (trip.record_type, trip.amount) == (0x03, BOARDING)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.apdu import Command, Party, Response, require
 from agent.errors import CardProtocolError, ConfigurationError
-from agent.profile import FieldEncoding, TimeEncoding, TripLayout
+from agent.products.trip_layout import FieldEncoding, TimeEncoding, TripLayout
 
 Step = Generator[Command, Response, list[bytes]]
 
@@ -61,6 +61,9 @@ class Trip:
     when: dt.datetime = EPOCH_2000
     city: str = ""  # BCD city code, 4 digits
     institution: str = ""  # the institution code, hex, without its FF padding
+    # A one-record layout's transfer origin (TripLayout.transfer_at): the line the boarding
+    # this record opened may be a transfer from (None: none, or a layout without the field).
+    transfer_from: int | None = None
 
 
 def read_record_command(sfi: int, number: int, le: int, *, by_identifier: bool = False) -> Command:
@@ -200,6 +203,7 @@ def parse_trip(layout: TripLayout, record: bytes, number: int = 1) -> Trip | Non
         return record[at : at + length] if at >= 0 else b""
 
     institution = get("institution")[: layout.institution_code_length]
+    origin = int.from_bytes(get("transfer"), "big")  # line id + 1; 0 (or absent): none
     return Trip(
         record_type=record[layout.type_at] if layout.type_at >= 0 else 0,
         terminal=get("terminal").hex().upper(),
@@ -212,6 +216,7 @@ def parse_trip(layout: TripLayout, record: bytes, number: int = 1) -> Trip | Non
         when=decode_time(get("time"), layout.time_encoding, what),
         city=get("city").hex().upper(),
         institution=institution.hex().upper(),
+        transfer_from=origin - 1 if origin else None,
     )
 
 
@@ -254,10 +259,13 @@ def build_trip(layout: TripLayout, trip: Trip) -> bytes:
             put(name, _put_number(value, length, encoding, name))
     put("balance", trip.balance.to_bytes(4, "big"))
     put("time", encode_time(trip.when, layout.time_encoding))
-    if has("city"):
+    if has("city") and trip.city:  # none known: left 00 00
         put("city", bytes.fromhex(trip.city))
     if has("institution"):
         code = bytes.fromhex(trip.institution)[: layout.institution_code_length]
         code = code.ljust(layout.institution_code_length, b"\x00")
         put("institution", code.ljust(layout.institution_length, b"\xff"))
+    if has("transfer") and trip.transfer_from is not None:
+        origin = trip.transfer_from + 1
+        put("transfer", _put_number(origin, layout.transfer_length, FieldEncoding.BINARY, "line"))
     return bytes(record)

@@ -595,12 +595,14 @@ def capp_update_for(
     line: int | None = None,
     station: int | None = None,
     record_type: int = 0,
+    transfer_from: int | None = None,
 ) -> tuple[int, int, bytes]:
     """P1, P2 and record of the UPDATE CAPP DATA CACHE a compound purchase sends (§2.4): the
     trip record of the card's dialect (:class:`TripLayout`: T-Union EF1E, CJ/T 166 CAPP EF17)
     filled from the terminal's parameters (line, station, vehicle, institution code); ``line``
     and ``station``, when given, are the validator's current position (the fare policy's);
-    ``record_type`` (non-zero) the fare policy's boarding or alighting type."""
+    ``record_type`` (non-zero) the fare policy's boarding or alighting type; ``transfer_from``
+    a boarding's transfer origin, for a layout that keeps one (``TripLayout.transfer_at``)."""
     layout = dialect_of(card, profile).trips
     if layout is None:
         raise ConfigurationError(
@@ -619,5 +621,6 @@ def capp_update_for(
         when=cpu_logs.decode_time(datetime7, TimeEncoding.BCD, "terminal date-time"),
         city=profile.operator_city,
         institution=(profile.institution or bytes.fromhex(profile.operator_city)).hex(),
+        transfer_from=transfer_from,
     )
     return layout.write_p1, layout.write_p2, cpu_logs.build_trip(layout, trip)

@@ -224,6 +224,41 @@ def transfer_origin(
     return last_paid_from(earlier, place)
 
 
+def boarding_transfer_origin(
+    policy: FarePolicy, last_trip: Trip | None, place: TapPlace, now: dt.datetime
+) -> int | None:
+    """What a boarding writes into a one-record trip layout (CJ/T 166 CAPP, M1 trip block),
+    whose alighting tap cannot read the trip before the boarding (the boarding overwrote it):
+    the line of the card's previous trip if the transfer rule takes it for a transfer into a
+    trip boarded here now (ours, finished, within the window, another line or mode), else
+    ``None``. The window is measured to the boarding, as :func:`transfer_origin` measures it
+    at the alighting tap of a cyclic file, so both families decide alike."""
+    if policy.transfer is None or last_trip is None:
+        return None
+    boarding = Trip(when=now.replace(tzinfo=None), line=place.line, city=place.city)
+    origin = transfer_origin(policy, last_trip, boarding, place)
+    if origin is None:
+        return None
+    if transfer_discount(policy, origin, place, boarding.when, 1) == 1:
+        return None  # outside the window, or the same line (mode)
+    return origin.line
+
+
+def earlier_from_boarding(policy: FarePolicy, boarding: Trip | None) -> Trip | None:
+    """The trip before a boarding, as a one-record layout keeps it: the finished trip on the
+    boarding's ``transfer_from`` line, ending when the boarding began (its window was checked
+    at the boarding, :func:`boarding_transfer_origin`). ``None`` when the record names none."""
+    rules = policy.entry_exit
+    if boarding is None or boarding.transfer_from is None or rules is None:
+        return None
+    return Trip(
+        record_type=rules.exit_record_type,
+        line=boarding.transfer_from,
+        when=boarding.when,
+        city=boarding.city,
+    )
+
+
 def open_entry(policy: FarePolicy, trip: Trip | None, place: TapPlace, now: dt.datetime) -> str:
     """What the card's last trip record means here: ``none`` (no open trip), ``open`` (an
     entry on this line, within the longest trip), ``other_line``, ``stale`` or ``foreign``

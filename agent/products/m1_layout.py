@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from agent.errors import ConfigurationError
@@ -28,6 +28,12 @@ from agent.products.m1_codec import (
     DatesFormat,
     IssuanceCheck,
     RecordLayout,
+)
+from agent.products.trip_layout import (
+    FieldEncoding,
+    TimeEncoding,
+    TripLayout,
+    check_trip_layout,
 )
 from agent.readers.storage import KeyType
 
@@ -126,6 +132,52 @@ class TacConfig:
     prefix_iv: bool = True  # the Sam seam's 80 FA takes IV ‖ padded data
 
 
+# The M1 trip block (issue 13): what a boarding-and-alighting fare needs of the card's last
+# trip, in one 16-byte block. §3.1 puts "last-trip information for transfer discounts (time 7,
+# line 3, device 4, checksum)" in public-info sector 6 block 2 (AFC); its bytes are not given
+# beyond that, and that layout has no record type, stop or amount, so this default is the
+# project's own, laid out with the CPU cards' TripLayout (agent.products.cpu_logs parses and
+# builds both): type (EF1E codes: 03 boarding, 04 alighting, 06 single) | line (2, binary) |
+# stop (2) | time (4, seconds since 2000) | the trip's paid amount (3) | transfer origin (2,
+# line + 1, 0: none) | acceptor city code (2, BCD).
+M1_TRIP = TripLayout(
+    sfi=0, record_length=16, records=1, by_identifier=False, identifier=0,
+    write_p1=0, write_p2=0, header=b"", record_type=0x06, type_at=0,
+    terminal_at=-1, terminal_length=0, industry_at=-1,
+    line_at=1, line_length=2, line_encoding=FieldEncoding.BINARY,
+    station_at=3, station_length=2, vehicle_at=-1, vehicle_length=0,
+    amount_at=9, balance_at=-1, time_at=5, time_encoding=TimeEncoding.SECONDS_2000,
+    city_at=14, institution_at=-1, institution_length=0, institution_code_length=0,
+    amount_length=3, transfer_at=12, transfer_length=2,
+)  # fmt: skip
+TRIP_OVERRIDES = frozenset(
+    {
+        "record_type", "type_at", "line_at", "line_length", "line_encoding", "station_at",
+        "station_length", "amount_at", "amount_length", "balance_at", "time_at",
+        "time_encoding", "city_at", "transfer_at", "transfer_length", "terminal_at",
+        "terminal_length", "vehicle_at", "vehicle_length",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TripBlock:
+    """``[m1_purse.trip]``: where the card keeps its last trip for the fare (issue 13).
+
+    Read and written only while the fare policy in force looks at the card's last trip
+    (entry/exit, transfers, anti-passback); a flat fare leaves the block alone. ``sector`` is
+    the public-info sector (default) or a record sector, ``block`` a data block of it that no
+    public-info copy or record slot uses; ``layout`` the fields (:data:`M1_TRIP`, overridable
+    key by key). The block is written after the purse debit and before the "done" flag
+    (agent.products.m1_purse.debit), so a card whose last debit was torn before that flag
+    (recovery B/C) shows a trip block that may be the previous trip's."""
+
+    enabled: bool = True
+    sector: int | None = None  # None: the public-info sector
+    block: int = 2  # §3.1: public-info sector block 2, the last-trip block
+    layout: TripLayout = M1_TRIP
+
+
 @dataclass(frozen=True, slots=True)
 class M1Layout:
     """Where and how one city keeps its M1 purse."""
@@ -162,6 +214,7 @@ class M1Layout:
     keys: KeyConfig = field(default_factory=KeyConfig)
     tac: TacConfig = field(default_factory=TacConfig)
     validity: ValidityConfig | None = None  # None: the card's dates are not read
+    trip: TripBlock = field(default_factory=TripBlock)
 
     # --- derived ---------------------------------------------------------------------------
 
@@ -237,6 +290,15 @@ class M1Layout:
         return own
 
     @property
+    def trip_sector(self) -> int:
+        return self.public_sector if self.trip.sector is None else self.trip.sector
+
+    @property
+    def trip_block(self) -> int:
+        """Absolute block number of the trip block."""
+        return block_number(self.trip_sector, self.trip.block)
+
+    @property
     def validity_block(self) -> int | None:
         """Absolute block number of the dates block, or ``None`` when dates are not read."""
         if self.validity is None:
@@ -297,6 +359,7 @@ class M1Layout:
             keys=_key_config(_Fields(r.table("keys"), f"{source}.keys")),
             tac=_tac_config(_Fields(r.table("tac"), f"{source}.tac")),
             validity=_validity_config(r, source),
+            trip=_trip_config(_Fields(r.table("trip"), f"{source}.trip")),
         )
         r.reject_unknown()
         layout._validate(source)
@@ -344,6 +407,29 @@ class M1Layout:
             raise fail("issuance_sector", "must differ from the purse and public sectors")
         self._validate_keys(source)
         self._validate_validity(source)
+        self._validate_trip(source)
+
+    def _validate_trip(self, source: str) -> None:
+        name = f"{source}.trip"
+        sector = self.trip_sector
+        if sector != self.public_sector and sector not in self.record_sectors:
+            raise ConfigurationError(
+                f"{name}: field 'sector' must be the public-info sector {self.public_sector} "
+                f"or a record sector, got {sector}"
+            )
+        if self.trip.block >= blocks_in_sector(sector) - 1:
+            raise ConfigurationError(
+                f"{name}: field 'block' must be a data block of sector {sector}, "
+                f"got index {self.trip.block}"
+            )
+        taken = {*self.public_blocks} | {
+            self.record_block(slot)[1] for slot in range(1, self.record_slots + 1)
+        }
+        if self.trip_block in taken:
+            raise ConfigurationError(
+                f"{name}: field 'block' {self.trip.block} of sector {sector} is a public-info "
+                "copy or a record slot"
+            )
 
     def _validate_keys(self, source: str) -> None:
         keys = self.keys
@@ -496,6 +582,43 @@ def _validity_config(parent: _Fields, source: str) -> ValidityConfig | None:
         block=r.index("block", d.block),
         dates=dates,
         unset=cast(UnsetDates, r.choice("unset_dates", ("refuse", "unlimited"), d.unset)),
+    )
+    r.reject_unknown()
+    return config
+
+
+def _trip_config(r: _Fields) -> TripBlock:
+    """``[m1_purse.trip]``: ``enabled``, ``sector``, ``block`` and any of the trip layout's
+    fields (:data:`TRIP_OVERRIDES`), over :data:`M1_TRIP`; checked whole (inside the 16
+    bytes, no two fields on one byte, the amount and time present)."""
+    d = TripBlock()
+    sector_value = r.get("sector", None)
+    changes: dict[str, Any] = {}
+    for key in sorted(TRIP_OVERRIDES):
+        value = r.get(key, None)
+        if value is None:
+            continue
+        if key in ("line_encoding", "time_encoding"):
+            kind: type[FieldEncoding] | type[TimeEncoding] = (
+                FieldEncoding if key == "line_encoding" else TimeEncoding
+            )
+            options = [str(m.value) for m in kind]
+            changes[key] = kind(r.choice(key, options, str(getattr(M1_TRIP, key).value)))
+        else:
+            changes[key] = r.int_value(key, value, -1, 0xFF)
+    layout = replace(M1_TRIP, **changes)
+    check_trip_layout(
+        layout,
+        lambda key, what, value: ConfigurationError(
+            f"{r.source}: field '{key}' {what}, got {value!r}"
+        ),
+        card_file=False,
+    )
+    config = TripBlock(
+        enabled=r.boolean("enabled", d.enabled),
+        sector=None if sector_value is None else r.sector("sector", 0),
+        block=r.index("block", d.block),
+        layout=layout,
     )
     r.reject_unknown()
     return config

@@ -584,14 +584,24 @@ class DebitPlan:
     pointer: int  # the record slot written (the new pointer)
     public_before: PublicInfo
     record: bytes
+    trip: bytes | None = None  # the trip block (layout.trip), written after the record
 
     @property
     def balance_after(self) -> int:
         return self.balance_before - self.amount
 
 
-def plan_debit(layout: M1Layout, state: PurseState, amount: int, record: TripRecord) -> DebitPlan:
-    """The writes of one debit from a consistent (normal) card."""
+def plan_debit(
+    layout: M1Layout,
+    state: PurseState,
+    amount: int,
+    record: TripRecord,
+    trip: bytes | None = None,
+) -> DebitPlan:
+    """The writes of one debit from a consistent (normal) card; ``trip``: the 16 bytes of the
+    trip block too (a fare policy that reads the card's last trip)."""
+    if trip is not None and len(trip) != 16:
+        raise ValueError(f"trip block of {len(trip)} bytes")
     if state.pub_p is None or state.purse_p is None or state.purse_p != state.purse_b:
         raise CardProtocolError("a debit needs a consistent purse")
     if not 0 <= amount <= state.purse_p:
@@ -605,6 +615,7 @@ def plan_debit(layout: M1Layout, state: PurseState, amount: int, record: TripRec
         pointer=layout.next_pointer(pub.pointer),
         public_before=pub,
         record=encode_record(record, layout.record_layout, layout.record_money_order),
+        trip=trip,
     )
 
 
@@ -626,6 +637,11 @@ def debit(layout: M1Layout, session: M1Session, plan: DebitPlan) -> M1Step[int]:
     record_sector, record_blk = layout.record_block(plan.pointer)
     yield from _ensure(session, record_sector)
     yield from _write_checked(record_blk, plan.record)
+    # C': the trip block (issue 13), before the flag says "done": a card torn from B to here
+    # is rolled forward (B/C), and such a card's trip block is not trusted (read_trip's
+    # caller) until the journal that holds its bytes writes it again (write_trip).
+    if plan.trip is not None:
+        yield from write_trip(layout, session, plan.trip)
     # D: public primary flag "done".
     yield from _ensure(session, layout.public_sector)
     yield from _write_checked(pp_blk, encode_public(layout, done, backup=False))
@@ -635,6 +651,27 @@ def debit(layout: M1Layout, session: M1Session, plan: DebitPlan) -> M1Step[int]:
     yield from _ensure(session, layout.purse_sector)
     yield from _transfer_checked(Restore(p_blk), b_blk, plan.balance_after)
     return plan.balance_after
+
+
+def read_trip(layout: M1Layout, session: M1Session) -> M1Step[bytes]:
+    """The 16 bytes of the trip block (``[m1_purse.trip]``)."""
+    yield from _ensure(session, layout.trip_sector)
+    return (yield from _read(layout.trip_block))
+
+
+def write_trip(layout: M1Layout, session: M1Session, data: bytes) -> M1Step[None]:
+    """Write the trip block, verified by read-back."""
+    yield from _ensure(session, layout.trip_sector)
+    yield from _write_checked(layout.trip_block, data)
+
+
+def check_trip_sector(layout: M1Layout, session: M1Session) -> M1Step[None]:
+    """Refuse before any write if the trip block's sector forbids writing it."""
+    yield from _ensure(session, layout.trip_sector)
+    if layout.check_access_bits:
+        yield from _check_trailer(
+            session, layout.trip_sector, (layout.trip_block,), ("read", "write")
+        )
 
 
 def check_record_sector(layout: M1Layout, session: M1Session, pointer: int) -> M1Step[None]:

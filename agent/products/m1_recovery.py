@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.products.cpu_recovery import decode_fare_fields
 from agent.products.intents import OP_PURCHASE, Decision, Verdict, from_payload, to_payload
 
 
@@ -45,6 +46,11 @@ class M1PurchaseIntent:
     datetime: str  # YYYYMMDDhhmmss
     terminal: str
     sam: str
+    # Issue 13, absent from older intents: the fare decision's record fields (compact JSON,
+    # cpu_recovery.encode_fare_fields) and the trip block this debit writes (hex, "" none),
+    # so a debit finalized on the card's next tap records the fare and restores the trip.
+    fare: str = ""
+    trip: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         return to_payload(OP_PURCHASE, self)
@@ -56,6 +62,10 @@ class M1PurchaseIntent:
     @property
     def balance_after(self) -> int:
         return self.balance_before - self.amount
+
+    def fare_fields(self) -> dict[str, str | int | bool | None]:
+        """The fare fields stored with the intent (none when unreadable, never an error)."""
+        return decode_fare_fields(self.fare)
 
 
 def judge_purchase(

@@ -23,7 +23,9 @@ from agent.products.fares import (
     FareDecision,
     Passback,
     TapPlace,
+    boarding_transfer_origin,
     decide,
+    earlier_from_boarding,
     last_paid_from,
 )
 from agent.products.intents import OP_LOCK, intent_op
@@ -102,6 +104,9 @@ class TapContext:
     fare_policy: FarePolicy | None = None
     place: TapPlace | None = None
     fare_decision: FareDecision | None = None  # set by fare() under a policy: for the records
+    # A boarding's transfer origin, for a one-record trip layout (set by fare(); the handler
+    # writes it into the card's trip record: fares.boarding_transfer_origin).
+    trip_transfer_from: int | None = None
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         return self.timer.phase(name)
@@ -242,10 +247,11 @@ class TapContext:
         fare of the profile in force. A policy that has no price here refuses the tap
         (``no_fare``), never a silent zero; a second entry too soon is ``passback``.
 
-        ``keeps_trip_state``: the card's trip record says boarding or alighting (T-Union EF1E
-        has a record type; the CJ/T 166 CAPP record and M1 cards have none). A card that
-        cannot pays under an entry/exit policy as a single tap (the dearest ride from here),
-        logged ``fare_no_trip_state``."""
+        ``keeps_trip_state``: the card's trip record says boarding or alighting (its layout has
+        a record type: T-Union EF1E, the CJ/T 166 CAPP record, the M1 trip block; a simple-flow
+        CPU application writes none). A card that cannot pays under an entry/exit policy as a
+        single tap (the dearest ride from here), logged ``fare_no_trip_state``. A one-record
+        layout's boarding names the trip it may transfer from (``trip_transfer_from``)."""
         policy, place = self.fare_policy, self.place
         if policy is None:
             fare = self.fare_for(self.profile)
@@ -255,6 +261,8 @@ class TapContext:
             if policy.entry_exit is not None and not keeps_trip_state and place.role != "single":
                 log.info("fare_no_trip_state", line=place.line, stop=place.stop)
                 place = dataclasses.replace(place, role="single")
+            if earlier_trip is None:  # a one-record layout keeps it in the boarding record
+                earlier_trip = earlier_from_boarding(policy, last_trip)
             card = CardFacts(
                 card_type=card_type,
                 last_trip=last_trip,
@@ -282,6 +290,11 @@ class TapContext:
                 notes=list(decision.notes) or None,
             )
             fare, self.fare_decision = decision.amount, decision
+            rules = policy.entry_exit
+            if rules is not None and decision.record_type == rules.entry_record_type:
+                self.trip_transfer_from = boarding_transfer_origin(
+                    policy, last_trip, place, self.now.replace(tzinfo=None)
+                )
         self.outcome.fare = fare
         return fare
 

@@ -334,6 +334,7 @@ class CpuHandler:
                     line=ctx.place.line if ctx.place else None,
                     station=ctx.place.stop if ctx.place else None,
                     record_type=ctx.fare_decision.record_type if ctx.fare_decision else 0,
+                    transfer_from=ctx.trip_transfer_from,
                 )
                 with ctx.phase("capp"):
                     card_io.run(cpu_purse.update_capp_cache(p1, p2, record))

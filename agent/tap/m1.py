@@ -15,15 +15,24 @@ The card-product logic (layout, codecs, the debit order, the recovery table) liv
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 
-from agent.errors import ConfigurationError, ReaderError, SamError, TapRefused
+from agent.errors import (
+    CardProtocolError,
+    ConfigurationError,
+    ReaderError,
+    SamError,
+    TapRefused,
+)
 from agent.offline_store import Intent, RecordBody
-from agent.products import m1_lock, m1_purse
+from agent.products import cpu_logs, m1_lock, m1_purse
+from agent.products.cpu_logs import Trip
+from agent.products.cpu_recovery import encode_fare_fields
 from agent.products.intents import OP_LOCK, Decision, IntentPayloadError, Verdict, intent_op
 from agent.products.m1_codec import Issuance, TripRecord
 from agent.products.m1_layout import M1Layout
@@ -182,14 +191,67 @@ class M1Handler:
             )
             ctx.check_double_tap(card.card_id)
         # The M1 card type (issuance sector, ``[m1_purse]`` layout) prices like the CPU card's:
-        # the policy's card_types discounts apply (an M1 purse keeps no trip record: no
-        # boarding/alighting, no transfer read from the card).
-        fare = ctx.fare(card_type=card.issuance.card_type)
+        # the policy's card_types discounts apply; the last trip (boarding, transfer origin)
+        # comes from the trip block when the policy looks at it (issue 13).
+        last_trip: Trip | None = None
+        if self._keeps_trip(ctx):
+            with ctx.phase("trip"):
+                last_trip = self._last_trip(card)
+        fare = ctx.fare(
+            card_type=card.issuance.card_type,
+            last_trip=last_trip,
+            keeps_trip_state=self._keeps_trip(ctx) and self.layout.trip.layout.type_at >= 0,
+        )
         balance = state.purse_p
         assert balance is not None and state.pub_p is not None
         if balance < fare:
             raise TapRefused("insufficient_balance", f"balance {balance} < fare {fare}")
         self._purchase(ctx, card, fare)
+
+    def _keeps_trip(self, ctx: TapContext) -> bool:
+        """The trip block is read and written only while the fare looks at the last trip."""
+        return self.layout.trip.enabled and ctx.needs_trip()
+
+    def _last_trip(self, card: _Card) -> Trip | None:
+        """The card's last trip from its trip block (``[m1_purse.trip]``). Not used, and logged,
+        when it cannot be trusted: a block the layout cannot read (another system's, damaged),
+        or a card whose last debit was torn after the purse and before the "done" flag write
+        began, rolled forward here (recovery B/C: that debit's trip block write may not have
+        landed, and no journal of this terminal holds it; recovery D, a tear in the flag
+        write itself, comes after the trip block was read back). The fare is then that of a
+        card with no trip record, as for a CPU card whose trip record is unreadable; the
+        record's fare kind says so."""
+        layout = self.layout
+        kind = card.classification.kind
+        if kind is Recovery.BC:
+            log.warning(
+                "fare_trip_untrusted", card_id=card.card_id, recovery=kind.value,
+                reason="last debit torn before its trip block was confirmed",
+            )  # fmt: skip
+            return None
+        raw = card.run(m1_purse.read_trip(layout, card.session))
+        try:
+            return cpu_logs.parse_trip(layout.trip.layout, raw)
+        except CardProtocolError as exc:
+            log.warning("fare_trip_unreadable", card_id=card.card_id, error=str(exc))
+            return None
+
+    def _trip_block(self, ctx: TapContext, fare: int, when: dt.datetime) -> bytes | None:
+        """The trip block this tap writes (``None``: the fare does not read one)."""
+        if not self._keeps_trip(ctx) or ctx.place is None:
+            return None
+        trips = self.layout.trip.layout
+        decision = ctx.fare_decision
+        trip = cpu_logs.Trip(
+            record_type=(decision.record_type if decision else 0) or trips.record_type,
+            line=ctx.place.line,
+            station=ctx.place.stop,
+            amount=decision.record_amount if decision else fare,
+            when=when,
+            city=ctx.place.city or ctx.profile.operator_city,
+            transfer_from=ctx.trip_transfer_from,
+        )
+        return cpu_logs.build_trip(trips, trip)
 
     def _read(self, ctx: TapContext, card_io: _Operator) -> _Card:
         """Issuance, identity, keys, purse and public info; an interrupted debit is repaired
@@ -288,9 +350,12 @@ class M1Handler:
             kind=layout.record_type,
             device=bytes(terminal[-4:]),
         )
-        plan = m1_purse.plan_debit(layout, state, fare, record)
+        trip = self._trip_block(ctx, fare, when)
+        plan = m1_purse.plan_debit(layout, state, fare, record, trip)
         with ctx.phase("precheck"):
             card.run(m1_purse.check_record_sector(layout, card.session, plan.pointer))
+            if trip is not None:
+                card.run(m1_purse.check_trip_sector(layout, card.session))
         intent = M1PurchaseIntent(
             family=FAMILY_M1,
             uid4=card.uid4_hex,
@@ -306,6 +371,8 @@ class M1Handler:
             datetime=when.strftime("%Y%m%d%H%M%S"),
             terminal=terminal.hex().upper(),
             sam=card.sam.serial,
+            fare=encode_fare_fields(ctx.fare_fields()),
+            trip="" if trip is None else trip.hex().upper(),
         )
 
         def operation() -> tuple[int, str, str]:
@@ -389,6 +456,7 @@ class M1Handler:
             "recovered": recovery is not None,
             "recovery": "" if recovery is None else recovery.kind.value,
         }
+        fields.update({k: v for k, v in intent.fare_fields().items() if v is not None})
         return RecordBody(kind="purchase", card_id=card_id, amount=intent.amount, fields=fields)
 
     # --- recovery (§3.5 rule 3: a re-tap completes rather than repeats) --------------------
@@ -416,6 +484,15 @@ class M1Handler:
         if decision.verdict is not Verdict.FINALIZE:
             ctx.journal.settle(intent, decision)
             return False
+        if stored.trip and self.layout.trip.enabled:
+            # The debit happened; its trip block may not have (torn before C'): write it as
+            # the journal has it, before the intent is settled (a tear here leaves the intent
+            # for the next tap, which judges the same and writes again).
+            block = bytes.fromhex(stored.trip)
+            if card.run(m1_purse.read_trip(self.layout, card.session)) != block:
+                with ctx.phase("trip"):
+                    card.run(m1_purse.write_trip(self.layout, card.session, block))
+                log.info("m1_trip_restored", card=card.card_id, counter=stored.counter)
         tac, tac_error = self._tac(card.sam, stored)
         body = self._record_body(card.card_id, stored, tac, tac_error, card.classification)
         rec = ctx.journal.settle(intent, decision, with_merchant(body, ctx.profile))
