@@ -7,7 +7,7 @@ On disk the set is a *bucketed packed array*: the top 16 bits of the ASN pick on
 buckets, an offset table says where each bucket starts, and each entry keeps only the remaining 6
 bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A lookup is one offset
 read, a C ``bisect`` over in-memory fence keys (every 32nd entry's full key, built at load) and
-one bounded ``bytes.find`` over at most 32 entries (:class:`_Packed`); 10 million entries take
+one bounded ``bytes.find`` over at most 64 entries (:class:`_Packed`); 10 million entries take
 60 MB plus a 256 KB offset table and 2.4 MiB of fences. The agent holds the file's image and the
 fences for its lookups; the sync daemon, which never looks cards up, holds only the header and
 offset table (``lookups=False``).
@@ -491,7 +491,8 @@ class _Packed:
     With the entries loaded, a lookup also uses *fences*: the full u64 key of every
     ``_FENCE``-th entry, in memory only (never in the file, so the file format and the signed
     content digest are unchanged). The top 16 bits give the bucket's range, a C ``bisect`` over
-    the fences inside it narrows that to one run of at most ``_FENCE`` entries, and one C
+    the fences inside it narrows that (if longer than 2 ``_FENCE``) to one run of at most
+    ``_FENCE`` entries, and one C
     ``bytes.find`` (bounded by start and end, no slice, no copy) searches the run for the
     6-byte key. A lookup is thus a fixed handful of Python operations whatever the bucket's
     size: ASNs of one issuer are consecutive serials that share their top 16 bits, so all of a
@@ -543,11 +544,13 @@ class _Packed:
         hi = offsets[bucket + 1]
         if lo == hi:
             return False
-        # fences k with k * _FENCE in lo..hi-1 belong to this bucket; after the bisect,
-        # fences[k-1] <= asn < fences[k], so the key, if listed, is in entries (k-1)F..kF-1
-        k = bisect_right(self.fences, asn, -(-lo // _FENCE), -(-hi // _FENCE))
-        start = self.data_start + _ENTRY * max(lo, (k - 1) * _FENCE)
-        end = self.data_start + _ENTRY * min(hi, k * _FENCE)
+        if hi - lo > 2 * _FENCE:  # a short bucket is searched whole (one find beats a bisect)
+            # fences k with k * _FENCE in lo..hi-1 belong to this bucket; after the bisect,
+            # fences[k-1] <= asn < fences[k], so the key, if listed, is in entries (k-1)F..kF-1
+            k = bisect_right(self.fences, asn, -(-lo // _FENCE), -(-hi // _FENCE))
+            lo, hi = max(lo, (k - 1) * _FENCE), min(hi, k * _FENCE)
+        start = self.data_start + _ENTRY * lo
+        end = self.data_start + _ENTRY * hi
         key = (asn & _LOW_MASK).to_bytes(_ENTRY, "big")
         buf = self.buf
         at = buf.find(key, start, end)

@@ -41,6 +41,7 @@ from agent.blacklist import (
     SPACE_PRINTED,
     Blacklist,
     CardBlacklist,
+    _Packed,  # the baseline search subclasses it
     encode_list,
     list_digest,
 )
@@ -146,20 +147,20 @@ def signed_delta(
     )
 
 
-def old_contains(listed: Blacklist) -> Callable[[int], bool]:
+class OldPacked(_Packed):
     """The lookup before issue 14's fences, kept as the baseline: per call, a Python binary
     search over 6-byte slices of the bucket down to 32 entries, then ``find`` over a slice of
     them (each step allocates a slice)."""
-    packed = listed._packed  # the bench compares two searches of one image
-    buf, base, offsets = packed.buf, packed.data_start, packed.offsets
 
-    def contains(asn: int) -> bool:
+    __slots__ = ()
+
+    def contains(self, asn: int) -> bool:
         bucket = asn >> 48
-        lo, hi = offsets[bucket], offsets[bucket + 1]
+        lo, hi = self.offsets[bucket], self.offsets[bucket + 1]
         if lo == hi:
             return False
         key = (asn & ((1 << 48) - 1)).to_bytes(6, "big")
-        end = hi
+        buf, base, end = self.buf, self.data_start, hi
         while hi - lo > 32:
             mid = (lo + hi) >> 1
             at = base + 6 * mid
@@ -175,7 +176,14 @@ def old_contains(listed: Blacklist) -> Callable[[int], bool]:
             at = run.find(key, at + 1)
         return False
 
-    return contains
+
+def old_contains(listed: Blacklist) -> Callable[[int], bool]:
+    """``contains_asn`` of a second :class:`Blacklist` over the same image whose search is the
+    old one (:class:`OldPacked`): the same call path, only the search differs."""
+    packed = listed._packed  # the bench compares two searches of one image
+    old = Blacklist(listed.path, auto_refresh_s=None)
+    old._packed = OldPacked(packed.buf, packed.count)
+    return old.contains_asn
 
 
 def timed(contains: Callable[[int], bool], probes: list[int]) -> tuple[float, float, float]:
