@@ -379,9 +379,13 @@ class ClearingHost:
             return self._enrolment_refused(terminal_id, entry, code_hash, held is not None, now)
         if terminal is None and self.open_registration:
             try:  # first come, first served: the dev/demo opt-in (--open-registration)
-                self.storage.register_terminal(terminal_id, key)
+                new = self.storage.register_terminal(terminal_id, key)
             except TerminalKeyConflict as exc:
                 return 409, error_body("key_conflict", str(exc))
+            if not new:  # registered a moment ago (on another host process): a retry's answer
+                held = self.storage.terminal(terminal_id)
+                ack = held.ack_seq if held else 0
+                return 200, {"terminal_id": terminal_id, "ack_seq": ack, "status": "known"}
             return 201, {"terminal_id": terminal_id, "ack_seq": 0, "status": "enrolled"}
         if terminal is None:
             return 403, error_body(
