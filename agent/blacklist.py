@@ -532,7 +532,8 @@ class _Packed:
             if last > first:  # the fences first..last-1 fall in this bucket: its 2 top bytes
                 raw[8 * first : 8 * last : 8] = bytes((bucket >> 8,)) * (last - first)
                 raw[8 * first + 1 : 8 * last : 8] = bytes((bucket & 0xFF,)) * (last - first)
-        fences = array("Q", bytes(raw))
+        fences = array("Q", raw)
+        del raw
         if sys.byteorder == "little":
             fences.byteswap()
         self.fences = fences
