@@ -13,7 +13,7 @@
                   [--approval-threshold 1000] [--max-connections 512] [--body-timeout 60]
                   [--header-timeout 20] [--keep-alive 5] [--fees FEES.json]
                   [--time-zone Asia/Shanghai] [--require-batch-signature]
-                  [--max-uploads 8] [--upload-wait 2]
+                  [--max-uploads 8] [--upload-wait 2] [--client-rate 50] [--client-burst 200]
                   [--workers N]   N processes on one address, one database (PostgreSQL)
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
     cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
@@ -230,6 +230,19 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.upload_wait_s,
         help="seconds an upload waits for a slot before 503 busy with Retry-After",
+    )
+    p.add_argument(
+        "--client-rate",
+        type=float,
+        default=defaults.client_rate,
+        help="uploads and list pulls a second one terminal may send on average, per process; "
+        "more are answered 429 with Retry-After (0: no limit)",
+    )
+    p.add_argument(
+        "--client-burst",
+        type=int,
+        default=defaults.client_burst,
+        help="uploads and list pulls one terminal may send at once before --client-rate applies",
     )
     p.add_argument(
         "--workers",
@@ -477,6 +490,8 @@ def host_limits(args: argparse.Namespace) -> HostLimits:
             max_connections=args.max_connections,
             max_uploads=args.max_uploads,
             upload_wait_s=args.upload_wait,
+            client_rate=args.client_rate,
+            client_burst=args.client_burst,
         )
     except ValueError as exc:
         raise ConfigurationError(f"cardhost host: {exc}") from exc

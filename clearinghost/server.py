@@ -25,7 +25,9 @@ Bounds (:class:`HostLimits`): each route caps its body (413) and the time it may
 connections beyond the cap are answered 503 and closed (:func:`bounded_protocol`). Uploads pass
 an admission gate (:class:`UploadGate`): beyond ``max_uploads`` at once they wait briefly, then
 are answered 503 ``busy`` with ``Retry-After`` (every 503/507 that asks to come back later carries
-one; the daemon honours it, :mod:`sync.daemon`). A blacklist
+one; the daemon honours it, :mod:`sync.daemon`). A terminal sending uploads or list pulls
+faster than ``client_rate`` (burst ``client_burst``) is answered 429 ``rate_limited`` with
+``Retry-After`` (:class:`ClientRateLimit`), which the daemon honours as it does 503. A blacklist
 change of more entries than ``approval_threshold`` is held (202) until another operator approves
 it; a parameter set is checked at publication as the daemon and the agent will check it.
 """
@@ -202,6 +204,10 @@ class HostLimits:
     the kernel's and uvicorn's bounded buffers) before it is answered 503 ``busy``.
     ``retry_after_s``: the least ``Retry-After`` of a 503/507 answer; a busy answer asks for
     more when many uploads wait (:class:`UploadGate`), up to ``max_retry_after_s``.
+    ``client_rate`` / ``client_burst``: uploads and list pulls one terminal may send, per second
+    on average and at once (:class:`ClientRateLimit`; 429 ``rate_limited`` with Retry-After
+    beyond; ``client_rate`` 0 turns it off). A daemon sends a few requests a minute, and one
+    draining a backlog one upload at a time stays far below 50 a second.
     All of them are per process: with ``--workers N`` the host holds N times as much.
     """
 
@@ -213,6 +219,8 @@ class HostLimits:
     upload_wait_s: float = 2.0
     retry_after_s: int = 2
     max_retry_after_s: int = 60
+    client_rate: float = 50.0
+    client_burst: int = 200
 
     def __post_init__(self) -> None:
         if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0):
@@ -225,6 +233,60 @@ class HostLimits:
             raise ValueError("upload_wait_s must not be negative")
         if not 1 <= self.retry_after_s <= self.max_retry_after_s:
             raise ValueError("retry_after_s must be 1..max_retry_after_s")
+        if not (self.client_rate >= 0 and self.client_rate < float("inf")):
+            raise ValueError("client_rate must be a finite number of requests a second, 0 = off")
+        if self.client_burst < 1:
+            raise ValueError("client_burst must be at least 1")
+
+
+class ClientRateLimit:
+    """A token bucket per client (a terminal id), sans I/O: the caller passes the time.
+
+    Each client's bucket holds up to ``burst`` tokens and refills at ``rate`` a second; a
+    request takes one (:meth:`take`), or is refused with the seconds until the next token.
+    Per host process (like :class:`UploadGate`): with ``--workers N`` a terminal may get up to
+    N times the rate, whichever worker the kernel hands its connections to. At most
+    ``max_clients`` buckets are kept: the least recently used are forgotten first, and a bucket
+    that has refilled is the same as none, so forgetting it changes no answer."""
+
+    def __init__(self, rate: float, burst: int, *, max_clients: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at), LRU order
+        self.limited = 0
+
+    def take(self, client: str, now: float) -> float:
+        """0.0: one token taken, the request goes on; else the seconds until ``client`` has a
+        token again (the request is refused and takes none)."""
+        if self.rate <= 0:
+            return 0.0
+        tokens, at = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+            self.limited += 1
+        self._buckets[client] = (tokens, now)  # last: the most recently used
+        if len(self._buckets) > self.max_clients:
+            self._forget(now)
+        return wait
+
+    def _forget(self, now: float) -> None:
+        """Down to three quarters of ``max_clients``, oldest first: refilled buckets, and the
+        oldest others while still above that (such a client starts again with a full bucket:
+        generous, never stricter). Refilled buckets after that point are kept till next time."""
+        keep = self.max_clients * 3 // 4
+        for client, (tokens, at) in list(self._buckets.items()):
+            refilled = tokens + (now - at) * self.rate >= self.burst
+            if not refilled and len(self._buckets) <= keep:
+                break
+            del self._buckets[client]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class UploadGate:
@@ -403,9 +465,13 @@ class ClearingHost:
             return self._enrolment_refused(terminal_id, entry, code_hash, held is not None, now)
         if terminal is None and self.open_registration:
             try:  # first come, first served: the dev/demo opt-in (--open-registration)
-                self.storage.register_terminal(terminal_id, key)
+                new = self.storage.register_terminal(terminal_id, key)
             except TerminalKeyConflict as exc:
                 return 409, error_body("key_conflict", str(exc))
+            if not new:  # registered a moment ago (on another host process): a retry's answer
+                held = self.storage.terminal(terminal_id)
+                ack = held.ack_seq if held else 0
+                return 200, {"terminal_id": terminal_id, "ack_seq": ack, "status": "known"}
             return 201, {"terminal_id": terminal_id, "ack_seq": 0, "status": "enrolled"}
         if terminal is None:
             return 403, error_body(
@@ -1247,8 +1313,31 @@ def create_app(host: ClearingHost) -> Starlette:
         status, body = await run_in_threadpool(host.register, terminal_id, payload)
         return _json(status, body)
 
+    def rate_limited(request: Request, client: str) -> Response | None:
+        """429 ``rate_limited`` with Retry-After when ``client`` is over its rate, else None."""
+        wait = request.app.state.client_rate.take(client, time.monotonic())
+        if not wait:
+            return None
+        limits = host.limits
+        after = max(1, min(limits.max_retry_after_s, ceil(wait)))
+        log.warning(
+            "request refused: over the client rate",
+            client=client,
+            path=request.url.path,
+            retry_after_s=after,
+        )
+        detail = (
+            f"terminal {client!r} sends more than {limits.client_rate:g} requests a second "
+            f"(burst {limits.client_burst}); retry after {after} s"
+        )
+        return _json(429, error_body("rate_limited", detail), retry_after_s=after)
+
     async def upload(request: Request) -> Response:
         terminal_id = terminal_of(request)
+        refused = rate_limited(request, terminal_id)
+        if refused is not None:
+            await drain_body(request, MAX_UPLOAD_BYTES)  # as a busy refusal: read away, unkept
+            return refused
         gate: UploadGate = request.app.state.upload_gate
         if not await gate.enter():
             # refused before its body is held: read it away in steps (the answer then reaches
@@ -1308,6 +1397,9 @@ def create_app(host: ClearingHost) -> Starlette:
         return _json(200, {"terminals": await run_in_threadpool(host.terminal_listing)})
 
     async def blacklist(request: Request) -> Response:
+        refused = rate_limited(request, puller_of(request))
+        if refused is not None:
+            return refused
         since = query_number(request, "since", 0)
         space = request.query_params.get("space", SPACE_SERIAL)
         if space not in LIST_MAGICS:
@@ -1324,6 +1416,9 @@ def create_app(host: ClearingHost) -> Starlette:
         return Response(document, media_type=protocol.BLACKLIST_MEDIA_TYPE, headers=headers)
 
     async def params(request: Request) -> Response:
+        refused = rate_limited(request, puller_of(request))
+        if refused is not None:
+            return refused
         since = query_number(request, "since", 0)
         document = await run_in_threadpool(host.params_document, since)
         if document is None:
@@ -1536,6 +1631,7 @@ def create_app(host: ClearingHost) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
     app.state.body_timeout_s = host.limits.body_timeout_s
     app.state.upload_gate = UploadGate(host.limits)
+    app.state.client_rate = ClientRateLimit(host.limits.client_rate, host.limits.client_burst)
     return app
 
 
@@ -1587,6 +1683,22 @@ def terminal_of(request: Request, *, bind: bool = True) -> str:
                     f", not to terminal {terminal_id!r}",
                 )
     return terminal_id
+
+
+def puller_of(request: Request) -> str:
+    """Who pulls a list (``/v1/blacklist``, ``/v1/params``: no terminal id in the path), for
+    the client rate: the client certificate's CN (mutual TLS), else the terminal id the
+    daemon names in ``Cardsync-Terminal`` (if it follows the id rule), else the peer address."""
+    certificate = request.scope.get("state", {}).get(PEER_CERT_STATE)
+    if certificate:
+        names = certificate_common_names(certificate)
+        if names:
+            return names[0]
+    named = request.headers.get(protocol.TERMINAL_HEADER)
+    if named is not None and terminal_id_problem(named) is None:
+        return named
+    peer = request.client
+    return f"peer {peer.host}" if peer is not None else "peer ?"
 
 
 def certificate_common_names(certificate: dict[str, Any]) -> list[str]:

@@ -75,11 +75,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -116,6 +116,7 @@ class BatchHead:
 log = structlog.get_logger(__name__)
 
 Row = tuple[Any, ...]
+_T = TypeVar("_T")
 
 
 class StorageFull(Exception):
@@ -124,6 +125,15 @@ class StorageFull(Exception):
 
 class StorageFailure(Exception):
     """Any other database failure, with the backend's message."""
+
+
+class StorageConflict(StorageFailure):
+    """A write met a unique key another connection (another host process) committed after this
+    transaction read that the key was free; the transaction was rolled back. Running it again
+    sees the other's row (:meth:`Storage._retrying`)."""
+
+
+CONFLICT_ATTEMPTS = 3  # a transaction that lost a unique-key race runs again, this often at most
 
 
 class TerminalKeyConflict(Exception):
@@ -424,11 +434,33 @@ class Storage:
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T:
+        """``attempt()`` (one transaction that reads whether a key is taken, then inserts it),
+        run again when it lost the race for that key to another host process
+        (:class:`StorageConflict`): the next run reads the winner's row and answers as a retry
+        of the request would (already there, same key: done; another: the caller's 409)."""
+        for n in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return attempt()
+            except StorageConflict as exc:
+                if n == CONFLICT_ATTEMPTS:
+                    raise
+                log.info(
+                    "write lost a unique-key race; running it again", what=what, error=str(exc)
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # --- terminals ------------------------------------------------------------------------
 
     def register_terminal(self, terminal_id: str, public_key_hex: str) -> bool:
-        """Register a terminal's device key. True if new; the same key again is fine;
-        another key raises :class:`TerminalKeyConflict`."""
+        """Register a terminal's device key. True if new; the same key again is fine (also
+        when another host process registered it a moment ago); another key raises
+        :class:`TerminalKeyConflict`."""
+        return self._retrying(
+            "register_terminal", lambda: self._register_terminal_once(terminal_id, public_key_hex)
+        )
+
+    def _register_terminal_once(self, terminal_id: str, public_key_hex: str) -> bool:
         with self._transaction() as tx:
             row = tx.one("SELECT public_key FROM terminals WHERE terminal_id = ?", (terminal_id,))
             if row is not None:
@@ -461,7 +493,33 @@ class Storage:
     ) -> TerminalEntry:
         """An operator's new terminal entry with its first enrolment authorisation (a code
         hash with an expiry, or a pre-registered key). :class:`TerminalExists` if the id has
-        an entry or is already registered."""
+        an entry or is already registered (also by another host process a moment ago)."""
+        return self._retrying(
+            "create_terminal_entry",
+            lambda: self._create_terminal_entry_once(
+                terminal_id,
+                kind,
+                site,
+                operator,
+                now,
+                code_hash=code_hash,
+                code_expires_at=code_expires_at,
+                expected_key=expected_key,
+            ),
+        )
+
+    def _create_terminal_entry_once(
+        self,
+        terminal_id: str,
+        kind: str,
+        site: str,
+        operator: str,
+        now: float,
+        *,
+        code_hash: str | None,
+        code_expires_at: float | None,
+        expected_key: str | None,
+    ) -> TerminalEntry:
         with self._transaction() as tx:
             taken = tx.one(
                 "SELECT 1 FROM terminal_entries WHERE terminal_id = ? UNION ALL "
@@ -503,7 +561,30 @@ class Storage:
     ) -> TerminalEntry | None:
         """Replace the pending authorisation of a terminal (a new code or key: a re-enrolment
         or a key rotation). A terminal registered without an entry (open registration) gets
-        one. ``None`` if the terminal is unknown."""
+        one (two host processes creating it at once: the later authorisation is in force).
+        ``None`` if the terminal is unknown."""
+        return self._retrying(
+            "authorise_enrolment",
+            lambda: self._authorise_enrolment_once(
+                terminal_id,
+                operator,
+                now,
+                code_hash=code_hash,
+                code_expires_at=code_expires_at,
+                expected_key=expected_key,
+            ),
+        )
+
+    def _authorise_enrolment_once(
+        self,
+        terminal_id: str,
+        operator: str,
+        now: float,
+        *,
+        code_hash: str | None,
+        code_expires_at: float | None,
+        expected_key: str | None,
+    ) -> TerminalEntry | None:
         with self._transaction() as tx:
             known = tx.one(
                 "SELECT (SELECT COUNT(*) FROM terminal_entries WHERE terminal_id = ?), "
@@ -540,6 +621,15 @@ class Storage:
         return [_entry(r) for r in rows]
 
     def enrol(
+        self, terminal_id: str, public_key_hex: str, code_hash: str | None, now: float
+    ) -> str | None:
+        """:meth:`_enrol_once`, run again if an open registration of the same id (another
+        host process) took the terminal row first: the authorisation then rotates its key."""
+        return self._retrying(
+            "enrol", lambda: self._enrol_once(terminal_id, public_key_hex, code_hash, now)
+        )
+
+    def _enrol_once(
         self, terminal_id: str, public_key_hex: str, code_hash: str | None, now: float
     ) -> str | None:
         """Bind ``terminal_id`` to ``public_key_hex`` if its entry holds a pending
@@ -1441,7 +1531,11 @@ class Storage:
 
     def load_bills(self, bills: Sequence[Bill], by: str) -> dict[str, int]:
         """Add bills, or replace the details of bills still ``open`` (one transaction); a bill
-        being paid or paid is kept as it is. ``{"added", "updated", "kept"}``."""
+        being paid or paid is kept as it is. ``{"added", "updated", "kept"}``. The same book
+        loaded on two host processes at once: the later one finds the other's bills."""
+        return self._retrying("load_bills", lambda: self._load_bills_once(bills, by))
+
+    def _load_bills_once(self, bills: Sequence[Bill], by: str) -> dict[str, int]:
         counts = {"added": 0, "updated": 0, "kept": 0}
         now = time.time()
         with self._lock, self._transaction() as tx:
@@ -1800,6 +1894,10 @@ class SqliteStorage(Storage):
                 if "full" in str(exc).lower():
                     raise StorageFull(f"host storage: {self.path}: {exc}") from exc
                 raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc).upper():
+                    raise StorageConflict(f"host storage: {self.path}: {exc}") from exc
+                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
 
@@ -1902,6 +2000,8 @@ class PostgresStorage(Storage):
                     yield PgTx(cur)
             except psycopg.errors.DiskFull as exc:
                 raise StorageFull(f"host storage: PostgreSQL: {exc}") from exc
+            except psycopg.errors.UniqueViolation as exc:
+                raise StorageConflict(f"host storage: PostgreSQL: {exc}") from exc
             except psycopg.Error as exc:
                 raise StorageFailure(f"host storage: PostgreSQL: {exc}") from exc
 

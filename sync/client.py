@@ -34,6 +34,7 @@ import httpx
 import structlog
 
 from agent.blacklist import SPACE_SERIAL, BlacklistRejected, Keys, list_document_size
+from agent.terminal_id import terminal_id_problem
 from sync import protocol
 from sync.errors import HostBusy, HostError, HostUnreachable, ProtocolError
 from sync.protocol import Ack, UploadBatch
@@ -134,16 +135,19 @@ class SyncClient:
             transport = httpx.HTTPTransport(
                 verify=verify, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
             )
+        headers = {
+            "User-Agent": f"cardsync/{protocol.PROTOCOL_VERSION}",
+            # gzip is the only encoding this client inflates (itself, bounded)
+            "Accept-Encoding": "gzip",
+        }
+        if terminal_id_problem(terminal_id) is None:  # a list pull counts against its rate
+            headers[protocol.TERMINAL_HEADER] = terminal_id
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s),
             verify=verify,
             transport=transport,
-            # gzip is the only encoding this client inflates (itself, bounded)
-            headers={
-                "User-Agent": f"cardsync/{protocol.PROTOCOL_VERSION}",
-                "Accept-Encoding": "gzip",
-            },
+            headers=headers,
         )
 
     def close(self) -> None:

@@ -129,6 +129,9 @@ NDJSON = "application/x-ndjson"
 BLACKLIST_MEDIA_TYPE = "application/vnd.cardsync.blacklist"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 BATCH_SIGNATURE_HEADER = "Cardsync-Batch-Signature"
+# the terminal a request is from, on calls whose path names none (list pulls): the host's
+# per-terminal rate limit counts them (clearinghost.server.ClientRateLimit)
+TERMINAL_HEADER = "Cardsync-Terminal"
 
 MAX_BATCH_RECORDS = 5000
 MAX_BATCH_BYTES = 32 * 1024 * 1024  # uncompressed
