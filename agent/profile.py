@@ -137,6 +137,21 @@ class PrintedNumber:
 
 
 @dataclass(frozen=True, slots=True)
+class CardTypeField:
+    """Where a dialect's cards keep their card type (issue 13: discounts by card type).
+
+    CJ/T 166 cards carry no card type in EF15; issuers keep it in their own EF05 (cpu-purse.md
+    §2.3 "Other files", §6.1 "CJ/T 166 differences": Tianjin reads ``00 B0 85 00 12``), and S2
+    reads a local T-Union card's "main card type" at EF15 byte 28 (§2.3). One byte at ``at`` of
+    the info file (``sfi`` 0) or of the file ``sfi`` (in the MF when ``in_mf``).
+    """
+
+    at: int
+    sfi: int = 0  # 0: the info file (EF15 or its FCI copy); else READ BINARY of this SFI
+    in_mf: bool = False  # the file sits in the MF: SELECT 3F00, read, SELECT the application
+
+
+@dataclass(frozen=True, slots=True)
 class Dialect:
     """One issuer's way of laying out a purse application (profile data, issue 15).
 
@@ -183,6 +198,9 @@ class Dialect:
     # code (Shenzhen Tong's EF15[2..3] is 0000); empty: the card's city code.
     issuer_city: str = ""
     payment: bool = True  # False: read for a technician, refused at a tap (campus ED-only card)
+    # Where the card type is (issue 13), for a dialect without management data (T-Union keeps
+    # it in EF17[10] / FCI DF11); None: the cards give none, no card-type discount applies.
+    card_type: CardTypeField | None = None
 
     def display_balance(self, raw: int, negative: int = 0) -> int:
         """The balance the issuer shows its cardholder, in fen."""
@@ -772,8 +790,10 @@ _DIALECT_KEYS = frozenset(
         "city_at", "management", "purse", "number_at", "number_length", "number_encoding",
         "number_drop_digits", "number_check_digit", "number_file", "log_time", "trips",
         "balance_scale", "balance_offset", "negative_purse_p1", "payment", "issuer_city",
+        "card_type",
     }
 )  # fmt: skip
+_CARD_TYPE_KEYS = frozenset({"at", "sfi", "file", "in_mf"})
 MAX_INFO_LENGTH = 0xFF  # one short READ BINARY
 
 
@@ -924,7 +944,57 @@ def _dialect(r: _Reader, at: str, raw: Mapping[str, Any]) -> Dialect:
         ),
         payment=payment,
         issuer_city=issuer_city,
+        card_type=_card_type(r, f"{at}.card_type", raw.get("card_type"), dialect),
     )
+
+
+def _card_type(r: _Reader, at: str, raw: Any, dialect: Dialect) -> CardTypeField | None:
+    """A dialect's ``card_type`` table: ``{ file = "info" | "serial", at = N }`` or ``{ sfi =
+    N, at = N [, in_mf = true] }``; the byte must lie inside the file, and a file the dialect
+    already reads (the info or serial file) is named as such, so it is read once."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise r.fail(at, "must be a table, e.g. { sfi = 5, at = 18 }", raw)
+    r.only_known(at, raw, _CARD_TYPE_KEYS)
+    if dialect.management is not Management.NONE:
+        raise r.fail(
+            at,
+            f"is given by the management data ({dialect.management.value}, byte 10); "
+            "card_type is for dialects without",
+            dict(raw),
+        )
+    if ("file" in raw) == ("sfi" in raw):
+        raise r.fail(at, "needs exactly one of file (info | serial) or sfi", dict(raw))
+    in_mf = raw.get("in_mf", False)
+    if not isinstance(in_mf, bool):
+        raise r.fail(f"{at}.in_mf", "must be true or false", in_mf)
+    if "file" in raw:
+        file = raw["file"]
+        if file not in ("info", "serial"):
+            raise r.fail(f"{at}.file", "must be one of info, serial", file)
+        if in_mf:
+            raise r.fail(f"{at}.in_mf", "goes with sfi, not file", in_mf)
+        if file == "serial" and not dialect.serial_sfi:
+            raise r.fail(f"{at}.file", "'serial' needs serial_sfi", file)
+        sfi = dialect.serial_sfi if file == "serial" else 0
+        in_mf = dialect.serial_in_mf if file == "serial" else False
+    else:
+        sfi = r.int_value(f"{at}.sfi", raw["sfi"], 1, 30)
+        if sfi == dialect.info_sfi:
+            raise r.fail(f"{at}.sfi", 'is the info file: write file = "info"', sfi)
+        if sfi == dialect.serial_sfi and in_mf != dialect.serial_in_mf:
+            where = "in the MF" if dialect.serial_in_mf else "in the application"
+            raise r.fail(f"{at}.in_mf", f"differs from serial_in_mf: EF{sfi:02X} is {where}", in_mf)
+    if sfi == 0:
+        space = dialect.info_length
+    elif sfi == dialect.serial_sfi:
+        space = dialect.serial_file_length
+    else:
+        space = MAX_INFO_LENGTH
+    if "at" not in raw:
+        raise r.fail(f"{at}.at", "is required", None)
+    return CardTypeField(at=r.int_value(f"{at}.at", raw["at"], 0, space - 1), sfi=sfi, in_mf=in_mf)
 
 
 _TRIP_KEYS = frozenset({"base"} | {f.name for f in fields(TripLayout)})

@@ -167,6 +167,37 @@ def test_standard_dialects_can_be_left_out_but_every_family_needs_one() -> None:
         ({"colour": "red"}, r"dialects\[0\]\.colour' is unknown"),
         ({"number_at": float("nan")}, r"number_at' must be an integer"),
         ({"number_drop_digits": True}, r"number_drop_digits' must be an integer"),
+        ({"card_type": 5}, r"dialects\[0\]\.card_type' must be a table"),
+        ({"card_type": {"at": 1}}, r"card_type' needs exactly one of file .* or sfi"),
+        ({"card_type": {"sfi": 5, "file": "info", "at": 1}}, r"card_type' needs exactly one"),
+        ({"card_type": {"sfi": 5}}, r"card_type\.at' is required"),
+        ({"card_type": {"file": "info", "at": 30}}, r"card_type\.at' must be in 0\.\.29"),
+        ({"card_type": {"sfi": 5, "at": 255}}, r"card_type\.at' must be in 0\.\.254"),
+        ({"card_type": {"sfi": 31, "at": 0}}, r"card_type\.sfi' must be in 1\.\.30"),
+        ({"card_type": {"sfi": 21, "at": 0}}, r"card_type\.sfi' is the info file"),
+        ({"card_type": {"file": "ef05", "at": 0}}, r"card_type\.file' must be one of info"),
+        ({"card_type": {"file": "serial", "at": 0}}, r"card_type\.file' 'serial' needs serial"),
+        ({"card_type": {"file": "info", "at": 1, "in_mf": True}}, r"in_mf' goes with sfi"),
+        ({"card_type": {"sfi": 5, "at": 1, "in_mf": 1}}, r"card_type\.in_mf' must be true or"),
+        ({"card_type": {"sfi": 5, "at": True}}, r"card_type\.at' must be an integer"),
+        ({"card_type": {"sfi": 5, "at": 1, "pos": 2}}, r"card_type\.pos' is unknown"),
+        (
+            {"card_type": {"sfi": 5, "at": 1}, "family": "tunion", "management": "ef17"},
+            r"card_type' is given by the management data \(ef17",
+        ),
+        (
+            {"card_type": {"sfi": 5, "at": 48}, "serial_sfi": 5, "serial_file_length": 48},
+            r"card_type\.at' must be in 0\.\.47",
+        ),
+        (
+            {
+                "card_type": {"sfi": 5, "at": 1},
+                "serial_sfi": 5,
+                "serial_file_length": 48,
+                "serial_in_mf": True,
+            },
+            r"card_type\.in_mf' differs from serial_in_mf: EF05 is in the MF",
+        ),
     ],
 )
 def test_bad_dialect_fields_are_named(fields: dict[str, Any], message: str) -> None:
@@ -293,6 +324,86 @@ def test_serial_file_in_the_adf_or_in_the_mf() -> None:
         assert [c.label for c in card.sent] == labels
         assert got.card_id == got.printed_number == "4000000212668612"
         assert got.start == dt.date(2014, 12, 3) and got.expiry == dt.date(2099, 12, 31)
+
+
+CJT_BASE: dict[str, Any] = dict(
+    family="cjt166", issuer_prefix="0001", application_type_at=-1, enable_flag_at=-1
+)
+
+
+@pytest.mark.parametrize(
+    ("where", "extra", "labels", "card_type"),
+    [
+        (None, {}, ["GET BALANCE"], None),  # no card_type: none, as before (issue 13)
+        ({"file": "info", "at": 28}, {}, ["GET BALANCE"], 0x06),  # S2: EF15 byte 28
+        ({"sfi": 5, "at": 18}, {}, ["READ BINARY EF05", "GET BALANCE"], 0x07),
+        (
+            {"sfi": 5, "at": 19, "in_mf": True},
+            {},
+            ["SELECT MF 3F00", "READ BINARY EF05", "SELECT AID A00000000386980701", "GET BALANCE"],
+            0x03,
+        ),
+        (  # the serial file is the card-type file: read once
+            {"sfi": 5, "at": 18, "in_mf": True},
+            {"serial_sfi": 5, "serial_file_length": 48, "serial_in_mf": True, "serial_at": 10},
+            ["SELECT MF 3F00", "READ BINARY EF05", "SELECT AID A00000000386980701", "GET BALANCE"],
+            0x07,
+        ),
+        (
+            {"file": "serial", "at": 19},
+            {"serial_sfi": 5, "serial_file_length": 48, "serial_at": 10},
+            ["READ BINARY EF05", "GET BALANCE"],
+            0x03,
+        ),
+        (  # a serial file and another card-type file: both read
+            {"sfi": 6, "at": 0},
+            {"serial_sfi": 5, "serial_file_length": 48, "serial_at": 10},
+            ["READ BINARY EF05", "READ BINARY EF06", "GET BALANCE"],
+            0x11,
+        ),
+    ],
+)
+def test_card_type_where_the_dialect_keeps_it(
+    where: dict[str, Any] | None, extra: dict[str, Any], labels: list[str], card_type: int | None
+) -> None:
+    """card_type names a byte of the info file, the serial file or another file (in the MF or
+    the application); each file is read once, and only as far as the byte (Le = at + 1)."""
+    info = bytes.fromhex("00011000000100000101") + bytes.fromhex("1000517007010000123420190718")
+    info += bytes.fromhex("20401231") + bytes((0x06, 0x00))  # byte 28: S2's main card type
+    ef05 = bytes(10) + bytes.fromhex("1000517007010000") + bytes.fromhex("0703") + bytes(28)
+    fci = tlv(0x6F, tlv(0x84, CJT.aid) + tlv(0xA5, tlv(0x9F0C, info)))
+    answers = {
+        "READ BINARY EF05": Response(ef05, OK),
+        "READ BINARY EF06": Response(bytes((0x11, 0x22)), OK),
+        "GET BALANCE": Response(bytes(4), OK),
+        "SELECT MF 3F00": Response(b"", OK),
+        f"SELECT AID {CJT.aid.hex().upper()}": Response(fci, OK),
+    }
+    fields = {**CJT_BASE, **extra, **({} if where is None else {"card_type": where})}
+    dialect = load_dialects_from(**fields)
+    card = Card(answers)
+    got = read(CJT, fci, card, (dialect,))
+    assert [c.label for c in card.sent] == labels
+    assert got.card_type == card_type
+    for command in card.sent:
+        if command.label == "READ BINARY EF05" and where is not None:
+            assert command.le == (48 if "serial_sfi" in extra else where["at"] + 1)
+
+
+def test_a_card_type_file_too_short_or_missing_is_an_error_naming_it() -> None:
+    """A card whose card-type file is shorter than the byte, or absent, fails the read with
+    the file and the dialect named (never a silent full fare)."""
+    info = bytes.fromhex("000110000001000001011000517007010000123420190718204012310600")
+    fci = tlv(0x6F, tlv(0x84, CJT.aid) + tlv(0xA5, tlv(0x9F0C, info)))
+    dialect = load_dialects_from(**CJT_BASE, name="typed", card_type={"sfi": 5, "at": 18})
+    short = Card({"READ BINARY EF05": Response(bytes(10), OK)})
+    with pytest.raises(CardError, match="READ BINARY EF05"):
+        read(CJT, fci, short, (dialect,))
+    absent = Card({})
+    with pytest.raises(CardError, match=r"READ BINARY EF05.*6A82"):
+        read(CJT, fci, absent, (dialect,))
+    with pytest.raises(CardError, match=r"EF05 holds no card type at byte 18 \(dialect typed\)"):
+        cpu_purse.parse_card(CJT, info, None, 0, dialect=dialect, card_type_file=bytes(18))
 
 
 def test_dialect_matching_by_df_name_issuer_prefix_and_info_file() -> None:

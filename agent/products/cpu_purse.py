@@ -344,19 +344,43 @@ def read_card(
             )
     serial_file: bytes | None = None
     if dialect.serial_sfi:
-        if dialect.serial_in_mf:  # e.g. Chongqing EF05 (§2.3 "Other files"; S9 reads it in MF)
-            command = select_by_fid(b"\x3f\x00", "MF 3F00")
-            _card((yield command), command)
-        command = read_binary_sfi(dialect.serial_sfi, dialect.serial_file_length)
-        serial_file = _card((yield command), command, min_length=dialect.serial_file_length)
-        if dialect.serial_in_mf:
-            command = _select_again(app)
-            _card((yield command), command)
+        # e.g. Chongqing EF05 in the MF (§2.3 "Other files"; S9 reads it there)
+        serial_file = yield from _read_extra_file(
+            app, dialect.serial_sfi, dialect.serial_file_length, dialect.serial_in_mf
+        )
+    type_file: bytes | None = None
+    where = dialect.card_type
+    if where is not None and where.sfi and where.sfi != dialect.serial_sfi:
+        # The issuer's card-type file (CJ/T 166 EF05, §6.1); one the dialect already read
+        # for its serial is not read again (the loader ties the two to the same DF).
+        type_file = yield from _read_extra_file(app, where.sfi, where.at + 1, where.in_mf)
     command = get_balance_for(dialect.purse)
     raw_balance = _card((yield command), command, length=4)
     # Readers mask the top bit of GET BALANCE (§1: S1, S9).
     balance = int.from_bytes(raw_balance, "big") & 0x7FFFFFFF
-    return parse_card(app, info, management, balance, dialect=dialect, serial_file=serial_file)
+    return parse_card(
+        app,
+        info,
+        management,
+        balance,
+        dialect=dialect,
+        serial_file=serial_file,
+        card_type_file=type_file,
+    )
+
+
+def _read_extra_file(app: ApplicationProfile, sfi: int, length: int, in_mf: bool) -> Step[bytes]:
+    """READ BINARY of ``length`` bytes of a file beside the info file; in the MF: SELECT 3F00,
+    read, then make the purse application current again."""
+    if in_mf:
+        command = select_by_fid(b"\x3f\x00", "MF 3F00")
+        _card((yield command), command)
+    command = read_binary_sfi(sfi, length)
+    data = _card((yield command), command, min_length=length)
+    if in_mf:
+        command = _select_again(app)
+        _card((yield command), command)
+    return data
 
 
 # Highway ETC cards name their issuer in GBK: 4 bytes of province name (云南 D4C6C4CF, ...)
@@ -403,9 +427,12 @@ def parse_card(
     *,
     dialect: Dialect | None = None,
     serial_file: bytes | None = None,
+    card_type_file: bytes | None = None,
 ) -> CpuCard:
     """Interpret the info file (EF15 or its FCI copy, §2.3) by the dialect (default: the
-    standard layout of the family) and the management data (EF17 layout, first 11 bytes)."""
+    standard layout of the family) and the management data (EF17 layout, first 11 bytes);
+    the card type from the management data, else where the dialect's ``card_type`` says (the
+    info file, the serial file, or ``card_type_file``)."""
     if dialect is None:
         dialect = next(d for d in standard_dialects() if d.family is app.family)
     if len(ef15) < dialect.info_length:
@@ -431,6 +458,8 @@ def parse_card(
             )
         serial_source = serial_file
     serial = serial_source[dialect.serial_at : dialect.serial_at + dialect.serial_length]
+    if dialect.card_type is not None:
+        card_type = _card_type_byte(dialect, ef15, serial_file, card_type_file)
     rule = dialect.printed
     number_source = serial_source if rule.source_file == "serial" else ef15
     d = dialect
@@ -453,6 +482,27 @@ def parse_card(
         payment=dialect.payment,
         issuer_code=dialect.issuer_city or city,
     )
+
+
+def _card_type_byte(
+    dialect: Dialect, info: bytes, serial_file: bytes | None, type_file: bytes | None
+) -> int:
+    """The card type byte where the dialect keeps it (issue 13; §2.3, §6.1)."""
+    where = dialect.card_type
+    assert where is not None
+    source: bytes | None
+    if not where.sfi:
+        source, name = info, f"EF{dialect.info_sfi:02X} (info)"
+    elif where.sfi == dialect.serial_sfi:
+        source, name = serial_file, f"EF{where.sfi:02X} (serial)"
+    else:
+        source, name = type_file, f"EF{where.sfi:02X}"
+    if source is None or len(source) <= where.at:
+        got = "not read" if source is None else f"{len(source)} bytes"
+        raise CardProtocolError(
+            f"{name} holds no card type at byte {where.at} (dialect {dialect.name}): {got}"
+        )
+    return source[where.at]
 
 
 def printed_number(rule: PrintedNumber, data: bytes) -> str:
