@@ -133,7 +133,12 @@ def read_dump(
     cpu_purse.not_a_transit_purse(cpu_purse.parse_fci(b""), info)
     dialect = next(d for d in dialects if d.matches(app.family, None, info))
     balance = int.from_bytes(files["balance"], "big") & 0x7FFFFFFF
-    got = cpu_purse.parse_card(app, info, files["ef17"], balance, dialect=dialect)
+    # the file the dialect keeps the card type in (zibo-cjt166: EF05), as the module read it
+    where = dialect.card_type
+    type_file = files.get(f"ef{where.sfi:02x}") if where is not None and where.sfi else None
+    got = cpu_purse.parse_card(
+        app, info, files["ef17"], balance, dialect=dialect, card_type_file=type_file
+    )
     return got, dialect, files
 
 
@@ -254,3 +259,35 @@ def test_dialects_fit_only_their_cards() -> None:
         if "dialect" in fields:
             used.add(fields["dialect"])
     assert {d.name for d in DIALECTS} <= used
+
+
+ZIBO = sorted((ROOT / "tests" / "golden_cards").glob("zibo-cjt166-zibo-validator-*.json"))
+
+
+@pytest.mark.parametrize("path", ZIBO, ids=[p.stem for p in ZIBO])
+def test_zibo_card_type_read_by_the_card_steps(path: Path) -> None:
+    """The Zibo dumps' files served as a card: read_card reads EF15, then EF05 in the MF for
+    the card type (File05's card_main_type, byte 18: 07 and 01 on the two cards), then the
+    balance; five APDUs, the card type the public parser debits by."""
+    card = load(path)
+    files = dump_files(card)
+    aid = f"SELECT AID {card['application']['aid']}"
+    answers = {
+        "READ BINARY EF15": files["ef15"],
+        "SELECT MF 3F00": b"",
+        "READ BINARY EF05": files["ef05"],
+        aid: b"",
+        "GET BALANCE": files["balance"],
+    }
+    sent: list[Command] = []
+
+    def exchange(command: Command) -> Response:
+        sent.append(command)
+        data = answers[command.label]
+        return Response(data[: command.le or 256] if command.le is not None else data, 0x9000)
+
+    got = cpu_purse.drive(cpu_purse.read_card(application(card), b"", ALL_DIALECTS), exchange)
+    assert [c.label for c in sent] == list(answers)
+    assert [c.to_bytes().hex().upper() for c in sent][1:3] == ["00A40000023F0000", "00B0850013"]
+    check_fields(got, card["expect"])
+    assert got.card_type == card["expect"]["card_type"] == files["ef05"][18]
