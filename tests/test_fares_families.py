@@ -25,7 +25,7 @@ from agent.products import cpu_logs
 from agent.products.fares import TapPlace
 from agent.products.m1_layout import M1_TRIP, M1Layout
 from agent.products.trip_layout import TimeEncoding, TripLayout
-from agent.profile import CJT166_CAPP, TUNION_EF1E, Family, Flow
+from agent.profile import CJT166_CAPP, TUNION_EF1E, CardTypeField, Dialect, Family, Flow
 from agent.tap.outcome import TapOutcome
 from tests.fake_reader.m1_card import M1Card
 from tests.fake_reader.m1_readers import InProcessM1Reader, M1Field, presence_of
@@ -47,6 +47,18 @@ def compound_everywhere() -> tuple[Any, ...]:
     return tuple(
         dataclasses.replace(a, flow=Flow.COMPOUND) if a.family is Family.CJT166 else a
         for a in demo_profile().applications
+    )
+
+
+def typed_dialects() -> tuple[Dialect, ...]:
+    """The demo profile's dialects, the CJ/T 166 one reading the card type where the simulated
+    cards keep it: EF05 byte 0, in the application (tests/fake_reader/cpu_card.py
+    make_cjt166_card; real issuers differ, e.g. Zibo's EF05[18] in the MF)."""
+    return tuple(
+        dataclasses.replace(d, card_type=CardTypeField(at=0, sfi=5))
+        if d.family is Family.CJT166
+        else d
+        for d in demo_profile().dialects
     )
 
 
@@ -116,7 +128,7 @@ class Rider:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path / "rig", applications=compound_everywhere())
+    rig = Rig(tmp_path / "rig", applications=compound_everywhere(), dialects=typed_dialects())
     write_params(tmp_path / "params.json", fare_policy=BUS)
     rig.engine.params = ActiveParams(tmp_path / "params.json", HOST_KEY.public_key_bytes)
     yield rig
@@ -295,7 +307,7 @@ def test_no_transfer_from_the_same_line_or_outside_the_window(
     assert [r.fields.get("fare_transfer_from") for r in rig.records(kind="purchase")][-1] == 9
 
 
-@pytest.mark.parametrize("family", ["tunion", "m1"])  # CJ/T 166: no card type read (yet)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_card_types_price_alike(rig: Rig, tmp_path: Path, family: str) -> None:
     """Half price and free riders: the boarding pre-authorises the card type's maximum."""
     policy(rig, tmp_path, card_types={"04": {"percent": 50}, "05": {"free": True}})
@@ -305,6 +317,53 @@ def test_card_types_price_alike(rig: Rig, tmp_path: Path, family: str) -> None:
     senior = rider(rig, family, card_type=5)
     assert [senior.tap(8, 1).fare, senior.tap(8, 9).fare] == [0, 0]
     assert charged(rig, student) == 150 and charged(rig, senior) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_card_type_without_a_discount_pays_full_fare(
+    rig: Rig, tmp_path: Path, family: str
+) -> None:
+    """A card type the qualification accepts but the policy gives no discount (03) pays the
+    table price, as an adult card (01) does."""
+    policy(rig, tmp_path, card_types={"04": {"percent": 50}, "05": {"free": True}})
+    other = rider(rig, family, card_type=3)
+    assert [other.tap(8, 1).fare, other.tap(8, 5).fare] == [400, 0]
+    assert charged(rig, other) == 300
+
+
+@pytest.mark.parametrize("family", ["tunion", "cjt166"])
+def test_a_card_type_the_profile_does_not_accept_is_refused(
+    rig: Rig, tmp_path: Path, family: str
+) -> None:
+    """The demo profile's qualification accepts card types 1..5: a type-9 card is refused
+    ``card_type_refused`` before any debit, its balance untouched."""
+    policy(rig, tmp_path, card_types={"04": {"percent": 50}, "09": {"free": True}})
+    stranger = rider(rig, family, card_type=9)
+    outcome = stranger.tap(8, 1)
+    assert outcome.refusal == "card_type_refused"
+    assert "card catalogue 9" in outcome.reason
+    assert stranger.balance == 5000 and rig.records(kind="purchase") == []
+
+
+def test_a_cjt166_dialect_without_card_type_reads_none(tmp_path: Path) -> None:
+    """Without ``card_type`` (the standard CJ/T 166 dialect) a senior card pays full fare, as
+    before issue 13's card types; the dialect that reads EF05 costs one READ BINARY a tap."""
+    apdus = {}
+    for name, dialects in (("untyped", demo_profile().dialects), ("typed", typed_dialects())):
+        rig = Rig(tmp_path / name, applications=compound_everywhere(), dialects=dialects)
+        try:
+            write_params(
+                tmp_path / "params.json", fare_policy={**BUS, "card_types": {"05": {"free": True}}}
+            )
+            rig.engine.params = ActiveParams(tmp_path / "params.json", HOST_KEY.public_key_bytes)
+            senior = rider(rig, "cjt166", card_type=5)
+            outcome = senior.tap(8, 1)
+            apdus[name] = outcome.apdus
+            assert outcome.fare == (400 if name == "untyped" else 0)
+            assert senior.balance == (4600 if name == "untyped" else 5000)
+        finally:
+            rig.close()
+    assert apdus["typed"] == apdus["untyped"] + 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
