@@ -632,3 +632,37 @@ def test_a_daemon_line_without_escapes_takes_the_canonical_path(
     assert parsed is not None
     assert parsed.record() == record
     assert parsed.digest == parsed.hash == record.hash
+
+
+# --- the upload's lines, a chunk at a time -----------------------------------------------------
+
+
+@given(
+    st.lists(st.binary(max_size=12) | st.sampled_from([b"\n", b"\n\n", b"ab\ncd"]), max_size=12),
+    st.integers(min_value=1, max_value=8),
+)
+def test_lines_split_a_chunk_at_a_time_as_a_whole_stream_splits(
+    chunks: list[bytes], max_line_bytes: int
+) -> None:
+    """The host's line reader gives the lines (numbered from 1) that splitting the whole
+    inflated stream gives, however it arrives in chunks, and refuses the first line longer
+    than the cap by its number, after every line before it."""
+    whole = b"".join(chunks).split(b"\n")
+    if whole[-1] == b"":
+        whole.pop()  # a stream ending in a line end has no line after it
+    expected: list[tuple[int, bytes]] = []
+    refused: str | None = None
+    for number, line in enumerate(whole, 1):
+        if len(line) > max_line_bytes:
+            refused = f"line {number} is longer than {max_line_bytes} bytes"
+            break
+        expected.append((number, line))
+    got: list[tuple[int, bytes]] = []
+    try:
+        for item in protocol._lines(iter(chunks), max_line_bytes):
+            got.append(item)
+    except protocol.BatchTooLarge as exc:
+        assert str(exc) == refused
+    else:
+        assert refused is None
+    assert got == expected
