@@ -484,8 +484,10 @@ _CANONICAL_LINE = re.compile(
     r'\{"amount":(0|[1-9][0-9]{0,18}),"card_id":"(' + _PLAIN_TEXT + r')",'
     r'"created_at":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z)",'
     # the fields object's extent (its strings may hold braces and escapes): what it holds is
-    # proven below by parsing that extent and encoding it again
-    r'"fields":(\{(?:"(?:[^"\\]|\\.)*"|[^"{}])*\})'
+    # proven below by parsing that extent and encoding it again. Possessive (JSON text has one
+    # reading: a string ends at its first unescaped quote, the object at the first brace out
+    # of a string), which spares the matcher its backtracking records: about half its time
+    r'"fields":(\{(?:"(?:[^"\\]++|\\.)*+"|[^"{}]++)*+\})'
     r'(,"hash":"([0-9a-f]{64})")'  # group 5: the member the canonical encoding lacks
     r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"([0-9a-f]{64})","seq":([1-9][0-9]{0,18})'
     r'(,"signature":"([0-9a-f]{128})")'  # group 10: the other one
