@@ -267,7 +267,7 @@ def replace_section(path: Path, section: list[str]) -> str:
     return "\n".join([*lines[:start], *section, *(["", *tail] if tail else [])]).rstrip("\n") + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=500)
@@ -275,7 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-v1", action="store_true", help="skip the v1 (per-record) ingest")
     parser.add_argument("--no-daemon", action="store_true", help="skip the daemon end to end")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    section = measure(args)
+    args.output.write_text(replace_section(args.output, section), encoding="utf-8")
+    print("\n".join(section))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> list[str]:
+    """Run the ingest bench (``args`` as :func:`parser` reads them) and return its
+    ``## Ingest`` section; ``bench.bench_sync --all`` calls this within its own run."""
     undo = quiet()
     try:
         return _run(args)
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         undo()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> list[str]:
     n, size = args.records, args.batch_size
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     key = DeviceKey.generate()
@@ -329,11 +342,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"unknown backend {backend!r}")
         bare = bare_costs(key, records, len(batches))
         daemon = None if args.no_daemon else daemon_upload(root, n, size)
-    section = report(args, results, bare, daemon, compressed, raw, prepare_s, len(batches))
-    text = replace_section(args.output, section)
-    args.output.write_text(text, encoding="utf-8")
-    print("\n".join(section))
-    return 0
+    return report(args, results, bare, daemon, compressed, raw, prepare_s, len(batches))
 
 
 def report(
@@ -420,9 +429,13 @@ def report(
         "each record's hash (the SHA-256 of its canonical encoding) and every link of the chain "
         "onto what it holds, and stores the batch with one statement. Each record keeps its own "
         "signature, stored verbatim, and `cardhost audit` re-verifies it later (the audit row "
-        "above is where the per-record verification went, off the upload path). Where the "
-        "signed ingest's time goes: JSON decoding and the canonical re-encoding that the hash "
-        "check needs (the `json` row), the insert, HTTP; the Ed25519 cost per record fell from "
+        "above is where the per-record verification went, off the upload path). A daemon's "
+        "line is its record's canonical encoding plus `hash` and `signature`: the host matches "
+        "it against that layout, parses only its `fields` (re-encoded and compared, so the "
+        "line is proven canonical) and hashes the line without those two members "
+        "(`sync.protocol`); any other line takes the full parser. The `json` row is what a "
+        "full decode and re-encode of each line would cost. The rest of the signed ingest: "
+        "gzip and the body's SHA-256, the insert, HTTP; the Ed25519 cost per record fell from "
         "the first bare row to the second. The daemon row includes the terminal's own check of "
         "its store (hash and signature of every record, issue 9), which a terminal pays once "
         "per record, spread over its uploads. Preparing the signed records and batches took "

@@ -1,6 +1,6 @@
 """Sync benchmark: upload throughput, blacklist lookups and memory, delta apply time.
 
-``python -m bench.bench_sync [--records N] [--sizes 1000000,10000000]`` measures:
+``python -m bench.bench_sync [--records N] [--sizes 1000000,10000000] [--all]`` measures:
 
 * upload: N queued records (default 100,000) in a real store uploaded by
   :meth:`sync.daemon.SyncDaemon.upload_pending` (read a batch, encode + gzip, POST, host
@@ -15,7 +15,8 @@
 * delta apply: a 1,000-entry and a 100,000-entry delta (half added, half removed) on each size.
 
 The report goes to ``bench/RESULTS-sync.md`` (overwritten, but the ``## Ingest`` section of
-:mod:`bench.bench_ingest` is kept) and to stdout.
+:mod:`bench.bench_ingest` is kept; with ``--all`` that section is measured in the same run,
+by :func:`bench.bench_ingest.measure`) and to stdout.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from agent.blacklist import (
 )
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
-from bench.bench_ingest import ingest_section
+from bench import bench_ingest
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -370,13 +371,19 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sizes", default="1000000,10000000")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also measure the ingest section (bench.bench_ingest, same --records and "
+        "--batch-size) in this run, instead of keeping the file's",
+    )
+    args = parser.parse_args(argv)
     quiet()
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     lines = [
@@ -475,7 +482,13 @@ def main() -> None:
         "of the 65,536; half the probes are listed (consecutive serials from 0x5170070100000000).",
         "",
     ]
-    lines += ingest_section(args.output)  # bench.bench_ingest's section is kept
+    if args.all:  # every figure of the file from this one run
+        ingest = bench_ingest.parser().parse_args(
+            ["--records", str(args.records), "--batch-size", str(args.batch_size)]
+        )
+        lines += [*bench_ingest.measure(ingest), ""]
+    else:
+        lines += bench_ingest.ingest_section(args.output)  # bench.bench_ingest's is kept
     args.output.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

@@ -775,11 +775,14 @@ class Storage:
                     )
                     break
                 rows.append(_slot_row(terminal_id, record, ack_hash, now))
-                if not isinstance(record, QuarantineNotice):
+                # only a record naming a POS order may pay a bill (_bill_evidence)
+                if not isinstance(record, QuarantineNotice) and ORDER_FIELD in record.fields:
                     paid.append(record)
                 held[record.seq] = record.hash  # a later line of this batch repeating it
                 ack_seq, ack_hash = record.seq, record.hash
-                noted.extend((record.seq, f) for f in findings.get(record.seq, ()))
+                flagged = findings.get(record.seq)
+                if flagged:
+                    noted.extend((record.seq, f) for f in flagged)
             if rows:
                 # A row left beyond the acknowledgement by an older host version is replaced.
                 tx.run(
@@ -1689,6 +1692,21 @@ class Storage:
 def _slot_row(terminal_id: str, entry: Slot, ack_hash: str, now: float) -> tuple[Any, ...]:
     """The ``records`` row of a stored record, or of a slot a quarantine notice fills (its
     ``prev_hash`` is the host's previous hash: where the slot sits, not a checked link)."""
+    if type(entry) is RecordLine:  # a signed batch's record: its line as the terminal sent it
+        merchant = entry.fields.get(MERCHANT_ID_FIELD)
+        return (
+            terminal_id,
+            entry.seq,
+            entry.hash,
+            entry.prev_hash,
+            entry.created_at,
+            entry.kind,
+            entry.card_id,
+            entry.amount,
+            entry.line,
+            now,
+            merchant if type(merchant) is str else None,
+        )
     if isinstance(entry, QuarantineNotice):
         return (
             terminal_id,

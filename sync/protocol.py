@@ -308,31 +308,26 @@ def _inflated_chunks(body: bytes, encoding: str, max_bytes: int) -> Iterator[byt
 
 def _lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
     """Numbered lines (without the line end) of a byte stream, each checked against
-    ``max_line_bytes`` while it is read: a longer line is refused before it is all held."""
+    ``max_line_bytes`` while it is read: a longer line is refused before it is all held (the
+    unfinished line held between chunks never exceeds ``max_line_bytes`` plus one chunk).
+    Each chunk is split in one call; lines come out in order, the same as a byte-by-byte
+    reading would give them, errors included."""
     number = 0
-    partial = bytearray()
+    partial = b""
     for chunk in chunks:
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            if end < 0:
-                partial += chunk[start:]
-                if len(partial) > max_line_bytes:
-                    raise BatchTooLarge(f"line {number + 1} is longer than {max_line_bytes} bytes")
-                break
+        parts = chunk.split(b"\n")
+        if partial:
+            parts[0] = partial + parts[0]
+        partial = parts.pop()  # after the chunk's last line end: not a whole line yet
+        for line in parts:
             number += 1
-            if partial:
-                partial += chunk[start:end]
-                line = bytes(partial)
-                partial.clear()
-            else:  # the common case: the whole line is in this chunk, no copy
-                line = chunk[start:end]
             if len(line) > max_line_bytes:
                 raise BatchTooLarge(f"line {number} is longer than {max_line_bytes} bytes")
             yield number, line
-            start = end + 1
+        if len(partial) > max_line_bytes:
+            raise BatchTooLarge(f"line {number + 1} is longer than {max_line_bytes} bytes")
     if partial:
-        yield number + 1, bytes(partial)
+        yield number + 1, partial
 
 
 def _body_lines(
@@ -478,11 +473,99 @@ class RecordLine:
         return record_from_json(self.line)
 
 
+# A record line that *is* its canonical encoding (what ``record_to_json`` writes: every daemon's
+# line). Canonical JSON (agent.offline_store.records) sorts keys by code point, so the members
+# stand in this order: amount, card_id, created_at, fields, hash, kind, prev_hash, seq,
+# signature, terminal_id; without separating whitespace. Text here is matched only where it
+# needs no escape (no '"', '\\', U+0000..U+001F, which the canonical encoder escapes; no lone
+# surrogate, which Record refuses): such a string's JSON text is its value and its canonical
+# encoding at once. Integers are matched in canonical form (no sign, no leading zero). A line
+# this does not match (escaped text, another member order, whitespace, a malformed value)
+# takes the quick or the full path below, which decide alone.
+_PLAIN_TEXT = r'[^"\\\x00-\x1f\ud800-\udfff]+'
+_CANONICAL_LINE = re.compile(
+    r'\{"amount":(0|[1-9][0-9]{0,18}),"card_id":"(' + _PLAIN_TEXT + r')",'
+    r'"created_at":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z)",'
+    # the fields object's extent (its strings may hold braces and escapes): what it holds is
+    # proven below by parsing that extent and encoding it again. Possessive (JSON text has one
+    # reading: a string ends at its first unescaped quote, the object at the first brace out
+    # of a string), which spares the matcher its backtracking records: about half its time
+    r'"fields":(\{(?:"(?:[^"\\]++|\\.)*+"|[^"{}]++)*+\})'
+    r'(,"hash":"([0-9a-f]{64})")'  # group 5: the member the canonical encoding lacks
+    r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"([0-9a-f]{64})","seq":([1-9][0-9]{0,18})'
+    r'(,"signature":"([0-9a-f]{128})")'  # group 10: the other one
+    r',"terminal_id":"(' + _PLAIN_TEXT + r')"\}'
+)
+
+
+def _canonical_record_line(line: str) -> RecordLine | None:
+    """The record of a line that is exactly its canonical encoding plus ``hash`` and
+    ``signature``, with :class:`Record`'s checks; ``None`` for any other line (the caller then
+    takes the quick or full path, which gives the same record or names what is wrong).
+
+    Why the hash needs no re-encoding here: the pattern fixes every member but ``fields`` in
+    canonical form (sorted keys, no whitespace, canonical integers, text needing no escape),
+    and ``fields`` is parsed from its exact span and must re-encode to those very characters;
+    so the line is ``canonical[:-n] + hash member + ... + signature member + ...``, and the
+    canonical encoding the record's hash covers is the line with those two members cut out."""
+    match = _CANONICAL_LINE.fullmatch(line)
+    if match is None:
+        return None
+    start, end = match.span(4)
+    try:
+        fields, stop = _SCAN(line, start)
+    except (StopIteration, ValueError, RecursionError):
+        return None
+    if stop != end or type(fields) is not dict:
+        return None
+    for name, item in fields.items():
+        kind_of = type(item)
+        if not name:
+            return None
+        if kind_of is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return None
+        elif kind_of is not str and kind_of is not bool and item is not None:
+            return None  # a float, a list, an object: not a record field value
+    seq, amount, created_at = int(match[9]), int(match[1]), match[3]
+    if seq > INT64_MAX or amount > INT64_MAX:
+        return None
+    try:
+        datetime.fromisoformat(created_at)  # Record's rule: a real time
+        # the fields' own text is their canonical encoding: sorted, no repeated key, each
+        # value as the encoder writes it; and every key and text encodes as UTF-8
+        if _canonical_text(fields) != match[4]:
+            return None
+        canonical = (
+            line[: match.start(5)] + line[match.end(5) : match.start(10)] + line[match.end(10) :]
+        ).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return RecordLine(
+        seq,
+        created_at,
+        match[12],
+        match[7],
+        match[2],
+        amount,
+        fields,
+        match[8],
+        match[6],
+        match[11],
+        hashlib.sha256(canonical).hexdigest(),
+        line,
+    )
+
+
 def parse_record_line(line: str) -> RecordLine | QuarantineNotice:
     """One upload line as a :class:`RecordLine` (or a quarantine notice). Raises
-    ``ValueError``/``TypeError`` for anything :func:`entry_from_json` refuses: a line the quick
-    checks below do not pass whole goes through the full parser, which either names what is
-    wrong or (an unusual but valid record) gives the record."""
+    ``ValueError``/``TypeError`` for anything :func:`entry_from_json` refuses: a line that is
+    not its own canonical encoding (:func:`_canonical_record_line`) and does not pass the quick
+    checks below whole goes through the full parser, which either names what is wrong or (an
+    unusual but valid record) gives the record."""
+    quickest = _canonical_record_line(line)
+    if quickest is not None:
+        return quickest
     try:
         value, end = _SCAN(line, 0)
     except (StopIteration, ValueError, RecursionError):

@@ -189,3 +189,32 @@ def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
     assert "| postgresql | records table + indexes / record |" in report
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
+
+
+def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys) -> None:
+    """``bench.bench_sync --all``: upload, blacklist and the ingest section (both backends)
+    measured in the one run and written to one file; a stale ingest section is replaced, not
+    kept (no timings checked)."""
+    from bench import bench_sync
+
+    output = tmp_path / "RESULTS-sync.md"
+    output.write_text("# Sync benchmark\n\n## Ingest: stale figures\n\nold\n")
+    config_before = structlog.get_config()
+
+    argv = ["--all", "--records", "40", "--batch-size", "20", "--sizes", "100000"]
+    bench_sync.main([*argv, "--output", str(output)])
+
+    report = output.read_text(encoding="utf-8")
+    assert "stale figures" not in report and "\nold\n" not in report
+    assert "## Upload of 40 queued records (batches of 20)" in report
+    assert "\n| 100,000 | " in report  # the blacklist row of that size
+    assert report.count("## Ingest: 40 records") == 1
+    for backend in ("sqlite", "postgresql"):
+        assert (
+            f"| signed batches (1 batch signature + hash chain; executemany/COPY) | {backend} |"
+            in report
+        )
+        assert f"| bare httpx POST loop, same bodies, sink endpoint | {backend} |" in report
+    assert "| **ratio** per-record / per-batch verification |" in report
+    assert report.rstrip("\n") in capsys.readouterr().out
+    structlog.configure(**config_before)  # bench_sync leaves its quiet logging configured

@@ -469,3 +469,200 @@ def test_the_quick_record_parser_accepts_exactly_what_the_full_one_accepts(
         expected.card_id,
     )
     assert got.fields == dict(expected.fields)
+
+
+# --- the canonical-line parser is the full parser ----------------------------------------------
+
+# text that needs no escape in canonical JSON, text that does, non-ASCII and a lone surrogate
+_PLAIN = st.text(
+    st.characters(codec="utf-8", exclude_characters=['"', "\\", *map(chr, range(0x20))]),
+    min_size=1,
+    max_size=6,
+)
+_ANY_TEXT = st.text(
+    st.characters(codec="utf-8") | st.sampled_from(['"', "\\", "\n", "\x00", "\x7f", "\u2028"]),
+    max_size=6,
+)
+_FIELD_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    _ANY_TEXT,
+)
+# edits of a line's text: each keeps most of it canonical-looking, so the quick pattern is
+# tried on lines that differ from a genuine one by one character or one member
+_EDITS = [
+    ('"amount":', '"amount":0'),  # a leading zero
+    ('"seq":', '"seq":-'),
+    ('"seq":', '"seq":0'),
+    ('","kind"', '", "kind"'),  # whitespace
+    ('"fields":{', '"fields":{"":1,'),  # an empty field name
+    ('"fields":{', '"fields":{"zz":1.5,'),  # a float
+    ('"fields":{', '"fields":{"zz":[1],'),
+    ('"fields":{', '"fields":{"zz":{},'),
+    ('"fields":{', '"fields":{"zz":1,"zz":2,'),  # a repeated, unsorted key
+    ('"fields":{', '"fields":{"~":9223372036854775808,'),  # beyond int64
+    ('"fields":{', '"fields":{"\\ud800":1,'),  # a lone surrogate
+    ('"fields":{', '"fields":{"a":"\\u0041",'),  # an escape the encoder does not write
+    ('"fields":{', '"fields":{"a":NaN,'),
+    ('"card_id":"', '"card_id":"\\u0041'),
+    ('"card_id":"', '"card_id":"\\n'),  # an escape the encoder writes: the full path decides
+    ('"hash":"', '"hash":"A'),
+    ('"prev_hash":"', '"prev_hash":"0'),
+    ('"signature":"', '"signature":"f'),
+    ("T08:", "T25:"),  # not a time
+    (".000Z", ".000+00:00"),
+    ('"terminal_id":"', '"terminal_id":"x'),
+    ('{"amount"', '{"amount":1,"amount"'),
+    ('"}', '","extra":1}'),
+]
+
+
+@st.composite
+def canonical_lines(draw: st.DrawFn) -> str:
+    """A genuine record line as a daemon writes it, then maybe edited: one of :data:`_EDITS`,
+    one character replaced, inserted or removed, or two members swapped."""
+    key = DeviceKey.generate()
+    record = seal_record(
+        seq=draw(st.integers(min_value=1, max_value=2**63 - 1)),
+        created_at=draw(st.sampled_from(["2024-05-01T08:00:00.000Z", "2024-02-29T23:59:59.999Z"])),
+        terminal_id=draw(_PLAIN | st.just(TERMINAL)),
+        body=RecordBody(
+            draw(st.sampled_from(["purchase", "unresolved", "维护"]) | _PLAIN),
+            draw(st.just("0310000000000001") | _PLAIN | _ANY_TEXT.filter(bool)),
+            draw(st.integers(min_value=0, max_value=2**63 - 1)),
+            draw(st.dictionaries(_ANY_TEXT.filter(bool), _FIELD_VALUE, max_size=4)),
+        ),
+        prev_hash=draw(st.sampled_from(["0" * 64, hashlib.sha256(b"x").hexdigest()])),
+        sign=key.sign,
+    )
+    line = record_to_json(record)
+    edit = draw(st.sampled_from(["none", "edit", "replace", "insert", "delete", "swap"]))
+    if edit == "edit":
+        old, new = draw(st.sampled_from(_EDITS))
+        line = line.replace(old, new, 1)
+    elif edit in ("replace", "insert", "delete"):
+        at = draw(st.integers(min_value=0, max_value=len(line) - 1))
+        char = draw(st.characters(codec="utf-8") | st.sampled_from(list('"\\{},:0aA ')))
+        skip = 0 if edit == "insert" else 1
+        line = line[:at] + ("" if edit == "delete" else char) + line[at + skip :]
+    elif edit == "swap":
+        value = record.to_dict()
+        names = sorted(value)
+        i = draw(st.integers(min_value=0, max_value=len(names) - 2))
+        names[i], names[i + 1] = names[i + 1], names[i]
+        line = json.dumps({n: value[n] for n in names}, separators=(",", ":"), ensure_ascii=False)
+    return line
+
+
+@given(canonical_lines())
+def test_the_canonical_line_parser_accepts_exactly_what_the_full_one_accepts(line: str) -> None:
+    """Whatever line the host's fastest path takes (it skips the JSON decoding of the line and
+    its canonical re-encoding), it gives exactly the record and hash the full parser gives;
+    every line the full parser refuses, it refuses too (and leaves to the full parser's
+    message); the public parser agrees with the full one either way."""
+    try:
+        expected: Any = entry_from_json(line)
+    except (ValueError, TypeError) as exc:
+        expected = exc
+    fast = protocol._canonical_record_line(line)
+    try:
+        got: Any = protocol.parse_record_line(line)
+    except (ValueError, TypeError) as exc:
+        got = exc
+    if isinstance(expected, Exception):
+        assert fast is None, line
+        assert isinstance(got, Exception), (line, got)
+        return
+    assert isinstance(got, protocol.RecordLine), (line, got)
+    digest = hashlib.sha256(expected.canonical_bytes()).hexdigest()
+    for parsed in (got, fast) if fast is not None else (got,):
+        assert parsed.record() == expected, line
+        assert parsed.digest == digest, line
+        assert parsed.fields == dict(expected.fields)
+        assert (
+            parsed.seq,
+            parsed.created_at,
+            parsed.terminal_id,
+            parsed.kind,
+            parsed.card_id,
+            parsed.amount,
+            parsed.prev_hash,
+            parsed.hash,
+            parsed.signature,
+            parsed.line,
+        ) == (
+            expected.seq,
+            expected.created_at,
+            expected.terminal_id,
+            expected.kind,
+            expected.card_id,
+            expected.amount,
+            expected.prev_hash,
+            expected.hash,
+            expected.signature,
+            line,
+        )
+    if fast is not None:  # only a line that is its own canonical encoding takes it
+        assert line == record_to_json(expected)
+
+
+@given(
+    st.dictionaries(
+        _PLAIN, st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), _PLAIN)
+    ),
+    _PLAIN,
+    st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_a_daemon_line_without_escapes_takes_the_canonical_path(
+    fields: dict[str, Any], card_id: str, amount: int
+) -> None:
+    """The path is not dead code: every line a daemon writes whose text needs no escape is
+    parsed by it, to the record the full parser gives."""
+    key = DeviceKey.generate()
+    record = seal_record(
+        seq=7,
+        created_at="2024-05-01T08:00:00.000Z",
+        terminal_id=TERMINAL,
+        body=RecordBody("purchase", card_id, amount, fields),
+        prev_hash="0" * 64,
+        sign=key.sign,
+    )
+    parsed = protocol._canonical_record_line(record_to_json(record))
+    assert parsed is not None
+    assert parsed.record() == record
+    assert parsed.digest == parsed.hash == record.hash
+
+
+# --- the upload's lines, a chunk at a time -----------------------------------------------------
+
+
+@given(
+    st.lists(st.binary(max_size=12) | st.sampled_from([b"\n", b"\n\n", b"ab\ncd"]), max_size=12),
+    st.integers(min_value=1, max_value=8),
+)
+def test_lines_split_a_chunk_at_a_time_as_a_whole_stream_splits(
+    chunks: list[bytes], max_line_bytes: int
+) -> None:
+    """The host's line reader gives the lines (numbered from 1) that splitting the whole
+    inflated stream gives, however it arrives in chunks, and refuses the first line longer
+    than the cap by its number, after every line before it."""
+    whole = b"".join(chunks).split(b"\n")
+    if whole[-1] == b"":
+        whole.pop()  # a stream ending in a line end has no line after it
+    expected: list[tuple[int, bytes]] = []
+    refused: str | None = None
+    for number, line in enumerate(whole, 1):
+        if len(line) > max_line_bytes:
+            refused = f"line {number} is longer than {max_line_bytes} bytes"
+            break
+        expected.append((number, line))
+    got: list[tuple[int, bytes]] = []
+    try:
+        for item in protocol._lines(iter(chunks), max_line_bytes):
+            got.append(item)
+    except protocol.BatchTooLarge as exc:
+        assert str(exc) == refused
+    else:
+        assert refused is None
+    assert got == expected
