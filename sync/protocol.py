@@ -491,9 +491,11 @@ _CANONICAL_LINE = re.compile(
     # reading: a string ends at its first unescaped quote, the object at the first brace out
     # of a string), which spares the matcher its backtracking records: about half its time
     r'"fields":(\{(?:"(?:[^"\\]++|\\.)*+"|[^"{}]++)*+\})'
-    r'(,"hash":"([0-9a-f]{64})")'  # group 5: the member the canonical encoding lacks
-    r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"([0-9a-f]{64})","seq":([1-9][0-9]{0,18})'
-    r'(,"signature":"([0-9a-f]{128})")'  # group 10: the other one
+    # the hex members are matched by length only (testing a character class on each of their
+    # 256 characters was about 40% of the matcher's time) and checked after the match
+    r'(,"hash":"(.{64})")'  # group 5: the member the canonical encoding lacks
+    r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"(.{64})","seq":([1-9][0-9]{0,18})'
+    r'(,"signature":"(.{128})")'  # group 10: the other one
     r',"terminal_id":"(' + _PLAIN_TEXT + r')"\}'
 )
 
@@ -510,6 +512,16 @@ def _canonical_record_line(line: str) -> RecordLine | None:
     canonical encoding the record's hash covers is the line with those two members cut out."""
     match = _CANONICAL_LINE.fullmatch(line)
     if match is None:
+        return None
+    # Record's rule for hash, prev_hash and signature: lowercase hex of their length. The
+    # pattern fixed the lengths (even); bytes.fromhex(...).hex() writes lowercase hex digits
+    # only, so it gives its input back exactly when that is lowercase hex: an uppercase digit
+    # comes back lowercased, whitespace (which fromhex skips) shortens it, anything else raises
+    hexes = match[6] + match[8] + match[11]
+    try:
+        if bytes.fromhex(hexes).hex() != hexes:
+            return None
+    except ValueError:
         return None
     start, end = match.span(4)
     try:
