@@ -491,11 +491,11 @@ _CANONICAL_LINE = re.compile(
     # reading: a string ends at its first unescaped quote, the object at the first brace out
     # of a string), which spares the matcher its backtracking records: about half its time
     r'"fields":(\{(?:"(?:[^"\\]++|\\.)*+"|[^"{}]++)*+\})'
-    # the hex members are matched by length only (testing a character class on each of their
-    # 256 characters was about 40% of the matcher's time) and checked after the match
-    r'(,"hash":"(.{64})")'  # group 5: the member the canonical encoding lacks
-    r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"(.{64})","seq":([1-9][0-9]{0,18})'
-    r'(,"signature":"(.{128})")'  # group 10: the other one
+    # the hex members are matched by length only ((?s:.) repeated: the matcher steps over
+    # them without testing each character) and checked after the match
+    r'(,"hash":"((?s:.){64})")'  # group 5: the member the canonical encoding lacks
+    r',"kind":"(' + _PLAIN_TEXT + r')","prev_hash":"((?s:.){64})","seq":([1-9][0-9]{0,18})'
+    r'(,"signature":"((?s:.){128})")'  # group 10: the other one
     r',"terminal_id":"(' + _PLAIN_TEXT + r')"\}'
 )
 
@@ -514,14 +514,12 @@ def _canonical_record_line(line: str) -> RecordLine | None:
     if match is None:
         return None
     # Record's rule for hash, prev_hash and signature: lowercase hex of their length. The
-    # pattern fixed the lengths (even); bytes.fromhex(...).hex() writes lowercase hex digits
-    # only, so it gives its input back exactly when that is lowercase hex: an uppercase digit
-    # comes back lowercased, whitespace (which fromhex skips) shortens it, anything else raises
+    # pattern fixed the lengths; what is left of their ASCII bytes once every lowercase hex
+    # digit is deleted must be nothing (an uppercase digit, a space, a quote is left; a
+    # non-ASCII character fails isascii). Measured (callgrind, 2,000 daemon lines): the whole
+    # function 80.3k instructions a line against 80.6k with [0-9a-f]{n} in the pattern
     hexes = match[6] + match[8] + match[11]
-    try:
-        if bytes.fromhex(hexes).hex() != hexes:
-            return None
-    except ValueError:
+    if not hexes.isascii() or hexes.encode().translate(None, b"0123456789abcdef"):
         return None
     start, end = match.span(4)
     try:
