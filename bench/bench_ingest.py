@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,10 +50,11 @@ from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.device_key import signature_verifier
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json, seal_record
 from agent.wiring import DataDir
+from bench.bench_city import HostProcess  # the same `cardhost host` process as the city bench
 from clearinghost.audit import audit_storage
 from clearinghost.keys import HostKey
-from clearinghost.server import ClearingHost, HostServer, create_app
-from clearinghost.storage import PostgresStorage, SqliteStorage, Storage
+from clearinghost.server import ClearingHost, HostLimits, HostServer, create_app
+from clearinghost.storage import PostgresStorage, SqliteStorage, Storage, open_storage
 from sync import protocol
 from sync.daemon import SyncSettings, open_daemon
 from tests.test_sync_storage import PgServer
@@ -69,7 +71,7 @@ def quiet() -> Callable[[], None]:
     return lambda: structlog.configure(**before)
 
 
-def make_records(key: DeviceKey, count: int) -> list[Record]:
+def make_records(key: DeviceKey, count: int, terminal_id: str = TERMINAL) -> list[Record]:
     """N signed, chained purchase records of one terminal (what a bus writes in weeks)."""
     rng = random.Random(14)
     records: list[Record] = []
@@ -79,7 +81,7 @@ def make_records(key: DeviceKey, count: int) -> list[Record]:
             seq=n,
             created_at=f"2026-05-{1 + n // 86400 % 28:02d}T{n // 3600 % 24:02d}:"
             f"{n // 60 % 60:02d}:{n % 60:02d}.000Z",
-            terminal_id=TERMINAL,
+            terminal_id=terminal_id,
             body=RecordBody(
                 "purchase",
                 f"0310517007{rng.randrange(10**10):010d}",
@@ -171,6 +173,146 @@ def host_ingest(
             figures["audit"] = audited[0]
         storage.close()
     return figures
+
+
+@dataclass
+class Concurrent:
+    """K terminals uploading at once into one ``cardhost host --workers W`` process tree."""
+
+    workers: int
+    terminals: int
+    wall_s: float  # the first POST to the last acknowledged batch
+    host_cpu_s: float  # the serving processes (supervisor and workers), over the uploads only
+    client_cpu_s: float  # this process (the K client threads) over the same span
+    retries: int  # 429/503 answers waited out (Retry-After) and sent again
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of one process (``/proc/PID/stat`` fields 14 and 15, proc(5)), seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pids: list[int]) -> dict[int, float]:
+    return {pid: proc_cpu_s(pid) for pid in pids}
+
+
+def upload_terminal(
+    url: str, terminal_id: str, batches: list[protocol.UploadBatch], start: threading.Barrier
+) -> tuple[float, float, int]:
+    """One terminal's batches, one at a time (as a daemon sends them): the time of its first
+    POST and of its last acknowledgement, and how many busy answers it waited out."""
+    retries = 0
+    with httpx.Client(base_url=url, timeout=120) as client:
+        start.wait(timeout=300)
+        first = time.perf_counter()
+        for batch in batches:
+            while True:
+                answer = client.post(
+                    protocol.records_path(terminal_id), content=batch.body, headers=batch.headers()
+                )
+                if answer.status_code in (429, 503) and retries < 10_000:
+                    retries += 1
+                    time.sleep(min(5.0, float(answer.headers.get("Retry-After", "0.1") or 0.1)))
+                    continue
+                break
+            if answer.status_code != 200 or answer.json()["ack_seq"] != batch.last_seq:
+                raise RuntimeError(
+                    f"{terminal_id} upload {batch.idempotency_key}: HTTP {answer.status_code} "
+                    f"{answer.text[:300]}"
+                )
+        return first, time.perf_counter(), retries
+
+
+def concurrent_ingest(
+    root: Path,
+    db: str,
+    fleet: dict[str, tuple[DeviceKey, list[Record], list[protocol.UploadBatch]]],
+    workers: int,
+) -> Concurrent:
+    """The fleet's batches uploaded at once, one thread per terminal, into a real ``cardhost
+    host --workers W`` on 127.0.0.1 (every terminal pre-registered by its key); afterwards the
+    database must hold every record of every terminal exactly once, in order."""
+    storage = open_storage(db)
+    try:
+        for terminal_id, (key, _records, _batches) in fleet.items():
+            storage.register_terminal(terminal_id, key.public_key_bytes.hex())
+    finally:
+        storage.close()
+    key_path = root / f"host-{workers}.key"
+    HostKey.load_or_create(key_path)
+    host = HostProcess(root, db, key_path, workers, HostLimits().max_uploads)
+    try:
+        pids = [host.process.pid, *host.children()]
+        before = tree_cpu_s(pids)
+        start = threading.Barrier(len(fleet))
+        spans: list[tuple[float, float, int]] = []
+        errors: list[tuple[str, Exception]] = []
+
+        def run(terminal_id: str, batches: list[protocol.UploadBatch]) -> None:
+            try:
+                spans.append(upload_terminal(host.url, terminal_id, batches, start))
+            except Exception as exc:  # noqa: BLE001  (raised below, with the terminal's name)
+                errors.append((terminal_id, exc))
+                start.abort()
+
+        threads = [
+            threading.Thread(target=run, args=(t, b), name=t) for t, (_k, _r, b) in fleet.items()
+        ]
+        gc.collect()
+        cpu = time.process_time()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=1800)
+        client_cpu = time.process_time() - cpu
+        if errors or any(thread.is_alive() for thread in threads):
+            raise RuntimeError(f"concurrent ingest, {workers} worker(s): {errors[:3]}")
+        now = [host.process.pid, *host.children()]
+        if sorted(now) != sorted(pids):
+            raise RuntimeError(f"a worker was restarted during the run (see {host.log.name})")
+        after = tree_cpu_s(pids)
+    finally:
+        host.stop()
+    storage = open_storage(db)
+    try:
+        for terminal_id, (_key, records, _batches) in fleet.items():
+            held = storage.record_keys(terminal_id)
+            if held != [(r.seq, r.hash) for r in records]:
+                raise RuntimeError(f"{terminal_id}: holds {len(held)} of {len(records)} records")
+        total = sum(len(records) for _k, records, _b in fleet.values())
+        if storage.count_records() != total:
+            raise RuntimeError(f"{storage.count_records()} records held, {total} sent")
+    finally:
+        storage.close()
+    return Concurrent(
+        workers=workers,
+        terminals=len(fleet),
+        wall_s=max(end for _s, end, _r in spans) - min(first for first, _e, _r in spans),
+        host_cpu_s=sum(after[pid] - before[pid] for pid in pids),
+        client_cpu_s=client_cpu,
+        retries=sum(r for _s, _e, r in spans),
+    )
+
+
+def make_fleet(
+    count: int, terminals: int, batch_size: int
+) -> dict[str, tuple[DeviceKey, list[Record], list[protocol.UploadBatch]]]:
+    """``count`` records split over ``terminals`` terminals (the first ones take the
+    remainder), each with its own device key, signed batches of ``batch_size``."""
+    fleet: dict[str, tuple[DeviceKey, list[Record], list[protocol.UploadBatch]]] = {}
+    for index in range(terminals):
+        terminal_id = f"BENCH-K{index + 1:03d}"
+        key = DeviceKey.generate()
+        share = count // terminals + (1 if index < count % terminals else 0)
+        records = make_records(key, share, terminal_id)
+        batches = [
+            protocol.encode_batch(terminal_id, records[i : i + batch_size], sign=key.sign)
+            for i in range(0, share, batch_size)
+        ]
+        fleet[terminal_id] = (key, records, batches)
+    return fleet
 
 
 def bare_costs(key: DeviceKey, records: list[Record], batches: int) -> dict[str, float]:
@@ -274,6 +416,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--no-v1", action="store_true", help="skip the v1 (per-record) ingest")
     parser.add_argument("--no-daemon", action="store_true", help="skip the daemon end to end")
+    parser.add_argument(
+        "--terminals",
+        type=int,
+        default=10,
+        help="the concurrent rows: the same records split over this many terminals uploading "
+        "at once into `cardhost host --workers 1` and `--workers 2` (0: skip those rows)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser
 
@@ -306,9 +455,10 @@ def _run(args: argparse.Namespace) -> list[str]:
         protocol.encode_batch(TERMINAL, records[i : i + size], sign=key.sign)
         for i in range(0, n, size)
     ]
-    prepare_s = time.perf_counter() - started
     compressed = sum(len(b.body) for b in batches)
     raw = sum(b.raw_size for b in batches)
+    fleet = make_fleet(n, args.terminals, size) if args.terminals > 0 else {}
+    prepare_s = time.perf_counter() - started
     backends = [b for b in args.backends.split(",") if b]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=base) as name:
@@ -322,6 +472,10 @@ def _run(args: argparse.Namespace) -> list[str]:
                     n,
                     v1=not args.no_v1,
                 )
+                for workers in (1, 2) if fleet else ():
+                    results[backend][f"workers{workers}"] = concurrent_ingest(
+                        root, str(root / f"fleet-{workers}.db"), fleet, workers
+                    )
             elif backend == "postgresql":
                 pg = PgServer().start()
 
@@ -336,6 +490,10 @@ def _run(args: argparse.Namespace) -> list[str]:
                         n,
                         v1=not args.no_v1,
                     )
+                    for workers in (1, 2) if fleet else ():
+                        results[backend][f"workers{workers}"] = concurrent_ingest(
+                            root, pg.new_database(), fleet, workers
+                        )
                 finally:
                     pg.stop()
             else:
@@ -393,6 +551,40 @@ def report(
             f"| bare httpx POST loop, same bodies, sink endpoint | {backend} | {bare_s:.2f} | "
             f"{n / bare_s:,.0f} | {figures['bare'].cpu_s:.2f} | 1.0x | |"
         )
+    concurrent = [
+        (backend, figures[f"workers{w}"])
+        for backend, figures in results.items()
+        for w in (1, 2)
+        if f"workers{w}" in figures
+    ]
+    if concurrent:
+        terminals = concurrent[0][1].terminals
+        lines += [
+            "",
+            f"The same {n:,} records split over {terminals} terminals (each its own device key, "
+            "pre-registered), each sending its signed batches one at a time, all at once (one "
+            "client thread each), into a real `cardhost host --workers W` process on 127.0.0.1 "
+            "(one SQLite file in WAL, or one PostgreSQL database). Wall time from the first POST "
+            "to the last acknowledged batch; host CPU: the supervisor and its workers (utime + "
+            "stime from /proc) over the uploads; client CPU: the bench process's threads. "
+            "Afterwards every terminal's stored (seq, hash) list equals what it sent and the "
+            "record count is the total: every record stored exactly once.",
+            "",
+            "| K terminals at once | backend | workers | wall s | records/s | host CPU s | "
+            "client CPU s | busy answers retried | **ratio** / one terminal, one process | "
+            "**ratio** / bare loop | **ratio** wall workers 2 / workers 1 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for backend, run in concurrent:
+            figures = results[backend]
+            one = figures.get("workers1")
+            ratio = f"**{run.wall_s / one.wall_s:.2f}x**" if run.workers == 2 and one else "—"
+            lines.append(
+                f"| {run.terminals} terminals | {backend} | {run.workers} | **{run.wall_s:.2f}** "
+                f"| {n / run.wall_s:,.0f} | {run.host_cpu_s:.2f} | {run.client_cpu_s:.2f} | "
+                f"{run.retries} | {run.wall_s / figures['signed'].wall_s:.2f}x | "
+                f"{run.wall_s / figures['bare'].wall_s:.1f}x | {ratio} |"
+            )
     lines += [
         "",
         "| bare library cost, same records | seconds | per record (µs) |",

@@ -166,6 +166,43 @@ def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, ca
     assert structlog.get_config() == config_before
 
 
+def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, capsys) -> None:
+    """The concurrent rows on a tiny run: 2 terminals x 200 records at once into a real
+    ``cardhost host --workers 1`` and ``--workers 2`` on both backends; the run itself checks
+    that every record is stored exactly once (it raises otherwise), the table has a row per
+    backend and worker count with the workers-2 / workers-1 ratio on the second."""
+    from bench import bench_ingest
+
+    output = tmp_path / "RESULTS-sync.md"
+    argv = ["--records", "400", "--batch-size", "100", "--terminals", "2", "--no-v1"]
+    argv += ["--no-daemon", "--output", str(output)]
+    assert bench_ingest.main(argv) == 0
+
+    report = output.read_text(encoding="utf-8")
+    assert "The same 400 records split over 2 terminals" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 2 terminals |")]
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
+    assert [c[1:3] for c in cells] == [
+        ["sqlite", "1"],
+        ["sqlite", "2"],
+        ["postgresql", "1"],
+        ["postgresql", "2"],
+    ]
+    for row in cells:
+        assert float(row[3].strip("*")) > 0 and float(row[5]) > 0, row  # wall s, host CPU s
+        assert row[-1] == "—" if row[2] == "1" else row[-1].startswith("**"), row
+    assert "## Ingest" in capsys.readouterr().out
+
+    fleet = bench_ingest.make_fleet(7, 3, 2)  # the first terminal takes the remainder
+    assert [len(records) for _key, records, _batches in fleet.values()] == [3, 2, 2]
+    assert [[b.count for b in batches] for _k, _r, batches in fleet.values()] == [
+        [2, 1],
+        [2],
+        [2],
+    ]
+    assert {r.terminal_id for _k, records, _b in fleet.values() for r in records} == set(fleet)
+
+
 def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
     from bench import bench_city
 
@@ -215,6 +252,8 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
             in report
         )
         assert f"| bare httpx POST loop, same bodies, sink endpoint | {backend} |" in report
+        for workers in (1, 2):  # the concurrent rows: 10 terminals of 4 records by default
+            assert f"| 10 terminals | {backend} | {workers} | " in report
     assert "| **ratio** per-record / per-batch verification |" in report
     assert report.rstrip("\n") in capsys.readouterr().out
     structlog.configure(**config_before)  # bench_sync leaves its quiet logging configured

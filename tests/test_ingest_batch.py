@@ -508,6 +508,13 @@ _EDITS = [
     ('"card_id":"', '"card_id":"\\u0041'),
     ('"card_id":"', '"card_id":"\\n'),  # an escape the encoder writes: the full path decides
     ('"hash":"', '"hash":"A'),
+    # the same length, not lowercase hex (the pattern matches hex members by length only)
+    ('"prev_hash":"0', '"prev_hash":"A'),
+    ('"prev_hash":"0', '"prev_hash":"g'),
+    ('"prev_hash":"0', '"prev_hash":" '),
+    ('"prev_hash":"0', '"prev_hash":"\uff10'),
+    ('"prev_hash":"2d', '"prev_hash":"2D'),
+    ('"prev_hash":"2d', '"prev_hash":"2\\'),
     ('"prev_hash":"', '"prev_hash":"0'),
     ('"signature":"', '"signature":"f'),
     ("T08:", "T25:"),  # not a time
@@ -605,6 +612,59 @@ def test_the_canonical_line_parser_accepts_exactly_what_the_full_one_accepts(lin
         )
     if fast is not None:  # only a line that is its own canonical encoding takes it
         assert line == record_to_json(expected)
+
+
+def _a_daemon_line() -> tuple[Record, str]:
+    record = seal_record(
+        seq=7,
+        created_at="2024-05-01T08:00:00.000Z",
+        terminal_id=TERMINAL,
+        body=RecordBody("purchase", "0310000000000001", 200, {"tac": "0A1B2C3D"}),
+        prev_hash=hashlib.sha256(b"prev").hexdigest(),
+        sign=DeviceKey.generate().sign,
+    )
+    return record, record_to_json(record)
+
+
+def _hex_edits() -> list[tuple[str, int, str]]:
+    """(member, position, replacement) for each hex member: the pattern matches these members
+    by length only, so everything that is not lowercase hex of that length must be caught
+    after it: an uppercase digit, a letter beyond f, a space (which ``bytes.fromhex`` skips),
+    a quote, non-ASCII (a full-width digit), a digit too many or too few."""
+    edits: list[tuple[str, int, str]] = []
+    for member in ("hash", "prev_hash", "signature"):
+        for at in (0, 31, -1):
+            for char in ("A", "F", "g", " ", '"', "\\", "\uff10", "\u00e9"):
+                edits.append((member, at, char))
+        edits.append((member, 0, "+1"))  # one digit too many
+        edits.append((member, 0, "-1"))  # one too few
+    return edits
+
+
+@pytest.mark.parametrize(("member", "at", "char"), _hex_edits())
+def test_a_hex_member_that_is_not_lowercase_hex_is_refused_as_the_full_parser_refuses_it(
+    member: str, at: int, char: str
+) -> None:
+    record, line = _a_daemon_line()
+    assert protocol._canonical_record_line(line) is not None  # the untouched line takes it
+    value: str = getattr(record, member)
+    if char == "+1":
+        edited = value + "0"
+    elif char == "-1":
+        edited = value[1:]
+    else:
+        index = at % len(value)
+        edited = value[:index] + char + value[index + 1 :]
+    line = line.replace(f'"{member}":"{value}"', f'"{member}":"{edited}"', 1)
+    assert edited in line
+    with pytest.raises((ValueError, TypeError)) as full:
+        entry_from_json(line)
+    assert protocol._canonical_record_line(line) is None, line
+    with pytest.raises((ValueError, TypeError)) as quick:
+        protocol.parse_record_line(line)
+    assert (type(quick.value), str(quick.value)) == (type(full.value), str(full.value))
+    if char not in ('"', "\\"):  # those two break the JSON itself, named as such
+        assert member in str(full.value), full.value  # the full parser names the member
 
 
 @given(
