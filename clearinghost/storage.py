@@ -70,6 +70,7 @@ version.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -79,7 +80,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -117,6 +118,8 @@ log = structlog.get_logger(__name__)
 
 Row = tuple[Any, ...]
 _T = TypeVar("_T")
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
 
 
 class StorageFull(Exception):
@@ -130,7 +133,33 @@ class StorageFailure(Exception):
 class StorageConflict(StorageFailure):
     """A write met a unique key another connection (another host process) committed after this
     transaction read that the key was free; the transaction was rolled back. Running it again
-    sees the other's row (:meth:`Storage._retrying`)."""
+    sees the other's row (:func:`_rerun_on_conflict`)."""
+
+
+def _rerun_on_conflict(
+    method: Callable[Concatenate[_S, _P], _T],
+) -> Callable[Concatenate[_S, _P], _T]:
+    """A storage method that is one transaction reading whether a key is taken, then inserting
+    it, run again when it lost the race for that key to another host process
+    (:class:`StorageConflict`): the next run reads the winner's row and answers as a retry of
+    the request would (already there, same key: done; another: the caller's 409)."""
+
+    @functools.wraps(method)
+    def run(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        for n in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except StorageConflict as exc:
+                if n == CONFLICT_ATTEMPTS:
+                    raise
+                log.info(
+                    "write lost a unique-key race; running it again",
+                    what=method.__name__,
+                    error=str(exc),
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return run
 
 
 CONFLICT_ATTEMPTS = 3  # a transaction that lost a unique-key race runs again, this often at most
@@ -434,33 +463,13 @@ class Storage:
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T:
-        """``attempt()`` (one transaction that reads whether a key is taken, then inserts it),
-        run again when it lost the race for that key to another host process
-        (:class:`StorageConflict`): the next run reads the winner's row and answers as a retry
-        of the request would (already there, same key: done; another: the caller's 409)."""
-        for n in range(1, CONFLICT_ATTEMPTS + 1):
-            try:
-                return attempt()
-            except StorageConflict as exc:
-                if n == CONFLICT_ATTEMPTS:
-                    raise
-                log.info(
-                    "write lost a unique-key race; running it again", what=what, error=str(exc)
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
-
     # --- terminals ------------------------------------------------------------------------
 
+    @_rerun_on_conflict
     def register_terminal(self, terminal_id: str, public_key_hex: str) -> bool:
         """Register a terminal's device key. True if new; the same key again is fine (also
         when another host process registered it a moment ago); another key raises
         :class:`TerminalKeyConflict`."""
-        return self._retrying(
-            "register_terminal", lambda: self._register_terminal_once(terminal_id, public_key_hex)
-        )
-
-    def _register_terminal_once(self, terminal_id: str, public_key_hex: str) -> bool:
         with self._transaction() as tx:
             row = tx.one("SELECT public_key FROM terminals WHERE terminal_id = ?", (terminal_id,))
             if row is not None:
@@ -479,6 +488,7 @@ class Storage:
 
     # --- terminal entries and enrolment ---------------------------------------------------
 
+    @_rerun_on_conflict
     def create_terminal_entry(
         self,
         terminal_id: str,
@@ -494,32 +504,6 @@ class Storage:
         """An operator's new terminal entry with its first enrolment authorisation (a code
         hash with an expiry, or a pre-registered key). :class:`TerminalExists` if the id has
         an entry or is already registered (also by another host process a moment ago)."""
-        return self._retrying(
-            "create_terminal_entry",
-            lambda: self._create_terminal_entry_once(
-                terminal_id,
-                kind,
-                site,
-                operator,
-                now,
-                code_hash=code_hash,
-                code_expires_at=code_expires_at,
-                expected_key=expected_key,
-            ),
-        )
-
-    def _create_terminal_entry_once(
-        self,
-        terminal_id: str,
-        kind: str,
-        site: str,
-        operator: str,
-        now: float,
-        *,
-        code_hash: str | None,
-        code_expires_at: float | None,
-        expected_key: str | None,
-    ) -> TerminalEntry:
         with self._transaction() as tx:
             taken = tx.one(
                 "SELECT 1 FROM terminal_entries WHERE terminal_id = ? UNION ALL "
@@ -549,6 +533,7 @@ class Storage:
         assert entry is not None
         return entry
 
+    @_rerun_on_conflict
     def authorise_enrolment(
         self,
         terminal_id: str,
@@ -563,28 +548,6 @@ class Storage:
         or a key rotation). A terminal registered without an entry (open registration) gets
         one (two host processes creating it at once: the later authorisation is in force).
         ``None`` if the terminal is unknown."""
-        return self._retrying(
-            "authorise_enrolment",
-            lambda: self._authorise_enrolment_once(
-                terminal_id,
-                operator,
-                now,
-                code_hash=code_hash,
-                code_expires_at=code_expires_at,
-                expected_key=expected_key,
-            ),
-        )
-
-    def _authorise_enrolment_once(
-        self,
-        terminal_id: str,
-        operator: str,
-        now: float,
-        *,
-        code_hash: str | None,
-        code_expires_at: float | None,
-        expected_key: str | None,
-    ) -> TerminalEntry | None:
         with self._transaction() as tx:
             known = tx.one(
                 "SELECT (SELECT COUNT(*) FROM terminal_entries WHERE terminal_id = ?), "
@@ -620,16 +583,8 @@ class Storage:
             rows = tx.all(_SELECT_ENTRY + " ORDER BY terminal_id")
         return [_entry(r) for r in rows]
 
+    @_rerun_on_conflict
     def enrol(
-        self, terminal_id: str, public_key_hex: str, code_hash: str | None, now: float
-    ) -> str | None:
-        """:meth:`_enrol_once`, run again if an open registration of the same id (another
-        host process) took the terminal row first: the authorisation then rotates its key."""
-        return self._retrying(
-            "enrol", lambda: self._enrol_once(terminal_id, public_key_hex, code_hash, now)
-        )
-
-    def _enrol_once(
         self, terminal_id: str, public_key_hex: str, code_hash: str | None, now: float
     ) -> str | None:
         """Bind ``terminal_id`` to ``public_key_hex`` if its entry holds a pending
@@ -637,7 +592,9 @@ class Storage:
         pre-registered key. The authorisation is consumed in the same transaction that binds
         the key (single use, whatever runs concurrently). Returns ``"enrolled"`` (a new
         terminal), ``"rotated"`` (a registered terminal's key replaced: the chain and the
-        acknowledgement carry on, only the new key verifies from now on) or ``None``."""
+        acknowledgement carry on, only the new key verifies from now on) or ``None``. Run
+        again if an open registration of the same id (another host process) took the terminal
+        row first: the authorisation then rotates its key."""
         with self._lock, self._transaction() as tx:
             consumed = tx.run(
                 "UPDATE terminal_entries SET code_used_at = "
@@ -1532,13 +1489,11 @@ class Storage:
 
     # --- utility bills (一帐通, issue 10) ---------------------------------------------------
 
+    @_rerun_on_conflict
     def load_bills(self, bills: Sequence[Bill], by: str) -> dict[str, int]:
         """Add bills, or replace the details of bills still ``open`` (one transaction); a bill
         being paid or paid is kept as it is. ``{"added", "updated", "kept"}``. The same book
         loaded on two host processes at once: the later one finds the other's bills."""
-        return self._retrying("load_bills", lambda: self._load_bills_once(bills, by))
-
-    def _load_bills_once(self, bills: Sequence[Bill], by: str) -> dict[str, int]:
         counts = {"added": 0, "updated": 0, "kept": 0}
         now = time.time()
         with self._lock, self._transaction() as tx:
