@@ -498,6 +498,21 @@ _CANONICAL_LINE = re.compile(
 )
 
 
+def _plain_fields(fields: dict[str, Any]) -> bool:
+    """Record's rule for ``fields``: non-empty names; values text, booleans, null or 64-bit
+    integers (a float, a list, an object is not a record field value)."""
+    for name, item in fields.items():
+        kind_of = type(item)
+        if not name:
+            return False
+        if kind_of is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return False
+        elif kind_of is not str and kind_of is not bool and item is not None:
+            return False
+    return True
+
+
 def _canonical_record_line(line: str) -> RecordLine | None:
     """The record of a line that is exactly its canonical encoding plus ``hash`` and
     ``signature``, with :class:`Record`'s checks; ``None`` for any other line (the caller then
@@ -518,15 +533,8 @@ def _canonical_record_line(line: str) -> RecordLine | None:
         return None
     if stop != end or type(fields) is not dict:
         return None
-    for name, item in fields.items():
-        kind_of = type(item)
-        if not name:
-            return None
-        if kind_of is int:
-            if not INT64_MIN <= item <= INT64_MAX:
-                return None
-        elif kind_of is not str and kind_of is not bool and item is not None:
-            return None  # a float, a list, an object: not a record field value
+    if not _plain_fields(fields):
+        return None
     seq, amount, created_at = int(match[9]), int(match[1]), match[3]
     if seq > INT64_MAX or amount > INT64_MAX:
         return None
@@ -627,15 +635,8 @@ def _quick_record(value: dict[str, Any], line: str) -> RecordLine | None:
         and _SIGNATURE_HEX.fullmatch(signature)
     ):
         return None
-    for name, item in fields.items():
-        kind_of = type(item)
-        if not name:
-            return None
-        if kind_of is int:
-            if not INT64_MIN <= item <= INT64_MAX:
-                return None
-        elif kind_of is not str and kind_of is not bool and item is not None:
-            return None
+    if not _plain_fields(fields):
+        return None
     try:
         datetime.fromisoformat(created_at)
         # every key and text value encodes as UTF-8 (no lone surrogates): Record's rule
