@@ -6,8 +6,9 @@ an unsigned integer — the last 16 hex digits of ``CpuCard.card_id``.
 On disk the set is a *bucketed packed array*: the top 16 bits of the ASN pick one of 65,536
 buckets, an offset table says where each bucket starts, and each entry keeps only the remaining 6
 bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A lookup is one offset
-read, a C ``bisect`` over in-memory fence keys (every 32nd entry's full key, built at load) and
-one bounded ``bytes.find`` over at most 64 entries (:class:`_Packed`); 10 million entries take
+read, a C ``bisect`` over in-memory fence keys (every 32nd entry's full key, built at load) if
+the bucket holds more than 256 entries, and one bounded ``bytes.find`` over at most 256 entries
+(:class:`_Packed`); 10 million entries take
 60 MB plus a 256 KB offset table and 2.4 MiB of fences. The agent holds the file's image and the
 fences for its lookups; the sync daemon, which never looks cards up, holds only the header and
 offset table (``lookups=False``).
@@ -142,6 +143,9 @@ _STEP = 1 << 20  # bytes read, written or hashed at a time
 _ENTRY = 6
 _LOW_MASK = (1 << 48) - 1
 _FENCE = 32  # a lookup searches runs of up to this many entries with bytes.find
+_SCAN = 256  # ...or a whole bucket of up to this many (1.5 KB): one find beats bisect + find
+_OFFSETS_AT = _FILE_HEADER.size
+_BUCKET_BOUNDS = struct.Struct("<II").unpack_from  # offsets[b], offsets[b + 1] at _OFFSETS_AT + 4b
 ASN_MAX = (1 << 64) - 1
 
 
@@ -541,7 +545,7 @@ class _Packed:
     With the entries loaded, a lookup also uses *fences*: the full u64 key of every
     ``_FENCE``-th entry, in memory only (never in the file, so the file format and the signed
     content digest are unchanged). The top 16 bits give the bucket's range, a C ``bisect`` over
-    the fences inside it narrows that (if longer than 2 ``_FENCE``) to one run of at most
+    the fences inside it narrows that (if longer than ``_SCAN`` entries) to one run of at most
     ``_FENCE`` entries, and one C
     ``bytes.find`` (bounded by start and end, no slice, no copy) searches the run for the
     6-byte key. A lookup is thus a fixed handful of Python operations whatever the bucket's
@@ -549,13 +553,12 @@ class _Packed:
     city's cards may sit in one bucket. The fences cost 8 bytes per ``_FENCE`` entries (0.25
     bytes an entry: 2.4 MiB at 10 million)."""
 
-    __slots__ = ("buf", "count", "data_start", "fences", "offsets")
+    __slots__ = ("buf", "count", "fences", "offsets")
 
     def __init__(self, buf: bytes, count: int) -> None:
         self.buf = buf
         self.count = count
-        self.data_start = _FILE_HEADER.size + _OFFSETS_SIZE
-        raw = memoryview(buf)[_FILE_HEADER.size : self.data_start]
+        raw = memoryview(buf)[_FILE_HEADER.size : _DATA_START]
         if sys.byteorder == "little":
             self.offsets: memoryview | array[int] = raw.cast("I")
         else:  # pragma: no cover - big-endian hosts
@@ -566,12 +569,12 @@ class _Packed:
 
     @property
     def has_entries(self) -> bool:
-        return len(self.buf) == self.data_start + _ENTRY * self.count
+        return len(self.buf) == _DATA_START + _ENTRY * self.count
 
     def build_fences(self) -> None:
         """The in-memory fence keys (entry 0, ``_FENCE``, 2 ``_FENCE``, ...), built with slice
         copies in C: each fence's low 6 bytes from the entries, its 2 bucket bytes per bucket."""
-        count, base, offsets = self.count, self.data_start, self.offsets
+        count, base, offsets = self.count, _DATA_START, self.offsets
         n = -(-count // _FENCE)
         raw = bytearray(8 * n)
         end = base + _ENTRY * count
@@ -589,26 +592,24 @@ class _Packed:
         self.fences = fences
 
     def contains(self, asn: int) -> bool:
-        bucket = asn >> 48
-        offsets = self.offsets
-        lo = offsets[bucket]
-        hi = offsets[bucket + 1]
-        if lo == hi:
-            return False
-        if hi - lo > 2 * _FENCE:  # a short bucket is searched whole (one find beats a bisect)
+        # the bucket's two offsets in one unpack, a bisect only in a bucket too long for one
+        # find, then the find
+        lo, hi = _BUCKET_BOUNDS(self.buf, _OFFSETS_AT + 4 * (asn >> 48))
+        if hi - lo > _SCAN:
             # fences k with k * _FENCE in lo..hi-1 belong to this bucket; after the bisect,
             # fences[k-1] <= asn < fences[k], so the key, if listed, is in entries (k-1)F..kF-1
             k = bisect_right(self.fences, asn, -(-lo // _FENCE), -(-hi // _FENCE))
-            lo, hi = max(lo, (k - 1) * _FENCE), min(hi, k * _FENCE)
-        start = self.data_start + _ENTRY * lo
-        end = self.data_start + _ENTRY * hi
+            lo = max(lo, (k - 1) * _FENCE)
+            hi = min(hi, k * _FENCE)
+        start = _DATA_START + _ENTRY * lo
+        end = _DATA_START + _ENTRY * hi
         key = (asn & _LOW_MASK).to_bytes(_ENTRY, "big")
-        buf = self.buf
-        at = buf.find(key, start, end)
+        find = self.buf.find
+        at = find(key, start, end)
         while at >= 0:  # a match straddling two entries is not the key: search on
             if (at - start) % _ENTRY == 0:
                 return True
-            at = buf.find(key, at + 1, end)
+            at = find(key, at + 1, end)
         return False
 
     def counts(self) -> array[int]:

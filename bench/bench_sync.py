@@ -37,6 +37,7 @@ import httpx
 import structlog
 
 from agent.blacklist import (
+    _DATA_START,
     KIND_DELTA,
     KIND_SNAPSHOT,
     PRINTED_MAX_DIGITS,
@@ -163,7 +164,7 @@ class OldPacked(_Packed):
         if lo == hi:
             return False
         key = (asn & ((1 << 48) - 1)).to_bytes(6, "big")
-        buf, base, end = self.buf, self.data_start, hi
+        buf, base, end = self.buf, _DATA_START, hi
         while hi - lo > 32:
             mid = (lo + hi) >> 1
             at = base + 6 * mid
@@ -189,26 +190,37 @@ def old_contains(listed: Blacklist) -> Callable[[int], bool]:
     return old.contains_asn
 
 
-def timed(contains: Callable[[int], bool], probes: list[int]) -> tuple[float, float, float]:
-    """Mean of one timed loop, then p50 and p99 of each probe timed alone (µs)."""
+def timed(contains: Callable[[int], bool], probes: list[int]) -> tuple[float, float, float, float]:
+    """Mean of one timed loop; p50 and p99 of one pass with each probe timed alone; and p99 of
+    each probe's best of ``_PASSES`` such passes (µs). Between two passes over one probe the
+    other 199,999 probes have evicted its cache lines, so the best of three keeps the probe's own
+    misses and drops what the machine adds (another tenant, an interrupt, a preemption)."""
     started = time.perf_counter()
     for asn in probes:
         contains(asn)
     mean_us = (time.perf_counter() - started) / len(probes) * 1e6
     clock = time.perf_counter_ns
-    each = []
-    for asn in probes:
-        t0 = clock()
-        contains(asn)
-        each.append(clock() - t0)
-    each.sort()
-    return mean_us, each[len(each) // 2] / 1000, each[len(each) * 99 // 100] / 1000
+    passes = []
+    for _ in range(_PASSES):
+        each = [0] * len(probes)
+        for i, asn in enumerate(probes):
+            t0 = clock()
+            contains(asn)
+            each[i] = clock() - t0
+        passes.append(each)
+    first = sorted(passes[0])
+    best = sorted(map(min, *passes))
+    p99 = len(probes) * 99 // 100
+    return mean_us, first[len(first) // 2] / 1000, first[p99] / 1000, best[p99] / 1000
+
+
+_PASSES = 3
 
 
 def lookups_against_old(listed: Blacklist, probes: list[int]) -> tuple[float, ...]:
     """The agent's ``contains_asn`` and the old search over the same image and probes,
     interleaved (new, old, new, old) so both see the same machine load; the better of the two
-    passes of each. Both answer every probe alike (checked)."""
+    runs of each (by mean). Both answer every probe alike (checked)."""
     old = old_contains(listed)
     assert all(old(a) == listed.contains_asn(a) for a in probes[:20_000])
     new_runs, old_runs = [], []
@@ -241,15 +253,19 @@ def bench_crowded(size: int, rng: random.Random) -> dict[str, float]:
         )
         listed = Blacklist.open(path, auto_refresh_s=None)
     probes = [first + rng.randrange(2 * size) for _ in range(200_000)]
-    new_us, new_p50, new_p99, old_us, old_p50, old_p99 = lookups_against_old(listed, probes)
+    new_us, new_p50, new_p99, new_best, old_us, old_p50, old_p99, old_best = lookups_against_old(
+        listed, probes
+    )
     return {
         "size": size,
         "lookup_us": new_us,
         "p50_us": new_p50,
         "p99_us": new_p99,
+        "p99_best_us": new_best,
         "old_us": old_us,
         "old_p50_us": old_p50,
         "old_p99_us": old_p99,
+        "old_p99_best_us": old_best,
         "memory_mb": listed.memory_bytes() / 2**20,
     }
 
@@ -283,7 +299,9 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
         entries[rng.randrange(len(entries))] if i % 2 else rng.getrandbits(64)
         for i in range(200_000)
     ]
-    lookup_us, p50_us, p99_us, old_us, old_p50_us, old_p99_us = lookups_against_old(listed, probes)
+    (lookup_us, p50_us, p99_us, p99_best_us, old_us, old_p50_us, old_p99_us, old_p99_best_us) = (
+        lookups_against_old(listed, probes)
+    )
     card_ids = [f"0310{asn:016X}" for asn in probes[:50_000]]
     by_card = listed.contains
     started = time.perf_counter()
@@ -358,9 +376,11 @@ def bench_blacklist(root: Path, size: int, rng: random.Random) -> dict[str, floa
         "lookup_us": lookup_us,
         "p50_us": p50_us,
         "p99_us": p99_us,
+        "p99_best_us": p99_best_us,
         "old_us": old_us,
         "old_p50_us": old_p50_us,
         "old_p99_us": old_p99_us,
+        "old_p99_best_us": old_p99_best_us,
         "card_lookup_us": card_lookup_us,
         "tap_lookup_us": tap_lookup_us,
         "packed_mb": packed_bytes / 2**20,
@@ -419,12 +439,13 @@ def main(argv: list[str] | None = None) -> None:
         "## Blacklist: packed set vs Python set",
         "",
         "| entries | snapshot apply (s) | load file (s) | lookup by ASN, mean (µs) "
-        "| p50 (µs) | p99 (µs) | old lookup, mean / p50 / p99 (µs) "
+        "| p50 (µs) | p99 (µs) | **p99, best of 3** (µs) "
+        "| old lookup, mean / p50 / p99 / p99 best of 3 (µs) "
         "| lookup by card id (µs) | card id + printed number (µs) "
         "| packed MB | Python set lookup (µs) "
         "| **ratio** packed / set lookup | Python set MB | **ratio** set / packed MB "
         "| 1,000-entry delta (s) | 100,000-entry delta (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rng = random.Random(7)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -433,8 +454,9 @@ def main(argv: list[str] | None = None) -> None:
             r = bench_blacklist(Path(name), size, rng)
         lines.append(
             f"| {size:,} | {r['snapshot_s']:.2f} | {r['load_s']:.2f} | {r['lookup_us']:.2f} | "
-            f"{r['p50_us']:.2f} | {r['p99_us']:.2f} | {r['old_us']:.2f} / "
-            f"{r['old_p50_us']:.2f} / {r['old_p99_us']:.2f} | {r['card_lookup_us']:.2f} | "
+            f"{r['p50_us']:.2f} | {r['p99_us']:.2f} | **{r['p99_best_us']:.2f}** | "
+            f"{r['old_us']:.2f} / {r['old_p50_us']:.2f} / {r['old_p99_us']:.2f} / "
+            f"{r['old_p99_best_us']:.2f} | {r['card_lookup_us']:.2f} | "
             f"{r['tap_lookup_us']:.2f} | {r['packed_mb']:.1f} | {r['set_lookup_us']:.3f} | "
             f"{r['lookup_us'] / r['set_lookup_us']:.1f}x | {r['set_mb']:.0f} | "
             f"{r['set_mb'] / r['packed_mb']:.1f}x | {r['delta_1k_s']:.3f} | "
@@ -443,9 +465,13 @@ def main(argv: list[str] | None = None) -> None:
         print(lines[-1], flush=True)
     lines += [
         "",
-        "Lookups are over 200,000 probes (half of them listed): the mean of one timed loop, and "
-        "p50/p99 of each probe timed alone (`perf_counter_ns` around one call, so they include "
-        "the timer's own ~0.1 µs). The agent keeps 6 bytes per entry plus a 256 KB bucket table "
+        "Lookups are over 200,000 probes (half of them listed): the mean of one timed loop, "
+        "p50/p99 of one pass with each probe timed alone (`perf_counter_ns` around one call, so "
+        "they include the timer's own ~0.1 µs), and p99 of each probe's best of three such "
+        "passes: between two timings of one probe the other probes have evicted its cache "
+        "lines, so this keeps the probe's own cache misses and drops what the shared machine "
+        "adds (the single-pass p99 moves by 2x between runs here). The agent keeps 6 bytes "
+        "per entry plus a 256 KB bucket table "
         "in one `bytes` object (the budget is 64 MB for 10 million); a Python set of the same "
         "integers is an order of magnitude larger. Snapshot and delta applies are the sync "
         "daemon's (`lookups=False`: it holds the header and offset table only): the list "
@@ -458,21 +484,23 @@ def main(argv: list[str] | None = None) -> None:
         "reading and checking the whole file after a change (it includes building the "
         "lookup fences). The old lookup (before issue 14: a Python binary search over 6-byte "
         "slices down to 32 entries, then `find` in a slice of them) runs on the same image "
-        "and probes, interleaved with the new one (`contains_asn`: bucket range, C `bisect` "
-        "over every 32nd entry's full key, one bounded `bytes.find`); each figure is the "
-        "better of two passes. Packed MB includes the fences (8 bytes per 32 entries).",
+        "and probes, interleaved with the new one (`contains_asn`: bucket range, one bounded "
+        "`bytes.find` over the bucket if it holds at most 256 entries, else a C `bisect` over "
+        "every 32nd entry's full key first); each row is the better run of two by mean. "
+        "Packed MB includes the fences (8 bytes per 32 entries).",
         "",
         "### One issuer's consecutive serials (all in one bucket)",
         "",
-        "| entries | lookup mean (µs) | p50 (µs) | p99 (µs) "
-        "| old lookup mean / p50 / p99 (µs) | packed MB |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| entries | lookup mean (µs) | p50 (µs) | p99 (µs) | **p99, best of 3** (µs) "
+        "| old lookup mean / p50 / p99 / p99 best of 3 (µs) | packed MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size in sizes:
         c = bench_crowded(size, rng)
         lines.append(
             f"| {size:,} | {c['lookup_us']:.2f} | {c['p50_us']:.2f} | {c['p99_us']:.2f} | "
-            f"{c['old_us']:.2f} / {c['old_p50_us']:.2f} / {c['old_p99_us']:.2f} | "
+            f"**{c['p99_best_us']:.2f}** | {c['old_us']:.2f} / {c['old_p50_us']:.2f} / "
+            f"{c['old_p99_us']:.2f} / {c['old_p99_best_us']:.2f} | "
             f"{c['memory_mb']:.1f} |"
         )
         print(lines[-1], flush=True)

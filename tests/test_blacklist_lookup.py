@@ -1,6 +1,6 @@
 """Blacklist lookups (issue 14, city scale) agree with a Python set: property tests over random
 lists and random deltas, with ASNs crowded the way real issuers crowd them (one issuer's serials
-share their top 16 bits, so one bucket holds far more than the 32 entries a fence covers) and
+share their top 16 bits, so one bucket holds more than the 256 entries one find searches) and
 values whose bytes contain another entry's key off an entry boundary."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ crowded = st.builds(lambda base, n: base + n, st.sampled_from(ISSUERS), st.integ
 anywhere = st.integers(0, bl.ASN_MAX)
 edges = st.sampled_from([0, bl.ASN_MAX, 1 << 48, (1 << 48) - 1, 0xFFFF_FFFF_FFFF])
 asns = st.one_of(crowded, crowded, anywhere, edges)
-# dense runs of one issuer's serials (every 1st, 2nd or 3rd): buckets far longer than a fence
+# dense runs of one issuer's serials (every 1st, 2nd or 3rd): buckets searched through the fences
 runs = st.lists(
     st.tuples(
         st.sampled_from(ISSUERS), st.integers(0, 5000), st.integers(1, 600), st.integers(1, 3)
