@@ -492,6 +492,8 @@ def host_limits(args: argparse.Namespace) -> HostLimits:
             upload_wait_s=args.upload_wait,
             client_rate=args.client_rate,
             client_burst=args.client_burst,
+            # a worker of --workers N sheds busy connections to the other workers
+            close_busy_connections=getattr(args, "listen_fd", None) is not None,
         )
     except ValueError as exc:
         raise ConfigurationError(f"cardhost host: {exc}") from exc

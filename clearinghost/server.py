@@ -209,6 +209,12 @@ class HostLimits:
     beyond; ``client_rate`` 0 turns it off). A daemon sends a few requests a minute, and one
     draining a backlog one upload at a time stays far below 50 a second.
     All of them are per process: with ``--workers N`` the host holds N times as much.
+    ``close_busy_connections`` (set in each worker of ``--workers N``): an upload answered while
+    this process has other uploads in flight closes its connection (``Connection: close``).
+    The kernel gives a connection to one worker for good, so keep-alive would tie each terminal
+    to the worker that accepted it first, and one worker could verify most of the uploads while
+    another idled; a new connection is accepted by whichever worker's loop wakes first, that is
+    the less busy one. Measured in ``bench/RESULTS-sync.md`` (10 terminals, 2 workers).
     """
 
     body_timeout_s: float = 60.0
@@ -221,6 +227,7 @@ class HostLimits:
     max_retry_after_s: int = 60
     client_rate: float = 50.0
     client_burst: int = 200
+    close_busy_connections: bool = False
 
     def __post_init__(self) -> None:
         if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0):
@@ -1368,7 +1375,12 @@ def create_app(host: ClearingHost) -> Starlette:
             )
         finally:
             gate.leave(time.monotonic() - started)
-        return _json(status, answer, retry_after_s=host.limits.retry_after_s)
+        response = _json(status, answer, retry_after_s=host.limits.retry_after_s)
+        if host.limits.close_busy_connections and gate.active > 0:
+            # this worker has other uploads in flight: the terminal's next batch opens a new
+            # connection, which a less busy worker of the shared socket accepts first
+            response.headers["connection"] = "close"
+        return response
 
     async def heartbeat(request: Request) -> Response:
         terminal_id = terminal_of(request)

@@ -359,3 +359,44 @@ def test_the_per_key_signature_checkers_are_bounded(tmp_path: Path) -> None:
     for terminal in terminals:
         terminal.store.close()
     host.storage.close()
+
+
+@pytest.mark.parametrize("shed", [True, False])
+def test_a_worker_busy_with_other_uploads_closes_the_answered_connection(
+    tmp_path: Path, shed: bool
+) -> None:
+    """``close_busy_connections`` (each worker of ``--workers N``): an upload answered while the
+    process verifies another closes its connection, so the terminal's next batch is accepted
+    by whichever worker is free; answered alone, or with the limit off, it keeps alive."""
+    host, server = host_with(tmp_path, max_uploads=2, close_busy_connections=shed)
+    terminal = enrolled(host, tmp_path / "terminals", "T1", 4)
+    key = DeviceKey.load(terminal.data_dir / DEVICE_KEY_FILE)
+    try:
+        host.register(
+            "T1",
+            protocol.enrolment_request("T1", key.public_key_bytes, key.sign, None, int(time.time())),
+        )
+        first, second = (
+            encode_batch("T1", list(terminal.store.unsent_entries(4))[i : i + 2], sign=key.sign)
+            for i in (0, 2)
+        )
+        with httpx.Client(base_url=server.url, timeout=WAIT_S) as client:
+            held = held_upload_slot(server, "T1")
+            wait_for(lambda: server_gate(server).active == 1, "the held upload to take its slot")
+            busy = client.post(
+                protocol.records_path("T1"), content=first.body, headers=first.headers()
+            )
+            held.close()
+            wait_for(lambda: server_gate(server).active == 0, "the held slot to be given back")
+            alone = client.post(
+                protocol.records_path("T1"), content=second.body, headers=second.headers()
+            )
+        assert busy.status_code == 200 and busy.json()["ack_seq"] == 2
+        assert alone.status_code == 200 and alone.json()["ack_seq"] == 4
+        assert (busy.headers.get("connection") == "close") is shed
+        assert alone.headers.get("connection") != "close"
+        assert host.storage.record_keys("T1") == sorted(terminal.written.items())
+    finally:
+        server.stop()
+        terminal.store.close()
+        host.storage.close()

@@ -198,6 +198,9 @@ def test_cardhost_host_takes_the_limits() -> None:
     )
     limits = cli.host_limits(args)
     assert (limits.max_connections, limits.body_timeout_s) == (7, 3.0)
+    assert not limits.close_busy_connections  # one process: nowhere else to send a terminal
+    worker = cli._parser().parse_args(["host", "--key", "k", "--workers", "2", "--listen-fd", "5"])
+    assert cli.host_limits(worker).close_busy_connections  # a worker of --workers N sheds
     bad = cli._parser().parse_args(["host", "--key", "k", "--max-connections", "0"])
     from agent.errors import ConfigurationError
 
