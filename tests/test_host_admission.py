@@ -374,7 +374,9 @@ def test_a_worker_busy_with_other_uploads_closes_the_answered_connection(
     try:
         host.register(
             "T1",
-            protocol.enrolment_request("T1", key.public_key_bytes, key.sign, None, int(time.time())),
+            protocol.enrolment_request(
+                "T1", key.public_key_bytes, key.sign, None, int(time.time())
+            ),
         )
         first, second = (
             encode_batch("T1", list(terminal.store.unsent_entries(4))[i : i + 2], sign=key.sign)
