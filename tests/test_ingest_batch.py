@@ -726,3 +726,102 @@ def test_lines_split_a_chunk_at_a_time_as_a_whole_stream_splits(
     else:
         assert refused is None
     assert got == expected
+
+
+def _read_lines(
+    lines: Callable[..., Any], body: bytes, encoding: str | None, limits: tuple[int, int, int]
+) -> tuple[list[tuple[int, str]] | str, str]:
+    """What a body reader gives: its lines, or its refusal (type and message); and the
+    digest of the bytes it fed."""
+    digest = hashlib.sha256()
+    max_bytes, max_records, max_line_bytes = limits
+    try:
+        got: list[tuple[int, str]] | str = list(
+            lines(
+                body,
+                encoding,
+                digest,
+                max_bytes=max_bytes,
+                max_records=max_records,
+                max_line_bytes=max_line_bytes,
+            )
+        )
+    except protocol.BadBatch as exc:
+        got = f"{type(exc).__name__}: {exc}"
+    return got, digest.hexdigest()
+
+
+def _streamed(body: bytes, encoding: str | None, digest: Any, **limits: int) -> Any:
+    """The body read in steps only (:func:`protocol._streamed_body_lines`)."""
+    name = (encoding or "identity").strip().lower()
+    if name not in ("gzip", "identity"):
+        raise protocol.BadBatch(f"unsupported Content-Encoding {name[:40]!r}")
+    return protocol._streamed_body_lines(
+        body, name, digest, limits["max_bytes"], limits["max_records"], limits["max_line_bytes"]
+    )
+
+
+body_text = st.lists(
+    st.sampled_from(["{}", "", " ", "\t", "\r", "é", "\udcff", '{"a":1}', "x" * 9, "\x00"]),
+    max_size=12,
+).map("\n".join) | st.just("")
+
+
+@settings(max_examples=300)
+@given(
+    text=body_text,
+    trailing=st.sampled_from(["", "\n", "\n\n"]),
+    damage=st.sampled_from(["none", "truncate", "append", "garbage_tail", "zero_tail"]),
+    encoding=st.sampled_from(["gzip", "identity", " GZIP ", None]),
+    limits=st.tuples(
+        st.integers(1, 120), st.integers(1, 8), st.integers(1, 10)
+    ),  # max_bytes, max_records, max_line_bytes
+)
+def test_a_small_body_read_at_once_gives_what_reading_it_in_steps_gives(
+    text: str,
+    trailing: str,
+    damage: str,
+    encoding: str | None,
+    limits: tuple[int, int, int],
+) -> None:
+    """``_body_lines`` reads a small, complete, ASCII body in one step each (inflate, decode,
+    split) and any other in steps: for every body (blank lines, non-ASCII and undecodable
+    bytes, lines and bodies and counts over each limit, a truncated or doubled gzip stream,
+    data after it) it gives the same lines, refusal and digest as the stepwise reader alone."""
+    raw = (text + trailing).encode("utf-8", "surrogateescape")
+    gzipped = (encoding or "").strip().lower() == "gzip"
+    body = gzip.compress(raw) if gzipped else raw
+    if damage == "truncate" and len(body) > 4:
+        body = body[: len(body) - 4]
+    elif damage == "append":
+        body += gzip.compress(b"{}") if gzipped else b"\n{}"
+    elif damage == "garbage_tail":
+        body += b"\x01garbage"
+    elif damage == "zero_tail":
+        body += b"\0\0"
+    expected = _read_lines(_streamed, body, encoding, limits)
+    assert _read_lines(protocol._body_lines, body, encoding, limits) == expected
+
+
+def test_a_daemon_batch_is_read_at_once() -> None:
+    """The case the one-step reader is for: a daemon's batch, read at once, to the same lines
+    and digest as the stepwise reader gives."""
+    key = DeviceKey.generate()
+    records: list[Record] = []
+    for seq in range(1, 41):
+        records.append(
+            seal_record(
+                seq=seq,
+                created_at="2026-12-01T08:00:00.000Z",
+                terminal_id="T1",
+                body=RecordBody("purchase", f"C{seq:03d}", 100, {"n": seq}),
+                prev_hash=records[-1].hash if records else "0" * 64,
+                sign=key.sign,
+            )
+        )
+    batch = protocol.encode_batch("T1", records, sign=key.sign)
+    limits = (protocol.MAX_BATCH_BYTES, protocol.MAX_BATCH_RECORDS, protocol.MAX_LINE_BYTES)
+    assert protocol._small_body_lines(batch.body, "gzip", *limits) is not None
+    fast = _read_lines(protocol._body_lines, batch.body, "gzip", limits)
+    assert fast == _read_lines(_streamed, batch.body, "gzip", limits)
+    assert len(fast[0]) == 40
