@@ -155,10 +155,16 @@ def host_ingest(
     """Ingest signed (and, with ``v1``, unsigned) batches into fresh databases, the bare loop
     beside them, then the audit of what was stored."""
     figures: dict[str, Any] = {}
-    for mode in ("signed", "v1", "bare") if v1 else ("signed", "bare"):
+    for mode in ("signed", "direct", "v1", "bare") if v1 else ("signed", "direct", "bare"):
         storage = open_db(mode)
         host = ClearingHost(storage, HostKey.generate())
         storage.register_terminal(TERMINAL, key.public_key_bytes.hex())
+        if mode == "direct":  # the host's own work: ClearingHost.upload called in process
+            figures[mode] = upload_direct(host, batches)
+            if storage.count_records() != count:
+                raise RuntimeError(f"direct: {storage.count_records()} of {count} stored")
+            storage.close()
+            continue
         with HostServer(with_sink(create_app(host)), log_level="critical") as server:
             figures[mode] = post_all(
                 server.url, batches, "/sink" if mode == "bare" else None, mode == "signed"
@@ -175,6 +181,24 @@ def host_ingest(
     return figures
 
 
+def upload_direct(host: ClearingHost, batches: list[protocol.UploadBatch]) -> Timed:
+    """The same batches given to ``ClearingHost.upload`` in this thread: no HTTP, no server
+    thread; every answer must acknowledge its batch."""
+    with timed() as result:
+        for batch in batches:
+            headers = batch.headers()
+            status, answer = host.upload(
+                TERMINAL,
+                batch.body,
+                headers.get("Content-Encoding"),
+                headers.get(protocol.IDEMPOTENCY_HEADER),
+                headers.get(protocol.BATCH_SIGNATURE_HEADER),
+            )
+            if status != 200 or answer["ack_seq"] != batch.last_seq:
+                raise RuntimeError(f"direct upload {batch.idempotency_key}: {status} {answer}")
+    return result[0]
+
+
 @dataclass
 class Concurrent:
     """K terminals uploading at once into one ``cardhost host --workers W`` process tree."""
@@ -183,6 +207,7 @@ class Concurrent:
     terminals: int
     wall_s: float  # the first POST to the last acknowledged batch
     host_cpu_s: float  # the serving processes (supervisor and workers), over the uploads only
+    worker_cpu_s: list[float]  # each serving process's share of it (the balance)
     client_cpu_s: float  # this process (the K client threads) over the same span
     retries: int  # 429/503 answers waited out (Retry-After) and sent again
 
@@ -245,6 +270,7 @@ def concurrent_ingest(
     host = HostProcess(root, db, key_path, workers, HostLimits().max_uploads)
     try:
         pids = [host.process.pid, *host.children()]
+        serving = host.serving_pids()
         before = tree_cpu_s(pids)
         start = threading.Barrier(len(fleet))
         spans: list[tuple[float, float, int]] = []
@@ -291,6 +317,7 @@ def concurrent_ingest(
         terminals=len(fleet),
         wall_s=max(end for _s, end, _r in spans) - min(first for first, _e, _r in spans),
         host_cpu_s=sum(after[pid] - before[pid] for pid in pids),
+        worker_cpu_s=[after[pid] - before[pid] for pid in serving],
         client_cpu_s=client_cpu,
         retries=sum(r for _s, _e, r in spans),
     )
@@ -542,6 +569,13 @@ def report(
             f"**{signed.wall_s:.2f}** | {n / signed.wall_s:,.0f} | {signed.cpu_s:.2f} | "
             f"**{signed.wall_s / bare_s:.1f}x** | {ratio} |"
         )
+        direct = figures.get("direct")
+        if direct:
+            lines.append(
+                f"| the host's work alone: `ClearingHost.upload` called in process, no HTTP "
+                f"| {backend} | {direct.wall_s:.2f} | {n / direct.wall_s:,.0f} | "
+                f"{direct.cpu_s:.2f} | {direct.wall_s / bare_s:.1f}x | |"
+            )
         if v1:
             lines.append(
                 f"| v1: every record's Ed25519 signature verified | {backend} | {v1.wall_s:.2f} "
@@ -566,14 +600,19 @@ def report(
             "client thread each), into a real `cardhost host --workers W` process on 127.0.0.1 "
             "(one SQLite file in WAL, or one PostgreSQL database). Wall time from the first POST "
             "to the last acknowledged batch; host CPU: the supervisor and its workers (utime + "
-            "stime from /proc) over the uploads; client CPU: the bench process's threads. "
+            "stime from /proc) over the uploads, and each serving process's share (a worker "
+            "answering an upload while it verifies others closes that connection, so the "
+            "terminal's next batch goes to the less busy worker: `HostLimits."
+            "close_busy_connections`); client CPU: the bench process's threads, on the same "
+            "2 cores. "
             "Afterwards every terminal's stored (seq, hash) list equals what it sent and the "
             "record count is the total: every record stored exactly once.",
             "",
             "| K terminals at once | backend | workers | wall s | records/s | host CPU s | "
-            "client CPU s | busy answers retried | **ratio** / one terminal, one process | "
-            "**ratio** / bare loop | **ratio** wall workers 2 / workers 1 |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "host CPU s per worker | client CPU s | busy answers retried "
+            "| **ratio** / one terminal, one process | **ratio** / bare loop "
+            "| **ratio** wall workers 2 / workers 1 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for backend, run in concurrent:
             figures = results[backend]
@@ -581,7 +620,8 @@ def report(
             ratio = f"**{run.wall_s / one.wall_s:.2f}x**" if run.workers == 2 and one else "—"
             lines.append(
                 f"| {run.terminals} terminals | {backend} | {run.workers} | **{run.wall_s:.2f}** "
-                f"| {n / run.wall_s:,.0f} | {run.host_cpu_s:.2f} | {run.client_cpu_s:.2f} | "
+                f"| {n / run.wall_s:,.0f} | {run.host_cpu_s:.2f} | "
+                f"{' / '.join(f'{c:.2f}' for c in run.worker_cpu_s)} | {run.client_cpu_s:.2f} | "
                 f"{run.retries} | {run.wall_s / figures['signed'].wall_s:.2f}x | "
                 f"{run.wall_s / figures['bare'].wall_s:.1f}x | {ratio} |"
             )
