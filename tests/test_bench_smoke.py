@@ -158,6 +158,10 @@ def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, ca
         )
         assert f"| v1: every record's Ed25519 signature verified | {backend} |" in report
         assert f"| bare httpx POST loop, same bodies, sink endpoint | {backend} |" in report
+        assert (
+            "| the host's work alone: `ClearingHost.upload` called in process, no HTTP | "
+            f"{backend} |" in report
+        )
         assert f"`cardhost audit` of the 60 stored records ({backend}" in report
     assert "Ed25519 verify x 60 (one per record: v1)" in report
     assert "Ed25519 verify x 3 (one per batch: signed)" in report
@@ -190,6 +194,7 @@ def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, ca
     ]
     for row in cells:
         assert float(row[3].strip("*")) > 0 and float(row[5]) > 0, row  # wall s, host CPU s
+        assert len(row[6].split(" / ")) == int(row[2]), row  # each serving process's CPU
         assert row[-1] == "—" if row[2] == "1" else row[-1].startswith("**"), row
     assert "## Ingest" in capsys.readouterr().out
 
