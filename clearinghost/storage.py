@@ -70,6 +70,7 @@ version.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -1822,8 +1823,51 @@ class SqliteTx:
         )
 
 
+SQLITE_BUSY_TIMEOUT_S = 10.0
+
+
+class _WriterQueue:
+    """Writers of one SQLite file in several processes (``cardhost host --workers N``) take
+    turns on an ``flock`` of ``<db>-writer`` before ``BEGIN IMMEDIATE``, polled every 2 ms
+    at most, so the next one starts within 2 ms of the previous commit. Without it they meet
+    SQLite's own busy handler, whose sleeps grow to 100 ms a try: two workers then waited more
+    than they verified (``bench/RESULTS-sync.md``). Bounded like SQLite's busy timeout: past
+    ``timeout_s`` the writer is refused (``StorageFailure``, 503). A process that dies holding
+    the lock loses it with its descriptor."""
+
+    def __init__(self, db: Path, timeout_s: float) -> None:
+        self.path = Path(f"{db}-writer")
+        self.timeout_s = timeout_s
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageFailure(
+                        f"host storage: {self.path}: another process has been writing for "
+                        f"{self.timeout_s:g} s"
+                    ) from None
+                time.sleep(pause)
+                pause = min(0.002, pause * 2)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class SqliteStorage(Storage):
-    """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut."""
+    """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut.
+    One transaction at a time per process (``_lock``), and per file (:class:`_WriterQueue`)."""
 
     backend = "sqlite"
 
@@ -1831,8 +1875,9 @@ class SqliteStorage(Storage):
         super().__init__()
         self.path = path
         try:
+            self._writers = _WriterQueue(path, SQLITE_BUSY_TIMEOUT_S)
             self._conn = sqlite3.connect(
-                path, isolation_level=None, timeout=10, check_same_thread=False
+                path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
             )
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -1848,12 +1893,12 @@ class SqliteStorage(Storage):
                     "CASE WHEN json_type(body, '$.fields.merchant_id') = 'text' "
                     "THEN json_extract(body, '$.fields.merchant_id') END",
                 )
-        except (sqlite3.Error, StorageFailure) as exc:
+        except (sqlite3.Error, StorageFailure, OSError) as exc:
             raise StorageFailure(f"host storage: cannot open {path}: {exc}") from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
-        with self._lock:
+        with self._lock, self._writers.turn():
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -1887,6 +1932,7 @@ class SqliteStorage(Storage):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            self._writers.close()
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------

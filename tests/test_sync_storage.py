@@ -29,7 +29,13 @@ from clearinghost.clearing import Finding
 from clearinghost.keys import HostKey
 from clearinghost.operators import OPERATOR, Operators
 from clearinghost.server import HostServer, create_app
-from clearinghost.storage import PostgresStorage, SqliteStorage, Storage, TerminalKeyConflict
+from clearinghost.storage import (
+    PostgresStorage,
+    SqliteStorage,
+    Storage,
+    StorageFailure,
+    TerminalKeyConflict,
+)
 from sync import protocol
 from sync.params import verify_params
 from tests.test_sync_support import enrol_body, make_host
@@ -323,4 +329,52 @@ def test_full_disk_answers_507_and_stores_nothing(tmp_path: Path) -> None:
         assert storage.count_records("T") == 0
         storage.set_max_pages(None)
         assert upload(client, "T", records).json()["ack_seq"] == 400
+    storage.close()
+
+
+HOLD_WRITER_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sqlite_writers_in_several_processes_take_turns_on_the_writer_lock(
+    tmp_path: Path,
+) -> None:
+    """Workers sharing one SQLite file queue on ``<db>-writer`` (an flock) before each
+    transaction: while another process holds it a write waits, past the busy timeout it is
+    refused naming the file (503 at the host), and once the holder lets go it goes through."""
+    import threading
+
+    storage = SqliteStorage(tmp_path / "host.db")
+    key = DeviceKey.generate().public_key_bytes.hex()
+    holder = subprocess.Popen(
+        ["python3", "-c", HOLD_WRITER_LOCK, str(tmp_path / "host.db-writer")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        storage._writers.timeout_s = 0.2
+        with pytest.raises(StorageFailure, match=r"host\.db-writer: another process"):
+            storage.register_terminal("T1", key)
+        storage._writers.timeout_s = 120.0  # a bound on hangs, never an expectation
+        done: list[bool] = []
+        writer = threading.Thread(target=lambda: done.append(storage.register_terminal("T1", key)))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and not done  # still waiting its turn
+    finally:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    writer.join(timeout=120)
+    assert done == [True]
+    terminal = storage.terminal("T1")
+    assert terminal is not None and terminal.public_key == key
     storage.close()
