@@ -2,8 +2,11 @@
 
 The supervisor binds the listening socket once and starts N worker processes, each a complete
 ``cardhost host`` (its own storage connection, its own uvicorn loop) serving that same socket
-(inherited, ``--listen-fd``): the kernel hands each new connection to one of them. The scale is
-carried by the database they share (PostgreSQL; SQLite works, one writer at a time), not by
+(inherited, ``--listen-fd``): the kernel hands each new connection to one of them, and a worker
+that answers an upload while it verifies others closes that connection
+(``HostLimits.close_busy_connections``), so keep-alive does not tie a terminal to one worker.
+The scale is carried by the database they share (PostgreSQL; SQLite works, one writer at a
+time, queued on ``<db>-writer``), not by
 anything between the workers: they hold no state of their own that another needs (enrolment
 codes, pending approvals, version counters and acknowledgements are rows; per-process are only
 the limits, :class:`clearinghost.server.HostLimits`, and caches keyed by immutable content).
