@@ -807,19 +807,8 @@ def test_a_daemon_batch_is_read_at_once() -> None:
     """The case the one-step reader is for: a daemon's batch, read at once, to the same lines
     and digest as the stepwise reader gives."""
     key = DeviceKey.generate()
-    records: list[Record] = []
-    for seq in range(1, 41):
-        records.append(
-            seal_record(
-                seq=seq,
-                created_at="2026-12-01T08:00:00.000Z",
-                terminal_id="T1",
-                body=RecordBody("purchase", f"C{seq:03d}", 100, {"n": seq}),
-                prev_hash=records[-1].hash if records else "0" * 64,
-                sign=key.sign,
-            )
-        )
-    batch = protocol.encode_batch("T1", records, sign=key.sign)
+    records = chain(key, 40)
+    batch = protocol.encode_batch(TERMINAL, records, sign=key.sign)
     limits = (protocol.MAX_BATCH_BYTES, protocol.MAX_BATCH_RECORDS, protocol.MAX_LINE_BYTES)
     assert protocol._small_body_lines(batch.body, "gzip", *limits) is not None
     fast = _read_lines(protocol._body_lines, batch.body, "gzip", limits)
