@@ -8,10 +8,9 @@ buckets, an offset table says where each bucket starts, and each entry keeps onl
 bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A lookup is one offset
 read, a C ``bisect`` over in-memory fence keys (every 32nd entry's full key, built at load) if
 the bucket holds more than 256 entries, and one bounded ``bytes.find`` over at most 256 entries
-(:class:`_Packed`); 10 million entries take
-60 MB plus a 256 KB offset table and 2.4 MiB of fences. The agent holds the file's image and the
-fences for its lookups; the sync daemon, which never looks cards up, holds only the header and
-offset table (``lookups=False``).
+(:class:`_Packed`); 10 million entries take 60 MB plus a 256 KB offset table and 2.4 MiB of
+fences. The agent holds the file's image and the fences for its lookups; the sync daemon, which
+never looks cards up, holds only the header and offset table (``lookups=False``).
 
 Local file (``blacklist.bin`` next to the store; replaced atomically, so a delta applies
 entirely or not at all)::

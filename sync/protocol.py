@@ -397,6 +397,8 @@ def _streamed_body_lines(
     max_records: int,
     max_line_bytes: int,
 ) -> Iterator[tuple[int, str]]:
+    """The body read a chunk at a time, every limit applied as it is read (any upload)."""
+
     def hashed(chunks: Iterator[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
             digest.update(chunk)
