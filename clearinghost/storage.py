@@ -1648,21 +1648,6 @@ class Storage:
 def _slot_row(terminal_id: str, entry: Slot, ack_hash: str, now: float) -> tuple[Any, ...]:
     """The ``records`` row of a stored record, or of a slot a quarantine notice fills (its
     ``prev_hash`` is the host's previous hash: where the slot sits, not a checked link)."""
-    if type(entry) is RecordLine:  # a signed batch's record: its line as the terminal sent it
-        merchant = entry.fields.get(MERCHANT_ID_FIELD)
-        return (
-            terminal_id,
-            entry.seq,
-            entry.hash,
-            entry.prev_hash,
-            entry.created_at,
-            entry.kind,
-            entry.card_id,
-            entry.amount,
-            entry.line,
-            now,
-            merchant if type(merchant) is str else None,
-        )
     if isinstance(entry, QuarantineNotice):
         return (
             terminal_id,
