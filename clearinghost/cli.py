@@ -669,13 +669,9 @@ def _list_printed(args: argparse.Namespace) -> int:
     """``cardhost blacklist --printed list``: one line per entry, issuer then number."""
     if not args.printed:
         raise ConfigurationError("cardhost blacklist list shows the printed-number list: --printed")
-    response = _admin_call(args, "GET", "/v1/admin/blacklist/printed", None)
-    if response is None:
+    listing = _admin_answer(args, "GET", "/v1/admin/blacklist/printed", None)
+    if listing is None:
         return 2
-    if response.status_code != 200:
-        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-        return 2
-    listing = response.json()
     _out(f"# version {listing['version']}: issuer\tprinted number")
     for entry in listing["printed"]:
         _out(f"{entry['issuer']}\t{entry['number']}")
@@ -701,13 +697,10 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 def cmd_terminal(args: argparse.Namespace) -> int:
     if args.action == "list":
-        response = _admin_call(args, "GET", "/v1/admin/terminals", None)
-        if response is None:
+        answer = _admin_answer(args, "GET", "/v1/admin/terminals", None)
+        if answer is None:
             return 2
-        if response.status_code != 200:
-            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-            return 2
-        for t in response.json()["terminals"]:
+        for t in answer["terminals"]:
             state = "enrolled" if t["enrolled"] else "not enrolled"
             pending = [n for n, p in (("code", t["code_pending"]), ("key", t["key_pending"])) if p]
             if pending:
@@ -725,13 +718,9 @@ def cmd_terminal(args: argparse.Namespace) -> int:
         path = "/v1/admin/terminals"
     else:
         path = f"/v1/admin/terminals/{args.terminal_id}/rotate-key"
-    response = _admin_call(args, "POST", path, body)
-    if response is None:
+    answer = _admin_answer(args, "POST", path, body, ok=(200, 201))
+    if answer is None:
         return 2
-    if response.status_code not in (200, 201):
-        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-        return 2
-    answer = response.json()
     what = "enrolment" if args.action == "add" else "key rotation"
     if "enrolment_code" in answer:
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["code_expires_at"]))
@@ -747,23 +736,17 @@ def cmd_terminal(args: argparse.Namespace) -> int:
 
 def cmd_merchant(args: argparse.Namespace) -> int:
     if args.action == "list":
-        response = _admin_call(args, "GET", "/v1/admin/merchants", None)
-        if response is None:
+        answer = _admin_answer(args, "GET", "/v1/admin/merchants", None)
+        if answer is None:
             return 2
-        if response.status_code != 200:
-            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-            return 2
-        for m in response.json()["merchants"]:
+        for m in answer["merchants"]:
             _out(f"{m['merchant_id']}\t{m['category']}\t{m['settlement_account']}\t{m['name']}")
         return 0
     if args.action == "terminals":
-        response = _admin_call(args, "GET", "/v1/admin/merchant-terminals", None)
-        if response is None:
+        answer = _admin_answer(args, "GET", "/v1/admin/merchant-terminals", None)
+        if answer is None:
             return 2
-        if response.status_code != 200:
-            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-            return 2
-        for t in response.json()["terminals"]:
+        for t in answer["terminals"]:
             _out(f"{t['terminal_id']}\t{t['merchant_id']}")
         return 0
     if args.file is None:
@@ -795,14 +778,11 @@ def cmd_bills(args: argparse.Namespace) -> int:
             if value
         )
         path = "/v1/admin/bills" + (f"?{query}" if query else "")
-        response = _admin_call(args, "GET", path, None)
-        if response is None:
-            return 2
-        if response.status_code != 200:
-            _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+        answer = _admin_answer(args, "GET", path, None)
+        if answer is None:
             return 2
         _out("bill_id\taccount\tutility\tperiod\tamount\tstate\tdetail")
-        for b in response.json()["bills"]:
+        for b in answer["bills"]:
             _out(
                 f"{b['bill_id']}\t{b['account']}\t{b['utility']}\t{b['period']}\t"
                 f"{b['amount']}\t{b['state']}\t{b['detail']}"
@@ -833,13 +813,9 @@ def cmd_bills(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
-    response = _admin_call(args, "POST", f"/v1/admin/clearing/{args.day}", {})
-    if response is None:
+    answer = _admin_answer(args, "POST", f"/v1/admin/clearing/{args.day}", {}, ok=(200, 201))
+    if answer is None:
         return 2
-    if response.status_code not in (200, 201):
-        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-        return 2
-    answer = response.json()
     totals = answer["totals"]
     state = "new version" if answer["changed"] else "unchanged since"
     _err(
@@ -862,6 +838,24 @@ def cmd_clear(args: argparse.Namespace) -> int:
         )
     _out(json.dumps(answer, ensure_ascii=False, indent=2))
     return 0
+
+
+def _admin_answer(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    ok: tuple[int, ...] = (200,),
+) -> Any:
+    """The JSON answer of one admin call, or ``None`` once a link error or another status has
+    been reported."""
+    response = _admin_call(args, method, path, body)
+    if response is None:
+        return None
+    if response.status_code not in ok:
+        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
+        return None
+    return response.json()
 
 
 def _admin_call(
