@@ -134,6 +134,22 @@ def load_routes(
         log.error("loads database failed", error=str(exc))
         return _json(503, error_body("storage_failure", "the loads database failed; retry later"))
 
+    def answered(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A loads route: the authority's refusals and the loads database's failures become
+        their answers (4xx by reason, 503)."""
+
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LoadRefused as exc:
+                return refused(exc)
+            except LoadStoreFailure as exc:
+                return failed(exc)
+
+        return wrapped
+
     def authority_of() -> LoadAuthority:
         if host.loads is None:
             raise refusal(503, "loads_disabled", "this host does not authorise loads")
@@ -149,12 +165,7 @@ def load_routes(
 
     async def authorise(request: Request) -> Response:
         terminal_id, authority, payload = await signed_json(request)
-        try:
-            mac2 = await run_in_threadpool(authority.authorise, terminal_id, payload)
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        mac2 = await run_in_threadpool(authority.authorise, terminal_id, payload)
         return _json(200, {"load_key": payload["load_key"], "mac2": mac2.hex().upper()})
 
     async def completion(request: Request) -> Response:
@@ -168,14 +179,7 @@ def load_routes(
             or not isinstance(tac, str)
         ):
             return _json(400, error_body("bad_request", "outcome, counter and tac are required"))
-        try:
-            view = await run_in_threadpool(
-                authority.complete, terminal_id, key, outcome, counter, tac
-            )
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        view = await run_in_threadpool(authority.complete, terminal_id, key, outcome, counter, tac)
         return _json(200, view.to_json())
 
     async def card_pending(request: Request) -> Response:
@@ -183,10 +187,7 @@ def load_routes(
         asn = payload.get("asn")
         if not isinstance(asn, str) or len(asn) != 16:
             return _json(400, error_body("bad_request", "asn must be 16 hex digits"))
-        try:
-            found = await run_in_threadpool(authority.pending_loads, asn)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        found = await run_in_threadpool(authority.pending_loads, asn)
         return _json(200, {"pending_loads": [p.to_json() for p in found]})
 
     async def listing(request: Request) -> Response:
@@ -197,10 +198,7 @@ def load_routes(
                 400,
                 error_body("bad_request", f"state must be one of {[*STATES, 'unresolved']}"),
             )
-        try:
-            views = await run_in_threadpool(authority.loads, state)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        views = await run_in_threadpool(authority.loads, state)
         return _json(200, {"loads": [v.to_json() for v in views]})
 
     async def admin_json(request: Request) -> dict[str, Any]:
@@ -218,23 +216,18 @@ def load_routes(
     async def add_credit(request: Request) -> Response:
         authority = authority_of()
         payload = await admin_json(request)
-        try:
-            card, source = payload.get("card"), payload.get("source", "other")
-            reference = payload.get("reference", "")
-            if not isinstance(card, str) or not isinstance(source, str):
-                raise LoadRefused("bad_request", "card (ASN) and source must be strings")
-            if not isinstance(reference, str):
-                raise LoadRefused("bad_request", "reference must be a string")
-            amount = integer(payload, "amount")
-            pending = await run_in_threadpool(
-                lambda: authority.credit(
-                    card, amount, source, kit.operator_name(request), reference=reference
-                )
+        card, source = payload.get("card"), payload.get("source", "other")
+        reference = payload.get("reference", "")
+        if not isinstance(card, str) or not isinstance(source, str):
+            raise LoadRefused("bad_request", "card (ASN) and source must be strings")
+        if not isinstance(reference, str):
+            raise LoadRefused("bad_request", "reference must be a string")
+        amount = integer(payload, "amount")
+        pending = await run_in_threadpool(
+            lambda: authority.credit(
+                card, amount, source, kit.operator_name(request), reference=reference
             )
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        )
         return _json(201, pending.to_json())
 
     async def list_credits(request: Request) -> Response:
@@ -243,12 +236,7 @@ def load_routes(
         open_only = request.query_params.get("all") is None
         if card is not None and len(card) != 16:
             return _json(400, error_body("bad_request", "card must be 16 hex digits (the ASN)"))
-        try:
-            found = await run_in_threadpool(
-                lambda: authority.pending_loads(card, open_only=open_only)
-            )
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        found = await run_in_threadpool(lambda: authority.pending_loads(card, open_only=open_only))
         return _json(200, {"pending_loads": [p.to_json() for p in found]})
 
     async def correct_fare(request: Request) -> Response:
@@ -256,48 +244,35 @@ def load_routes(
         operator: a pending load for the record's card (:mod:`clearinghost.fare_refunds`)."""
         authority_of()
         payload = await admin_json(request)
-        try:
-            terminal_id, reason = payload.get("terminal_id"), payload.get("reason")
-            if not isinstance(terminal_id, str) or not isinstance(reason, str):
-                raise LoadRefused("bad_request", "terminal_id and reason must be strings")
-            seq, amount = integer(payload, "seq"), integer(payload, "amount")
-            if not 1 <= seq <= MAX_SEQ:
-                raise LoadRefused("bad_request", f"seq must be 1..{MAX_SEQ}")
-            pending = await run_in_threadpool(
-                host.correct_unfinished_trip,
-                terminal_id,
-                seq,
-                amount,
-                kit.operator_name(request),
-                reason,
-            )
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        terminal_id, reason = payload.get("terminal_id"), payload.get("reason")
+        if not isinstance(terminal_id, str) or not isinstance(reason, str):
+            raise LoadRefused("bad_request", "terminal_id and reason must be strings")
+        seq, amount = integer(payload, "seq"), integer(payload, "amount")
+        if not 1 <= seq <= MAX_SEQ:
+            raise LoadRefused("bad_request", f"seq must be 1..{MAX_SEQ}")
+        pending = await run_in_threadpool(
+            host.correct_unfinished_trip,
+            terminal_id,
+            seq,
+            amount,
+            kit.operator_name(request),
+            reason,
+        )
         return _json(201, pending.to_json())
 
     async def list_unfinished(request: Request) -> Response:
         authority_of()
-        try:
-            found = await run_in_threadpool(host.unfinished_trips)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        found = await run_in_threadpool(host.unfinished_trips)
         return _json(200, {"unfinished_trips": found})
 
     async def issue_vouchers(request: Request) -> Response:
         authority = authority_of()
         payload = await admin_json(request)
-        try:
-            amount = integer(payload, "amount")
-            count = integer(payload, "count") if "count" in payload else 1
-            codes = await run_in_threadpool(
-                authority.issue_vouchers, amount, count, kit.operator_name(request)
-            )
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        amount = integer(payload, "amount")
+        count = integer(payload, "count") if "count" in payload else 1
+        codes = await run_in_threadpool(
+            authority.issue_vouchers, amount, count, kit.operator_name(request)
+        )
         return _json(201, {"amount": amount, "codes": codes})
 
     async def resolve(request: Request) -> Response:
@@ -307,48 +282,52 @@ def load_routes(
         if not isinstance(outcome, str) or not isinstance(reason, str):
             return _json(400, error_body("bad_request", "outcome and reason are required"))
         key = str(request.path_params["load_key"])
-        try:
-            view = await run_in_threadpool(
-                authority.resolve, key, outcome, kit.operator_name(request), reason
-            )
-        except LoadRefused as exc:
-            return refused(exc)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        view = await run_in_threadpool(
+            authority.resolve, key, outcome, kit.operator_name(request), reason
+        )
         return _json(200, view.to_json())
 
     async def list_vouchers(request: Request) -> Response:
         authority = authority_of()
-        try:
-            rows = await run_in_threadpool(authority.vouchers)
-        except LoadStoreFailure as exc:
-            return failed(exc)
+        rows = await run_in_threadpool(authority.vouchers)
         return _json(200, {"vouchers": rows})
 
     return [
-        Route("/v1/terminals/{terminal_id}/loads", guarded(authorise), methods=["POST"]),
+        Route("/v1/terminals/{terminal_id}/loads", guarded(answered(authorise)), methods=["POST"]),
         Route(
             "/v1/terminals/{terminal_id}/loads/{load_key}/completion",
-            guarded(completion),
-            methods=["POST"],
-        ),
-        Route("/v1/terminals/{terminal_id}/pending-loads", guarded(card_pending), methods=["POST"]),
-        Route("/v1/loads", authorised(VIEWER, listing), methods=["GET"]),
-        Route("/v1/admin/loads/credits", authorised(OPERATOR, add_credit), methods=["POST"]),
-        Route("/v1/admin/loads/credits", authorised(VIEWER, list_credits), methods=["GET"]),
-        Route(
-            "/v1/admin/loads/{load_key}/resolve", authorised(OPERATOR, resolve), methods=["POST"]
-        ),
-        Route(
-            "/v1/admin/loads/fare-corrections",
-            authorised(OPERATOR, correct_fare),
+            guarded(answered(completion)),
             methods=["POST"],
         ),
         Route(
+            "/v1/terminals/{terminal_id}/pending-loads",
+            guarded(answered(card_pending)),
+            methods=["POST"],
+        ),
+        Route("/v1/loads", authorised(VIEWER, answered(listing)), methods=["GET"]),
+        Route(
+            "/v1/admin/loads/credits", authorised(OPERATOR, answered(add_credit)), methods=["POST"]
+        ),
+        Route(
+            "/v1/admin/loads/credits", authorised(VIEWER, answered(list_credits)), methods=["GET"]
+        ),
+        Route(
+            "/v1/admin/loads/{load_key}/resolve",
+            authorised(OPERATOR, answered(resolve)),
+            methods=["POST"],
+        ),
+        Route(
             "/v1/admin/loads/fare-corrections",
-            authorised(VIEWER, list_unfinished),
+            authorised(OPERATOR, answered(correct_fare)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/admin/loads/fare-corrections",
+            authorised(VIEWER, answered(list_unfinished)),
             methods=["GET"],
         ),
-        Route("/v1/admin/vouchers", authorised(OPERATOR, issue_vouchers), methods=["POST"]),
-        Route("/v1/admin/vouchers", authorised(VIEWER, list_vouchers), methods=["GET"]),
+        Route(
+            "/v1/admin/vouchers", authorised(OPERATOR, answered(issue_vouchers)), methods=["POST"]
+        ),
+        Route("/v1/admin/vouchers", authorised(VIEWER, answered(list_vouchers)), methods=["GET"]),
     ]
