@@ -378,3 +378,30 @@ def test_sqlite_writers_in_several_processes_take_turns_on_the_writer_lock(
     terminal = storage.terminal("T1")
     assert terminal is not None and terminal.public_key == key
     storage.close()
+
+
+def test_postgres_copies_record_rows_in_their_columns_binary_formats(pg: PgServer) -> None:
+    """The records COPY sends each value in its column's binary format: text (non-ASCII too),
+    64-bit integers at their limit, a float, NULL come back as sent; a value its column cannot
+    take is refused as a storage failure naming the table, and nothing of the batch stays."""
+    from clearinghost.storage import _RECORD_ROW_COLUMNS
+
+    store = PostgresStorage(pg.new_database())
+    try:
+        row = ("T-中", 2**63 - 1, "a" * 64, "b" * 64, "2026-12-01T08:00:00.000Z", "purchase",
+               "卡-1", 2**63 - 1, '{"x":"é"}', 1764576000.25, None)  # fmt: skip
+        with store._transaction() as tx:
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, [row])
+        with store._transaction() as tx:
+            held = tx.all(f"SELECT {', '.join(_RECORD_ROW_COLUMNS)} FROM records")
+        assert held == [row]
+
+        bad = (*row[:1], "not a seq", *row[2:])
+        with (
+            pytest.raises(StorageFailure, match="PostgreSQL: a records row"),
+            store._transaction() as tx,
+        ):
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, [(*row[:1], 1, *row[2:]), bad])
+        assert store.count_records() == 1
+    finally:
+        store.close()
