@@ -53,6 +53,7 @@ from agent.offline_store.device_key import signature_verifier
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json, seal_record
 from agent.wiring import DataDir
 from bench.bench_city import HostProcess  # the same `cardhost host` process as the city bench
+from bench.machine import speed_probe
 from clearinghost.audit import audit_storage
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostLimits, HostServer, create_app
@@ -521,6 +522,7 @@ def measure(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> list[str]:
     n, size = args.records, args.batch_size
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    probes = [speed_probe()]
     key = DeviceKey.generate()
     started = time.perf_counter()
     records = make_records(key, n)
@@ -573,7 +575,18 @@ def _run(args: argparse.Namespace) -> list[str]:
                 raise SystemExit(f"unknown backend {backend!r}")
         bare = bare_costs(key, records, len(batches))
         daemon = None if args.no_daemon else daemon_upload(root, n, size)
-    return report(args, results, bare, daemon, compressed, raw, prepare_s, len(batches))
+    probes.append(speed_probe())
+    return report(
+        args,
+        results,
+        bare,
+        daemon,
+        compressed,
+        raw,
+        prepare_s,
+        len(batches),
+        (probes[0], probes[1]),
+    )
 
 
 def report(
@@ -585,6 +598,7 @@ def report(
     raw: int,
     prepare_s: float,
     batch_count: int,
+    probes: tuple[float, float],
 ) -> list[str]:
     n = args.records
     lines = [
@@ -594,7 +608,10 @@ def report(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, load average at the end "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (a machine shared with other jobs: "
-        "read the ratios, measured side by side in this one run). One terminal's "
+        "read the ratios, measured side by side in this one run; the speed probe of "
+        f"`bench.machine`, a fixed pure-Python loop, took {probes[0]:.3f} s at the start and "
+        f"{probes[1]:.3f} s at the end: another run's figures compare divided by its probe). "
+        "One terminal's "
         f"{n:,} records in {batch_count} batches of {args.batch_size}: {compressed / 2**20:.1f} "
         f"MB gzip for {raw / 2**20:.1f} MB of JSON Lines. SQLite on "
         f"{'tmpfs' if os.path.isdir('/dev/shm') else 'disk'} (WAL, synchronous=FULL); "

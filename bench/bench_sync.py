@@ -52,6 +52,7 @@ from agent.blacklist import (
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
 from bench import bench_ingest
+from bench.machine import speed_probe
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     quiet()
+    probe = speed_probe()
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     lines = [
         "# Sync benchmark (`python -m bench.bench_sync`)",
@@ -517,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         lines += [*bench_ingest.measure(ingest), ""]
     else:
         lines += bench_ingest.ingest_section(args.output)  # bench.bench_ingest's is kept
+    lines[2] += (
+        f" Speed probe (`bench.machine`, a fixed pure-Python loop): {probe:.3f} s at the start, "
+        f"{speed_probe():.3f} s at the end (figures of another run compare divided by its probe)."
+    )
     args.output.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

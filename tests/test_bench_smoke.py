@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import structlog
@@ -151,6 +152,11 @@ def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, ca
     report = output.read_text(encoding="utf-8")
     assert report.count("## Ingest: 60 records") == 1
     assert "## Upload\n\nkept\n" in report and "## Blacklist\n\nkept too\n" in report
+    # the machine's speed at the start and the end of the run, to compare runs by
+    probe = re.search(
+        r"a fixed pure-Python loop, took ([0-9.]+) s at the start and ([0-9.]+) s", report
+    )
+    assert probe is not None and float(probe[1]) > 0 and float(probe[2]) > 0, report[:800]
     for backend in ("sqlite", "postgresql"):
         assert (
             f"| signed batches (1 batch signature + hash chain; executemany/COPY) | {backend} |"
@@ -251,6 +257,8 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
 
     report = output.read_text(encoding="utf-8")
     assert "stale figures" not in report and "\nold\n" not in report
+    machine = report.splitlines()[2]  # with the machine's speed at the start and the end
+    assert re.search(r"loop\): [0-9.]+ s at the start, [0-9.]+ s at the end", machine), machine
     assert "## Upload of 40 queued records (batches of 20)" in report
     assert "\n| 100,000 | " in report  # the blacklist row of that size
     assert report.count("## Ingest: 40 records") == 1
