@@ -85,7 +85,12 @@ from clearinghost.keys import (
     check_root_statements,
     sign_root_statement,
 )
-from clearinghost.load_setup import add_load_options, load_authority_from, register_commands
+from clearinghost.load_setup import (
+    add_load_options,
+    host_answer,
+    load_authority_from,
+    register_commands,
+)
 from clearinghost.operators import (
     ROLES,
     TOKEN_ENV,
@@ -849,13 +854,7 @@ def _admin_answer(
 ) -> Any:
     """The JSON answer of one admin call, or ``None`` once a link error or another status has
     been reported."""
-    response = _admin_call(args, method, path, body)
-    if response is None:
-        return None
-    if response.status_code not in ok:
-        _err(f"cardhost: host answered {response.status_code}: {response.text[:500]}")
-        return None
-    return response.json()
+    return host_answer(_admin_call(args, method, path, body), *ok)
 
 
 def _admin_call(

@@ -141,7 +141,9 @@ def register_commands(sub: Any, admin_call: AdminCall, token_help: str) -> None:
     p.set_defaults(func=lambda args: cmd_vouchers(args, admin_call))
 
 
-def _answer(response: httpx.Response | None, *ok: int) -> Any:
+def host_answer(response: httpx.Response | None, *ok: int) -> Any:
+    """The JSON of an admin call's answer, or ``None`` once a link error (``response`` is
+    ``None``: already reported) or a status outside ``ok`` has been reported."""
     if response is None:
         return None
     if response.status_code not in ok:
@@ -154,7 +156,7 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
     if args.action == "list":
         state = "unresolved" if args.unresolved else args.state
         query = f"?state={state}" if state else ""
-        answer = _answer(admin_call(args, "GET", f"/v1/loads{query}", None), 200)
+        answer = host_answer(admin_call(args, "GET", f"/v1/loads{query}", None), 200)
         if answer is None:
             return 2
         for load in answer["loads"]:
@@ -169,7 +171,7 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
         query = f"?card={args.card}" if args.card else ""
         if args.all:
             query += ("&" if query else "?") + "all=1"
-        answer = _answer(admin_call(args, "GET", f"/v1/admin/loads/credits{query}", None), 200)
+        answer = host_answer(admin_call(args, "GET", f"/v1/admin/loads/credits{query}", None), 200)
         if answer is None:
             return 2
         for pending in answer["pending_loads"]:
@@ -182,7 +184,7 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
             )
         path = f"/v1/admin/loads/{args.load_key}/resolve"
         body = {"outcome": args.outcome, "reason": args.reason}
-        answer = _answer(admin_call(args, "POST", path, body), 200)
+        answer = host_answer(admin_call(args, "POST", path, body), 200)
         if answer is None:
             return 2
         out(json.dumps(answer, ensure_ascii=False))
@@ -197,7 +199,7 @@ def cmd_loads(args: argparse.Namespace, admin_call: AdminCall) -> int:
         "source": args.source,
         "reference": args.reference,
     }
-    answer = _answer(admin_call(args, "POST", "/v1/admin/loads/credits", body), 201)
+    answer = host_answer(admin_call(args, "POST", "/v1/admin/loads/credits", body), 201)
     if answer is None:
         return 2
     out(json.dumps(answer, ensure_ascii=False))
@@ -209,7 +211,7 @@ def _fare_corrections(args: argparse.Namespace, admin_call: AdminCall) -> int:
     the pending load that corrected it or ``-``) and ``loads correct``."""
     path = "/v1/admin/loads/fare-corrections"
     if args.action == "unfinished":
-        answer = _answer(admin_call(args, "GET", path, None), 200)
+        answer = host_answer(admin_call(args, "GET", path, None), 200)
         if answer is None:
             return 2
         for trip in answer["unfinished_trips"]:
@@ -229,7 +231,7 @@ def _fare_corrections(args: argparse.Namespace, admin_call: AdminCall) -> int:
         "amount": args.amount,
         "reason": args.reason,
     }
-    answer = _answer(admin_call(args, "POST", path, body), 201)
+    answer = host_answer(admin_call(args, "POST", path, body), 201)
     if answer is None:
         return 2
     out(json.dumps(answer, ensure_ascii=False))
@@ -238,7 +240,7 @@ def _fare_corrections(args: argparse.Namespace, admin_call: AdminCall) -> int:
 
 def cmd_vouchers(args: argparse.Namespace, admin_call: AdminCall) -> int:
     if args.action == "list":
-        answer = _answer(admin_call(args, "GET", "/v1/admin/vouchers", None), 200)
+        answer = host_answer(admin_call(args, "GET", "/v1/admin/vouchers", None), 200)
         if answer is None:
             return 2
         for voucher in answer["vouchers"]:
@@ -248,7 +250,7 @@ def cmd_vouchers(args: argparse.Namespace, admin_call: AdminCall) -> int:
     if args.amount is None:
         raise ConfigurationError("cardhost vouchers issue needs --amount FEN")
     body = {"amount": args.amount, "count": args.count}
-    answer = _answer(admin_call(args, "POST", "/v1/admin/vouchers", body), 201)
+    answer = host_answer(admin_call(args, "POST", "/v1/admin/vouchers", body), 201)
     if answer is None:
         return 2
     for code in answer["codes"]:
