@@ -6,10 +6,10 @@ The supervisor binds the listening socket once and starts N worker processes, ea
 that answers an upload while it verifies others closes that connection
 (``HostLimits.close_busy_connections``), so keep-alive does not tie a terminal to one worker.
 The scale is carried by the database they share (PostgreSQL; SQLite works, one writer at a
-time, queued on ``<db>-writer``), not by
-anything between the workers: they hold no state of their own that another needs (enrolment
-codes, pending approvals, version counters and acknowledgements are rows; per-process are only
-the limits, :class:`clearinghost.server.HostLimits`, and caches keyed by immutable content).
+time, queued on ``<db>-writer``), not by anything between the workers: they hold no state of
+their own that another needs (enrolment codes, pending approvals, version counters and
+acknowledgements are rows; per-process are only the limits,
+:class:`clearinghost.server.HostLimits`, and caches keyed by immutable content).
 
 A worker that dies (a crash, SIGKILL) is started again; the connections it held are cut and
 their terminals retry on another worker (an upload is one transaction: nothing of it is kept,
