@@ -209,6 +209,16 @@ _RECORD_ROW_COLUMNS: dict[str, str] = {
 }
 
 
+# records.created_at serves the day ranges of settlement and clearing. SQLite: a btree. PostgreSQL:
+# a BRIN index (min/max per range of 128 pages, summarised by autovacuum as the table grows): rows
+# arrive about in time order, so a day's ranges are few; it is about 0.1 MB where a btree is about
+# 55 bytes a record, and every COPY of an upload writes to it far less (bench/RESULTS-sync.md).
+CREATED_AT_INDEX = {
+    "sqlite": "CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at)",
+    "postgresql": "CREATE INDEX IF NOT EXISTS records_created_at ON records "
+    "USING brin (created_at) WITH (autosummarize = on)",
+}
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS terminals (
     terminal_id TEXT PRIMARY KEY,
@@ -322,7 +332,7 @@ CREATE TABLE IF NOT EXISTS terminal_entries (
     code_used_at DOUBLE PRECISION,
     expected_key TEXT
 );
-CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at);
+{created_at_index};
 CREATE INDEX IF NOT EXISTS anomalies_record ON anomalies (terminal_id, seq, kind);
 CREATE TABLE IF NOT EXISTS merchants (
     merchant_id TEXT PRIMARY KEY,
@@ -1870,9 +1880,10 @@ class SqliteStorage(Storage):
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
             with self._transaction() as tx:
-                for statement in _SCHEMA.format(autoid="INTEGER PRIMARY KEY AUTOINCREMENT").split(
-                    ";"
-                ):
+                for statement in _SCHEMA.format(
+                    autoid="INTEGER PRIMARY KEY AUTOINCREMENT",
+                    created_at_index=CREATED_AT_INDEX["sqlite"],
+                ).split(";"):
                     if statement.strip():
                         tx.run(statement)
                 _add_merchant_column(
@@ -1985,7 +1996,9 @@ class PostgresStorage(Storage):
             self._conn = psycopg.connect(dsn, autocommit=False, application_name=name)
             with self._transaction() as tx:
                 tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
-                for statement in _SCHEMA.format(autoid="BIGSERIAL PRIMARY KEY").split(";"):
+                for statement in _SCHEMA.format(
+                    autoid="BIGSERIAL PRIMARY KEY", created_at_index=CREATED_AT_INDEX["postgresql"]
+                ).split(";"):
                     if statement.strip():
                         tx.run(statement)
                 _add_merchant_column(
@@ -1995,6 +2008,18 @@ class PostgresStorage(Storage):
                     "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
                     "THEN body::jsonb #>> '{fields,merchant_id}' END",
                 )
+                method = tx.one(
+                    "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+                    "WHERE c.oid = to_regclass('records_created_at')"
+                )
+                if method is not None and method[0] != "brin":
+                    # a database made before the BRIN index: left as it is (rebuilding it
+                    # here would lock the records table while every worker waits)
+                    log.warning(
+                        "records_created_at is not BRIN: ingest writes more than it needs to; "
+                        "docs/city-scale.md says how to replace it while serving",
+                        method=str(method[0]),
+                    )
         except psycopg.Error as exc:
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import structlog.testing
 
 from agent.offline_store import DeviceKey, RecordBody
 from agent.offline_store.records import Record, record_to_json, seal_record
@@ -403,5 +404,96 @@ def test_postgres_copies_record_rows_in_their_columns_binary_formats(pg: PgServe
         ):
             tx.insert_rows("records", _RECORD_ROW_COLUMNS, [(*row[:1], 1, *row[2:]), bad])
         assert store.count_records() == 1
+    finally:
+        store.close()
+
+
+def test_postgres_indexes_record_time_with_brin_and_finds_every_day_through_it(
+    pg: PgServer,
+) -> None:
+    """A new PostgreSQL database indexes ``records.created_at`` with BRIN. A day's records are
+    found whole through it, over summarised ranges, a range not yet summarised, and a late
+    record of an earlier day written among later ones (it widens its range, it is not lost)."""
+    from clearinghost.storage import _RECORD_ROW_COLUMNS
+
+    store = PostgresStorage(pg.new_database())
+    body = '{"fields":{"pad":"' + "x" * 600 + '"}}'  # a few rows a page: several 128-page ranges
+
+    def rows(day: str, first: int, count: int) -> list[tuple[object, ...]]:
+        return [
+            (
+                "T1",
+                seq,
+                "a" * 64,
+                "b" * 64,
+                f"{day}T{seq % 24:02d}:00:00.000Z",
+                "purchase",
+                "C1",
+                1,
+                body,
+                0.0,
+                None,
+            )
+            for seq in range(first, first + count)
+        ]
+
+    try:
+        with store._transaction() as tx:
+            method = tx.one(
+                "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+                "WHERE c.oid = to_regclass('records_created_at')"
+            )
+            assert method == ("brin",)
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-05-01", 1, 3000))
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-05-02", 3001, 3000))
+        with store._transaction() as tx:
+            summarised = tx.one("SELECT brin_summarize_new_values('records_created_at')")
+            assert summarised is not None and summarised[0] >= 2
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-05-02", 6001, 500))
+            tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-04-30", 6501, 1))  # late
+            tx.run("SET LOCAL enable_seqscan = off")  # the plan goes through the index
+            plan = " ".join(
+                str(r[0])
+                for r in tx.all(
+                    "EXPLAIN SELECT seq FROM records WHERE created_at >= ? AND created_at < ?",
+                    ("2024-05-01", "2024-05-02"),
+                )
+            )
+            assert "records_created_at" in plan
+        bounds = {
+            "2024-04-30": "2024-05-01",
+            "2024-05-01": "2024-05-02",
+            "2024-05-02": "2024-05-03",
+        }
+        days = {day: [r.seq for r in store.day_records(day, end)] for day, end in bounds.items()}
+        assert days["2024-04-30"] == [6501]
+        assert days["2024-05-01"] == list(range(1, 3001))
+        assert days["2024-05-02"] == list(range(3001, 6501))
+    finally:
+        store.close()
+
+
+def test_a_postgres_database_with_the_old_btree_time_index_keeps_it_and_says_so(
+    pg: PgServer,
+) -> None:
+    """A database made before the BRIN index opens with its btree untouched (replacing it would
+    lock the records table while the workers wait) and a warning that names the way out."""
+    dsn = pg.new_database()
+    PostgresStorage(dsn).close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX records_created_at")
+        conn.execute("CREATE INDEX records_created_at ON records (created_at)")
+    with structlog.testing.capture_logs() as logs:
+        store = PostgresStorage(dsn)
+    try:
+        warned = [e for e in logs if e["event"].startswith("records_created_at is not BRIN")]
+        assert len(warned) == 1 and warned[0]["method"] == "btree"
+        assert "docs/city-scale.md" in warned[0]["event"]
+        with store._transaction() as tx:
+            method = tx.one(
+                "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+                "WHERE c.oid = to_regclass('records_created_at')"
+            )
+        assert method == ("btree",)
     finally:
         store.close()
