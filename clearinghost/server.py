@@ -185,6 +185,32 @@ class BoundedCache(dict[Any, Any]):
         super().__setitem__(key, value)
 
 
+# Signed list answers (blacklist, parameters) a host process keeps for reuse (ClearingHost
+# ._answers): how many, how long, and the largest delta kept (a snapshot is always kept: serving
+# the latest snapshot to many terminals is the point; a delta from an old version can be nearly
+# as large, and any terminal may ask for one from any version).
+ANSWER_CACHE_SIZE = 16
+DEFAULT_REISSUE_WINDOW_S = 60.0
+MAX_CACHED_DELTA_BYTES = 1 << 20
+
+
+@dataclass
+class SignedAnswer:
+    """A signed list answer as served (``document``), signed at ``issued_at`` by the host's
+    clock; its gzip form is made on first demand and kept with it."""
+
+    document: bytes
+    issued_at: int
+    _gzipped: bytes | None = None
+
+    def gzipped(self) -> bytes:
+        """The document gzip-compressed (made once; two racing threads may both make it)."""
+        packed = self._gzipped
+        if packed is None:
+            packed = self._gzipped = gzip.compress(self.document, compresslevel=5, mtime=0)
+        return packed
+
+
 DEFAULT_APPROVAL_THRESHOLD = 1000  # blacklist entries in one change above which a second
 # operator must approve it
 
@@ -382,6 +408,9 @@ class ClearingHost:
     loads: LoadAuthority | None = None  # online loads (圈存): clearinghost.loads, load_routes
     # refuse v1 uploads (no batch signature): for a city whose terminals all sign batches
     require_batch_signature: bool = False
+    # A signed list answer is served again, the same bytes, to whoever asks the same question
+    # while it is younger than this (capped at 1% of list_ttl_s); 0 signs every pull anew.
+    reissue_window_s: float = DEFAULT_REISSUE_WINDOW_S
     # Per-process caches, keyed by what they are derived from (a device key, a list version
     # whose content the storage fixes): several host processes on one database never
     # disagree through them, and they are bounded (a city has tens of thousands of keys).
@@ -394,6 +423,16 @@ class ClearingHost:
         default_factory=lambda: BoundedCache(CHECKER_CACHE_SIZE)
     )
     _verifiers: dict[str, Callable[[bytes, bytes], bool]] = field(default_factory=dict)
+    # (key space or "params", base version or 0 for a snapshot / parameter set, version,
+    # signing key) -> the answer signed for it (_reused, _keep). Only entries of the current
+    # version of a space are kept, so at worst: one snapshot per key space (a 10 M-entry serial
+    # list is ~80 MB, plus its gzip form) and ANSWER_CACHE_SIZE - 2 deltas of at most
+    # MAX_CACHED_DELTA_BYTES each (plus gzip). Written under _answers_lock (held for dict
+    # operations only, never while signing); read without it.
+    _answers: dict[tuple[str, int, int, bytes], SignedAnswer] = field(
+        default_factory=lambda: BoundedCache(ANSWER_CACHE_SIZE)
+    )
+    _answers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- terminals -------------------------------------------------------------------------
 
@@ -946,6 +985,26 @@ class ClearingHost:
         """A signed list of one key space (raw serials, or printed numbers: agent.blacklist):
         a delta from ``since`` (empty re-issue when current), else a snapshot. Both spaces
         share the version chain; each is its own signed list (its own magic)."""
+        return self.blacklist_answer(since, space).document
+
+    def blacklist_answer(self, since: int, space: str = SPACE_SERIAL) -> SignedAnswer:
+        """:meth:`blacklist_document` with its gzip form: the answer signed for the same
+        question (space, ``since`` or snapshot, current version) within the reissue window is
+        served again (:meth:`_reused`); the current version is read on every call, so a newly
+        published list is served at once."""
+        current = self.storage.blacklist_version()
+        base = since if 0 < since <= current else 0
+        answer = self._reused((space, base, current, self.key.public_key_bytes))
+        if answer is None:
+            answer, base, version = self._sign_blacklist(since, space, current)
+            self._keep((space, base, version, self.key.public_key_bytes), answer)
+        return answer
+
+    def _sign_blacklist(
+        self, since: int, space: str, current: int
+    ) -> tuple[SignedAnswer, int, int]:
+        """The list answer signed now, its base version (0: a snapshot) and its version (a
+        list may have been published since ``current`` was read)."""
         now = int(self.clock())
         common = {
             "issued_at": now,
@@ -954,12 +1013,11 @@ class ClearingHost:
             "public_key_raw": self.key.public_key_bytes,
             "space": space,
         }
-        current = self.storage.blacklist_version()
         if 0 < since <= current:
             version, add, remove = self.storage.blacklist_delta(since, space)
             digest = self._blacklist_digest(version, space)
             if digest is not None:
-                return encode_list(
+                document = encode_list(
                     kind=KIND_DELTA,
                     version=version,
                     base_version=since,
@@ -968,15 +1026,49 @@ class ClearingHost:
                     content_digest=digest,
                     **common,  # type: ignore[arg-type]
                 )
+                return SignedAnswer(document, now), since, version
             # a list was published meanwhile: a snapshot is consistent by itself
         version, entries = self.storage.blacklist_snapshot(space)
-        return encode_list(
+        document = encode_list(
             kind=KIND_SNAPSHOT,
             version=version,
             base_version=0,
             add=entries,
             **common,  # type: ignore[arg-type]
         )
+        return SignedAnswer(document, now), 0, version
+
+    def _reissue_window(self) -> float:
+        return min(self.reissue_window_s, self.list_ttl_s / 100)
+
+    def _reused(self, key: tuple[str, int, int, bytes]) -> SignedAnswer | None:
+        """The answer kept for ``key`` if it was signed less than the reissue window ago.
+
+        Serving it instead of signing anew is safe: a version names one content (the storage
+        never changes a published version, and the key carries the version), so the only
+        difference a terminal can see is an issued_at up to the window old. The terminal takes
+        the same version with a later issued_at as a re-issue that may only extend its expiry,
+        and one with an equal or earlier issued_at as harmless, nothing to do
+        (agent.blacklist ``Blacklist._check_acceptable``; sync.params ``ParamsFile.apply``
+        for parameter sets); its expiry comes at most the window earlier."""
+        answer = self._answers.get(key)
+        if answer is None:
+            return None
+        age = self.clock() - answer.issued_at
+        return answer if 0 <= age < self._reissue_window() else None
+
+    def _keep(self, key: tuple[str, int, int, bytes], answer: SignedAnswer) -> None:
+        """Keep ``answer`` for reuse, forgetting the answers of its space kept for another
+        version or signing key (never asked for again: the current version is in the key)."""
+        if self._reissue_window() <= 0:
+            return
+        if key[1] and len(answer.document) > MAX_CACHED_DELTA_BYTES:
+            return
+        space, _, version, signer = key
+        with self._answers_lock:
+            for old in [k for k in self._answers if k[0] == space and k[2:] != (version, signer)]:
+                del self._answers[old]
+            self._answers[key] = answer
 
     def _blacklist_digest(self, version: int, space: str = SPACE_SERIAL) -> bytes | None:
         """The content digest of blacklist ``version`` in ``space`` (it binds the version to the
@@ -1011,11 +1103,18 @@ class ClearingHost:
                     "stored parameter set skipped", version=stored.get("version"), why=problem
                 )
                 continue
-            if since > int(payload["version"]):
+            version = int(payload["version"])
+            if since > version:
                 log.warning(
                     "terminal ahead of the host's parameters", since=since, host=payload["version"]
                 )
-            return sign_params(payload, self.key)
+            # a stored set never changes: one signed answer per version (see _reused)
+            key = ("params", 0, version, self.key.public_key_bytes)
+            answer = self._reused(key)
+            if answer is None:
+                answer = SignedAnswer(sign_params(payload, self.key), int(payload["issued_at"]))
+                self._keep(key, answer)
+            return answer.document
         return None
 
     def merchant_clearing(self) -> MerchantClearing:
@@ -1420,10 +1519,11 @@ def create_app(host: ClearingHost) -> Starlette:
                 "bad_request",
                 f"space must be {' or '.join(LIST_MAGICS)}, not {space[:40]!r}",
             )
-        document = await run_in_threadpool(host.blacklist_document, since, space)
+        answer = await run_in_threadpool(host.blacklist_answer, since, space)
+        document = answer.document
         headers = {"Cache-Control": "no-store"}
         if len(document) > 1024 and "gzip" in request.headers.get("accept-encoding", ""):
-            document = gzip.compress(document, compresslevel=5, mtime=0)
+            document = await run_in_threadpool(answer.gzipped)  # made once per answer kept
             headers["Content-Encoding"] = "gzip"
         return Response(document, media_type=protocol.BLACKLIST_MEDIA_TYPE, headers=headers)
 

@@ -321,7 +321,7 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
     list (a host before issuer scoping) is refused at its first bytes, saying so, and the
     serial list, a job of its own, goes on."""
     from clearinghost.keys import HostKey
-    from clearinghost.server import HostServer, create_app
+    from clearinghost.server import HostServer, SignedAnswer, create_app
     from sync.errors import ProtocolError
     from tests.test_sync_support import Terminal, daemon_for, fast_settings, make_host
 
@@ -351,23 +351,25 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
                 assert not view.contains_printed(OTHER, SZT_PRINTED)
                 assert view.contains(f"{0x42:016X}") and view.version == 2
 
-                serial_only = host.blacklist_document
+                serial_only = host.blacklist_answer  # what the route serves
 
-                def old_host(since: int, space: str = SPACE_SERIAL) -> bytes:
+                def old_host(since: int, space: str = SPACE_SERIAL) -> SignedAnswer:
                     return serial_only(since)  # a host that ignores ?space=
 
-                host.blacklist_document = old_host  # type: ignore[method-assign]
+                host.blacklist_answer = old_host  # type: ignore[method-assign]
                 host.storage.publish_blacklist([0x43], [])
                 with pytest.raises(ProtocolError, match="a serial-number list where a printed"):
                     daemon.pull_printed_blacklist()
                 assert daemon.pull_blacklist() is not None  # the serial list is not held back
                 assert daemon.blacklist.version == 3 and printed.version == 2
 
-                def unscoped_host(since: int, space: str = SPACE_SERIAL) -> bytes:
-                    document = serial_only(since, space)  # CBLPRN03: the numbers alone
-                    return b"CBLPRN03" + document[8:] if space == SPACE_PRINTED else document
+                def unscoped_host(since: int, space: str = SPACE_SERIAL) -> SignedAnswer:
+                    answer = serial_only(since, space)  # CBLPRN03: the numbers alone
+                    if space != SPACE_PRINTED:
+                        return answer
+                    return SignedAnswer(b"CBLPRN03" + answer.document[8:], answer.issued_at)
 
-                host.blacklist_document = unscoped_host  # type: ignore[method-assign]
+                host.blacklist_answer = unscoped_host  # type: ignore[method-assign]
                 host.storage.publish_blacklist([0x44], [])
                 with pytest.raises(ProtocolError, match="unscoped printed-number list"):
                     daemon.pull_printed_blacklist()
