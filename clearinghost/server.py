@@ -181,7 +181,9 @@ class BoundedCache(dict[Any, Any]):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if key not in self and len(self) >= self.capacity:
-            del self[next(iter(self))]
+            # another request thread may evict at the same moment: one of them wins
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self[next(iter(self))]
         super().__setitem__(key, value)
 
 
