@@ -5,6 +5,7 @@ values whose bytes contain another entry's key off an entry boundary."""
 
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 
@@ -94,3 +95,69 @@ def test_lookups_after_random_deltas_agree_with_a_set(
             agent.refresh()
             check(agent, expected, extra + sorted(remove)[:50])
         assert daemon.memory_bytes() < 300_000  # the daemon never built fences
+
+
+def bucket_probes(
+    listed: Blacklist, bucket: int, values: list[int], rng: random.Random
+) -> set[int]:
+    """Probes of one crowded bucket: every listed value and its neighbours, the bucket's edges
+    and the values just outside them, every fence of the bucket and its neighbours, and random
+    values in and around the bucket."""
+    packed = listed._packed  # the fences the lookup bisects
+    lo, hi = packed.offsets[bucket], packed.offsets[bucket + 1]
+    first, last = -(-lo // bl._FENCE), -(-hi // bl._FENCE)
+    keys = list(packed.fences[max(first - 1, 0) : last + 1])
+    low, high = min(values), max(values)
+    edges = [bucket << 48, (bucket + 1) << 48, low, high]
+    out = {p + d for p in keys + edges + values for d in (-1, 0, 1)}
+    out |= {(bucket << 48) + rng.randrange(1 << 48) for _ in range(2000)}
+    out |= {rng.randrange(low - 50, high + 50) for _ in range(2000)}
+    return {p for p in out if 0 <= p <= bl.ASN_MAX}
+
+
+@settings(max_examples=12)
+@given(
+    before=st.integers(0, 7000),
+    run=st.integers(0, 12_000),
+    sparse=st.integers(0, 8000),
+    after=st.integers(0, 7000),
+    far=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_lookups_in_a_crowded_bucket_and_beside_it_agree_with_a_set(
+    before: int, run: int, sparse: int, after: int, far: bool, seed: int
+) -> None:
+    """A bucket searched through the fences (a city's serials: a consecutive run and scattered
+    ones), between neighbour buckets whose sizes put its ends anywhere in a run of ``_FENCE``
+    entries (the neighbours may be crowded too), or at entry 0."""
+    rng = random.Random(seed)
+    bucket = 0x5170
+    base = bucket << 48
+    start = rng.randrange(1 << 47)
+    crowded = {base + start + i for i in range(run)}
+    while len(crowded) < run + sparse + 16 * bl._SCAN:
+        crowded.add(base + rng.randrange(1 << 48))
+    neighbours = {((bucket - 1) << 48) + (1 << 48) - 1 - i for i in range(before // 2)}
+    neighbours |= {((bucket - 1) << 48) + rng.randrange(1 << 48) for _ in range(before // 2)}
+    neighbours |= {((bucket + 1) << 48) + i for i in range(after // 2)}
+    neighbours |= {((bucket + 1) << 48) + rng.randrange(1 << 48) for _ in range(after // 2)}
+    if far:
+        neighbours |= {0, bl.ASN_MAX, base - (1 << 60), base + (1 << 60)}
+    values = crowded | neighbours
+    signer = Signer()
+    with tempfile.TemporaryDirectory() as name:
+        path = Path(name) / bl.BLACKLIST_FILE
+        Blacklist.open(path, auto_refresh_s=None, lookups=False).apply(
+            signer.snapshot(1, sorted(values)), signer.public, now=NOW
+        )
+        listed = Blacklist.open(path, auto_refresh_s=None)
+    packed = listed._packed
+    lo, hi = packed.offsets[bucket], packed.offsets[bucket + 1]
+    assert hi - lo > bl._SCAN  # searched through the fences
+    assert len(listed) == len(values)
+    probes: set[int] = set()
+    for b in (bucket - 1, bucket, bucket + 1, 0, 0xFFFF):
+        if in_bucket := [v for v in values if v >> 48 == b]:
+            probes |= bucket_probes(listed, b, in_bucket, rng)
+    for probe in probes:
+        assert listed.contains_asn(probe) == (probe in values), hex(probe)
