@@ -6,8 +6,9 @@ an unsigned integer — the last 16 hex digits of ``CpuCard.card_id``.
 On disk the set is a *bucketed packed array*: the top 16 bits of the ASN pick one of 65,536
 buckets, an offset table says where each bucket starts, and each entry keeps only the remaining 6
 bytes, big-endian, sorted, so ``bytes`` comparison is numeric comparison. A lookup is one offset
-read, a C ``bisect`` over in-memory fence keys (every 32nd entry's full key, built at load) if
-the bucket holds more than 256 entries, and one bounded ``bytes.find`` over at most 256 entries
+read, a search of in-memory fence keys (every 32nd entry's full key, built at load: a guess by
+interpolation checked on two fences, else a C ``bisect``) if the bucket holds more than 256
+entries, and one bounded ``bytes.find`` over at most 256 entries
 (:class:`_Packed`); 10 million entries take 60 MB plus a 256 KB offset table and 2.4 MiB of
 fences. The agent holds the file's image and the fences for its lookups; the sync daemon, which
 never looks cards up, holds only the header and offset table (``lookups=False``).
@@ -543,14 +544,15 @@ class _Packed:
 
     With the entries loaded, a lookup also uses *fences*: the full u64 key of every
     ``_FENCE``-th entry, in memory only (never in the file, so the file format and the signed
-    content digest are unchanged). The top 16 bits give the bucket's range, a C ``bisect`` over
-    the fences inside it narrows that (if longer than ``_SCAN`` entries) to one run of at most
-    ``_FENCE`` entries, and one C
-    ``bytes.find`` (bounded by start and end, no slice, no copy) searches the run for the
-    6-byte key. A lookup is thus a fixed handful of Python operations whatever the bucket's
-    size: ASNs of one issuer are consecutive serials that share their top 16 bits, so all of a
-    city's cards may sit in one bucket. The fences cost 8 bytes per ``_FENCE`` entries (0.25
-    bytes an entry: 2.4 MiB at 10 million)."""
+    content digest are unchanged). The top 16 bits give the bucket's range; if it is longer than
+    ``_SCAN`` entries, the fences inside it narrow it to one run of at most ``_FENCE`` entries:
+    a guess by linear interpolation between the bucket's first and last fence, kept if the two
+    fences around it enclose the key (one issuer's consecutive serials: nearly always), else a
+    C ``bisect``; then one C ``bytes.find`` (bounded by start and end, no slice, no copy)
+    searches the run for the 6-byte key. A lookup is thus a fixed handful of Python operations
+    whatever the bucket's size: ASNs of one issuer are consecutive serials that share their top
+    16 bits, so all of a city's cards may sit in one bucket. The fences cost 8 bytes per
+    ``_FENCE`` entries (0.25 bytes an entry: 2.4 MiB at 10 million)."""
 
     __slots__ = ("buf", "count", "fences", "offsets")
 
@@ -595,9 +597,23 @@ class _Packed:
         # find, then the find
         lo, hi = _BUCKET_BOUNDS(self.buf, _OFFSETS_AT + 4 * (asn >> 48))
         if hi - lo > _SCAN:
-            # fences k with k * _FENCE in lo..hi-1 belong to this bucket; after the bisect,
-            # fences[k-1] <= asn < fences[k], so the key, if listed, is in entries (k-1)F..kF-1
-            k = bisect_right(self.fences, asn, -(-lo // _FENCE), -(-hi // _FENCE))
+            # fences k with k * _FENCE in lo..hi-1 belong to this bucket; k is then found with
+            # fences[k-1] <= asn < fences[k] (bisect_right), so the key, if listed, is in
+            # entries (k-1)F..kF-1. First a guess by interpolation, checked on its two fences:
+            # one issuer's serials are spread evenly, and the guess saves the bisect's steps
+            fences = self.fences
+            first, last = -(-lo // _FENCE), -(-hi // _FENCE)
+            low, high = fences[first], fences[last - 1]
+            if asn < low:
+                k = first
+            elif asn >= high:
+                k = last
+            else:  # first <= guess <= last - 2
+                guess = first + (asn - low) * (last - 1 - first) // (high - low)
+                if fences[guess] <= asn < fences[guess + 1]:
+                    k = guess + 1
+                else:
+                    k = bisect_right(fences, asn, first, last)
             lo = max(lo, (k - 1) * _FENCE)
             hi = min(hi, k * _FENCE)
         start = _DATA_START + _ENTRY * lo
