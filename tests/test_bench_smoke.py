@@ -202,8 +202,9 @@ def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, ca
     for row in cells:
         assert float(row[3].strip("*")) > 0 and float(row[5]) > 0, row  # wall s, host CPU s
         assert len(row[6].split(" / ")) == int(row[2]), row  # each serving process's CPU
-        # the PostgreSQL server's own CPU; SQLite runs inside the workers
-        assert row[8] == "—" if row[1] == "sqlite" else float(row[8]) > 0, row
+        # the PostgreSQL server's own CPU, measured (it may round to 0.00: /proc counts 10 ms
+        # ticks and this run is tiny); SQLite runs inside the workers
+        assert row[8] == "—" if row[1] == "sqlite" else float(row[8]) >= 0, row
         assert row[-1] == "—" if row[2] == "1" else row[-1].startswith("**"), row
     assert "## Ingest" in capsys.readouterr().out
 
