@@ -212,7 +212,7 @@ _RECORD_ROW_COLUMNS: dict[str, str] = {
 # records.created_at serves the day ranges of settlement and clearing. SQLite: a btree. PostgreSQL:
 # a BRIN index (min/max per range of 128 pages, summarised by autovacuum as the table grows): rows
 # arrive about in time order, so a day's ranges are few; it is about 0.1 MB where a btree is about
-# 55 bytes a record, and every COPY of an upload writes to it far less (bench/RESULTS-sync.md).
+# 50 bytes a record, and every COPY of an upload writes to it far less (docs/city-scale.md).
 CREATED_AT_INDEX = {
     "sqlite": "CREATE INDEX IF NOT EXISTS records_created_at ON records (created_at)",
     "postgresql": "CREATE INDEX IF NOT EXISTS records_created_at ON records "
