@@ -593,7 +593,7 @@ class _Packed:
         self.fences = fences
 
     def contains(self, asn: int) -> bool:
-        # the bucket's two offsets in one unpack, a bisect only in a bucket too long for one
+        # the bucket's two offsets in one unpack, the fences only in a bucket too long for one
         # find, then the find
         lo, hi = _BUCKET_BOUNDS(self.buf, _OFFSETS_AT + 4 * (asn >> 48))
         if hi - lo > _SCAN:

@@ -983,17 +983,13 @@ class ClearingHost:
 
     # --- signed lists ---------------------------------------------------------------------
 
-    def blacklist_document(self, since: int, space: str = SPACE_SERIAL) -> bytes:
-        """A signed list of one key space (raw serials, or printed numbers: agent.blacklist):
-        a delta from ``since`` (empty re-issue when current), else a snapshot. Both spaces
-        share the version chain; each is its own signed list (its own magic)."""
-        return self.blacklist_answer(since, space).document
-
     def blacklist_answer(self, since: int, space: str = SPACE_SERIAL) -> SignedAnswer:
-        """:meth:`blacklist_document` with its gzip form: the answer signed for the same
-        question (space, ``since`` or snapshot, current version) within the reissue window is
-        served again (:meth:`_reused`); the current version is read on every call, so a newly
-        published list is served at once."""
+        """A signed list of one key space (raw serials, or printed numbers: agent.blacklist),
+        with its gzip form: a delta from ``since`` (empty re-issue when current), else a
+        snapshot. Both spaces share the version chain; each is its own signed list (its own
+        magic). The answer signed for the same question (space, ``since`` or snapshot, current
+        version) within the reissue window is served again (:meth:`_reused`); the current
+        version is read on every call, so a newly published list is served at once."""
         current = self.storage.blacklist_version()
         base = since if 0 < since <= current else 0
         answer = self._reused((space, base, current, self.key.public_key_bytes))

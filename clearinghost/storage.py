@@ -1692,6 +1692,16 @@ def _slot_row(terminal_id: str, entry: Slot, ack_hash: str, now: float) -> tuple
     )
 
 
+def pg_index_method(tx: _Tx, index: str) -> str | None:
+    """PostgreSQL: the access method of ``index`` (``btree``, ``brin``...), ``None`` if absent."""
+    row = tx.one(
+        "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+        "WHERE c.oid = to_regclass(?)",
+        (index,),
+    )
+    return None if row is None else str(row[0])
+
+
 def _add_merchant_column(tx: _Tx, has_column: str, from_body: str) -> None:
     """A database made before records had ``merchant_id``: add the column and fill it from
     each stored record's body (once, in the opening transaction), as ingest fills it: the
@@ -2008,17 +2018,14 @@ class PostgresStorage(Storage):
                     "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
                     "THEN body::jsonb #>> '{fields,merchant_id}' END",
                 )
-                method = tx.one(
-                    "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
-                    "WHERE c.oid = to_regclass('records_created_at')"
-                )
-                if method is not None and method[0] != "brin":
+                method = pg_index_method(tx, "records_created_at")
+                if method is not None and method != "brin":
                     # a database made before the BRIN index: left as it is (rebuilding it
                     # here would lock the records table while every worker waits)
                     log.warning(
                         "records_created_at is not BRIN: ingest writes more than it needs to; "
                         "docs/city-scale.md says how to replace it while serving",
-                        method=str(method[0]),
+                        method=method,
                     )
         except psycopg.Error as exc:
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc

@@ -81,22 +81,27 @@ def host(tmp_path: Path, clock: Clock) -> Iterator[Any]:
     storage.close()
 
 
-def read(host: ClearingHost, document: bytes, space: str = SPACE_SERIAL) -> SignedList:
-    return decode_list(document, host.key.public_key_bytes, space)
+def document(host: ClearingHost, since: int, space: str = SPACE_SERIAL) -> bytes:
+    """The signed list as the route serves it (uncompressed)."""
+    return host.blacklist_answer(since, space).document
+
+
+def read(host: ClearingHost, signed: bytes, space: str = SPACE_SERIAL) -> SignedList:
+    return decode_list(signed, host.key.public_key_bytes, space)
 
 
 def test_a_pull_within_the_window_is_the_same_answer_signed_once(host: Any, clock: Clock) -> None:
     key, storage = host.key, host.storage
-    first = host.blacklist_document(0)
+    first = document(host, 0)
     assert (key.signatures, storage.snapshots) == (1, 1)
     clock.now += 59.5  # the window is 60 s
-    again = host.blacklist_document(0)
+    again = document(host, 0)
     assert again is first  # the same bytes: neither signed nor read again
     assert (key.signatures, storage.snapshots) == (1, 1)
     assert read(host, again).issued_at == T0 and read(host, again).version == 1
     # the empty re-issue every up-to-date terminal pulls: signed once too
-    reissue = host.blacklist_document(1)
-    assert host.blacklist_document(1) is reissue and key.signatures == 2
+    reissue = document(host, 1)
+    assert document(host, 1) is reissue and key.signatures == 2
     signed = read(host, reissue)
     assert (signed.kind, signed.version, signed.base_version) == (KIND_DELTA, 1, 1)
     assert signed.added() == signed.removed() == []
@@ -106,11 +111,11 @@ def test_after_the_window_the_answer_is_signed_again_and_the_agent_takes_it(
     host: Any, clock: Clock, tmp_path: Path
 ) -> None:
     public = host.key.public_key_bytes
-    first = host.blacklist_document(0)
+    first = document(host, 0)
     terminal = Blacklist(tmp_path / "blacklist.bin")
     assert terminal.apply(first, public, now=clock.now).kind == "snapshot"
     clock.now += 60
-    later = host.blacklist_document(0)
+    later = document(host, 0)
     assert later != first and host.key.signatures == 2
     assert read(host, later).issued_at == T0 + 60
     assert read(host, later).content_digest == read(host, first).content_digest
@@ -125,24 +130,24 @@ def test_after_the_window_the_answer_is_signed_again_and_the_agent_takes_it(
     assert terminal.apply(first, public, now=halfway).kind == "unchanged"
     assert terminal.expires_at == T0 + 60 + host.list_ttl_s
     # an empty re-issue, reused within the window, then signed again
-    reissue = host.blacklist_document(1)
-    assert host.blacklist_document(1) is reissue
+    reissue = document(host, 1)
+    assert document(host, 1) is reissue
     clock.now += 60
-    assert read(host, host.blacklist_document(1)).issued_at == T0 + 120
+    assert read(host, document(host, 1)).issued_at == T0 + 120
 
 
 def test_a_new_version_is_served_at_once(host: Any, clock: Clock) -> None:
-    old_snapshot = host.blacklist_document(0)
-    old_reissue = host.blacklist_document(1)
-    assert host.blacklist_document(0) is old_snapshot  # kept ...
-    assert host.blacklist_document(1) is old_reissue
+    old_snapshot = document(host, 0)
+    old_reissue = document(host, 1)
+    assert document(host, 0) is old_snapshot  # kept ...
+    assert document(host, 1) is old_reissue
     assert host.key.signatures == 2
     host.storage.publish_blacklist(SERIALS[200:210], SERIALS[:5])
     clock.now += 1  # well within the window
-    delta = read(host, host.blacklist_document(1))  # ... but never served for version 2
+    delta = read(host, document(host, 1))  # ... but never served for version 2
     assert (delta.kind, delta.version, delta.base_version) == (KIND_DELTA, 2, 1)
     assert delta.added() == SERIALS[200:210] and delta.removed() == SERIALS[:5]
-    snapshot = read(host, host.blacklist_document(0))
+    snapshot = read(host, document(host, 0))
     assert (snapshot.kind, snapshot.version) == (KIND_SNAPSHOT, 2)
     assert snapshot.added() == sorted(SERIALS[5:210])
     # the answers of version 1 are forgotten, not kept beside those of version 2
@@ -152,10 +157,10 @@ def test_a_new_version_is_served_at_once(host: Any, clock: Clock) -> None:
 def test_deltas_are_kept_per_base_version(host: Any, clock: Clock) -> None:
     host.storage.publish_blacklist(SERIALS[200:201], [])
     host.storage.publish_blacklist(SERIALS[201:202], [SERIALS[0]])
-    answers = {since: host.blacklist_document(since) for since in (1, 2, 3)}
+    answers = {since: document(host, since) for since in (1, 2, 3)}
     clock.now += 30
     for since in (3, 2, 1):
-        assert host.blacklist_document(since) is answers[since]
+        assert document(host, since) is answers[since]
     assert host.key.signatures == 3
     expected = {
         1: (SERIALS[200:202], [SERIALS[0]]),
@@ -170,20 +175,20 @@ def test_deltas_are_kept_per_base_version(host: Any, clock: Clock) -> None:
 
 def test_the_key_spaces_are_kept_apart(host: Any, clock: Clock) -> None:
     for since in (0, 1):
-        serial = host.blacklist_document(since, SPACE_SERIAL)
-        printed = host.blacklist_document(since, SPACE_PRINTED)
+        serial = document(host, since, SPACE_SERIAL)
+        printed = document(host, since, SPACE_PRINTED)
         assert printed[:8] != serial[:8]  # each its own magic
         clock.now += 1
-        assert host.blacklist_document(since, SPACE_PRINTED) is printed
-        assert host.blacklist_document(since, SPACE_SERIAL) is serial
+        assert document(host, since, SPACE_PRINTED) is printed
+        assert document(host, since, SPACE_SERIAL) is serial
         assert read(host, printed, SPACE_PRINTED).version == 1
         assert read(host, serial, SPACE_SERIAL).version == 1
-    assert read(host, host.blacklist_document(0, SPACE_PRINTED), SPACE_PRINTED).added() == sorted(
+    assert read(host, document(host, 0, SPACE_PRINTED), SPACE_PRINTED).added() == sorted(
         PRINTED[:2]
     )
     host.storage.publish_blacklist([], [], printed_add=PRINTED[2:])
-    printed_delta = read(host, host.blacklist_document(1, SPACE_PRINTED), SPACE_PRINTED)
-    serial_delta = read(host, host.blacklist_document(1, SPACE_SERIAL), SPACE_SERIAL)
+    printed_delta = read(host, document(host, 1, SPACE_PRINTED), SPACE_PRINTED)
+    serial_delta = read(host, document(host, 1, SPACE_SERIAL), SPACE_SERIAL)
     assert printed_delta.version == serial_delta.version == 2
     assert printed_delta.added() == PRINTED[2:] and serial_delta.added() == []
 
@@ -209,11 +214,11 @@ def test_the_route_serves_the_same_gzip_body(host: Any, clock: Clock) -> None:
             assert headers["content-type"] == protocol.BLACKLIST_MEDIA_TYPE
         assert "content-encoding" not in plain and plain["cache-control"] == "no-store"
         assert packed == packed_again
-        assert gzip.decompress(packed) == body == host.blacklist_document(0)
+        assert gzip.decompress(packed) == body == document(host, 0)
         assert read(host, body).added() == SERIALS[:200]
         assert host.key.signatures == 1 and host.storage.snapshots == 1
         small, reissue = pull(client, 1, "gzip")  # an empty re-issue: under 1 KiB, sent as is
-        assert "content-encoding" not in small and reissue == host.blacklist_document(1)
+        assert "content-encoding" not in small and reissue == document(host, 1)
 
 
 def test_parameter_sets_are_signed_once_per_window(host: Any, clock: Clock) -> None:
@@ -231,5 +236,5 @@ def test_parameter_sets_are_signed_once_per_window(host: Any, clock: Clock) -> N
 
 def test_a_zero_window_signs_every_pull(host: Any) -> None:
     host.reissue_window_s = 0
-    assert host.blacklist_document(1) == host.blacklist_document(1)  # same second, same bytes
+    assert document(host, 1) == document(host, 1)  # same second, same bytes
     assert host.key.signatures == 2 and not host._answers

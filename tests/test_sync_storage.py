@@ -36,6 +36,7 @@ from clearinghost.storage import (
     Storage,
     StorageFailure,
     TerminalKeyConflict,
+    pg_index_method,
 )
 from sync import protocol
 from sync.params import verify_params
@@ -439,11 +440,7 @@ def test_postgres_indexes_record_time_with_brin_and_finds_every_day_through_it(
 
     try:
         with store._transaction() as tx:
-            method = tx.one(
-                "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
-                "WHERE c.oid = to_regclass('records_created_at')"
-            )
-            assert method == ("brin",)
+            assert pg_index_method(tx, "records_created_at") == "brin"
             tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-05-01", 1, 3000))
             tx.insert_rows("records", _RECORD_ROW_COLUMNS, rows("2024-05-02", 3001, 3000))
         with store._transaction() as tx:
@@ -490,10 +487,7 @@ def test_a_postgres_database_with_the_old_btree_time_index_keeps_it_and_says_so(
         assert len(warned) == 1 and warned[0]["method"] == "btree"
         assert "docs/city-scale.md" in warned[0]["event"]
         with store._transaction() as tx:
-            method = tx.one(
-                "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
-                "WHERE c.oid = to_regclass('records_created_at')"
-            )
-        assert method == ("btree",)
+            method = pg_index_method(tx, "records_created_at")
+        assert method == "btree"
     finally:
         store.close()
