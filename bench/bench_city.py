@@ -1,7 +1,7 @@
 """City bench: N terminals upload their backlog at once into a real host (issue 14).
 
 ``python -m bench.bench_city [--terminals 1000] [--records 50] [--backends sqlite,postgresql]
-[--workers 1,2]`` measures, for each backend and worker count, against a real ``cardhost host``
+[--workers 1,2] [--load-s 60] [--city-daemons 40000]`` measures, for each backend and worker count, against a real ``cardhost host``
 process (``--workers N``: a supervisor and N workers on one socket) on 127.0.0.1:
 
 * each terminal has its own Ed25519 device key and its own chain of signed purchase records
@@ -9,9 +9,16 @@ process (``--workers N``: a supervisor and N workers on one socket) on 127.0.0.1
   hourly shape (:data:`HOURLY_SHARE`: morning and evening peaks), pre-registered by an operator
   and enrolled by the terminal's signed proof of possession, as a real terminal does;
 * all N terminals then upload their whole backlog at once (the morning after an outage):
-  asyncio + httpx speaking the sync protocol (:func:`sync.protocol.encode_batch`, the signed
-  acknowledgement checked by :func:`sync.protocol.parse_ack`), one connection per terminal,
-  honouring ``Retry-After`` with the daemon's own rule (:func:`sync.daemon.honour_retry_after`);
+  asyncio + httpx speaking the sync protocol (:func:`sync.protocol.encode_batch`, batches
+  signed by the device key as the daemon signs them, the signed acknowledgement checked by
+  :func:`sync.protocol.parse_ack`), one connection per terminal, honouring ``Retry-After``
+  with the daemon's own rule (:func:`sync.daemon.honour_retry_after`);
+* then the city's steady load (``--load-s`` seconds): the same terminals run the daemon's four
+  jobs (upload, heartbeat, blacklist and parameter pulls) on the intervals a city configures
+  (docs/city-scale.md section 2), ``--city-daemons`` / N times as often, so they send the
+  requests of that many daemons; figures: requests sent and answered per second, answers by
+  status, latency per request kind, the CPU of the host, of the PostgreSQL server and of the
+  simulated daemons over the phase;
 * figures: time to drain every backlog, records/s, the host's peak RSS (``VmHWM`` of every
   host process, the supervisor's workers summed), its RSS before the storm, every answer by
   status (503 ``busy`` with ``Retry-After`` is the only refusal expected), transport errors,
@@ -44,8 +51,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from glob import glob
+from math import ceil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,7 @@ import structlog
 
 from agent.offline_store import DeviceKey, Record, RecordBody
 from agent.offline_store.records import GENESIS_HASH, seal_record
+from bench.machine import postgres_cpu_s, tree_cpu_s
 from clearinghost.keys import HostKey
 from clearinghost.operators import TOKEN_ENV
 from clearinghost.storage import open_storage
@@ -77,18 +87,25 @@ KEEP_ALIVE_S = 75
 
 @dataclass
 class Fleet:
-    """Every terminal's key and signed records (made once, uploaded to each host)."""
+    """Every terminal's key and signed records (made once, uploaded to each host): each chain's
+    first ``backlog`` records are the storm's, the rest the live ones of the city load."""
 
     keys: dict[str, DeviceKey]
     records: dict[str, list[Record]]
     make_s: float
+    backlog: int
 
     @property
     def count(self) -> int:
-        return sum(len(r) for r in self.records.values())
+        """The storm's records, all terminals."""
+        return self.backlog * len(self.records)
 
 
-def make_fleet(root: Path, terminals: int, per_terminal: int, seed: int = 14) -> Fleet:
+def make_fleet(
+    root: Path, terminals: int, per_terminal: int, live: int = 0, seed: int = 14
+) -> Fleet:
+    """``terminals`` terminals, each with ``per_terminal`` backlog records and ``live`` more
+    (the same chain, the next day)."""
     rng = random.Random(seed)
     keys: dict[str, DeviceKey] = {}
     records: dict[str, list[Record]] = {}
@@ -98,12 +115,14 @@ def make_fleet(root: Path, terminals: int, per_terminal: int, seed: int = 14) ->
         terminal_id = f"BUS-{n:05d}"
         key = DeviceKey.create(root / f"{terminal_id}.key")
         times = sorted(
-            (rng.choices(hours, HOURLY_SHARE)[0], rng.randrange(60), rng.randrange(60))
+            (4, rng.choices(hours, HOURLY_SHARE)[0], rng.randrange(60), rng.randrange(60))
             for _ in range(per_terminal)
         )
+        # the live records: the next day's evening peak, one every 20 s
+        times += [(5, 17 + k // 180, k // 3 % 60, k % 3 * 20) for k in range(live)]
         chain: list[Record] = []
         prev = GENESIS_HASH
-        for seq, (h, m, s) in enumerate(times, start=1):
+        for seq, (day, h, m, s) in enumerate(times, start=1):
             balance = rng.randrange(200, 100_000)
             fields: dict[str, Any] = {
                 "product": "cpu",
@@ -116,7 +135,7 @@ def make_fleet(root: Path, terminals: int, per_terminal: int, seed: int = 14) ->
                 "ttc": seq,
                 "terminal": f"{n:012d}",
                 "sam": "0000000000A1",
-                "datetime": f"20260504{h:02d}{m:02d}{s:02d}",
+                "datetime": f"202605{day:02d}{h:02d}{m:02d}{s:02d}",
                 "factors": None,
                 "key_version": 1,
                 "algorithm": "3des",
@@ -127,7 +146,7 @@ def make_fleet(root: Path, terminals: int, per_terminal: int, seed: int = 14) ->
             }
             record = seal_record(
                 seq=seq,
-                created_at=f"2026-05-04T{h:02d}:{m:02d}:{s:02d}.000Z",
+                created_at=f"2026-05-{day:02d}T{h:02d}:{m:02d}:{s:02d}.000Z",
                 terminal_id=terminal_id,
                 body=RecordBody(
                     "purchase", f"03105170{rng.getrandbits(40):012d}"[:20], 200, fields
@@ -138,7 +157,7 @@ def make_fleet(root: Path, terminals: int, per_terminal: int, seed: int = 14) ->
             chain.append(record)
             prev = record.hash
         keys[terminal_id], records[terminal_id] = key, chain
-    return Fleet(keys, records, time.perf_counter() - started)
+    return Fleet(keys, records, time.perf_counter() - started, per_terminal)
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
@@ -320,17 +339,16 @@ async def storm(url: str, fleet: Fleet, host_key: bytes, tally: Tally, seed: int
             batch = None
             while ack < len(records):
                 if batch is None or batch.first_seq != ack + 1:  # re-sent as is after a 503
-                    batch = protocol.encode_batch(terminal_id, records[ack : ack + BATCH])
+                    # signed by the device key, as the daemon signs its batches
+                    batch = protocol.encode_batch(
+                        terminal_id, records[ack : ack + BATCH], sign=fleet.keys[terminal_id].sign
+                    )
                 asked: float | None = None
                 try:
                     answer = await client.post(
                         protocol.records_path(terminal_id),
                         content=batch.body,
-                        headers={
-                            "Content-Type": protocol.NDJSON,
-                            "Content-Encoding": "gzip",
-                            protocol.IDEMPOTENCY_HEADER: batch.idempotency_key,
-                        },
+                        headers=batch.headers(),
                     )
                 except httpx.TransportError:
                     tally.transport_errors += 1
@@ -364,12 +382,205 @@ async def storm(url: str, fleet: Fleet, host_key: bytes, tally: Tally, seed: int
                 await asyncio.sleep(delay)
             tally.acked[terminal_id] = ack
 
-    tasks = [asyncio.create_task(terminal(t, r)) for t, r in fleet.records.items()]
+    tasks = [asyncio.create_task(terminal(t, r[: fleet.backlog])) for t, r in fleet.records.items()]
     await asyncio.sleep(0.5)  # every client built and waiting
     started = time.perf_counter()
     start.set()
     await asyncio.gather(*tasks)
     return time.perf_counter() - started
+
+
+# --- the city's steady load --------------------------------------------------------------------
+
+# The intervals docs/city-scale.md section 2 has a city configure its daemons with, in seconds,
+# and the records one upload carries at the design peak (500 records a terminal a day, 12 % of
+# them in the peak hour, an upload every 300 s: 5).
+CITY_INTERVALS_S = {"upload": 300.0, "heartbeat": 300.0, "blacklist": 600.0, "params": 300.0}
+LIVE_RECORDS_PER_UPLOAD = 5
+CITY_BLACKLIST_ENTRIES = 1000  # published before the load: every pull is since its version
+REQUEST_KINDS = tuple(CITY_INTERVALS_S)
+
+
+@dataclass
+class LoadTally:
+    """What the simulated daemons saw, per request kind."""
+
+    sent: Counter[str] = field(default_factory=Counter)
+    statuses: dict[str, Counter[int]] = field(
+        default_factory=lambda: {kind: Counter() for kind in REQUEST_KINDS}
+    )
+    latencies_s: dict[str, list[float]] = field(
+        default_factory=lambda: {kind: [] for kind in REQUEST_KINDS}
+    )
+    transport_errors: int = 0
+    bad_answers: int = 0
+    late_starts: int = 0  # requests sent more than 1 s after they were due (the client lagged)
+    acked: dict[str, int] = field(default_factory=dict)
+    cpu_s: float = 0.0  # this process's CPU over the phase (the simulated daemons)
+
+    @property
+    def answered(self) -> int:
+        return sum(sum(c.values()) for c in self.statuses.values())
+
+
+def live_records_per_terminal(seconds: float, speedup: float) -> int:
+    """Records one terminal may upload in ``seconds`` at ``speedup`` times the city intervals."""
+    uploads = ceil(seconds * speedup / CITY_INTERVALS_S["upload"]) + 1
+    return uploads * LIVE_RECORDS_PER_UPLOAD
+
+
+def publish_city_lists(db: str) -> tuple[int, int]:
+    """A blacklist and a parameter set in the host's storage, as an operator publishes them;
+    their versions (the daemons are up to date: each pull is answered with a re-issue)."""
+    storage = open_storage(db)
+    try:
+        rng = random.Random(5)
+        blacklist = storage.publish_blacklist(
+            sorted({rng.getrandbits(64) for _ in range(CITY_BLACKLIST_ENTRIES)}), []
+        )
+        return blacklist, storage.publish_params({"fare_table": {"flat_fare": 200}})
+    finally:
+        storage.close()
+
+
+async def city_load(
+    url: str,
+    fleet: Fleet,
+    host_key: bytes,
+    versions: tuple[int, int],
+    seconds: float,
+    speedup: float,
+    tally: LoadTally,
+    seed: int,
+) -> float:
+    """Every terminal runs the daemon's four jobs on the city intervals divided by
+    ``speedup`` (so N terminals send the requests of N × speedup daemons) for ``seconds``,
+    each job at its own random phase: an upload of the records made since the last one (signed
+    batches of :data:`LIVE_RECORDS_PER_UPLOAD`), a heartbeat with the daemon's figures, a
+    blacklist and a parameter pull since the versions it holds. Returns the phase's length."""
+    blacklist_version, params_version = versions
+    rng = random.Random(seed)
+    start = asyncio.Event()
+    began = 0.0
+
+    async def job(
+        kind: str, client: httpx.AsyncClient, send: Callable[..., Any], phase: float
+    ) -> None:
+        period = CITY_INTERVALS_S[kind] / speedup
+        due = began + phase * period
+        while due < began + seconds:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -1.0:
+                tally.late_starts += 1
+            due += period
+            sent = time.perf_counter()
+            try:
+                status = await send(client)
+            except httpx.TransportError:
+                tally.sent[kind] += 1
+                tally.transport_errors += 1
+                continue
+            if status is None:  # nothing to send this time
+                continue
+            tally.sent[kind] += 1
+            tally.latencies_s[kind].append(time.perf_counter() - sent)
+            tally.statuses[kind][status] += 1
+
+    async def terminal(terminal_id: str, records: list[Record]) -> None:
+        key = fleet.keys[terminal_id]
+        ack = fleet.backlog
+        tally.acked[terminal_id] = ack
+        pull_headers = {protocol.TERMINAL_HEADER: terminal_id, "Accept-Encoding": "gzip"}
+
+        async def upload(client: httpx.AsyncClient) -> int | None:
+            nonlocal ack
+            batch_records = records[ack : ack + LIVE_RECORDS_PER_UPLOAD]
+            if not batch_records:
+                return None  # nothing made since the last upload: the daemon sends nothing
+            batch = protocol.encode_batch(terminal_id, batch_records, sign=key.sign)
+            answer = await client.post(
+                protocol.records_path(terminal_id), content=batch.body, headers=batch.headers()
+            )
+            if answer.status_code == 200:
+                try:
+                    ack = protocol.parse_ack(answer.json(), batch, len(records), host_key).ack_seq
+                except ProtocolError:
+                    tally.bad_answers += 1
+                tally.acked[terminal_id] = ack
+            return answer.status_code
+
+        async def heartbeat(client: httpx.AsyncClient) -> int:
+            figures = {
+                "terminal_id": terminal_id,
+                "last_seq": len(records),
+                "acknowledged_seq": ack,
+                "unsent_records": len(records) - ack,
+                "quarantined_records": 0,
+                "oldest_unsent_age_s": None,
+                "store_bytes": 1_048_576,
+                "params_version": params_version,
+                "root_version": 0,
+                "uptime_s": round(time.perf_counter() - began, 1),
+                "clock_offset_s": 0.01,
+                "errors": {},
+                "blacklist_version": blacklist_version,
+                "blacklist_count": CITY_BLACKLIST_ENTRIES,
+                "blacklist_expired": False,
+            }
+            answer = await client.post(protocol.heartbeat_path(terminal_id), json=figures)
+            return answer.status_code
+
+        async def blacklist(client: httpx.AsyncClient) -> int:
+            answer = await client.get(
+                protocol.BLACKLIST_PATH,
+                params={"since": blacklist_version},
+                headers=pull_headers,
+            )
+            if answer.status_code == 200 and not answer.content:
+                tally.bad_answers += 1
+            return answer.status_code
+
+        async def params(client: httpx.AsyncClient) -> int:
+            answer = await client.get(
+                protocol.PARAMS_PATH, params={"since": params_version}, headers=pull_headers
+            )
+            if answer.status_code == 200 and not answer.content:
+                tally.bad_answers += 1
+            return answer.status_code
+
+        transport = httpx.AsyncHTTPTransport(
+            # plain HTTP on 127.0.0.1: no CA bundle to load for each of the many clients
+            verify=False,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        async with httpx.AsyncClient(base_url=url, transport=transport, timeout=120) as client:
+            sends = {"upload": upload, "heartbeat": heartbeat, "blacklist": blacklist,
+                     "params": params}  # fmt: skip
+            phases = {kind: rng.random() for kind in REQUEST_KINDS}
+            await start.wait()
+            await asyncio.gather(*(job(k, client, sends[k], phases[k]) for k in REQUEST_KINDS))
+
+    tasks = [asyncio.create_task(terminal(t, r)) for t, r in fleet.records.items()]
+    await asyncio.sleep(0.5)  # every client built and waiting
+    began, cpu = time.perf_counter(), time.process_time()
+    start.set()
+    await asyncio.gather(*tasks)
+    tally.cpu_s = time.process_time() - cpu
+    return time.perf_counter() - began
+
+
+@dataclass
+class Load:
+    """The city load phase of one run."""
+
+    seconds: float
+    speedup: float
+    tally: LoadTally
+    host_cpu_s: float
+    database_cpu_s: float | None
+    client_cpu_s: float
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -389,19 +600,22 @@ class Run:
     problems: list[str]
     bytes_per_record: dict[str, float]
     load: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load average, start / end
+    city: Load | None = None  # the city load phase after the storm (``--load-s``)
 
 
-def check_storage(db: str, fleet: Fleet) -> list[str]:
+def check_storage(db: str, fleet: Fleet, sent: dict[str, int]) -> list[str]:
+    """Exactly once: each terminal's stored (seq, hash) list is its first ``sent`` records'."""
     storage = open_storage(db)
     problems = []
     try:
         for terminal_id, records in fleet.records.items():
             held = storage.record_keys(terminal_id)
-            if held != [(r.seq, r.hash) for r in records]:
-                problems.append(f"{terminal_id}: holds {len(held)} of {len(records)}")
+            expected = records[: sent.get(terminal_id, 0)]
+            if held != [(r.seq, r.hash) for r in expected]:
+                problems.append(f"{terminal_id}: holds {len(held)} of {len(expected)}")
         total = storage.count_records()
-        if total != fleet.count:
-            problems.append(f"{total} records held, {fleet.count} sent")
+        if total != sum(sent.values()):
+            problems.append(f"{total} records held, {sum(sent.values())} acknowledged")
     finally:
         storage.close()
     return problems
@@ -443,11 +657,19 @@ def database_bytes(backend: str, db: str) -> int:
     return int(row[0]) if row else 0
 
 
-def run_one(root: Path, fleet: Fleet, backend: str, db: str, workers: int, max_uploads: int) -> Run:
+def run_one(
+    root: Path,
+    fleet: Fleet,
+    backend: str,
+    db: str,
+    workers: int,
+    args: argparse.Namespace,
+) -> Run:
     key_path = root / f"host-{backend}-{workers}.key"
     host_key = HostKey.load_or_create(key_path)
-    host = HostProcess(root, db, key_path, workers, max_uploads)
+    host = HostProcess(root, db, key_path, workers, args.max_uploads)
     tally = Tally()
+    load: Load | None = None
     try:
         asyncio.run(enrol_all(host.url, fleet))
         base = database_bytes(backend, db)
@@ -456,11 +678,15 @@ def run_one(root: Path, fleet: Fleet, backend: str, db: str, workers: int, max_u
         drain_s = asyncio.run(storm(host.url, fleet, host_key.public_key_bytes, tally, seed=7))
         load_after = os.getloadavg()[0]
         peak = host.memory_mb("VmHWM")
+        stored = stored_bytes(backend, db, base, fleet.count)
+        acked = dict(tally.acked)
+        if args.load_s > 0:
+            load = measure_city_load(host, fleet, host_key.public_key_bytes, backend, db, args)
+            acked = dict(load.tally.acked)
     finally:
         host.stop()
-    problems = check_storage(db, fleet)
-    acked_all = all(tally.acked.get(t) == len(r) for t, r in fleet.records.items())
-    if not acked_all:
+    problems = check_storage(db, fleet, acked)
+    if not all(tally.acked.get(t) == fleet.backlog for t in fleet.records):
         problems.append("not every terminal saw its last record acknowledged")
     return Run(
         backend=backend,
@@ -473,8 +699,42 @@ def run_one(root: Path, fleet: Fleet, backend: str, db: str, workers: int, max_u
         tally=tally,
         exactly_once=not problems,
         problems=problems,
-        bytes_per_record=stored_bytes(backend, db, base, fleet.count),
+        bytes_per_record=stored,
         load=(load_before, load_after),
+        city=load,
+    )
+
+
+def measure_city_load(
+    host: HostProcess,
+    fleet: Fleet,
+    host_key: bytes,
+    backend: str,
+    db: str,
+    args: argparse.Namespace,
+) -> Load:
+    """The city load phase against ``host``, with the CPU of the host's processes, of the
+    PostgreSQL server (its processes) and of this process (the simulated daemons) over it."""
+    versions = publish_city_lists(db)
+    speedup = args.city_daemons / len(fleet.records)
+    tally = LoadTally()
+    pids = [host.process.pid, *host.children()]
+    before, database_before = tree_cpu_s(pids), postgres_cpu_s() if backend != "sqlite" else {}
+    seconds = asyncio.run(
+        city_load(host.url, fleet, host_key, versions, args.load_s, speedup, tally, seed=9)
+    )
+    after, database_after = tree_cpu_s(pids), postgres_cpu_s() if backend != "sqlite" else {}
+    return Load(
+        seconds=seconds,
+        speedup=speedup,
+        tally=tally,
+        host_cpu_s=sum(after[pid] - before.get(pid, after[pid]) for pid in after),
+        database_cpu_s=(
+            sum(cpu - database_before.get(pid, 0.0) for pid, cpu in database_after.items())
+            if backend != "sqlite"
+            else None
+        ),
+        client_cpu_s=tally.cpu_s,
     )
 
 
@@ -542,7 +802,88 @@ def report(runs: list[Run], fleet: Fleet, args: argparse.Namespace) -> str:
         "per upload. These are the figures `docs/city-scale.md` sizes the database with.",
         "",
     ]
+    cities = [run for run in runs if run.city is not None]
+    if cities:
+        lines += city_load_report(cities, args)
     return "\n".join(lines)
+
+
+def _percentile_ms(values: list[float], share: float) -> str:
+    if not values:
+        return "—"
+    ordered = sorted(values)
+    return f"{1000 * ordered[min(len(ordered) - 1, int(share * len(ordered)))]:.1f}"
+
+
+def city_load_report(runs: list[Run], args: argparse.Namespace) -> list[str]:
+    first = runs[0].city
+    assert first is not None
+    per_daemon = sum(1 / s for s in CITY_INTERVALS_S.values())
+    intervals = ", ".join(f"{kind} {s:g} s" for kind, s in CITY_INTERVALS_S.items())
+    lines = [
+        "## The city's steady load",
+        "",
+        f"Right after each storm, the same {runs[0].terminals:,} terminals run the daemon's "
+        f"four jobs for {args.load_s:g} s on the intervals `docs/city-scale.md` section 2 has a "
+        f"city configure ({intervals}), each {first.speedup:g}× as often: the requests of "
+        f"**{args.city_daemons:,} daemons**, {args.city_daemons * per_daemon:,.0f} a second "
+        "offered. Each job starts at its own random phase. An upload carries the "
+        f"{LIVE_RECORDS_PER_UPLOAD} records made since the last one (the design peak: 500 "
+        "records a terminal a day, 12 % in the peak hour), in a batch signed by the device key; "
+        "a heartbeat carries the daemon's figures; the blacklist "
+        f"({CITY_BLACKLIST_ENTRIES:,} entries) and parameter pulls ask since the versions the "
+        "terminal holds (the steady state: a signed re-issue, gzip accepted). The simulated "
+        "daemons (asyncio + httpx, one connection each) run in the bench process on the same "
+        "2 cores as the host and the database. CPU is utime + stime from /proc over the phase: "
+        "the host's processes (supervisor and workers), the PostgreSQL server's, the bench "
+        "process's.",
+        "",
+        "| backend | workers | sent req/s | answered req/s | 200 | other answers | "
+        "transport errors | **host CPU, cores** | **host CPU per request (ms)** | database "
+        "server CPU, cores | simulated daemons' CPU, cores | requests sent > 1 s late |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        city = run.city
+        assert city is not None
+        t = city.tally
+        answered = t.answered
+        ok = sum(c.get(200, 0) for c in t.statuses.values())
+        other = {
+            f"{kind} {status}": n
+            for kind, c in t.statuses.items()
+            for status, n in c.items()
+            if status != 200
+        }
+        database = (
+            "—" if city.database_cpu_s is None else f"{city.database_cpu_s / city.seconds:.2f}"
+        )
+        lines.append(
+            f"| {run.backend} | {run.workers} | {sum(t.sent.values()) / city.seconds:,.0f} | "
+            f"{answered / city.seconds:,.0f} | {ok:,} | "
+            f"{', '.join(f'{k}: {n}' for k, n in other.items()) or '0'} | "
+            f"{t.transport_errors} | **{city.host_cpu_s / city.seconds:.2f}** | "
+            f"**{1000 * city.host_cpu_s / max(1, answered):.2f}** | {database} | "
+            f"{city.client_cpu_s / city.seconds:.2f} | {t.late_starts} |"
+        )
+    lines += [
+        "",
+        "Latency as the simulated daemon saw it (from sending the request to the whole answer):",
+        "",
+        "| backend | workers | request | answered | p50 (ms) | p99 (ms) | max (ms) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        assert run.city is not None
+        for kind in REQUEST_KINDS:
+            taken = run.city.tally.latencies_s[kind]
+            lines.append(
+                f"| {run.backend} | {run.workers} | {kind} | {len(taken):,} | "
+                f"{_percentile_ms(taken, 0.5)} | {_percentile_ms(taken, 0.99)} | "
+                f"{_percentile_ms(taken, 1.0)} |"
+            )
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,6 +894,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts (PostgreSQL)")
     parser.add_argument("--max-uploads", type=int, default=8)
     parser.add_argument("--pg-dsn", help="a fresh database instead of a throw-away cluster")
+    parser.add_argument(
+        "--load-s", type=float, default=60.0, help="the city load phase's length (0: none)"
+    )
+    parser.add_argument(
+        "--city-daemons",
+        type=int,
+        default=40_000,
+        help="the daemons whose requests the terminals send in the city load phase",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     saved = structlog.get_config()
@@ -573,7 +923,12 @@ def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-city-") as name:
         root = Path(name)
         (root / "keys").mkdir()
-        fleet = make_fleet(root / "keys", args.terminals, args.records)
+        live = (
+            live_records_per_terminal(args.load_s, args.city_daemons / args.terminals)
+            if args.load_s > 0
+            else 0
+        )
+        fleet = make_fleet(root / "keys", args.terminals, args.records, live)
         cluster = None
         try:
             for backend in backends:
@@ -585,7 +940,7 @@ def _main(args: argparse.Namespace) -> int:
                     else:
                         cluster = cluster or PgCluster().start()
                         db = cluster.new_database()
-                    runs.append(run_one(root, fleet, backend, db, workers, args.max_uploads))
+                    runs.append(run_one(root, fleet, backend, db, workers, args))
                     done = {"run": backend, "workers": workers, "drain_s": runs[-1].drain_s}
                     print(json.dumps(done), file=sys.stderr)
                     # the report so far, after each run (a long bench keeps what it measured)

@@ -53,7 +53,7 @@ from agent.offline_store.device_key import signature_verifier
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json, seal_record
 from agent.wiring import DataDir
 from bench.bench_city import HostProcess  # the same `cardhost host` process as the city bench
-from bench.machine import speed_probe
+from bench.machine import postgres_cpu_s, speed_probe, tree_cpu_s
 from clearinghost.audit import audit_storage
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostLimits, HostServer, create_app
@@ -214,33 +214,6 @@ class Concurrent:
     client_cpu_s: float  # this process (the K client threads) over the same span
     database_cpu_s: float | None  # the PostgreSQL server's processes over the same span
     retries: int  # batches sent again: a 429/503 waited out (Retry-After), a broken connection
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of one process (``/proc/PID/stat`` fields 14 and 15, proc(5)), seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()  # after "(comm)", which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pids: list[int]) -> dict[int, float]:
-    return {pid: proc_cpu_s(pid) for pid in pids}
-
-
-def postgres_cpu_s() -> dict[int, float]:
-    """CPU of every live ``postgres`` process (the bench's server: its postmaster, background
-    processes and the host's backends), by pid."""
-    found: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "postgres":
-                continue
-            found[int(entry.name)] = proc_cpu_s(int(entry.name))
-        except OSError:  # gone meanwhile
-            continue
-    return found
 
 
 def upload_terminal(

@@ -225,13 +225,13 @@ def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
     config_before = structlog.get_config()
 
     argv = ["--terminals", "12", "--records", "30", "--workers", "2", "--output", str(output)]
+    argv += ["--load-s", "3", "--city-daemons", "240"]  # 20x the city intervals
     assert bench_city.main(argv) == 0  # 0: every record acknowledged and stored exactly once
 
     report = output.read_text(encoding="utf-8")
     assert "## The storm" in report and "## Stored bytes per record" in report
-    rows = [line for line in report.splitlines() if line.startswith("| sqlite |")]
-    rows += [line for line in report.splitlines() if line.startswith("| postgresql |")]
-    storms = [r for r in rows if r.count("|") > 8]
+    storm = report[report.index("## The storm") : report.index("## Stored bytes")]
+    storms = [line for line in storm.splitlines() if line.startswith(("| sqlite", "| postgres"))]
     assert [r.split("|")[1:3] for r in storms] == [[" sqlite ", " 1 "], [" postgresql ", " 2 "]]
     for row in storms:
         cells = [c.strip() for c in row.split("|")]
@@ -239,6 +239,18 @@ def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
     assert "12 terminals × 30 records = 360 signed purchase records" in report
     assert "| sqlite | file growth / record |" in report
     assert "| postgresql | records table + indexes / record |" in report
+    # the city load phase after each storm: every request answered 200, none lost
+    assert "the requests of **240 daemons**" in report
+    city = report[report.index("## The city's steady load") :]
+    loads = [line for line in city.splitlines() if line.count("|") == 13 and "---" not in line]
+    assert [r.split("|")[1:3] for r in loads[1:]] == [[" sqlite ", " 1 "], [" postgresql ", " 2 "]]
+    for row in loads[1:]:
+        cells = [c.strip() for c in row.split("|")]
+        sent, answered, ok = (float(cells[i].replace(",", "")) for i in (3, 4, 5))
+        assert sent > 0 and answered == sent and cells[6] == "0" and cells[7] == "0", row
+        assert ok > 0 and float(cells[9].strip("*")) >= 0, row  # host CPU per request: a figure
+    kinds = [line.split("|")[3].strip() for line in city.splitlines() if line.count("|") == 8]
+    assert kinds[2:] == ["upload", "heartbeat", "blacklist", "params"] * 2  # after the head
     assert report in capsys.readouterr().out
     assert structlog.get_config() == config_before
 
