@@ -1,8 +1,9 @@
 """City bench: N terminals upload their backlog at once into a real host (issue 14).
 
 ``python -m bench.bench_city [--terminals 1000] [--records 50] [--backends sqlite,postgresql]
-[--workers 1,2] [--load-s 60] [--city-daemons 40000]`` measures, for each backend and worker count, against a real ``cardhost host``
-process (``--workers N``: a supervisor and N workers on one socket) on 127.0.0.1:
+[--workers 1,2] [--load-s 60] [--city-daemons 40000]`` measures, for each backend and worker
+count, against a real ``cardhost host`` process (``--workers N``: a supervisor and N workers on
+one socket) on 127.0.0.1:
 
 * each terminal has its own Ed25519 device key and its own chain of signed purchase records
   (the fields a CPU purchase record carries), created at times drawn from a transit day's
