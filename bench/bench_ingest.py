@@ -520,6 +520,9 @@ def _run(args: argparse.Namespace) -> list[str]:
                     n,
                     v1=not args.no_v1,
                 )
+                results[backend]["solo"] = concurrent_ingest(
+                    root, str(root / "solo.db"), {TERMINAL: (key, records, batches)}, 1
+                )
                 for workers in (1, 2) if fleet else ():
                     results[backend][f"workers{workers}"] = concurrent_ingest(
                         root, str(root / f"fleet-{workers}.db"), fleet, workers
@@ -537,6 +540,9 @@ def _run(args: argparse.Namespace) -> list[str]:
                         batches,
                         n,
                         v1=not args.no_v1,
+                    )
+                    results[backend]["solo"] = concurrent_ingest(
+                        root, pg.new_database(), {TERMINAL: (key, records, batches)}, 1
                     )
                     for workers in (1, 2) if fleet else ():
                         results[backend][f"workers{workers}"] = concurrent_ingest(
@@ -622,16 +628,17 @@ def report(
             f"{n / bare_s:,.0f} | {figures['bare'].cpu_s:.2f} | 1.0x | |"
         )
     concurrent = [
-        (backend, figures[f"workers{w}"])
+        (backend, figures[name])
         for backend, figures in results.items()
-        for w in (1, 2)
-        if f"workers{w}" in figures
+        for name in ("solo", "workers1", "workers2")
+        if name in figures
     ]
     if concurrent:
-        terminals = concurrent[0][1].terminals
+        terminals = max(run.terminals for _backend, run in concurrent)
         lines += [
             "",
-            f"The same {n:,} records split over {terminals} terminals (each its own device key, "
+            f"The same {n:,} records sent by the one terminal, and split over {terminals} "
+            "terminals (each its own device key, "
             "pre-registered), each sending its signed batches one at a time, all at once (one "
             "client thread each, through `http.client`: a terminal's CPU is not the host's, and "
             "httpx spends about ten times its CPU a POST), into a real `cardhost host --workers "
@@ -657,8 +664,11 @@ def report(
             figures = results[backend]
             one = figures.get("workers1")
             ratio = f"**{run.wall_s / one.wall_s:.2f}x**" if run.workers == 2 and one else "—"
+            if run.terminals == 1:
+                ratio = "—"
+            who = "1 terminal" if run.terminals == 1 else f"{run.terminals} terminals"
             lines.append(
-                f"| {run.terminals} terminals | {backend} | {run.workers} | **{run.wall_s:.2f}** "
+                f"| {who} | {backend} | {run.workers} | **{run.wall_s:.2f}** "
                 f"| {n / run.wall_s:,.0f} | {run.host_cpu_s:.2f} | "
                 f"{' / '.join(f'{c:.2f}' for c in run.worker_cpu_s)} | {run.client_cpu_s:.2f} | "
                 f"{'—' if run.database_cpu_s is None else f'{run.database_cpu_s:.2f}'} | "

@@ -177,8 +177,9 @@ def test_bench_ingest_writes_its_section_and_keeps_the_others(tmp_path: Path, ca
 
 
 def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, capsys) -> None:
-    """The concurrent rows on a tiny run: 2 terminals x 200 records at once into a real
-    ``cardhost host --workers 1`` and ``--workers 2`` on both backends; the run itself checks
+    """The concurrent rows on a tiny run: the one terminal's 400 records into a real
+    ``cardhost host``, then 2 terminals x 200 records at once into ``cardhost host --workers 1``
+    and ``--workers 2``, on both backends; the run itself checks
     that every record is stored exactly once (it raises otherwise), the table has a row per
     backend and worker count with the workers-2 / workers-1 ratio on the second, and the
     database server's CPU on PostgreSQL's rows."""
@@ -190,10 +191,16 @@ def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, ca
     assert bench_ingest.main(argv) == 0
 
     report = output.read_text(encoding="utf-8")
-    assert "The same 400 records split over 2 terminals" in report
-    rows = [line for line in report.splitlines() if line.startswith("| 2 terminals |")]
+    assert "The same 400 records sent by the one terminal, and split over 2 terminals" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 1 terminal |")]
+    # one terminal's backlog into a `cardhost host` process, per backend, before the fleets
+    assert [[c.strip() for c in row.split("|")[2:4]] for row in rows] == [
+        ["sqlite", "1"],
+        ["postgresql", "1"],
+    ]
+    rows += [line for line in report.splitlines() if line.startswith("| 2 terminals |")]
     cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
-    assert [c[1:3] for c in cells] == [
+    assert [c[1:3] for c in cells[2:]] == [
         ["sqlite", "1"],
         ["sqlite", "2"],
         ["postgresql", "1"],
@@ -206,6 +213,7 @@ def test_bench_ingest_concurrent_rows_store_every_record_once(tmp_path: Path, ca
         # ticks and this run is tiny); SQLite runs inside the workers
         assert row[8] == "—" if row[1] == "sqlite" else float(row[8]) >= 0, row
         assert row[-1] == "—" if row[2] == "1" else row[-1].startswith("**"), row
+        assert row[10].endswith("x"), row  # against the one terminal into one process
     assert "## Ingest" in capsys.readouterr().out
 
     fleet = bench_ingest.make_fleet(7, 3, 2)  # the first terminal takes the remainder
@@ -281,6 +289,7 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
             in report
         )
         assert f"| bare httpx POST loop, same bodies, sink endpoint | {backend} |" in report
+        assert f"| 1 terminal | {backend} | 1 | " in report  # into a `cardhost host` process
         for workers in (1, 2):  # the concurrent rows: 10 terminals of 4 records by default
             assert f"| 10 terminals | {backend} | {workers} | " in report
     assert "| **ratio** per-record / per-batch verification |" in report
