@@ -145,6 +145,48 @@ def test_a_slowly_sent_head_is_closed_although_bytes_keep_coming(server: HostSer
     assert closed, "the host kept a never-ending request head open"
 
 
+def test_a_request_head_beyond_the_bound_is_answered_431_and_closed(tmp_path: Path) -> None:
+    """Headers sent without end, faster than the head deadline: the host stops at
+    ``max_head_bytes`` (plus at most two reads of the socket), answers 431 and closes; a head
+    just under the bound is served, and so is a head followed by its body in one write."""
+    limits = HostLimits(header_timeout_s=WAIT_S, keep_alive_s=int(WAIT_S), max_head_bytes=8192)
+    host = ClearingHost(SqliteStorage(tmp_path / "host.db"), HostKey.generate(), limits=limits)
+    with HostServer(create_app(host), limits=limits) as served:
+        sock = connect(served)
+        sent, closed = 0, False
+        try:  # 4 MB of headers: far beyond the bound plus two reads (256 KB each at most)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            pad = b"".join(b"X-Pad-%05d: %s\r\n" % (n, b"a" * 100) for n in range(100))
+            while sent < 4 * 1024 * 1024:
+                sock.sendall(pad)
+                sent += len(pad)
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True  # the host closed with our bytes unread: its answer may be lost
+        answer = b"" if closed else _read_or_reset(sock)
+        assert closed or answer, "the host read 4 MB of headers and kept the connection open"
+        if answer:
+            status, body = status_and_body(answer)
+            assert (status, body["error"]) == (431, "head_too_large"), answer[:200]
+            assert b"connection: close" in answer.lower()
+        sock.close()
+
+        with httpx.Client(base_url=served.url, timeout=WAIT_S) as client:
+            served_again(client)
+            just_under = {f"X-Pad-{n}": "a" * 100 for n in range(60)}  # about 7 KB
+            assert client.get("/healthz", headers=just_under).status_code == 200
+            body = json.dumps({"pad": "b" * 60_000}).encode()  # head and body in one write
+            answer = client.post("/v1/terminals/T1/heartbeat", content=body, headers=just_under)
+            assert answer.status_code == 404  # unknown terminal: read whole and answered
+    host.storage.close()
+
+
+def _read_or_reset(sock: socket.socket) -> bytes:
+    try:
+        return read_until_closed(sock)
+    except OSError:
+        return b""
+
+
 def test_many_stalled_connections_are_closed_and_a_genuine_client_is_served(
     server: HostServer,
 ) -> None:
