@@ -120,8 +120,10 @@ def make_fleet(
             (4, rng.choices(hours, HOURLY_SHARE)[0], rng.randrange(60), rng.randrange(60))
             for _ in range(per_terminal)
         )
-        # the live records: the next day's evening peak, one every 20 s
-        times += [(5, 17 + k // 180, k // 3 % 60, k % 3 * 20) for k in range(live)]
+        # the live records: one every 20 s from the next day's evening peak (17:00) on
+        for k in range(live):
+            at = 17 * 3600 + 20 * k
+            times.append((5 + at // 86400, at // 3600 % 24, at // 60 % 60, at % 60))
         chain: list[Record] = []
         prev = GENESIS_HASH
         for seq, (day, h, m, s) in enumerate(times, start=1):

@@ -664,8 +664,6 @@ def report(
             figures = results[backend]
             one = figures.get("workers1")
             ratio = f"**{run.wall_s / one.wall_s:.2f}x**" if run.workers == 2 and one else "—"
-            if run.terminals == 1:
-                ratio = "—"
             who = "1 terminal" if run.terminals == 1 else f"{run.terminals} terminals"
             lines.append(
                 f"| {who} | {backend} | {run.workers} | **{run.wall_s:.2f}** "

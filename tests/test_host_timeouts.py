@@ -174,9 +174,9 @@ def test_a_request_head_beyond_the_bound_is_answered_431_and_closed(tmp_path: Pa
             served_again(client)
             just_under = {f"X-Pad-{n}": "a" * 100 for n in range(60)}  # about 7 KB
             assert client.get("/healthz", headers=just_under).status_code == 200
-            body = json.dumps({"pad": "b" * 60_000}).encode()  # head and body in one write
-            answer = client.post("/v1/terminals/T1/heartbeat", content=body, headers=just_under)
-            assert answer.status_code == 404  # unknown terminal: read whole and answered
+            big = json.dumps({"pad": "b" * 60_000}).encode()  # head and body in one write
+            beat = client.post("/v1/terminals/T1/heartbeat", content=big, headers=just_under)
+            assert beat.status_code == 404  # unknown terminal: read whole and answered
     host.storage.close()
 
 
