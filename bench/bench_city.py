@@ -66,7 +66,7 @@ import structlog
 
 from agent.offline_store import DeviceKey, Record, RecordBody
 from agent.offline_store.records import GENESIS_HASH, seal_record
-from bench.machine import postgres_cpu_s, tree_cpu_s
+from bench.machine import cpu_spent, postgres_cpu_s, tree_cpu_s
 from clearinghost.keys import HostKey
 from clearinghost.operators import TOKEN_ENV
 from clearinghost.storage import open_storage
@@ -781,21 +781,18 @@ def measure_city_load(
     speedup = args.city_daemons / len(fleet.records)
     tally = LoadTally()
     pids = [host.process.pid, *host.children()]
-    before, database_before = tree_cpu_s(pids), postgres_cpu_s() if backend != "sqlite" else {}
+    on_postgres = backend != "sqlite"
+    before, database_before = tree_cpu_s(pids), postgres_cpu_s() if on_postgres else {}
     seconds = asyncio.run(
         city_load(host.url, fleet, host_key, versions, args.load_s, speedup, tally, seed=9)
     )
-    after, database_after = tree_cpu_s(pids), postgres_cpu_s() if backend != "sqlite" else {}
+    after, database_after = tree_cpu_s(pids), postgres_cpu_s() if on_postgres else {}
     return Load(
         seconds=seconds,
         speedup=speedup,
         tally=tally,
-        host_cpu_s=sum(after[pid] - before.get(pid, after[pid]) for pid in after),
-        database_cpu_s=(
-            sum(cpu - database_before.get(pid, 0.0) for pid, cpu in database_after.items())
-            if backend != "sqlite"
-            else None
-        ),
+        host_cpu_s=cpu_spent(before, after),
+        database_cpu_s=cpu_spent(database_before, database_after) if on_postgres else None,
         client_cpu_s=tally.cpu_s,
     )
 

@@ -53,7 +53,7 @@ from agent.offline_store.device_key import signature_verifier
 from agent.offline_store.records import GENESIS_HASH, Record, record_to_json, seal_record
 from agent.wiring import DataDir
 from bench.bench_city import HostProcess  # the same `cardhost host` process as the city bench
-from bench.machine import postgres_cpu_s, speed_probe, tree_cpu_s
+from bench.machine import cpu_spent, postgres_cpu_s, speed_probe, tree_cpu_s
 from clearinghost.audit import audit_storage
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostLimits, HostServer, create_app
@@ -331,14 +331,10 @@ def concurrent_ingest(
         workers=workers,
         terminals=len(fleet),
         wall_s=max(end for _s, end, _r in spans) - min(first for first, _e, _r in spans),
-        host_cpu_s=sum(after[pid] - before[pid] for pid in pids),
+        host_cpu_s=cpu_spent(before, after),
         worker_cpu_s=[after[pid] - before[pid] for pid in serving],
         client_cpu_s=client_cpu,
-        database_cpu_s=(
-            sum(cpu - database_before.get(pid, 0.0) for pid, cpu in database_after.items())
-            if database_after
-            else None
-        ),
+        database_cpu_s=cpu_spent(database_before, database_after) if database_after else None,
         retries=sum(r for _s, _e, r in spans),
     )
 

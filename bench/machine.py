@@ -49,3 +49,9 @@ def postgres_cpu_s() -> dict[int, float]:
         except OSError:  # gone meanwhile
             continue
     return found
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes of ``after`` used since ``before`` (a process that started
+    meanwhile counts from 0)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
