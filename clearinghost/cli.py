@@ -15,6 +15,7 @@
                   [--time-zone Asia/Shanghai] [--require-batch-signature]
                   [--max-uploads 8] [--upload-wait 2] [--client-rate 50] [--client-burst 200]
                   [--workers N]   N processes on one address, one database (PostgreSQL)
+                  [--db-connections 4]   each process's PostgreSQL connections
     cardhost merchant --host URL [--token-file F] load FILE.csv | list   the merchant register
     cardhost merchant --host URL [--token-file F] bind FILE.csv | terminals
                                                       terminal -> merchant bindings
@@ -110,7 +111,7 @@ from clearinghost.server import (
     uvicorn_config,
 )
 from clearinghost.settlement import DEFAULT_TIME_ZONE, FeeSchedule, SettlementError, city_zone
-from clearinghost.storage import open_storage
+from clearinghost.storage import PG_CONNECTIONS, open_storage
 from clearinghost.workers import Supervisor, listening_socket
 from sync.keys import parse_public_key
 
@@ -254,6 +255,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="host processes serving the one address (share --db: use PostgreSQL)",
+    )
+    p.add_argument(
+        "--db-connections",
+        type=int,
+        default=PG_CONNECTIONS,
+        help="PostgreSQL connections each host process keeps at most, for transactions of "
+        "different requests side by side (SQLite: one writer at a time, this is ignored)",
     )
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's socket
     add_load_options(p)
@@ -432,7 +440,11 @@ def _write_private(path: Path, data: bytes) -> None:
 def build_host(args: argparse.Namespace, operators: Operators | None = None) -> ClearingHost:
     if operators is None:
         operators = Operators.load(args.operators_file)
-    storage = open_storage(args.db)
+    if args.db_connections < 1:
+        raise ConfigurationError(
+            f"cardhost host: --db-connections must be at least 1, not {args.db_connections}"
+        )
+    storage = open_storage(args.db, args.db_connections)
     tac = None
     if args.profile is not None:
         profile = load_profile(args.profile)

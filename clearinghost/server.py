@@ -974,14 +974,14 @@ class ClearingHost:
     def heartbeat(self, terminal_id: str, figures: Any) -> tuple[int, dict[str, Any]]:
         if not isinstance(figures, dict):
             return 400, error_body("bad_heartbeat", "heartbeat must be a JSON object")
-        terminal = self.storage.terminal(terminal_id)
-        if terminal is None:
+        held = self.storage.heartbeat(terminal_id, figures)
+        if held is None:
             return 404, error_body("unknown_terminal", f"terminal {terminal_id!r} is unknown")
-        self.storage.heartbeat(terminal_id, figures)
+        ack_seq, blacklist_version = held
         return 200, {
             "terminal_id": terminal_id,
-            "ack_seq": terminal.ack_seq,
-            "blacklist_version": self.storage.blacklist_version(),
+            "ack_seq": ack_seq,
+            "blacklist_version": blacklist_version,
             "server_time": int(self.clock()),
         }
 

@@ -56,8 +56,9 @@ says the record had, which the next record must chain onto; the link into a quar
 cannot be checked, its content being lost). A record that does not verify or link is refused
 (never stored, never takes a seq, never moves the acknowledgement); a record beyond
 ``ack_seq + 1`` is refused as a gap (a terminal sends from its acknowledgement on).
-Every write is one transaction; ingest of one terminal is serialised (a process lock, plus
-``SELECT ... FOR UPDATE`` of the terminal row on PostgreSQL). A batch's records go in with one
+Every write is one transaction; ingest of one terminal is serialised (SQLite: one writer at a
+time; PostgreSQL: ``SELECT ... FOR UPDATE`` of the terminal row, between the connections of
+one process's pool as between processes). A batch's records go in with one
 statement (``executemany`` on SQLite, ``COPY`` on PostgreSQL), its repeats are looked up with
 one query, and the body stored is the line as the terminal sent it. Several host processes
 may share one database (``cardhost host --workers N``): an upload commits whole or not at all
@@ -78,13 +79,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
 
 import psycopg
 import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from agent.blacklist import SPACE_PRINTED, SPACE_SERIAL, printed_entry, printed_key
 from agent.kiosk import bill_of_order
@@ -451,12 +453,9 @@ class IngestResult:
 
 
 class Storage:
-    """Host storage over one connection (serialised by a lock); see the module docstring."""
+    """Host storage: the SQL both backends share; see the module docstring."""
 
     backend = "?"
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
 
     # --- backend hooks --------------------------------------------------------------------
 
@@ -464,6 +463,11 @@ class Storage:
     def _transaction(self) -> Iterator[_Tx]:  # pragma: no cover - overridden
         raise NotImplementedError
         yield
+
+    def _reading(self) -> AbstractContextManager[_Tx]:
+        """A transaction that only reads (the terminal's row, list versions, parameters):
+        SQLite reads beside the writers (:meth:`SqliteStorage._reading`)."""
+        return self._transaction()
 
     # The row lock that serialises two host processes ingesting for one terminal (PostgreSQL).
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ?"
@@ -587,12 +591,12 @@ class Storage:
         return self.terminal_entry(terminal_id)
 
     def terminal_entry(self, terminal_id: str) -> TerminalEntry | None:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             row = tx.one(_SELECT_ENTRY + " WHERE terminal_id = ?", (terminal_id,))
         return None if row is None else _entry(row)
 
     def terminal_entries(self) -> list[TerminalEntry]:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             rows = tx.all(_SELECT_ENTRY + " ORDER BY terminal_id")
         return [_entry(r) for r in rows]
 
@@ -608,7 +612,7 @@ class Storage:
         acknowledgement carry on, only the new key verifies from now on) or ``None``. Run
         again if an open registration of the same id (another host process) took the terminal
         row first: the authorisation then rotates its key."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             consumed = tx.run(
                 "UPDATE terminal_entries SET code_used_at = "
                 "CASE WHEN code_hash IS NULL THEN NULL ELSE ? END, expected_key = NULL "
@@ -634,7 +638,7 @@ class Storage:
         return outcome
 
     def terminal(self, terminal_id: str) -> Terminal | None:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             row = tx.one(
                 "SELECT terminal_id, public_key, ack_seq, ack_hash, last_seen, heartbeat, "
                 "registered_at FROM terminals WHERE terminal_id = ?",
@@ -643,19 +647,25 @@ class Storage:
         return None if row is None else _terminal(row)
 
     def terminals(self) -> list[Terminal]:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             rows = tx.all(
                 "SELECT terminal_id, public_key, ack_seq, ack_hash, last_seen, heartbeat, "
                 "registered_at FROM terminals ORDER BY terminal_id"
             )
         return [_terminal(r) for r in rows]
 
-    def heartbeat(self, terminal_id: str, figures: dict[str, Any]) -> None:
+    def heartbeat(self, terminal_id: str, figures: dict[str, Any]) -> tuple[int, int] | None:
+        """Keep a terminal's heartbeat figures; its acknowledgement and the blacklist version,
+        read in the same transaction (``None``: no such terminal, nothing kept)."""
         with self._transaction() as tx:
-            tx.run(
-                "UPDATE terminals SET heartbeat = ?, last_seen = ? WHERE terminal_id = ?",
+            row = tx.one(
+                "UPDATE terminals SET heartbeat = ?, last_seen = ? WHERE terminal_id = ? "
+                "RETURNING ack_seq",
                 (json.dumps(figures, ensure_ascii=False), time.time(), terminal_id),
             )
+            if row is None:
+                return None
+            return int(row[0]), self._meta_int(tx, "blacklist_version")
 
     # --- records ---------------------------------------------------------------------------
 
@@ -687,7 +697,7 @@ class Storage:
         replaces what the host holds.
         """
         now = time.time()
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             row = tx.one(self._select_cursor, (terminal_id,))
             if row is None:
                 raise KeyError(terminal_id)
@@ -970,7 +980,7 @@ class Storage:
     ) -> None:
         """Advance a terminal's audit cursor and record its findings as anomalies, together."""
         now = time.time()
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             for at, finding in findings:
                 self._anomaly(tx, terminal_id, at, finding, now)
             tx.run(
@@ -1023,7 +1033,7 @@ class Storage:
     # --- blacklist -------------------------------------------------------------------------
 
     def blacklist_version(self) -> int:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             return self._meta_int(tx, "blacklist_version")
 
     def publish_blacklist(
@@ -1038,7 +1048,7 @@ class Storage:
         ``printed_*`` are printed card numbers of one issuer each
         (:func:`agent.blacklist.printed_key` values); ``unscoped_remove`` removes printed
         numbers listed before issuer scoping (never published since)."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             self._serialise(tx, "blacklist")
             version = self._apply_blacklist(
                 tx,
@@ -1077,7 +1087,7 @@ class Storage:
         entries = (
             len(add) + len(remove) + len(printed_add) + len(printed_remove) + len(unscoped_remove)
         )
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             row = tx.one(
                 "INSERT INTO pending_changes (kind, payload, entries, requested_by, requested_at, "
                 "state) VALUES ('blacklist', ?, ?, ?, ?, 'pending') RETURNING id",
@@ -1116,7 +1126,7 @@ class Storage:
 
         Raises :class:`PendingChangeRefused`: no such change, already decided, or ``by`` is
         the operator who asked for it (a second operator must decide)."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             self._serialise(tx, "blacklist")  # before reading the state: one decision wins
             row = tx.one(
                 "SELECT payload, requested_by, state FROM pending_changes "
@@ -1201,7 +1211,7 @@ class Storage:
 
     def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
         """The current version and the keys of one space (raw serials or printed numbers)."""
-        with self._transaction() as tx:
+        with self._reading() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
         return version, [k for k in (_key_of(str(r[0]), space) for r in rows) if k is not None]
@@ -1215,7 +1225,7 @@ class Storage:
         The first change of a key after ``since`` tells its state at ``since`` (changes of one
         key alternate add/remove), the current table its state now.
         """
-        with self._transaction() as tx:
+        with self._reading() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all(
                 "SELECT c.asn, c.op, (SELECT 1 FROM blacklist_current b WHERE b.asn = c.asn) "
@@ -1240,7 +1250,7 @@ class Storage:
     # --- parameters ------------------------------------------------------------------------
 
     def publish_params(self, payload: dict[str, Any]) -> int:
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             self._serialise(tx, "params")
             row = tx.one("SELECT MAX(version) FROM params")
             version = int(row[0] or 0) + 1 if row else 1
@@ -1253,12 +1263,12 @@ class Storage:
 
     def recent_params(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` newest parameter sets, newest first."""
-        with self._transaction() as tx:
+        with self._reading() as tx:
             rows = tx.all("SELECT payload FROM params ORDER BY version DESC LIMIT ?", (limit,))
         return [dict(json.loads(r[0])) for r in rows]
 
     def latest_params(self) -> dict[str, Any] | None:
-        with self._transaction() as tx:
+        with self._reading() as tx:
             row = tx.one("SELECT payload FROM params ORDER BY version DESC LIMIT 1")
         return None if row is None else dict(json.loads(row[0]))
 
@@ -1268,7 +1278,7 @@ class Storage:
         """Add or replace register entries (one transaction); ``(added, updated)``."""
         added = updated = 0
         now = time.time()
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             for m in merchants:
                 known = tx.one("SELECT 1 FROM merchants WHERE merchant_id = ?", (m.merchant_id,))
                 tx.run(
@@ -1356,7 +1366,7 @@ class Storage:
         to the new merchant): ``(bound, moved)``."""
         bound = moved = 0
         now = time.time()
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             for terminal_id, merchant_id in pairs:
                 known = tx.one(
                     "SELECT merchant_id FROM merchant_terminals WHERE terminal_id = ?",
@@ -1389,7 +1399,7 @@ class Storage:
         check an index look-up); returns how many are new, logged once."""
         now = time.time()
         added = 0
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             for terminal_id, seq, detail in items:
                 added += tx.run(
                     "INSERT INTO anomalies (terminal_id, seq, kind, detail, found_at) "
@@ -1406,7 +1416,7 @@ class Storage:
         """Record an operator's decision on an ``unresolved`` record; answers its
         ``created_at`` (the day to re-clear). :class:`PendingChangeRefused` with ``code``
         ``unknown_record``, ``not_unresolved`` or ``already_resolved`` otherwise."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             row = tx.one(
                 "SELECT kind, created_at FROM records WHERE terminal_id = ? AND seq = ?",
                 (terminal_id, seq),
@@ -1484,7 +1494,7 @@ class Storage:
     ) -> None:
         """Store one version; a version already taken (a concurrent run) is a
         :class:`StorageFailure` and nothing is stored."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             tx.run(
                 "INSERT INTO settlements (day, version, content, signature, view, cleared_by, "
                 "cleared_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1509,7 +1519,7 @@ class Storage:
         loaded on two host processes at once: the later one finds the other's bills."""
         counts = {"added": 0, "updated": 0, "kept": 0}
         now = time.time()
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             for bill in bills:
                 held = tx.one("SELECT state FROM bills WHERE bill_id = ?", (bill.bill_id,))
                 values = (bill.account, bill.utility, bill.period, bill.amount, bill.merchant_id)
@@ -1554,7 +1564,7 @@ class Storage:
         """A kiosk starts paying ``bill_id``: ``open`` → ``payment_pending``. Again by the same
         terminal: the bill as it is. :class:`PendingChangeRefused` ``unknown_bill``,
         ``bill_paid`` or ``bill_payment_pending`` (another terminal is paying it)."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
             if row is None:
                 raise PendingChangeRefused("unknown_bill", f"no bill {bill_id}")
@@ -1588,7 +1598,7 @@ class Storage:
     def release_bill_payment(self, bill_id: str, terminal_id: str) -> dict[str, Any]:
         """The kiosk's payment was refused (no money moved): ``payment_pending`` → ``open``,
         unless a record of it arrived (then it stays as the record says)."""
-        with self._lock, self._transaction() as tx:
+        with self._transaction() as tx:
             row = tx.one(SELECT_BILL + " WHERE bill_id = ?", (bill_id,))
             if row is None:
                 raise PendingChangeRefused("unknown_bill", f"no bill {bill_id}")
@@ -1875,13 +1885,14 @@ class _WriterQueue:
 
 class SqliteStorage(Storage):
     """SQLite in WAL mode, ``synchronous=FULL``: an acknowledged record survives a power cut.
-    One transaction at a time per process (``_lock``), and per file (:class:`_WriterQueue`)."""
+    One write transaction at a time per process (``_lock``), and per file
+    (:class:`_WriterQueue`); reads on a second connection of their own (:meth:`_reading`)."""
 
     backend = "sqlite"
 
     def __init__(self, path: Path) -> None:
-        super().__init__()
         self.path = path
+        self._lock = threading.RLock()
         try:
             self._writers = _WriterQueue(path, SQLITE_BUSY_TIMEOUT_S)
             self._conn = sqlite3.connect(
@@ -1889,6 +1900,10 @@ class SqliteStorage(Storage):
             )
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
+            self._reader = sqlite3.connect(
+                path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+            )
+            self._read_lock = threading.Lock()
             with self._transaction() as tx:
                 for statement in _SCHEMA.format(
                     autoid="INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -1909,26 +1924,38 @@ class SqliteStorage(Storage):
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
-        with self._lock, self._writers.turn():
+        with self._lock, self._writers.turn(), self._run(self._conn, "BEGIN IMMEDIATE") as tx:
+            yield tx
+
+    @contextmanager
+    def _reading(self) -> Iterator[_Tx]:
+        """A read transaction on the reader connection: in WAL mode it reads the last commit
+        while a writer (of this process or another) works, so a heartbeat's or a list pull's
+        read never waits for an upload's write (nor takes the writers' ``flock``)."""
+        with self._read_lock, self._run(self._reader, "BEGIN") as tx:
+            yield tx
+
+    @contextmanager
+    def _run(self, conn: sqlite3.Connection, begin: str) -> Iterator[_Tx]:
+        try:
+            conn.execute(begin)
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield SqliteTx(self._conn)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                if "full" in str(exc).lower():
-                    raise StorageFull(f"host storage: {self.path}: {exc}") from exc
-                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
-            except sqlite3.IntegrityError as exc:
-                if "UNIQUE" in str(exc).upper():
-                    raise StorageConflict(f"host storage: {self.path}: {exc}") from exc
-                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
-            except sqlite3.Error as exc:
-                raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+                yield SqliteTx(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc).lower():
+                raise StorageFull(f"host storage: {self.path}: {exc}") from exc
+            raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc).upper():
+                raise StorageConflict(f"host storage: {self.path}: {exc}") from exc
+            raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageFailure(f"host storage: {self.path}: {exc}") from exc
 
     def set_max_pages(self, pages: int | None) -> None:
         """Cap the database size (``PRAGMA max_page_count``): a disk that fills up, for tests."""
@@ -1941,7 +1968,8 @@ class SqliteStorage(Storage):
             return int(self._conn.execute("PRAGMA page_count").fetchone()[0])
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._conn.close()
             self._writers.close()
 
@@ -1992,43 +2020,71 @@ class PgTx:
             raise StorageFailure(f"host storage: PostgreSQL: a {table} row: {exc}") from exc
 
 
+PG_CONNECTIONS = 4  # a host process's pool of PostgreSQL connections, by default
+PG_CONNECTION_WAIT_S = 10.0  # a transaction waits this long for a free one, then 503
+
+
 class PostgresStorage(Storage):
-    """PostgreSQL through psycopg 3 (``dsn`` as libpq understands it)."""
+    """PostgreSQL through psycopg 3 (``dsn`` as libpq understands it), over a pool of up to
+    ``connections`` connections (psycopg_pool): transactions of different requests run side by
+    side, each on its own connection. They were serialised on one connection, several round
+    trips each, and that queue, not the CPU, limited a worker under a city's request load
+    (docs/city-scale.md section 5). What serialises writers that must not overlap is in the
+    database, as between host processes: the terminal row lock (ingest), advisory locks
+    (version counters), unique keys (:func:`_rerun_on_conflict`). A connection the server
+    dropped (a restart, an idle timeout) fails the one transaction that meets it (503, the
+    terminal retries); the pool then replaces it."""
 
     backend = "postgresql"
 
-    def __init__(self, dsn: str) -> None:
-        super().__init__()
+    def __init__(self, dsn: str, connections: int = PG_CONNECTIONS) -> None:
         self.dsn = dsn
+        if connections < 1:
+            raise StorageFailure(f"host storage: PostgreSQL: {connections} connections: need 1")
+        # the process shows in pg_stat_activity (several host processes share a database)
+        name = f"cardhost[{os.getpid()}]"
         try:
-            # the process shows in pg_stat_activity (several host processes share a database)
-            name = f"cardhost[{os.getpid()}]"
-            self._conn = psycopg.connect(dsn, autocommit=False, application_name=name)
-            with self._transaction() as tx:
-                tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
-                for statement in _SCHEMA.format(
-                    autoid="BIGSERIAL PRIMARY KEY", created_at_index=CREATED_AT_INDEX["postgresql"]
-                ).split(";"):
-                    if statement.strip():
-                        tx.run(statement)
-                _add_merchant_column(
-                    tx,
-                    "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = "
-                    "current_schema() AND table_name = 'records' AND column_name = 'merchant_id'",
-                    "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
-                    "THEN body::jsonb #>> '{fields,merchant_id}' END",
-                )
-                method = pg_index_method(tx, "records_created_at")
-                if method is not None and method != "brin":
-                    # a database made before the BRIN index: left as it is (rebuilding it
-                    # here would lock the records table while every worker waits)
-                    log.warning(
-                        "records_created_at is not BRIN: ingest writes more than it needs to; "
-                        "docs/city-scale.md says how to replace it while serving",
-                        method=method,
-                    )
+            # the schema on a connection of its own first: an unreachable server or a bad DSN
+            # is refused at once, not after the pool's reconnection attempts
+            with psycopg.connect(dsn, autocommit=False, application_name=name) as conn:
+                self._create_schema(conn)
         except psycopg.Error as exc:
             raise StorageFailure(f"host storage: cannot open PostgreSQL: {exc}") from exc
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=connections,
+            kwargs={"autocommit": False, "application_name": name},
+            timeout=PG_CONNECTION_WAIT_S,
+            name=name,
+            open=True,
+        )
+
+    def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            tx = PgTx(cur)
+            tx.run("SELECT pg_advisory_xact_lock(7355608)")  # one schema creator at a time
+            for statement in _SCHEMA.format(
+                autoid="BIGSERIAL PRIMARY KEY", created_at_index=CREATED_AT_INDEX["postgresql"]
+            ).split(";"):
+                if statement.strip():
+                    tx.run(statement)
+            _add_merchant_column(
+                tx,
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND table_name = 'records' AND column_name = 'merchant_id'",
+                "CASE WHEN jsonb_typeof(body::jsonb #> '{fields,merchant_id}') = 'string' "
+                "THEN body::jsonb #>> '{fields,merchant_id}' END",
+            )
+            method = pg_index_method(tx, "records_created_at")
+            if method is not None and method != "brin":
+                # a database made before the BRIN index: left as it is (rebuilding it
+                # here would lock the records table while every worker waits)
+                log.warning(
+                    "records_created_at is not BRIN: ingest writes more than it needs to; "
+                    "docs/city-scale.md says how to replace it while serving",
+                    method=method,
+                )
 
     _select_cursor = "SELECT ack_seq, ack_hash FROM terminals WHERE terminal_id = ? FOR UPDATE"
     # transaction-scoped advisory locks, one per version counter (the schema's is 7355608)
@@ -2043,25 +2099,33 @@ class PostgresStorage(Storage):
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
-        with self._lock:
-            try:
-                with self._conn.transaction(), self._conn.cursor() as cur:
-                    yield PgTx(cur)
-            except psycopg.errors.DiskFull as exc:
-                raise StorageFull(f"host storage: PostgreSQL: {exc}") from exc
-            except psycopg.errors.UniqueViolation as exc:
-                raise StorageConflict(f"host storage: PostgreSQL: {exc}") from exc
-            except psycopg.Error as exc:
-                raise StorageFailure(f"host storage: PostgreSQL: {exc}") from exc
+        try:
+            with (
+                self._pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
+                yield PgTx(cur)
+        except PoolTimeout as exc:
+            raise StorageFailure(
+                f"host storage: PostgreSQL: no free connection of {self._pool.max_size} "
+                f"within {PG_CONNECTION_WAIT_S:g} s ({exc})"
+            ) from exc
+        except psycopg.errors.DiskFull as exc:
+            raise StorageFull(f"host storage: PostgreSQL: {exc}") from exc
+        except psycopg.errors.UniqueViolation as exc:
+            raise StorageConflict(f"host storage: PostgreSQL: {exc}") from exc
+        except psycopg.Error as exc:
+            raise StorageFailure(f"host storage: PostgreSQL: {exc}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._pool.close()
 
 
-def open_storage(url: str) -> Storage:
-    """``sqlite:///path/to/host.db``, a bare path, or ``postgresql://...``."""
+def open_storage(url: str, pg_connections: int = PG_CONNECTIONS) -> Storage:
+    """``sqlite:///path/to/host.db``, a bare path, or ``postgresql://...`` (a pool of up to
+    ``pg_connections`` connections)."""
     if url.startswith(("postgresql://", "postgres://")) or url.startswith("host="):
-        return PostgresStorage(url)
+        return PostgresStorage(url, pg_connections)
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return SqliteStorage(Path(path))

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
@@ -31,10 +32,12 @@ from clearinghost.keys import HostKey
 from clearinghost.operators import OPERATOR, Operators
 from clearinghost.server import HostServer, create_app
 from clearinghost.storage import (
+    IngestResult,
     PostgresStorage,
     SqliteStorage,
     Storage,
     StorageFailure,
+    Terminal,
     TerminalKeyConflict,
     pg_index_method,
 )
@@ -217,8 +220,11 @@ def test_params_and_heartbeats(storage: Storage) -> None:
     assert storage.publish_params({"fare_table": {"flat_fare": 200}}) == 1
     assert storage.publish_params({"fare_table": {"flat_fare": 300}}) == 2
     assert storage.latest_params() == {"fare_table": {"flat_fare": 300}, "version": 2}
+    assert storage.heartbeat("T3", {"unsent_records": 5}) is None  # unknown: nothing kept
     storage.register_terminal("T3", "ab" * 32)
-    storage.heartbeat("T3", {"unsent_records": 5})
+    storage.publish_blacklist([7], [])
+    # one transaction keeps the figures and reads the acknowledgement and the list's version
+    assert storage.heartbeat("T3", {"unsent_records": 5}) == (0, 1)
     assert storage.terminal("T3").heartbeat == {"unsent_records": 5}  # type: ignore[union-attr]
 
 
@@ -489,5 +495,108 @@ def test_a_postgres_database_with_the_old_btree_time_index_keeps_it_and_says_so(
         with store._transaction() as tx:
             method = pg_index_method(tx, "records_created_at")
         assert method == "btree"
+    finally:
+        store.close()
+
+
+# --- transactions side by side ---------------------------------------------------------------
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress(storage: Storage) -> None:
+    """While one request's write transaction is open (an upload's ingest), another request's
+    read (a heartbeat's terminal row, a list pull's version) is answered from the last commit:
+    SQLite reads on a connection of its own, PostgreSQL takes another connection of its pool.
+    Both waited for the write before (one connection, one lock)."""
+    storage.register_terminal("T1", "ab" * 32)
+    storage.publish_blacklist([7], [])
+    opened, release = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with storage._transaction() as tx:
+            tx.run("UPDATE terminals SET last_seen = 1 WHERE terminal_id = ?", ("T1",))
+            opened.set()
+            release.wait(timeout=60)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert opened.wait(timeout=60)
+        read: list[object] = []
+        reader = threading.Thread(
+            target=lambda: read.extend([storage.terminal("T1"), storage.blacklist_version()])
+        )
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the read waited for the write transaction"
+        held = read[0]
+        assert isinstance(held, Terminal) and held.last_seen != 1  # the last commit's row
+        assert read[1] == 1
+    finally:
+        release.set()
+        writer.join(timeout=60)
+    terminal = storage.terminal("T1")
+    assert terminal is not None and terminal.last_seen == 1
+
+
+def test_postgres_ingests_of_one_terminal_on_two_connections_store_each_record_once(
+    pg: PgServer,
+) -> None:
+    """Two requests of one terminal ingest the same records at once, each on its own pool
+    connection (a retry racing its original): the terminal row lock orders them, the second
+    sees the first's records as duplicates, every record is stored once."""
+    store = PostgresStorage(pg.new_database(), connections=4)
+    key = DeviceKey.generate()
+    store.register_terminal("T1", key.public_key_bytes.hex())
+    records = chain(key, "T1", 40)
+    results: list[IngestResult] = []
+    start = threading.Barrier(4)
+
+    def ingest(number: int) -> None:
+        start.wait(timeout=60)
+        results.append(store.ingest("T1", f"k{number}", records, {}))
+
+    threads = [threading.Thread(target=ingest, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    try:
+        assert len(results) == 4
+        assert sorted(r.stored for r in results) == [0, 0, 0, 40]
+        assert all(r.ack_seq == 40 for r in results)
+        assert [seq for seq, _ in store.record_keys("T1")] == list(range(1, 41))
+    finally:
+        store.close()
+
+
+def test_postgres_replaces_a_connection_the_server_dropped(pg: PgServer) -> None:
+    """The server ends the host's connections (a restart, an administrator, an idle timeout):
+    the transaction that meets a dead one fails as a storage failure (503, the terminal
+    retries), and the pool replaces it, so the host serves again without a restart. With one
+    connection the host failed every request from then on."""
+    store = PostgresStorage(pg.new_database(), connections=2)
+    store.register_terminal("T1", "ab" * 32)
+    try:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (f"cardhost[{os.getpid()}]",),
+            ).fetchall()
+        assert ended, "the host held no connection to end"
+        failures = 0
+        for _ in range(10):
+            try:
+                terminal = store.terminal("T1")
+            except StorageFailure as exc:
+                assert "PostgreSQL" in str(exc)
+                failures += 1
+                continue
+            assert terminal is not None and terminal.public_key == "ab" * 32
+            break
+        else:
+            pytest.fail("the host never served again after its connections were ended")
+        assert failures <= 2  # at most once per dead connection
+        assert store.heartbeat("T1", {"up": 1}) == (0, 0)
     finally:
         store.close()
