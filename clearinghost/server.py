@@ -198,10 +198,12 @@ MAX_CACHED_DELTA_BYTES = 1 << 20
 @dataclass
 class SignedAnswer:
     """A signed list answer as served (``document``), signed at ``issued_at`` by the host's
-    clock; its gzip form is made on first demand and kept with it."""
+    clock, of list or parameter set ``version``; its gzip form is made on first demand and
+    kept with it."""
 
     document: bytes
     issued_at: int
+    version: int
     _gzipped: bytes | None = None
 
     def gzipped(self) -> bytes:
@@ -998,15 +1000,13 @@ class ClearingHost:
         base = since if 0 < since <= current else 0
         answer = self._reused((space, base, current, self.key.public_key_bytes))
         if answer is None:
-            answer, base, version = self._sign_blacklist(since, space, current)
-            self._keep((space, base, version, self.key.public_key_bytes), answer)
+            answer, base = self._sign_blacklist(since, space, current)
+            self._keep((space, base, answer.version, self.key.public_key_bytes), answer)
         return answer
 
-    def _sign_blacklist(
-        self, since: int, space: str, current: int
-    ) -> tuple[SignedAnswer, int, int]:
-        """The list answer signed now, its base version (0: a snapshot) and its version (a
-        list may have been published since ``current`` was read)."""
+    def _sign_blacklist(self, since: int, space: str, current: int) -> tuple[SignedAnswer, int]:
+        """The list answer signed now and its base version (0: a snapshot); its version may
+        be above ``current`` (a list may have been published since ``current`` was read)."""
         now = int(self.clock())
         common = {
             "issued_at": now,
@@ -1028,7 +1028,7 @@ class ClearingHost:
                     content_digest=digest,
                     **common,  # type: ignore[arg-type]
                 )
-                return SignedAnswer(document, now), since, version
+                return SignedAnswer(document, now, version), since
             # a list was published meanwhile: a snapshot is consistent by itself
         version, entries = self.storage.blacklist_snapshot(space)
         document = encode_list(
@@ -1038,7 +1038,7 @@ class ClearingHost:
             add=entries,
             **common,  # type: ignore[arg-type]
         )
-        return SignedAnswer(document, now), 0, version
+        return SignedAnswer(document, now, version), 0
 
     def _reissue_window(self) -> float:
         return min(self.reissue_window_s, self.list_ttl_s / 100)
@@ -1096,7 +1096,20 @@ class ClearingHost:
         expiry; ``since`` is accepted for symmetry and logging). ``None`` if none was published.
 
         A stored set the terminals would refuse (stored before publications were checked) is
-        skipped with an error in the log: the newest valid one before it is served."""
+        skipped with an error in the log: the newest valid one before it is served.
+
+        A stored set never changes: one signed answer per version (see :meth:`_reused`). A pull
+        within the reissue window reads only the newest version number; the stored sets
+        (up to :data:`PARAMS_FALLBACK_DEPTH` of them) are read and checked once per window."""
+        newest = self.storage.params_version()
+        answer = self._reused(("params", 0, newest, self.key.public_key_bytes))
+        if answer is None:
+            answer = self._sign_params()
+        if answer is not None and since > answer.version:
+            log.warning("terminal ahead of the host's parameters", since=since, host=answer.version)
+        return None if answer is None else answer.document
+
+    def _sign_params(self) -> SignedAnswer | None:
         for stored in self.storage.recent_params(PARAMS_FALLBACK_DEPTH):
             payload = self._payload(stored)
             problem = params_problem(payload)
@@ -1106,17 +1119,11 @@ class ClearingHost:
                 )
                 continue
             version = int(payload["version"])
-            if since > version:
-                log.warning(
-                    "terminal ahead of the host's parameters", since=since, host=payload["version"]
-                )
-            # a stored set never changes: one signed answer per version (see _reused)
-            key = ("params", 0, version, self.key.public_key_bytes)
-            answer = self._reused(key)
-            if answer is None:
-                answer = SignedAnswer(sign_params(payload, self.key), int(payload["issued_at"]))
-                self._keep(key, answer)
-            return answer.document
+            answer = SignedAnswer(
+                sign_params(payload, self.key), int(payload["issued_at"]), version
+            )
+            self._keep(("params", 0, version, self.key.public_key_bytes), answer)
+            return answer
         return None
 
     def merchant_clearing(self) -> MerchantClearing:

@@ -1261,6 +1261,12 @@ class Storage:
             )
         return version
 
+    def params_version(self) -> int:
+        """The newest parameter set's version (0: none published)."""
+        with self._reading() as tx:
+            row = tx.one("SELECT MAX(version) FROM params")
+        return int(row[0] or 0) if row else 0
+
     def recent_params(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` newest parameter sets, newest first."""
         with self._reading() as tx:

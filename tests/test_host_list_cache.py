@@ -50,13 +50,19 @@ class CountingKey(HostKey):
 
 
 class CountingStorage(SqliteStorage):
-    """A storage that counts how often a whole key space is read."""
+    """A storage that counts how often a whole key space, or the stored parameter sets, are
+    read."""
 
     snapshots = 0
+    param_reads = 0
 
     def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
         self.snapshots += 1
         return super().blacklist_snapshot(space)
+
+    def recent_params(self, limit: int) -> list[dict[str, Any]]:
+        self.param_reads += 1
+        return super().recent_params(limit)
 
 
 class Clock:
@@ -232,6 +238,23 @@ def test_parameter_sets_are_signed_once_per_window(host: Any, clock: Clock) -> N
     host.storage.publish_params({"fare_table": {"flat_fare": 250}})
     newer = verify_params(host.params_document(1), [public])  # at once, within the window
     assert newer.version == 2 and newer.fare_table == {"flat_fare": 250}
+
+
+def test_a_pull_within_the_window_reads_only_the_newest_parameter_version(
+    host: Any, clock: Clock
+) -> None:
+    """A city publishes parameter sets for years: a pull within the window reads the newest
+    version number, not the stored sets (it read and decoded up to 50 of them every pull)."""
+    for fare in range(100, 160):
+        host.storage.publish_params({"fare_table": {"flat_fare": fare}})
+    first = host.params_document(0)
+    assert host.storage.param_reads == 1 and host.key.signatures == 1
+    for since in (0, 59, 60, 61):  # 61: a terminal ahead of the host, answered all the same
+        assert host.params_document(since) is first
+    assert host.storage.param_reads == 1 and host.key.signatures == 1
+    assert verify_params(first, [host.key.public_key_bytes]).fare_table == {"flat_fare": 159}
+    clock.now += 60
+    assert host.params_document(60) != first and host.storage.param_reads == 2
 
 
 def test_a_zero_window_signs_every_pull(host: Any) -> None:

@@ -367,7 +367,9 @@ def test_the_daemon_pulls_printed_deltas_and_refuses_a_serial_list_in_their_plac
                     answer = serial_only(since, space)  # CBLPRN03: the numbers alone
                     if space != SPACE_PRINTED:
                         return answer
-                    return SignedAnswer(b"CBLPRN03" + answer.document[8:], answer.issued_at)
+                    return SignedAnswer(
+                        b"CBLPRN03" + answer.document[8:], answer.issued_at, answer.version
+                    )
 
                 host.blacklist_answer = unscoped_host  # type: ignore[method-assign]
                 host.storage.publish_blacklist([0x44], [])
