@@ -465,8 +465,13 @@ class Storage:
         yield
 
     def _reading(self) -> AbstractContextManager[_Tx]:
-        """A transaction that only reads (the terminal's row, list versions, parameters):
-        SQLite reads beside the writers (:meth:`SqliteStorage._reading`)."""
+        """One read statement (the terminal's row, a version, the parameter sets), beside the
+        writers, each statement its own snapshot: one round trip on PostgreSQL (autocommit)."""
+        return self._transaction()
+
+    def _snapshot(self) -> AbstractContextManager[_Tx]:
+        """Several read statements that must see one state (a list's version and its entries),
+        beside the writers."""
         return self._transaction()
 
     # The row lock that serialises two host processes ingesting for one terminal (PostgreSQL).
@@ -1211,7 +1216,7 @@ class Storage:
 
     def blacklist_snapshot(self, space: str = SPACE_SERIAL) -> tuple[int, list[int]]:
         """The current version and the keys of one space (raw serials or printed numbers)."""
-        with self._reading() as tx:
+        with self._snapshot() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
         return version, [k for k in (_key_of(str(r[0]), space) for r in rows) if k is not None]
@@ -1225,7 +1230,7 @@ class Storage:
         The first change of a key after ``since`` tells its state at ``since`` (changes of one
         key alternate add/remove), the current table its state now.
         """
-        with self._reading() as tx:
+        with self._snapshot() as tx:
             version = self._meta_int(tx, "blacklist_version")
             rows = tx.all(
                 "SELECT c.asn, c.op, (SELECT 1 FROM blacklist_current b WHERE b.asn = c.asn) "
@@ -1933,17 +1938,26 @@ class SqliteStorage(Storage):
         with self._lock, self._writers.turn(), self._run(self._conn, "BEGIN IMMEDIATE") as tx:
             yield tx
 
+    # Reads go to the reader connection: in WAL mode they read the last commit while a writer
+    # (of this process or another) works, so a heartbeat's or a list pull's read never waits
+    # for an upload's write (nor takes the writers' flock).
+
     @contextmanager
     def _reading(self) -> Iterator[_Tx]:
-        """A read transaction on the reader connection: in WAL mode it reads the last commit
-        while a writer (of this process or another) works, so a heartbeat's or a list pull's
-        read never waits for an upload's write (nor takes the writers' ``flock``)."""
+        with self._read_lock, self._run(self._reader, None) as tx:  # SQLite's implicit one
+            yield tx
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[_Tx]:
         with self._read_lock, self._run(self._reader, "BEGIN") as tx:
             yield tx
 
     @contextmanager
-    def _run(self, conn: sqlite3.Connection, begin: str) -> Iterator[_Tx]:
+    def _run(self, conn: sqlite3.Connection, begin: str | None) -> Iterator[_Tx]:
         try:
+            if begin is None:
+                yield SqliteTx(conn)
+                return
             conn.execute(begin)
             try:
                 yield SqliteTx(conn)
@@ -2060,7 +2074,9 @@ class PostgresStorage(Storage):
             dsn,
             min_size=1,
             max_size=connections,
-            kwargs={"autocommit": False, "application_name": name},
+            # autocommit: a write is an explicit transaction (BEGIN ... COMMIT), a one-statement
+            # read is one round trip (_reading)
+            kwargs={"autocommit": True, "application_name": name},
             timeout=PG_CONNECTION_WAIT_S,
             name=name,
             open=True,
@@ -2105,13 +2121,28 @@ class PostgresStorage(Storage):
 
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield PgTx(cur)
+
+    @contextmanager
+    def _reading(self) -> Iterator[_Tx]:
+        with self._connection() as conn, conn.cursor() as cur:
+            yield PgTx(cur)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[_Tx]:
+        # READ COMMITTED gives each statement its own snapshot: a list published between the
+        # version read and the entries read would be signed under the older version
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            tx = PgTx(cur)
+            tx.run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield tx
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         try:
-            with (
-                self._pool.connection() as conn,
-                conn.transaction(),
-                conn.cursor() as cur,
-            ):
-                yield PgTx(cur)
+            with self._pool.connection() as conn:
+                yield conn
         except PoolTimeout as exc:
             raise StorageFailure(
                 f"host storage: PostgreSQL: no free connection of {self._pool.max_size} "

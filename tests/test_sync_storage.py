@@ -600,3 +600,23 @@ def test_postgres_replaces_a_connection_the_server_dropped(pg: PgServer) -> None
         assert store.heartbeat("T1", {"up": 1}) == (0, 0)
     finally:
         store.close()
+
+
+def test_a_list_read_sees_one_state_while_a_list_is_published(storage: Storage) -> None:
+    """The version and the entries of a signed list are read in one snapshot: a publication
+    that commits between the two reads (another request, another host process) is not seen
+    by the second, so a list is never signed under a version that is not its own. On
+    PostgreSQL each statement of a READ COMMITTED transaction had its own snapshot."""
+    storage.publish_blacklist([1, 2], [])
+    with storage._transaction() as tx:
+        held = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
+    with storage._snapshot() as tx:
+        version = tx.one("SELECT value FROM host_meta WHERE key = 'blacklist_version'")
+        publisher = threading.Thread(target=storage.publish_blacklist, args=([3], [1]))
+        publisher.start()
+        publisher.join(timeout=60)
+        assert not publisher.is_alive(), "the publication waited for the read"
+        listed = tx.all("SELECT asn FROM blacklist_current ORDER BY asn")
+    assert version is not None and int(version[0]) == 1
+    assert listed == held  # version 1's entries, not version 2's
+    assert storage.blacklist_snapshot() == (2, [2, 3])
