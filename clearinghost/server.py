@@ -1103,13 +1103,13 @@ class ClearingHost:
         (up to :data:`PARAMS_FALLBACK_DEPTH` of them) are read and checked once per window."""
         newest = self.storage.params_version()
         answer = self._reused(("params", 0, newest, self.key.public_key_bytes))
-        if answer is None:
-            answer = self._sign_params()
+        if answer is None:  # a new window, a new version, or a newest set the terminals refuse
+            answer = self._newest_valid_params()
         if answer is not None and since > answer.version:
             log.warning("terminal ahead of the host's parameters", since=since, host=answer.version)
         return None if answer is None else answer.document
 
-    def _sign_params(self) -> SignedAnswer | None:
+    def _newest_valid_params(self) -> SignedAnswer | None:
         for stored in self.storage.recent_params(PARAMS_FALLBACK_DEPTH):
             payload = self._payload(stored)
             problem = params_problem(payload)
@@ -1119,10 +1119,13 @@ class ClearingHost:
                 )
                 continue
             version = int(payload["version"])
-            answer = SignedAnswer(
-                sign_params(payload, self.key), int(payload["issued_at"]), version
-            )
-            self._keep(("params", 0, version, self.key.public_key_bytes), answer)
+            key = ("params", 0, version, self.key.public_key_bytes)
+            answer = self._reused(key)
+            if answer is None:
+                answer = SignedAnswer(
+                    sign_params(payload, self.key), int(payload["issued_at"]), version
+                )
+                self._keep(key, answer)
             return answer
         return None
 

@@ -12,12 +12,14 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from agent.params import verify_envelope
-from clearinghost.keys import HostKey
+from clearinghost import server as server_module
+from clearinghost.keys import HostKey, sign_params
 from clearinghost.operators import OPERATOR, Operators
 from clearinghost.server import ClearingHost, HostServer, create_app
 from clearinghost.storage import SqliteStorage
@@ -91,9 +93,18 @@ def test_an_infinite_number_is_refused(host: tuple[ClearingHost, httpx.Client]) 
     [{"effective_from": "never"}, {"fare_table": {"cap": math.inf}}, {"fare_table": 3}],
 )
 def test_a_bad_stored_set_is_skipped_not_a_500(
-    host: tuple[ClearingHost, httpx.Client], stored: dict[str, object]
+    host: tuple[ClearingHost, httpx.Client],
+    stored: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clearing, client = host
+    signed: list[int] = []
+
+    def counted(payload: dict[str, Any], key: HostKey) -> bytes:
+        signed.append(payload["version"])
+        return sign_params(payload, key)
+
+    monkeypatch.setattr(server_module, "sign_params", counted)
     # as an older host (which checked nothing) stored it
     clearing.storage.publish_params(stored)
     assert client.get("/v1/params").status_code == 404  # nothing valid to serve
@@ -108,6 +119,9 @@ def test_a_bad_stored_set_is_skipped_not_a_500(
     # what the daemon and the agent check of it
     assert verify_params(served.content, clearing.key.public_key_bytes).version == 2
     assert verify_envelope(served.content, clearing.key.public_key_bytes) == payload
+    # within the reissue window the valid set's answer is served again, not signed anew
+    assert client.get("/v1/params", params={"since": 2}).content == served.content
+    assert signed == [2]
 
 
 GOOD_POLICY = {
