@@ -419,13 +419,13 @@ def daemon_upload(root: Path, count: int, batch_size: int) -> dict[str, float]:
     return {"wall_s": t[0].wall_s, "cpu_s": t[0].cpu_s}
 
 
-def ingest_section(path: Path) -> list[str]:
-    """The ``## Ingest`` section of a results file as it stands (``[]`` when absent): what
-    ``bench.bench_sync``, which rewrites the file, keeps."""
+def ingest_section(path: Path, heading: str = SECTION) -> list[str]:
+    """The ``## Ingest`` section (or another ``heading``'s) of a results file as it stands
+    (``[]`` when absent): what ``bench.bench_sync``, which rewrites the file, keeps."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if start is None:
         return []
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))

@@ -15,8 +15,9 @@
 * delta apply: a 1,000-entry and a 100,000-entry delta (half added, half removed) on each size.
 
 The report goes to ``bench/RESULTS-sync.md`` (overwritten, but the ``## Ingest`` section of
-:mod:`bench.bench_ingest` is kept; with ``--all`` that section is measured in the same run,
-by :func:`bench.bench_ingest.measure`) and to stdout.
+:mod:`bench.bench_ingest` and the ``## City`` section of :mod:`bench.bench_city` are kept;
+with ``--all`` both are measured in the same run, by :func:`bench.bench_ingest.measure` and
+:func:`bench.bench_city.main`, which also writes ``bench/RESULTS-city.md``) and to stdout.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from agent.blacklist import (
 )
 from agent.offline_store import RecordBody
 from agent.wiring import DataDir
-from bench import bench_ingest
+from bench import bench_city, bench_ingest
 from bench.machine import speed_probe
 from clearinghost.keys import HostKey
 from clearinghost.server import ClearingHost, HostServer, create_app
@@ -402,7 +403,14 @@ def main(argv: list[str] | None = None) -> None:
         "--all",
         action="store_true",
         help="also measure the ingest section (bench.bench_ingest, same --records and "
-        "--batch-size) in this run, instead of keeping the file's",
+        "--batch-size) and the city section (bench.bench_city, which writes RESULTS-city.md "
+        "too) in this run, instead of keeping the file's",
+    )
+    parser.add_argument(
+        "--city-args",
+        default="",
+        help="with --all: bench.bench_city's arguments (its defaults: 1,000 terminals); its "
+        "report goes to RESULTS-city.md beside --output",
     )
     args = parser.parse_args(argv)
     quiet()
@@ -517,14 +525,35 @@ def main(argv: list[str] | None = None) -> None:
             ["--records", str(args.records), "--batch-size", str(args.batch_size)]
         )
         lines += [*bench_ingest.measure(ingest), ""]
+        city = args.output.with_name(bench_city.RESULTS.name)
+        city_exactly_once = bench_city.main([*args.city_args.split(), "--output", str(city)]) == 0
+        lines += city_section(city)
     else:
         lines += bench_ingest.ingest_section(args.output)  # bench.bench_ingest's is kept
+        lines += bench_ingest.ingest_section(args.output, CITY_SECTION)
     lines[2] += (
         f" Speed probe (`bench.machine`, a fixed pure-Python loop): {probe:.3f} s at the start, "
         f"{speed_probe():.3f} s at the end (figures of another run compare divided by its probe)."
     )
     args.output.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
+    if args.all and not city_exactly_once:
+        raise SystemExit("bench_sync: the city bench found records not stored exactly once")
+
+
+CITY_SECTION = "## City: a fleet's backlogs at once, then the city's steady load"
+
+
+def city_section(report: Path) -> list[str]:
+    """``bench.bench_city``'s report of this run under :data:`CITY_SECTION`, its headings one
+    level down."""
+    body = report.read_text(encoding="utf-8").rstrip("\n").split("\n")[1:]  # its own title
+    demoted = ["#" + line if line.startswith("## ") else line for line in body]
+    return [
+        f"{CITY_SECTION} (`python -m bench.bench_city`, in this run; also `{report.name}`)",
+        *demoted,
+        "",
+    ]
 
 
 if __name__ == "__main__":

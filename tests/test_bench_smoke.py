@@ -264,9 +264,9 @@ def test_bench_city_writes_its_figures(tmp_path: Path, capsys) -> None:
 
 
 def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys) -> None:
-    """``bench.bench_sync --all``: upload, blacklist and the ingest section (both backends)
-    measured in the one run and written to one file; a stale ingest section is replaced, not
-    kept (no timings checked)."""
+    """``bench.bench_sync --all``: upload, blacklist, the ingest section (both backends) and
+    the city section measured in the one run and written to one file; a stale ingest section
+    is replaced, not kept (no timings checked)."""
     from bench import bench_sync
 
     output = tmp_path / "RESULTS-sync.md"
@@ -274,7 +274,8 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
     config_before = structlog.get_config()
 
     argv = ["--all", "--records", "40", "--batch-size", "20", "--sizes", "100000"]
-    bench_sync.main([*argv, "--output", str(output)])
+    city = "--terminals 6 --records 30 --workers 1 --load-s 2 --city-daemons 120"
+    bench_sync.main([*argv, "--city-args", city, "--output", str(output)])
 
     report = output.read_text(encoding="utf-8")
     assert "stale figures" not in report and "\nold\n" not in report
@@ -283,6 +284,11 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
     assert "## Upload of 40 queued records (batches of 20)" in report
     assert "\n| 100,000 | " in report  # the blacklist row of that size
     assert report.count("## Ingest: 40 records") == 1
+    # the city bench of this run: its own file beside, and its figures in this one
+    assert (tmp_path / "RESULTS-city.md").exists()
+    assert report.count("## City: a fleet's backlogs at once") == 1
+    assert "### The storm" in report and "### The city's steady load" in report
+    assert "6 terminals × 30 records = 180 signed purchase records" in report
     for backend in ("sqlite", "postgresql"):
         assert (
             f"| signed batches (1 batch signature + hash chain; executemany/COPY) | {backend} |"
@@ -295,3 +301,18 @@ def test_bench_sync_all_measures_every_section_in_one_run(tmp_path: Path, capsys
     assert "| **ratio** per-record / per-batch verification |" in report
     assert report.rstrip("\n") in capsys.readouterr().out
     structlog.configure(**config_before)  # bench_sync leaves its quiet logging configured
+
+
+def test_bench_pgpool_writes_its_figures(tmp_path: Path) -> None:
+    from bench import bench_pgpool
+
+    output = tmp_path / "RESULTS-pgpool.md"
+    argv = ["--ops", "300", "--threads", "4", "--rounds", "1", "--output", str(output)]
+    assert bench_pgpool.main(argv) == 0
+    report = output.read_text(encoding="utf-8")
+    rows = [line for line in report.splitlines() if line.startswith(("| same", "| through"))]
+    assert [r.split("|")[2].strip() for r in rows] == ["1", "4", "1", "4"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        assert float(cells[3].replace(",", "")) > 0 and float(cells[4]) > 0, row
+    assert "through the proxy, 0.1 ms each way" in report
