@@ -419,7 +419,7 @@ def daemon_upload(root: Path, count: int, batch_size: int) -> dict[str, float]:
     return {"wall_s": t[0].wall_s, "cpu_s": t[0].cpu_s}
 
 
-def ingest_section(path: Path, heading: str = SECTION) -> list[str]:
+def kept_section(path: Path, heading: str = SECTION) -> list[str]:
     """The ``## Ingest`` section (or another ``heading``'s) of a results file as it stands
     (``[]`` when absent): what ``bench.bench_sync``, which rewrites the file, keeps."""
     if not path.exists():

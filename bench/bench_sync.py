@@ -529,8 +529,8 @@ def main(argv: list[str] | None = None) -> None:
         city_exactly_once = bench_city.main([*args.city_args.split(), "--output", str(city)]) == 0
         lines += city_section(city)
     else:
-        lines += bench_ingest.ingest_section(args.output)  # bench.bench_ingest's is kept
-        lines += bench_ingest.ingest_section(args.output, CITY_SECTION)
+        lines += bench_ingest.kept_section(args.output)  # bench.bench_ingest's is kept
+        lines += bench_ingest.kept_section(args.output, CITY_SECTION)
     lines[2] += (
         f" Speed probe (`bench.machine`, a fixed pure-Python loop): {probe:.3f} s at the start, "
         f"{speed_probe():.3f} s at the end (figures of another run compare divided by its probe)."

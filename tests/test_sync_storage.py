@@ -620,3 +620,21 @@ def test_a_list_read_sees_one_state_while_a_list_is_published(storage: Storage) 
     assert version is not None and int(version[0]) == 1
     assert listed == held  # version 1's entries, not version 2's
     assert storage.blacklist_snapshot() == (2, [2, 3])
+
+
+def test_cardhost_host_db_connections_sizes_each_process_pool(pg: PgServer, tmp_path: Path) -> None:
+    """``cardhost host --db-connections N``: each host process keeps up to N PostgreSQL
+    connections (default 4); fewer than one is a configuration error, not a host that hangs."""
+    from agent.errors import ConfigurationError
+    from clearinghost.cli import _parser, build_host
+
+    base = ["host", "--db", pg.new_database(), "--key", str(tmp_path / "host.key")]
+    for argv, size in ((base, 4), ([*base, "--db-connections", "2"], 2)):
+        host = build_host(_parser().parse_args(argv), Operators())
+        try:
+            assert isinstance(host.storage, PostgresStorage)
+            assert host.storage._pool.max_size == size
+        finally:
+            host.storage.close()
+    with pytest.raises(ConfigurationError, match="--db-connections must be at least 1"):
+        build_host(_parser().parse_args([*base, "--db-connections", "0"]), Operators())
