@@ -131,7 +131,7 @@ class ParamsInForce:
     fare_policy: FarePolicy | None = None
 
 
-Stamp = tuple[tuple[int, int] | None, ...]
+Stamp = tuple[tuple[int, int, int] | None, ...]
 
 
 class ActiveParams:
@@ -205,7 +205,7 @@ class ActiveParams:
         except OSError as exc:
             log.warning("params_unreadable", path=str(self.path), error=str(exc))
             return
-        stamp: Stamp = ((st.st_mtime_ns, st.st_size),)
+        stamp: Stamp = ((st.st_ino, st.st_mtime_ns, st.st_size),)  # see agent.position
         if self.host_public_key is None:
             stamp += (_stamp_of(self.host_key_path), _stamp_of(self.root_path))
         if stamp == self._stamp:
@@ -249,9 +249,9 @@ class ActiveParams:
             raise ParamsRejected(str(exc)) from None
 
 
-def _stamp_of(path: Path) -> tuple[int, int] | None:
+def _stamp_of(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

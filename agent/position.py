@@ -100,7 +100,7 @@ class PositionFile:
         self, path: Path, profile: Profile, site: Callable[[], SiteSettings] = SiteSettings
     ) -> None:
         self.path, self.profile, self.site = path, profile, site
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._place: TapPlace | None = profile_place(site().apply(profile))
 
     def current(self) -> TapPlace | None:
@@ -112,7 +112,9 @@ class PositionFile:
         except OSError as exc:
             log.error("position_unreadable", path=str(self.path), error=str(exc))
             return None
-        stamp = (st.st_mtime_ns, st.st_size)
+        # the inode too: a feeder replaces the file whole (write_position), and two positions
+        # of one size written within one tick of the filesystem's clock share mtime and size
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._stamp = stamp
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -431,3 +432,25 @@ def test_m1_card_types_take_the_policys_discounts(rig: Rig) -> None:
         assert outcome.status == "paid", outcome
         paid[card_type] = (outcome.fare, outcome.balance_after)
     assert paid == {0x01: (300, 700), 0x04: (150, 850), 0x05: (0, 1000)}
+
+
+def test_a_new_parameter_set_of_the_same_size_within_one_clock_tick_is_read(
+    tmp_path: Path,
+) -> None:
+    """The daemon replaces params.json whole; two sets of one size written within one tick of
+    the filesystem's clock share mtime and size (simulated by setting the mtime back): the
+    inode tells the agent the file changed."""
+    path = tmp_path / "params.json"
+    staged = tmp_path / "staged.json"
+    write_params(staged, fare_table={"flat_fare": 200})
+    os.replace(staged, path)
+    active = ActiveParams(path, HOST_KEY.public_key_bytes)
+    first_set = active.current()
+    assert first_set is not None and first_set.flat_fare == 200
+    first = os.stat(path)
+    write_params(staged, fare_table={"flat_fare": 300})
+    os.replace(staged, path)
+    os.utime(path, ns=(first.st_atime_ns, first.st_mtime_ns))
+    assert os.stat(path).st_size == first.st_size
+    in_force = active.current()
+    assert in_force is not None and in_force.flat_fare == 300
