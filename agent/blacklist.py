@@ -104,7 +104,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import AgentError, StoreError
-from agent.files import replace_file
+from agent.files import FileStamp, file_stamp, replace_file
 
 log = structlog.get_logger(__name__)
 
@@ -821,7 +821,7 @@ class Blacklist:
         self.applied_at = 0
         self.content_digest = _image_digest(array("I", bytes(4 * (_BUCKETS + 1))), b"")
         self.checked_at: float | None = None  # the newest verified list from the host
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._checked_at = time.monotonic()
 
     @classmethod
@@ -914,7 +914,7 @@ class Blacklist:
             return False
         except OSError as exc:
             raise BlacklistFileError(f"blacklist: cannot stat {self.path}: {exc}") from exc
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        stamp = file_stamp(st)
         if not force and stamp == self._stamp:
             return False
         self._load(check=True)
@@ -946,7 +946,7 @@ class Blacklist:
         self.version, self.issued_at, self.expires_at = version, issued_at, expires_at
         self.applied_at = applied_at
         self.content_digest = digest
-        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self._stamp = file_stamp(st)
 
     # --- applying a signed list (the sync daemon) --------------------------------------------
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """What tells a reader that a file replaced whole (:func:`replace_file`) changed since it
+    last read it: inode, mtime and size. The inode is what tells apart two versions of one
+    size written within one tick of the filesystem's clock (they share mtime and size)."""
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
 
 def replace_file(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to a temporary file (0644 less the umask, or exactly ``mode`` when

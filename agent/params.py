@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.blacklist import Keys, keys_by_id, write_atomically
 from agent.errors import AgentError, ConfigurationError
+from agent.files import FileStamp, file_stamp
 from agent.offline_store.records import canonical_json
 from agent.products.fare_policy import FarePolicy, FarePolicyError, parse_fare_policy
 from agent.trust import ROOT_FILE, RootRejected, load_signing_keys
@@ -131,7 +132,7 @@ class ParamsInForce:
     fare_policy: FarePolicy | None = None
 
 
-Stamp = tuple[tuple[int, int, int] | None, ...]
+Stamp = tuple[FileStamp | None, ...]
 
 
 class ActiveParams:
@@ -205,7 +206,7 @@ class ActiveParams:
         except OSError as exc:
             log.warning("params_unreadable", path=str(self.path), error=str(exc))
             return
-        stamp: Stamp = ((st.st_ino, st.st_mtime_ns, st.st_size),)  # see agent.position
+        stamp: Stamp = (file_stamp(st),)
         if self.host_public_key is None:
             stamp += (_stamp_of(self.host_key_path), _stamp_of(self.root_path))
         if stamp == self._stamp:
@@ -249,9 +250,9 @@ class ActiveParams:
             raise ParamsRejected(str(exc)) from None
 
 
-def _stamp_of(path: Path) -> tuple[int, int, int] | None:
+def _stamp_of(path: Path) -> FileStamp | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return file_stamp(st)

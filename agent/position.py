@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from agent.blacklist import write_atomically
+from agent.files import FileStamp, file_stamp
 from agent.products.fares import TapPlace
 from agent.profile import Profile
 
@@ -100,7 +101,7 @@ class PositionFile:
         self, path: Path, profile: Profile, site: Callable[[], SiteSettings] = SiteSettings
     ) -> None:
         self.path, self.profile, self.site = path, profile, site
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._place: TapPlace | None = profile_place(site().apply(profile))
 
     def current(self) -> TapPlace | None:
@@ -112,9 +113,7 @@ class PositionFile:
         except OSError as exc:
             log.error("position_unreadable", path=str(self.path), error=str(exc))
             return None
-        # the inode too: a feeder replaces the file whole (write_position), and two positions
-        # of one size written within one tick of the filesystem's clock share mtime and size
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        stamp = file_stamp(st)  # a feeder replaces the file whole (write_position)
         if stamp != self._stamp:
             self._stamp = stamp
             try:

@@ -31,6 +31,7 @@ import structlog
 
 from agent.console.files import read_json, write_json
 from agent.errors import ConfigurationError, StoreError
+from agent.files import FileStamp, file_stamp
 from agent.position import SiteSettings
 
 log = structlog.get_logger(__name__)
@@ -179,14 +180,14 @@ class SettingsFile:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.path = data_dir / SETTINGS_FILE
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._site = SiteSettings()
         self.reloads = 0
 
     def site(self) -> SiteSettings:
         try:
             st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            stamp = file_stamp(st)
         except FileNotFoundError:
             stamp = (0, 0, 0)
         except OSError as exc:  # the last values stand; logged once per change of state
